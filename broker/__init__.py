@@ -1,0 +1,1 @@
+"""The sfs index broker: users, key bundles, signed manifests, presence and search."""

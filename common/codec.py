@@ -1,0 +1,187 @@
+"""Msgpack codec with validation: bytes from the network become typed records or a
+`ProtocolError`, never anything in between.
+
+A record is a frozen dataclass whose field annotations say what is accepted:
+
+    @dataclass(frozen=True)
+    class Login(Record):
+        username: Username          # Annotated[str, Pattern(...)]
+        password: Annotated[str, MaxLen(1024)]
+
+`from_wire(cls, value)` checks that `value` is a map with exactly the record's keys
+(fields with a default may be absent) and that every value matches its annotation:
+`str`, `bytes`, `int`, `bool`, `list[T]`, `T | None` and nested records, with
+`MaxLen`, `Size`, `Range` and `Pattern` limits. Nothing else is accepted: no floats,
+no extension types, no unknown keys. `to_wire(record)` is the inverse.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, TypeVar, Union, get_args, get_origin
+
+import msgpack
+
+from sfs.common.errors import ProtocolError
+
+# msgpack's C unpacker refuses nesting deeper than its stack; these bound the rest.
+MAX_CONTAINER_ITEMS = 100_000
+
+
+@dataclass(frozen=True)
+class MaxLen:
+    """At most this many characters, bytes or list items."""
+
+    limit: int
+
+
+@dataclass(frozen=True)
+class Size:
+    """Exactly this many bytes."""
+
+    size: int
+
+
+@dataclass(frozen=True)
+class Range:
+    low: int
+    high: int
+
+
+@dataclass(frozen=True)
+class Pattern:
+    regex: str
+
+    def matches(self, text: str) -> bool:
+        return re.fullmatch(self.regex, text) is not None
+
+
+class Record:
+    """Base for wire records (subclasses are frozen dataclasses)."""
+
+    __wire_fields__: ClassVar[dict[str, Any]]
+
+
+R = TypeVar("R", bound=Record)
+
+
+def _reject_ext(code: int, data: bytes) -> Any:
+    raise ValueError("extension types are not part of the protocol")
+
+
+def unpack(frame: bytes) -> Any:
+    """Decode one msgpack frame, translating every failure into `ProtocolError`."""
+    try:
+        return msgpack.unpackb(
+            frame,
+            raw=False,
+            strict_map_key=True,
+            ext_hook=_reject_ext,
+            max_array_len=MAX_CONTAINER_ITEMS,
+            max_map_len=MAX_CONTAINER_ITEMS,
+        )
+    except Exception as exc:  # msgpack raises many unrelated types on bad input
+        raise ProtocolError("malformed frame: not a valid msgpack document") from exc
+
+
+def pack(value: Any) -> bytes:
+    data: bytes = msgpack.packb(value, use_bin_type=True)
+    return data
+
+
+def _hints(cls: type[Record]) -> dict[str, Any]:
+    cached = cls.__dict__.get("__wire_fields__")
+    if cached is None:
+        cached = typing.get_type_hints(cls, include_extras=True)
+        cached = {f.name: cached[f.name] for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        cls.__wire_fields__ = cached
+    return cached
+
+
+def _check(value: Any, annotation: Any, where: str) -> Any:
+    limits: tuple[Any, ...] = ()
+    if get_origin(annotation) is Annotated:
+        annotation, *extra = get_args(annotation)
+        limits = tuple(extra)
+    origin = get_origin(annotation)
+
+    if origin in (Union, types.UnionType):
+        options = get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [o for o in options if o is not type(None)]
+        return _check(value, inner, where)
+
+    if origin is list:
+        if not isinstance(value, list):
+            raise ProtocolError(f"{where}: expected a list")
+        _check_limits(value, limits, where)
+        (item_type,) = get_args(annotation)
+        return [_check(item, item_type, f"{where}[{i}]") for i, item in enumerate(value)]
+
+    if isinstance(annotation, type) and issubclass(annotation, Record):
+        return from_wire(annotation, value, where)
+
+    if annotation is bool:
+        ok = isinstance(value, bool)
+    elif annotation is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif annotation in (str, bytes):
+        ok = isinstance(value, annotation)
+    else:  # a programming error in a record definition, not bad input
+        raise TypeError(f"unsupported wire annotation {annotation!r}")
+    if not ok:
+        raise ProtocolError(f"{where}: expected {annotation.__name__}")
+    _check_limits(value, limits, where)
+    return value
+
+
+def _check_limits(value: Any, limits: tuple[Any, ...], where: str) -> None:
+    for limit in limits:
+        if isinstance(limit, MaxLen) and len(value) > limit.limit:
+            raise ProtocolError(f"{where}: longer than {limit.limit}")
+        if isinstance(limit, Size) and len(value) != limit.size:
+            raise ProtocolError(f"{where}: expected exactly {limit.size} bytes")
+        if isinstance(limit, Range) and not limit.low <= value <= limit.high:
+            raise ProtocolError(f"{where}: out of range")
+        if isinstance(limit, Pattern) and not limit.matches(value):
+            raise ProtocolError(f"{where}: not a valid value")
+
+
+def from_wire(cls: type[R], value: Any, where: str = "message") -> R:
+    """Validate a decoded map into a `cls` record or raise `ProtocolError`."""
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{where}: expected a map")
+    hints = _hints(cls)
+    unknown = set(value) - set(hints)
+    if unknown:
+        raise ProtocolError(f"{where}: unexpected field {sorted(unknown)[0]!r}")
+    kwargs: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if field.name in value:
+            kwargs[field.name] = _check(value[field.name], hints[field.name], f"{field.name}")
+        elif (
+            field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+        ):
+            raise ProtocolError(f"{where}: missing field {field.name!r}")
+    return cls(**kwargs)
+
+
+def to_wire(record: Record) -> dict[str, Any]:
+    """The map form of a record (nested records become maps too)."""
+    out: dict[str, Any] = {}
+    for field in dataclasses.fields(record):  # type: ignore[arg-type]
+        out[field.name] = _plain(getattr(record, field.name))
+    return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Record):
+        return to_wire(value)
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value

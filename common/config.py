@@ -1,0 +1,217 @@
+"""YAML configs for the broker and the peers.
+
+One file per broker or user. Relative paths resolve against the folder of the config
+file. Unknown keys and bad values are refused with a message naming the key.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+import zmq.utils.z85
+
+from sfs.common.errors import ConfigError
+from sfs.common.protocol import USERNAME_PATTERN
+
+_BIND = re.compile(r"tcp://(\*|[A-Za-z0-9.\-]+):([0-9]{1,5})")
+_CONNECT = re.compile(r"tcp://([A-Za-z0-9.\-]+):([0-9]{1,5})")
+_WILDCARD_HOSTS = {"*", "0.0.0.0"}  # noqa: S104 (a value to recognise, not to bind)
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    path: Path
+    bind: str
+    data_dir: Path
+    bcrypt_rounds: int = 12
+    workers: int = 4
+    session_ttl: int = 24 * 3600
+    presence_ttl: int = 30
+
+    @property
+    def database(self) -> Path:
+        return self.data_dir / "broker.db"
+
+    @property
+    def secret_key_file(self) -> Path:
+        return self.data_dir / "broker.key"
+
+    @property
+    def public_key_file(self) -> Path:
+        return self.data_dir / "broker.pub"
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    path: Path
+    username: str
+    data_dir: Path
+    download_dir: Path
+    listen: str
+    advertise: str
+    broker_endpoint: str
+    broker_public_key: bytes  # z85, as CurveZMQ wants it
+    transport_encryption: bool = True
+    window: int = 8
+    heartbeat_interval: int = 10
+    timeout: int = 10
+
+
+class _Section:
+    """Reads one mapping of a config file, remembering which keys were used."""
+
+    def __init__(self, data: Any, where: str, base: Path) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: expected a mapping of keys to values")
+        self.data, self.where, self.base = data, where, base
+        self.used: set[str] = set()
+
+    def _raw(self, key: str, default: Any) -> Any:
+        self.used.add(key)
+        value = self.data.get(key, default)
+        if value is _REQUIRED:
+            raise ConfigError(f"{self._name(key)}: missing (required)")
+        return value
+
+    def _name(self, key: str) -> str:
+        return f"{self.where}: {key}"
+
+    def string(self, key: str, default: Any = None) -> str:
+        value = self._raw(key, _REQUIRED if default is None else default)
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{self._name(key)}: expected a non-empty string")
+        return value
+
+    def integer(self, key: str, default: int, low: int, high: int) -> int:
+        value = self._raw(key, default)
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise ConfigError(f"{self._name(key)}: expected a whole number from {low} to {high}")
+        return value
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self._raw(key, default)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{self._name(key)}: expected true or false")
+        return value
+
+    def path(self, key: str) -> Path:
+        return (self.base / Path(self.string(key)).expanduser()).resolve()
+
+    def endpoint(self, key: str, default: str | None = None, *, bind: bool = False) -> str:
+        value = self.string(key, default)
+        match = (_BIND if bind else _CONNECT).fullmatch(value)
+        if not match or not 0 < int(match.group(2)) < 65536:
+            form = "tcp://HOST:PORT (HOST may be *)" if bind else "tcp://HOST:PORT"
+            raise ConfigError(f"{self._name(key)}: expected {form}, got {value!r}")
+        return value
+
+    def section(self, key: str) -> _Section:
+        return _Section(self._raw(key, _REQUIRED), self._name(key), self.base)
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self.used, key=str)
+        if unknown:
+            raise ConfigError(f"{self._name(str(unknown[0]))}: unknown key")
+
+
+_REQUIRED = object()
+
+
+def _read_yaml(path: Path) -> tuple[Any, Path]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+    return data, path.resolve().parent
+
+
+def load_broker_config(path: Path) -> BrokerConfig:
+    data, base = _read_yaml(path)
+    top = _Section(data, path.name, base)
+    config = BrokerConfig(
+        path=path.resolve(),
+        bind=top.endpoint("bind", bind=True),
+        data_dir=top.path("data_dir"),
+        bcrypt_rounds=top.integer("bcrypt_rounds", 12, 4, 31),
+        workers=top.integer("workers", 4, 1, 64),
+        session_ttl=top.integer("session_ttl", 24 * 3600, 60, 365 * 24 * 3600),
+        presence_ttl=top.integer("presence_ttl", 30, 3, 3600),
+    )
+    top.finish()
+    return config
+
+
+def load_peer_config(path: Path) -> PeerConfig:
+    data, base = _read_yaml(path)
+    top = _Section(data, path.name, base)
+    username = top.string("username")
+    if not re.fullmatch(USERNAME_PATTERN, username):
+        raise ConfigError(
+            f"{path.name}: username: use 1-32 lowercase letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    listen = top.endpoint("listen", bind=True)
+    advertise = top.endpoint("advertise", listen)
+    if _CONNECT.fullmatch(advertise) is None or advertise.split("//")[1].split(":")[0] in (
+        _WILDCARD_HOSTS
+    ):
+        raise ConfigError(
+            f"{path.name}: advertise: set it to an address other peers can reach "
+            f"(listen is {listen})"
+        )
+    broker = top.section("broker")
+    config = PeerConfig(
+        path=path.resolve(),
+        username=username,
+        data_dir=top.path("data_dir"),
+        download_dir=top.path("download_dir"),
+        listen=listen,
+        advertise=advertise,
+        broker_endpoint=broker.endpoint("endpoint"),
+        broker_public_key=_broker_key(broker),
+        transport_encryption=top.boolean("transport_encryption", True),
+        window=top.integer("window", 8, 1, 64),
+        heartbeat_interval=top.integer("heartbeat_interval", 10, 1, 3600),
+        timeout=top.integer("timeout", 10, 1, 3600),
+    )
+    broker.finish()
+    top.finish()
+    return config
+
+
+def _broker_key(broker: _Section) -> bytes:
+    has_inline, has_file = "public_key" in broker.data, "public_key_file" in broker.data
+    if has_inline == has_file:
+        raise ConfigError(f"{broker.where}: set exactly one of public_key or public_key_file")
+    if has_inline:
+        key, where = broker.string("public_key"), f"{broker.where}: public_key"
+    else:
+        key_path = broker.path("public_key_file")
+        where = f"{broker.where}: public_key_file"
+        try:
+            key = key_path.read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(
+                f"{where}: cannot read {key_path} (has `sfs-broker init` been run?)"
+            ) from exc
+    return parse_z85_key(key, where)
+
+
+def parse_z85_key(text: str, where: str) -> bytes:
+    try:
+        valid = len(text) == 40 and len(zmq.utils.z85.decode(text)) == 32
+    except (ValueError, KeyError, UnicodeError):
+        valid = False
+    if not valid:
+        raise ConfigError(f"{where}: not a CurveZMQ public key (40 z85 characters)")
+    return text.encode("ascii")

@@ -1,0 +1,209 @@
+"""The crypto recipes: the only module in sfs that touches `cryptography.hazmat`.
+
+Each recipe has no choices to get wrong. Checks raise `IntegrityError` instead of
+returning a bool, and nonces are derived here, never passed in by callers.
+
+- RSA-3072: RSA-OAEP-SHA256 to wrap a transfer key, RSA-PSS-SHA256 to sign.
+- AES-256-GCM for file chunks: nonce = base nonce XOR chunk index.
+- SHA-256 for content, bcrypt for passwords, random tokens stored as SHA-256 hashes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+
+import bcrypt
+from cryptography.exceptions import InvalidSignature, InvalidTag, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from sfs.common.errors import IntegrityError, KeyFileError, UsageError
+
+RSA_BITS = 3072
+AES_KEY_SIZE = 32
+GCM_NONCE_SIZE = 12
+GCM_TAG_SIZE = 16
+BCRYPT_MAX_PASSWORD_BYTES = 72
+
+RsaPrivateKey = rsa.RSAPrivateKey
+RsaPublicKey = rsa.RSAPublicKey
+
+_OAEP = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
+_PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.DIGEST_LENGTH)
+
+
+# --- randomness, hashing, comparison -------------------------------------------------
+
+
+def random_bytes(size: int) -> bytes:
+    return secrets.token_bytes(size)
+
+
+def sha256(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def new_sha256() -> hashlib._Hash:
+    return hashlib.sha256()
+
+
+def same_bytes(a: bytes, b: bytes) -> bool:
+    """Constant-time equality for digests, tokens and fingerprints."""
+    return hmac.compare_digest(a, b)
+
+
+# --- RSA: keys, signatures, key wrap -------------------------------------------------
+
+
+def generate_rsa_key() -> RsaPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=RSA_BITS)
+
+
+def private_key_to_pem(key: RsaPrivateKey, passphrase: bytes | None = None) -> bytes:
+    encryption: serialization.KeySerializationEncryption = (
+        serialization.BestAvailableEncryption(passphrase)
+        if passphrase
+        else serialization.NoEncryption()
+    )
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
+    )
+
+
+def private_key_from_pem(data: bytes, passphrase: bytes | None = None) -> RsaPrivateKey:
+    try:
+        key = serialization.load_pem_private_key(data, password=passphrase)
+    except TypeError as exc:  # encrypted key without passphrase, or the reverse
+        raise KeyFileError("the private key is passphrase-protected; no passphrase given") from exc
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise KeyFileError("the private key could not be read (wrong passphrase?)") from exc
+    if not isinstance(key, rsa.RSAPrivateKey) or key.key_size != RSA_BITS:
+        raise KeyFileError(f"the private key is not an RSA-{RSA_BITS} key")
+    return key
+
+
+def public_key_to_der(key: RsaPublicKey) -> bytes:
+    return key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def public_key_from_der(data: bytes) -> RsaPublicKey:
+    """Parse a peer's public key; anything but an RSA-3072 key is an integrity failure."""
+    try:
+        key = serialization.load_der_public_key(data)
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise IntegrityError("a public key in a key bundle is malformed") from exc
+    if not isinstance(key, rsa.RSAPublicKey) or key.key_size != RSA_BITS:
+        raise IntegrityError(f"a public key in a key bundle is not an RSA-{RSA_BITS} key")
+    return key
+
+
+def sign(key: RsaPrivateKey, data: bytes) -> bytes:
+    return key.sign(data, _PSS, hashes.SHA256())
+
+
+def verify(key: RsaPublicKey, signature: bytes, data: bytes, what: str) -> None:
+    """Raise `IntegrityError` naming `what` unless `signature` is valid for `data`."""
+    try:
+        key.verify(signature, data, _PSS, hashes.SHA256())
+    except InvalidSignature as exc:
+        raise IntegrityError(f"the {what} signature does not verify") from exc
+
+
+def wrap(key: RsaPublicKey, secret: bytes) -> bytes:
+    return key.encrypt(secret, _OAEP)
+
+
+def unwrap(key: RsaPrivateKey, wrapped: bytes) -> bytes:
+    try:
+        return key.decrypt(wrapped, _OAEP)
+    except ValueError as exc:
+        raise IntegrityError("the wrapped transfer key could not be unwrapped") from exc
+
+
+# --- AES-256-GCM chunk cipher ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TransferSecret:
+    """The key and base nonce of one transfer, wrapped together for the receiver."""
+
+    key: bytes
+    base_nonce: bytes
+
+    @classmethod
+    def generate(cls) -> TransferSecret:
+        return cls(random_bytes(AES_KEY_SIZE), random_bytes(GCM_NONCE_SIZE))
+
+    def to_bytes(self) -> bytes:
+        return self.key + self.base_nonce
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> TransferSecret:
+        if len(data) != AES_KEY_SIZE + GCM_NONCE_SIZE:
+            raise IntegrityError("the unwrapped transfer key has the wrong size")
+        return cls(data[:AES_KEY_SIZE], data[AES_KEY_SIZE:])
+
+
+class ChunkCipher:
+    """Seals and opens the chunks of one transfer. Each index gets its own nonce
+    (base nonce XOR index), so no nonce repeats under one key."""
+
+    def __init__(self, secret: TransferSecret) -> None:
+        self._aead = AESGCM(secret.key)
+        self._base = int.from_bytes(secret.base_nonce, "big")
+
+    def _nonce(self, index: int) -> bytes:
+        if not 0 <= index < 2**64:
+            raise ValueError("chunk index out of range")
+        return (self._base ^ index).to_bytes(GCM_NONCE_SIZE, "big")
+
+    def seal(self, index: int, plaintext: bytes, associated_data: bytes) -> bytes:
+        return self._aead.encrypt(self._nonce(index), plaintext, associated_data)
+
+    def open(self, index: int, ciphertext: bytes, associated_data: bytes) -> bytes:
+        try:
+            return self._aead.decrypt(self._nonce(index), ciphertext, associated_data)
+        except InvalidTag as exc:
+            raise IntegrityError(f"chunk {index} failed authentication (tampered?)") from exc
+
+
+# --- passwords and session tokens --------------------------------------------------------
+
+
+def check_password_length(password: str) -> bytes:
+    data = password.encode()
+    if len(data) > BCRYPT_MAX_PASSWORD_BYTES:
+        raise UsageError(
+            f"passwords are limited to {BCRYPT_MAX_PASSWORD_BYTES} bytes (bcrypt); "
+            f"this one is {len(data)} bytes"
+        )
+    if not data:
+        raise UsageError("the password is empty")
+    return data
+
+
+def hash_password(password: str, rounds: int) -> bytes:
+    return bcrypt.hashpw(check_password_length(password), bcrypt.gensalt(rounds))
+
+
+def password_matches(password: str, hashed: bytes) -> bool:
+    """bcrypt's own comparison is constant time; a too-long password never matches."""
+    try:
+        return bcrypt.checkpw(check_password_length(password), hashed)
+    except (UsageError, ValueError):
+        return False
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def token_digest(token: str) -> bytes:
+    """What the broker stores: tokens are 256-bit random, so a plain hash suffices."""
+    return sha256(token.encode())

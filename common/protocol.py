@@ -1,0 +1,362 @@
+"""The sfs wire protocol, version 1: every message broker, peer and tests exchange.
+
+Every control frame is one msgpack map, the envelope:
+
+    {"v": 1, "op": <str>, "rid": <int>, "body": <map>}
+
+`op` names the record type of `body`; `rid` lets a client match a reply to its
+request (peers use 0). Broker replies use op "result" (body: the request's result
+record) or "error" (body: `ErrorBody`). On the peer channel a chunk travels as two
+frames: the envelope (op "chunk", body `ChunkHeader`) and the raw ciphertext.
+
+Signatures and associated data are computed over canonical encodings (msgpack of a
+list that starts with a domain label), built by the `*_payload` functions below.
+docs/PROTOCOL.md describes the exchanges in prose.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Annotated, Any
+
+from sfs.common.codec import MaxLen, Pattern, Range, Record, Size, from_wire, pack, to_wire, unpack
+from sfs.common.errors import ProtocolError, RemoteError
+from sfs.common.identity import KeyBundle
+
+VERSION = 1
+
+USERNAME_PATTERN = r"[a-z0-9][a-z0-9._-]{0,31}"
+ENDPOINT_PATTERN = r"tcp://[A-Za-z0-9.\-]+:[0-9]{1,5}"
+FILE_ID_PATTERN = r"[0-9a-f]{32}"
+
+Username = Annotated[str, Pattern(USERNAME_PATTERN)]
+FileId = Annotated[str, Pattern(FILE_ID_PATTERN)]
+Endpoint = Annotated[str, Pattern(ENDPOINT_PATTERN), MaxLen(300)]
+Token = Annotated[str, MaxLen(128)]
+Password = Annotated[str, MaxLen(1024)]  # the bcrypt limit is checked with a clear message
+Signature = Annotated[bytes, MaxLen(1024)]
+Digest = Annotated[bytes, Size(32)]
+Fingerprint = Annotated[bytes, Size(32)]
+TransferId = Annotated[bytes, Size(16)]
+Keyword = Annotated[str, MaxLen(64)]
+
+MAX_MANIFEST_BYTES = 9 * 1024 * 1024
+MAX_BROKER_FRAME = 16 * 1024 * 1024
+MAX_ACCESS_LIST = 1000
+MAX_SEARCH_RESULTS = 500
+
+
+class ErrorCode(StrEnum):
+    BAD_REQUEST = "bad_request"  # malformed or invalid request
+    UNAUTHORIZED = "unauthorized"  # no valid session, wrong password
+    FORBIDDEN = "forbidden"  # authenticated, but not allowed
+    NOT_FOUND = "not_found"
+    CONFLICT = "conflict"  # e.g. username taken
+    BUSY = "busy"  # try again later
+    INTERNAL = "internal"  # a bug or a storage failure on the other side
+
+
+# --- envelope ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Envelope:
+    op: str
+    rid: int
+    body: dict[str, Any]
+
+
+def encode(op: str, body: Record | None = None, rid: int = 0) -> bytes:
+    return pack({"v": VERSION, "op": op, "rid": rid, "body": to_wire(body) if body else {}})
+
+
+def decode_envelope(frame: bytes) -> Envelope:
+    value = unpack(frame)
+    if not isinstance(value, dict) or set(value) != {"v", "op", "rid", "body"}:
+        raise ProtocolError("malformed frame: not an sfs envelope")
+    if value["v"] != VERSION:
+        raise ProtocolError(f"unsupported protocol version {value['v']!r} (this is {VERSION})")
+    op, rid, body = value["op"], value["rid"], value["body"]
+    if not isinstance(op, str) or not isinstance(body, dict):
+        raise ProtocolError("malformed frame: bad op or body")
+    if not isinstance(rid, int) or isinstance(rid, bool) or not 0 <= rid < 2**63:
+        raise ProtocolError("malformed frame: bad request id")
+    return Envelope(op, rid, body)
+
+
+def decode_body(envelope: Envelope, registry: dict[str, type[Record]]) -> Record:
+    cls = registry.get(envelope.op)
+    if cls is None:
+        raise ProtocolError(f"unknown operation {envelope.op[:40]!r}")
+    return from_wire(cls, envelope.body, envelope.op)
+
+
+@dataclass(frozen=True)
+class ErrorBody(Record):
+    code: Annotated[str, MaxLen(32)]
+    message: Annotated[str, MaxLen(1000)]
+
+
+def encode_error(code: ErrorCode, message: str, rid: int = 0) -> bytes:
+    return encode("error", ErrorBody(code.value, message[:1000]), rid)
+
+
+def raise_for_error(envelope: Envelope, who: str) -> None:
+    """Turn an error envelope into a `RemoteError` whose message names `who`."""
+    if envelope.op == "error":
+        error = from_wire(ErrorBody, envelope.body, "error")
+        raise RemoteError(error.code, f"{who}: {error.message}")
+
+
+# --- broker requests and results ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ping(Record):
+    pass
+
+
+@dataclass(frozen=True)
+class PingResult(Record):
+    version: int
+    time: int
+
+
+@dataclass(frozen=True)
+class GetChallenge(Record):
+    pass
+
+
+@dataclass(frozen=True)
+class ChallengeResult(Record):
+    challenge: Digest
+
+
+@dataclass(frozen=True)
+class Register(Record):
+    username: Username
+    password: Password
+    bundle: KeyBundle
+    challenge: Digest
+    signature: Signature  # over register_payload(); proves possession of the RSA key
+
+
+@dataclass(frozen=True)
+class Login(Record):
+    username: Username
+    password: Password
+
+
+@dataclass(frozen=True)
+class SessionResult(Record):
+    username: Username
+    token: Token
+    expires_at: int
+
+
+@dataclass(frozen=True)
+class Logout(Record):
+    token: Token
+
+
+@dataclass(frozen=True)
+class Heartbeat(Record):
+    token: Token
+    endpoint: Endpoint
+
+
+@dataclass(frozen=True)
+class HeartbeatResult(Record):
+    ttl: int  # seconds this peer stays online without another heartbeat
+
+
+@dataclass(frozen=True)
+class GoOffline(Record):
+    token: Token
+
+
+@dataclass(frozen=True)
+class Publish(Record):
+    token: Token
+    manifest: Annotated[bytes, MaxLen(MAX_MANIFEST_BYTES)]
+    signature: Signature
+    access: Annotated[list[Username], MaxLen(MAX_ACCESS_LIST)] | None  # None: every user
+
+
+@dataclass(frozen=True)
+class PublishResult(Record):
+    file_id: FileId
+
+
+@dataclass(frozen=True)
+class Unpublish(Record):
+    token: Token
+    file_id: FileId
+
+
+@dataclass(frozen=True)
+class Search(Record):
+    token: Token
+    query: Annotated[str, MaxLen(200)] = ""
+    owner: Username | None = None
+    limit: Annotated[int, Range(1, MAX_SEARCH_RESULTS)] = 100
+
+
+@dataclass(frozen=True)
+class SearchHit(Record):
+    file_id: FileId
+    name: Annotated[str, MaxLen(1024)]
+    size: Annotated[int, Range(0, 2**63)]
+    owner: Username
+    keywords: Annotated[list[Keyword], MaxLen(64)]
+    shared_at: int
+    online: bool
+
+
+@dataclass(frozen=True)
+class SearchResult(Record):
+    hits: Annotated[list[SearchHit], MaxLen(MAX_SEARCH_RESULTS)]
+
+
+@dataclass(frozen=True)
+class Lookup(Record):
+    token: Token
+    file_id: FileId
+
+
+@dataclass(frozen=True)
+class Holder(Record):
+    username: Username
+    endpoint: Endpoint
+    bundle: KeyBundle
+
+
+@dataclass(frozen=True)
+class LookupResult(Record):
+    file_id: FileId
+    owner: Username
+    owner_bundle: KeyBundle
+    manifest: Annotated[bytes, MaxLen(MAX_MANIFEST_BYTES)]
+    signature: Signature
+    holders: Annotated[list[Holder], MaxLen(64)]  # online holders only
+
+
+@dataclass(frozen=True)
+class GetBundle(Record):
+    token: Token
+    username: Username
+
+
+@dataclass(frozen=True)
+class BundleResult(Record):
+    username: Username
+    bundle: KeyBundle
+
+
+@dataclass(frozen=True)
+class Empty(Record):
+    """The result of requests that only succeed or fail."""
+
+
+BROKER_REQUESTS: dict[str, type[Record]] = {
+    "ping": Ping,
+    "challenge": GetChallenge,
+    "register": Register,
+    "login": Login,
+    "logout": Logout,
+    "heartbeat": Heartbeat,
+    "offline": GoOffline,
+    "publish": Publish,
+    "unpublish": Unpublish,
+    "search": Search,
+    "lookup": Lookup,
+    "bundle": GetBundle,
+}
+
+
+def register_payload(username: str, challenge: bytes, bundle: KeyBundle) -> bytes:
+    return pack(["sfs-register-v1", username, challenge, bundle.rsa_public, bundle.curve_public])
+
+
+# --- peer channel ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hello(Record):
+    file_id: FileId
+    requester: Username
+    bundle: KeyBundle
+    nonce: Digest  # fresh per transfer; the offer must echo it
+    holder_fp: Fingerprint
+    signature: Signature  # over hello_payload(), by the requester
+
+
+@dataclass(frozen=True)
+class Offer(Record):
+    transfer_id: TransferId
+    file_id: FileId
+    wrapped_secret: Annotated[bytes, MaxLen(1024)]  # RSA-OAEP(key || base nonce)
+    requester_fp: Fingerprint
+    requester_nonce: Digest
+    manifest_digest: Digest
+    holder_fp: Fingerprint
+    signature: Signature  # over offer_payload(), by the holder
+
+
+@dataclass(frozen=True)
+class ChunkRequest(Record):
+    transfer_id: TransferId
+    index: Annotated[int, Range(0, 2**32)]
+
+
+@dataclass(frozen=True)
+class ChunkHeader(Record):
+    transfer_id: TransferId
+    index: Annotated[int, Range(0, 2**32)]
+
+
+@dataclass(frozen=True)
+class Finish(Record):
+    """The requester is done with a transfer (finished or cancelled); no reply."""
+
+    transfer_id: TransferId
+
+
+PEER_REQUESTS: dict[str, type[Record]] = {
+    "hello": Hello,
+    "get": ChunkRequest,
+    "finish": Finish,
+}
+
+
+def hello_payload(hello: Hello) -> bytes:
+    return pack(
+        [
+            "sfs-hello-v1",
+            hello.file_id,
+            hello.requester,
+            hello.bundle.fingerprint(),
+            hello.nonce,
+            hello.holder_fp,
+        ]
+    )
+
+
+def offer_payload(offer: Offer) -> bytes:
+    return pack(
+        [
+            "sfs-offer-v1",
+            offer.transfer_id,
+            offer.file_id,
+            offer.wrapped_secret,
+            offer.requester_fp,
+            offer.requester_nonce,
+            offer.manifest_digest,
+            offer.holder_fp,
+        ]
+    )
+
+
+def chunk_associated_data(transfer_id: bytes, file_id: str, index: int, chunk_count: int) -> bytes:
+    return pack(["sfs-chunk-v1", transfer_id, file_id, index, chunk_count])

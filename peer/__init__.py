@@ -1,0 +1,1 @@
+"""The sfs peer: identity, sharing, serving files and downloading them from other peers."""
