@@ -159,14 +159,14 @@ def from_wire(cls: type[R], value: Any, where: str = "message") -> R:
     hints = _hints(cls)
     unknown = set(value) - set(hints)
     if unknown:
-        raise ProtocolError(f"{where}: unexpected field {sorted(unknown)[0]!r}")
+        # str keys first, in order; bytes keys (msgpack allows them) must not break sorting
+        first = sorted(unknown, key=lambda k: (not isinstance(k, str), str(k)))[0]
+        raise ProtocolError(f"{where}: unexpected field {first!r}")
     kwargs: dict[str, Any] = {}
     for field in dataclasses.fields(cls):  # type: ignore[arg-type]
         if field.name in value:
             kwargs[field.name] = _check(value[field.name], hints[field.name], f"{field.name}")
-        elif (
-            field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
-        ):
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             raise ProtocolError(f"{where}: missing field {field.name!r}")
     return cls(**kwargs)
 

@@ -7,6 +7,7 @@ file. Unknown keys and bad values are refused with a message naming the key.
 from __future__ import annotations
 
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,7 +100,11 @@ class _Section:
         return value
 
     def path(self, key: str) -> Path:
-        return (self.base / Path(self.string(key)).expanduser()).resolve()
+        value = self.string(key)
+        try:
+            return (self.base / Path(value).expanduser()).resolve()
+        except (OSError, RuntimeError, ValueError) as exc:  # NUL byte, unknown ~user, loop
+            raise ConfigError(f"{self._name(key)}: not a usable path ({exc})") from exc
 
     def endpoint(self, key: str, default: str | None = None, *, bind: bool = False) -> str:
         value = self.string(key, default)
@@ -210,8 +215,8 @@ def _broker_key(broker: _Section) -> bytes:
 def parse_z85_key(text: str, where: str) -> bytes:
     try:
         valid = len(text) == 40 and len(zmq.utils.z85.decode(text)) == 32
-    except (ValueError, KeyError, UnicodeError):
+    except (ValueError, KeyError, UnicodeError, struct.error):
         valid = False
     if not valid:
-        raise ConfigError(f"{where}: not a CurveZMQ public key (40 z85 characters)")
+        raise ConfigError(f"{where}: not a CurveZMQ key (40 z85 characters)")
     return text.encode("ascii")

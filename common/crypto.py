@@ -78,7 +78,11 @@ def private_key_from_pem(data: bytes, passphrase: bytes | None = None) -> RsaPri
     try:
         key = serialization.load_pem_private_key(data, password=passphrase)
     except TypeError as exc:  # encrypted key without passphrase, or the reverse
-        raise KeyFileError("the private key is passphrase-protected; no passphrase given") from exc
+        if passphrase is None:
+            raise KeyFileError(
+                "the private key is passphrase-protected; no passphrase given"
+            ) from exc
+        raise KeyFileError("the private key is not passphrase-protected; none is needed") from exc
     except (ValueError, UnsupportedAlgorithm) as exc:
         raise KeyFileError("the private key could not be read (wrong passphrase?)") from exc
     if not isinstance(key, rsa.RSAPrivateKey) or key.key_size != RSA_BITS:

@@ -16,6 +16,7 @@ docs/PROTOCOL.md describes the exchanges in prose.
 
 from __future__ import annotations
 
+import reprlib
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated, Any
@@ -75,8 +76,10 @@ def decode_envelope(frame: bytes) -> Envelope:
     value = unpack(frame)
     if not isinstance(value, dict) or set(value) != {"v", "op", "rid", "body"}:
         raise ProtocolError("malformed frame: not an sfs envelope")
-    if value["v"] != VERSION:
-        raise ProtocolError(f"unsupported protocol version {value['v']!r} (this is {VERSION})")
+    version = value["v"]
+    if type(version) is not int or version != VERSION:  # True and 1.0 are not 1 here
+        shown = reprlib.repr(version)  # bounded: a deeply nested value must not recurse
+        raise ProtocolError(f"unsupported protocol version {shown} (this is {VERSION})")
     op, rid, body = value["op"], value["rid"], value["body"]
     if not isinstance(op, str) or not isinstance(body, dict):
         raise ProtocolError("malformed frame: bad op or body")

@@ -1,0 +1,3 @@
+from sfs.broker.cli import main
+
+main()

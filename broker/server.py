@@ -1,0 +1,166 @@
+"""The broker's sockets: one CurveZMQ ROUTER facing clients, worker threads behind it.
+
+The ZeroMQ guide's load-balancing pattern: the main loop reads the frontend only while
+a worker is free, hands each request to the least recently used worker over inproc,
+and routes the reply back. bcrypt and SQL run in the workers, so they never stall the
+socket loop. A frame with an unexpected shape is dropped; everything else is answered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+from collections import deque
+from collections.abc import Callable
+
+import zmq
+import zmq.auth
+import zmq.utils.z85
+from zmq.auth.thread import ThreadAuthenticator
+
+from sfs.broker.service import BrokerService
+from sfs.common.errors import TransportError
+from sfs.common.protocol import MAX_BROKER_FRAME
+
+log = logging.getLogger("sfs.broker")
+
+_BACKEND = "inproc://sfs-broker-workers"
+_READY = b"READY"
+_POLL_MS = 200
+
+
+class BrokerServer:
+    def __init__(
+        self,
+        service: BrokerService,
+        bind: str,
+        secret_key: bytes,
+        public_key: bytes,
+        workers: int = 4,
+    ) -> None:
+        self._service = service
+        self._bind = bind
+        self._secret_key, self._public_key = secret_key, public_key
+        self._worker_count = workers
+        self._stop = threading.Event()
+        self.bound = threading.Event()  # set once the frontend listens (for tests)
+        self.endpoint = bind
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def serve(self) -> None:
+        """Run until `stop()` is called (from a signal handler or another thread)."""
+        context = zmq.Context()
+        authenticator = ThreadAuthenticator(context, log=logging.getLogger("sfs.broker.zap"))
+        threads: list[threading.Thread] = []
+        frontend = backend = None
+        try:
+            authenticator.start()
+            authenticator.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
+            frontend = self._frontend(context)
+            backend = context.socket(zmq.ROUTER)
+            backend.linger = 0
+            backend.bind(_BACKEND)
+            for number in range(self._worker_count):
+                thread = threading.Thread(
+                    target=self._work, args=(context,), name=f"broker-worker-{number}", daemon=True
+                )
+                thread.start()
+                threads.append(thread)
+            self.bound.set()
+            self._route(frontend, backend)
+        finally:
+            self._stop.set()
+            for thread in threads:
+                thread.join(timeout=5)
+            for sock in (frontend, backend):
+                if sock is not None:
+                    sock.close(linger=0)
+            authenticator.stop()
+            context.term()
+
+    def _frontend(self, context: zmq.Context[zmq.Socket[bytes]]) -> zmq.Socket[bytes]:
+        sock = context.socket(zmq.ROUTER)
+        sock.linger = 0
+        sock.maxmsgsize = MAX_BROKER_FRAME
+        sock.curve_server = True
+        sock.curve_secretkey = self._secret_key
+        sock.curve_publickey = self._public_key
+        try:
+            sock.bind(self._bind)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            raise TransportError(f"cannot listen on {self._bind}: {exc}") from exc
+        self.endpoint = sock.last_endpoint.decode()
+        return sock
+
+    def _route(self, frontend: zmq.Socket[bytes], backend: zmq.Socket[bytes]) -> None:
+        ready: deque[bytes] = deque()
+        routes: dict[bytes, list[bytes]] = {}
+        sequence = 0
+        poller = zmq.Poller()
+        poller.register(backend, zmq.POLLIN)
+        while not self._stop.is_set():
+            # Only listen to clients while a worker is free; others queue in ZeroMQ.
+            if ready:
+                poller.register(frontend, zmq.POLLIN)
+            else:
+                with contextlib.suppress(KeyError):
+                    poller.unregister(frontend)
+            events = dict(poller.poll(_POLL_MS))
+            if backend in events:
+                worker, *rest = backend.recv_multipart()
+                ready.append(worker)
+                if len(rest) == 2:
+                    route = routes.pop(rest[0], None)
+                    if route is not None:
+                        frontend.send_multipart([*route, rest[1]])
+            if frontend in events and ready:
+                frames = frontend.recv_multipart(copy=False)
+                # DEALER clients send [payload]; REQ clients add an empty delimiter.
+                prefix = frames[1:-1]
+                if len(prefix) > 1 or (prefix and prefix[0].bytes):
+                    log.debug("dropped a request with an unexpected frame layout")
+                    continue
+                payload = frames[-1]
+                sequence += 1
+                tag = sequence.to_bytes(8, "big")
+                routes[tag] = [frames[0].bytes, *(f.bytes for f in prefix)]
+                backend.send_multipart([ready.popleft(), tag, _client_key(payload), payload.bytes])
+
+    def _work(self, context: zmq.Context[zmq.Socket[bytes]]) -> None:
+        sock = context.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.connect(_BACKEND)
+        sock.send(_READY)
+        try:
+            while not self._stop.is_set():
+                if not sock.poll(_POLL_MS):
+                    continue
+                tag, client_key, payload = sock.recv_multipart()
+                reply = self._service.handle(payload, client_key or None)
+                sock.send_multipart([tag, reply])
+        finally:
+            sock.close(linger=0)
+
+
+def _client_key(frame: zmq.Frame) -> bytes:
+    """The sender's CurveZMQ public key (raw 32 bytes), as the ZAP handler reported it."""
+    try:
+        user_id = frame.get("User-Id")
+    except zmq.ZMQError:
+        return b""
+    return zmq.utils.z85.decode(user_id) if user_id else b""
+
+
+def install_signal_handlers(stop: Callable[[], None]) -> None:
+    """Ctrl-C and SIGTERM ask the serve loop to finish cleanly."""
+
+    def handler(signum: int, frame: object) -> None:
+        stop()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)

@@ -1,0 +1,293 @@
+"""The broker's request handlers, free of sockets: one frame in, one reply frame out.
+
+`BrokerService.handle` never raises: a frame that cannot be decoded, a request that is
+refused and a bug all become error replies, so one bad client cannot stop the broker.
+It is called from worker threads; the store and the challenge table are thread-safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sfs.broker.store import FileEntry, Store, User, UsernameTaken
+from sfs.common import crypto, protocol
+from sfs.common.codec import Record
+from sfs.common.errors import IntegrityError, ProtocolError, SfsError, UsageError
+from sfs.common.manifest import file_id_of, verify_manifest
+from sfs.common.protocol import ErrorCode
+
+log = logging.getLogger("sfs.broker")
+
+CHALLENGE_TTL = 60
+MAX_PENDING_CHALLENGES = 10_000
+
+
+class Refused(SfsError):
+    """A request the broker answers with an error code."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    bcrypt_rounds: int = 12
+    session_ttl: int = 24 * 3600
+    presence_ttl: int = 30
+
+
+class Challenges:
+    """Single-use registration challenges, each bound to the client key it was issued to."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._pending: dict[bytes, tuple[float, bytes | None]] = {}
+        self._lock = threading.Lock()
+
+    def issue(self, client_key: bytes | None) -> bytes:
+        now = self._clock()
+        with self._lock:
+            if len(self._pending) >= MAX_PENDING_CHALLENGES:
+                self._pending = {c: v for c, v in self._pending.items() if v[0] > now}
+                if len(self._pending) >= MAX_PENDING_CHALLENGES:
+                    raise Refused(ErrorCode.BUSY, "too many registrations in progress; retry")
+            challenge = crypto.random_bytes(32)
+            self._pending[challenge] = (now + CHALLENGE_TTL, client_key)
+            return challenge
+
+    def redeem(self, challenge: bytes, client_key: bytes | None) -> None:
+        with self._lock:
+            entry = self._pending.pop(challenge, None)
+        if entry is None or entry[0] <= self._clock() or entry[1] != client_key:
+            raise Refused(ErrorCode.UNAUTHORIZED, "unknown or expired registration challenge")
+
+
+class BrokerService:
+    def __init__(
+        self,
+        store: Store,
+        settings: BrokerSettings,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self._clock = clock
+        self._challenges = Challenges(clock)
+        # Unknown users are checked against this hash so they cost as much as known ones.
+        self._dummy_hash = crypto.hash_password("not a real password", settings.bcrypt_rounds)
+        # Each handler takes the request record its key names.
+        self._handlers: dict[type[Record], Callable[[Any, bytes | None], Record]] = {
+            protocol.Ping: self._ping,
+            protocol.GetChallenge: self._challenge,
+            protocol.Register: self._register,
+            protocol.Login: self._login,
+            protocol.Logout: self._logout,
+            protocol.Heartbeat: self._heartbeat,
+            protocol.GoOffline: self._offline,
+            protocol.Publish: self._publish,
+            protocol.Unpublish: self._unpublish,
+            protocol.Search: self._search,
+            protocol.Lookup: self._lookup,
+            protocol.GetBundle: self._bundle,
+        }
+
+    def _now(self) -> int:
+        return int(self._clock())
+
+    # --- dispatch ------------------------------------------------------------------------
+
+    def handle(self, frame: bytes, client_key: bytes | None) -> bytes:
+        """Answer one request frame. `client_key`: the CurveZMQ key of the sender."""
+        rid = 0
+        try:
+            envelope = protocol.decode_envelope(frame)
+            rid = envelope.rid
+            request = protocol.decode_body(envelope, protocol.BROKER_REQUESTS)
+            result = self._handlers[type(request)](request, client_key)
+            return protocol.encode("result", result, rid)
+        except ProtocolError as exc:
+            return protocol.encode_error(ErrorCode.BAD_REQUEST, str(exc), rid)
+        except Refused as exc:
+            return protocol.encode_error(exc.code, str(exc), rid)
+        except SfsError as exc:
+            log.error("request failed: %s", exc)
+            return protocol.encode_error(ErrorCode.INTERNAL, "the broker could not do that", rid)
+        except Exception:
+            log.exception("bug while handling a request")
+            return protocol.encode_error(
+                ErrorCode.INTERNAL, "the broker hit an internal error", rid
+            )
+
+    def _session(self, token: str, client_key: bytes | None) -> User:
+        now = self._now()
+        user = self.store.session_user(
+            crypto.token_digest(token), now, now + self.settings.session_ttl
+        )
+        # A session is only valid from the device whose transport key it was made on.
+        if user is None or client_key is None or client_key != user.bundle.curve_public:
+            raise Refused(ErrorCode.UNAUTHORIZED, "not logged in (or the session expired)")
+        return user
+
+    # --- accounts ------------------------------------------------------------------------
+
+    def _ping(self, request: protocol.Ping, client_key: bytes | None) -> Record:
+        return protocol.PingResult(protocol.VERSION, self._now())
+
+    def _challenge(self, request: protocol.GetChallenge, client_key: bytes | None) -> Record:
+        return protocol.ChallengeResult(self._challenges.issue(client_key))
+
+    def _register(self, request: protocol.Register, client_key: bytes | None) -> Record:
+        self._challenges.redeem(request.challenge, client_key)
+        bundle = request.bundle
+        try:
+            crypto.verify(
+                bundle.rsa_key(),
+                request.signature,
+                protocol.register_payload(request.username, request.challenge, bundle),
+                "registration",
+            )
+        except IntegrityError as exc:
+            raise Refused(ErrorCode.BAD_REQUEST, f"registration refused: {exc}") from exc
+        if client_key != bundle.curve_public:
+            raise Refused(
+                ErrorCode.BAD_REQUEST,
+                "registration refused: the connection's transport key is not the bundle's",
+            )
+        try:
+            password_hash = crypto.hash_password(request.password, self.settings.bcrypt_rounds)
+        except UsageError as exc:
+            raise Refused(ErrorCode.BAD_REQUEST, str(exc)) from exc
+        try:
+            user = self.store.add_user(request.username, password_hash, bundle, self._now())
+        except UsernameTaken as exc:
+            raise Refused(
+                ErrorCode.CONFLICT,
+                f"the username {request.username!r} is taken (or this key is registered already)",
+            ) from exc
+        log.info("registered %s", user.username)
+        return self._new_session(user)
+
+    def _new_session(self, user: User) -> protocol.SessionResult:
+        token = crypto.new_token()
+        now = self._now()
+        expires_at = now + self.settings.session_ttl
+        self.store.add_session(crypto.token_digest(token), user.id, expires_at, now)
+        return protocol.SessionResult(user.username, token, expires_at)
+
+    def _login(self, request: protocol.Login, client_key: bytes | None) -> Record:
+        user = self.store.get_user(request.username)
+        hashed = user.password_hash if user else self._dummy_hash
+        if not crypto.password_matches(request.password, hashed) or user is None:
+            log.info("failed login for %s", request.username)
+            raise Refused(ErrorCode.UNAUTHORIZED, "wrong username or password")
+        if client_key != user.bundle.curve_public:
+            raise Refused(
+                ErrorCode.FORBIDDEN,
+                f"this device's transport key is not the one registered for {user.username}",
+            )
+        log.info("login %s", user.username)
+        return self._new_session(user)
+
+    def _logout(self, request: protocol.Logout, client_key: bytes | None) -> Record:
+        user = self._session(request.token, client_key)
+        self.store.delete_session(crypto.token_digest(request.token))
+        self.store.set_offline(user.id)
+        return protocol.Empty()
+
+    # --- presence ------------------------------------------------------------------------
+
+    def _heartbeat(self, request: protocol.Heartbeat, client_key: bytes | None) -> Record:
+        user = self._session(request.token, client_key)
+        ttl = self.settings.presence_ttl
+        self.store.set_online(user.id, request.endpoint, self._now() + ttl)
+        return protocol.HeartbeatResult(ttl)
+
+    def _offline(self, request: protocol.GoOffline, client_key: bytes | None) -> Record:
+        user = self._session(request.token, client_key)
+        self.store.set_offline(user.id)
+        return protocol.Empty()
+
+    # --- files ---------------------------------------------------------------------------
+
+    def _publish(self, request: protocol.Publish, client_key: bytes | None) -> Record:
+        user = self._session(request.token, client_key)
+        try:
+            manifest = verify_manifest(request.manifest, request.signature, user.bundle)
+        except IntegrityError as exc:
+            raise Refused(ErrorCode.BAD_REQUEST, f"manifest refused: {exc}") from exc
+        if manifest.owner != user.username:
+            raise Refused(ErrorCode.BAD_REQUEST, "manifest refused: it names another owner")
+        access = None
+        if request.access is not None:
+            access = sorted(set(request.access) - {user.username})
+            unknown = self.store.unknown_users(access)
+            if unknown:
+                raise Refused(ErrorCode.NOT_FOUND, f"no such user: {', '.join(unknown)}")
+        file_id = file_id_of(request.manifest)
+        entry = FileEntry(
+            file_id,
+            user.username,
+            manifest.name,
+            manifest.size,
+            manifest.keywords,
+            request.manifest,
+            request.signature,
+            self._now(),
+        )
+        self.store.add_file(user.id, entry, access)
+        log.info("%s shared a file (%d bytes)", user.username, manifest.size)
+        return protocol.PublishResult(file_id)
+
+    def _unpublish(self, request: protocol.Unpublish, client_key: bytes | None) -> Record:
+        user = self._session(request.token, client_key)
+        if not self.store.remove_file(request.file_id, user.id):
+            raise Refused(ErrorCode.NOT_FOUND, f"you share no file {request.file_id}")
+        return protocol.Empty()
+
+    def _search(self, request: protocol.Search, client_key: bytes | None) -> Record:
+        user = self._session(request.token, client_key)
+        terms = request.query.split()[:8]
+        hits = self.store.search(user.id, terms, request.owner, request.limit, self._now())
+        return protocol.SearchResult(
+            [
+                protocol.SearchHit(
+                    hit.file.file_id,
+                    hit.file.name,
+                    hit.file.size,
+                    hit.file.owner,
+                    hit.file.keywords,
+                    hit.file.shared_at,
+                    hit.online,
+                )
+                for hit in hits
+            ]
+        )
+
+    def _lookup(self, request: protocol.Lookup, client_key: bytes | None) -> Record:
+        user = self._session(request.token, client_key)
+        entry = self.store.visible_file(request.file_id, user.id)
+        if entry is None:
+            raise Refused(ErrorCode.NOT_FOUND, f"no file {request.file_id} is shared with you")
+        owner = self.store.get_user(entry.owner)
+        if owner is None:  # the owner was removed between the two reads
+            raise Refused(ErrorCode.NOT_FOUND, f"no file {request.file_id} is shared with you")
+        holders = [
+            protocol.Holder(p.username, p.endpoint, p.bundle)
+            for p in self.store.online_holders(entry.file_id, self._now())
+        ]
+        return protocol.LookupResult(
+            entry.file_id, entry.owner, owner.bundle, entry.manifest, entry.signature, holders
+        )
+
+    def _bundle(self, request: protocol.GetBundle, client_key: bytes | None) -> Record:
+        self._session(request.token, client_key)
+        target = self.store.get_user(request.username)
+        if target is None:
+            raise Refused(ErrorCode.NOT_FOUND, f"no such user: {request.username}")
+        return protocol.BundleResult(target.username, target.bundle)

@@ -1,0 +1,82 @@
+"""What both command-line tools share: options, output, and the one place where sfs
+errors become a one-line message and an exit code."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from sfs.common.errors import SfsError
+
+ConfigOption = Annotated[
+    Path,
+    typer.Option(
+        "--config",
+        "-c",
+        envvar="SFS_CONFIG",
+        help="YAML config file (or set SFS_CONFIG).",
+        show_default=False,
+    ),
+]
+DebugOption = Annotated[
+    bool, typer.Option("--debug", help="Show tracebacks and debug logs.", envvar="SFS_DEBUG")
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
+
+stdout = Console()
+stderr = Console(stderr=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def command(function: F) -> F:
+    """Run a CLI command: sfs errors print one line on stderr and exit non-zero;
+    anything else is a bug, reported in one line unless --debug asks for the traceback."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = bool(kwargs.get("debug"))
+        setup_logging(debug)
+        try:
+            return function(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except SfsError as exc:
+            if debug:
+                raise
+            fail(str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            fail("interrupted", 130)
+        except Exception as exc:
+            if debug:
+                raise
+            fail(f"internal error ({type(exc).__name__}: {exc}); run with --debug for details", 70)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def fail(message: str, code: int = 1) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+def setup_logging(debug: bool) -> None:
+    """Warnings only, unless --debug; servers raise the "sfs" logger to INFO themselves."""
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+def print_json(document: Any) -> None:
+    sys.stdout.write(json.dumps(document, indent=2, sort_keys=True) + "\n")

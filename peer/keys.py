@@ -1,0 +1,87 @@
+"""A user's identity on disk: the RSA key pair and the Curve25519 transport key pair.
+
+    data_dir/keys/signing.pem     RSA-3072 private key, PKCS#8 PEM, mode 0600
+    data_dir/keys/transport.key   Curve25519 secret key, z85, mode 0600
+
+Public keys are derived from the private ones, so nothing else needs storing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import nacl.public
+import zmq.utils.z85
+
+from sfs.common import crypto
+from sfs.common.errors import KeyFileError
+from sfs.common.files import make_private_dir, read_private_file, write_private_file
+from sfs.common.identity import KeyBundle
+
+
+@dataclass(frozen=True)
+class Identity:
+    username: str
+    signing_key: crypto.RsaPrivateKey
+    transport_key: nacl.public.PrivateKey
+    bundle: KeyBundle
+
+    @property
+    def fingerprint(self) -> bytes:
+        return self.bundle.fingerprint()
+
+    @property
+    def curve_secret_z85(self) -> bytes:
+        return zmq.utils.z85.encode(bytes(self.transport_key))
+
+    @property
+    def curve_public_z85(self) -> bytes:
+        return zmq.utils.z85.encode(bytes(self.transport_key.public_key))
+
+    def sign(self, data: bytes) -> bytes:
+        return crypto.sign(self.signing_key, data)
+
+
+def _paths(data_dir: Path) -> tuple[Path, Path]:
+    keys = data_dir / "keys"
+    return keys / "signing.pem", keys / "transport.key"
+
+
+def _bundle(signing_key: crypto.RsaPrivateKey, transport_key: nacl.public.PrivateKey) -> KeyBundle:
+    return KeyBundle(
+        crypto.public_key_to_der(signing_key.public_key()), bytes(transport_key.public_key)
+    )
+
+
+def identity_exists(data_dir: Path) -> bool:
+    return any(path.exists() for path in _paths(data_dir))
+
+
+def create_identity(data_dir: Path, username: str) -> Identity:
+    """Make and store new key pairs; refuses to overwrite existing ones."""
+    if identity_exists(data_dir):
+        raise KeyFileError(f"an identity already exists in {data_dir / 'keys'}; not replacing it")
+    signing_path, transport_path = _paths(data_dir)
+    make_private_dir(signing_path.parent)
+    signing_key = crypto.generate_rsa_key()
+    transport_key = nacl.public.PrivateKey.generate()
+    write_private_file(signing_path, crypto.private_key_to_pem(signing_key))
+    write_private_file(transport_path, zmq.utils.z85.encode(bytes(transport_key)) + b"\n")
+    return Identity(username, signing_key, transport_key, _bundle(signing_key, transport_key))
+
+
+def load_identity(data_dir: Path, username: str) -> Identity:
+    signing_path, transport_path = _paths(data_dir)
+    if not identity_exists(data_dir):
+        raise KeyFileError(f"no identity in {data_dir / 'keys'}; run `sfs-peer init` first")
+    signing_key = crypto.private_key_from_pem(read_private_file(signing_path, "the signing key"))
+    text = read_private_file(transport_path, "the transport key").strip()
+    try:
+        raw = zmq.utils.z85.decode(text)
+        if len(raw) != 32:
+            raise ValueError("wrong length")
+        transport_key = nacl.public.PrivateKey(raw)
+    except (ValueError, KeyError) as exc:
+        raise KeyFileError(f"the transport key {transport_path} is malformed") from exc
+    return Identity(username, signing_key, transport_key, _bundle(signing_key, transport_key))

@@ -1,0 +1,115 @@
+"""The local share registry: which files this peer serves, from which path, to whom.
+
+The only source of paths the peer server reads from. Nothing received from the network
+is ever used as a path: a request names a file id, and the id is looked up here.
+SQLite, so that `sfs-peer share` and a running `sfs-peer serve` see the same data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sfs.common.errors import StorageError
+
+
+@dataclass(frozen=True)
+class Share:
+    file_id: str
+    path: Path
+    name: str
+    size: int
+    manifest: bytes
+    signature: bytes
+    access: list[str] | None  # None: every registered user
+    keywords: list[str]
+    shared_at: int
+
+    def allows(self, username: str) -> bool:
+        return self.access is None or username in self.access
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS shares (
+    file_id TEXT PRIMARY KEY,
+    path TEXT NOT NULL,
+    name TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    manifest BLOB NOT NULL,
+    signature BLOB NOT NULL,
+    access TEXT,  -- JSON list of usernames, NULL for everyone
+    keywords TEXT NOT NULL,  -- JSON list
+    shared_at INTEGER NOT NULL
+)
+"""
+_COLUMNS = "file_id, path, name, size, manifest, signature, access, keywords, shared_at"
+
+
+class ShareRegistry:
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        try:
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+            self._db = sqlite3.connect(path, timeout=10, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(_SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise StorageError(f"cannot open the share registry {path}: {exc}") from exc
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _run(self, sql: str, params: tuple[object, ...] = ()) -> list[Any]:
+        try:
+            return self._db.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise StorageError(f"share registry error: {exc}") from exc
+
+    def add(self, share: Share) -> None:
+        self._run(
+            f"INSERT OR REPLACE INTO shares ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                share.file_id,
+                str(share.path),
+                share.name,
+                share.size,
+                share.manifest,
+                share.signature,
+                None if share.access is None else json.dumps(share.access),
+                json.dumps(share.keywords),
+                share.shared_at,
+            ),
+        )
+
+    def get(self, file_id: str) -> Share | None:
+        rows = self._run(f"SELECT {_COLUMNS} FROM shares WHERE file_id = ?", (file_id,))
+        return _share(rows[0]) if rows else None
+
+    def remove(self, file_id: str) -> bool:
+        found = self.get(file_id) is not None
+        self._run("DELETE FROM shares WHERE file_id = ?", (file_id,))
+        return found
+
+    def all(self) -> list[Share]:
+        return [
+            _share(row) for row in self._run(f"SELECT {_COLUMNS} FROM shares ORDER BY shared_at")
+        ]
+
+
+def _share(row: Any) -> Share:
+    file_id, path, name, size, manifest, signature, access, keywords, shared_at = row
+    return Share(
+        file_id,
+        Path(path),
+        name,
+        size,
+        manifest,
+        signature,
+        None if access is None else json.loads(access),
+        json.loads(keywords),
+        shared_at,
+    )
