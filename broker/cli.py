@@ -10,10 +10,18 @@ import typer
 import zmq
 from rich.table import Table
 
-from sfs.broker.server import BrokerServer, install_signal_handlers
+from sfs.broker.server import BrokerServer
 from sfs.broker.service import BrokerService, BrokerSettings
 from sfs.broker.store import SqliteStore
-from sfs.common.cli import ConfigOption, DebugOption, JsonOption, command, print_json, stdout
+from sfs.common.cli import (
+    ConfigOption,
+    DebugOption,
+    JsonOption,
+    command,
+    install_signal_handlers,
+    print_json,
+    stdout,
+)
 from sfs.common.config import BrokerConfig, load_broker_config, parse_z85_key
 from sfs.common.errors import ConfigError, KeyFileError
 from sfs.common.files import make_private_dir, read_private_file, write_private_file

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import signal
 import threading
 from collections import deque
-from collections.abc import Callable
 
 import zmq
 import zmq.auth
@@ -154,13 +152,3 @@ def _client_key(frame: zmq.Frame) -> bytes:
     except zmq.ZMQError:
         return b""
     return zmq.utils.z85.decode(user_id) if user_id else b""
-
-
-def install_signal_handlers(stop: Callable[[], None]) -> None:
-    """Ctrl-C and SIGTERM ask the serve loop to finish cleanly."""
-
-    def handler(signum: int, frame: object) -> None:
-        stop()
-
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -80,3 +81,13 @@ def setup_logging(debug: bool) -> None:
 
 def print_json(document: Any) -> None:
     sys.stdout.write(json.dumps(document, indent=2, sort_keys=True) + "\n")
+
+
+def install_signal_handlers(stop: Callable[[], None]) -> None:
+    """Ctrl-C and SIGTERM ask a serve loop to finish cleanly."""
+
+    def handler(signum: int, frame: object) -> None:
+        stop()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)

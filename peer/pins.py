@@ -59,6 +59,10 @@ class PinStore:
         with self._lock:
             return sorted(self._load().values(), key=lambda p: p.username)
 
+    def get(self, username: str) -> Pin | None:
+        with self._lock:
+            return self._load().get(username)
+
     def check(self, username: str, bundle: KeyBundle) -> bool:
         """Accept `bundle` for `username` if it matches the pin, or pin it on first use.
 

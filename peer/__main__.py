@@ -1,0 +1,3 @@
+from sfs.peer.cli import main
+
+main()

@@ -1,0 +1,384 @@
+"""`sfs-peer`: one user's identity, shares, searches and downloads."""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import logging
+import sys
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from sfs.common.cli import (
+    ConfigOption,
+    DebugOption,
+    JsonOption,
+    command,
+    install_signal_handlers,
+    print_json,
+    stderr,
+    stdout,
+)
+from sfs.common.config import load_peer_config
+from sfs.common.errors import UsageError
+from sfs.common.identity import format_fingerprint, parse_fingerprint
+from sfs.peer.download import Progress as ProgressCallback
+from sfs.peer.node import Peer
+from sfs.peer.registry import Share
+
+app = typer.Typer(
+    help="An sfs peer: share files, find them, and download them directly from their owners.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+PasswordStdin = Annotated[
+    bool, typer.Option("--password-stdin", help="Read the password from standard input.")
+]
+
+
+def _peer(config: Path) -> Peer:
+    return Peer(load_peer_config(config))
+
+
+def _password(from_stdin: bool, confirm: bool = False) -> str:
+    if from_stdin:
+        line = sys.stdin.readline()
+        if not line:
+            raise UsageError("--password-stdin: nothing on standard input")
+        return line.rstrip("\r\n")
+    if not sys.stdin.isatty():
+        raise UsageError("no terminal to ask for a password; use --password-stdin")
+    password = getpass.getpass("password: ")
+    if confirm and getpass.getpass("again: ") != password:
+        raise UsageError("the passwords do not match")
+    return password
+
+
+@contextlib.contextmanager
+def _progress(label: str, enabled: bool) -> Iterator[ProgressCallback | None]:
+    """A rich progress bar on stderr (only on a terminal, and not with --json)."""
+    if not enabled or not stderr.is_terminal:
+        yield None
+        return
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=stderr,
+        transient=True,
+    ) as bar:
+        task = bar.add_task(label, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+def _size(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{size} B"
+
+
+def _when(timestamp: int) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+_WHOLE = {"file id": 32, "fingerprint": 64}  # columns that must never be cut
+
+
+def _table(*headers: str) -> Table:
+    table = Table()
+    for header in headers:
+        table.add_column(header, no_wrap=header in _WHOLE, min_width=_WHOLE.get(header))
+    return table
+
+
+def _share_json(share: Share) -> dict[str, object]:
+    return {
+        "file_id": share.file_id,
+        "name": share.name,
+        "size": share.size,
+        "path": str(share.path),
+        "access": share.access,
+        "keywords": share.keywords,
+        "shared_at": share.shared_at,
+    }
+
+
+# --- identity and account ---------------------------------------------------------------
+
+
+@app.command()
+@command
+def init(config: ConfigOption, debug: DebugOption = False) -> None:
+    """Make this user's keys (RSA-3072 and Curve25519) and show the fingerprint."""
+    with _peer(config) as peer:
+        identity = peer.init()
+        stdout.print(f"created the identity of {identity.username} in {peer.config.data_dir}")
+        stdout.print(f"fingerprint: {format_fingerprint(identity.fingerprint)}")
+
+
+@app.command()
+@command
+def register(
+    config: ConfigOption, password_stdin: PasswordStdin = False, debug: DebugOption = False
+) -> None:
+    """Register this user and its public keys at the broker (and log in)."""
+    with _peer(config) as peer:
+        result = peer.register(_password(password_stdin, confirm=True))
+        stdout.print(f"registered {result.username} and logged in")
+
+
+@app.command()
+@command
+def login(
+    config: ConfigOption, password_stdin: PasswordStdin = False, debug: DebugOption = False
+) -> None:
+    """Log in to the broker; the session is kept in the data folder."""
+    with _peer(config) as peer:
+        result = peer.login(_password(password_stdin))
+        stdout.print(f"logged in as {result.username} until {_when(result.expires_at)}")
+
+
+@app.command()
+@command
+def logout(config: ConfigOption, debug: DebugOption = False) -> None:
+    """End the session at the broker."""
+    with _peer(config) as peer:
+        peer.logout()
+        stdout.print("logged out")
+
+
+@app.command()
+@command
+def whoami(config: ConfigOption, json: JsonOption = False, debug: DebugOption = False) -> None:
+    """Show the username, the fingerprint and whether a session is open."""
+    with _peer(config) as peer:
+        me = peer.whoami()
+    if json:
+        print_json(me.__dict__)
+        return
+    stdout.print(f"username:    {me.username}")
+    stdout.print(f"fingerprint: {me.fingerprint}")
+    if me.session_expires_at is not None:
+        stdout.print(f"session:     logged in until {_when(me.session_expires_at)}")
+    else:
+        stdout.print("session:     not logged in")
+
+
+# --- serving ------------------------------------------------------------------------------
+
+
+@app.command()
+@command
+def serve(config: ConfigOption, debug: DebugOption = False) -> None:
+    """Serve this user's shares and stay online at the broker, until Ctrl-C or SIGTERM."""
+    if not debug:
+        logging.getLogger("sfs").setLevel(logging.INFO)
+    stop = threading.Event()
+    install_signal_handlers(stop.set)
+
+    def ready(endpoint: str) -> None:
+        # One line on stdout that scripts can wait for.
+        print(f"serving on {endpoint}", flush=True)
+
+    with _peer(config) as peer:
+        peer.serve(stop, ready)
+    logging.getLogger("sfs.peer").info("stopped")
+
+
+# --- sharing ------------------------------------------------------------------------------
+
+
+@app.command()
+@command
+def share(
+    config: ConfigOption,
+    path: Annotated[Path, typer.Argument(help="The file to share.", show_default=False)],
+    keyword: Annotated[
+        list[str] | None, typer.Option("--keyword", "-k", help="A search keyword (repeat).")
+    ] = None,
+    to: Annotated[
+        list[str] | None,
+        typer.Option("--to", help="Share only with this user (repeat); default: everyone."),
+    ] = None,
+    json: JsonOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Share a file: sign its manifest and register it at the broker."""
+    with _peer(config) as peer, _progress("hashing", not json) as progress:
+        shared = peer.share(path, keyword or [], to or [], progress)
+    if json:
+        print_json(_share_json(shared))
+        return
+    audience = ", ".join(shared.access) if shared.access is not None else "everyone"
+    stdout.print(f"shared {shared.name} ({_size(shared.size)}) with {audience}")
+    stdout.print(f"file id: {shared.file_id}")
+
+
+@app.command()
+@command
+def unshare(
+    config: ConfigOption,
+    file_id: Annotated[str, typer.Argument(show_default=False)],
+    debug: DebugOption = False,
+) -> None:
+    """Stop sharing a file."""
+    with _peer(config) as peer:
+        peer.unshare(file_id)
+    stdout.print(f"stopped sharing {file_id}")
+
+
+@app.command(name="list")
+@command
+def list_shares(config: ConfigOption, json: JsonOption = False, debug: DebugOption = False) -> None:
+    """List the files this user shares."""
+    with _peer(config) as peer:
+        shares = peer.shares()
+    if json:
+        print_json([_share_json(s) for s in shares])
+        return
+    table = _table("file id", "name", "size", "shared with", "keywords", "path")
+    for s in shares:
+        audience = ", ".join(s.access) if s.access is not None else "everyone"
+        table.add_row(
+            s.file_id, s.name, _size(s.size), audience, ", ".join(s.keywords), str(s.path)
+        )
+    stdout.print(table if shares else "no shared files")
+
+
+@app.command()
+@command
+def search(
+    config: ConfigOption,
+    query: Annotated[str, typer.Argument(help="Words to match in names and keywords.")] = "",
+    owner: Annotated[str | None, typer.Option("--owner", help="Only this user's files.")] = None,
+    json: JsonOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Search the files shared with this user."""
+    with _peer(config) as peer:
+        hits = peer.search(query, owner)
+    if json:
+        print_json([hit.__dict__ for hit in hits])
+        return
+    table = _table("file id", "name", "size", "owner", "keywords", "shared", "owner online")
+    for hit in hits:
+        table.add_row(
+            hit.file_id,
+            hit.name,
+            _size(hit.size),
+            hit.owner,
+            ", ".join(hit.keywords),
+            _when(hit.shared_at),
+            "yes" if hit.online else "no",
+        )
+    stdout.print(table if hits else "no matching files")
+
+
+@app.command()
+@command
+def get(
+    config: ConfigOption,
+    file_id: Annotated[str, typer.Argument(show_default=False)],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Folder to save into (default: download_dir).")
+    ] = None,
+    json: JsonOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Download a file directly from its owner, verifying every chunk."""
+    with _peer(config) as peer, _progress("downloading", not json) as progress:
+        result = peer.get(file_id, out, progress)
+    if json:
+        print_json(
+            {
+                "file_id": result.file_id,
+                "path": str(result.path),
+                "size": result.size,
+                "sha256": result.sha256,
+                "seconds": round(result.seconds, 3),
+                "holders": result.holders,
+            }
+        )
+        return
+    rate = result.size / result.seconds if result.seconds > 0 else 0.0
+    stdout.print(
+        f"saved {result.path} ({_size(result.size)} from {', '.join(result.holders)}, "
+        f"{_size(int(rate))}/s)"
+    )
+    stdout.print(f"sha256: {result.sha256} (verified)")
+
+
+# --- trust ----------------------------------------------------------------------------------
+
+
+@app.command()
+@command
+def peers(config: ConfigOption, json: JsonOption = False, debug: DebugOption = False) -> None:
+    """List pinned fingerprints."""
+    with _peer(config) as peer:
+        pins = peer.peers()
+    if json:
+        print_json(
+            [
+                {
+                    "username": p.username,
+                    "fingerprint": format_fingerprint(p.fingerprint),
+                    "source": p.source,
+                    "pinned_at": p.pinned_at,
+                }
+                for p in pins
+            ]
+        )
+        return
+    table = _table("user", "fingerprint", "pinned", "since")
+    for p in pins:
+        table.add_row(p.username, format_fingerprint(p.fingerprint), p.source, _when(p.pinned_at))
+    stdout.print(table if pins else "no pinned peers yet")
+
+
+@app.command()
+@command
+def trust(
+    config: ConfigOption,
+    username: Annotated[str, typer.Argument(show_default=False)],
+    fingerprint: Annotated[str, typer.Argument(show_default=False)],
+    debug: DebugOption = False,
+) -> None:
+    """Pin USER to FINGERPRINT (after checking it with them another way)."""
+    with _peer(config) as peer:
+        peer.trust(username, parse_fingerprint(fingerprint))
+    stdout.print(
+        f"{username} is now pinned to {format_fingerprint(parse_fingerprint(fingerprint))}"
+    )
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

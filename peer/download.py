@@ -1,0 +1,181 @@
+"""The download engine: checks what the broker says, then pulls the file from a holder
+over DEALER -> ROUTER with several chunk requests in flight, verifying each chunk.
+
+Order of checks (DESIGN section 5): the owner's pinned fingerprint, the manifest
+signature and the file id are verified before any holder is contacted. Any failure
+cancels the transfer, removes the temporary file and raises; nothing unverified ever
+reaches the final path.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+
+from sfs.common import crypto, protocol
+from sfs.common.codec import from_wire
+from sfs.common.errors import IntegrityError, ProtocolError, SfsError, TransportError
+from sfs.common.manifest import MAX_CHUNK_SIZE, Manifest, file_id_of, verify_manifest
+from sfs.peer.keys import Identity
+from sfs.peer.partial import PartialFile, safe_filename
+from sfs.peer.pins import PinStore
+from sfs.peer.transfer import ChunkPlan, ReceiverLink
+
+Progress = Callable[[int, int], None]  # (bytes done, total bytes)
+
+_MAX_PEER_FRAME = MAX_CHUNK_SIZE + 64 * 1024
+
+
+class OwnerOffline(SfsError):
+    exit_code = 6
+
+
+@dataclass(frozen=True)
+class DownloadResult:
+    file_id: str
+    path: Path
+    size: int
+    sha256: str
+    seconds: float
+    holders: list[str]
+
+
+def verify_lookup(file_id: str, lookup: protocol.LookupResult, pins: PinStore) -> Manifest:
+    """Everything checked before a holder is contacted: the owner's key against its pin,
+    the owner's signature over the manifest, and that the manifest is the file id's."""
+    if lookup.file_id != file_id or file_id_of(lookup.manifest) != file_id:
+        raise IntegrityError(f"the broker returned a manifest that is not file {file_id}")
+    pins.check(lookup.owner, lookup.owner_bundle)
+    manifest = verify_manifest(lookup.manifest, lookup.signature, lookup.owner_bundle)
+    if manifest.owner != lookup.owner:
+        raise IntegrityError("the manifest names a different owner than the broker reported")
+    return manifest
+
+
+class Downloader:
+    def __init__(
+        self,
+        identity: Identity,
+        pins: PinStore,
+        context: zmq.Context[zmq.Socket[bytes]],
+        window: int = 8,
+        timeout: float = 10.0,
+        transport_encryption: bool = True,
+    ) -> None:
+        self._identity = identity
+        self._pins = pins
+        self._context = context
+        self._window = window
+        self._timeout_ms = int(timeout * 1000)
+        self._encrypt = transport_encryption
+
+    def fetch(
+        self,
+        file_id: str,
+        lookup: protocol.LookupResult,
+        folder: Path,
+        progress: Progress | None = None,
+    ) -> DownloadResult:
+        started = time.monotonic()
+        manifest = verify_lookup(file_id, lookup, self._pins)
+        if not lookup.holders:
+            raise OwnerOffline(
+                f"{lookup.owner} is offline: nobody is serving {manifest.name} right now; "
+                f"try again when {lookup.owner} runs `sfs-peer serve`"
+            )
+        holder = lookup.holders[0]
+        if holder.username == lookup.owner and not crypto.same_bytes(
+            holder.bundle.fingerprint(), lookup.owner_bundle.fingerprint()
+        ):
+            raise IntegrityError("the broker gave two different keys for the owner")
+        self._pins.check(holder.username, holder.bundle)
+
+        partial = PartialFile(folder, file_id, manifest.size, manifest.chunk_size)
+        try:
+            link = ReceiverLink(
+                self._identity, file_id, manifest, lookup.manifest, holder.username, holder.bundle
+            )
+            self._pull(link, holder, manifest, partial, progress)
+            name = safe_filename(manifest.name, fallback=file_id)
+            path = partial.finish(manifest.sha256, name)
+        except BaseException:
+            partial.discard()
+            raise
+        return DownloadResult(
+            file_id,
+            path,
+            manifest.size,
+            manifest.sha256.hex(),
+            time.monotonic() - started,
+            [holder.username],
+        )
+
+    def _socket(self, holder: protocol.Holder) -> zmq.Socket[bytes]:
+        sock = self._context.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.maxmsgsize = _MAX_PEER_FRAME
+        if self._encrypt:
+            sock.curve_serverkey = holder.bundle.curve_z85()
+            sock.curve_secretkey = self._identity.curve_secret_z85
+            sock.curve_publickey = self._identity.curve_public_z85
+        sock.connect(holder.endpoint)
+        return sock
+
+    def _pull(
+        self,
+        link: ReceiverLink,
+        holder: protocol.Holder,
+        manifest: Manifest,
+        partial: PartialFile,
+        progress: Progress | None,
+    ) -> None:
+        sock = self._socket(holder)
+        try:
+            sock.send(protocol.encode("hello", link.hello()))
+            envelope, _ = self._receive(sock, holder, "answer the request")
+            if envelope.op != "offer":
+                raise ProtocolError(f"{holder.username} sent {envelope.op[:40]!r}, not an offer")
+            link.accept_offer(from_wire(protocol.Offer, envelope.body, "offer"))
+
+            plan = ChunkPlan(manifest, self._window)
+            try:
+                self._request(sock, link, plan)
+                while not plan.complete:
+                    envelope, payload = self._receive(sock, holder, "send the next chunk")
+                    if envelope.op != "chunk" or payload is None:
+                        raise ProtocolError(f"{holder.username} sent a malformed chunk")
+                    header = from_wire(protocol.ChunkHeader, envelope.body, "chunk")
+                    plaintext = link.open_chunk(header, payload)
+                    plan.accept(header.index, plaintext)
+                    partial.write(header.index, plaintext)
+                    if progress is not None:
+                        progress(plan.bytes_done, manifest.size)
+                    self._request(sock, link, plan)
+            finally:
+                # Done or cancelled: either way the holder can forget the transfer.
+                sock.send(protocol.encode("finish", protocol.Finish(link.transfer_id)))
+        finally:
+            sock.close(linger=100)
+
+    def _request(self, sock: zmq.Socket[bytes], link: ReceiverLink, plan: ChunkPlan) -> None:
+        for index in plan.next_requests():
+            sock.send(protocol.encode("get", link.request(index)))
+
+    def _receive(
+        self, sock: zmq.Socket[bytes], holder: protocol.Holder, doing: str
+    ) -> tuple[protocol.Envelope, bytes | None]:
+        if not sock.poll(self._timeout_ms):
+            raise TransportError(
+                f"{holder.username} at {holder.endpoint} did not {doing} within "
+                f"{self._timeout_ms // 1000} s"
+            )
+        frames = sock.recv_multipart()
+        if len(frames) > 2:
+            raise ProtocolError(f"{holder.username} sent a frame of unexpected shape")
+        envelope = protocol.decode_envelope(frames[0])
+        protocol.raise_for_error(envelope, holder.username)
+        return envelope, frames[1] if len(frames) == 2 else None

@@ -1,0 +1,303 @@
+"""One user's peer: every `sfs-peer` command as a method, used by the CLI and tests.
+
+The CLI parses arguments and prints; everything else happens here. Each method opens
+what it needs (keys, session, registry, broker connection) lazily and `close` releases
+it all.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+
+from sfs.common import crypto, protocol
+from sfs.common.config import PeerConfig
+from sfs.common.errors import RemoteError, SfsError, TrustError, UsageError
+from sfs.common.identity import KeyBundle, format_fingerprint
+from sfs.common.manifest import file_id_of
+from sfs.common.protocol import ErrorCode
+from sfs.peer import keys, session
+from sfs.peer.client import BrokerClient
+from sfs.peer.download import Downloader, DownloadResult, Progress
+from sfs.peer.pins import Pin, PinStore
+from sfs.peer.registry import Share, ShareRegistry
+from sfs.peer.server import Heartbeat, PeerServer
+from sfs.peer.share import build_manifest, check_usernames, normalise_keywords, shareable_file
+from sfs.peer.transfer import HolderService, Refusal
+
+log = logging.getLogger("sfs.peer")
+
+
+@dataclass(frozen=True)
+class WhoAmI:
+    username: str
+    fingerprint: str
+    logged_in: bool
+    session_expires_at: int | None
+
+
+class Peer:
+    def __init__(self, config: PeerConfig) -> None:
+        self.config = config
+        self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self._identity: keys.Identity | None = None
+        self._broker: BrokerClient | None = None
+        self._registry: ShareRegistry | None = None
+        self.pins = PinStore(config.data_dir / "pins.json")
+
+    def close(self) -> None:
+        if self._broker is not None:
+            self._broker.close()
+        if self._registry is not None:
+            self._registry.close()
+        self._context.destroy(linger=0)
+
+    def __enter__(self) -> Peer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- lazily opened parts ---------------------------------------------------------
+
+    @property
+    def identity(self) -> keys.Identity:
+        if self._identity is None:
+            self._identity = keys.load_identity(self.config.data_dir, self.config.username)
+        return self._identity
+
+    def _new_broker_client(self) -> BrokerClient:
+        return BrokerClient(
+            self.config.broker_endpoint,
+            self.config.broker_public_key,
+            self.identity.transport_key,
+            timeout=self.config.timeout,
+            context=self._context,
+        )
+
+    @property
+    def broker(self) -> BrokerClient:
+        if self._broker is None:
+            self._broker = self._new_broker_client()
+        return self._broker
+
+    @property
+    def registry(self) -> ShareRegistry:
+        if self._registry is None:
+            self._registry = ShareRegistry(self.config.data_dir / "shares.db")
+        return self._registry
+
+    def _token(self) -> str:
+        return session.load_session(self.config.data_dir, self.config.username).token
+
+    # --- identity and account --------------------------------------------------------
+
+    def init(self) -> keys.Identity:
+        self._identity = keys.create_identity(self.config.data_dir, self.config.username)
+        return self._identity
+
+    def register(self, password: str) -> protocol.SessionResult:
+        crypto.check_password_length(password)
+        identity = self.identity
+        challenge = self.broker.challenge()
+        payload = protocol.register_payload(identity.username, challenge, identity.bundle)
+        result = self.broker.register(
+            identity.username, password, identity.bundle, challenge, identity.sign(payload)
+        )
+        self._save_session(result)
+        return result
+
+    def login(self, password: str) -> protocol.SessionResult:
+        crypto.check_password_length(password)
+        result = self.broker.login(self.config.username, password)
+        self._save_session(result)
+        return result
+
+    def _save_session(self, result: protocol.SessionResult) -> None:
+        if result.username != self.config.username:
+            raise SfsError("the broker answered for another user")
+        session.save_session(
+            self.config.data_dir, session.Session(result.username, result.token, result.expires_at)
+        )
+
+    def logout(self) -> None:
+        try:
+            self.broker.logout(self._token())
+        finally:
+            session.clear_session(self.config.data_dir)
+
+    def whoami(self) -> WhoAmI:
+        try:
+            current = session.load_session(self.config.data_dir, self.config.username)
+        except session.NotLoggedIn:
+            current = None
+        return WhoAmI(
+            self.config.username,
+            format_fingerprint(self.identity.fingerprint),
+            current is not None,
+            current.expires_at if current else None,
+        )
+
+    # --- sharing -----------------------------------------------------------------------
+
+    def share(
+        self,
+        path: Path,
+        keywords: list[str] | None = None,
+        to: list[str] | None = None,
+        progress: Progress | None = None,
+    ) -> Share:
+        source = shareable_file(path)
+        words = normalise_keywords(keywords or [])
+        access = check_usernames(to) if to else None
+        token = self._token()
+        manifest = build_manifest(source, self.identity, words, progress)
+        manifest_bytes = manifest.encode()
+        signature = self.identity.sign(manifest_bytes)
+        file_id = self.broker.publish(token, manifest_bytes, signature, access)
+        if file_id != file_id_of(manifest_bytes):
+            raise SfsError("the broker assigned an unexpected file id")
+        share = Share(
+            file_id,
+            source,
+            manifest.name,
+            manifest.size,
+            manifest_bytes,
+            signature,
+            access,
+            words,
+            int(time.time()),
+        )
+        self.registry.add(share)
+        return share
+
+    def unshare(self, file_id: str) -> None:
+        local = self.registry.get(file_id)
+        try:
+            self.broker.unpublish(self._token(), file_id)
+        except RemoteError as exc:
+            if exc.code != ErrorCode.NOT_FOUND or local is None:
+                raise
+        if local is not None:
+            self.registry.remove(file_id)
+
+    def shares(self) -> list[Share]:
+        return self.registry.all()
+
+    def search(self, query: str = "", owner: str | None = None) -> list[protocol.SearchHit]:
+        return self.broker.search(self._token(), query, owner)
+
+    def get(
+        self, file_id: str, out: Path | None = None, progress: Progress | None = None
+    ) -> DownloadResult:
+        file_id = file_id.strip().lower()
+        if len(file_id) != 32 or not all(c in "0123456789abcdef" for c in file_id):
+            raise UsageError(f"not a file id: {file_id!r} (32 hex characters)")
+        lookup = self.broker.lookup(self._token(), file_id)
+        downloader = Downloader(
+            self.identity,
+            self.pins,
+            self._context,
+            self.config.window,
+            self.config.timeout,
+            self.config.transport_encryption,
+        )
+        return downloader.fetch(file_id, lookup, out or self.config.download_dir, progress)
+
+    # --- trust -------------------------------------------------------------------------
+
+    def peers(self) -> list[Pin]:
+        return self.pins.all()
+
+    def trust(self, username: str, fingerprint: bytes) -> None:
+        check_usernames([username])
+        self.pins.trust(username, fingerprint)
+
+    # --- serving -----------------------------------------------------------------------
+
+    def serve(self, stop: threading.Event, on_ready: Callable[[str], None] | None = None) -> None:
+        """Serve shares and keep this peer online until `stop` is set (blocks).
+        `on_ready(endpoint)` is called once the server listens."""
+        token = self._token()
+        beats = self._new_broker_client()
+        checker = _RequesterCheck(self.pins, self._new_broker_client(), token)
+
+        def beat() -> None:
+            beats.heartbeat(token, self.config.advertise)
+
+        try:
+            try:
+                beat()  # fail early, and clearly, if the session is gone
+            except RemoteError as exc:
+                if exc.code == ErrorCode.UNAUTHORIZED:
+                    raise session.NotLoggedIn(
+                        "the broker no longer knows this session; run `sfs-peer login`"
+                    ) from exc
+                raise
+            service = HolderService(self.identity, self.registry.get, checker, _read_chunk)
+            server = PeerServer(
+                service,
+                self.identity,
+                self.config.listen,
+                self.config.transport_encryption,
+                stop,
+                on_ready,
+            )
+            heartbeat = Heartbeat(
+                beat, lambda: beats.offline(token), self.config.heartbeat_interval
+            )
+            heartbeat.start()
+            try:
+                server.serve(self._context)
+            finally:
+                heartbeat.stop()
+                heartbeat.join(timeout=self.config.timeout + 1)
+        finally:
+            beats.close()
+            checker.close()
+
+
+def _read_chunk(share: Share, offset: int, length: int) -> bytes:
+    fd = os.open(share.path, os.O_RDONLY)
+    try:
+        return os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
+
+
+class _RequesterCheck:
+    """Decides whether a requester's key bundle is really theirs: it must match the pin,
+    or, on first contact, the bundle the broker has registered (which is then pinned)."""
+
+    def __init__(self, pins: PinStore, broker: BrokerClient, token: str) -> None:
+        self._pins, self._broker, self._token = pins, broker, token
+
+    def close(self) -> None:
+        self._broker.close()
+
+    def __call__(self, username: str, bundle: KeyBundle) -> None:
+        if self._pins.get(username) is None:
+            try:
+                registered = self._broker.bundle(self._token, username)
+            except RemoteError as exc:
+                if exc.code == ErrorCode.NOT_FOUND:
+                    raise Refusal(ErrorCode.FORBIDDEN, f"{username} is not registered") from exc
+                raise Refusal(ErrorCode.BUSY, "the holder cannot check your key now") from exc
+            except SfsError as exc:
+                raise Refusal(ErrorCode.BUSY, "the holder cannot check your key now") from exc
+            if not crypto.same_bytes(registered.fingerprint(), bundle.fingerprint()):
+                raise Refusal(ErrorCode.FORBIDDEN, "your key is not the one registered for you")
+        try:
+            self._pins.check(username, bundle)
+        except TrustError as exc:
+            log.warning("refused a request: %s", exc)
+            raise Refusal(
+                ErrorCode.FORBIDDEN, "your key does not match the one this holder pinned for you"
+            ) from exc

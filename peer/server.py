@@ -1,0 +1,130 @@
+"""`sfs-peer serve`: the peer's own ROUTER, answering requesters, plus a heartbeat
+thread that keeps this peer marked online at the broker.
+
+The ROUTER is a CurveZMQ server with the user's transport key (unless the config turns
+peer transport encryption off); any client key may connect, and the signed hello then
+decides who the requester is. One poll loop answers everything; files are read chunk
+by chunk, so serving stays flat in memory whatever the file size.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+import zmq
+import zmq.auth
+import zmq.utils.z85
+from zmq.auth.thread import ThreadAuthenticator
+
+from sfs.common.errors import SfsError, TransportError
+from sfs.peer.keys import Identity
+from sfs.peer.transfer import HolderService
+
+log = logging.getLogger("sfs.peer")
+
+MAX_REQUEST_FRAME = 64 * 1024
+_POLL_MS = 500
+
+
+class PeerServer:
+    def __init__(
+        self,
+        service: HolderService,
+        identity: Identity,
+        listen: str,
+        transport_encryption: bool = True,
+        stop: threading.Event | None = None,
+        on_ready: Callable[[str], None] | None = None,
+    ) -> None:
+        self._service = service
+        self._identity = identity
+        self._listen = listen
+        self._encrypt = transport_encryption
+        self._stop = stop or threading.Event()
+        self._on_ready = on_ready
+        self.endpoint = listen
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def serve(self, context: zmq.Context[zmq.Socket[bytes]]) -> None:
+        authenticator = None
+        if self._encrypt:
+            authenticator = ThreadAuthenticator(context, log=logging.getLogger("sfs.peer.zap"))
+            authenticator.start()
+            authenticator.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
+        sock = context.socket(zmq.ROUTER)
+        try:
+            sock.linger = 0
+            sock.maxmsgsize = MAX_REQUEST_FRAME
+            if self._encrypt:
+                sock.curve_server = True
+                sock.curve_secretkey = self._identity.curve_secret_z85
+                sock.curve_publickey = self._identity.curve_public_z85
+            try:
+                sock.bind(self._listen)
+            except zmq.ZMQError as exc:
+                raise TransportError(f"cannot listen on {self._listen}: {exc}") from exc
+            self.endpoint = sock.last_endpoint.decode()
+            if self._on_ready is not None:
+                self._on_ready(self.endpoint)
+            self._loop(sock)
+        finally:
+            sock.close(linger=0)
+            if authenticator is not None:
+                authenticator.stop()
+
+    def _loop(self, sock: zmq.Socket[bytes]) -> None:
+        while not self._stop.is_set():
+            if not sock.poll(_POLL_MS):
+                self._service.expire_idle()
+                continue
+            frames = sock.recv_multipart(copy=False)
+            if len(frames) != 2:  # requesters are DEALERs sending one frame at a time
+                log.debug("dropped a message of %d frames", len(frames))
+                continue
+            connection, payload = frames
+            client_key = _client_key(payload) if self._encrypt else None
+            replies = self._service.handle(connection.bytes, client_key, payload.bytes)
+            if replies:
+                sock.send_multipart([connection.bytes, *replies], copy=False)
+
+
+def _client_key(frame: zmq.Frame) -> bytes | None:
+    user_id = frame.get("User-Id")
+    return zmq.utils.z85.decode(user_id) if user_id else None
+
+
+class Heartbeat(threading.Thread):
+    """Tells the broker every `interval` seconds that this peer is online at `endpoint`;
+    says goodbye when stopped. Failures are logged and retried, never fatal."""
+
+    def __init__(self, beat: Callable[[], None], goodbye: Callable[[], None], interval: float):
+        super().__init__(name="heartbeat", daemon=True)
+        self._beat, self._goodbye, self._interval = beat, goodbye, interval
+        self._stop = threading.Event()
+        self.first_beat = threading.Event()
+        self._failing = False
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._beat()
+                if self._failing:
+                    log.info("the broker is reachable again")
+                self._failing = False
+            except SfsError as exc:
+                if not self._failing:
+                    log.warning("heartbeat failed: %s (retrying)", exc)
+                self._failing = True
+            self.first_beat.set()
+            self._stop.wait(self._interval)
+        try:
+            self._goodbye()
+        except SfsError as exc:
+            log.debug("could not tell the broker we go offline: %s", exc)

@@ -1,0 +1,94 @@
+"""Building a signed manifest for a local file (DESIGN section 5, `share PATH`)."""
+
+from __future__ import annotations
+
+import re
+import stat
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from sfs.common import crypto
+from sfs.common.errors import StorageError, UsageError
+from sfs.common.manifest import MANIFEST_VERSION, MAX_NAME_BYTES, Manifest, choose_chunk_size
+from sfs.common.protocol import USERNAME_PATTERN
+from sfs.peer.keys import Identity
+
+MAX_KEYWORDS = 64
+MAX_KEYWORD_LENGTH = 64
+
+
+def normalise_keywords(keywords: list[str]) -> list[str]:
+    """Lowercase, trimmed, without duplicates, in the order given."""
+    result: list[str] = []
+    for keyword in keywords:
+        cleaned = " ".join(keyword.lower().split())
+        if not cleaned or len(cleaned) > MAX_KEYWORD_LENGTH:
+            raise UsageError(f"keywords must be 1 to {MAX_KEYWORD_LENGTH} characters: {keyword!r}")
+        if cleaned not in result:
+            result.append(cleaned)
+    if len(result) > MAX_KEYWORDS:
+        raise UsageError(f"at most {MAX_KEYWORDS} keywords per file")
+    return result
+
+
+def check_usernames(usernames: list[str]) -> list[str]:
+    for name in usernames:
+        if not re.fullmatch(USERNAME_PATTERN, name):
+            raise UsageError(f"not a valid username: {name!r}")
+    return sorted(set(usernames))
+
+
+def shareable_file(path: Path) -> Path:
+    """The absolute path of a regular, readable file, or a clear error."""
+    try:
+        resolved = path.expanduser().resolve(strict=True)
+        mode = resolved.stat().st_mode
+    except FileNotFoundError as exc:
+        raise UsageError(f"no such file: {path}") from exc
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from exc
+    if not stat.S_ISREG(mode):
+        raise UsageError(f"not a regular file: {path}")
+    if len(resolved.name.encode()) > MAX_NAME_BYTES:
+        raise UsageError(f"the file name is longer than {MAX_NAME_BYTES} bytes: {path}")
+    return resolved
+
+
+def build_manifest(
+    path: Path,
+    identity: Identity,
+    keywords: list[str],
+    progress: Callable[[int, int], None] | None = None,
+) -> Manifest:
+    """Hash the file chunk by chunk (constant memory) into an unsigned manifest."""
+    try:
+        with path.open("rb") as handle:
+            size = path.stat().st_size
+            chunk_size = choose_chunk_size(size)
+            whole = crypto.new_sha256()
+            chunk_hashes = bytearray()
+            done = 0
+            while chunk := handle.read(chunk_size):
+                whole.update(chunk)
+                chunk_hashes += crypto.sha256(chunk)
+                done += len(chunk)
+                if progress is not None:
+                    progress(done, size)
+    except OSError as exc:
+        raise StorageError(f"cannot read {path}: {exc.strerror}") from exc
+    if done != size:
+        raise StorageError(f"{path} changed while it was being hashed; try again")
+    return Manifest(
+        version=MANIFEST_VERSION,
+        share_id=crypto.random_bytes(16),
+        name=path.name,
+        size=size,
+        chunk_size=chunk_size,
+        chunk_hashes=bytes(chunk_hashes),
+        sha256=whole.digest(),
+        owner=identity.username,
+        owner_fp=identity.fingerprint,
+        keywords=keywords,
+        created=int(time.time()),
+    )

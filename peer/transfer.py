@@ -1,0 +1,313 @@
+"""The transfer protocol's two roles, free of sockets and files (DESIGN section 5).
+
+Receiver: `ReceiverLink` speaks to one holder: it makes the signed hello, checks the
+signed offer, unwraps the transfer key and opens each chunk. `ChunkPlan` decides which
+chunks to ask for next (several in flight) and checks every chunk against the owner's
+signed manifest, whichever holder sent it.
+
+Holder: `HolderService` answers hellos with signed offers and chunk requests with
+sealed chunks, for the files in the local share registry and only to users on their
+access list. It reads file bytes through an injected function, so tests can run it
+without a disk or a socket.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from sfs.common import crypto, protocol
+from sfs.common.errors import IntegrityError, ProtocolError, SfsError
+from sfs.common.identity import KeyBundle
+from sfs.common.manifest import Manifest, decode_manifest, manifest_digest
+from sfs.common.protocol import ErrorCode
+from sfs.peer.keys import Identity
+from sfs.peer.registry import Share
+
+log = logging.getLogger("sfs.peer")
+
+# --- receiver ---------------------------------------------------------------------------
+
+
+class ReceiverLink:
+    """One transfer from one holder, from the receiving side."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        file_id: str,
+        manifest: Manifest,
+        manifest_bytes: bytes,
+        holder_name: str,
+        holder_bundle: KeyBundle,
+    ) -> None:
+        self._identity = identity
+        self._file_id = file_id
+        self._manifest = manifest
+        self._digest = manifest_digest(manifest_bytes)
+        self.holder_name = holder_name
+        self._holder_bundle = holder_bundle
+        self._nonce = crypto.random_bytes(32)
+        self._cipher: crypto.ChunkCipher | None = None
+        self.transfer_id = b""
+
+    def hello(self) -> protocol.Hello:
+        unsigned = protocol.Hello(
+            self._file_id,
+            self._identity.username,
+            self._identity.bundle,
+            self._nonce,
+            self._holder_bundle.fingerprint(),
+            b"",
+        )
+        signature = self._identity.sign(protocol.hello_payload(unsigned))
+        return dataclasses.replace(unsigned, signature=signature)
+
+    def accept_offer(self, offer: protocol.Offer) -> None:
+        """Check that the offer is signed by the holder and bound to this very hello,
+        then unwrap the transfer key. Raises `IntegrityError` otherwise."""
+        crypto.verify(
+            self._holder_bundle.rsa_key(),
+            offer.signature,
+            protocol.offer_payload(offer),
+            f"offer from {self.holder_name}",
+        )
+        bound = (
+            offer.file_id == self._file_id
+            and crypto.same_bytes(offer.requester_fp, self._identity.fingerprint)
+            and crypto.same_bytes(offer.requester_nonce, self._nonce)
+            and crypto.same_bytes(offer.manifest_digest, self._digest)
+            and crypto.same_bytes(offer.holder_fp, self._holder_bundle.fingerprint())
+        )
+        if not bound:
+            raise IntegrityError(
+                f"the offer from {self.holder_name} is not for this request (replayed?)"
+            )
+        secret = crypto.unwrap(self._identity.signing_key, offer.wrapped_secret)
+        self._cipher = crypto.ChunkCipher(crypto.TransferSecret.from_bytes(secret))
+        self.transfer_id = offer.transfer_id
+
+    def request(self, index: int) -> protocol.ChunkRequest:
+        return protocol.ChunkRequest(self.transfer_id, index)
+
+    def open_chunk(self, header: protocol.ChunkHeader, ciphertext: bytes) -> bytes:
+        """Decrypt a chunk; the AEAD binds it to this transfer, file, index and count."""
+        if self._cipher is None:
+            raise ProtocolError(f"{self.holder_name} sent a chunk before any offer")
+        if not crypto.same_bytes(header.transfer_id, self.transfer_id):
+            raise IntegrityError(f"{self.holder_name} sent a chunk of another transfer")
+        associated = protocol.chunk_associated_data(
+            self.transfer_id, self._file_id, header.index, self._manifest.chunk_count
+        )
+        return self._cipher.open(header.index, ciphertext, associated)
+
+
+@dataclass
+class ChunkPlan:
+    """Which chunks are still needed, which are on their way, which are verified."""
+
+    manifest: Manifest
+    window: int
+    have: set[int] = field(default_factory=set)
+    in_flight: set[int] = field(default_factory=set)
+    _next: int = 0
+
+    @property
+    def complete(self) -> bool:
+        return len(self.have) == self.manifest.chunk_count
+
+    @property
+    def bytes_done(self) -> int:
+        return sum(self.manifest.chunk_length(i) for i in self.have)
+
+    def next_requests(self) -> list[int]:
+        """Indexes to request now, keeping at most `window` in flight."""
+        wanted: list[int] = []
+        count = self.manifest.chunk_count
+        while len(self.in_flight) + len(wanted) < self.window and self._next < count:
+            if self._next not in self.have:
+                wanted.append(self._next)
+            self._next += 1
+        self.in_flight.update(wanted)
+        return wanted
+
+    def accept(self, index: int, plaintext: bytes) -> None:
+        """Check a decrypted chunk against the signed manifest; raises `IntegrityError`."""
+        if index not in self.in_flight:
+            raise IntegrityError(f"chunk {index} arrived without being requested")
+        expected = self.manifest.chunk_hash(index)
+        if len(plaintext) != self.manifest.chunk_length(index) or not crypto.same_bytes(
+            crypto.sha256(plaintext), expected
+        ):
+            raise IntegrityError(f"chunk {index} does not match the owner's signed manifest")
+        self.in_flight.discard(index)
+        self.have.add(index)
+
+
+# --- holder -----------------------------------------------------------------------------
+
+TRANSFER_IDLE_TIMEOUT = 120.0
+MAX_TRANSFERS = 64
+MAX_TRANSFERS_PER_CONNECTION = 4
+
+ChunkReader = Callable[[Share, int, int], bytes]  # (share, offset, length) -> bytes
+RequesterCheck = Callable[[str, KeyBundle], None]  # raises SfsError to refuse
+
+
+class Refusal(SfsError):
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class _Outgoing:
+    share: Share
+    manifest: Manifest
+    cipher: crypto.ChunkCipher
+    requester: str
+    connection: bytes
+    last_active: float
+
+
+class HolderService:
+    """Answers requesters. `handle` never raises: refusals become error replies and
+    frames that cannot be parsed are answered with bad_request."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        lookup_share: Callable[[str], Share | None],
+        check_requester: RequesterCheck,
+        read_chunk: ChunkReader,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._identity = identity
+        self._lookup_share = lookup_share
+        self._check_requester = check_requester
+        self._read_chunk = read_chunk
+        self._clock = clock
+        self._transfers: dict[bytes, _Outgoing] = {}
+
+    @property
+    def active_transfers(self) -> int:
+        return len(self._transfers)
+
+    def handle(self, connection: bytes, client_key: bytes | None, frame: bytes) -> list[bytes]:
+        """Answer one frame from `connection` (its routing id). Returns the reply frames
+        (none for `finish`)."""
+        self.expire_idle()
+        try:
+            envelope = protocol.decode_envelope(frame)
+            request = protocol.decode_body(envelope, protocol.PEER_REQUESTS)
+            if isinstance(request, protocol.Hello):
+                return [protocol.encode("offer", self._hello(request, connection, client_key))]
+            if isinstance(request, protocol.ChunkRequest):
+                return self._chunk(request, connection)
+            if isinstance(request, protocol.Finish):
+                self._finish(request, connection)
+            return []
+        except ProtocolError as exc:
+            return [protocol.encode_error(ErrorCode.BAD_REQUEST, str(exc))]
+        except Refusal as exc:
+            return [protocol.encode_error(exc.code, str(exc))]
+        except SfsError as exc:
+            return [protocol.encode_error(ErrorCode.FORBIDDEN, str(exc))]
+        except Exception:
+            log.exception("bug while answering a requester")
+            return [protocol.encode_error(ErrorCode.INTERNAL, "the holder hit an internal error")]
+
+    def expire_idle(self) -> None:
+        deadline = self._clock() - TRANSFER_IDLE_TIMEOUT
+        for transfer_id in [t for t, o in self._transfers.items() if o.last_active < deadline]:
+            del self._transfers[transfer_id]
+
+    def _hello(
+        self, hello: protocol.Hello, connection: bytes, client_key: bytes | None
+    ) -> protocol.Offer:
+        if not crypto.same_bytes(hello.holder_fp, self._identity.fingerprint):
+            raise Refusal(ErrorCode.BAD_REQUEST, "this hello is addressed to another holder")
+        if client_key is not None and client_key != hello.bundle.curve_public:
+            raise Refusal(ErrorCode.FORBIDDEN, "the connection's key is not the requester's")
+        crypto.verify(
+            hello.bundle.rsa_key(), hello.signature, protocol.hello_payload(hello), "hello"
+        )
+        share = self._lookup_share(hello.file_id)
+        if share is None:
+            raise Refusal(ErrorCode.NOT_FOUND, f"file {hello.file_id} is not shared here")
+        if not share.allows(hello.requester):
+            log.info("refused %s: %s is not shared with them", hello.requester, hello.file_id)
+            raise Refusal(ErrorCode.FORBIDDEN, f"file {hello.file_id} is not shared with you")
+        self._check_requester(hello.requester, hello.bundle)
+        if len(self._transfers) >= MAX_TRANSFERS or (
+            sum(o.connection == connection for o in self._transfers.values())
+            >= MAX_TRANSFERS_PER_CONNECTION
+        ):
+            raise Refusal(ErrorCode.BUSY, "the holder is serving too many transfers; retry")
+
+        secret = crypto.TransferSecret.generate()
+        unsigned = protocol.Offer(
+            transfer_id=crypto.random_bytes(16),
+            file_id=hello.file_id,
+            wrapped_secret=crypto.wrap(hello.bundle.rsa_key(), secret.to_bytes()),
+            requester_fp=hello.bundle.fingerprint(),
+            requester_nonce=hello.nonce,
+            manifest_digest=manifest_digest(share.manifest),
+            holder_fp=self._identity.fingerprint,
+            signature=b"",
+        )
+        offer = dataclasses.replace(
+            unsigned, signature=self._identity.sign(protocol.offer_payload(unsigned))
+        )
+        self._transfers[offer.transfer_id] = _Outgoing(
+            share,
+            decode_manifest(share.manifest),
+            crypto.ChunkCipher(secret),
+            hello.requester,
+            connection,
+            self._clock(),
+        )
+        log.info("sending %s to %s", share.name, hello.requester)
+        return offer
+
+    def _transfer(self, transfer_id: bytes, connection: bytes) -> _Outgoing:
+        outgoing = self._transfers.get(transfer_id)
+        # A transfer belongs to the connection that said hello.
+        if outgoing is None or outgoing.connection != connection:
+            raise Refusal(ErrorCode.NOT_FOUND, "unknown or expired transfer")
+        outgoing.last_active = self._clock()
+        return outgoing
+
+    def _chunk(self, request: protocol.ChunkRequest, connection: bytes) -> list[bytes]:
+        outgoing = self._transfer(request.transfer_id, connection)
+        manifest = outgoing.manifest
+        if request.index >= manifest.chunk_count:
+            raise Refusal(ErrorCode.BAD_REQUEST, f"chunk {request.index} is out of range")
+        length = manifest.chunk_length(request.index)
+        try:
+            data = self._read_chunk(outgoing.share, request.index * manifest.chunk_size, length)
+        except OSError as exc:
+            raise Refusal(
+                ErrorCode.INTERNAL, f"the holder cannot read {outgoing.share.name} any more"
+            ) from exc
+        if len(data) != length:
+            raise Refusal(
+                ErrorCode.INTERNAL,
+                f"{outgoing.share.name} changed on the holder since it was shared",
+            )
+        associated = protocol.chunk_associated_data(
+            request.transfer_id, outgoing.share.file_id, request.index, manifest.chunk_count
+        )
+        header = protocol.ChunkHeader(request.transfer_id, request.index)
+        return [
+            protocol.encode("chunk", header),
+            outgoing.cipher.seal(request.index, data, associated),
+        ]
+
+    def _finish(self, request: protocol.Finish, connection: bytes) -> None:
+        outgoing = self._transfers.get(request.transfer_id)
+        if outgoing is not None and outgoing.connection == connection:
+            del self._transfers[request.transfer_id]
