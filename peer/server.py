@@ -104,15 +104,14 @@ class Heartbeat(threading.Thread):
     def __init__(self, beat: Callable[[], None], goodbye: Callable[[], None], interval: float):
         super().__init__(name="heartbeat", daemon=True)
         self._beat, self._goodbye, self._interval = beat, goodbye, interval
-        self._stop = threading.Event()
-        self.first_beat = threading.Event()
+        self._halt = threading.Event()
         self._failing = False
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             try:
                 self._beat()
                 if self._failing:
@@ -122,8 +121,7 @@ class Heartbeat(threading.Thread):
                 if not self._failing:
                     log.warning("heartbeat failed: %s (retrying)", exc)
                 self._failing = True
-            self.first_beat.set()
-            self._stop.wait(self._interval)
+            self._halt.wait(self._interval)
         try:
             self._goodbye()
         except SfsError as exc:
