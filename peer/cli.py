@@ -102,7 +102,7 @@ def _size(size: int) -> str:
 
 
 def _when(timestamp: int) -> str:
-    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M")
 
 
 _WHOLE = {"file id": 32, "fingerprint": 64}  # columns that must never be cut
@@ -111,7 +111,9 @@ _WHOLE = {"file id": 32, "fingerprint": 64}  # columns that must never be cut
 def _table(*headers: str) -> Table:
     table = Table()
     for header in headers:
-        table.add_column(header, no_wrap=header in _WHOLE, min_width=_WHOLE.get(header))
+        table.add_column(
+            header, no_wrap=header in _WHOLE, min_width=_WHOLE.get(header), overflow="fold"
+        )
     return table
 
 
@@ -284,7 +286,7 @@ def search(
     if json:
         print_json([hit.__dict__ for hit in hits])
         return
-    table = _table("file id", "name", "size", "owner", "keywords", "shared", "owner online")
+    table = _table("file id", "name", "size", "owner", "keywords", "shared", "online")
     for hit in hits:
         table.add_row(
             hit.file_id,

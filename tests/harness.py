@@ -1,0 +1,273 @@
+"""A scripted multi-peer harness: real `sfs-broker` and `sfs-peer` processes, started from
+generated configs in a temporary folder on free loopback ports, always torn down.
+
+    with Cluster() as cluster:
+        cluster.start_broker()
+        alice = cluster.add_peer("alice", serve=True)
+        bob = cluster.add_peer("bob")
+        result = alice.run("share", "/some/file", "--json")
+
+Used by the harness tests and by `make demo`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sfs.common.config import load_broker_config
+from sfs.common.errors import SfsError
+from sfs.peer.client import BrokerClient
+
+START_TIMEOUT = 20.0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _command(tool: str) -> list[str]:
+    """The installed console script next to this interpreter, else `python -m`."""
+    script = Path(sys.executable).parent / tool
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-m", tool.replace("sfs-", "sfs.")]
+
+
+@dataclass(frozen=True)
+class Result:
+    args: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def json(self) -> Any:
+        return json.loads(self.stdout)
+
+    def check(self) -> Result:
+        if self.returncode != 0:
+            raise AssertionError(
+                f"{' '.join(self.args)} exited {self.returncode}\n{self.stdout}\n{self.stderr}"
+            )
+        return self
+
+
+@dataclass
+class Process:
+    name: str
+    popen: subprocess.Popen[str]
+    log: Path
+    lines: list[str] = field(default_factory=list)
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        if self.alive():
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+        return self.popen.returncode
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+class Peer:
+    """One user: a config file, and the CLI run against it."""
+
+    def __init__(self, cluster: Cluster, name: str, config: Path, password: str) -> None:
+        self.cluster, self.name, self.config, self.password = cluster, name, config, password
+        self.server: Process | None = None
+
+    @property
+    def data_dir(self) -> Path:
+        return self.cluster.root / self.name
+
+    @property
+    def download_dir(self) -> Path:
+        return self.cluster.root / self.name / "downloads"
+
+    def run(self, *args: str, input: str | None = None, timeout: float = 120) -> Result:
+        return self.cluster.run(
+            "sfs-peer", *args, "--config", str(self.config), input=input, timeout=timeout
+        )
+
+    def serve(self) -> Process:
+        self.server = self.cluster.start(
+            f"{self.name}-serve",
+            [*_command("sfs-peer"), "serve", "--config", str(self.config)],
+            ready="serving on",
+        )
+        return self.server
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+
+
+class Cluster:
+    def __init__(
+        self,
+        root: Path | None = None,
+        *,
+        transport_encryption: bool = True,
+        keep: bool = False,
+        columns: int = 200,
+    ) -> None:
+        """`columns`: the terminal width the CLI's tables are laid out for."""
+        self._own_root = root is None
+        self.root = root or Path(tempfile.mkdtemp(prefix="sfs-harness-"))
+        self.transport_encryption = transport_encryption
+        self.keep = keep
+        self.columns = columns
+        self.processes: list[Process] = []
+        self.peers: dict[str, Peer] = {}
+        self.broker_config = self.root / "broker.yaml"
+        self.broker: Process | None = None
+        self.broker_endpoint = f"tcp://127.0.0.1:{free_port()}"
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for process in reversed(self.processes):
+            process.stop()
+        self.processes.clear()
+        if self._own_root and not self.keep:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    # --- processes -----------------------------------------------------------------------
+
+    def run(self, tool: str, *args: str, input: str | None = None, timeout: float = 120) -> Result:
+        argv = [*_command(tool), *args]
+        done = subprocess.run(
+            argv,
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=self.root,
+            env={**os.environ, "COLUMNS": str(self.columns)},
+            check=False,
+        )
+        return Result(argv, done.returncode, done.stdout, done.stderr)
+
+    def start(self, name: str, argv: list[str], ready: str | None = None) -> Process:
+        """Start a long-running process; wait until it prints `ready` on stdout."""
+        log = self.root / f"{name}.log"
+        popen = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=log.open("w"),
+            text=True,
+            cwd=self.root,
+        )
+        process = Process(name, popen, log)
+        self.processes.append(process)
+        seen = threading.Event()
+
+        def pump() -> None:  # keep reading stdout so the process never blocks on it
+            assert popen.stdout is not None
+            for line in popen.stdout:
+                process.lines.append(line)
+                if ready is not None and ready in line:
+                    seen.set()
+
+        threading.Thread(target=pump, daemon=True).start()
+        if ready is not None and not seen.wait(START_TIMEOUT):
+            process.stop()
+            raise RuntimeError(f"{name} did not start:\n{process.output()}")
+        return process
+
+    # --- broker --------------------------------------------------------------------------
+
+    def start_broker(self, bcrypt_rounds: int = 4, presence_ttl: int = 5) -> Process:
+        self.broker_config.write_text(
+            f"bind: {self.broker_endpoint}\n"
+            "data_dir: broker\n"
+            f"bcrypt_rounds: {bcrypt_rounds}\n"
+            f"presence_ttl: {presence_ttl}\n"
+        )
+        self.run("sfs-broker", "init", "--config", str(self.broker_config)).check()
+        self.broker = self.start(
+            "broker", [*_command("sfs-broker"), "serve", "--config", str(self.broker_config)]
+        )
+        self.wait_for_broker()
+        return self.broker
+
+    def broker_public_key(self) -> bytes:
+        config = load_broker_config(self.broker_config)
+        return config.public_key_file.read_bytes().strip()
+
+    def wait_for_broker(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        with BrokerClient(self.broker_endpoint, self.broker_public_key(), timeout=1) as client:
+            while True:
+                try:
+                    client.ping()
+                    return
+                except SfsError:
+                    if time.monotonic() > deadline or (self.broker and not self.broker.alive()):
+                        out = self.broker.output() if self.broker else ""
+                        raise RuntimeError(f"the broker did not start:\n{out}") from None
+
+    def broker_status(self) -> Any:
+        return (
+            self.run("sfs-broker", "status", "--json", "--config", str(self.broker_config))
+            .check()
+            .json()
+        )
+
+    # --- peers ---------------------------------------------------------------------------
+
+    def write_peer_config(self, name: str, **extra: Any) -> Path:
+        port = free_port()
+        config = self.root / f"{name}.yaml"
+        lines = [
+            f"username: {name}",
+            f"data_dir: {name}",
+            f"download_dir: {name}/downloads",
+            f"listen: tcp://127.0.0.1:{port}",
+            "broker:",
+            f"  endpoint: {self.broker_endpoint}",
+            "  public_key_file: broker/broker.pub",
+            f"transport_encryption: {str(self.transport_encryption).lower()}",
+            "heartbeat_interval: 1",
+            "timeout: 5",
+        ]
+        lines += [f"{key}: {value}" for key, value in extra.items()]
+        config.write_text("\n".join(lines) + "\n")
+        return config
+
+    def add_peer(self, name: str, *, serve: bool = False, register: bool = True) -> Peer:
+        peer = Peer(self, name, self.write_peer_config(name), password=f"{name}-password")
+        self.peers[name] = peer
+        peer.run("init").check()
+        if register:
+            peer.run("register", "--password-stdin", input=peer.password + "\n").check()
+        if serve:
+            peer.serve()
+        return peer
