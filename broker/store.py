@@ -158,6 +158,10 @@ def _like_escape(term: str) -> str:
     return "%" + term.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
+def _sql_lower(text: str | None) -> str | None:
+    return None if text is None else str(text).lower()
+
+
 def _file_entry(row: sqlite3.Row) -> FileEntry:
     keywords = [k for k in row[4].split("\n") if k]
     return FileEntry(row[0], row[1], row[2], row[3], keywords, row[5], row[6], row[7])
@@ -188,10 +192,16 @@ class SqliteStore:
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
         if db is None:
             try:
-                db = sqlite3.connect(self._path, timeout=10, isolation_level=None)
+                # Each connection is used by its own thread only; check_same_thread=False
+                # lets `close` release them all from the thread that shuts down.
+                db = sqlite3.connect(
+                    self._path, timeout=10, isolation_level=None, check_same_thread=False
+                )
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=NORMAL")
                 db.execute("PRAGMA foreign_keys=ON")
+                # SQLite's lower() and LIKE fold ASCII only; search folds like Python does.
+                db.create_function("sfs_lower", 1, _sql_lower, deterministic=True)
             except sqlite3.Error as exc:
                 raise StorageError(f"cannot open the database {self._path}: {exc}") from exc
             self._local.db = db
@@ -360,7 +370,7 @@ class SqliteStore:
         params: dict[str, object] = {"me": user_id, "now": now, "limit": limit}
         for i, term in enumerate(terms):
             match = f"LIKE :t{i} ESCAPE '\\'"
-            where.append(f"(lower(f.name) {match} OR lower(f.keywords) {match})")
+            where.append(f"(sfs_lower(f.name) {match} OR sfs_lower(f.keywords) {match})")
             params[f"t{i}"] = _like_escape(term.lower())
         if owner is not None:
             where.append("u.username = :owner")

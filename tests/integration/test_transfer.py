@@ -1,0 +1,338 @@
+"""End-to-end transfers between real peers over loopback, and every way they must fail."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from sfs.common.errors import IntegrityError, RemoteError, TrustError
+from sfs.common.manifest import DEFAULT_CHUNK_SIZE
+from sfs.peer import node
+from sfs.peer.download import OwnerOffline
+from sfs.peer.node import Peer
+from sfs.peer.registry import Share
+from sfs.peer.share import build_manifest
+from sfs.peer.transfer import HolderService
+from tests.integration.conftest import Network
+
+MiB = 1024 * 1024
+
+
+def write(path: Path, size: int) -> bytes:
+    data = os.urandom(size)
+    path.write_bytes(data)
+    return data
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def count_holder_frames(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """Record every frame any holder in this process receives."""
+    seen: list[bytes] = []
+    original = HolderService.handle
+
+    def spy(self: HolderService, connection: bytes, key: bytes | None, frame: bytes) -> list[bytes]:
+        seen.append(frame)
+        return original(self, connection, key, frame)
+
+    monkeypatch.setattr(HolderService, "handle", spy)
+    return seen
+
+
+@pytest.mark.parametrize(
+    "size",
+    [0, 1, 1000, DEFAULT_CHUNK_SIZE, DEFAULT_CHUNK_SIZE + 1, 3 * MiB + 12345],
+    ids=["empty", "one-byte", "small", "exactly-one-chunk", "one-chunk-plus-one", "multi-chunk"],
+)
+def test_round_trip(network: Network, tmp_path: Path, size: int) -> None:
+    alice = network.add("alice", serve=True)
+    bob = network.add("bob")
+    data = write(tmp_path / "original.bin", size)
+    share = alice.share(tmp_path / "original.bin", keywords=["Test"])
+
+    result = bob.get(share.file_id)
+
+    assert result.path == bob.config.download_dir / "original.bin"
+    assert result.path.read_bytes() == data
+    assert result.sha256 == hashlib.sha256(data).hexdigest()
+    assert result.holders == ["alice"]
+    assert leftovers(bob.config.download_dir) == ["original.bin"]  # no .part file left
+
+
+def test_second_download_does_not_overwrite(network: Network, tmp_path: Path) -> None:
+    alice = network.add("alice", serve=True)
+    bob = network.add("bob")
+    write(tmp_path / "notes.txt", 100)
+    share = alice.share(tmp_path / "notes.txt")
+    first = bob.get(share.file_id)
+    second = bob.get(share.file_id)
+    assert first.path.name == "notes.txt"
+    assert second.path.name == "notes (1).txt"
+    assert first.path.read_bytes() == second.path.read_bytes()
+
+
+def test_download_into_another_folder(network: Network, tmp_path: Path) -> None:
+    alice = network.add("alice", serve=True)
+    bob = network.add("bob")
+    data = write(tmp_path / "a.bin", 5000)
+    share = alice.share(tmp_path / "a.bin")
+    result = bob.get(share.file_id, out=tmp_path / "elsewhere" / "deep")
+    assert result.path == tmp_path / "elsewhere" / "deep" / "a.bin"
+    assert result.path.read_bytes() == data
+
+
+def test_holder_serves_several_requesters_at_once(network: Network, tmp_path: Path) -> None:
+    alice = network.add("alice", serve=True)
+    requesters = [network.add(name) for name in ("bob", "carol", "dave")]
+    data = write(tmp_path / "big.bin", 6 * MiB)
+    share = alice.share(tmp_path / "big.bin")
+    results: dict[str, bytes] = {}
+    errors: list[BaseException] = []
+
+    def fetch(peer: Peer) -> None:
+        own = Peer(peer.config)  # one Peer per thread, as one process per user
+        try:
+            results[peer.config.username] = own.get(share.file_id).path.read_bytes()
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            own.close()
+
+    threads = [threading.Thread(target=fetch, args=(p,)) for p in requesters]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    assert results == {"bob": data, "carol": data, "dave": data}
+
+
+# --- integrity failures cancel the download --------------------------------------------
+
+
+def test_tampered_ciphertext_cancels_and_leaves_nothing(
+    network: Network, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alice = network.add("alice", serve=True)
+    bob = network.add("bob")
+    write(tmp_path / "data.bin", 3 * MiB)
+    share = alice.share(tmp_path / "data.bin")
+    original = HolderService._chunk
+
+    def flip_chunk_one(self: HolderService, request, connection):  # type: ignore[no-untyped-def]
+        frames = original(self, request, connection)
+        if request.index == 1:
+            frames[1] = bytes([frames[1][0] ^ 1]) + frames[1][1:]
+        return frames
+
+    monkeypatch.setattr(HolderService, "_chunk", flip_chunk_one)
+    with pytest.raises(IntegrityError, match="chunk 1 failed authentication"):
+        bob.get(share.file_id)
+    assert leftovers(bob.config.download_dir) == []
+
+
+def test_content_not_matching_manifest_cancels(
+    network: Network, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = node._read_chunk
+
+    def corrupt_last_chunk(share: Share, offset: int, length: int) -> bytes:
+        data = original(share, offset, length)
+        return data if offset < 2 * MiB else b"X" * len(data)
+
+    monkeypatch.setattr(node, "_read_chunk", corrupt_last_chunk)  # before alice serves
+    alice = network.add("alice", serve=True)
+    bob = network.add("bob")
+    write(tmp_path / "data.bin", 2 * MiB + 10)
+    share = alice.share(tmp_path / "data.bin")
+    with pytest.raises(IntegrityError, match="chunk 2 does not match the owner's signed manifest"):
+        bob.get(share.file_id)
+    assert leftovers(bob.config.download_dir) == []
+
+
+def test_file_changed_at_holder_is_reported(network: Network, tmp_path: Path) -> None:
+    alice = network.add("alice", serve=True)
+    bob = network.add("bob")
+    write(tmp_path / "data.bin", 2 * MiB)
+    share = alice.share(tmp_path / "data.bin")
+    os.truncate(tmp_path / "data.bin", MiB + 5)  # the owner cut the file after sharing it
+    with pytest.raises(RemoteError, match="changed on the holder since it was shared"):
+        bob.get(share.file_id)
+    assert leftovers(bob.config.download_dir) == []
+
+
+# --- what the broker says is checked before any holder is contacted ---------------------
+
+
+def test_forged_manifest_signature_refused_before_contacting_holder(
+    network: Network, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alice = network.add("alice", serve=True)
+    bob = network.add("bob")
+    write(tmp_path / "data.bin", 1000)
+    share = alice.share(tmp_path / "data.bin")
+    forged = bytes([share.signature[0] ^ 0xFF]) + share.signature[1:]
+    network.broker.store._query(
+        "UPDATE files SET signature = ? WHERE file_id = ?", (forged, share.file_id)
+    )
+    frames = count_holder_frames(monkeypatch)
+
+    with pytest.raises(IntegrityError, match="manifest signature does not verify"):
+        bob.get(share.file_id)
+    assert frames == []
+    assert leftovers(bob.config.download_dir) == []
+
+
+def test_manifest_swapped_by_broker_refused(
+    network: Network, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alice = network.add("alice", serve=True)
+    bob = network.add("bob")
+    write(tmp_path / "wanted.bin", 1000)
+    write(tmp_path / "other.bin", 1000)
+    wanted = alice.share(tmp_path / "wanted.bin")
+    other = alice.share(tmp_path / "other.bin")
+    # A validly signed manifest, but of another file: the file id gives it away.
+    network.broker.store._query(
+        "UPDATE files SET manifest = ?, signature = ? WHERE file_id = ?",
+        (other.manifest, other.signature, wanted.file_id),
+    )
+    frames = count_holder_frames(monkeypatch)
+    with pytest.raises(IntegrityError, match=f"not file {wanted.file_id}"):
+        bob.get(wanted.file_id)
+    assert frames == []
+
+
+def test_substituted_owner_key_refused_by_pin(
+    network: Network, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alice = network.add("alice", serve=True)
+    bob = network.add("bob")
+    mallory = network.add("mallory")
+    write(tmp_path / "data.bin", 1000)
+    share = alice.share(tmp_path / "data.bin")
+    bob.get(share.file_id)  # bob pins alice's key on first use
+    network.broker.store._query(  # the broker now hands out mallory's keys as alice's
+        "UPDATE users SET rsa_public = ?, curve_public = ? WHERE username = 'alice'",
+        (mallory.identity.bundle.rsa_public, b"\0" * 32),
+    )
+    frames = count_holder_frames(monkeypatch)
+    with pytest.raises(TrustError) as refused:
+        bob.get(share.file_id)
+    message = str(refused.value)
+    assert "the key of alice has changed" in message
+    assert "sfs-peer trust alice" in message
+    assert frames == []
+
+
+# --- access, presence and account errors -------------------------------------------------
+
+
+def test_holder_refuses_user_not_on_access_list_even_if_broker_lies(
+    network: Network, tmp_path: Path
+) -> None:
+    alice = network.add("alice", serve=True)
+    network.add("bob")
+    carol = network.add("carol")
+    write(tmp_path / "private.txt", 500)
+    share = alice.share(tmp_path / "private.txt", to=["bob"])
+    with pytest.raises(RemoteError, match="shared with you") as by_broker:
+        carol.get(share.file_id)
+    assert "broker" in str(by_broker.value)
+
+    network.broker.store._query(  # a broker that lies about the access list
+        "INSERT INTO access (file_id, user_id) SELECT ?, id FROM users WHERE username = 'carol'",
+        (share.file_id,),
+    )
+    with pytest.raises(RemoteError, match=f"alice: file {share.file_id} is not shared with you"):
+        carol.get(share.file_id)
+    assert leftovers(carol.config.download_dir) == []
+
+
+def test_owner_offline_gives_a_clear_message(network: Network, tmp_path: Path) -> None:
+    alice = network.add("alice", serve=True)
+    bob = network.add("bob")
+    write(tmp_path / "data.bin", 100)
+    share = alice.share(tmp_path / "data.bin")
+    network.stop("alice")  # says goodbye to the broker
+    with pytest.raises(OwnerOffline, match="alice is offline"):
+        bob.get(share.file_id)
+
+
+def test_wrong_password_and_unknown_user(network: Network) -> None:
+    bob = network.add("bob")
+    with pytest.raises(RemoteError, match="wrong username or password") as wrong:
+        bob.login("not-the-password")
+    assert wrong.value.code == "unauthorized"
+    bob.login("bob-password")  # the right one still works
+
+
+def test_duplicate_username_refused(network: Network, tmp_path: Path) -> None:
+    network.add("alice")
+    impostor_dir = tmp_path / "impostor"
+    impostor_dir.mkdir()
+    config = network.config("alice")
+    impostor = Peer(
+        dataclasses.replace(network.peers["alice"].config, data_dir=impostor_dir, path=config)
+    )
+    try:
+        impostor.init()
+        with pytest.raises(RemoteError, match="username 'alice' is taken") as taken:
+            impostor.register("another-password")
+        assert taken.value.code == "conflict"
+    finally:
+        impostor.close()
+
+
+def test_unknown_file_id(network: Network) -> None:
+    bob = network.add("bob")
+    with pytest.raises(RemoteError, match=r"no file 0{32} is shared with you"):
+        bob.get("0" * 32)
+
+
+# --- hostile file names ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("hostile", "saved_as"),
+    [("../../escape.txt", "escape.txt"), ("/etc/passwd", "passwd"), ("..", None)],
+)
+def test_hostile_name_in_manifest_stays_in_download_folder(
+    network: Network, tmp_path: Path, hostile: str, saved_as: str | None
+) -> None:
+    alice = network.add("alice", serve=True)
+    bob = network.add("bob")
+    data = write(tmp_path / "payload.bin", 300)
+    # alice (the owner, so the signature is valid) names her file with a path.
+    manifest = dataclasses.replace(
+        build_manifest(tmp_path / "payload.bin", alice.identity, []), name=hostile
+    )
+    manifest_bytes = manifest.encode()
+    signature = alice.identity.sign(manifest_bytes)
+    file_id = alice.broker.publish(alice._token(), manifest_bytes, signature, None)
+    alice.registry.add(
+        Share(
+            file_id, tmp_path / "payload.bin", hostile, 300, manifest_bytes, signature, None, [], 0
+        )
+    )
+    before = sorted(p for p in tmp_path.rglob("*") if p.is_file())
+
+    result = bob.get(file_id)
+
+    assert result.path.parent == bob.config.download_dir
+    assert result.path.name == (saved_as or file_id)
+    assert result.path.read_bytes() == data
+    after = sorted(p for p in tmp_path.rglob("*") if p.is_file())
+    new = (
+        set(after)
+        - set(before)
+        - {tmp_path / "alice" / "pins.json", tmp_path / "bob" / "pins.json"}
+    )
+    assert new == {result.path}
