@@ -24,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from sfs.common.config import load_broker_config
 from sfs.common.errors import SfsError
@@ -70,6 +70,7 @@ class Process:
     name: str
     popen: subprocess.Popen[str]
     log: Path
+    log_handle: IO[str]
     lines: list[str] = field(default_factory=list)
 
     def alive(self) -> bool:
@@ -83,6 +84,7 @@ class Process:
             except subprocess.TimeoutExpired:
                 self.popen.kill()
                 self.popen.wait(5)
+        self.log_handle.close()
         return self.popen.returncode
 
     def kill(self) -> None:
@@ -178,23 +180,21 @@ class Cluster:
     def start(self, name: str, argv: list[str], ready: str | None = None) -> Process:
         """Start a long-running process; wait until it prints `ready` on stdout."""
         log = self.root / f"{name}.log"
+        handle = log.open("w")
         popen = subprocess.Popen(
-            argv,
-            stdout=subprocess.PIPE,
-            stderr=log.open("w"),
-            text=True,
-            cwd=self.root,
+            argv, stdout=subprocess.PIPE, stderr=handle, text=True, cwd=self.root
         )
-        process = Process(name, popen, log)
+        process = Process(name, popen, log, handle)
         self.processes.append(process)
         seen = threading.Event()
 
         def pump() -> None:  # keep reading stdout so the process never blocks on it
             assert popen.stdout is not None
-            for line in popen.stdout:
-                process.lines.append(line)
-                if ready is not None and ready in line:
-                    seen.set()
+            with popen.stdout:
+                for line in popen.stdout:
+                    process.lines.append(line)
+                    if ready is not None and ready in line:
+                        seen.set()
 
         threading.Thread(target=pump, daemon=True).start()
         if ready is not None and not seen.wait(START_TIMEOUT):
