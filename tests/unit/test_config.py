@@ -62,7 +62,9 @@ def test_broker_minimal_config_and_defaults(tmp_path: Path, elsewhere: Path) -> 
     assert config.public_key_file == conf / "data" / "broker.pub"
 
 
-def test_broker_relative_config_path_resolves(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_broker_relative_config_path_resolves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     write(tmp_path / "conf", BROKER, "broker.yaml")
     monkeypatch.chdir(tmp_path)
     config = load_broker_config(Path("conf/broker.yaml"))
@@ -90,12 +92,14 @@ def test_broker_parent_relative_and_home_paths(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert broker(tmp_path, "bind: tcp://*:1\ndata_dir: ../up\n").data_dir == (
-        tmp_path / "up"
-    ).resolve()
-    assert broker(tmp_path, "bind: tcp://*:1\ndata_dir: ~/sfs\n").data_dir == (
-        tmp_path / "home" / "sfs"
-    ).resolve()
+    assert (
+        broker(tmp_path, "bind: tcp://*:1\ndata_dir: ../up\n").data_dir
+        == (tmp_path / "up").resolve()
+    )
+    assert (
+        broker(tmp_path, "bind: tcp://*:1\ndata_dir: ~/sfs\n").data_dir
+        == (tmp_path / "home" / "sfs").resolve()
+    )
 
 
 @pytest.mark.parametrize(
@@ -195,7 +199,7 @@ def test_config_that_is_not_utf8(tmp_path: Path) -> None:
         load_broker_config(path)
 
 
-# --- peer ------------------------------------------------------------------------------------------
+# --- peer -----------------------------------------------------------------------------------------
 
 PEER = {
     "username": "alice",
@@ -264,9 +268,7 @@ def test_peer_public_key_file_resolves_against_the_config_folder(
     assert config.broker_public_key == KEY.encode()
 
 
-@pytest.mark.parametrize(
-    "username", ["a", "0", "alice", "a.b_c-d", "9lives", "a" * 32]
-)
+@pytest.mark.parametrize("username", ["a", "0", "alice", "a.b_c-d", "9lives", "a" * 32])
 def test_peer_usernames_accepted(tmp_path: Path, username: str) -> None:
     assert peer(tmp_path, peer_text({"username": f"'{username}'"})).username == username
 
@@ -409,7 +411,7 @@ def test_peer_unreadable_public_key_file(tmp_path: Path, case: str) -> None:
 
 def test_parse_z85_key() -> None:
     assert parse_z85_key(KEY, "here") == KEY.encode()
-    with pytest.raises(ConfigError, match="^here: "):
+    with pytest.raises(ConfigError, match=r"^here: "):
         parse_z85_key("#" * 40, "here")
-    with pytest.raises(ConfigError, match="^here: "):
+    with pytest.raises(ConfigError, match=r"^here: "):
         parse_z85_key("", "here")

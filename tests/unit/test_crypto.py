@@ -123,7 +123,10 @@ def test_wrap_unwrap_round_trip(rsa_key: crypto.RsaPrivateKey) -> None:
 
 def test_wrap_is_randomised(rsa_key: crypto.RsaPrivateKey) -> None:
     secret = b"s" * 44
-    first, second = crypto.wrap(rsa_key.public_key(), secret), crypto.wrap(rsa_key.public_key(), secret)
+    first, second = (
+        crypto.wrap(rsa_key.public_key(), secret),
+        crypto.wrap(rsa_key.public_key(), secret),
+    )
     assert first != second
     assert crypto.unwrap(rsa_key, first) == crypto.unwrap(rsa_key, second) == secret
 

@@ -147,9 +147,7 @@ def test_parse_refuses_the_wrong_length(text: str) -> None:
 # --- the bundle as a record --------------------------------------------------------------------
 
 
-def test_rsa_key_returns_the_bundled_key(
-    rsa_key: crypto.RsaPrivateKey, bundle: KeyBundle
-) -> None:
+def test_rsa_key_returns_the_bundled_key(rsa_key: crypto.RsaPrivateKey, bundle: KeyBundle) -> None:
     assert bundle.rsa_key().public_numbers() == rsa_key.public_key().public_numbers()
 
 
