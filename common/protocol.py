@@ -40,7 +40,8 @@ Signature = Annotated[bytes, MaxLen(1024)]
 Digest = Annotated[bytes, Size(32)]
 Fingerprint = Annotated[bytes, Size(32)]
 TransferId = Annotated[bytes, Size(16)]
-Keyword = Annotated[str, MaxLen(64)]
+# Printable text only: stores keep keywords one per line, and terminals show them.
+Keyword = Annotated[str, MaxLen(64), Pattern(r"[^\x00-\x1f\x7f]+")]
 
 MAX_MANIFEST_BYTES = 9 * 1024 * 1024
 MAX_BROKER_FRAME = 16 * 1024 * 1024

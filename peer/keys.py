@@ -8,6 +8,7 @@ Public keys are derived from the private ones, so nothing else needs storing.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,6 +83,6 @@ def load_identity(data_dir: Path, username: str) -> Identity:
         if len(raw) != 32:
             raise ValueError("wrong length")
         transport_key = nacl.public.PrivateKey(raw)
-    except (ValueError, KeyError) as exc:
+    except (ValueError, KeyError, struct.error) as exc:  # z85 raises all three
         raise KeyFileError(f"the transport key {transport_path} is malformed") from exc
     return Identity(username, signing_key, transport_key, _bundle(signing_key, transport_key))

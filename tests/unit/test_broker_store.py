@@ -1,0 +1,405 @@
+"""sfs.broker.store: the SQLite store, used directly (schema, users, sessions, files)."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sfs.broker.store import (
+    SCHEMA_VERSION,
+    FileEntry,
+    Presence,
+    SqliteStore,
+    User,
+    UsernameTaken,
+)
+from sfs.common.errors import StorageError
+from sfs.common.identity import KeyBundle
+
+HASH = b"$2b$04$" + b"h" * 53
+
+
+def bundle_for(n: int) -> KeyBundle:
+    return KeyBundle(b"rsa-der-%d" % n, bytes([n]) * 32)
+
+
+def entry(
+    file_id: str,
+    owner: str = "alice",
+    name: str = "file.txt",
+    keywords: list[str] | None = None,
+    shared_at: int = 100,
+    size: int = 10,
+) -> FileEntry:
+    return FileEntry(
+        file_id,
+        owner,
+        name,
+        size,
+        keywords or [],
+        b"manifest:" + file_id.encode(),
+        b"sig",
+        shared_at,
+    )
+
+
+def fid(n: int) -> str:
+    return f"{n:032x}"
+
+
+def rows(path: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    db = sqlite3.connect(path)
+    try:
+        return db.execute(sql, params).fetchall()
+    finally:
+        db.close()
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "broker.db"
+
+
+@pytest.fixture
+def store(db_path: Path) -> Iterator[SqliteStore]:
+    store = SqliteStore(db_path)
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def users(store: SqliteStore) -> dict[str, User]:
+    return {
+        name: store.add_user(name, HASH, bundle_for(i), now=1)
+        for i, name in enumerate(("alice", "bob", "carol"), start=1)
+    }
+
+
+# --- schema and the database file ------------------------------------------------------------
+
+
+def test_new_database_records_the_schema_version(store: SqliteStore, db_path: Path) -> None:
+    assert SCHEMA_VERSION >= 1
+    assert rows(db_path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+    tables = {r[0] for r in rows(db_path, "SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"users", "sessions", "presence", "files", "access"} <= tables
+
+
+def test_database_uses_wal_and_foreign_keys(store: SqliteStore, db_path: Path) -> None:
+    assert rows(db_path, "PRAGMA journal_mode") == [("wal",)]
+    with pytest.raises(StorageError):  # a session for a user that does not exist
+        store.add_session(b"t" * 32, user_id=999, expires_at=10, now=0)
+
+
+def test_reopening_keeps_the_data_and_the_version(db_path: Path) -> None:
+    first = SqliteStore(db_path)
+    alice = first.add_user("alice", HASH, bundle_for(1), now=1)
+    first.add_file(alice.id, entry(fid(1), keywords=["kw"]), None)
+    first.close()
+
+    second = SqliteStore(db_path)
+    try:
+        assert second.get_user("alice") == alice
+        assert second.visible_file(fid(1), alice.id) == entry(fid(1), keywords=["kw"])
+        second.add_user("bob", HASH, bundle_for(2), now=2)  # still writable
+    finally:
+        second.close()
+    assert rows(db_path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+
+
+def test_a_database_from_a_newer_version_is_refused(db_path: Path) -> None:
+    SqliteStore(db_path).close()
+    db = sqlite3.connect(db_path)
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.close()
+    with pytest.raises(StorageError, match=f"schema version {SCHEMA_VERSION + 1}"):
+        SqliteStore(db_path)
+    assert rows(db_path, "PRAGMA user_version") == [(SCHEMA_VERSION + 1,)]  # left alone
+
+
+def test_a_file_that_is_not_a_database_is_refused(db_path: Path) -> None:
+    db_path.write_bytes(b"this is not an sqlite database, just some text" * 100)
+    with pytest.raises(StorageError, match="database"):
+        SqliteStore(db_path)
+
+
+def test_an_unreachable_path_is_a_storage_error(tmp_path: Path) -> None:
+    with pytest.raises(StorageError, match="cannot open"):
+        SqliteStore(tmp_path / "missing-dir" / "broker.db")
+
+
+def test_database_files_are_private_even_with_a_lax_umask(db_path: Path) -> None:
+    old = os.umask(0)
+    try:
+        store = SqliteStore(db_path)
+        try:
+            store.add_user("alice", HASH, bundle_for(1), now=1)
+            for path in (db_path, db_path.with_name("broker.db-wal")):
+                assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+        finally:
+            store.close()
+    finally:
+        os.umask(old)
+
+
+def test_each_thread_gets_its_own_connection(store: SqliteStore) -> None:
+    errors: list[BaseException] = []
+
+    def work(n: int) -> None:
+        try:
+            for i in range(10):
+                store.add_user(f"user{n}-{i}", HASH, KeyBundle(b"r", bytes([n, i]) * 16), now=1)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert len(store.stats(now=0).users) == 40
+
+
+# --- users -------------------------------------------------------------------------------------
+
+
+def test_add_and_get_user(store: SqliteStore) -> None:
+    alice = store.add_user("alice", HASH, bundle_for(1), now=1)
+    bob = store.add_user("bob", b"other", bundle_for(2), now=1)
+    assert alice.id != bob.id
+    assert store.get_user("alice") == User(alice.id, "alice", HASH, bundle_for(1))
+    assert store.get_user("bob") == bob
+    assert store.get_user("nobody") is None
+    assert store.get_user("ALICE") is None
+
+
+def test_add_user_refuses_a_taken_username(store: SqliteStore) -> None:
+    alice = store.add_user("alice", HASH, bundle_for(1), now=1)
+    with pytest.raises(UsernameTaken, match="alice"):
+        store.add_user("alice", b"other hash", bundle_for(2), now=2)
+    assert issubclass(UsernameTaken, StorageError)
+    assert store.get_user("alice") == alice
+
+
+def test_add_user_refuses_a_transport_key_in_use(store: SqliteStore) -> None:
+    store.add_user("alice", HASH, bundle_for(1), now=1)
+    with pytest.raises(UsernameTaken):
+        store.add_user("alice2", HASH, KeyBundle(b"other rsa", bundle_for(1).curve_public), now=2)
+    assert store.get_user("alice2") is None
+    # a failed insert leaves the store usable
+    assert store.add_user("bob", HASH, bundle_for(2), now=3).username == "bob"
+
+
+def test_unknown_users_keeps_the_order_asked(store: SqliteStore, users: dict[str, User]) -> None:
+    assert store.unknown_users([]) == []
+    assert store.unknown_users(["alice", "bob"]) == []
+    assert store.unknown_users(["zed", "alice", "eve", "Bob"]) == ["zed", "eve", "Bob"]
+
+
+# --- sessions ---------------------------------------------------------------------------------
+
+
+def test_session_is_valid_until_it_expires(store: SqliteStore, users: dict[str, User]) -> None:
+    store.add_session(b"t1", users["alice"].id, expires_at=1000, now=0)
+    assert store.session_user(b"t1", now=999, extend_to=999) == users["alice"]
+    assert store.session_user(b"t1", now=1000, extend_to=2000) is None
+    assert store.session_user(b"nope", now=0, extend_to=0) is None
+
+
+def session_expiry(db_path: Path, token_hash: bytes) -> int | None:
+    found = rows(db_path, "SELECT expires_at FROM sessions WHERE token_hash = ?", (token_hash,))
+    return found[0][0] if found else None
+
+
+def test_session_expiry_slides_in_coarse_steps(
+    store: SqliteStore, users: dict[str, User], db_path: Path
+) -> None:
+    store.add_session(b"t", users["alice"].id, expires_at=1000, now=0)
+    store.session_user(b"t", now=10, extend_to=1200)  # within 300 s: not worth a write
+    assert session_expiry(db_path, b"t") == 1000
+    store.session_user(b"t", now=20, extend_to=1400)
+    assert session_expiry(db_path, b"t") == 1400
+    assert store.session_user(b"t", now=1300, extend_to=1300) == users["alice"]
+
+
+def test_add_session_drops_expired_sessions(
+    store: SqliteStore, users: dict[str, User], db_path: Path
+) -> None:
+    store.add_session(b"old", users["alice"].id, expires_at=100, now=0)
+    store.add_session(b"live", users["bob"].id, expires_at=500, now=0)
+    store.add_session(b"new", users["alice"].id, expires_at=600, now=100)
+    assert {r[0] for r in rows(db_path, "SELECT token_hash FROM sessions")} == {b"live", b"new"}
+
+
+def test_delete_session(store: SqliteStore, users: dict[str, User]) -> None:
+    store.add_session(b"a", users["alice"].id, expires_at=1000, now=0)
+    store.add_session(b"b", users["alice"].id, expires_at=1000, now=0)
+    store.delete_session(b"a")
+    store.delete_session(b"never existed")
+    assert store.session_user(b"a", now=1, extend_to=1) is None
+    assert store.session_user(b"b", now=1, extend_to=1) == users["alice"]
+
+
+# --- presence and stats ---------------------------------------------------------------------
+
+
+def test_stats_counts_users_files_and_presence(store: SqliteStore, users: dict[str, User]) -> None:
+    empty = store.stats(now=0)
+    assert empty.users == [("alice", False), ("bob", False), ("carol", False)]
+    assert (empty.files, empty.online) == (0, [])
+
+    store.add_file(users["alice"].id, entry(fid(1)), None)
+    store.add_file(users["bob"].id, entry(fid(2), owner="bob"), ["alice"])
+    store.set_online(users["carol"].id, "tcp://c:1", until=50)
+    store.set_online(users["alice"].id, "tcp://a:1", until=100)
+    stats = store.stats(now=60)
+    assert stats.users == [("alice", True), ("bob", False), ("carol", False)]
+    assert stats.files == 2
+    assert stats.online == [("alice", "tcp://a:1", 100)]
+    assert store.stats(now=10).online == [("alice", "tcp://a:1", 100), ("carol", "tcp://c:1", 50)]
+
+
+def test_set_online_replaces_the_endpoint_and_set_offline_removes_it(
+    store: SqliteStore, users: dict[str, User]
+) -> None:
+    alice = users["alice"].id
+    store.set_online(alice, "tcp://a:1", until=100)
+    store.set_online(alice, "tcp://a:2", until=200)
+    assert store.stats(now=150).online == [("alice", "tcp://a:2", 200)]
+    store.set_offline(alice)
+    store.set_offline(alice)  # twice is fine
+    assert store.stats(now=0).online == []
+
+
+def test_online_holders_are_the_owner_while_present(
+    store: SqliteStore, users: dict[str, User]
+) -> None:
+    alice = users["alice"]
+    store.add_file(alice.id, entry(fid(1)), None)
+    assert store.online_holders(fid(1), now=0) == []
+    store.set_online(alice.id, "tcp://a:1", until=100)
+    assert store.online_holders(fid(1), now=99) == [Presence("alice", "tcp://a:1", alice.bundle)]
+    assert store.online_holders(fid(1), now=100) == []
+    assert store.online_holders(fid(2), now=0) == []
+
+
+# --- files: visibility ----------------------------------------------------------------------
+
+
+def test_public_file_is_visible_to_everyone(store: SqliteStore, users: dict[str, User]) -> None:
+    store.add_file(users["alice"].id, entry(fid(1), keywords=["a", "b c"]), None)
+    for user in users.values():
+        assert store.visible_file(fid(1), user.id) == entry(fid(1), keywords=["a", "b c"])
+    assert store.visible_file(fid(2), users["alice"].id) is None
+
+
+def test_access_list_limits_who_sees_a_file(store: SqliteStore, users: dict[str, User]) -> None:
+    alice, bob, carol = users["alice"], users["bob"], users["carol"]
+    store.add_file(alice.id, entry(fid(1)), ["bob"])
+    store.add_file(alice.id, entry(fid(2)), [])
+    assert store.visible_file(fid(1), alice.id) is not None
+    assert store.visible_file(fid(1), bob.id) is not None
+    assert store.visible_file(fid(1), carol.id) is None
+    assert store.visible_file(fid(2), alice.id) is not None
+    assert store.visible_file(fid(2), bob.id) is None
+    assert {h.file.file_id for h in store.search(bob.id, [], None, 10, 0)} == {fid(1)}
+    assert store.search(carol.id, [], None, 10, 0) == []
+
+
+def test_replacing_a_file_replaces_its_access_list(
+    store: SqliteStore, users: dict[str, User], db_path: Path
+) -> None:
+    alice, bob, carol = users["alice"], users["bob"], users["carol"]
+    store.add_file(alice.id, entry(fid(1), name="v1"), ["bob"])
+    store.add_file(alice.id, entry(fid(1), name="v2"), ["carol"])
+    assert store.visible_file(fid(1), bob.id) is None
+    found = store.visible_file(fid(1), carol.id)
+    assert found is not None and found.name == "v2"
+    store.add_file(alice.id, entry(fid(1), name="v3"), None)
+    assert store.visible_file(fid(1), bob.id) is not None
+    assert rows(db_path, "SELECT count(*) FROM access") == [(0,)]
+    assert store.stats(now=0).files == 1
+
+
+def test_remove_file_only_by_its_owner(
+    store: SqliteStore, users: dict[str, User], db_path: Path
+) -> None:
+    alice, bob = users["alice"], users["bob"]
+    store.add_file(alice.id, entry(fid(1)), ["bob"])
+    assert store.remove_file(fid(1), bob.id) is False
+    assert store.visible_file(fid(1), bob.id) is not None
+    assert store.remove_file(fid(1), alice.id) is True
+    assert store.visible_file(fid(1), alice.id) is None
+    assert store.remove_file(fid(1), alice.id) is False
+    assert store.remove_file(fid(9), alice.id) is False
+    assert rows(db_path, "SELECT count(*) FROM access") == [(0,)]  # cascaded
+
+
+# --- files: search ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def indexed(store: SqliteStore, users: dict[str, User]) -> SqliteStore:
+    alice, bob = users["alice"].id, users["bob"].id
+    store.add_file(alice, entry(fid(1), name="Report.PDF", keywords=["thesis"], shared_at=10), None)
+    store.add_file(alice, entry(fid(2), name="50%_off.txt", shared_at=20), None)
+    store.add_file(alice, entry(fid(3), name="50xxoff.txt", shared_at=30), None)
+    store.add_file(bob, entry(fid(4), "bob", "ÉTÉ.jpg", ["été", "ok"], shared_at=40), None)
+    store.add_file(bob, entry(fid(5), "bob", "b-private", ["thesis"], shared_at=50), [])
+    return store
+
+
+def names(store: SqliteStore, user: User, terms: list[str], owner: str | None = None) -> list[str]:
+    return [h.file.name for h in store.search(user.id, terms, owner, 100, 0)]
+
+
+@pytest.mark.parametrize(
+    ("terms", "expected"),
+    [
+        ([], ["ÉTÉ.jpg", "50xxoff.txt", "50%_off.txt", "Report.PDF"]),  # newest first
+        (["report"], ["Report.PDF"]),
+        (["pdf", "THESIS"], ["Report.PDF"]),
+        (["pdf", "nope"], []),
+        (["50%"], ["50%_off.txt"]),
+        (["%_"], ["50%_off.txt"]),
+        (["_"], ["50%_off.txt"]),
+        (["%"], ["50%_off.txt"]),
+        (["été"], ["ÉTÉ.jpg"]),
+        (["ÉTÉ.JPG"], ["ÉTÉ.jpg"]),
+        (["ok"], ["ÉTÉ.jpg"]),  # the second keyword
+    ],
+)
+def test_search_terms(
+    indexed: SqliteStore, users: dict[str, User], terms: list[str], expected: list[str]
+) -> None:
+    assert names(indexed, users["carol"], terms) == expected
+
+
+def test_search_owner_filter_and_visibility(indexed: SqliteStore, users: dict[str, User]) -> None:
+    assert names(indexed, users["carol"], [], owner="bob") == ["ÉTÉ.jpg"]
+    assert names(indexed, users["bob"], ["thesis"], owner="bob") == ["b-private"]
+    assert names(indexed, users["bob"], ["thesis"]) == ["b-private", "Report.PDF"]
+    assert names(indexed, users["carol"], [], owner="nobody") == []
+
+
+def test_search_limit_and_tie_order(store: SqliteStore, users: dict[str, User]) -> None:
+    for n in (3, 1, 2):
+        store.add_file(users["alice"].id, entry(fid(n), shared_at=5), None)
+    hits = store.search(users["bob"].id, [], None, 2, 0)
+    assert [h.file.file_id for h in hits] == [fid(1), fid(2)]
+
+
+def test_search_reports_the_owners_presence(store: SqliteStore, users: dict[str, User]) -> None:
+    alice = users["alice"]
+    store.add_file(alice.id, entry(fid(1)), None)
+    store.set_online(alice.id, "tcp://a:1", until=100)
+    assert [h.online for h in store.search(alice.id, [], None, 10, now=99)] == [True]
+    assert [h.online for h in store.search(alice.id, [], None, 10, now=100)] == [False]

@@ -1,0 +1,319 @@
+"""sfs.peer.partial: the temporary download file and the file name taken from a manifest."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import stat
+import tempfile
+import unicodedata
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sfs.common.errors import IntegrityError, StorageError
+from sfs.peer.partial import MAX_NAME_BYTES, PartialFile, safe_filename
+
+CHUNK = 4096
+FILE_ID = "0123456789abcdef0123456789abcdef"
+DATA = random.Random(11).randbytes(4 * CHUNK + 100)  # 5 chunks, the last one short
+SHA = hashlib.sha256(DATA).digest()
+
+
+def chunks(data: bytes = DATA) -> list[bytes]:
+    return [data[i : i + CHUNK] for i in range(0, len(data), CHUNK)]
+
+
+def mode_of(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.fixture
+def umask_022() -> Iterator[None]:
+    previous = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+def new_partial(folder: Path, data: bytes = DATA) -> PartialFile:
+    return PartialFile(folder, FILE_ID, len(data), CHUNK)
+
+
+# --- writing and finishing ------------------------------------------------------------------
+
+
+def test_chunks_in_order_give_the_file(tmp_path: Path) -> None:
+    partial = new_partial(tmp_path)
+    assert partial.path == tmp_path / f".sfs-{FILE_ID}.part"
+    for index, chunk in enumerate(chunks()):
+        partial.write(index, chunk)
+    target = partial.finish(SHA, "report.pdf")
+    assert target == tmp_path / "report.pdf"
+    assert target.read_bytes() == DATA
+    assert not partial.path.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.pdf"]
+
+
+@pytest.mark.parametrize(
+    "order", [[4, 3, 2, 1, 0], [1, 0, 3, 2, 4], [4, 0, 1, 2, 3], [2, 4, 0, 3, 1]]
+)
+def test_chunks_out_of_order_give_the_file(tmp_path: Path, order: list[int]) -> None:
+    partial = new_partial(tmp_path)
+    parts = chunks()
+    for index in order:
+        partial.write(index, parts[index])
+    assert partial.finish(SHA, "out.bin").read_bytes() == DATA
+
+
+@settings(max_examples=40, deadline=None)
+@given(order=st.permutations(range(5)))
+def test_any_chunk_order_gives_the_file_and_its_hash(order: list[int]) -> None:
+    parts = chunks()
+    with tempfile.TemporaryDirectory() as folder:
+        partial = new_partial(Path(folder))
+        for index in order:
+            partial.write(index, parts[index])
+        target = partial.finish(SHA, "out.bin")  # the whole-file hash must match
+        assert target.read_bytes() == DATA
+
+
+def test_the_final_name_does_not_exist_before_finish(tmp_path: Path) -> None:
+    partial = new_partial(tmp_path)
+    for index, chunk in enumerate(chunks()):
+        partial.write(index, chunk)
+        assert not (tmp_path / "out.bin").exists()
+    partial.finish(SHA, "out.bin")
+    assert (tmp_path / "out.bin").exists()
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    partial = PartialFile(tmp_path, FILE_ID, 0, CHUNK)
+    target = partial.finish(hashlib.sha256(b"").digest(), "empty")
+    assert target.read_bytes() == b""
+
+
+def test_folder_is_created(tmp_path: Path) -> None:
+    folder = tmp_path / "a" / "b"
+    partial = new_partial(folder)
+    for index, chunk in enumerate(chunks()):
+        partial.write(index, chunk)
+    assert partial.finish(SHA, "x").parent == folder
+
+
+def test_wrong_whole_file_hash_is_refused(tmp_path: Path) -> None:
+    partial = new_partial(tmp_path)
+    for index, chunk in enumerate(chunks()):
+        partial.write(index, chunk)
+    wrong = bytes(32)
+    with pytest.raises(IntegrityError, match="SHA-256"):
+        partial.finish(wrong, "out.bin")
+    assert not (tmp_path / "out.bin").exists()
+    partial.discard()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_hash_of_other_content_is_refused(tmp_path: Path) -> None:
+    """Same size, one byte different: the hash is over the bytes, not the length."""
+    partial = new_partial(tmp_path)
+    parts = chunks()
+    parts[2] = bytes([parts[2][0] ^ 1]) + parts[2][1:]
+    for index, chunk in enumerate(parts):
+        partial.write(index, chunk)
+    with pytest.raises(IntegrityError):
+        partial.finish(SHA, "out.bin")
+    assert not (tmp_path / "out.bin").exists()
+
+
+@pytest.mark.parametrize("missing", [0, 2, 4])
+def test_missing_chunks_are_refused(tmp_path: Path, missing: int) -> None:
+    partial = new_partial(tmp_path)
+    for index, chunk in enumerate(chunks()):
+        if index != missing:
+            partial.write(index, chunk)
+    with pytest.raises(IntegrityError, match="missing"):
+        partial.finish(SHA, "out.bin")
+    assert not (tmp_path / "out.bin").exists()
+
+
+def test_nothing_written_is_refused(tmp_path: Path) -> None:
+    partial = new_partial(tmp_path)
+    with pytest.raises(IntegrityError, match="missing"):
+        partial.finish(SHA, "out.bin")
+
+
+def test_discard_removes_the_temporary_file(tmp_path: Path) -> None:
+    partial = new_partial(tmp_path)
+    partial.write(0, chunks()[0])
+    assert partial.path.exists()
+    partial.discard()
+    assert not partial.path.exists()
+    partial.discard()  # twice is harmless
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- names and permissions ------------------------------------------------------------------
+
+
+def finished(folder: Path, name: str, data: bytes = DATA) -> Path:
+    partial = new_partial(folder, data)
+    for index, chunk in enumerate(chunks(data)):
+        partial.write(index, chunk)
+    return partial.finish(hashlib.sha256(data).digest(), name)
+
+
+def test_a_taken_name_gets_a_number(tmp_path: Path) -> None:
+    (tmp_path / "report.pdf").write_bytes(b"mine")
+    assert finished(tmp_path, "report.pdf") == tmp_path / "report (1).pdf"
+    assert finished(tmp_path, "report.pdf") == tmp_path / "report (2).pdf"
+    assert (tmp_path / "report.pdf").read_bytes() == b"mine"  # never overwritten
+    assert (tmp_path / "report (1).pdf").read_bytes() == DATA
+
+
+def test_a_taken_name_without_extension_gets_a_number(tmp_path: Path) -> None:
+    (tmp_path / "notes").write_bytes(b"mine")
+    assert finished(tmp_path, "notes") == tmp_path / "notes (1)"
+
+
+def test_a_dangling_symlink_counts_as_taken(tmp_path: Path) -> None:
+    (tmp_path / "out.bin").symlink_to(tmp_path / "nowhere")
+    assert finished(tmp_path, "out.bin") == tmp_path / "out (1).bin"
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_partial_file_is_private_and_final_file_follows_umask(
+    tmp_path: Path, umask_022: None
+) -> None:
+    partial = new_partial(tmp_path)
+    assert mode_of(partial.path) == 0o600
+    for index, chunk in enumerate(chunks()):
+        partial.write(index, chunk)
+    assert mode_of(partial.path) == 0o600
+    target = partial.finish(SHA, "out.bin")
+    assert mode_of(target) == 0o644
+
+
+def test_final_file_follows_a_stricter_umask(tmp_path: Path) -> None:
+    previous = os.umask(0o027)
+    try:
+        target = finished(tmp_path, "out.bin")
+    finally:
+        os.umask(previous)
+    assert mode_of(target) == 0o640
+
+
+def test_a_leftover_partial_file_is_replaced(tmp_path: Path, umask_022: None) -> None:
+    leftover = tmp_path / f".sfs-{FILE_ID}.part"
+    leftover.write_bytes(b"junk" * 10 * CHUNK)  # longer than the download
+    leftover.chmod(0o666)
+    partial = new_partial(tmp_path)
+    assert partial.path == leftover
+    assert mode_of(leftover) == 0o600
+    assert leftover.stat().st_size == 0
+    for index, chunk in enumerate(chunks()):
+        partial.write(index, chunk)
+    assert partial.finish(SHA, "out.bin").read_bytes() == DATA
+
+
+def test_a_leftover_symlink_is_not_followed(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    (tmp_path / f".sfs-{FILE_ID}.part").symlink_to(victim)
+    partial = new_partial(tmp_path)
+    partial.write(0, chunks()[0])
+    assert victim.read_bytes() == b"precious"
+    assert not partial.path.is_symlink()
+    partial.discard()
+    assert victim.read_bytes() == b"precious"
+
+
+def test_a_folder_that_cannot_be_made_is_a_storage_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_bytes(b"")
+    with pytest.raises(StorageError):
+        new_partial(blocker / "downloads")
+
+
+# --- safe_filename --------------------------------------------------------------------------
+
+FALLBACK = "fallback-id"
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("report.pdf", "report.pdf"),
+        ("my report (final).pdf", "my report (final).pdf"),
+        ("résumé.txt", "résumé.txt"),
+        ("../../x", "x"),
+        ("/etc/passwd", "passwd"),
+        ("a/b/c.txt", "c.txt"),
+        ("a\\b\\c", "c"),
+        ("..\\..\\windows\\evil.exe", "evil.exe"),
+        ("C:\\Users\\x\\file.doc", "file.doc"),
+        ("..", FALLBACK),
+        (".", FALLBACK),
+        ("", FALLBACK),
+        ("...", FALLBACK),
+        (".......", FALLBACK),
+        ("/", FALLBACK),
+        ("dir/", FALLBACK),
+        ("../", FALLBACK),
+        ("   ", FALLBACK),
+        (".hidden", "hidden"),
+        ("..hidden", "hidden"),
+        ("./.bashrc", "bashrc"),
+        ("a\x00b", "ab"),
+        ("line\nbreak.txt", "linebreak.txt"),
+        ("tab\there", "tabhere"),
+        ("\x1b[31mred", "[31mred"),
+        ("bell\x07\x7f", "bell"),
+        ("\u202etxt.exe", "txt.exe"),  # right-to-left override
+        ("zero\u200bwidth", "zerowidth"),
+        ("\x00", FALLBACK),
+        ("\n\r\t", FALLBACK),
+        (".\n.", FALLBACK),
+        ("/\x00", FALLBACK),
+    ],
+)
+def test_safe_filename(name: str, expected: str) -> None:
+    assert safe_filename(name, FALLBACK) == expected
+
+
+@pytest.mark.parametrize("unit", ["a", "é", "€", "😀"])
+def test_long_names_are_cut_to_whole_characters(unit: str) -> None:
+    name = unit * 300 + ".txt"
+    assert len(name.encode()) > MAX_NAME_BYTES
+    result = safe_filename(name, FALLBACK)
+    encoded = result.encode()
+    assert MAX_NAME_BYTES - len(unit.encode()) < len(encoded) <= MAX_NAME_BYTES
+    assert encoded.decode() == result  # no character cut in half
+    assert set(result) == {unit}
+
+
+def test_a_name_of_exactly_the_limit_is_kept() -> None:
+    name = "é" * 127 + "a"  # 255 bytes
+    assert safe_filename(name, FALLBACK) == name
+
+
+def test_a_long_hostile_path_keeps_only_its_last_component() -> None:
+    name = "../" * 200 + "x" * 10
+    assert safe_filename(name, FALLBACK) == "x" * 10
+
+
+@settings(max_examples=500)
+@given(name=st.text(max_size=400))
+def test_safe_filename_always_gives_a_plain_visible_name(name: str) -> None:
+    result = safe_filename(name, FALLBACK)
+    assert result
+    assert "/" not in result
+    assert "\\" not in result
+    assert not result.startswith(".")
+    assert result not in {".", ".."}
+    assert len(result.encode()) <= MAX_NAME_BYTES
+    assert not any(unicodedata.category(ch).startswith("C") for ch in result)

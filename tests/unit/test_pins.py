@@ -1,0 +1,141 @@
+"""sfs.peer.pins: trust on first use, refusal of a changed key, explicit re-trust."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from sfs.common.errors import StorageError, TrustError
+from sfs.common.identity import KeyBundle, format_fingerprint
+from sfs.peer.pins import PinStore
+
+
+@pytest.fixture
+def pins(tmp_path: Path) -> PinStore:
+    return PinStore(tmp_path / "pins.json")
+
+
+def test_first_use_pins_the_key(pins: PinStore, bundle: KeyBundle) -> None:
+    assert pins.get("alice") is None
+    assert pins.check("alice", bundle) is True
+    pin = pins.get("alice")
+    assert pin is not None
+    assert pin.username == "alice"
+    assert pin.fingerprint == bundle.fingerprint()
+    assert pin.source == "first use"
+
+
+def test_the_same_key_again_is_accepted_without_a_new_pin(
+    pins: PinStore, bundle: KeyBundle
+) -> None:
+    pins.check("alice", bundle)
+    assert pins.check("alice", bundle) is False
+    assert pins.check("alice", KeyBundle(bundle.rsa_public, bundle.curve_public)) is False
+    assert len(pins.all()) == 1
+
+
+def test_a_changed_key_is_refused_with_both_fingerprints_and_the_fix(
+    pins: PinStore, bundle: KeyBundle, other_bundle: KeyBundle
+) -> None:
+    pins.check("alice", bundle)
+    with pytest.raises(TrustError) as caught:
+        pins.check("alice", other_bundle)
+    message = str(caught.value)
+    old, new = (
+        format_fingerprint(bundle.fingerprint()),
+        format_fingerprint(other_bundle.fingerprint()),
+    )
+    assert old in message
+    assert new in message
+    assert f"sfs-peer trust alice {new}" in message
+    pin = pins.get("alice")
+    assert pin is not None
+    assert pin.fingerprint == bundle.fingerprint()  # the refusal changed nothing
+    assert pins.check("alice", bundle) is False
+
+
+def test_only_the_curve_key_changing_is_a_changed_key(pins: PinStore, bundle: KeyBundle) -> None:
+    pins.check("alice", bundle)
+    with pytest.raises(TrustError):
+        pins.check("alice", KeyBundle(bundle.rsa_public, b"\x09" * 32))
+
+
+def test_pins_are_per_user(pins: PinStore, bundle: KeyBundle, other_bundle: KeyBundle) -> None:
+    assert pins.check("alice", bundle) is True
+    assert pins.check("bob", other_bundle) is True
+    assert [p.username for p in pins.all()] == ["alice", "bob"]
+    with pytest.raises(TrustError):
+        pins.check("bob", bundle)
+
+
+def test_trust_replaces_the_pin(pins: PinStore, bundle: KeyBundle, other_bundle: KeyBundle) -> None:
+    pins.check("alice", bundle)
+    pins.trust("alice", other_bundle.fingerprint())
+    pin = pins.get("alice")
+    assert pin is not None
+    assert pin.fingerprint == other_bundle.fingerprint()
+    assert pin.source == "trusted by hand"
+    assert pins.check("alice", other_bundle) is False
+    with pytest.raises(TrustError):
+        pins.check("alice", bundle)
+
+
+def test_trust_before_first_use(pins: PinStore, bundle: KeyBundle, other_bundle: KeyBundle) -> None:
+    pins.trust("carol", bundle.fingerprint())
+    assert pins.check("carol", bundle) is False
+    with pytest.raises(TrustError):
+        pins.check("carol", other_bundle)
+
+
+def test_pins_persist(tmp_path: Path, bundle: KeyBundle, other_bundle: KeyBundle) -> None:
+    PinStore(tmp_path / "pins.json").check("alice", bundle)
+    again = PinStore(tmp_path / "pins.json")
+    assert again.check("alice", bundle) is False
+    with pytest.raises(TrustError):
+        again.check("alice", other_bundle)
+
+
+def test_the_pin_file_is_private(tmp_path: Path, bundle: KeyBundle) -> None:
+    previous = os.umask(0)
+    try:
+        PinStore(tmp_path / "pins.json").check("alice", bundle)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "pins.json").stat().st_mode) == 0o600
+    document = json.loads((tmp_path / "pins.json").read_text())
+    assert document["alice"]["fingerprint"] == bundle.fingerprint().hex()
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"not json",
+        b"",
+        b"\xff\xfe\x00",
+        b"[]",
+        b"42",
+        b'{"alice": 3}',
+        b'{"alice": {"source": "first use", "at": 1}}',
+        b'{"alice": {"fingerprint": "zz", "source": "first use", "at": 1}}',
+        b'{"alice": {"fingerprint": 5, "source": "first use", "at": 1}}',
+    ],
+)
+def test_a_corrupt_pin_file_is_a_storage_error(
+    tmp_path: Path, bundle: KeyBundle, content: bytes
+) -> None:
+    path = tmp_path / "pins.json"
+    path.write_bytes(content)
+    pins = PinStore(path)
+    with pytest.raises(StorageError, match="pin file"):
+        pins.check("alice", bundle)
+    with pytest.raises(StorageError):
+        pins.get("alice")
+    with pytest.raises(StorageError):
+        pins.all()
+    with pytest.raises(StorageError):
+        pins.trust("alice", bundle.fingerprint())
+    assert path.read_bytes() == content  # not silently overwritten

@@ -1,0 +1,1034 @@
+"""sfs.peer.transfer: the receiver (ReceiverLink, ChunkPlan) wired straight to the holder
+(HolderService), frames passing through the real codec, no sockets."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sfs.common import crypto, protocol
+from sfs.common.codec import Record, from_wire, pack, to_wire
+from sfs.common.errors import IntegrityError, ProtocolError, TrustError
+from sfs.common.identity import KeyBundle
+from sfs.common.manifest import MIN_CHUNK_SIZE, Manifest, file_id_of, manifest_digest
+from sfs.common.protocol import ErrorCode
+from sfs.peer import transfer
+from sfs.peer.keys import Identity, create_identity
+from sfs.peer.partial import PartialFile
+from sfs.peer.registry import Share
+from sfs.peer.transfer import ChunkPlan, HolderService, ReceiverLink, Refusal
+
+CHUNK = MIN_CHUNK_SIZE
+CONN = b"connection-1"
+OTHER_CONN = b"connection-2"
+
+# 3 full chunks and a short last one
+DATA = random.Random(5).randbytes(3 * CHUNK + 1234)
+
+
+# --- identities (RSA-3072 generation is slow: once per module) --------------------------
+
+
+@pytest.fixture(scope="module")
+def alice(tmp_path_factory: pytest.TempPathFactory) -> Identity:
+    """The holder (and owner of the shared file)."""
+    return create_identity(tmp_path_factory.mktemp("alice"), "alice")
+
+
+@pytest.fixture(scope="module")
+def bob(tmp_path_factory: pytest.TempPathFactory) -> Identity:
+    """The requester."""
+    return create_identity(tmp_path_factory.mktemp("bob"), "bob")
+
+
+@pytest.fixture(scope="module")
+def mallory(tmp_path_factory: pytest.TempPathFactory) -> Identity:
+    """Someone else with a valid key of their own."""
+    return create_identity(tmp_path_factory.mktemp("mallory"), "mallory")
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def make_manifest(owner: Identity, data: bytes, name: str = "data.bin") -> Manifest:
+    return Manifest(
+        version=1,
+        share_id=crypto.random_bytes(16),
+        name=name,
+        size=len(data),
+        chunk_size=CHUNK,
+        chunk_hashes=b"".join(
+            hashlib.sha256(data[i : i + CHUNK]).digest() for i in range(0, len(data), CHUNK)
+        ),
+        sha256=hashlib.sha256(data).digest(),
+        owner=owner.username,
+        owner_fp=owner.fingerprint,
+        keywords=[],
+        created=1_700_000_000,
+    )
+
+
+@dataclasses.dataclass
+class Shared:
+    manifest: Manifest
+    manifest_bytes: bytes
+    share: Share
+
+    @property
+    def file_id(self) -> str:
+        return self.share.file_id
+
+
+def share_of(
+    owner: Identity, data: bytes, access: list[str] | None = None, name: str = "data.bin"
+) -> Shared:
+    manifest = make_manifest(owner, data, name)
+    manifest_bytes = manifest.encode()
+    share = Share(
+        file_id=file_id_of(manifest_bytes),
+        path=Path("/nonexistent") / name,  # never read: read_chunk is injected
+        name=name,
+        size=len(data),
+        manifest=manifest_bytes,
+        signature=owner.sign(manifest_bytes),
+        access=access,
+        keywords=[],
+        shared_at=1_700_000_000,
+    )
+    return Shared(manifest, manifest_bytes, share)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Rig:
+    """A holder serving `shared` files, plus helpers to talk to it like a peer would."""
+
+    def __init__(
+        self,
+        holder: Identity,
+        files: dict[str, bytes],
+        shares: list[Shared],
+        check_requester: Callable[[str, KeyBundle], None] | None = None,
+        read_chunk: Callable[[Share, int, int], bytes] | None = None,
+    ) -> None:
+        self.holder = holder
+        self.files = files  # share name -> content on the holder's "disk"
+        self.shares = {s.file_id: s.share for s in shares}
+        self.checked: list[tuple[str, bytes]] = []
+        self.clock = Clock()
+
+        def record_check(username: str, bundle: KeyBundle) -> None:
+            self.checked.append((username, bundle.fingerprint()))
+
+        def read(share: Share, offset: int, length: int) -> bytes:
+            return self.files[share.name][offset : offset + length]
+
+        self.service = HolderService(
+            holder,
+            lookup_share=self.shares.get,
+            check_requester=check_requester or record_check,
+            read_chunk=read_chunk or read,
+            clock=self.clock,
+        )
+
+    def send(
+        self,
+        op: str,
+        record: Record,
+        connection: bytes = CONN,
+        client_key: bytes | None = None,
+    ) -> list[bytes]:
+        return self.service.handle(connection, client_key, protocol.encode(op, record))
+
+
+def link_for(
+    requester: Identity, holder_bundle: KeyBundle, shared: Shared, file_id: str | None = None
+) -> ReceiverLink:
+    return ReceiverLink(
+        requester,
+        file_id or shared.file_id,
+        shared.manifest,
+        shared.manifest_bytes,
+        "alice",
+        holder_bundle,
+    )
+
+
+def as_offer(frames: list[bytes]) -> protocol.Offer:
+    assert len(frames) == 1
+    envelope = protocol.decode_envelope(frames[0])
+    assert envelope.op == "offer", envelope
+    return from_wire(protocol.Offer, envelope.body, "offer")
+
+
+def as_chunk(frames: list[bytes]) -> tuple[protocol.ChunkHeader, bytes]:
+    assert len(frames) == 2
+    envelope = protocol.decode_envelope(frames[0])
+    assert envelope.op == "chunk", envelope
+    return from_wire(protocol.ChunkHeader, envelope.body, "chunk"), frames[1]
+
+
+def as_error(frames: list[bytes], code: ErrorCode) -> str:
+    """The message of the single error frame in `frames`, checking its code."""
+    assert len(frames) == 1
+    envelope = protocol.decode_envelope(frames[0])
+    assert envelope.op == "error"
+    error = from_wire(protocol.ErrorBody, envelope.body, "error")
+    assert error.code == code.value, error
+    return error.message
+
+
+def connect(rig: Rig, link: ReceiverLink, connection: bytes = CONN) -> protocol.Offer:
+    offer = as_offer(rig.send("hello", link.hello(), connection))
+    link.accept_offer(offer)
+    return offer
+
+
+def resign(offer: protocol.Offer, signer: Identity, **changes: Any) -> protocol.Offer:
+    changed = dataclasses.replace(offer, **changes)
+    return dataclasses.replace(changed, signature=signer.sign(protocol.offer_payload(changed)))
+
+
+def flip(data: bytes, index: int = 0) -> bytes:
+    out = bytearray(data)
+    out[index] ^= 0x01
+    return bytes(out)
+
+
+@pytest.fixture
+def shared(alice: Identity) -> Shared:
+    return share_of(alice, DATA)
+
+
+@pytest.fixture
+def rig(alice: Identity, shared: Shared) -> Rig:
+    return Rig(alice, {"data.bin": DATA}, [shared])
+
+
+# --- the whole exchange -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("window", [1, 2, 3, 8])
+def test_full_transfer_reassembles_the_exact_bytes(
+    rig: Rig, shared: Shared, bob: Identity, alice: Identity, window: int
+) -> None:
+    assert shared.manifest.chunk_count == 4
+    link = link_for(bob, alice.bundle, shared)
+    offer = connect(rig, link)
+    assert link.transfer_id == offer.transfer_id
+    assert rig.service.active_transfers == 1
+
+    plan = ChunkPlan(shared.manifest, window)
+    received: dict[int, bytes] = {}
+    requested: list[int] = []
+    pending: list[list[bytes]] = []
+    while not plan.complete:
+        for index in plan.next_requests():
+            requested.append(index)
+            pending.append(rig.send("get", link.request(index)))
+        assert 0 < len(plan.in_flight) <= window
+        # answer the newest request first, so chunks arrive out of order
+        header, ciphertext = as_chunk(pending.pop())
+        sealed = ciphertext[: -crypto.GCM_TAG_SIZE]
+        assert sealed != DATA[header.index * CHUNK : (header.index + 1) * CHUNK]
+        plaintext = link.open_chunk(header, ciphertext)
+        plan.accept(header.index, plaintext)  # raises unless it matches the manifest
+        received[header.index] = plaintext
+    assert not pending
+    assert sorted(requested) == list(range(4))  # each chunk asked for exactly once
+    assert plan.bytes_done == len(DATA)
+    assert b"".join(received[i] for i in range(4)) == DATA
+
+    assert rig.send("finish", protocol.Finish(link.transfer_id)) == []
+    assert rig.service.active_transfers == 0
+    assert rig.checked == [("bob", bob.fingerprint)]
+
+
+def test_full_transfer_into_a_partial_file(
+    rig: Rig, shared: Shared, bob: Identity, alice: Identity, tmp_path: Path
+) -> None:
+    """The download engine's loop without the socket: offer, window, verify, write, finish."""
+    link = link_for(bob, alice.bundle, shared)
+    connect(rig, link)
+    plan = ChunkPlan(shared.manifest, window=2)
+    partial = PartialFile(tmp_path, shared.file_id, shared.manifest.size, CHUNK)
+    while not plan.complete:
+        for index in plan.next_requests():
+            header, ciphertext = as_chunk(rig.send("get", link.request(index)))
+            plaintext = link.open_chunk(header, ciphertext)
+            plan.accept(header.index, plaintext)
+            partial.write(header.index, plaintext)
+    path = partial.finish(shared.manifest.sha256, "data.bin")
+    assert path == tmp_path / "data.bin"
+    assert path.read_bytes() == DATA
+
+
+def test_empty_file_needs_no_chunks(alice: Identity, bob: Identity) -> None:
+    shared = share_of(alice, b"", name="empty")
+    rig = Rig(alice, {"empty": b""}, [shared])
+    link = link_for(bob, alice.bundle, shared)
+    connect(rig, link)
+    plan = ChunkPlan(shared.manifest, window=4)
+    assert plan.complete
+    assert plan.next_requests() == []
+    as_error(rig.send("get", link.request(0)), ErrorCode.BAD_REQUEST)
+
+
+def test_access_list_naming_the_requester_is_served(alice: Identity, bob: Identity) -> None:
+    shared = share_of(alice, DATA, access=["carol", "bob"])
+    rig = Rig(alice, {"data.bin": DATA}, [shared])
+    link = link_for(bob, alice.bundle, shared)
+    connect(rig, link)
+    header, ciphertext = as_chunk(rig.send("get", link.request(3)))
+    assert link.open_chunk(header, ciphertext) == DATA[3 * CHUNK :]
+
+
+def test_matching_client_key_is_accepted(
+    rig: Rig, shared: Shared, bob: Identity, alice: Identity
+) -> None:
+    link = link_for(bob, alice.bundle, shared)
+    frames = rig.send("hello", link.hello(), client_key=bob.bundle.curve_public)
+    link.accept_offer(as_offer(frames))
+
+
+def test_each_transfer_gets_a_fresh_key(
+    rig: Rig, shared: Shared, bob: Identity, alice: Identity
+) -> None:
+    first, second = link_for(bob, alice.bundle, shared), link_for(bob, alice.bundle, shared)
+    connect(rig, first)
+    connect(rig, second)
+    assert first.transfer_id != second.transfer_id
+    _, one = as_chunk(rig.send("get", first.request(0)))
+    _, two = as_chunk(rig.send("get", second.request(0)))
+    assert one != two
+
+
+def test_offer_is_signed_by_the_holder_and_bound_to_the_hello(
+    rig: Rig, shared: Shared, bob: Identity, alice: Identity
+) -> None:
+    link = link_for(bob, alice.bundle, shared)
+    hello = link.hello()
+    offer = as_offer(rig.send("hello", hello))
+    crypto.verify(alice.bundle.rsa_key(), offer.signature, protocol.offer_payload(offer), "t")
+    assert offer.file_id == shared.file_id
+    assert offer.requester_nonce == hello.nonce
+    assert offer.requester_fp == bob.fingerprint
+    assert offer.holder_fp == alice.fingerprint
+    assert offer.manifest_digest == manifest_digest(shared.manifest_bytes)
+
+
+# --- the holder refuses -------------------------------------------------------------------
+
+
+def test_unknown_file_id_is_not_found(
+    rig: Rig, shared: Shared, bob: Identity, alice: Identity
+) -> None:
+    link = link_for(bob, alice.bundle, shared, file_id="0" * 32)
+    message = as_error(rig.send("hello", link.hello()), ErrorCode.NOT_FOUND)
+    assert "0" * 32 in message
+    assert rig.service.active_transfers == 0
+
+
+def test_user_not_on_the_access_list_is_forbidden(alice: Identity, bob: Identity) -> None:
+    shared = share_of(alice, DATA, access=["carol"])
+    rig = Rig(alice, {"data.bin": DATA}, [shared])
+    link = link_for(bob, alice.bundle, shared)
+    message = as_error(rig.send("hello", link.hello()), ErrorCode.FORBIDDEN)
+    assert "not shared with you" in message
+    assert rig.service.active_transfers == 0
+
+
+def test_empty_access_list_serves_nobody(alice: Identity, bob: Identity) -> None:
+    shared = share_of(alice, DATA, access=[])
+    rig = Rig(alice, {"data.bin": DATA}, [shared])
+    link = link_for(bob, alice.bundle, shared)
+    as_error(rig.send("hello", link.hello()), ErrorCode.FORBIDDEN)
+
+
+def test_hello_with_a_bad_signature_is_refused(
+    rig: Rig, shared: Shared, bob: Identity, alice: Identity
+) -> None:
+    hello = link_for(bob, alice.bundle, shared).hello()
+    forged = dataclasses.replace(hello, signature=flip(hello.signature, 10))
+    message = as_error(rig.send("hello", forged), ErrorCode.FORBIDDEN)
+    assert "signature" in message
+    assert rig.service.active_transfers == 0
+    assert rig.checked == []
+
+
+def test_hello_with_a_changed_field_no_longer_verifies(
+    rig: Rig, shared: Shared, bob: Identity, alice: Identity
+) -> None:
+    hello = link_for(bob, alice.bundle, shared).hello()
+    as_error(
+        rig.send("hello", dataclasses.replace(hello, nonce=flip(hello.nonce))), ErrorCode.FORBIDDEN
+    )
+    as_error(rig.send("hello", dataclasses.replace(hello, requester="carol")), ErrorCode.FORBIDDEN)
+
+
+def test_hello_signed_by_another_key_than_its_bundle_is_refused(
+    rig: Rig, shared: Shared, bob: Identity, mallory: Identity, alice: Identity
+) -> None:
+    """Mallory claims to be bob with bob's bundle, but cannot sign with bob's key."""
+    hello = link_for(bob, alice.bundle, shared).hello()
+    forged = dataclasses.replace(hello, signature=mallory.sign(protocol.hello_payload(hello)))
+    as_error(rig.send("hello", forged), ErrorCode.FORBIDDEN)
+    assert rig.checked == []
+
+
+def test_hello_with_a_truncated_signature_is_refused(
+    rig: Rig, shared: Shared, bob: Identity, alice: Identity
+) -> None:
+    hello = link_for(bob, alice.bundle, shared).hello()
+    for signature in (b"", b"\x00", hello.signature[:-1]):
+        frames = rig.send("hello", dataclasses.replace(hello, signature=signature))
+        as_error(frames, ErrorCode.FORBIDDEN)
+
+
+def test_hello_addressed_to_another_holder_is_refused(
+    rig: Rig, shared: Shared, bob: Identity, mallory: Identity
+) -> None:
+    link = link_for(bob, mallory.bundle, shared)  # bob thinks he talks to mallory
+    message = as_error(rig.send("hello", link.hello()), ErrorCode.BAD_REQUEST)
+    assert "another holder" in message
+    assert rig.service.active_transfers == 0
+
+
+def test_hello_whose_curve_key_is_not_the_connections_is_refused(
+    rig: Rig, shared: Shared, bob: Identity, mallory: Identity, alice: Identity
+) -> None:
+    """A hello replayed by mallory over her own CurveZMQ connection."""
+    link = link_for(bob, alice.bundle, shared)
+    frames = rig.send("hello", link.hello(), client_key=mallory.bundle.curve_public)
+    message = as_error(frames, ErrorCode.FORBIDDEN)
+    assert "connection" in message
+    assert rig.service.active_transfers == 0
+
+
+def test_hello_with_a_malformed_bundle_key_is_refused(
+    rig: Rig, shared: Shared, bob: Identity, alice: Identity
+) -> None:
+    hello = link_for(bob, alice.bundle, shared).hello()
+    bundle = KeyBundle(b"not a DER key", bob.bundle.curve_public)
+    frames = rig.send("hello", dataclasses.replace(hello, bundle=bundle))
+    as_error(frames, ErrorCode.FORBIDDEN)
+
+
+@pytest.mark.parametrize(
+    ("exception", "code"),
+    [
+        (Refusal(ErrorCode.FORBIDDEN, "your key is not the one registered for you"), "forbidden"),
+        (Refusal(ErrorCode.BUSY, "the holder cannot check your key now"), "busy"),
+        (TrustError("the key of bob has changed"), "forbidden"),
+        (RuntimeError("a bug in the checker"), "internal"),
+    ],
+)
+def test_check_requester_raising_is_answered_with_an_error(
+    alice: Identity, bob: Identity, shared: Shared, exception: Exception, code: str
+) -> None:
+    calls: list[str] = []
+
+    def refuse(username: str, bundle: KeyBundle) -> None:
+        calls.append(username)
+        raise exception
+
+    rig = Rig(alice, {"data.bin": DATA}, [shared], check_requester=refuse)
+    link = link_for(bob, alice.bundle, shared)
+    message = as_error(rig.send("hello", link.hello()), ErrorCode(code))
+    assert calls == ["bob"]
+    if code == "internal":
+        assert "a bug in the checker" not in message  # internals stay on the holder
+    else:
+        assert message == str(exception)
+    assert rig.service.active_transfers == 0
+
+
+def test_chunk_request_from_another_connection_is_refused(
+    rig: Rig, shared: Shared, bob: Identity, alice: Identity
+) -> None:
+    link = link_for(bob, alice.bundle, shared)
+    connect(rig, link, CONN)
+    as_error(rig.send("get", link.request(0), OTHER_CONN), ErrorCode.NOT_FOUND)
+    as_chunk(rig.send("get", link.request(0), CONN))  # the right connection still works
+
+
+@pytest.mark.parametrize("index", [4, 5, 2**32])
+def test_chunk_index_out_of_range_is_refused(
+    rig: Rig, shared: Shared, bob: Identity, alice: Identity, index: int
+) -> None:
+    link = link_for(bob, alice.bundle, shared)
+    connect(rig, link)
+    message = as_error(rig.send("get", link.request(index)), ErrorCode.BAD_REQUEST)
+    assert "out of range" in message
+    as_chunk(rig.send("get", link.request(3)))  # the last real chunk
+
+
+def test_unknown_transfer_id_is_refused(
+    rig: Rig, shared: Shared, bob: Identity, alice: Identity
+) -> None:
+    link = link_for(bob, alice.bundle, shared)
+    connect(rig, link)
+    other = protocol.ChunkRequest(flip(link.transfer_id), 0)
+    message = as_error(rig.send("get", other), ErrorCode.NOT_FOUND)
+    assert "unknown" in message
+
+
+def test_file_that_got_shorter_on_disk_is_refused(
+    alice: Identity, bob: Identity, shared: Shared
+) -> None:
+    truncated = DATA[: 2 * CHUNK + 10]
+    rig = Rig(alice, {"data.bin": truncated}, [shared])
+    link = link_for(bob, alice.bundle, shared)
+    connect(rig, link)
+    as_chunk(rig.send("get", link.request(1)))  # still complete
+    message = as_error(rig.send("get", link.request(2)), ErrorCode.INTERNAL)
+    assert "changed" in message
+    as_error(rig.send("get", link.request(3)), ErrorCode.INTERNAL)
+
+
+def test_file_that_cannot_be_read_any_more_is_refused(
+    alice: Identity, bob: Identity, shared: Shared
+) -> None:
+    def gone(share: Share, offset: int, length: int) -> bytes:
+        raise FileNotFoundError(2, "No such file or directory")
+
+    rig = Rig(alice, {}, [shared], read_chunk=gone)
+    link = link_for(bob, alice.bundle, shared)
+    connect(rig, link)
+    message = as_error(rig.send("get", link.request(0)), ErrorCode.INTERNAL)
+    assert "cannot read" in message
+
+
+def test_read_chunk_is_asked_for_each_chunks_offset_and_length(
+    alice: Identity, bob: Identity, shared: Shared
+) -> None:
+    reads: list[tuple[int, int]] = []
+
+    def read(share: Share, offset: int, length: int) -> bytes:
+        assert share is rig.shares[shared.file_id]
+        reads.append((offset, length))
+        return DATA[offset : offset + length]
+
+    rig = Rig(alice, {}, [shared], read_chunk=read)
+    link = link_for(bob, alice.bundle, shared)
+    connect(rig, link)
+    for index in (3, 0):
+        as_chunk(rig.send("get", link.request(index)))
+    assert reads == [(3 * CHUNK, 1234), (0, CHUNK)]
+
+
+def test_too_many_transfers_per_connection_are_refused(
+    rig: Rig, shared: Shared, bob: Identity, alice: Identity
+) -> None:
+    for _ in range(transfer.MAX_TRANSFERS_PER_CONNECTION):
+        connect(rig, link_for(bob, alice.bundle, shared), CONN)
+    extra = link_for(bob, alice.bundle, shared)
+    as_error(rig.send("hello", extra.hello(), CONN), ErrorCode.BUSY)
+    connect(rig, link_for(bob, alice.bundle, shared), OTHER_CONN)  # others still served
+    assert rig.service.active_transfers == transfer.MAX_TRANSFERS_PER_CONNECTION + 1
+
+
+def test_too_many_transfers_in_all_are_refused(
+    rig: Rig, shared: Shared, bob: Identity, alice: Identity, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(transfer, "MAX_TRANSFERS", 2)
+    connect(rig, link_for(bob, alice.bundle, shared), b"c1")
+    first = link_for(bob, alice.bundle, shared)
+    connect(rig, first, b"c2")
+    as_error(rig.send("hello", link_for(bob, alice.bundle, shared).hello(), b"c3"), ErrorCode.BUSY)
+    rig.send("finish", protocol.Finish(first.transfer_id), b"c2")
+    connect(rig, link_for(bob, alice.bundle, shared), b"c3")
+
+
+# --- expiry and finish --------------------------------------------------------------------
+
+
+def test_idle_transfers_expire(rig: Rig, shared: Shared, bob: Identity, alice: Identity) -> None:
+    link = link_for(bob, alice.bundle, shared)
+    connect(rig, link)
+    rig.clock.now += transfer.TRANSFER_IDLE_TIMEOUT - 1
+    as_chunk(rig.send("get", link.request(0)))  # activity keeps it alive...
+    rig.clock.now += transfer.TRANSFER_IDLE_TIMEOUT - 1
+    as_chunk(rig.send("get", link.request(1)))
+    assert rig.service.active_transfers == 1
+    rig.clock.now += transfer.TRANSFER_IDLE_TIMEOUT + 1  # ...idleness ends it
+    rig.service.expire_idle()
+    assert rig.service.active_transfers == 0
+    as_error(rig.send("get", link.request(2)), ErrorCode.NOT_FOUND)
+
+
+def test_idle_transfers_expire_on_the_next_frame(
+    rig: Rig, shared: Shared, bob: Identity, alice: Identity
+) -> None:
+    link = link_for(bob, alice.bundle, shared)
+    connect(rig, link)
+    rig.clock.now += transfer.TRANSFER_IDLE_TIMEOUT + 1
+    as_error(rig.send("get", link.request(0)), ErrorCode.NOT_FOUND)
+    assert rig.service.active_transfers == 0
+
+
+def test_expiry_spares_active_transfers(
+    rig: Rig, shared: Shared, bob: Identity, alice: Identity
+) -> None:
+    idle, busy = link_for(bob, alice.bundle, shared), link_for(bob, alice.bundle, shared)
+    connect(rig, idle)
+    rig.clock.now += 100
+    connect(rig, busy)
+    rig.clock.now += transfer.TRANSFER_IDLE_TIMEOUT - 50
+    rig.service.expire_idle()
+    assert rig.service.active_transfers == 1
+    as_error(rig.send("get", idle.request(0)), ErrorCode.NOT_FOUND)
+    as_chunk(rig.send("get", busy.request(0)))
+
+
+def test_finish_frees_the_transfer(
+    rig: Rig, shared: Shared, bob: Identity, alice: Identity
+) -> None:
+    link = link_for(bob, alice.bundle, shared)
+    connect(rig, link)
+    assert rig.send("finish", protocol.Finish(link.transfer_id)) == []
+    assert rig.service.active_transfers == 0
+    as_error(rig.send("get", link.request(0)), ErrorCode.NOT_FOUND)
+
+
+def test_finish_from_another_connection_is_ignored(
+    rig: Rig, shared: Shared, bob: Identity, alice: Identity
+) -> None:
+    link = link_for(bob, alice.bundle, shared)
+    connect(rig, link, CONN)
+    assert rig.send("finish", protocol.Finish(link.transfer_id), OTHER_CONN) == []
+    assert rig.service.active_transfers == 1
+    as_chunk(rig.send("get", link.request(0), CONN))
+
+
+def test_finish_of_an_unknown_transfer_is_silent(rig: Rig) -> None:
+    assert rig.send("finish", protocol.Finish(b"\x00" * 16)) == []
+
+
+# --- the receiver refuses offers ------------------------------------------------------------
+
+
+def test_offer_with_a_bad_signature_is_refused(
+    rig: Rig, shared: Shared, bob: Identity, alice: Identity
+) -> None:
+    link = link_for(bob, alice.bundle, shared)
+    offer = as_offer(rig.send("hello", link.hello()))
+    with pytest.raises(IntegrityError, match="signature"):
+        link.accept_offer(dataclasses.replace(offer, signature=flip(offer.signature, 5)))
+    with pytest.raises(IntegrityError, match="signature"):
+        link.accept_offer(dataclasses.replace(offer, transfer_id=flip(offer.transfer_id)))
+    assert link.transfer_id == b""
+    link.accept_offer(offer)  # the genuine one still works
+    assert link.transfer_id == offer.transfer_id
+
+
+def test_offer_signed_by_another_key_is_refused(
+    rig: Rig, shared: Shared, bob: Identity, alice: Identity, mallory: Identity
+) -> None:
+    link = link_for(bob, alice.bundle, shared)
+    offer = as_offer(rig.send("hello", link.hello()))
+    with pytest.raises(IntegrityError, match="signature"):
+        link.accept_offer(resign(offer, mallory))
+
+
+def test_offer_replayed_from_an_earlier_hello_is_refused(
+    rig: Rig, shared: Shared, bob: Identity, alice: Identity
+) -> None:
+    earlier = link_for(bob, alice.bundle, shared)
+    old_offer = as_offer(rig.send("hello", earlier.hello()))
+    link = link_for(bob, alice.bundle, shared)
+    offer = as_offer(rig.send("hello", link.hello()))
+    assert old_offer.requester_nonce != offer.requester_nonce
+    with pytest.raises(IntegrityError, match="replayed"):
+        link.accept_offer(old_offer)
+    link.accept_offer(offer)
+
+
+@pytest.mark.parametrize(
+    "field", ["file_id", "manifest_digest", "requester_fp", "requester_nonce", "holder_fp"]
+)
+def test_offer_bound_to_something_else_is_refused(
+    rig: Rig, shared: Shared, bob: Identity, alice: Identity, field: str
+) -> None:
+    """Correctly signed by the holder, but for another file, manifest, requester, hello or
+    holder: each binding is checked on its own."""
+    link = link_for(bob, alice.bundle, shared)
+    offer = as_offer(rig.send("hello", link.hello()))
+    other = "f" * 32 if field == "file_id" else flip(getattr(offer, field))
+    with pytest.raises(IntegrityError, match="not for this request"):
+        link.accept_offer(resign(offer, alice, **{field: other}))
+    link.accept_offer(resign(offer, alice))  # re-signing alone changes nothing
+
+
+def test_offer_for_another_shared_file_is_refused(
+    alice: Identity, bob: Identity, shared: Shared
+) -> None:
+    """The holder answers a hello for file B; that offer cannot serve file A's link."""
+    other = share_of(alice, DATA[:100], name="other.bin")
+    rig = Rig(alice, {"data.bin": DATA, "other.bin": DATA[:100]}, [shared, other])
+    link_a = link_for(bob, alice.bundle, shared)
+    link_b = link_for(bob, alice.bundle, other)
+    offer_b = as_offer(rig.send("hello", link_b.hello()))
+    with pytest.raises(IntegrityError):
+        link_a.accept_offer(offer_b)
+
+
+def test_offer_for_the_same_file_id_but_another_manifest_is_refused(
+    rig: Rig, shared: Shared, bob: Identity, alice: Identity
+) -> None:
+    """A receiver that holds another manifest than the holder serves (a broker swapping
+    manifests) refuses the holder's offer."""
+    swapped = make_manifest(alice, DATA)
+    link = ReceiverLink(bob, shared.file_id, swapped, swapped.encode(), "alice", alice.bundle)
+    offer = as_offer(rig.send("hello", link.hello()))
+    with pytest.raises(IntegrityError, match="not for this request"):
+        link.accept_offer(offer)
+
+
+def test_offer_whose_key_is_wrapped_for_someone_else_is_refused(
+    rig: Rig, shared: Shared, bob: Identity, alice: Identity, mallory: Identity
+) -> None:
+    link = link_for(bob, alice.bundle, shared)
+    offer = as_offer(rig.send("hello", link.hello()))
+    wrapped = crypto.wrap(mallory.bundle.rsa_key(), crypto.TransferSecret.generate().to_bytes())
+    with pytest.raises(IntegrityError, match="unwrapped"):
+        link.accept_offer(resign(offer, alice, wrapped_secret=wrapped))
+
+
+# --- the receiver refuses chunks ------------------------------------------------------------
+
+
+@pytest.fixture
+def linked(rig: Rig, shared: Shared, bob: Identity, alice: Identity) -> ReceiverLink:
+    link = link_for(bob, alice.bundle, shared)
+    connect(rig, link)
+    return link
+
+
+def test_chunk_opens_when_untouched(rig: Rig, linked: ReceiverLink) -> None:
+    header, ciphertext = as_chunk(rig.send("get", linked.request(1)))
+    assert header == protocol.ChunkHeader(linked.transfer_id, 1)
+    assert linked.open_chunk(header, ciphertext) == DATA[CHUNK : 2 * CHUNK]
+
+
+@pytest.mark.parametrize("position", [0, CHUNK // 2, -1])
+def test_chunk_with_a_flipped_bit_is_refused(rig: Rig, linked: ReceiverLink, position: int) -> None:
+    header, ciphertext = as_chunk(rig.send("get", linked.request(1)))
+    with pytest.raises(IntegrityError, match="authentication"):
+        linked.open_chunk(header, flip(ciphertext, position))
+
+
+def test_truncated_chunk_is_refused(rig: Rig, linked: ReceiverLink) -> None:
+    header, ciphertext = as_chunk(rig.send("get", linked.request(1)))
+    for cut in (ciphertext[:-1], ciphertext[:10], b""):
+        with pytest.raises(IntegrityError):
+            linked.open_chunk(header, cut)
+
+
+def test_chunk_sealed_for_another_index_is_refused(rig: Rig, linked: ReceiverLink) -> None:
+    _, ciphertext = as_chunk(rig.send("get", linked.request(1)))
+    with pytest.raises(IntegrityError):
+        linked.open_chunk(protocol.ChunkHeader(linked.transfer_id, 2), ciphertext)
+    with pytest.raises(IntegrityError):
+        linked.open_chunk(protocol.ChunkHeader(linked.transfer_id, 0), ciphertext)
+
+
+def test_chunk_of_another_transfer_is_refused(
+    rig: Rig, shared: Shared, bob: Identity, alice: Identity, linked: ReceiverLink
+) -> None:
+    other = link_for(bob, alice.bundle, shared)
+    connect(rig, other)
+    header, ciphertext = as_chunk(rig.send("get", other.request(0)))
+    # as labelled by the holder
+    with pytest.raises(IntegrityError, match="another transfer"):
+        linked.open_chunk(header, ciphertext)
+    # relabelled with this transfer's id: the key differs, so the tag fails
+    with pytest.raises(IntegrityError, match="authentication"):
+        linked.open_chunk(protocol.ChunkHeader(linked.transfer_id, 0), ciphertext)
+
+
+def test_chunk_before_any_offer_is_a_protocol_error(
+    rig: Rig, shared: Shared, bob: Identity, alice: Identity, linked: ReceiverLink
+) -> None:
+    header, ciphertext = as_chunk(rig.send("get", linked.request(0)))
+    fresh = link_for(bob, alice.bundle, shared)
+    with pytest.raises(ProtocolError):
+        fresh.open_chunk(header, ciphertext)
+
+
+def test_chunk_not_matching_the_manifest_is_refused(
+    alice: Identity, bob: Identity, shared: Shared
+) -> None:
+    """The holder's file changed but kept its size: the chunk decrypts but does not match
+    the owner's signed manifest."""
+    changed = DATA[:CHUNK] + flip(DATA[CHUNK:], 77)
+    rig = Rig(alice, {"data.bin": changed}, [shared])
+    link = link_for(bob, alice.bundle, shared)
+    connect(rig, link)
+    plan = ChunkPlan(shared.manifest, window=4)
+    assert plan.next_requests() == [0, 1, 2, 3]
+    header, ciphertext = as_chunk(rig.send("get", link.request(0)))
+    plan.accept(header.index, link.open_chunk(header, ciphertext))
+    header, ciphertext = as_chunk(rig.send("get", link.request(1)))
+    plaintext = link.open_chunk(header, ciphertext)  # authentic from the holder...
+    with pytest.raises(IntegrityError, match="manifest"):
+        plan.accept(header.index, plaintext)  # ...but not the owner's content
+    assert plan.have == {0}
+
+
+# --- ChunkPlan ------------------------------------------------------------------------------
+
+
+def zero_manifest(chunks: int, last: int = CHUNK) -> Manifest:
+    """A manifest whose chunks are all zero bytes (the last one `last` long)."""
+    size = (chunks - 1) * CHUNK + last
+    hashes = [hashlib.sha256(bytes(CHUNK)).digest()] * (chunks - 1)
+    hashes.append(hashlib.sha256(bytes(last)).digest())
+    return Manifest(
+        version=1,
+        share_id=b"\x00" * 16,
+        name="zeros",
+        size=size,
+        chunk_size=CHUNK,
+        chunk_hashes=b"".join(hashes),
+        sha256=hashlib.sha256(bytes(size)).digest(),
+        owner="alice",
+        owner_fp=b"\x01" * 32,
+        keywords=[],
+        created=0,
+    )
+
+
+def chunk_of(manifest: Manifest, index: int) -> bytes:
+    return bytes(manifest.chunk_length(index))
+
+
+def test_plan_keeps_at_most_window_in_flight() -> None:
+    manifest = zero_manifest(10)
+    plan = ChunkPlan(manifest, window=3)
+    assert plan.next_requests() == [0, 1, 2]
+    assert plan.next_requests() == []  # the window is full
+    plan.accept(1, chunk_of(manifest, 1))
+    assert plan.next_requests() == [3]
+    assert plan.in_flight == {0, 2, 3}
+    plan.accept(0, chunk_of(manifest, 0))
+    plan.accept(3, chunk_of(manifest, 3))
+    assert plan.next_requests() == [4, 5]
+    assert len(plan.in_flight) == 3
+
+
+def test_plan_never_rerequests_chunks_it_has() -> None:
+    manifest = zero_manifest(6)
+    plan = ChunkPlan(manifest, window=2, have={0, 2, 3})
+    assert plan.next_requests() == [1, 4]
+    plan.accept(4, chunk_of(manifest, 4))
+    assert plan.next_requests() == [5]
+    plan.accept(1, chunk_of(manifest, 1))
+    plan.accept(5, chunk_of(manifest, 5))
+    assert plan.complete
+    assert plan.next_requests() == []
+
+
+def test_plan_refuses_a_chunk_never_requested() -> None:
+    manifest = zero_manifest(5)
+    plan = ChunkPlan(manifest, window=2)
+    assert plan.next_requests() == [0, 1]
+    with pytest.raises(IntegrityError, match="without being requested"):
+        plan.accept(3, chunk_of(manifest, 3))
+    plan.accept(0, chunk_of(manifest, 0))
+    with pytest.raises(IntegrityError, match="without being requested"):
+        plan.accept(0, chunk_of(manifest, 0))  # a duplicate is not requested either
+    assert plan.have == {0}
+
+
+def test_plan_refuses_a_chunk_of_the_wrong_length() -> None:
+    manifest = zero_manifest(2, last=100)
+    plan = ChunkPlan(manifest, window=2)
+    plan.next_requests()
+    with pytest.raises(IntegrityError):
+        plan.accept(1, bytes(CHUNK))  # a full chunk where a 100-byte one belongs
+    with pytest.raises(IntegrityError):
+        plan.accept(1, bytes(99))
+    with pytest.raises(IntegrityError):
+        plan.accept(0, b"\x01" + bytes(CHUNK - 1))
+    assert plan.in_flight == {0, 1}
+    plan.accept(1, bytes(100))
+    assert plan.bytes_done == 100
+    assert not plan.complete
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    chunks=st.integers(1, 12),
+    window=st.integers(1, 6),
+    seed=st.integers(0, 2**32),
+)
+def test_plan_completes_in_any_arrival_order(chunks: int, window: int, seed: int) -> None:
+    manifest = zero_manifest(chunks, last=1 + seed % CHUNK)
+    plan = ChunkPlan(manifest, window)
+    chooser = random.Random(seed)
+    requested: list[int] = []
+    while not plan.complete:
+        requested += plan.next_requests()
+        assert 0 < len(plan.in_flight) <= window
+        index = chooser.choice(sorted(plan.in_flight))
+        plan.accept(index, chunk_of(manifest, index))
+    assert sorted(requested) == list(range(chunks))
+    assert plan.bytes_done == manifest.size
+    assert plan.next_requests() == []
+
+
+# --- malformed frames never break the holder ------------------------------------------------
+
+
+def envelope(op: Any = "get", body: Any = None, v: Any = 1, rid: Any = 0) -> bytes:
+    return pack({"v": v, "op": op, "rid": rid, "body": {} if body is None else body})
+
+
+TID = b"\x11" * 16
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        b"",
+        b"\xc1",  # never used in msgpack
+        b"\x92\x01",  # truncated array
+        pack([1, 2, 3]),
+        pack({"v": 1, "op": "get", "rid": 0}),  # no body
+        pack({"v": 1, "op": "get", "rid": 0, "body": {}, "extra": 1}),
+        envelope(v=2, body={"transfer_id": TID, "index": 0}),
+        envelope(v=True, body={"transfer_id": TID, "index": 0}),
+        envelope(rid=-1, body={"transfer_id": TID, "index": 0}),
+        envelope(op=7),
+        envelope(op="offer"),  # a reply, not a request
+        envelope(op="chunk", body={"transfer_id": TID, "index": 0}),
+        envelope(op="register"),  # a broker request
+        envelope(op="nonsense"),
+        envelope(body=[1, 2]),
+        envelope(body={"transfer_id": TID, "index": "0"}),
+        envelope(body={"transfer_id": TID, "index": -1}),
+        envelope(body={"transfer_id": TID, "index": 1.0}),
+        envelope(body={"transfer_id": TID, "index": True}),
+        envelope(body={"transfer_id": TID, "index": 2**32 + 1}),
+        envelope(body={"transfer_id": TID[:15], "index": 0}),
+        envelope(body={"transfer_id": "x" * 16, "index": 0}),
+        envelope(body={"transfer_id": TID}),
+        envelope(body={"transfer_id": TID, "index": 0, "more": 1}),
+        envelope(op="finish", body={"transfer_id": None}),
+        envelope(op="hello", body={"file_id": "0" * 32}),
+        envelope(
+            op="hello",
+            body={
+                "file_id": "../../etc/passwd",
+                "requester": "bob",
+                "bundle": {"rsa_public": b"x", "curve_public": b"\x00" * 32},
+                "nonce": b"\x00" * 32,
+                "holder_fp": b"\x00" * 32,
+                "signature": b"",
+            },
+        ),
+        envelope(
+            op="hello",
+            body={
+                "file_id": "0" * 32,
+                "requester": "bob",
+                "bundle": "not a bundle",
+                "nonce": b"\x00" * 32,
+                "holder_fp": b"\x00" * 32,
+                "signature": b"",
+            },
+        ),
+    ],
+)
+def test_malformed_frames_get_one_bad_request_reply(rig: Rig, frame: bytes) -> None:
+    as_error(rig.service.handle(CONN, None, frame), ErrorCode.BAD_REQUEST)
+
+
+def test_hello_with_wrong_types_inside_a_valid_hello(
+    rig: Rig, shared: Shared, bob: Identity, alice: Identity
+) -> None:
+    body = to_wire(link_for(bob, alice.bundle, shared).hello())
+    for key, bad in [("nonce", 5), ("holder_fp", "x" * 32), ("requester", "Bob!"), ("bundle", {})]:
+        frame = pack({"v": 1, "op": "hello", "rid": 0, "body": {**body, key: bad}})
+        as_error(rig.service.handle(CONN, None, frame), ErrorCode.BAD_REQUEST)
+    assert rig.service.active_transfers == 0
+
+
+def decodes_to_finish(frame: bytes) -> bool:
+    try:
+        request = protocol.decode_body(protocol.decode_envelope(frame), protocol.PEER_REQUESTS)
+    except ProtocolError:
+        return False
+    return isinstance(request, protocol.Finish)
+
+
+def check_never_raises(service: HolderService, frame: bytes) -> None:
+    frames = service.handle(CONN, None, frame)
+    if frames == [] and decodes_to_finish(frame):
+        return
+    assert len(frames) == 1
+    reply = protocol.decode_envelope(frames[0])
+    assert reply.op == "error"
+    error = from_wire(protocol.ErrorBody, reply.body, "error")
+    assert error.code in {ErrorCode.BAD_REQUEST, ErrorCode.NOT_FOUND, ErrorCode.FORBIDDEN}
+
+
+_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**63), 2**64 - 1),
+    st.floats(allow_nan=False),
+    st.text(max_size=40),
+    st.binary(max_size=40),
+)
+_values = st.recursive(
+    _scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+_field_names = st.sampled_from(
+    ["transfer_id", "index", "file_id", "requester", "bundle", "nonce", "holder_fp", "signature"]
+)
+_bodies = st.dictionaries(_field_names | st.text(max_size=12), _values, max_size=7)
+
+
+@pytest.fixture(scope="module")
+def fuzz_service(alice: Identity) -> HolderService:
+    shared = share_of(alice, DATA)
+    return Rig(alice, {"data.bin": DATA}, [shared]).service
+
+
+@settings(max_examples=300, deadline=None)
+@given(frame=st.binary(max_size=200))
+def test_random_bytes_never_break_the_holder(fuzz_service: HolderService, frame: bytes) -> None:
+    check_never_raises(fuzz_service, frame)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    op=st.sampled_from(["hello", "get", "finish", "offer", "error"]) | st.text(max_size=10),
+    body=_bodies,
+    version=st.sampled_from([1, 1, 1, 0, 2, "1"]),
+    rid=st.sampled_from([0, 7, -1, 2**63]),
+)
+def test_random_envelopes_never_break_the_holder(
+    fuzz_service: HolderService, op: str, body: dict[str, Any], version: Any, rid: int
+) -> None:
+    check_never_raises(fuzz_service, pack({"v": version, "op": op, "rid": rid, "body": body}))
