@@ -92,7 +92,7 @@ class BrokerServer:
         except zmq.ZMQError as exc:
             sock.close(linger=0)
             raise TransportError(f"cannot listen on {self._bind}: {exc}") from exc
-        self.endpoint = sock.last_endpoint.decode()
+        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         return sock
 
     def _route(self, frontend: zmq.Socket[bytes], backend: zmq.Socket[bytes]) -> None:
@@ -151,4 +151,4 @@ def _client_key(frame: zmq.Frame) -> bytes:
         user_id = frame.get("User-Id")
     except zmq.ZMQError:
         return b""
-    return zmq.utils.z85.decode(user_id) if user_id else b""
+    return zmq.utils.z85.decode(str(user_id)) if user_id else b""

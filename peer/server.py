@@ -67,7 +67,7 @@ class PeerServer:
                 sock.bind(self._listen)
             except zmq.ZMQError as exc:
                 raise TransportError(f"cannot listen on {self._listen}: {exc}") from exc
-            self.endpoint = sock.last_endpoint.decode()
+            self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
             if self._on_ready is not None:
                 self._on_ready(self.endpoint)
             self._loop(sock)
@@ -94,7 +94,7 @@ class PeerServer:
 
 def _client_key(frame: zmq.Frame) -> bytes | None:
     user_id = frame.get("User-Id")
-    return zmq.utils.z85.decode(user_id) if user_id else None
+    return zmq.utils.z85.decode(str(user_id)) if user_id else None
 
 
 class Heartbeat(threading.Thread):

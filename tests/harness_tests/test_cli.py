@@ -161,3 +161,13 @@ def test_demo_runs_from_a_clean_state() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert "demo finished" in done.stdout
     assert "matches the original" in done.stdout
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_broker_stops_cleanly_on_signal(sig: int) -> None:
+    with Cluster() as own:
+        broker = own.start_broker()
+        assert broker.stop(sig) == 0
+        log = broker.output()
+        assert "stopped" in log
+        assert "Traceback" not in log
