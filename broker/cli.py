@@ -6,7 +6,6 @@ import logging
 import time
 from pathlib import Path
 
-import typer
 import zmq
 from rich.table import Table
 
@@ -19,6 +18,7 @@ from sfs.common.cli import (
     JsonOption,
     command,
     install_signal_handlers,
+    new_app,
     print_json,
     stdout,
 )
@@ -26,12 +26,7 @@ from sfs.common.config import BrokerConfig, load_broker_config, parse_z85_key
 from sfs.common.errors import ConfigError, KeyFileError
 from sfs.common.files import make_private_dir, read_private_file, write_private_file
 
-app = typer.Typer(
-    help="The sfs index broker: users, key bundles, shared files and who is online.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
+app = new_app("The sfs index broker: users, key bundles, shared files and who is online.")
 
 
 @app.command()

@@ -19,20 +19,12 @@ from sfs.common import crypto, protocol
 from sfs.common.codec import Record
 from sfs.common.errors import IntegrityError, ProtocolError, SfsError, UsageError
 from sfs.common.manifest import file_id_of, verify_manifest
-from sfs.common.protocol import ErrorCode
+from sfs.common.protocol import ErrorCode, Refused
 
 log = logging.getLogger("sfs.broker")
 
 CHALLENGE_TTL = 60
 MAX_PENDING_CHALLENGES = 10_000
-
-
-class Refused(SfsError):
-    """A request the broker answers with an error code."""
-
-    def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,13 @@ stderr = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def new_app(help_text: str) -> typer.Typer:
+    """A Typer app whose errors go through `command` rather than rich tracebacks."""
+    return typer.Typer(
+        help=help_text, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False
+    )
+
+
 def command(function: F) -> F:
     """Run a CLI command: sfs errors print one line on stderr and exit non-zero;
     anything else is a bug, reported in one line unless --debug asks for the traceback."""

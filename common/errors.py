@@ -10,7 +10,8 @@ and `str(error)` is the one line a user sees.
     ├── IntegrityError    a signature, AEAD tag or hash did not verify
     ├── TrustError        a key does not match the fingerprint pinned for its user
     ├── TransportError    the other side did not answer or could not be reached
-    └── RemoteError       the other side answered with an error (carries its code)
+    ├── RemoteError       the other side answered with an error (carries its code)
+    └── protocol.Refused  raised by a server to answer a request with an error code
 
 Foreign exceptions (zmq, sqlite3, msgpack, yaml, OSError) are translated into this
 tree where they happen, with `raise ... from exc`, so the CLI catches only these.

@@ -22,7 +22,7 @@ from enum import StrEnum
 from typing import Annotated, Any
 
 from sfs.common.codec import MaxLen, Pattern, Range, Record, Size, from_wire, pack, to_wire, unpack
-from sfs.common.errors import ProtocolError, RemoteError
+from sfs.common.errors import ProtocolError, RemoteError, SfsError
 from sfs.common.identity import KeyBundle
 
 VERSION = 1
@@ -57,6 +57,14 @@ class ErrorCode(StrEnum):
     CONFLICT = "conflict"  # e.g. username taken
     BUSY = "busy"  # try again later
     INTERNAL = "internal"  # a bug or a storage failure on the other side
+
+
+class Refused(SfsError):
+    """A request a server answers with an error reply (`code`, and this message)."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 # --- envelope ---------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from sfs.common.cli import (
     JsonOption,
     command,
     install_signal_handlers,
+    new_app,
     print_json,
     stderr,
     stdout,
@@ -39,12 +40,7 @@ from sfs.peer.download import Progress as ProgressCallback
 from sfs.peer.node import Peer
 from sfs.peer.registry import Share
 
-app = typer.Typer(
-    help="An sfs peer: share files, find them, and download them directly from their owners.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
+app = new_app("An sfs peer: share files, find them, and download them directly from their owners.")
 
 PasswordStdin = Annotated[
     bool, typer.Option("--password-stdin", help="Read the password from standard input.")

@@ -22,7 +22,7 @@ from sfs.common.config import PeerConfig
 from sfs.common.errors import RemoteError, SfsError, TrustError, UsageError
 from sfs.common.identity import KeyBundle, format_fingerprint
 from sfs.common.manifest import file_id_of
-from sfs.common.protocol import ErrorCode
+from sfs.common.protocol import ErrorCode, Refused
 from sfs.peer import keys, session
 from sfs.peer.client import BrokerClient
 from sfs.peer.download import Downloader, DownloadResult, Progress
@@ -30,7 +30,7 @@ from sfs.peer.pins import Pin, PinStore
 from sfs.peer.registry import Share, ShareRegistry
 from sfs.peer.server import Heartbeat, PeerServer
 from sfs.peer.share import build_manifest, check_usernames, normalise_keywords, shareable_file
-from sfs.peer.transfer import HolderService, Refusal
+from sfs.peer.transfer import HolderService
 
 log = logging.getLogger("sfs.peer")
 
@@ -288,16 +288,16 @@ class _RequesterCheck:
                 registered = self._broker.bundle(self._token, username)
             except RemoteError as exc:
                 if exc.code == ErrorCode.NOT_FOUND:
-                    raise Refusal(ErrorCode.FORBIDDEN, f"{username} is not registered") from exc
-                raise Refusal(ErrorCode.BUSY, "the holder cannot check your key now") from exc
+                    raise Refused(ErrorCode.FORBIDDEN, f"{username} is not registered") from exc
+                raise Refused(ErrorCode.BUSY, "the holder cannot check your key now") from exc
             except SfsError as exc:
-                raise Refusal(ErrorCode.BUSY, "the holder cannot check your key now") from exc
+                raise Refused(ErrorCode.BUSY, "the holder cannot check your key now") from exc
             if not crypto.same_bytes(registered.fingerprint(), bundle.fingerprint()):
-                raise Refusal(ErrorCode.FORBIDDEN, "your key is not the one registered for you")
+                raise Refused(ErrorCode.FORBIDDEN, "your key is not the one registered for you")
         try:
             self._pins.check(username, bundle)
         except TrustError as exc:
             log.warning("refused a request: %s", exc)
-            raise Refusal(
+            raise Refused(
                 ErrorCode.FORBIDDEN, "your key does not match the one this holder pinned for you"
             ) from exc

@@ -23,7 +23,7 @@ from sfs.common import crypto, protocol
 from sfs.common.errors import IntegrityError, ProtocolError, SfsError
 from sfs.common.identity import KeyBundle
 from sfs.common.manifest import Manifest, decode_manifest, manifest_digest
-from sfs.common.protocol import ErrorCode
+from sfs.common.protocol import ErrorCode, Refused
 from sfs.peer.keys import Identity
 from sfs.peer.registry import Share
 
@@ -157,12 +157,6 @@ ChunkReader = Callable[[Share, int, int], bytes]  # (share, offset, length) -> b
 RequesterCheck = Callable[[str, KeyBundle], None]  # raises SfsError to refuse
 
 
-class Refusal(SfsError):
-    def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
 @dataclass
 class _Outgoing:
     share: Share
@@ -212,7 +206,7 @@ class HolderService:
             return []
         except ProtocolError as exc:
             return [protocol.encode_error(ErrorCode.BAD_REQUEST, str(exc))]
-        except Refusal as exc:
+        except Refused as exc:
             return [protocol.encode_error(exc.code, str(exc))]
         except SfsError as exc:
             return [protocol.encode_error(ErrorCode.FORBIDDEN, str(exc))]
@@ -229,24 +223,24 @@ class HolderService:
         self, hello: protocol.Hello, connection: bytes, client_key: bytes | None
     ) -> protocol.Offer:
         if not crypto.same_bytes(hello.holder_fp, self._identity.fingerprint):
-            raise Refusal(ErrorCode.BAD_REQUEST, "this hello is addressed to another holder")
+            raise Refused(ErrorCode.BAD_REQUEST, "this hello is addressed to another holder")
         if client_key is not None and client_key != hello.bundle.curve_public:
-            raise Refusal(ErrorCode.FORBIDDEN, "the connection's key is not the requester's")
+            raise Refused(ErrorCode.FORBIDDEN, "the connection's key is not the requester's")
         crypto.verify(
             hello.bundle.rsa_key(), hello.signature, protocol.hello_payload(hello), "hello"
         )
         share = self._lookup_share(hello.file_id)
         if share is None:
-            raise Refusal(ErrorCode.NOT_FOUND, f"file {hello.file_id} is not shared here")
+            raise Refused(ErrorCode.NOT_FOUND, f"file {hello.file_id} is not shared here")
         if not share.allows(hello.requester):
             log.info("refused %s: %s is not shared with them", hello.requester, hello.file_id)
-            raise Refusal(ErrorCode.FORBIDDEN, f"file {hello.file_id} is not shared with you")
+            raise Refused(ErrorCode.FORBIDDEN, f"file {hello.file_id} is not shared with you")
         self._check_requester(hello.requester, hello.bundle)
         if len(self._transfers) >= MAX_TRANSFERS or (
             sum(o.connection == connection for o in self._transfers.values())
             >= MAX_TRANSFERS_PER_CONNECTION
         ):
-            raise Refusal(ErrorCode.BUSY, "the holder is serving too many transfers; retry")
+            raise Refused(ErrorCode.BUSY, "the holder is serving too many transfers; retry")
 
         secret = crypto.TransferSecret.generate()
         unsigned = protocol.Offer(
@@ -277,7 +271,7 @@ class HolderService:
         outgoing = self._transfers.get(transfer_id)
         # A transfer belongs to the connection that said hello.
         if outgoing is None or outgoing.connection != connection:
-            raise Refusal(ErrorCode.NOT_FOUND, "unknown or expired transfer")
+            raise Refused(ErrorCode.NOT_FOUND, "unknown or expired transfer")
         outgoing.last_active = self._clock()
         return outgoing
 
@@ -285,16 +279,16 @@ class HolderService:
         outgoing = self._transfer(request.transfer_id, connection)
         manifest = outgoing.manifest
         if request.index >= manifest.chunk_count:
-            raise Refusal(ErrorCode.BAD_REQUEST, f"chunk {request.index} is out of range")
+            raise Refused(ErrorCode.BAD_REQUEST, f"chunk {request.index} is out of range")
         length = manifest.chunk_length(request.index)
         try:
             data = self._read_chunk(outgoing.share, request.index * manifest.chunk_size, length)
         except OSError as exc:
-            raise Refusal(
+            raise Refused(
                 ErrorCode.INTERNAL, f"the holder cannot read {outgoing.share.name} any more"
             ) from exc
         if len(data) != length:
-            raise Refusal(
+            raise Refused(
                 ErrorCode.INTERNAL,
                 f"{outgoing.share.name} changed on the holder since it was shared",
             )

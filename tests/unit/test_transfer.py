@@ -19,12 +19,12 @@ from sfs.common.codec import Record, from_wire, pack, to_wire
 from sfs.common.errors import IntegrityError, ProtocolError, TrustError
 from sfs.common.identity import KeyBundle
 from sfs.common.manifest import MIN_CHUNK_SIZE, Manifest, file_id_of, manifest_digest
-from sfs.common.protocol import ErrorCode
+from sfs.common.protocol import ErrorCode, Refused
 from sfs.peer import transfer
 from sfs.peer.keys import Identity, create_identity
 from sfs.peer.partial import PartialFile
 from sfs.peer.registry import Share
-from sfs.peer.transfer import ChunkPlan, HolderService, ReceiverLink, Refusal
+from sfs.peer.transfer import ChunkPlan, HolderService, ReceiverLink
 
 CHUNK = MIN_CHUNK_SIZE
 CONN = b"connection-1"
@@ -431,8 +431,8 @@ def test_hello_with_a_malformed_bundle_key_is_refused(
 @pytest.mark.parametrize(
     ("exception", "code"),
     [
-        (Refusal(ErrorCode.FORBIDDEN, "your key is not the one registered for you"), "forbidden"),
-        (Refusal(ErrorCode.BUSY, "the holder cannot check your key now"), "busy"),
+        (Refused(ErrorCode.FORBIDDEN, "your key is not the one registered for you"), "forbidden"),
+        (Refused(ErrorCode.BUSY, "the holder cannot check your key now"), "busy"),
         (TrustError("the key of bob has changed"), "forbidden"),
         (RuntimeError("a bug in the checker"), "internal"),
     ],
