@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import zmq
-from rich.table import Table
 
 from sfs.broker.server import BrokerServer
 from sfs.broker.service import BrokerService, BrokerSettings
@@ -16,6 +15,7 @@ from sfs.common.cli import (
     ConfigOption,
     DebugOption,
     JsonOption,
+    SafeTable,
     command,
     install_signal_handlers,
     new_app,
@@ -98,7 +98,7 @@ def status(config: ConfigOption, json: JsonOption = False, debug: DebugOption = 
     stdout.print(
         f"{len(stats.users)} users, {stats.files} shared files, {len(stats.online)} online"
     )
-    table = Table("user", "online", "endpoint")
+    table = SafeTable("user", "online", "endpoint")
     endpoints = {name: endpoint for name, endpoint, _ in stats.online}
     for name, online in stats.users:
         table.add_row(name, "yes" if online else "no", endpoints.get(name, ""))

@@ -8,12 +8,16 @@ import json
 import logging
 import signal
 import sys
+import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
-from rich.console import Console
+from rich.console import Console, RenderableType
+from rich.style import StyleType
+from rich.table import Table
+from rich.text import Text
 
 from sfs.common.errors import SfsError
 
@@ -32,8 +36,29 @@ DebugOption = Annotated[
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
 
-stdout = Console()
-stderr = Console(stderr=True)
+# No markup and no highlighting: what we print includes names chosen by other people.
+stdout = Console(markup=False, highlight=False)
+stderr = Console(stderr=True, markup=False, highlight=False)
+
+
+def printable(text: str) -> str:
+    """Text from other people, safe for a terminal: control and format characters
+    (escape sequences, bidi overrides) become U+FFFD."""
+    return "".join("\ufffd" if unicodedata.category(ch)[0] == "C" else ch for ch in text)
+
+
+class SafeTable(Table):
+    """A table whose text cells are shown literally and printable."""
+
+    def add_row(
+        self,
+        *renderables: RenderableType | None,
+        style: StyleType | None = None,
+        end_section: bool = False,
+    ) -> None:
+        cells = [Text(printable(r)) if isinstance(r, str) else r for r in renderables]
+        super().add_row(*cells, style=style, end_section=end_section)
+
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -72,7 +97,7 @@ def command(function: F) -> F:
 
 
 def fail(message: str, code: int = 1) -> None:
-    print(f"error: {message}", file=sys.stderr)
+    print(f"error: {printable(message)}", file=sys.stderr)
     raise typer.Exit(code)
 
 

@@ -20,12 +20,12 @@ from rich.progress import (
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
-from rich.table import Table
 
 from sfs.common.cli import (
     ConfigOption,
     DebugOption,
     JsonOption,
+    SafeTable,
     command,
     install_signal_handlers,
     new_app,
@@ -104,8 +104,8 @@ def _when(timestamp: int) -> str:
 _WHOLE = {"file id": 32, "fingerprint": 64}  # columns that must never be cut
 
 
-def _table(*headers: str) -> Table:
-    table = Table()
+def _table(*headers: str) -> SafeTable:
+    table = SafeTable()
     for header in headers:
         table.add_column(
             header, no_wrap=header in _WHOLE, min_width=_WHOLE.get(header), overflow="fold"

@@ -229,13 +229,14 @@ class HolderService:
         crypto.verify(
             hello.bundle.rsa_key(), hello.signature, protocol.hello_payload(hello), "hello"
         )
+        # Who is asking comes first: strangers learn nothing about what is shared here.
+        self._check_requester(hello.requester, hello.bundle)
         share = self._lookup_share(hello.file_id)
         if share is None:
             raise Refused(ErrorCode.NOT_FOUND, f"file {hello.file_id} is not shared here")
         if not share.allows(hello.requester):
             log.info("refused %s: %s is not shared with them", hello.requester, hello.file_id)
             raise Refused(ErrorCode.FORBIDDEN, f"file {hello.file_id} is not shared with you")
-        self._check_requester(hello.requester, hello.bundle)
         if len(self._transfers) >= MAX_TRANSFERS or (
             sum(o.connection == connection for o in self._transfers.values())
             >= MAX_TRANSFERS_PER_CONNECTION

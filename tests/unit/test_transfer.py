@@ -1032,3 +1032,16 @@ def test_random_envelopes_never_break_the_holder(
     fuzz_service: HolderService, op: str, body: dict[str, Any], version: Any, rid: int
 ) -> None:
     check_never_raises(fuzz_service, pack({"v": version, "op": op, "rid": rid, "body": body}))
+
+
+@pytest.mark.parametrize("known", [True, False], ids=["shared-file", "unknown-file"])
+def test_a_stranger_learns_nothing_about_what_is_shared(
+    alice: Identity, bob: Identity, shared: Shared, known: bool
+) -> None:
+    def stranger(username: str, bundle: KeyBundle) -> None:
+        raise Refused(ErrorCode.FORBIDDEN, f"{username} is not registered")
+
+    rig = Rig(alice, {"data.bin": DATA}, [shared], check_requester=stranger)
+    link = link_for(bob, alice.bundle, shared, None if known else "f" * 32)
+    # The same answer whether or not the file exists: the identity check comes first.
+    assert as_error(rig.send("hello", link.hello()), ErrorCode.FORBIDDEN) == "bob is not registered"
