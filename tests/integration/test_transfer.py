@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import os
 import threading
@@ -10,7 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from sfs.common.errors import IntegrityError, RemoteError, TrustError
+from sfs.common.errors import (
+    IntegrityError,
+    RemoteError,
+    StorageError,
+    TransportError,
+    TrustError,
+)
 from sfs.common.manifest import DEFAULT_CHUNK_SIZE
 from sfs.peer import node
 from sfs.peer.download import OwnerOffline
@@ -336,3 +343,56 @@ def test_hostile_name_in_manifest_stays_in_download_folder(
         - {tmp_path / "alice" / "pins.json", tmp_path / "bob" / "pins.json"}
     )
     assert new == {result.path}
+
+
+# --- the requester's side fails: vanishing holders, full or unusable disks ---------------
+
+
+def test_holder_that_stops_answering_mid_transfer(
+    network: Network, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alice = network.add("alice", serve=True)
+    bob = network.add("bob")
+    write(tmp_path / "data.bin", 3 * MiB)
+    share = alice.share(tmp_path / "data.bin")
+    original = HolderService._chunk
+
+    def vanish_after_chunk_one(self: HolderService, request, connection):  # type: ignore[no-untyped-def]
+        return original(self, request, connection) if request.index < 2 else []
+
+    monkeypatch.setattr(HolderService, "_chunk", vanish_after_chunk_one)
+    with pytest.raises(TransportError, match=r"alice at tcp://127\.0\.0\.1:[0-9]+ did not send"):
+        bob.get(share.file_id)
+    assert leftovers(bob.config.download_dir) == []
+
+
+def test_full_disk_cancels_cleanly(
+    network: Network, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alice = network.add("alice", serve=True)
+    bob = network.add("bob")
+    write(tmp_path / "data.bin", 3 * MiB)
+    share = alice.share(tmp_path / "data.bin")
+    real_pwrite = os.pwrite
+
+    def disk_full_at_chunk_two(fd: int, data: bytes, offset: int) -> int:
+        if offset >= 2 * MiB:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", disk_full_at_chunk_two)
+    with pytest.raises(StorageError, match="no space left in"):
+        bob.get(share.file_id)
+    assert leftovers(bob.config.download_dir) == []
+
+
+def test_unusable_download_folder(network: Network, tmp_path: Path) -> None:
+    alice = network.add("alice", serve=True)
+    bob = network.add("bob")
+    write(tmp_path / "data.bin", 10)
+    share = alice.share(tmp_path / "data.bin")
+    not_a_folder = tmp_path / "a-file"
+    not_a_folder.write_text("in the way")
+    with pytest.raises(StorageError, match="cannot write in"):
+        bob.get(share.file_id, out=not_a_folder)
+    assert not_a_folder.read_text() == "in the way"
