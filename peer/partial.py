@@ -2,8 +2,9 @@
 chunk at each chunk's offset, then checked, fsynced and renamed into place.
 
 The final path never holds unverified bytes: until `finish` has checked the whole-file
-hash, the data lives only in `.sfs-<file id>.part`, which `discard` removes.
-The name on disk comes from `safe_filename`, never straight from the network.
+hash, the data lives only in a temporary `.sfs-<file id>.<random>.part` of this download
+alone, which `discard` removes. The final name comes from `safe_filename`, never straight
+from the network, and never replaces an existing file.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import tempfile
 import unicodedata
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from sfs.common import crypto
 from sfs.common.errors import IntegrityError, StorageError
 
 MAX_NAME_BYTES = 255
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK}
 
 
 def safe_filename(name: str, fallback: str) -> str:
@@ -31,17 +34,41 @@ def safe_filename(name: str, fallback: str) -> str:
     return cleaned or fallback
 
 
-def _unused_path(folder: Path, name: str) -> Path:
-    """`name` in `folder`, or `stem (1).ext`, `stem (2).ext`... if taken."""
-    candidate = folder / name
+def _numbered(name: str, number: int) -> str:
+    """`stem (N).ext`, shortening the stem so the result still fits a file name."""
     stem, dot, suffix = name.rpartition(".")
     if not stem:
         stem, dot, suffix = name, "", ""
-    number = 1
-    while candidate.exists() or candidate.is_symlink():
-        candidate = folder / f"{stem} ({number}){dot}{suffix}"
-        number += 1
-    return candidate
+    tail = f" ({number}){dot}{suffix}"
+    while stem and len((stem + tail).encode()) > MAX_NAME_BYTES:
+        stem = stem[:-1]
+    return stem + tail
+
+
+def _link_unused(source: Path, folder: Path, name: str) -> Path:
+    """Give `source` the name `name` in `folder`, or `stem (1).ext`, `stem (2).ext`...:
+    `os.link` fails rather than replace a file that exists, even one made a moment ago."""
+    number = 0
+    while True:
+        candidate = folder / (_numbered(name, number) if number else name)
+        try:
+            os.link(source, candidate, follow_symlinks=False)
+        except FileExistsError:
+            number += 1
+            continue
+        except OSError as exc:
+            if exc.errno not in _NO_HARD_LINKS:
+                raise
+            # A file system without hard links (FAT, some network mounts): check, then
+            # rename; only a file created in the instant between the two is at risk.
+            if candidate.exists() or candidate.is_symlink():
+                number += 1
+                continue
+            source.rename(candidate)
+            return candidate
+        with contextlib.suppress(OSError):
+            source.unlink()
+        return candidate
 
 
 def _storage_error(exc: OSError, folder: Path) -> StorageError:
@@ -53,7 +80,6 @@ def _storage_error(exc: OSError, folder: Path) -> StorageError:
 class PartialFile:
     def __init__(self, folder: Path, file_id: str, size: int, chunk_size: int) -> None:
         self.folder = folder
-        self.path = folder / f".sfs-{file_id}.part"
         self._size = size
         self._chunk_size = chunk_size
         self._chunk_count = -(-size // chunk_size)
@@ -63,8 +89,9 @@ class PartialFile:
         self._waiting: dict[int, int] = {}  # written out of order: index -> length
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            self.path.unlink(missing_ok=True)  # a leftover from an earlier failed run
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            # mkstemp: mode 0600, a name no other download (or process) is using
+            self._fd, name = tempfile.mkstemp(prefix=f".sfs-{file_id}.", suffix=".part", dir=folder)
+            self.path = Path(name)
         except OSError as exc:
             raise _storage_error(exc, folder) from exc
 
@@ -97,11 +124,11 @@ class PartialFile:
             os.fsync(self._fd)
             os.close(self._fd)
             self._fd = -1
-            target = _unused_path(self.folder, name)
-            self.path.replace(target)
-            _fsync_dir(self.folder)
+            target = _link_unused(self.path, self.folder, name)
         except OSError as exc:
             raise _storage_error(exc, self.folder) from exc
+        with contextlib.suppress(OSError):  # the file is complete; this only hurries the disk
+            _fsync_dir(self.folder)
         return target
 
     def discard(self) -> None:

@@ -7,14 +7,13 @@ Stored in data_dir/pins.json as {username: {"fingerprint": hex, "source": ...}}.
 from __future__ import annotations
 
 import json
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from sfs.common import crypto
 from sfs.common.errors import StorageError, TrustError
-from sfs.common.files import write_private_file
+from sfs.common.files import locked, write_private_file
 from sfs.common.identity import KeyBundle, format_fingerprint
 
 
@@ -29,8 +28,6 @@ class Pin:
 class PinStore:
     def __init__(self, path: Path) -> None:
         self._path = path
-        self._lock = threading.Lock()  # the peer server checks pins from one thread only,
-        # but the lock keeps read-modify-write safe if that ever changes
 
     def _load(self) -> dict[str, Pin]:
         try:
@@ -56,11 +53,11 @@ class PinStore:
         write_private_file(self._path, json.dumps(data, indent=2).encode() + b"\n")
 
     def all(self) -> list[Pin]:
-        with self._lock:
+        with locked(self._path):
             return sorted(self._load().values(), key=lambda p: p.username)
 
     def get(self, username: str) -> Pin | None:
-        with self._lock:
+        with locked(self._path):
             return self._load().get(username)
 
     def check(self, username: str, bundle: KeyBundle) -> bool:
@@ -69,7 +66,7 @@ class PinStore:
         Returns True if the pin was new. Raises `TrustError` if the key changed.
         """
         fingerprint = bundle.fingerprint()
-        with self._lock:
+        with locked(self._path):
             pins = self._load()
             pin = pins.get(username)
             if pin is None:
@@ -86,7 +83,7 @@ class PinStore:
         return False
 
     def trust(self, username: str, fingerprint: bytes) -> None:
-        with self._lock:
+        with locked(self._path):
             pins = self._load()
             pins[username] = Pin(username, fingerprint, "trusted by hand", int(time.time()))
             self._save(pins)

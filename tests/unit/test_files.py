@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 
 from sfs.common import files
 from sfs.common.errors import KeyFileError, StorageError
-from sfs.common.files import make_private_dir, read_private_file, write_private_file
+from sfs.common.files import locked, make_private_dir, read_private_file, write_private_file
 
 
 def mode_of(path: Path) -> int:
@@ -58,13 +59,47 @@ def test_write_replaces_an_existing_file_atomically(tmp_path: Path, open_umask: 
     assert sorted(os.listdir(tmp_path)) == ["secret.key"]
 
 
-def test_write_replaces_a_stale_temp_file(tmp_path: Path) -> None:
-    stale = tmp_path / ".secret.key.tmp"
-    stale.write_bytes(b"left over from a crash")
-    stale.chmod(0o644)
+def test_write_never_touches_another_writers_temp_file(tmp_path: Path) -> None:
+    other = tmp_path / ".secret.key.tmp"
+    other.write_bytes(b"another process, mid-write")
     write_private_file(tmp_path / "secret.key", b"data")
     assert (tmp_path / "secret.key").read_bytes() == b"data"
-    assert not stale.exists()
+    assert other.read_bytes() == b"another process, mid-write"
+
+
+def test_concurrent_writers_never_leave_a_torn_file(tmp_path: Path) -> None:
+    target = tmp_path / "state.json"
+    payloads = [bytes([65 + n]) * 100_000 for n in range(8)]
+
+    def writer(data: bytes) -> None:
+        for _ in range(20):
+            write_private_file(target, data)
+
+    threads = [threading.Thread(target=writer, args=(p,)) for p in payloads]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert target.read_bytes() in payloads
+    assert sorted(os.listdir(tmp_path)) == ["state.json"]
+
+
+def test_locked_serialises_read_modify_write(tmp_path: Path) -> None:
+    counter = tmp_path / "counter"
+    counter.write_text("0")
+
+    def bump() -> None:
+        for _ in range(50):
+            with locked(counter):
+                value = int(counter.read_text())
+                write_private_file(counter, str(value + 1).encode())
+
+    threads = [threading.Thread(target=bump) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert counter.read_text() == "200"
 
 
 def test_failed_write_leaves_the_old_file_and_no_temp_file(

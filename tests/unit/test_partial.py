@@ -50,7 +50,8 @@ def new_partial(folder: Path, data: bytes = DATA) -> PartialFile:
 
 def test_chunks_in_order_give_the_file(tmp_path: Path) -> None:
     partial = new_partial(tmp_path)
-    assert partial.path == tmp_path / f".sfs-{FILE_ID}.part"
+    assert partial.path.parent == tmp_path
+    assert partial.path.name.startswith(f".sfs-{FILE_ID}.") and partial.path.suffix == ".part"
     for index, chunk in enumerate(chunks()):
         partial.write(index, chunk)
     target = partial.finish(SHA, "report.pdf")
@@ -207,23 +208,58 @@ def test_final_file_follows_a_stricter_umask(tmp_path: Path) -> None:
     assert mode_of(target) == 0o640
 
 
-def test_a_leftover_partial_file_is_replaced(tmp_path: Path, umask_022: None) -> None:
-    leftover = tmp_path / f".sfs-{FILE_ID}.part"
-    leftover.write_bytes(b"junk" * 10 * CHUNK)  # longer than the download
-    leftover.chmod(0o666)
+def test_another_downloads_partial_file_is_left_alone(tmp_path: Path) -> None:
+    other = tmp_path / f".sfs-{FILE_ID}.part"
+    other.write_bytes(b"someone else's download")
     partial = new_partial(tmp_path)
-    assert partial.path == leftover
-    assert mode_of(leftover) == 0o600
-    assert leftover.stat().st_size == 0
+    assert partial.path != other
     for index, chunk in enumerate(chunks()):
         partial.write(index, chunk)
     assert partial.finish(SHA, "out.bin").read_bytes() == DATA
+    assert other.read_bytes() == b"someone else's download"
+
+
+def test_two_downloads_of_one_file_at_once_each_keep_their_own_bytes(tmp_path: Path) -> None:
+    first, second = new_partial(tmp_path), new_partial(tmp_path)
+    parts = chunks()
+    first.write(0, parts[0])  # the second download has barely started when the first ends
+    second.write(0, parts[0])
+    for index in range(1, len(parts)):
+        first.write(index, parts[index])
+    done = first.finish(SHA, "out.bin")
+    assert done.read_bytes() == DATA
+    second.discard()
+    assert done.read_bytes() == DATA
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
+
+
+def test_a_name_taken_at_the_last_moment_is_not_replaced(tmp_path: Path) -> None:
+    partial = new_partial(tmp_path)
+    for index, chunk in enumerate(chunks()):
+        partial.write(index, chunk)
+    (tmp_path / "out.bin").write_bytes(b"created while we downloaded")
+    target = partial.finish(SHA, "out.bin")
+    assert target.name == "out (1).bin"
+    assert (tmp_path / "out.bin").read_bytes() == b"created while we downloaded"
+
+
+def test_a_numbered_name_still_fits(tmp_path: Path) -> None:
+    long_name = "x" * 251 + ".bin"
+    (tmp_path / long_name).write_bytes(b"taken")
+    partial = new_partial(tmp_path)
+    for index, chunk in enumerate(chunks()):
+        partial.write(index, chunk)
+    target = partial.finish(SHA, long_name)
+    assert target.name.endswith(" (1).bin")
+    assert len(target.name.encode()) <= 255
+    assert target.read_bytes() == DATA
 
 
 def test_a_leftover_symlink_is_not_followed(tmp_path: Path) -> None:
     victim = tmp_path / "victim"
     victim.write_bytes(b"precious")
-    (tmp_path / f".sfs-{FILE_ID}.part").symlink_to(victim)
+    for name in (f".sfs-{FILE_ID}.part", "out.bin"):
+        (tmp_path / name).symlink_to(victim)
     partial = new_partial(tmp_path)
     partial.write(0, chunks()[0])
     assert victim.read_bytes() == b"precious"
