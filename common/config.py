@@ -185,7 +185,7 @@ def load_peer_config(path: Path) -> PeerConfig:
         broker_endpoint=broker.endpoint("endpoint"),
         broker_public_key=_broker_key(broker),
         transport_encryption=top.boolean("transport_encryption", True),
-        window=top.integer("window", 8, 1, 64),
+        window=top.integer("window", 8, 1, 32),
         heartbeat_interval=top.integer("heartbeat_interval", 10, 1, 3600),
         timeout=top.integer("timeout", 10, 1, 3600),
     )

@@ -265,7 +265,8 @@ class Peer:
 
 
 def _read_chunk(share: Share, offset: int, length: int) -> bytes:
-    fd = os.open(share.path, os.O_RDONLY)
+    # The path was resolved when the file was shared: a symlink there now is a swap.
+    fd = os.open(share.path, os.O_RDONLY | os.O_NOFOLLOW)
     try:
         return os.pread(fd, length, offset)
     finally:

@@ -25,6 +25,9 @@ from sfs.peer.transfer import HolderService
 log = logging.getLogger("sfs.peer")
 
 MAX_REQUEST_FRAME = 64 * 1024
+# Replies queued for one requester, at most; more than a window's worth means it is not
+# reading (a window is at most 32, see config), and its transfers are dropped.
+SEND_QUEUE_LIMIT = 40
 _POLL_MS = 500
 
 
@@ -59,6 +62,8 @@ class PeerServer:
         try:
             sock.linger = 0
             sock.maxmsgsize = MAX_REQUEST_FRAME
+            sock.sndhwm = SEND_QUEUE_LIMIT
+            sock.router_mandatory = True  # a full queue raises instead of silently dropping
             if self._encrypt:
                 sock.curve_server = True
                 sock.curve_secretkey = self._identity.curve_secret_z85
@@ -88,8 +93,13 @@ class PeerServer:
             connection, payload = frames
             client_key = _client_key(payload) if self._encrypt else None
             replies = self._service.handle(connection.bytes, client_key, payload.bytes)
-            if replies:
-                sock.send_multipart([connection.bytes, *replies], copy=False)
+            if not replies:
+                continue
+            try:
+                sock.send_multipart([connection.bytes, *replies], flags=zmq.NOBLOCK, copy=False)
+            except zmq.ZMQError as exc:  # not reading (queue full) or gone
+                log.info("dropped a requester that is not reading (%s)", exc.strerror)
+                self._service.drop_connection(connection.bytes)
 
 
 def _client_key(frame: zmq.Frame) -> bytes | None:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sfs.common import crypto, protocol
-from sfs.common.errors import IntegrityError, ProtocolError, SfsError
+from sfs.common.errors import IntegrityError, ProtocolError, SfsError, TrustError
 from sfs.common.identity import KeyBundle
 from sfs.common.manifest import Manifest, decode_manifest, manifest_digest
 from sfs.common.protocol import ErrorCode, Refused
@@ -151,7 +151,7 @@ class ChunkPlan:
 
 TRANSFER_IDLE_TIMEOUT = 120.0
 MAX_TRANSFERS = 64
-MAX_TRANSFERS_PER_CONNECTION = 4
+MAX_TRANSFERS_PER_REQUESTER = 4  # per user, whatever number of connections they open
 
 ChunkReader = Callable[[Share, int, int], bytes]  # (share, offset, length) -> bytes
 RequesterCheck = Callable[[str, KeyBundle], None]  # raises SfsError to refuse
@@ -206,10 +206,13 @@ class HolderService:
             return []
         except ProtocolError as exc:
             return [protocol.encode_error(ErrorCode.BAD_REQUEST, str(exc))]
+        except (IntegrityError, TrustError) as exc:  # a hello that does not prove who sent it
+            return [protocol.encode_error(ErrorCode.FORBIDDEN, str(exc))]
         except Refused as exc:
             return [protocol.encode_error(exc.code, str(exc))]
-        except SfsError as exc:
-            return [protocol.encode_error(ErrorCode.FORBIDDEN, str(exc))]
+        except SfsError as exc:  # a local problem (storage, say): details stay here
+            log.error("could not answer a requester: %s", exc)
+            return [protocol.encode_error(ErrorCode.INTERNAL, "the holder could not do that")]
         except Exception:
             log.exception("bug while answering a requester")
             return [protocol.encode_error(ErrorCode.INTERNAL, "the holder hit an internal error")]
@@ -237,10 +240,11 @@ class HolderService:
         if not share.allows(hello.requester):
             log.info("refused %s: %s is not shared with them", hello.requester, hello.file_id)
             raise Refused(ErrorCode.FORBIDDEN, f"file {hello.file_id} is not shared with you")
-        if len(self._transfers) >= MAX_TRANSFERS or (
-            sum(o.connection == connection for o in self._transfers.values())
-            >= MAX_TRANSFERS_PER_CONNECTION
+        if sum(o.requester == hello.requester for o in self._transfers.values()) >= (
+            MAX_TRANSFERS_PER_REQUESTER
         ):
+            raise Refused(ErrorCode.BUSY, "you have too many transfers from this holder open")
+        if len(self._transfers) >= MAX_TRANSFERS:
             raise Refused(ErrorCode.BUSY, "the holder is serving too many transfers; retry")
 
         secret = crypto.TransferSecret.generate()
@@ -288,7 +292,12 @@ class HolderService:
             raise Refused(
                 ErrorCode.INTERNAL, f"the holder cannot read {outgoing.share.name} any more"
             ) from exc
-        if len(data) != length:
+        # Send only what was shared: a file changed since would otherwise leak new content.
+        if len(data) != length or not crypto.same_bytes(
+            crypto.sha256(data), manifest.chunk_hash(request.index)
+        ):
+            log.warning("%s changed since it was shared; run share again", outgoing.share.path)
+            del self._transfers[request.transfer_id]
             raise Refused(
                 ErrorCode.INTERNAL,
                 f"{outgoing.share.name} changed on the holder since it was shared",
@@ -301,6 +310,11 @@ class HolderService:
             protocol.encode("chunk", header),
             outgoing.cipher.seal(request.index, data, associated),
         ]
+
+    def drop_connection(self, connection: bytes) -> None:
+        """Forget the transfers of a requester that stopped reading or went away."""
+        for transfer_id in [t for t, o in self._transfers.items() if o.connection == connection]:
+            del self._transfers[transfer_id]
 
     def _finish(self, request: protocol.Finish, connection: bytes) -> None:
         outgoing = self._transfers.get(request.transfer_id)

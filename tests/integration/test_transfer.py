@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from sfs.common import protocol
 from sfs.common.errors import (
     IntegrityError,
     RemoteError,
@@ -19,7 +20,6 @@ from sfs.common.errors import (
     TrustError,
 )
 from sfs.common.manifest import DEFAULT_CHUNK_SIZE
-from sfs.peer import node
 from sfs.peer.download import OwnerOffline
 from sfs.peer.node import Peer
 from sfs.peer.registry import Share
@@ -145,21 +145,41 @@ def test_tampered_ciphertext_cancels_and_leaves_nothing(
     assert leftovers(bob.config.download_dir) == []
 
 
-def test_content_not_matching_manifest_cancels(
+def test_authentic_chunk_not_matching_manifest_cancels(
     network: Network, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    original = node._read_chunk
-
-    def corrupt_last_chunk(share: Share, offset: int, length: int) -> bytes:
-        data = original(share, offset, length)
-        return data if offset < 2 * MiB else b"X" * len(data)
-
-    monkeypatch.setattr(node, "_read_chunk", corrupt_last_chunk)  # before alice serves
+    """A modified holder seals other content under the real transfer key."""
     alice = network.add("alice", serve=True)
     bob = network.add("bob")
     write(tmp_path / "data.bin", 2 * MiB + 10)
     share = alice.share(tmp_path / "data.bin")
+    original = HolderService._chunk
+
+    def forge_last_chunk(self: HolderService, request, connection):  # type: ignore[no-untyped-def]
+        frames = original(self, request, connection)
+        if request.index == 2:
+            outgoing = self._transfers[request.transfer_id]
+            associated = protocol.chunk_associated_data(
+                request.transfer_id, share.file_id, 2, outgoing.manifest.chunk_count
+            )
+            frames[1] = outgoing.cipher.seal(2, b"X" * 10, associated)
+        return frames
+
+    monkeypatch.setattr(HolderService, "_chunk", forge_last_chunk)
     with pytest.raises(IntegrityError, match="chunk 2 does not match the owner's signed manifest"):
+        bob.get(share.file_id)
+    assert leftovers(bob.config.download_dir) == []
+
+
+def test_holder_does_not_send_content_changed_since_sharing(
+    network: Network, tmp_path: Path
+) -> None:
+    alice = network.add("alice", serve=True)
+    bob = network.add("bob")
+    write(tmp_path / "data.bin", 2 * MiB)
+    share = alice.share(tmp_path / "data.bin")
+    write(tmp_path / "data.bin", 2 * MiB)  # same size, new (secret) content
+    with pytest.raises(RemoteError, match="changed on the holder since it was shared"):
         bob.get(share.file_id)
     assert leftovers(bob.config.download_dir) == []
 
@@ -337,12 +357,14 @@ def test_hostile_name_in_manifest_stays_in_download_folder(
     assert result.path.name == (saved_as or file_id)
     assert result.path.read_bytes() == data
     after = sorted(p for p in tmp_path.rglob("*") if p.is_file())
-    new = (
-        set(after)
-        - set(before)
-        - {tmp_path / "alice" / "pins.json", tmp_path / "bob" / "pins.json"}
-    )
-    assert new == {result.path}
+    state = (alice.config.data_dir, bob.config.data_dir)  # pins written on first contact
+
+    def outside_state(path: Path) -> bool:
+        return path.is_relative_to(bob.config.download_dir) or not any(
+            path.is_relative_to(folder) for folder in state
+        )
+
+    assert {p for p in set(after) - set(before) if outside_state(p)} == {result.path}
 
 
 # --- the requester's side fails: vanishing holders, full or unusable disks ---------------

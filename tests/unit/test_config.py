@@ -243,14 +243,14 @@ def test_peer_all_keys(tmp_path: Path) -> None:
     text = peer_text(
         {
             "transport_encryption": "false",
-            "window": "64",
+            "window": "32",
             "heartbeat_interval": "3600",
             "timeout": "1",
         }
     )
     config = peer(tmp_path, text)
     assert config.transport_encryption is False
-    assert (config.window, config.heartbeat_interval, config.timeout) == (64, 3600, 1)
+    assert (config.window, config.heartbeat_interval, config.timeout) == (32, 3600, 1)
 
 
 def test_peer_advertise_defaults_to_a_concrete_listen_address(tmp_path: Path) -> None:
@@ -301,7 +301,7 @@ def test_peer_bad_username(tmp_path: Path, username: str) -> None:
         ({"transport_encryption": "'true'"}, "transport_encryption"),
         ({"transport_encryption": "null"}, "transport_encryption"),
         ({"window": "0"}, "window"),
-        ({"window": "65"}, "window"),
+        ({"window": "33"}, "window"),
         ({"window": "false"}, "window"),
         ({"heartbeat_interval": "0"}, "heartbeat_interval"),
         ({"heartbeat_interval": "3601"}, "heartbeat_interval"),

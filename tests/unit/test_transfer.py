@@ -497,7 +497,7 @@ def test_file_that_got_shorter_on_disk_is_refused(
     as_chunk(rig.send("get", link.request(1)))  # still complete
     message = as_error(rig.send("get", link.request(2)), ErrorCode.INTERNAL)
     assert "changed" in message
-    as_error(rig.send("get", link.request(3)), ErrorCode.INTERNAL)
+    as_error(rig.send("get", link.request(3)), ErrorCode.NOT_FOUND)  # the transfer is over
 
 
 def test_file_that_cannot_be_read_any_more_is_refused(
@@ -531,15 +531,27 @@ def test_read_chunk_is_asked_for_each_chunks_offset_and_length(
     assert reads == [(3 * CHUNK, 1234), (0, CHUNK)]
 
 
-def test_too_many_transfers_per_connection_are_refused(
+def test_too_many_transfers_per_requester_are_refused_whatever_the_connection(
+    rig: Rig, shared: Shared, bob: Identity, mallory: Identity, alice: Identity
+) -> None:
+    limit = transfer.MAX_TRANSFERS_PER_REQUESTER
+    for number in range(limit):
+        connect(rig, link_for(bob, alice.bundle, shared), f"bob-{number}".encode())
+    extra = link_for(bob, alice.bundle, shared)
+    as_error(rig.send("hello", extra.hello(), b"bob-extra"), ErrorCode.BUSY)
+    connect(rig, link_for(mallory, alice.bundle, shared), b"other")  # others still served
+    assert rig.service.active_transfers == limit + 1
+
+
+def test_dropping_a_connection_forgets_its_transfers(
     rig: Rig, shared: Shared, bob: Identity, alice: Identity
 ) -> None:
-    for _ in range(transfer.MAX_TRANSFERS_PER_CONNECTION):
-        connect(rig, link_for(bob, alice.bundle, shared), CONN)
-    extra = link_for(bob, alice.bundle, shared)
-    as_error(rig.send("hello", extra.hello(), CONN), ErrorCode.BUSY)
-    connect(rig, link_for(bob, alice.bundle, shared), OTHER_CONN)  # others still served
-    assert rig.service.active_transfers == transfer.MAX_TRANSFERS_PER_CONNECTION + 1
+    link = link_for(bob, alice.bundle, shared)
+    connect(rig, link, CONN)
+    connect(rig, link_for(bob, alice.bundle, shared), OTHER_CONN)
+    rig.service.drop_connection(CONN)
+    assert rig.service.active_transfers == 1
+    as_error(rig.send("get", link.request(0), CONN), ErrorCode.NOT_FOUND)
 
 
 def test_too_many_transfers_in_all_are_refused(
@@ -770,23 +782,36 @@ def test_chunk_before_any_offer_is_a_protocol_error(
         fresh.open_chunk(header, ciphertext)
 
 
-def test_chunk_not_matching_the_manifest_is_refused(
+def test_holder_refuses_to_send_content_that_changed_since_sharing(
     alice: Identity, bob: Identity, shared: Shared
 ) -> None:
-    """The holder's file changed but kept its size: the chunk decrypts but does not match
-    the owner's signed manifest."""
+    """The holder's file changed but kept its size: sending it would leak new content."""
     changed = DATA[:CHUNK] + flip(DATA[CHUNK:], 77)
     rig = Rig(alice, {"data.bin": changed}, [shared])
+    link = link_for(bob, alice.bundle, shared)
+    connect(rig, link)
+    as_chunk(rig.send("get", link.request(0)))
+    message = as_error(rig.send("get", link.request(1)), ErrorCode.INTERNAL)
+    assert "changed on the holder since it was shared" in message
+    assert rig.service.active_transfers == 0
+
+
+def test_receiver_refuses_authentic_chunks_that_do_not_match_the_manifest(
+    alice: Identity, bob: Identity, shared: Shared
+) -> None:
+    """A modified holder seals other content under a valid key: the tag verifies, the
+    owner's signed chunk hash does not."""
+    rig = Rig(alice, {"data.bin": DATA}, [shared])
     link = link_for(bob, alice.bundle, shared)
     connect(rig, link)
     plan = ChunkPlan(shared.manifest, window=4)
     assert plan.next_requests() == [0, 1, 2, 3]
     header, ciphertext = as_chunk(rig.send("get", link.request(0)))
-    plan.accept(header.index, link.open_chunk(header, ciphertext))
-    header, ciphertext = as_chunk(rig.send("get", link.request(1)))
-    plaintext = link.open_chunk(header, ciphertext)  # authentic from the holder...
+    plaintext = link.open_chunk(header, ciphertext)
     with pytest.raises(IntegrityError, match="manifest"):
-        plan.accept(header.index, plaintext)  # ...but not the owner's content
+        plan.accept(header.index, flip(plaintext, 5))
+    assert plan.have == set()
+    plan.accept(header.index, plaintext)
     assert plan.have == {0}
 
 
