@@ -16,10 +16,10 @@ import yaml
 import zmq.utils.z85
 
 from sfs.common.errors import ConfigError
-from sfs.common.protocol import USERNAME_PATTERN
+from sfs.common.protocol import ENDPOINT_PATTERN, HOST_PATTERN, PORT_PATTERN, USERNAME_PATTERN
 
-_BIND = re.compile(r"tcp://(\*|[A-Za-z0-9.\-]+):([0-9]{1,5})")
-_CONNECT = re.compile(r"tcp://([A-Za-z0-9.\-]+):([0-9]{1,5})")
+_BIND = re.compile(rf"tcp://(?:\*|{HOST_PATTERN}):{PORT_PATTERN}")
+_CONNECT = re.compile(ENDPOINT_PATTERN)
 _WILDCARD_HOSTS = {"*", "0.0.0.0"}  # noqa: S104 (a value to recognise, not to bind)
 
 
@@ -108,8 +108,7 @@ class _Section:
 
     def endpoint(self, key: str, default: str | None = None, *, bind: bool = False) -> str:
         value = self.string(key, default)
-        match = (_BIND if bind else _CONNECT).fullmatch(value)
-        if not match or not 0 < int(match.group(2)) < 65536:
+        if not (_BIND if bind else _CONNECT).fullmatch(value):
             form = "tcp://HOST:PORT (HOST may be *)" if bind else "tcp://HOST:PORT"
             raise ConfigError(f"{self._name(key)}: expected {form}, got {value!r}")
         return value
@@ -166,10 +165,8 @@ def load_peer_config(path: Path) -> PeerConfig:
             "starting with a letter or digit"
         )
     listen = top.endpoint("listen", bind=True)
-    advertise = top.endpoint("advertise", listen)
-    if _CONNECT.fullmatch(advertise) is None or advertise.split("//")[1].split(":")[0] in (
-        _WILDCARD_HOSTS
-    ):
+    advertise = top.endpoint("advertise", listen, bind=True)  # "*" gets its own message
+    if advertise.split("//")[1].rsplit(":", 1)[0] in _WILDCARD_HOSTS:
         raise ConfigError(
             f"{path.name}: advertise: set it to an address other peers can reach "
             f"(listen is {listen})"

@@ -28,7 +28,12 @@ from sfs.common.identity import KeyBundle
 VERSION = 1
 
 USERNAME_PATTERN = r"[a-z0-9][a-z0-9._-]{0,31}"
-ENDPOINT_PATTERN = r"tcp://[A-Za-z0-9.\-]+:[0-9]{1,5}"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+HOST_PATTERN = rf"{_LABEL}(?:\.{_LABEL})*"  # a host name or an IPv4 address
+PORT_PATTERN = (
+    r"(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3})"
+)
+ENDPOINT_PATTERN = rf"tcp://{HOST_PATTERN}:{PORT_PATTERN}"
 FILE_ID_PATTERN = r"[0-9a-f]{32}"
 
 Username = Annotated[str, Pattern(USERNAME_PATTERN)]

@@ -157,7 +157,7 @@ def login(
     """Log in to the broker; the session is kept in the data folder."""
     with _peer(config) as peer:
         result = peer.login(_password(password_stdin))
-        stdout.print(f"logged in as {result.username} until {_when(result.expires_at)}")
+        stdout.print(f"logged in as {result.username}")
 
 
 @app.command()
@@ -180,10 +180,7 @@ def whoami(config: ConfigOption, json: JsonOption = False, debug: DebugOption = 
         return
     stdout.print(f"username:    {me.username}")
     stdout.print(f"fingerprint: {me.fingerprint}")
-    if me.session_expires_at is not None:
-        stdout.print(f"session:     logged in until {_when(me.session_expires_at)}")
-    else:
-        stdout.print("session:     not logged in")
+    stdout.print(f"session:     {'logged in' if me.logged_in else 'not logged in'}")
 
 
 # --- serving ------------------------------------------------------------------------------

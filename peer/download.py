@@ -122,7 +122,13 @@ class Downloader:
             sock.curve_serverkey = holder.bundle.curve_z85()
             sock.curve_secretkey = self._identity.curve_secret_z85
             sock.curve_publickey = self._identity.curve_public_z85
-        sock.connect(holder.endpoint)
+        try:
+            sock.connect(holder.endpoint)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            raise TransportError(
+                f"cannot connect to {holder.username} at {holder.endpoint}: {exc}"
+            ) from exc
         return sock
 
     def _pull(

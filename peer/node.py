@@ -7,11 +7,13 @@ it all.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,13 +36,14 @@ from sfs.peer.transfer import HolderService
 
 log = logging.getLogger("sfs.peer")
 
+_SESSION_GONE = "the broker no longer knows this session (expired?); run `sfs-peer login`"
+
 
 @dataclass(frozen=True)
 class WhoAmI:
     username: str
     fingerprint: str
-    logged_in: bool
-    session_expires_at: int | None
+    logged_in: bool  # a session is saved; the broker decides whether it is still valid
 
 
 class Peer:
@@ -97,6 +100,16 @@ class Peer:
     def _token(self) -> str:
         return session.load_session(self.config.data_dir, self.config.username).token
 
+    @contextlib.contextmanager
+    def _authenticated(self) -> Iterator[None]:
+        """Turn the broker's "unauthorized" into the hint to log in again."""
+        try:
+            yield
+        except RemoteError as exc:
+            if exc.code == ErrorCode.UNAUTHORIZED:
+                raise session.NotLoggedIn(_SESSION_GONE) from exc
+            raise
+
     # --- identity and account --------------------------------------------------------
 
     def init(self) -> keys.Identity:
@@ -129,7 +142,8 @@ class Peer:
 
     def logout(self) -> None:
         try:
-            self.broker.logout(self._token())
+            with contextlib.suppress(session.NotLoggedIn), self._authenticated():
+                self.broker.logout(self._token())
         finally:
             session.clear_session(self.config.data_dir)
 
@@ -139,10 +153,7 @@ class Peer:
         except session.NotLoggedIn:
             current = None
         return WhoAmI(
-            self.config.username,
-            format_fingerprint(self.identity.fingerprint),
-            current is not None,
-            current.expires_at if current else None,
+            self.config.username, format_fingerprint(self.identity.fingerprint), current is not None
         )
 
     # --- sharing -----------------------------------------------------------------------
@@ -161,7 +172,8 @@ class Peer:
         manifest = build_manifest(source, self.identity, words, progress)
         manifest_bytes = manifest.encode()
         signature = self.identity.sign(manifest_bytes)
-        file_id = self.broker.publish(token, manifest_bytes, signature, access)
+        with self._authenticated():
+            file_id = self.broker.publish(token, manifest_bytes, signature, access)
         if file_id != file_id_of(manifest_bytes):
             raise SfsError("the broker assigned an unexpected file id")
         share = Share(
@@ -179,28 +191,37 @@ class Peer:
         return share
 
     def unshare(self, file_id: str) -> None:
-        local = self.registry.get(file_id)
+        """Stop serving at once (the holder is where access is enforced), then tell the
+        broker to stop listing the file."""
+        file_id = parse_file_id(file_id)
+        local = self.registry.remove(file_id)
         try:
-            self.broker.unpublish(self._token(), file_id)
-        except RemoteError as exc:
-            if exc.code != ErrorCode.NOT_FOUND or local is None:
+            with self._authenticated():
+                self.broker.unpublish(self._token(), file_id)
+        except SfsError as exc:
+            if not local:
                 raise
-        if local is not None:
-            self.registry.remove(file_id)
+            if isinstance(exc, RemoteError) and exc.code == ErrorCode.NOT_FOUND:
+                return  # the broker had forgotten it already
+            raise SfsError(
+                f"stopped serving {file_id}, but the broker still lists it: {exc}"
+            ) from exc
 
     def shares(self) -> list[Share]:
         return self.registry.all()
 
     def search(self, query: str = "", owner: str | None = None) -> list[protocol.SearchHit]:
-        return self.broker.search(self._token(), query, owner)
+        if owner is not None:
+            check_usernames([owner])
+        with self._authenticated():
+            return self.broker.search(self._token(), query, owner)
 
     def get(
         self, file_id: str, out: Path | None = None, progress: Progress | None = None
     ) -> DownloadResult:
-        file_id = file_id.strip().lower()
-        if len(file_id) != 32 or not all(c in "0123456789abcdef" for c in file_id):
-            raise UsageError(f"not a file id: {file_id!r} (32 hex characters)")
-        lookup = self.broker.lookup(self._token(), file_id)
+        file_id = parse_file_id(file_id)
+        with self._authenticated():
+            lookup = self.broker.lookup(self._token(), file_id)
         downloader = Downloader(
             self.identity,
             self.pins,
@@ -226,21 +247,17 @@ class Peer:
         """Serve shares and keep this peer online until `stop` is set (blocks).
         `on_ready(endpoint)` is called once the server listens."""
         token = self._token()
-        beats = self._new_broker_client()
+        with self._authenticated():  # fail early, and clearly, if the session is gone
+            ttl = self.broker.heartbeat(token, self.config.advertise)
         checker = _RequesterCheck(self.pins, self._new_broker_client(), token)
-
-        def beat() -> None:
-            beats.heartbeat(token, self.config.advertise)
-
+        heartbeat = Heartbeat(
+            self._new_broker_client,
+            token,
+            self.config.advertise,
+            min(self.config.heartbeat_interval, max(1.0, ttl / 3)),
+            on_session_lost=stop.set,
+        )
         try:
-            try:
-                beat()  # fail early, and clearly, if the session is gone
-            except RemoteError as exc:
-                if exc.code == ErrorCode.UNAUTHORIZED:
-                    raise session.NotLoggedIn(
-                        "the broker no longer knows this session; run `sfs-peer login`"
-                    ) from exc
-                raise
             service = HolderService(self.identity, self.registry.get, checker, _read_chunk)
             server = PeerServer(
                 service,
@@ -250,18 +267,22 @@ class Peer:
                 stop,
                 on_ready,
             )
-            heartbeat = Heartbeat(
-                beat, lambda: beats.offline(token), self.config.heartbeat_interval
-            )
             heartbeat.start()
-            try:
-                server.serve(self._context)
-            finally:
-                heartbeat.stop()
-                heartbeat.join(timeout=self.config.timeout + 1)
+            server.serve(self._context)
         finally:
-            beats.close()
+            heartbeat.stop()
+            if heartbeat.is_alive():
+                heartbeat.join()
             checker.close()
+        if heartbeat.session_lost:
+            raise session.NotLoggedIn(_SESSION_GONE)
+
+
+def parse_file_id(text: str) -> str:
+    file_id = text.strip().lower()
+    if not re.fullmatch(protocol.FILE_ID_PATTERN, file_id):
+        raise UsageError(f"not a file id: {text!r} (32 hex characters)")
+    return file_id
 
 
 def _read_chunk(share: Share, offset: int, length: int) -> bytes:

@@ -18,7 +18,9 @@ import zmq.auth
 import zmq.utils.z85
 from zmq.auth.thread import ThreadAuthenticator
 
-from sfs.common.errors import SfsError, TransportError
+from sfs.common.errors import RemoteError, SfsError, TransportError
+from sfs.common.protocol import ErrorCode
+from sfs.peer.client import BrokerClient
 from sfs.peer.keys import Identity
 from sfs.peer.transfer import HolderService
 
@@ -108,31 +110,57 @@ def _client_key(frame: zmq.Frame) -> bytes | None:
 
 
 class Heartbeat(threading.Thread):
-    """Tells the broker every `interval` seconds that this peer is online at `endpoint`;
-    says goodbye when stopped. Failures are logged and retried, never fatal."""
+    """Keeps this peer online at the broker: a heartbeat every `interval` seconds (more
+    often if the broker's presence ttl needs it), and a goodbye when stopped. Network
+    failures are logged and retried; a session the broker no longer knows ends serving
+    through `on_session_lost`. The thread makes and closes its own broker client."""
 
-    def __init__(self, beat: Callable[[], None], goodbye: Callable[[], None], interval: float):
+    def __init__(
+        self,
+        connect: Callable[[], BrokerClient],
+        token: str,
+        endpoint: str,
+        interval: float,
+        on_session_lost: Callable[[], None],
+    ) -> None:
         super().__init__(name="heartbeat", daemon=True)
-        self._beat, self._goodbye, self._interval = beat, goodbye, interval
+        self._connect, self._token, self._endpoint = connect, token, endpoint
+        self._interval = interval
+        self._on_session_lost = on_session_lost
         self._halt = threading.Event()
-        self._failing = False
+        self.session_lost = False
 
     def stop(self) -> None:
         self._halt.set()
 
     def run(self) -> None:
-        while not self._halt.is_set():
+        with self._connect() as broker:
+            self._beat_until_stopped(broker)
+            if not self.session_lost:
+                try:
+                    broker.offline(self._token)
+                except SfsError as exc:
+                    log.debug("could not tell the broker we go offline: %s", exc)
+
+    def _beat_until_stopped(self, broker: BrokerClient) -> None:
+        interval, failing = self._interval, False
+        while not self._halt.wait(interval):
             try:
-                self._beat()
-                if self._failing:
-                    log.info("the broker is reachable again")
-                self._failing = False
+                ttl = broker.heartbeat(self._token, self._endpoint)
+            except RemoteError as exc:
+                if exc.code == ErrorCode.UNAUTHORIZED:
+                    log.error("the broker no longer knows this session; run `sfs-peer login`")
+                    self.session_lost = True
+                    self._on_session_lost()
+                    return
+                log.warning("heartbeat refused: %s", exc)
+                continue
             except SfsError as exc:
-                if not self._failing:
+                if not failing:
                     log.warning("heartbeat failed: %s (retrying)", exc)
-                self._failing = True
-            self._halt.wait(self._interval)
-        try:
-            self._goodbye()
-        except SfsError as exc:
-            log.debug("could not tell the broker we go offline: %s", exc)
+                failing = True
+                continue
+            if failing:
+                log.info("the broker is reachable again")
+            failing = False
+            interval = min(self._interval, max(1.0, ttl / 3))

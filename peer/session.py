@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,8 +45,7 @@ def load_session(data_dir: Path, username: str) -> Session:
         raise StorageError(f"the session file {path} is corrupt; run `sfs-peer login`") from exc
     if session.username != username:
         raise NotLoggedIn(f"the saved session is for {session.username}; run `sfs-peer login`")
-    if session.expires_at <= time.time():
-        raise NotLoggedIn(f"the session of {username} expired; run `sfs-peer login`")
+    # No local expiry check: the broker extends sessions on use and decides.
     return session
 
 

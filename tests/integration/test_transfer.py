@@ -23,6 +23,7 @@ from sfs.common.manifest import DEFAULT_CHUNK_SIZE
 from sfs.peer.download import OwnerOffline
 from sfs.peer.node import Peer
 from sfs.peer.registry import Share
+from sfs.peer.session import NotLoggedIn
 from sfs.peer.share import build_manifest
 from sfs.peer.transfer import HolderService
 from tests.integration.conftest import Network
@@ -316,6 +317,26 @@ def test_duplicate_username_refused(network: Network, tmp_path: Path) -> None:
         assert taken.value.code == "conflict"
     finally:
         impostor.close()
+
+
+def test_a_session_the_broker_forgot_asks_to_log_in_again(network: Network) -> None:
+    bob = network.add("bob")
+    network.broker.store._query("DELETE FROM sessions")
+    with pytest.raises(NotLoggedIn, match="run `sfs-peer login`"):
+        bob.search()
+    bob.login("bob-password")
+    assert bob.search() == []
+
+
+def test_unshare_stops_serving_first(network: Network, tmp_path: Path) -> None:
+    alice = network.add("alice", serve=True)
+    bob = network.add("bob")
+    write(tmp_path / "data.bin", 10)
+    share = alice.share(tmp_path / "data.bin")
+    alice.unshare(share.file_id)
+    assert alice.shares() == []
+    with pytest.raises(RemoteError, match="is shared with you"):
+        bob.get(share.file_id)
 
 
 def test_unknown_file_id(network: Network) -> None:

@@ -51,17 +51,11 @@ def test_no_session_means_not_logged_in(tmp_path: Path) -> None:
         load_session(tmp_path, "alice")
 
 
-@pytest.mark.parametrize("expires_at", [1, int(time.time()) - 1])
-def test_an_expired_session_means_not_logged_in(tmp_path: Path, expires_at: int) -> None:
-    save_session(tmp_path, Session("alice", "tok", expires_at))
-    with pytest.raises(NotLoggedIn, match="expired"):
-        load_session(tmp_path, "alice")
-
-
-def test_a_session_expiring_now_is_expired(tmp_path: Path) -> None:
-    save_session(tmp_path, Session("alice", "tok", int(time.time())))
-    with pytest.raises(NotLoggedIn, match="expired"):
-        load_session(tmp_path, "alice")
+def test_the_broker_not_the_saved_expiry_decides(tmp_path: Path) -> None:
+    # The broker extends a session each time it is used, so the expiry saved at login
+    # is out of date: a session past it still loads, and the broker says if it is over.
+    save_session(tmp_path, Session("alice", "tok", int(time.time()) - 3600))
+    assert load_session(tmp_path, "alice").token == "tok"
 
 
 def test_another_users_session_means_not_logged_in(tmp_path: Path) -> None:
