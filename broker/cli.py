@@ -20,6 +20,7 @@ from sfs.common.cli import (
     install_signal_handlers,
     new_app,
     print_json,
+    run,
     stdout,
 )
 from sfs.common.config import BrokerConfig, load_broker_config, parse_z85_key
@@ -127,7 +128,7 @@ def _public_key(settings: BrokerConfig) -> bytes:
 
 
 def main() -> None:
-    app()
+    run(app)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import json
 import logging
 import signal
 import sys
+import threading
 import unicodedata
 from collections.abc import Callable
 from pathlib import Path
@@ -78,6 +79,10 @@ def command(function: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         debug = bool(kwargs.get("debug"))
         setup_logging(debug)
+        if threading.current_thread() is threading.main_thread():
+            # SIGTERM cleans up like Ctrl-C (no partial downloads left behind); `serve`
+            # installs its own handlers for a graceful stop.
+            signal.signal(signal.SIGTERM, _interrupt)
         try:
             return function(*args, **kwargs)
         except (typer.Exit, typer.Abort):
@@ -94,6 +99,28 @@ def command(function: F) -> F:
             fail(f"internal error ({type(exc).__name__}: {exc}); run with --debug for details", 70)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def run(app: typer.Typer) -> None:
+    """Run a CLI app; usage errors become one line on stderr like every other error."""
+    try:
+        code = app(standalone_mode=False)
+    except typer.Abort:
+        code = _error("interrupted", 130)
+    except typer.TyperException as exc:  # usage errors: missing option, unknown command...
+        format_message = getattr(exc, "format_message", None)
+        message = format_message() if callable(format_message) else str(exc)
+        code = _error(f"{message} (see --help)", getattr(exc, "exit_code", 2))
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _error(message: str, code: int) -> int:
+    print(f"error: {printable(message)}", file=sys.stderr)
+    return code
 
 
 def fail(message: str, code: int = 1) -> None:

@@ -30,6 +30,7 @@ from sfs.common.cli import (
     install_signal_handlers,
     new_app,
     print_json,
+    run,
     stderr,
     stdout,
 )
@@ -372,7 +373,7 @@ def trust(
 
 
 def main() -> None:
-    app()
+    run(app)
 
 
 if __name__ == "__main__":

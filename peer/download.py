@@ -9,6 +9,7 @@ reaches the final path.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,14 +46,16 @@ class DownloadResult:
 
 
 def verify_lookup(file_id: str, lookup: protocol.LookupResult, pins: PinStore) -> Manifest:
-    """Everything checked before a holder is contacted: the owner's key against its pin,
-    the owner's signature over the manifest, and that the manifest is the file id's."""
+    """Everything checked before a holder is contacted: that the manifest is the file
+    id's, the owner's key against its pin, and the owner's signature over the manifest.
+    A first-seen key is pinned only once everything holds."""
     if lookup.file_id != file_id or file_id_of(lookup.manifest) != file_id:
         raise IntegrityError(f"the broker returned a manifest that is not file {file_id}")
-    pins.check(lookup.owner, lookup.owner_bundle)
+    pins.check(lookup.owner, lookup.owner_bundle, pin_new=False)
     manifest = verify_manifest(lookup.manifest, lookup.signature, lookup.owner_bundle)
     if manifest.owner != lookup.owner:
         raise IntegrityError("the manifest names a different owner than the broker reported")
+    pins.check(lookup.owner, lookup.owner_bundle)
     return manifest
 
 
@@ -163,7 +166,9 @@ class Downloader:
                     self._request(sock, link, plan)
             finally:
                 # Done or cancelled: either way the holder can forget the transfer.
-                sock.send(protocol.encode("finish", protocol.Finish(link.transfer_id)))
+                with contextlib.suppress(zmq.Again):
+                    finish = protocol.Finish(link.transfer_id)
+                    sock.send(protocol.encode("finish", finish), flags=zmq.NOBLOCK)
         finally:
             sock.close(linger=100)
 

@@ -60,18 +60,18 @@ class PinStore:
         with locked(self._path):
             return self._load().get(username)
 
-    def check(self, username: str, bundle: KeyBundle) -> bool:
-        """Accept `bundle` for `username` if it matches the pin, or pin it on first use.
-
-        Returns True if the pin was new. Raises `TrustError` if the key changed.
-        """
+    def check(self, username: str, bundle: KeyBundle, *, pin_new: bool = True) -> bool:
+        """Accept `bundle` for `username` if it matches the pin, or (with `pin_new`) pin
+        it on first use. Returns True if there was no pin. Raises `TrustError` if the
+        key changed."""
         fingerprint = bundle.fingerprint()
         with locked(self._path):
             pins = self._load()
             pin = pins.get(username)
             if pin is None:
-                pins[username] = Pin(username, fingerprint, "first use", int(time.time()))
-                self._save(pins)
+                if pin_new:
+                    pins[username] = Pin(username, fingerprint, "first use", int(time.time()))
+                    self._save(pins)
                 return True
         if not crypto.same_bytes(pin.fingerprint, fingerprint):
             raise TrustError(

@@ -113,15 +113,12 @@ class ChunkPlan:
     window: int
     have: set[int] = field(default_factory=set)
     in_flight: set[int] = field(default_factory=set)
+    bytes_done: int = 0
     _next: int = 0
 
     @property
     def complete(self) -> bool:
         return len(self.have) == self.manifest.chunk_count
-
-    @property
-    def bytes_done(self) -> int:
-        return sum(self.manifest.chunk_length(i) for i in self.have)
 
     def next_requests(self) -> list[int]:
         """Indexes to request now, keeping at most `window` in flight."""
@@ -145,6 +142,7 @@ class ChunkPlan:
             raise IntegrityError(f"chunk {index} does not match the owner's signed manifest")
         self.in_flight.discard(index)
         self.have.add(index)
+        self.bytes_done += len(plaintext)
 
 
 # --- holder -----------------------------------------------------------------------------

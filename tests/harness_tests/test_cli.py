@@ -171,3 +171,13 @@ def test_broker_stops_cleanly_on_signal(sig: int) -> None:
         log = broker.output()
         assert "stopped" in log
         assert "Traceback" not in log
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["whoami"], ["no-such-command"], ["get", "--config", "x.yaml"], ["share", "--nope"]],
+)
+def test_usage_errors_are_one_line(cluster: Cluster, args: list[str]) -> None:
+    result = cluster.run("sfs-peer", *args)
+    one_line_error(result)
+    assert result.returncode == 2

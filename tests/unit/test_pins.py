@@ -139,3 +139,10 @@ def test_a_corrupt_pin_file_is_a_storage_error(
     with pytest.raises(StorageError):
         pins.trust("alice", bundle.fingerprint())
     assert path.read_bytes() == content  # not silently overwritten
+
+
+def test_checking_without_pinning_leaves_no_pin(tmp_path: Path, bundle: KeyBundle) -> None:
+    pins = PinStore(tmp_path / "pins.json")
+    assert pins.check("alice", bundle, pin_new=False) is True
+    assert pins.get("alice") is None
+    assert pins.all() == []
