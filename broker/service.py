@@ -151,6 +151,8 @@ class BrokerService:
                 ErrorCode.BAD_REQUEST,
                 "registration refused: the connection's transport key is not the bundle's",
             )
+        if self.store.get_user(request.username) is not None:  # before paying for bcrypt
+            raise Refused(ErrorCode.CONFLICT, f"the username {request.username!r} is taken")
         try:
             password_hash = crypto.hash_password(request.password, self.settings.bcrypt_rounds)
         except UsageError as exc:

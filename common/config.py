@@ -146,7 +146,7 @@ def load_broker_config(path: Path) -> BrokerConfig:
         path=path.resolve(),
         bind=top.endpoint("bind", bind=True),
         data_dir=top.path("data_dir"),
-        bcrypt_rounds=top.integer("bcrypt_rounds", 12, 4, 31),
+        bcrypt_rounds=top.integer("bcrypt_rounds", 12, 4, 16),  # 16: ~4 s a login
         workers=top.integer("workers", 4, 1, 64),
         session_ttl=top.integer("session_ttl", 24 * 3600, 60, 365 * 24 * 3600),
         presence_ttl=top.integer("presence_ttl", 30, 3, 3600),
