@@ -19,8 +19,15 @@ import zmq
 
 from sfs.common import crypto, protocol
 from sfs.common.codec import from_wire
-from sfs.common.errors import IntegrityError, ProtocolError, SfsError, TransportError
+from sfs.common.errors import (
+    IntegrityError,
+    ProtocolError,
+    RemoteError,
+    SfsError,
+    TransportError,
+)
 from sfs.common.manifest import MAX_CHUNK_SIZE, Manifest, file_id_of, verify_manifest
+from sfs.common.protocol import ErrorCode
 from sfs.peer.keys import Identity
 from sfs.peer.partial import PartialFile, safe_filename
 from sfs.peer.pins import PinStore
@@ -144,11 +151,7 @@ class Downloader:
     ) -> None:
         sock = self._socket(holder)
         try:
-            sock.send(protocol.encode("hello", link.hello()))
-            envelope, _ = self._receive(sock, holder, "answer the request")
-            if envelope.op != "offer":
-                raise ProtocolError(f"{holder.username} sent {envelope.op[:40]!r}, not an offer")
-            link.accept_offer(from_wire(protocol.Offer, envelope.body, "offer"))
+            link.accept_offer(self._handshake(sock, link, holder))
 
             plan = ChunkPlan(manifest, self._window)
             try:
@@ -171,6 +174,28 @@ class Downloader:
                     sock.send(protocol.encode("finish", finish), flags=zmq.NOBLOCK)
         finally:
             sock.close(linger=100)
+
+    def _handshake(
+        self, sock: zmq.Socket[bytes], link: ReceiverLink, holder: protocol.Holder
+    ) -> protocol.Offer:
+        """Say hello until the holder offers the file; `busy` (the holder is checking
+        our key with the broker, say) means: ask again shortly, until the timeout."""
+        deadline = time.monotonic() + self._timeout_ms / 1000
+        hello = protocol.encode("hello", link.hello())
+        pause = 0.05
+        while True:
+            sock.send(hello)
+            try:
+                envelope, _ = self._receive(sock, holder, "answer the request")
+                break
+            except RemoteError as exc:
+                if exc.code != ErrorCode.BUSY or time.monotonic() + pause > deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 2, 1.0)
+        if envelope.op != "offer":
+            raise ProtocolError(f"{holder.username} sent {envelope.op[:40]!r}, not an offer")
+        return from_wire(protocol.Offer, envelope.body, "offer")
 
     def _request(self, sock: zmq.Socket[bytes], link: ReceiverLink, plan: ChunkPlan) -> None:
         for index in plan.next_requests():

@@ -21,15 +21,16 @@ import zmq
 
 from sfs.common import crypto, protocol
 from sfs.common.config import PeerConfig
-from sfs.common.errors import RemoteError, SfsError, TrustError, UsageError
-from sfs.common.identity import KeyBundle, format_fingerprint
+from sfs.common.errors import RemoteError, SfsError, UsageError
+from sfs.common.identity import format_fingerprint
 from sfs.common.manifest import file_id_of
-from sfs.common.protocol import ErrorCode, Refused
+from sfs.common.protocol import ErrorCode
 from sfs.peer import keys, session
 from sfs.peer.client import BrokerClient
 from sfs.peer.download import Downloader, DownloadResult, Progress
 from sfs.peer.pins import Pin, PinStore
 from sfs.peer.registry import Share, ShareRegistry
+from sfs.peer.requesters import RequesterCheck
 from sfs.peer.server import Heartbeat, PeerServer
 from sfs.peer.share import build_manifest, check_usernames, normalise_keywords, shareable_file
 from sfs.peer.transfer import HolderService
@@ -249,7 +250,7 @@ class Peer:
         token = self._token()
         with self._authenticated():  # fail early, and clearly, if the session is gone
             ttl = self.broker.heartbeat(token, self.config.advertise)
-        checker = _RequesterCheck(self.pins, self._new_broker_client(), token)
+        checker = RequesterCheck(self.pins, self._new_broker_client, token)
         heartbeat = Heartbeat(
             self._new_broker_client,
             token,
@@ -292,34 +293,3 @@ def _read_chunk(share: Share, offset: int, length: int) -> bytes:
         return os.pread(fd, length, offset)
     finally:
         os.close(fd)
-
-
-class _RequesterCheck:
-    """Decides whether a requester's key bundle is really theirs: it must match the pin,
-    or, on first contact, the bundle the broker has registered (which is then pinned)."""
-
-    def __init__(self, pins: PinStore, broker: BrokerClient, token: str) -> None:
-        self._pins, self._broker, self._token = pins, broker, token
-
-    def close(self) -> None:
-        self._broker.close()
-
-    def __call__(self, username: str, bundle: KeyBundle) -> None:
-        if self._pins.get(username) is None:
-            try:
-                registered = self._broker.bundle(self._token, username)
-            except RemoteError as exc:
-                if exc.code == ErrorCode.NOT_FOUND:
-                    raise Refused(ErrorCode.FORBIDDEN, f"{username} is not registered") from exc
-                raise Refused(ErrorCode.BUSY, "the holder cannot check your key now") from exc
-            except SfsError as exc:
-                raise Refused(ErrorCode.BUSY, "the holder cannot check your key now") from exc
-            if not crypto.same_bytes(registered.fingerprint(), bundle.fingerprint()):
-                raise Refused(ErrorCode.FORBIDDEN, "your key is not the one registered for you")
-        try:
-            self._pins.check(username, bundle)
-        except TrustError as exc:
-            log.warning("refused a request: %s", exc)
-            raise Refused(
-                ErrorCode.FORBIDDEN, "your key does not match the one this holder pinned for you"
-            ) from exc
