@@ -20,9 +20,16 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 
+# mypy needs the `sfs` package layout, which setuptools builds from the three folders:
+# mirror it with symlinks in .mypy-root.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(PY) -m pip install --quiet -e '.[dev]'
+	rm -rf .mypy-root && mkdir -p .mypy-root/sfs
+	for part in common broker peer; do ln -s ../../$$part .mypy-root/sfs/$$part; done
+	cd .mypy-root && ../$(VENV)/bin/mypy --config-file ../pyproject.toml \
+		--namespace-packages --explicit-package-bases -p sfs
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache var
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache .mypy-root var

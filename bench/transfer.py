@@ -17,7 +17,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.harness import Cluster, _command
+from tests.harness import Cluster, command_for
 
 UNITS = {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "": 1}
 
@@ -65,7 +65,7 @@ def main() -> None:
         file_id = alice.run("share", str(source), "--json").check().json()["file_id"]
         hashed = time.monotonic() - started
 
-        argv = [*_command("sfs-peer"), "get", file_id, "--json", "--config", str(bob.config)]
+        argv = [*command_for("sfs-peer"), "get", file_id, "--json", "--config", str(bob.config)]
         getter = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         _, status, usage = os.wait4(getter.pid, 0)
         assert getter.stdout is not None and getter.stderr is not None

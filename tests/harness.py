@@ -39,7 +39,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _command(tool: str) -> list[str]:
+def command_for(tool: str) -> list[str]:
     """The installed console script next to this interpreter, else `python -m`."""
     script = Path(sys.executable).parent / tool
     if script.exists():
@@ -117,7 +117,7 @@ class Peer:
     def serve(self) -> Process:
         self.server = self.cluster.start(
             f"{self.name}-serve",
-            [*_command("sfs-peer"), "serve", "--config", str(self.config)],
+            [*command_for("sfs-peer"), "serve", "--config", str(self.config)],
             ready="serving on",
         )
         return self.server
@@ -164,7 +164,7 @@ class Cluster:
     # --- processes -----------------------------------------------------------------------
 
     def run(self, tool: str, *args: str, input: str | None = None, timeout: float = 120) -> Result:
-        argv = [*_command(tool), *args]
+        argv = [*command_for(tool), *args]
         done = subprocess.run(
             argv,
             input=input,
@@ -213,7 +213,7 @@ class Cluster:
         )
         self.run("sfs-broker", "init", "--config", str(self.broker_config)).check()
         self.broker = self.start(
-            "broker", [*_command("sfs-broker"), "serve", "--config", str(self.broker_config)]
+            "broker", [*command_for("sfs-broker"), "serve", "--config", str(self.broker_config)]
         )
         self.wait_for_broker()
         return self.broker
