@@ -41,6 +41,14 @@ def leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
 
 
+def alice_shares_with_bob(network: Network, tmp_path: Path, size: int) -> tuple[Peer, Peer, Share]:
+    """alice serves a random `size`-byte data.bin shared with everyone; bob is registered."""
+    alice = network.add("alice", serve=True)
+    bob = network.add("bob")
+    write(tmp_path / "data.bin", size)
+    return alice, bob, alice.share(tmp_path / "data.bin")
+
+
 def count_holder_frames(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
     """Record every frame any holder in this process receives."""
     seen: list[bytes] = []
@@ -128,10 +136,7 @@ def test_holder_serves_several_requesters_at_once(network: Network, tmp_path: Pa
 def test_tampered_ciphertext_cancels_and_leaves_nothing(
     network: Network, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    alice = network.add("alice", serve=True)
-    bob = network.add("bob")
-    write(tmp_path / "data.bin", 3 * MiB)
-    share = alice.share(tmp_path / "data.bin")
+    _alice, bob, share = alice_shares_with_bob(network, tmp_path, 3 * MiB)
     original = HolderService._chunk
 
     def flip_chunk_one(self: HolderService, request, connection):  # type: ignore[no-untyped-def]
@@ -150,10 +155,7 @@ def test_authentic_chunk_not_matching_manifest_cancels(
     network: Network, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A modified holder seals other content under the real transfer key."""
-    alice = network.add("alice", serve=True)
-    bob = network.add("bob")
-    write(tmp_path / "data.bin", 2 * MiB + 10)
-    share = alice.share(tmp_path / "data.bin")
+    _alice, bob, share = alice_shares_with_bob(network, tmp_path, 2 * MiB + 10)
     original = HolderService._chunk
 
     def forge_last_chunk(self: HolderService, request, connection):  # type: ignore[no-untyped-def]
@@ -175,10 +177,7 @@ def test_authentic_chunk_not_matching_manifest_cancels(
 def test_holder_does_not_send_content_changed_since_sharing(
     network: Network, tmp_path: Path
 ) -> None:
-    alice = network.add("alice", serve=True)
-    bob = network.add("bob")
-    write(tmp_path / "data.bin", 2 * MiB)
-    share = alice.share(tmp_path / "data.bin")
+    _alice, bob, share = alice_shares_with_bob(network, tmp_path, 2 * MiB)
     write(tmp_path / "data.bin", 2 * MiB)  # same size, new (secret) content
     with pytest.raises(RemoteError, match="changed on the holder since it was shared"):
         bob.get(share.file_id)
@@ -186,10 +185,7 @@ def test_holder_does_not_send_content_changed_since_sharing(
 
 
 def test_file_changed_at_holder_is_reported(network: Network, tmp_path: Path) -> None:
-    alice = network.add("alice", serve=True)
-    bob = network.add("bob")
-    write(tmp_path / "data.bin", 2 * MiB)
-    share = alice.share(tmp_path / "data.bin")
+    _alice, bob, share = alice_shares_with_bob(network, tmp_path, 2 * MiB)
     os.truncate(tmp_path / "data.bin", MiB + 5)  # the owner cut the file after sharing it
     with pytest.raises(RemoteError, match="changed on the holder since it was shared"):
         bob.get(share.file_id)
@@ -202,10 +198,7 @@ def test_file_changed_at_holder_is_reported(network: Network, tmp_path: Path) ->
 def test_forged_manifest_signature_refused_before_contacting_holder(
     network: Network, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    alice = network.add("alice", serve=True)
-    bob = network.add("bob")
-    write(tmp_path / "data.bin", 1000)
-    share = alice.share(tmp_path / "data.bin")
+    _alice, bob, share = alice_shares_with_bob(network, tmp_path, 1000)
     forged = bytes([share.signature[0] ^ 0xFF]) + share.signature[1:]
     network.broker.store._query(
         "UPDATE files SET signature = ? WHERE file_id = ?", (forged, share.file_id)
@@ -285,10 +278,7 @@ def test_holder_refuses_user_not_on_access_list_even_if_broker_lies(
 
 
 def test_owner_offline_gives_a_clear_message(network: Network, tmp_path: Path) -> None:
-    alice = network.add("alice", serve=True)
-    bob = network.add("bob")
-    write(tmp_path / "data.bin", 100)
-    share = alice.share(tmp_path / "data.bin")
+    _alice, bob, share = alice_shares_with_bob(network, tmp_path, 100)
     network.stop("alice")  # says goodbye to the broker
     with pytest.raises(OwnerOffline, match="alice is offline"):
         bob.get(share.file_id)
@@ -329,10 +319,7 @@ def test_a_session_the_broker_forgot_asks_to_log_in_again(network: Network) -> N
 
 
 def test_unshare_stops_serving_first(network: Network, tmp_path: Path) -> None:
-    alice = network.add("alice", serve=True)
-    bob = network.add("bob")
-    write(tmp_path / "data.bin", 10)
-    share = alice.share(tmp_path / "data.bin")
+    alice, bob, share = alice_shares_with_bob(network, tmp_path, 10)
     alice.unshare(share.file_id)
     assert alice.shares() == []
     with pytest.raises(RemoteError, match="is shared with you"):
@@ -394,10 +381,7 @@ def test_hostile_name_in_manifest_stays_in_download_folder(
 def test_holder_that_stops_answering_mid_transfer(
     network: Network, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    alice = network.add("alice", serve=True)
-    bob = network.add("bob")
-    write(tmp_path / "data.bin", 3 * MiB)
-    share = alice.share(tmp_path / "data.bin")
+    _alice, bob, share = alice_shares_with_bob(network, tmp_path, 3 * MiB)
     original = HolderService._chunk
 
     def vanish_after_chunk_one(self: HolderService, request, connection):  # type: ignore[no-untyped-def]
@@ -412,10 +396,7 @@ def test_holder_that_stops_answering_mid_transfer(
 def test_full_disk_cancels_cleanly(
     network: Network, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    alice = network.add("alice", serve=True)
-    bob = network.add("bob")
-    write(tmp_path / "data.bin", 3 * MiB)
-    share = alice.share(tmp_path / "data.bin")
+    _alice, bob, share = alice_shares_with_bob(network, tmp_path, 3 * MiB)
     real_pwrite = os.pwrite
 
     def disk_full_at_chunk_two(fd: int, data: bytes, offset: int) -> int:
@@ -430,10 +411,7 @@ def test_full_disk_cancels_cleanly(
 
 
 def test_unusable_download_folder(network: Network, tmp_path: Path) -> None:
-    alice = network.add("alice", serve=True)
-    bob = network.add("bob")
-    write(tmp_path / "data.bin", 10)
-    share = alice.share(tmp_path / "data.bin")
+    _alice, bob, share = alice_shares_with_bob(network, tmp_path, 10)
     not_a_folder = tmp_path / "a-file"
     not_a_folder.write_text("in the way")
     with pytest.raises(StorageError, match="cannot write in"):
