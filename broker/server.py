@@ -14,11 +14,9 @@ import threading
 from collections import deque
 
 import zmq
-import zmq.auth
-import zmq.utils.z85
-from zmq.auth.thread import ThreadAuthenticator
 
 from sfs.broker.service import BrokerService
+from sfs.common.curve import client_key, start_authenticator
 from sfs.common.errors import TransportError
 from sfs.common.protocol import MAX_BROKER_FRAME
 
@@ -52,12 +50,11 @@ class BrokerServer:
     def serve(self) -> None:
         """Run until `stop()` is called (from a signal handler or another thread)."""
         context = zmq.Context()
-        authenticator = ThreadAuthenticator(context, log=logging.getLogger("sfs.broker.zap"))
+        authenticator = None
         threads: list[threading.Thread] = []
         frontend = backend = None
         try:
-            authenticator.start()
-            authenticator.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
+            authenticator = start_authenticator(context, "sfs.broker.zap")
             frontend = self._frontend(context)
             backend = context.socket(zmq.ROUTER)
             backend.linger = 0
@@ -77,7 +74,8 @@ class BrokerServer:
             for sock in (frontend, backend):
                 if sock is not None:
                     sock.close(linger=0)
-            authenticator.stop()
+            if authenticator is not None:
+                authenticator.stop()
             context.term()
 
     def _frontend(self, context: zmq.Context[zmq.Socket[bytes]]) -> zmq.Socket[bytes]:
@@ -127,7 +125,9 @@ class BrokerServer:
                 sequence += 1
                 tag = sequence.to_bytes(8, "big")
                 routes[tag] = [frames[0].bytes, *(f.bytes for f in prefix)]
-                backend.send_multipart([ready.popleft(), tag, _client_key(payload), payload.bytes])
+                backend.send_multipart(
+                    [ready.popleft(), tag, client_key(payload) or b"", payload.bytes]
+                )
 
     def _work(self, context: zmq.Context[zmq.Socket[bytes]]) -> None:
         sock = context.socket(zmq.DEALER)
@@ -143,12 +143,3 @@ class BrokerServer:
                 sock.send_multipart([tag, reply])
         finally:
             sock.close(linger=0)
-
-
-def _client_key(frame: zmq.Frame) -> bytes:
-    """The sender's CurveZMQ public key (raw 32 bytes), as the ZAP handler reported it."""
-    try:
-        user_id = frame.get("User-Id")
-    except zmq.ZMQError:
-        return b""
-    return zmq.utils.z85.decode(str(user_id)) if user_id else b""

@@ -14,10 +14,8 @@ import threading
 from collections.abc import Callable
 
 import zmq
-import zmq.auth
-import zmq.utils.z85
-from zmq.auth.thread import ThreadAuthenticator
 
+from sfs.common.curve import client_key, start_authenticator
 from sfs.common.errors import RemoteError, SfsError, TransportError
 from sfs.common.protocol import ErrorCode
 from sfs.peer.client import BrokerClient
@@ -57,9 +55,7 @@ class PeerServer:
     def serve(self, context: zmq.Context[zmq.Socket[bytes]]) -> None:
         authenticator = None
         if self._encrypt:
-            authenticator = ThreadAuthenticator(context, log=logging.getLogger("sfs.peer.zap"))
-            authenticator.start()
-            authenticator.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
+            authenticator = start_authenticator(context, "sfs.peer.zap")
         sock = context.socket(zmq.ROUTER)
         try:
             sock.linger = 0
@@ -93,8 +89,8 @@ class PeerServer:
                 log.debug("dropped a message of %d frames", len(frames))
                 continue
             connection, payload = frames
-            client_key = _client_key(payload) if self._encrypt else None
-            replies = self._service.handle(connection.bytes, client_key, payload.bytes)
+            key = client_key(payload) if self._encrypt else None
+            replies = self._service.handle(connection.bytes, key, payload.bytes)
             if not replies:
                 continue
             try:
@@ -102,11 +98,6 @@ class PeerServer:
             except zmq.ZMQError as exc:  # not reading (queue full) or gone
                 log.info("dropped a requester that is not reading (%s)", exc.strerror)
                 self._service.drop_connection(connection.bytes)
-
-
-def _client_key(frame: zmq.Frame) -> bytes | None:
-    user_id = frame.get("User-Id")
-    return zmq.utils.z85.decode(str(user_id)) if user_id else None
 
 
 class Heartbeat(threading.Thread):
