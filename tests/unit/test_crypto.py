@@ -175,7 +175,7 @@ def test_chunk_seal_open_round_trip(plaintext: bytes) -> None:
     cipher = ChunkCipher(TransferSecret.generate())
     sealed = cipher.seal(3, plaintext, b"ad")
     assert len(sealed) == len(plaintext) + crypto.GCM_TAG_SIZE
-    if plaintext:
+    if len(plaintext) >= 16:  # a shorter one may appear in random ciphertext by chance
         assert plaintext not in sealed
     assert cipher.open(3, sealed, b"ad") == plaintext
 
