@@ -12,6 +12,7 @@ Used by the harness tests and by `make demo`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -63,6 +64,27 @@ class Result:
                 f"{' '.join(self.args)} exited {self.returncode}\n{self.stdout}\n{self.stderr}"
             )
         return self
+
+
+def one_line_error(result: Result) -> str:
+    """The command failed with exactly one line on stderr and no traceback; that line."""
+    assert result.returncode != 0, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under `folder` (hidden ones too) -> the SHA-256 of its contents."""
+    if not folder.exists():
+        return {}
+    return {
+        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
 
 
 @dataclass
@@ -204,13 +226,16 @@ class Cluster:
 
     # --- broker --------------------------------------------------------------------------
 
-    def start_broker(self, bcrypt_rounds: int = 4, presence_ttl: int = 5) -> Process:
-        self.broker_config.write_text(
-            f"bind: {self.broker_endpoint}\n"
-            "data_dir: broker\n"
-            f"bcrypt_rounds: {bcrypt_rounds}\n"
-            f"presence_ttl: {presence_ttl}\n"
-        )
+    def start_broker(self, bcrypt_rounds: int = 4, presence_ttl: int = 5, **extra: Any) -> Process:
+        """`extra`: more broker config keys, e.g. `session_ttl=2`."""
+        lines = [
+            f"bind: {self.broker_endpoint}",
+            "data_dir: broker",
+            f"bcrypt_rounds: {bcrypt_rounds}",
+            f"presence_ttl: {presence_ttl}",
+        ]
+        lines += [f"{key}: {value}" for key, value in extra.items()]
+        self.broker_config.write_text("\n".join(lines) + "\n")
         self.run("sfs-broker", "init", "--config", str(self.broker_config)).check()
         self.broker = self.start(
             "broker", [*command_for("sfs-broker"), "serve", "--config", str(self.broker_config)]

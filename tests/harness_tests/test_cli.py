@@ -16,19 +16,9 @@ import zmq
 from sfs.common import protocol
 from sfs.common.errors import RemoteError
 from sfs.peer.client import BrokerClient
-from tests.harness import Cluster, Result
+from tests.harness import Cluster, one_line_error
 
 pytestmark = pytest.mark.harness
-
-
-def one_line_error(result: Result) -> str:
-    """The command failed with exactly one line on stderr and no traceback."""
-    assert result.returncode != 0, result
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ")
-    assert "Traceback" not in result.stderr
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,16 @@
+"""Attacks on real `sfs-broker` and `sfs-peer` processes on loopback.
+
+Every test here plays one attacker against processes started by `tests.harness`, and
+checks four things: the attack is refused, with a clear one-line message and the
+documented exit code, the download folder is as it was, and the servers still answer.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "adversarial" in item.nodeid:
+            item.add_marker(pytest.mark.harness)
