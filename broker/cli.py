@@ -62,7 +62,14 @@ def serve(config: ConfigOption, debug: DebugOption = False) -> None:
     try:
         service = BrokerService(
             store,
-            BrokerSettings(settings.bcrypt_rounds, settings.session_ttl, settings.presence_ttl),
+            BrokerSettings(
+                bcrypt_rounds=settings.bcrypt_rounds,
+                session_ttl=settings.session_ttl,
+                presence_ttl=settings.presence_ttl,
+                login_attempts=settings.login_attempts,
+                login_lockout=settings.login_lockout,
+                bcrypt_slots=max(1, settings.workers - 1),
+            ),
         )
         server = BrokerServer(service, settings.bind, secret, public, settings.workers)
         install_signal_handlers(server.stop)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sfs.broker.store import FileEntry, Store, User, UsernameTaken
+from sfs.broker.throttle import BcryptSlots, LoginThrottle
 from sfs.common import crypto, protocol
 from sfs.common.codec import Record
 from sfs.common.errors import IntegrityError, ProtocolError, SfsError, UsageError
@@ -23,6 +24,7 @@ from sfs.common.protocol import ErrorCode, Refused
 
 log = logging.getLogger("sfs.broker")
 
+LOGIN_REFUSED = "wrong username or password (or this device's keys are not the registered ones)"
 CHALLENGE_TTL = 60
 MAX_PENDING_CHALLENGES = 10_000
 
@@ -32,6 +34,9 @@ class BrokerSettings:
     bcrypt_rounds: int = 12
     session_ttl: int = 24 * 3600
     presence_ttl: int = 30
+    login_attempts: int = 5  # failed logins per username or client key before a lockout
+    login_lockout: int = 30  # seconds, doubling with each further failure
+    bcrypt_slots: int = 3  # workers that may run bcrypt at once; keep one for the rest
 
 
 class Challenges:
@@ -71,6 +76,8 @@ class BrokerService:
         self.settings = settings
         self._clock = clock
         self._challenges = Challenges(clock)
+        self._throttle = LoginThrottle(clock, settings.login_attempts, settings.login_lockout)
+        self._bcrypt = BcryptSlots(settings.bcrypt_slots)
         # Unknown users are checked against this hash so they cost as much as known ones.
         self._dummy_hash = crypto.hash_password("not a real password", settings.bcrypt_rounds)
         # Each handler takes the request record its key names.
@@ -135,6 +142,10 @@ class BrokerService:
         return protocol.ChallengeResult(self._challenges.issue(client_key))
 
     def _register(self, request: protocol.Register, client_key: bytes | None) -> Record:
+        with self._bcrypt:  # taken first: a busy broker leaves the challenge usable
+            return self._register_with_slot(request, client_key)
+
+    def _register_with_slot(self, request: protocol.Register, client_key: bytes | None) -> Record:
         self._challenges.redeem(request.challenge, client_key)
         bundle = request.bundle
         try:
@@ -175,16 +186,21 @@ class BrokerService:
         return protocol.SessionResult(user.username, token, expires_at)
 
     def _login(self, request: protocol.Login, client_key: bytes | None) -> Record:
-        user = self.store.get_user(request.username)
-        hashed = user.password_hash if user else self._dummy_hash
-        if not crypto.password_matches(request.password, hashed) or user is None:
+        keys = (b"user:" + request.username.encode(), b"key:" + (client_key or b""))
+        self._throttle.check(*keys)
+        with self._bcrypt:
+            user = self.store.get_user(request.username)
+            # Unknown users cost a bcrypt too, and every failure reads the same, so
+            # neither the time nor the answer tells which usernames exist. A right
+            # password from another device's key is a failure too: confirming the
+            # password to whoever holds some other key would help a guesser.
+            hashed = user.password_hash if user else self._dummy_hash
+            matches = crypto.password_matches(request.password, hashed)
+        if user is None or not matches or client_key != user.bundle.curve_public:
+            self._throttle.failed(*keys)
             log.info("failed login for %s", request.username)
-            raise Refused(ErrorCode.UNAUTHORIZED, "wrong username or password")
-        if client_key != user.bundle.curve_public:
-            raise Refused(
-                ErrorCode.FORBIDDEN,
-                f"this device's transport key is not the one registered for {user.username}",
-            )
+            raise Refused(ErrorCode.UNAUTHORIZED, LOGIN_REFUSED)
+        self._throttle.succeeded(*keys)
         log.info("login %s", user.username)
         return self._new_session(user)
 

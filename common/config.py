@@ -32,6 +32,8 @@ class BrokerConfig:
     workers: int = 4
     session_ttl: int = 24 * 3600
     presence_ttl: int = 30
+    login_attempts: int = 5
+    login_lockout: int = 30
 
     @property
     def database(self) -> Path:
@@ -148,8 +150,10 @@ def load_broker_config(path: Path) -> BrokerConfig:
         data_dir=top.path("data_dir"),
         bcrypt_rounds=top.integer("bcrypt_rounds", 12, 4, 16),  # 16: ~4 s a login
         workers=top.integer("workers", 4, 1, 64),
-        session_ttl=top.integer("session_ttl", 24 * 3600, 60, 365 * 24 * 3600),
+        session_ttl=top.integer("session_ttl", 24 * 3600, 1, 365 * 24 * 3600),
         presence_ttl=top.integer("presence_ttl", 30, 3, 3600),
+        login_attempts=top.integer("login_attempts", 5, 1, 1000),
+        login_lockout=top.integer("login_lockout", 30, 1, 24 * 3600),
     )
     top.finish()
     return config

@@ -61,6 +61,7 @@ class ErrorCode(StrEnum):
     NOT_FOUND = "not_found"
     CONFLICT = "conflict"  # e.g. username taken
     BUSY = "busy"  # try again later
+    THROTTLED = "throttled"  # too many failed attempts; wait before trying again
     INTERNAL = "internal"  # a bug or a storage failure on the other side
 
 

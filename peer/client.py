@@ -7,6 +7,7 @@ are validated into the expected result record, since a broker is network input t
 from __future__ import annotations
 
 import itertools
+import time
 from typing import TypeVar
 
 import nacl.public
@@ -15,10 +16,13 @@ import zmq.utils.z85
 
 from sfs.common import protocol
 from sfs.common.codec import Record, from_wire
-from sfs.common.errors import ProtocolError, TransportError
+from sfs.common.errors import ProtocolError, RemoteError, TransportError
 from sfs.common.identity import KeyBundle
+from sfs.common.protocol import ErrorCode
 
 R = TypeVar("R", bound=Record)
+
+BUSY_RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0)  # seconds between tries while the broker is busy
 
 
 class BrokerClient:
@@ -70,7 +74,20 @@ class BrokerClient:
         return self._socket
 
     def call(self, op: str, request: Record, result_type: type[R]) -> R:
-        """Send one request; return its validated result or raise `RemoteError`."""
+        """Send one request; return its validated result or raise `RemoteError`.
+
+        A `busy` answer means the broker did nothing yet, so it is retried a few times.
+        """
+        for delay in BUSY_RETRY_DELAYS:
+            try:
+                return self._call_once(op, request, result_type)
+            except RemoteError as exc:
+                if exc.code != ErrorCode.BUSY:
+                    raise
+            time.sleep(delay)
+        return self._call_once(op, request, result_type)
+
+    def _call_once(self, op: str, request: Record, result_type: type[R]) -> R:
         rid = next(self._rids)
         sock = self._connected()
         sock.send(protocol.encode(op, request, rid))

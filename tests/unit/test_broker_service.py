@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sfs.broker import service as service_module
-from sfs.broker.service import CHALLENGE_TTL, BrokerService, BrokerSettings
+from sfs.broker.service import CHALLENGE_TTL, LOGIN_REFUSED, BrokerService, BrokerSettings
 from sfs.broker.store import SqliteStore
 from sfs.common import crypto, protocol
 from sfs.common.codec import Record, from_wire, pack
@@ -555,18 +555,102 @@ def test_login_failures_look_the_same_whether_or_not_the_user_exists(
 ) -> None:
     broker.register(alice)
     error = broker.error("login", protocol.Login(username, password), alice.bundle.curve_public)
-    assert error == ErrorBody("unauthorized", "wrong username or password")
+    assert error == ErrorBody("unauthorized", LOGIN_REFUSED)
 
 
 @pytest.mark.parametrize("connect_as", ["bob", None])
-def test_login_from_another_transport_key_is_forbidden(
+def test_login_from_another_transport_key_reads_like_a_wrong_password(
     broker: Broker, people: dict[str, Identity], connect_as: str | None
 ) -> None:
+    # Saying "right password, wrong device" would confirm guesses made from any key.
     broker.register(people["alice"])
     key = people[connect_as].bundle.curve_public if connect_as else None
     error = broker.error("login", protocol.Login("alice", PASSWORD), key)
-    assert error.code == "forbidden"
-    assert "alice" in error.message
+    assert error == ErrorBody("unauthorized", LOGIN_REFUSED)
+
+
+def _fail_logins(broker: Broker, username: str, key: bytes, times: int) -> None:
+    for _ in range(times):
+        error = broker.error("login", protocol.Login(username, "wrong password"), key)
+        assert error == ErrorBody("unauthorized", LOGIN_REFUSED)
+
+
+def test_failed_logins_lock_the_username_out_even_for_the_right_password(
+    broker: Broker, alice: Identity, bob: Identity
+) -> None:
+    broker.register(alice)
+    broker.register(bob)
+    # Guesses from many throwaway keys still count against the account.
+    for _ in range(SETTINGS.login_attempts):
+        _fail_logins(broker, "alice", crypto.random_bytes(32), 1)
+    error = broker.error("login", protocol.Login("alice", PASSWORD), alice.bundle.curve_public)
+    assert error == ErrorBody("throttled", f"too many failed logins; try again in {30 + 1} s")
+    assert broker.login(bob).username == "bob"  # other accounts are unaffected
+    broker.clock.advance(SETTINGS.login_lockout)
+    assert broker.login(alice).username == "alice"
+
+
+def test_the_lockout_doubles_with_each_further_failure(broker: Broker, alice: Identity) -> None:
+    broker.register(alice)
+    key = alice.bundle.curve_public
+    _fail_logins(broker, "alice", key, SETTINGS.login_attempts)
+    broker.clock.advance(SETTINGS.login_lockout)
+    _fail_logins(broker, "alice", key, 1)
+    broker.clock.advance(SETTINGS.login_lockout)
+    assert broker.error("login", protocol.Login("alice", PASSWORD), key).code == "throttled"
+    broker.clock.advance(SETTINGS.login_lockout)
+    assert broker.login(alice).username == "alice"
+
+
+def test_a_client_key_guessing_across_usernames_is_locked_out(
+    broker: Broker, alice: Identity, bob: Identity
+) -> None:
+    broker.register(alice)
+    attacker = crypto.random_bytes(32)
+    for name in ("nobody", "alice", "carol", "dave", "erin")[: SETTINGS.login_attempts]:
+        _fail_logins(broker, name, attacker, 1)
+    error = broker.error("login", protocol.Login("bob", "any"), attacker)
+    assert error.code == "throttled"
+    assert broker.login(alice).username == "alice"  # alice's one failure stays below the limit
+
+
+def test_unknown_usernames_are_throttled_like_real_ones(broker: Broker, alice: Identity) -> None:
+    broker.register(alice)
+    answers = []
+    for name in ("alice", "nobody"):
+        _fail_logins(broker, name, crypto.random_bytes(32), SETTINGS.login_attempts)
+        answers.append(broker.error("login", protocol.Login(name, PASSWORD), b"k" * 32))
+    assert answers[0] == answers[1]
+    assert answers[0].code == "throttled"
+
+
+def test_a_successful_login_clears_the_failures(broker: Broker, alice: Identity) -> None:
+    broker.register(alice)
+    key = alice.bundle.curve_public
+    _fail_logins(broker, "alice", key, SETTINGS.login_attempts - 1)
+    broker.login(alice)
+    _fail_logins(broker, "alice", key, SETTINGS.login_attempts - 1)
+    assert broker.login(alice).username == "alice"
+
+
+def test_while_every_bcrypt_slot_is_taken_logins_are_busy_and_challenges_survive(
+    broker: Broker, alice: Identity, bob: Identity
+) -> None:
+    token = broker.register(alice).token
+    key = bob.bundle.curve_public
+    challenge = broker.challenge(key)
+    slots = [broker.service._bcrypt for _ in range(SETTINGS.bcrypt_slots)]
+    for slot in slots:
+        slot.__enter__()
+    try:
+        assert broker.error("login", protocol.Login("alice", PASSWORD), key).code == "busy"
+        assert broker.error("register", register_request(bob, challenge), key).code == "busy"
+        assert broker.search(alice, token) == []  # requests without bcrypt go on
+    finally:
+        for slot in slots:
+            slot.__exit__(None, None, None)
+    # Nothing was spent: the same challenge still registers bob.
+    assert broker.ok("register", register_request(bob, challenge), key, protocol.SessionResult)
 
 
 def test_logout_invalidates_only_that_token(broker: Broker, alice: Identity, bob: Identity) -> None:

@@ -1,0 +1,59 @@
+"""The broker client's retry of `busy` answers (the socket side is covered by integration)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from sfs.common import protocol
+from sfs.common.errors import RemoteError
+from sfs.peer import client as client_module
+from sfs.peer.client import BrokerClient
+
+
+def scripted_client(monkeypatch: pytest.MonkeyPatch, answers: list[Any]) -> list[float]:
+    """A client whose sends get `answers` in turn; returns the list of sleeps taken."""
+    sleeps: list[float] = []
+    monkeypatch.setattr(client_module.time, "sleep", sleeps.append)
+
+    def call_once(self: BrokerClient, *args: Any) -> Any:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(BrokerClient, "_call_once", call_once)
+    return sleeps
+
+
+def busy() -> RemoteError:
+    return RemoteError("busy", "broker: the broker is busy with other logins; retry shortly")
+
+
+def test_busy_answers_are_retried_until_one_succeeds(monkeypatch: pytest.MonkeyPatch) -> None:
+    ok = protocol.PingResult(1, 0)
+    sleeps = scripted_client(monkeypatch, [busy(), busy(), ok])
+    with BrokerClient("tcp://127.0.0.1:1", b"0" * 40) as client:
+        assert client.ping() == ok
+    assert sleeps == list(client_module.BUSY_RETRY_DELAYS[:2])
+
+
+def test_a_broker_that_stays_busy_gives_the_busy_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    tries = len(client_module.BUSY_RETRY_DELAYS) + 1
+    scripted_client(monkeypatch, [busy() for _ in range(tries)])
+    with (
+        BrokerClient("tcp://127.0.0.1:1", b"0" * 40) as client,
+        pytest.raises(RemoteError, match="busy"),
+    ):
+        client.ping()
+
+
+def test_other_errors_are_not_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    sleeps = scripted_client(monkeypatch, [RemoteError("unauthorized", "broker: no"), None])
+    with (
+        BrokerClient("tcp://127.0.0.1:1", b"0" * 40) as client,
+        pytest.raises(RemoteError, match="no"),
+    ):
+        client.ping()
+    assert sleeps == []
