@@ -6,6 +6,8 @@ returning a bool, and nonces are derived here, never passed in by callers.
 - RSA-3072: RSA-OAEP-SHA256 to wrap a transfer key, RSA-PSS-SHA256 to sign.
 - AES-256-GCM for file chunks: nonce = base nonce XOR chunk index.
 - SHA-256 for content, bcrypt for passwords, random tokens stored as SHA-256 hashes.
+- Secrets at rest under a passphrase: PKCS#8 encryption for the RSA key, and
+  Argon2id + XSalsa20-Poly1305 (libsodium's SecretBox) for the Curve25519 key.
 """
 
 from __future__ import annotations
@@ -16,6 +18,10 @@ import secrets
 from dataclasses import dataclass
 
 import bcrypt
+import nacl.exceptions
+import nacl.pwhash
+import nacl.secret
+import nacl.utils
 from cryptography.exceptions import InvalidSignature, InvalidTag, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
@@ -88,6 +94,33 @@ def private_key_from_pem(data: bytes, passphrase: bytes | None = None) -> RsaPri
     if not isinstance(key, rsa.RSAPrivateKey) or key.key_size != RSA_BITS:
         raise KeyFileError(f"the private key is not an RSA-{RSA_BITS} key")
     return key
+
+
+def seal_with_passphrase(secret: bytes, passphrase: bytes) -> bytes:
+    """`secret` encrypted under a key stretched from `passphrase` (salt included)."""
+    salt = nacl.utils.random(nacl.pwhash.argon2id.SALTBYTES)
+    return salt + nacl.secret.SecretBox(_passphrase_key(passphrase, salt)).encrypt(secret)
+
+
+def open_with_passphrase(sealed: bytes, passphrase: bytes) -> bytes:
+    salt_size = nacl.pwhash.argon2id.SALTBYTES
+    salt, box = sealed[:salt_size], sealed[salt_size:]
+    if len(salt) != salt_size:
+        raise KeyFileError("the encrypted key is truncated")
+    try:
+        return nacl.secret.SecretBox(_passphrase_key(passphrase, salt)).decrypt(box)
+    except nacl.exceptions.CryptoError as exc:
+        raise KeyFileError("the private key could not be read (wrong passphrase?)") from exc
+
+
+def _passphrase_key(passphrase: bytes, salt: bytes) -> bytes:
+    return nacl.pwhash.argon2id.kdf(
+        nacl.secret.SecretBox.KEY_SIZE,
+        passphrase,
+        salt,
+        opslimit=nacl.pwhash.argon2id.OPSLIMIT_INTERACTIVE,
+        memlimit=nacl.pwhash.argon2id.MEMLIMIT_INTERACTIVE,
+    )
 
 
 def public_key_to_der(key: RsaPublicKey) -> bytes:

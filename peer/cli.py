@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import getpass
 import logging
+import os
 import sys
 import threading
 from collections.abc import Iterator
@@ -48,8 +49,33 @@ PasswordStdin = Annotated[
 ]
 
 
+PASSPHRASE_ENV = "SFS_PASSPHRASE"  # noqa: S105 (the name of a variable, not a secret)
+
+
 def _peer(config: Path) -> Peer:
-    return Peer(load_peer_config(config))
+    return Peer(load_peer_config(config), passphrase=_passphrase)
+
+
+def _passphrase() -> bytes | None:
+    """The passphrase of encrypted keys: from SFS_PASSPHRASE, else asked on the terminal."""
+    if os.environ.get(PASSPHRASE_ENV):
+        return os.environ[PASSPHRASE_ENV].encode()
+    if not sys.stdin.isatty():
+        return None
+    return getpass.getpass("passphrase of the private keys: ").encode() or None
+
+
+def _new_passphrase() -> bytes:
+    if os.environ.get(PASSPHRASE_ENV):
+        return os.environ[PASSPHRASE_ENV].encode()
+    if not sys.stdin.isatty():
+        raise UsageError(f"no terminal to ask for a passphrase; set {PASSPHRASE_ENV}")
+    passphrase = getpass.getpass("new passphrase for the private keys: ")
+    if not passphrase:
+        raise UsageError("the passphrase is empty")
+    if getpass.getpass("again: ") != passphrase:
+        raise UsageError("the passphrases do not match")
+    return passphrase.encode()
 
 
 def _password(from_stdin: bool, confirm: bool = False) -> str:
@@ -131,11 +157,24 @@ def _share_json(share: Share) -> dict[str, object]:
 
 @app.command()
 @command
-def init(config: ConfigOption, debug: DebugOption = False) -> None:
+def init(
+    config: ConfigOption,
+    passphrase: Annotated[
+        bool,
+        typer.Option(
+            "--passphrase",
+            help=f"Encrypt the private keys with a passphrase (asked, or from {PASSPHRASE_ENV}).",
+        ),
+    ] = False,
+    debug: DebugOption = False,
+) -> None:
     """Make this user's keys (RSA-3072 and Curve25519) and show the fingerprint."""
     with _peer(config) as peer:
-        identity = peer.init()
+        secret = _new_passphrase() if passphrase or os.environ.get(PASSPHRASE_ENV) else None
+        identity = peer.init(secret)
         stdout.print(f"created the identity of {identity.username} in {peer.config.data_dir}")
+        if secret:
+            stdout.print("the private keys are encrypted with your passphrase")
         stdout.print(f"fingerprint: {format_fingerprint(identity.fingerprint)}")
 
 

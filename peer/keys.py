@@ -3,12 +3,17 @@
     data_dir/keys/signing.pem     RSA-3072 private key, PKCS#8 PEM, mode 0600
     data_dir/keys/transport.key   Curve25519 secret key, z85, mode 0600
 
-Public keys are derived from the private ones, so nothing else needs storing.
+Public keys are derived from the private ones, so nothing else needs storing. With a
+passphrase, both files are encrypted: the PEM as an encrypted PKCS#8 key, the transport
+key as a line `sfs-sealed-v1 <base64>` (see `crypto.seal_with_passphrase`).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +24,10 @@ from sfs.common import crypto
 from sfs.common.errors import KeyFileError
 from sfs.common.files import make_private_dir, read_private_file, write_private_file
 from sfs.common.identity import KeyBundle
+
+PassphraseSource = Callable[[], bytes | None]  # asked only when the keys are encrypted
+_SEALED = b"sfs-sealed-v1"
+_ENCRYPTED_PEM = b"-----BEGIN ENCRYPTED PRIVATE KEY-----"
 
 
 @dataclass(frozen=True)
@@ -59,30 +68,61 @@ def identity_exists(data_dir: Path) -> bool:
     return any(path.exists() for path in _paths(data_dir))
 
 
-def create_identity(data_dir: Path, username: str) -> Identity:
-    """Make and store new key pairs; refuses to overwrite existing ones."""
+def create_identity(data_dir: Path, username: str, passphrase: bytes | None = None) -> Identity:
+    """Make and store new key pairs, encrypted when a `passphrase` is given.
+
+    Refuses to overwrite existing ones."""
     if identity_exists(data_dir):
         raise KeyFileError(f"an identity already exists in {data_dir / 'keys'}; not replacing it")
     signing_path, transport_path = _paths(data_dir)
     make_private_dir(signing_path.parent)
     signing_key = crypto.generate_rsa_key()
     transport_key = nacl.public.PrivateKey.generate()
-    write_private_file(signing_path, crypto.private_key_to_pem(signing_key))
-    write_private_file(transport_path, zmq.utils.z85.encode(bytes(transport_key)) + b"\n")
+    transport_text = zmq.utils.z85.encode(bytes(transport_key))
+    if passphrase:
+        sealed = crypto.seal_with_passphrase(bytes(transport_key), passphrase)
+        transport_text = _SEALED + b" " + base64.b64encode(sealed)
+    write_private_file(signing_path, crypto.private_key_to_pem(signing_key, passphrase))
+    write_private_file(transport_path, transport_text + b"\n")
     return Identity(username, signing_key, transport_key, _bundle(signing_key, transport_key))
 
 
-def load_identity(data_dir: Path, username: str) -> Identity:
+def load_identity(
+    data_dir: Path, username: str, passphrase: PassphraseSource | None = None
+) -> Identity:
     signing_path, transport_path = _paths(data_dir)
     if not identity_exists(data_dir):
         raise KeyFileError(f"no identity in {data_dir / 'keys'}; run `sfs-peer init` first")
-    signing_key = crypto.private_key_from_pem(read_private_file(signing_path, "the signing key"))
+    pem = read_private_file(signing_path, "the signing key")
     text = read_private_file(transport_path, "the transport key").strip()
+    encrypted = (pem.lstrip().startswith(_ENCRYPTED_PEM), text.startswith(_SEALED))
+    if encrypted[0] != encrypted[1]:
+        raise KeyFileError(
+            f"the keys in {signing_path.parent} are not both encrypted or both plain; "
+            "restore them from a backup"
+        )
+    secret = None
+    if encrypted[0]:
+        secret = passphrase() if passphrase is not None else None
+        if not secret:
+            raise KeyFileError(
+                f"the private keys in {signing_path.parent} are passphrase-protected; "
+                "set SFS_PASSPHRASE or run from a terminal"
+            )
+    signing_key = crypto.private_key_from_pem(pem, secret)
+    transport_key = _transport_key(text, secret, transport_path)
+    return Identity(username, signing_key, transport_key, _bundle(signing_key, transport_key))
+
+
+def _transport_key(text: bytes, passphrase: bytes | None, path: Path) -> nacl.public.PrivateKey:
     try:
-        raw = zmq.utils.z85.decode(text)
+        if passphrase is not None:
+            sealed = base64.b64decode(text[len(_SEALED) :].strip(), validate=True)
+            raw = crypto.open_with_passphrase(sealed, passphrase)
+        else:
+            raw = zmq.utils.z85.decode(text)
         if len(raw) != 32:
             raise ValueError("wrong length")
-        transport_key = nacl.public.PrivateKey(raw)
-    except (ValueError, KeyError, struct.error) as exc:  # z85 raises all three
-        raise KeyFileError(f"the transport key {transport_path} is malformed") from exc
-    return Identity(username, signing_key, transport_key, _bundle(signing_key, transport_key))
+        return nacl.public.PrivateKey(raw)
+    except (ValueError, KeyError, struct.error, binascii.Error) as exc:  # z85 raises the first 3
+        raise KeyFileError(f"the transport key {path} is malformed") from exc

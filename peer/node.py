@@ -48,8 +48,10 @@ class WhoAmI:
 
 
 class Peer:
-    def __init__(self, config: PeerConfig) -> None:
+    def __init__(self, config: PeerConfig, passphrase: keys.PassphraseSource | None = None) -> None:
+        """`passphrase`: asked for when the private keys turn out to be encrypted."""
         self.config = config
+        self._passphrase = passphrase
         self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._identity: keys.Identity | None = None
         self._broker: BrokerClient | None = None
@@ -74,7 +76,9 @@ class Peer:
     @property
     def identity(self) -> keys.Identity:
         if self._identity is None:
-            self._identity = keys.load_identity(self.config.data_dir, self.config.username)
+            self._identity = keys.load_identity(
+                self.config.data_dir, self.config.username, self._passphrase
+            )
         return self._identity
 
     def _new_broker_client(self) -> BrokerClient:
@@ -113,8 +117,10 @@ class Peer:
 
     # --- identity and account --------------------------------------------------------
 
-    def init(self) -> keys.Identity:
-        self._identity = keys.create_identity(self.config.data_dir, self.config.username)
+    def init(self, passphrase: bytes | None = None) -> keys.Identity:
+        self._identity = keys.create_identity(
+            self.config.data_dir, self.config.username, passphrase
+        )
         return self._identity
 
     def register(self, password: str) -> protocol.SessionResult:

@@ -131,16 +131,23 @@ class Peer:
     def download_dir(self) -> Path:
         return self.cluster.root / self.name / "downloads"
 
-    def run(self, *args: str, input: str | None = None, timeout: float = 120) -> Result:
+    def run(
+        self,
+        *args: str,
+        input: str | None = None,
+        timeout: float = 120,
+        env: dict[str, str] | None = None,
+    ) -> Result:
         return self.cluster.run(
-            "sfs-peer", *args, "--config", str(self.config), input=input, timeout=timeout
+            "sfs-peer", *args, "--config", str(self.config), input=input, timeout=timeout, env=env
         )
 
-    def serve(self) -> Process:
+    def serve(self, env: dict[str, str] | None = None) -> Process:
         self.server = self.cluster.start(
             f"{self.name}-serve",
             [*command_for("sfs-peer"), "serve", "--config", str(self.config)],
             ready="serving on",
+            env=env,
         )
         return self.server
 
@@ -185,7 +192,15 @@ class Cluster:
 
     # --- processes -----------------------------------------------------------------------
 
-    def run(self, tool: str, *args: str, input: str | None = None, timeout: float = 120) -> Result:
+    def run(
+        self,
+        tool: str,
+        *args: str,
+        input: str | None = None,
+        timeout: float = 120,
+        env: dict[str, str] | None = None,
+    ) -> Result:
+        """Run a CLI command to the end; `env`: extra environment variables."""
         argv = [*command_for(tool), *args]
         done = subprocess.run(
             argv,
@@ -194,17 +209,28 @@ class Cluster:
             text=True,
             timeout=timeout,
             cwd=self.root,
-            env={**os.environ, "COLUMNS": str(self.columns)},
+            env={**os.environ, "COLUMNS": str(self.columns), **(env or {})},
             check=False,
         )
         return Result(argv, done.returncode, done.stdout, done.stderr)
 
-    def start(self, name: str, argv: list[str], ready: str | None = None) -> Process:
+    def start(
+        self,
+        name: str,
+        argv: list[str],
+        ready: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> Process:
         """Start a long-running process; wait until it prints `ready` on stdout."""
         log = self.root / f"{name}.log"
         handle = log.open("w")
         popen = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=handle, text=True, cwd=self.root
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=handle,
+            text=True,
+            cwd=self.root,
+            env={**os.environ, **(env or {})},
         )
         process = Process(name, popen, log, handle)
         self.processes.append(process)
@@ -287,9 +313,22 @@ class Cluster:
         config.write_text("\n".join(lines) + "\n")
         return config
 
-    def add_peer(self, name: str, *, serve: bool = False, register: bool = True) -> Peer:
-        peer = Peer(self, name, self.write_peer_config(name), password=f"{name}-password")
+    def add_peer(
+        self,
+        name: str,
+        *,
+        serve: bool = False,
+        register: bool = True,
+        init: bool = True,
+        **extra: Any,
+    ) -> Peer:
+        """`extra`: more peer config keys, e.g. `advertise="tcp://127.0.0.1:5999"`.
+        Without `init` the peer has a config only (and is not registered)."""
+        config = self.write_peer_config(name, **extra)
+        peer = Peer(self, name, config, password=f"{name}-password")
         self.peers[name] = peer
+        if not init:
+            return peer
         peer.run("init").check()
         if register:
             peer.run("register", "--password-stdin", input=peer.password + "\n").check()

@@ -165,3 +165,78 @@ def test_a_signing_key_of_the_wrong_size_is_refused(copy: Path) -> None:
     write_private(copy / "keys" / "signing.pem", crypto.private_key_to_pem(small))
     with pytest.raises(KeyFileError, match="RSA-3072"):
         load_identity(copy, "alice")
+
+
+# --- keys encrypted with a passphrase ------------------------------------------------------
+
+PASSPHRASE = b"a long passphrase for the keys"
+
+
+@pytest.fixture(scope="module")
+def sealed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Identity]:
+    data_dir = tmp_path_factory.mktemp("sealed") / "data"
+    return data_dir, create_identity(data_dir, "alice", PASSPHRASE)
+
+
+def test_encrypted_keys_hold_no_plain_secret(sealed: tuple[Path, Identity]) -> None:
+    data_dir, identity = sealed
+    pem = (data_dir / "keys" / "signing.pem").read_bytes()
+    transport = (data_dir / "keys" / "transport.key").read_bytes()
+    assert pem.startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+    assert transport.startswith(b"sfs-sealed-v1 ")
+    assert identity.curve_secret_z85 not in transport
+    assert bytes(identity.transport_key) not in transport
+    plain_pem = crypto.private_key_to_pem(identity.signing_key)
+    body = b"".join(plain_pem.splitlines()[1:-1])
+    assert body[:64] not in b"".join(pem.splitlines())
+    for path in (data_dir / "keys").iterdir():
+        assert mode_of(path) == 0o600
+
+
+def test_encrypted_keys_load_with_the_passphrase(sealed: tuple[Path, Identity]) -> None:
+    data_dir, identity = sealed
+    loaded = load_identity(data_dir, "alice", lambda: PASSPHRASE)
+    assert loaded.bundle == identity.bundle
+    assert bytes(loaded.transport_key) == bytes(identity.transport_key)
+
+
+@pytest.mark.parametrize("given", [None, b""])
+def test_encrypted_keys_without_a_passphrase_say_how_to_give_one(
+    sealed: tuple[Path, Identity], given: bytes | None
+) -> None:
+    with pytest.raises(KeyFileError, match="passphrase-protected; set SFS_PASSPHRASE"):
+        load_identity(sealed[0], "alice", lambda: given)
+    with pytest.raises(KeyFileError, match="passphrase-protected"):
+        load_identity(sealed[0], "alice")
+
+
+def test_encrypted_keys_refuse_a_wrong_passphrase(sealed: tuple[Path, Identity]) -> None:
+    with pytest.raises(KeyFileError, match="wrong passphrase"):
+        load_identity(sealed[0], "alice", lambda: b"not the passphrase")
+
+
+def test_plain_keys_never_ask_for_a_passphrase(made: tuple[Path, Identity]) -> None:
+    def ask() -> bytes:
+        raise AssertionError("asked for a passphrase")
+
+    assert load_identity(made[0], "alice", ask).bundle == made[1].bundle
+
+
+def test_one_encrypted_and_one_plain_key_file_is_refused(
+    sealed: tuple[Path, Identity], copy: Path
+) -> None:
+    shutil.copy(sealed[0] / "keys" / "transport.key", copy / "keys" / "transport.key")
+    with pytest.raises(KeyFileError, match="not both encrypted or both plain"):
+        load_identity(copy, "alice", lambda: PASSPHRASE)
+
+
+@pytest.mark.parametrize("tail", [b"", b"!!!not base64", b"c2hvcnQ="])
+def test_a_damaged_encrypted_transport_key_is_refused(
+    sealed: tuple[Path, Identity], tmp_path: Path, tail: bytes
+) -> None:
+    data_dir = tmp_path / "data"
+    shutil.copytree(sealed[0], data_dir)
+    path = data_dir / "keys" / "transport.key"
+    path.write_bytes(b"sfs-sealed-v1 " + tail + b"\n")
+    with pytest.raises(KeyFileError, match=r"transport key|truncated|wrong passphrase"):
+        load_identity(data_dir, "alice", lambda: PASSPHRASE)
