@@ -145,7 +145,13 @@ class Peer:
     def serve(self, env: dict[str, str] | None = None) -> Process:
         self.server = self.cluster.start(
             f"{self.name}-serve",
-            [*command_for("sfs-peer"), "serve", "--config", str(self.config)],
+            [
+                *command_for("sfs-peer"),
+                "serve",
+                "--config",
+                str(self.config),
+                *self.cluster.debug_flag,
+            ],
             ready="serving on",
             env=env,
         )
@@ -164,13 +170,17 @@ class Cluster:
         transport_encryption: bool = True,
         keep: bool = False,
         columns: int = 200,
+        debug: bool = False,
     ) -> None:
-        """`columns`: the terminal width the CLI's tables are laid out for."""
+        """`columns`: the terminal width the CLI's tables are laid out for; `debug`: run
+        the servers with --debug (everything they log, logged)."""
         self._own_root = root is None
         self.root = root or Path(tempfile.mkdtemp(prefix="sfs-harness-"))
         self.transport_encryption = transport_encryption
         self.keep = keep
         self.columns = columns
+        self.debug = debug
+        self.results: list[Result] = []  # every command run, for tests that read it all
         self.processes: list[Process] = []
         self.peers: dict[str, Peer] = {}
         self.broker_config = self.root / "broker.yaml"
@@ -182,6 +192,10 @@ class Cluster:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    @property
+    def debug_flag(self) -> list[str]:
+        return ["--debug"] if self.debug else []
 
     def close(self) -> None:
         for process in reversed(self.processes):
@@ -212,7 +226,9 @@ class Cluster:
             env={**os.environ, "COLUMNS": str(self.columns), **(env or {})},
             check=False,
         )
-        return Result(argv, done.returncode, done.stdout, done.stderr)
+        result = Result(argv, done.returncode, done.stdout, done.stderr)
+        self.results.append(result)
+        return result
 
     def start(
         self,
@@ -264,7 +280,14 @@ class Cluster:
         self.broker_config.write_text("\n".join(lines) + "\n")
         self.run("sfs-broker", "init", "--config", str(self.broker_config)).check()
         self.broker = self.start(
-            "broker", [*command_for("sfs-broker"), "serve", "--config", str(self.broker_config)]
+            "broker",
+            [
+                *command_for("sfs-broker"),
+                "serve",
+                "--config",
+                str(self.broker_config),
+                *self.debug_flag,
+            ],
         )
         self.wait_for_broker()
         return self.broker
