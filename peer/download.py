@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +64,35 @@ def verify_lookup(file_id: str, lookup: protocol.LookupResult, pins: PinStore) -
         raise IntegrityError("the manifest names a different owner than the broker reported")
     pins.check(lookup.owner, lookup.owner_bundle)
     return manifest
+
+
+@contextlib.contextmanager
+def _malformed_from(holder_name: str) -> Iterator[None]:
+    """Name the holder in a decoding error: the user must learn who sent it."""
+    try:
+        yield
+    except ProtocolError as exc:
+        raise ProtocolError(f"{holder_name} sent a malformed message ({exc})") from exc
+
+
+def read_reply(frames: list[bytes], holder_name: str) -> tuple[protocol.Envelope, bytes | None]:
+    """A holder's reply: an envelope, and for a chunk the ciphertext after it. Raises
+    `RemoteError` for an error reply and `ProtocolError` for anything malformed."""
+    if len(frames) > 2:
+        raise ProtocolError(f"{holder_name} sent a frame of unexpected shape")
+    with _malformed_from(holder_name):
+        envelope = protocol.decode_envelope(frames[0])
+        protocol.raise_for_error(envelope, holder_name)
+    return envelope, frames[1] if len(frames) == 2 else None
+
+
+def read_chunk(
+    envelope: protocol.Envelope, payload: bytes | None, holder_name: str
+) -> tuple[protocol.ChunkHeader, bytes]:
+    if envelope.op != "chunk" or payload is None:
+        raise ProtocolError(f"{holder_name} sent a malformed chunk")
+    with _malformed_from(holder_name):
+        return from_wire(protocol.ChunkHeader, envelope.body, "chunk"), payload
 
 
 class Downloader:
@@ -157,11 +186,9 @@ class Downloader:
             try:
                 self._request(sock, link, plan)
                 while not plan.complete:
-                    envelope, payload = self._receive(sock, holder, "send the next chunk")
-                    if envelope.op != "chunk" or payload is None:
-                        raise ProtocolError(f"{holder.username} sent a malformed chunk")
-                    header = from_wire(protocol.ChunkHeader, envelope.body, "chunk")
-                    plaintext = link.open_chunk(header, payload)
+                    reply = self._receive(sock, holder, "send the next chunk")
+                    header, ciphertext = read_chunk(*reply, holder.username)
+                    plaintext = link.open_chunk(header, ciphertext)
                     plan.accept(header.index, plaintext)
                     partial.write(header.index, plaintext)
                     if progress is not None:
@@ -195,7 +222,8 @@ class Downloader:
             pause = min(pause * 2, 1.0)
         if envelope.op != "offer":
             raise ProtocolError(f"{holder.username} sent {envelope.op[:40]!r}, not an offer")
-        return from_wire(protocol.Offer, envelope.body, "offer")
+        with _malformed_from(holder.username):
+            return from_wire(protocol.Offer, envelope.body, "offer")
 
     def _request(self, sock: zmq.Socket[bytes], link: ReceiverLink, plan: ChunkPlan) -> None:
         for index in plan.next_requests():
@@ -209,9 +237,4 @@ class Downloader:
                 f"{holder.username} at {holder.endpoint} did not {doing} within "
                 f"{self._timeout_ms // 1000} s"
             )
-        frames = sock.recv_multipart()
-        if len(frames) > 2:
-            raise ProtocolError(f"{holder.username} sent a frame of unexpected shape")
-        envelope = protocol.decode_envelope(frames[0])
-        protocol.raise_for_error(envelope, holder.username)
-        return envelope, frames[1] if len(frames) == 2 else None
+        return read_reply(sock.recv_multipart(), holder.username)

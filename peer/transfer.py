@@ -238,10 +238,7 @@ class HolderService:
         if not share.allows(hello.requester):
             log.info("refused %s: %s is not shared with them", hello.requester, hello.file_id)
             raise Refused(ErrorCode.FORBIDDEN, f"file {hello.file_id} is not shared with you")
-        if sum(o.requester == hello.requester for o in self._transfers.values()) >= (
-            MAX_TRANSFERS_PER_REQUESTER
-        ):
-            raise Refused(ErrorCode.BUSY, "you have too many transfers from this holder open")
+        self._make_room_for(hello.requester)
         if len(self._transfers) >= MAX_TRANSFERS:
             raise Refused(ErrorCode.BUSY, "the holder is serving too many transfers; retry")
 
@@ -269,6 +266,16 @@ class HolderService:
         )
         log.info("sending %s to %s", share.name, hello.requester)
         return offer
+
+    def _make_room_for(self, requester: str) -> None:
+        """At the per-user limit, forget that user's least recently active transfer.
+
+        A download that died (killed, cut off, its offer lost) never says `finish`, and
+        the holder cannot see its connection go: refusing here would lock the user out
+        until the idle timeout. The hello is signed, so only users evict their own."""
+        own = [(o.last_active, t) for t, o in self._transfers.items() if o.requester == requester]
+        if len(own) >= MAX_TRANSFERS_PER_REQUESTER:
+            del self._transfers[min(own)[1]]
 
     def _transfer(self, transfer_id: bytes, connection: bytes) -> _Outgoing:
         outgoing = self._transfers.get(transfer_id)

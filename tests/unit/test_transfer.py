@@ -531,16 +531,23 @@ def test_read_chunk_is_asked_for_each_chunks_offset_and_length(
     assert reads == [(3 * CHUNK, 1234), (0, CHUNK)]
 
 
-def test_too_many_transfers_per_requester_are_refused_whatever_the_connection(
+def test_a_requester_at_the_limit_loses_its_least_active_transfer_whatever_the_connection(
     rig: Rig, shared: Shared, bob: Identity, mallory: Identity, alice: Identity
 ) -> None:
+    # Dead downloads never say finish; refusing would lock bob out until they expire.
     limit = transfer.MAX_TRANSFERS_PER_REQUESTER
+    links = []
     for number in range(limit):
-        connect(rig, link_for(bob, alice.bundle, shared), f"bob-{number}".encode())
-    extra = link_for(bob, alice.bundle, shared)
-    as_error(rig.send("hello", extra.hello(), b"bob-extra"), ErrorCode.BUSY)
-    connect(rig, link_for(mallory, alice.bundle, shared), b"other")  # others still served
-    assert rig.service.active_transfers == limit + 1
+        links.append(link_for(bob, alice.bundle, shared))
+        connect(rig, links[-1], f"bob-{number}".encode())
+        rig.clock.now += 1
+    as_chunk(rig.send("get", links[0].request(0), b"bob-0"))  # now bob-1 is the idlest
+    connect(rig, link_for(mallory, alice.bundle, shared), b"other")
+    connect(rig, link_for(bob, alice.bundle, shared), b"bob-extra")
+    assert rig.service.active_transfers == limit + 1  # bob still has only `limit`
+    as_error(rig.send("get", links[1].request(0), b"bob-1"), ErrorCode.NOT_FOUND)
+    for number in (0, 2, 3):
+        as_chunk(rig.send("get", links[number].request(0), f"bob-{number}".encode()))
 
 
 def test_dropping_a_connection_forgets_its_transfers(
