@@ -240,6 +240,8 @@ def test_substituted_owner_key_refused_by_pin(
     write(tmp_path / "data.bin", 1000)
     share = alice.share(tmp_path / "data.bin")
     bob.get(share.file_id)  # bob pins alice's key on first use
+    # With her keys replaced, alice's own heartbeats are refused: stop her first.
+    network.stop("alice")
     network.broker.store._query(  # the broker now hands out mallory's keys as alice's
         "UPDATE users SET rsa_public = ?, curve_public = ? WHERE username = 'alice'",
         (mallory.identity.bundle.rsa_public, b"\0" * 32),
