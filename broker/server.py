@@ -25,6 +25,15 @@ log = logging.getLogger("sfs.broker")
 _BACKEND = "inproc://sfs-broker-workers"
 _READY = b"READY"
 _POLL_MS = 200
+# What one client connection can make the broker hold: `maxmsgsize` bounds a frame, these
+# the number of messages queued. A full receive queue makes ZeroMQ stop reading the
+# connection (TCP pushes back), so a flood of requests waits in the sender's memory.
+# Not 1: with a ZAP handler, libzmq 4.3.5 delivers nothing to a ROUTER with rcvhwm 1.
+REQUEST_QUEUE_LIMIT = 2
+# A full send queue drops the reply, so a client that asks for large replies (a lookup
+# carries a manifest of up to 9 MiB) and never reads them cannot pile them up here.
+# Clients keep one request in flight; 8 leaves room for a little pipelining.
+REPLY_QUEUE_LIMIT = 8
 
 
 class BrokerServer:
@@ -82,6 +91,8 @@ class BrokerServer:
         sock = context.socket(zmq.ROUTER)
         sock.linger = 0
         sock.maxmsgsize = MAX_BROKER_FRAME
+        sock.rcvhwm = REQUEST_QUEUE_LIMIT
+        sock.sndhwm = REPLY_QUEUE_LIMIT
         sock.curve_server = True
         sock.curve_secretkey = self._secret_key
         sock.curve_publickey = self._public_key

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass
@@ -28,8 +29,15 @@ import msgpack
 
 from sfs.common.errors import ProtocolError
 
-# msgpack's C unpacker refuses nesting deeper than its stack; these bound the rest.
-MAX_CONTAINER_ITEMS = 100_000
+# msgpack's C unpacker refuses nesting deeper than its stack (1024 levels); these bound
+# the rest. Per container: msgpack allocates a container's slots when it reads the header,
+# before any item, so a few bytes of nested headers would otherwise reserve megabytes. The
+# longest list in the protocol is an access list of 1000 names.
+MAX_CONTAINER_ITEMS = 1024
+# Per document, all containers together: small strings and numbers decode to objects
+# up to twenty times their size on the wire, so a 16 MiB frame of them would take
+# hundreds of MiB. The largest real document, a search result of 500 hits, has ~36,000.
+MAX_DOCUMENT_ITEMS = 65_536
 
 
 @dataclass(frozen=True)
@@ -73,8 +81,25 @@ def _reject_ext(code: int, data: bytes) -> Any:
     raise ValueError("extension types are not part of the protocol")
 
 
+_Container = TypeVar("_Container", list[Any], dict[Any, Any])
+
+
+class _ItemBudget:
+    """msgpack hooks that charge every decoded list and map to one budget of items."""
+
+    def __init__(self, items: int) -> None:
+        self.left = items
+
+    def charge(self, container: _Container) -> _Container:
+        self.left -= len(container)
+        if self.left < 0:
+            raise ProtocolError(f"malformed frame: more than {MAX_DOCUMENT_ITEMS} items")
+        return container
+
+
 def unpack(frame: bytes) -> Any:
     """Decode one msgpack frame, translating every failure into `ProtocolError`."""
+    budget = _ItemBudget(MAX_DOCUMENT_ITEMS)
     try:
         return msgpack.unpackb(
             frame,
@@ -83,7 +108,11 @@ def unpack(frame: bytes) -> Any:
             ext_hook=_reject_ext,
             max_array_len=MAX_CONTAINER_ITEMS,
             max_map_len=MAX_CONTAINER_ITEMS,
+            list_hook=budget.charge,
+            object_hook=budget.charge,
         )
+    except ProtocolError:
+        raise
     except Exception as exc:  # msgpack raises many unrelated types on bad input
         raise ProtocolError("malformed frame: not a valid msgpack document") from exc
 
@@ -152,6 +181,10 @@ def _check_limits(value: Any, limits: tuple[Any, ...], where: str) -> None:
             raise ProtocolError(f"{where}: not a valid value")
 
 
+def _prefix(key: Any) -> Any:
+    return key[:100] if isinstance(key, str | bytes) else key
+
+
 def from_wire(cls: type[R], value: Any, where: str = "message") -> R:
     """Validate a decoded map into a `cls` record or raise `ProtocolError`."""
     if not isinstance(value, dict):
@@ -159,9 +192,10 @@ def from_wire(cls: type[R], value: Any, where: str = "message") -> R:
     hints = _hints(cls)
     unknown = set(value) - set(hints)
     if unknown:
-        # str keys first, in order; bytes keys (msgpack allows them) must not break sorting
-        first = sorted(unknown, key=lambda k: (not isinstance(k, str), str(k)))[0]
-        raise ProtocolError(f"{where}: unexpected field {first!r}")
+        # str keys first, in order; bytes keys (msgpack allows them) must not break sorting.
+        # Keys are cut short first: one may be megabytes (str() of bytes quadruples it).
+        first = min((_prefix(k) for k in unknown), key=lambda k: (not isinstance(k, str), str(k)))
+        raise ProtocolError(f"{where}: unexpected field {reprlib.repr(first)}")
     kwargs: dict[str, Any] = {}
     for field in dataclasses.fields(cls):  # type: ignore[arg-type]
         if field.name in value:

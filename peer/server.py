@@ -28,6 +28,10 @@ MAX_REQUEST_FRAME = 64 * 1024
 # Replies queued for one requester, at most; more than a window's worth means it is not
 # reading (a window is at most 32, see config), and its transfers are dropped.
 SEND_QUEUE_LIMIT = 40
+# Requests queued per requester connection. `maxmsgsize` bounds a frame, this their number:
+# once it is reached ZeroMQ stops reading that connection (TCP pushes back), so a flood
+# waits in the sender's memory, not here. Nothing is lost; a window only waits its turn.
+RECEIVE_QUEUE_LIMIT = 16
 _POLL_MS = 500
 
 
@@ -61,6 +65,7 @@ class PeerServer:
             sock.linger = 0
             sock.maxmsgsize = MAX_REQUEST_FRAME
             sock.sndhwm = SEND_QUEUE_LIMIT
+            sock.rcvhwm = RECEIVE_QUEUE_LIMIT
             sock.router_mandatory = True  # a full queue raises instead of silently dropping
             if self._encrypt:
                 sock.curve_server = True

@@ -83,4 +83,6 @@ def test_unknown_user_and_wrong_password_read_and_cost_the_same() -> None:
     assert messages == {("unauthorized", f"broker: {LOGIN_REFUSED}")}
     known, unknown = (statistics.median(times) for times in timings.values())
     assert known > 0.01  # bcrypt really ran (10 rounds is tens of milliseconds)
-    assert 0.8 < known / unknown < 1.25, timings
+    # Skipping bcrypt for unknown users would make this ratio 50 or more: a wide band
+    # tells that apart and stays clear of scheduling noise on a busy machine.
+    assert 0.5 < known / unknown < 2, timings
