@@ -27,6 +27,9 @@ log = logging.getLogger("sfs.peer")
 
 VERDICT_TTL = 60.0  # seconds a broker answer is reused for users not pinned
 MAX_PENDING_LOOKUPS = 64
+# Broker answers kept at most. Any client may say hello under any name, so without a
+# bound a stream of made-up names would grow them without end.
+MAX_VERDICTS = 10_000
 
 RETRY = "the holder is checking your key with the broker; retry in a moment"
 
@@ -98,7 +101,20 @@ class RequesterCheck:
                 with self._lock:
                     self._pending.discard(username)
                     if verdict is not None:
-                        self._verdicts[username] = verdict
+                        self._remember(username, verdict)
+
+    def _remember(self, username: str, verdict: _Verdict) -> None:
+        """Keep a broker answer (caller holds the lock), dropping the expired ones and,
+        beyond `MAX_VERDICTS`, the oldest. All answers live equally long and are
+        (re)inserted as they come, so the oldest are first in the dict."""
+        self._verdicts.pop(username, None)
+        self._verdicts[username] = verdict
+        now = self._clock()
+        while self._verdicts:
+            oldest = next(iter(self._verdicts))
+            if len(self._verdicts) <= MAX_VERDICTS and self._verdicts[oldest].until > now:
+                break
+            del self._verdicts[oldest]
 
     def _registered(self, broker: BrokerClient, username: str) -> _Verdict | None:
         """What the broker says of `username`; None if it could not say (ask again)."""

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import os
 import random
+import resource
 import stat
 import tempfile
 import unicodedata
@@ -16,7 +19,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sfs.common.errors import IntegrityError, StorageError
-from sfs.peer.partial import MAX_NAME_BYTES, PartialFile, safe_filename
+from sfs.peer import partial as partial_module
+from sfs.peer.partial import MAX_NAME_BYTES, PartialFile, remove_abandoned, safe_filename
 
 CHUNK = 4096
 FILE_ID = "0123456789abcdef0123456789abcdef"
@@ -353,3 +357,205 @@ def test_safe_filename_always_gives_a_plain_visible_name(name: str) -> None:
     assert result not in {".", ".."}
     assert len(result.encode()) <= MAX_NAME_BYTES
     assert not any(unicodedata.category(ch).startswith("C") for ch in result)
+
+
+# --- write errors ----------------------------------------------------------------------------
+
+
+def test_a_short_write_is_completed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pwrite may take part of the data (near a size limit, say): the rest follows."""
+    real_pwrite = os.pwrite
+    calls = []
+
+    def stingy(fd: int, data: bytes, offset: int) -> int:
+        calls.append(offset)
+        return real_pwrite(fd, bytes(data)[:1000], offset)
+
+    monkeypatch.setattr(os, "pwrite", stingy)
+    target = finished(tmp_path, "out.bin")
+    assert target.read_bytes() == DATA
+    assert len(calls) > len(chunks())
+
+
+def test_a_write_that_takes_nothing_is_a_storage_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: 0)
+    partial = new_partial(tmp_path)
+    with pytest.raises(StorageError, match="accepted no data"):
+        partial.write(0, chunks()[0])
+    partial.discard()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_size_limit_is_reported_clearly(tmp_path: Path) -> None:
+    """RLIMIT_FSIZE mid-chunk: the first write is short, the next fails with EFBIG
+    (Python ignores SIGXFSZ). Only the soft limit changes, so it can be put back."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    partial = new_partial(tmp_path)
+    partial.write(0, chunks()[0])
+    resource.setrlimit(resource.RLIMIT_FSIZE, (CHUNK + CHUNK // 2, hard))
+    try:
+        with pytest.raises(StorageError) as refused:
+            partial.write(1, chunks()[1])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert str(refused.value) == (
+        f"cannot write in {tmp_path}: the file is larger than this file system "
+        "(or a size limit) allows"
+    )
+    partial.discard()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("code", "message"),
+    [
+        (errno.ENOSPC, "no space left in {}"),
+        (errno.EDQUOT, "no space left in {}: the disk quota is used up"),
+        (errno.EIO, "cannot write in {}: Input/output error"),
+    ],
+)
+def test_write_errors_name_the_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int, message: str
+) -> None:
+    def failing(fd: int, data: bytes, offset: int) -> int:
+        raise OSError(code, os.strerror(code))
+
+    partial = new_partial(tmp_path)
+    monkeypatch.setattr(os, "pwrite", failing)
+    with pytest.raises(StorageError) as refused:
+        partial.write(0, chunks()[0])
+    assert str(refused.value) == message.format(tmp_path)
+    partial.discard()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("where", ["a file", "inside a file", "a symlink to a file"])
+def test_a_folder_that_is_a_file_is_named_as_such(tmp_path: Path, where: str) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_bytes(b"mine")
+    folder = {
+        "a file": blocker,
+        "inside a file": blocker / "downloads",
+        "a symlink to a file": tmp_path / "link",
+    }[where]
+    if where == "a symlink to a file":
+        folder.symlink_to(blocker)
+    with pytest.raises(StorageError) as refused:
+        new_partial(folder)
+    assert str(refused.value) == f"cannot write in {folder}: that path is not a folder"
+    assert blocker.read_bytes() == b"mine"
+
+
+# --- abandoned temporary files -------------------------------------------------------------
+
+
+def abandoned_part(folder: Path, file_id: str = FILE_ID) -> Path:
+    """The temporary file of a download that was killed: written, closed, still there."""
+    path = folder / f".sfs-{file_id}.k1ll3d.part"
+    path.write_bytes(b"unverified bytes")
+    return path
+
+
+def test_the_next_download_removes_an_abandoned_temporary_file(tmp_path: Path) -> None:
+    left = abandoned_part(tmp_path)
+    other = abandoned_part(tmp_path, "f" * 32)  # any file's, not only this one's
+    partial = new_partial(tmp_path)
+    assert not left.exists() and not other.exists()
+    for index, chunk in enumerate(chunks()):
+        partial.write(index, chunk)
+    partial.finish(SHA, "out.bin")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
+
+
+def test_a_download_in_progress_keeps_its_temporary_file(tmp_path: Path) -> None:
+    """Its lock says it is alive, whether it is in this process or another (a second
+    open file, like another process's, has a lock of its own)."""
+    first = new_partial(tmp_path)
+    held = abandoned_part(tmp_path)
+    fd = os.open(held, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        second = new_partial(tmp_path)
+        assert first.path.exists() and held.exists()
+        assert remove_abandoned(tmp_path) == []
+    finally:
+        os.close(fd)
+    assert remove_abandoned(tmp_path) == [held]
+    for partial in (first, second):
+        for index, chunk in enumerate(chunks()):
+            partial.write(index, chunk)
+    assert {first.finish(SHA, "out.bin").name, second.finish(SHA, "out.bin").name} == {
+        "out.bin",
+        "out (1).bin",
+    }
+
+
+def test_this_processs_downloads_are_kept_where_locks_are_per_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """flock emulated with POSIX locks (NFS) lets this process lock its own files
+    again: its live downloads must still be recognised."""
+    live = new_partial(tmp_path)
+    left = abandoned_part(tmp_path)
+    monkeypatch.setattr(partial_module, "_lock", lambda fd, wait: True)
+    assert remove_abandoned(tmp_path) == [left]
+    assert live.path.exists()
+    live.discard()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_only_regular_files_with_the_temporary_name_are_removed(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    keep = [
+        tmp_path / "notes.part",
+        tmp_path / ".sfs-not-a-file-id.x.part",
+        tmp_path / f".sfs-{FILE_ID}.part",  # no random part
+        tmp_path / f"sfs-{FILE_ID}.x.part",
+    ]
+    for path in keep:
+        path.write_bytes(b"mine")
+    link = tmp_path / f".sfs-{FILE_ID}.link.part"
+    link.symlink_to(victim)
+    fifo = tmp_path / f".sfs-{FILE_ID}.fifo.part"
+    os.mkfifo(fifo)
+    folder = tmp_path / f".sfs-{FILE_ID}.dir.part"
+    folder.mkdir()
+    assert remove_abandoned(tmp_path) == []
+    assert all(path.read_bytes() == b"mine" for path in keep)
+    assert link.is_symlink() and victim.read_bytes() == b"precious"
+    assert fifo.exists() and folder.is_dir()
+
+
+def test_a_temporary_file_removed_before_it_is_locked_is_made_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another download may find it unlocked in that instant, and remove it."""
+    real_mkstemp = tempfile.mkstemp
+    made: list[str] = []
+
+    def raced(*args: object, **kwargs: object) -> tuple[int, str]:
+        fd, name = real_mkstemp(*args, **kwargs)  # type: ignore[call-overload]
+        made.append(name)
+        if len(made) == 1:
+            Path(name).unlink()  # what the other download does
+        return fd, name
+
+    monkeypatch.setattr(tempfile, "mkstemp", raced)
+    partial = new_partial(tmp_path)
+    assert len(made) == 2 and partial.path == Path(made[1])
+    for index, chunk in enumerate(chunks()):
+        partial.write(index, chunk)
+    assert partial.finish(SHA, "out.bin").read_bytes() == DATA
+
+
+def test_discard_after_finish_leaves_the_file(tmp_path: Path) -> None:
+    partial = new_partial(tmp_path)
+    for index, chunk in enumerate(chunks()):
+        partial.write(index, chunk)
+    target = partial.finish(SHA, "out.bin")
+    partial.discard()  # what a caller's cleanup may still do
+    assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]
+    assert target.read_bytes() == DATA

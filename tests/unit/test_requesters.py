@@ -190,3 +190,26 @@ def test_a_full_lookup_queue_says_busy_without_queueing(
         messages.add(str(refused.value))
     assert "the holder is busy; retry later" in messages
     assert len(check._pending) <= requesters.MAX_PENDING_LOOKUPS + 1
+
+
+def test_made_up_names_cannot_grow_the_verdicts_without_end(
+    check: RequesterCheck, bundle: KeyBundle, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Any client may say hello under any name; each costs a lookup, not memory kept."""
+    monkeypatch.setattr(requesters, "MAX_VERDICTS", 5)
+    for n in range(20):
+        with pytest.raises(Refused):
+            settle(check, f"made-up-{n}", bundle)
+        assert len(check._verdicts) <= 5
+    assert list(check._verdicts) == [f"made-up-{n}" for n in range(15, 20)]  # the newest
+
+
+def test_expired_verdicts_are_dropped(
+    check: RequesterCheck, bundle: KeyBundle, clock: Clock
+) -> None:
+    for name in ("mallory", "trudy"):
+        with pytest.raises(Refused):
+            settle(check, name, bundle)
+    clock.now += requesters.VERDICT_TTL + 1
+    settle(check, "bob", bundle)
+    assert list(check._verdicts) == ["bob"]
