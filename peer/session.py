@@ -25,6 +25,9 @@ def _path(data_dir: Path) -> Path:
     return data_dir / "session.json"
 
 
+MAX_TOKEN_LENGTH = 128  # as the protocol allows
+
+
 def save_session(data_dir: Path, session: Session) -> None:
     document = {
         "username": session.username,
@@ -41,6 +44,8 @@ def load_session(data_dir: Path, username: str) -> Session:
     try:
         raw = json.loads(read_private_file(path, "the session file"))
         session = Session(str(raw["username"]), str(raw["token"]), int(raw["expires_at"]))
+        if not 0 < len(session.token) <= MAX_TOKEN_LENGTH or not session.token.isprintable():
+            raise ValueError("not a token")
     except (ValueError, KeyError, TypeError) as exc:
         raise StorageError(f"the session file {path} is corrupt; run `sfs-peer login`") from exc
     if session.username != username:

@@ -77,6 +77,9 @@ def test_another_users_session_means_not_logged_in(tmp_path: Path) -> None:
         b'{"username": "alice", "expires_at": 99999999999}',
         b'{"username": "alice", "token": "t", "expires_at": "soon"}',
         b'{"username": "alice", "token": "t", "expires_at": null}',
+        b'{"username": "alice", "token": "", "expires_at": 1}',
+        b'{"username": "alice", "token": "' + b"t" * 129 + b'", "expires_at": 1}',
+        b'{"username": "alice", "token": "t\\n", "expires_at": 1}',
     ],
 )
 def test_a_corrupt_session_file_is_a_storage_error(tmp_path: Path, content: bytes) -> None:
