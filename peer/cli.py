@@ -38,7 +38,7 @@ from sfs.common.cli import (
 from sfs.common.config import load_peer_config
 from sfs.common.errors import UsageError
 from sfs.common.identity import format_fingerprint, parse_fingerprint
-from sfs.peer.download import Progress as ProgressCallback
+from sfs.peer.download import DownloadProgress
 from sfs.peer.node import Peer
 from sfs.peer.registry import Share
 
@@ -92,8 +92,22 @@ def _password(from_stdin: bool, confirm: bool = False) -> str:
     return password
 
 
+class _Bar:
+    """One rich progress task: call it with (done, total); `describe` relabels it."""
+
+    def __init__(self, bar: Progress, label: str) -> None:
+        self._bar = bar
+        self._task = bar.add_task(label, total=None)
+
+    def __call__(self, done: int, total: int) -> None:
+        self._bar.update(self._task, completed=done, total=total)
+
+    def describe(self, label: str) -> None:
+        self._bar.update(self._task, description=label)
+
+
 @contextlib.contextmanager
-def _progress(label: str, enabled: bool) -> Iterator[ProgressCallback | None]:
+def _progress(label: str, enabled: bool) -> Iterator[_Bar | None]:
     """A rich progress bar on stderr (only on a terminal, and not with --json)."""
     if not enabled or not stderr.is_terminal:
         yield None
@@ -107,10 +121,23 @@ def _progress(label: str, enabled: bool) -> Iterator[ProgressCallback | None]:
         console=stderr,
         transient=True,
     ) as bar:
-        task = bar.add_task(label, total=None)
+        yield _Bar(bar, label)
 
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
+
+@contextlib.contextmanager
+def _download_progress(enabled: bool) -> Iterator[DownloadProgress | None]:
+    """The download's bar: bytes, rate, time left, and how many holders are sending."""
+    with _progress("downloading", enabled) as bar:
+        if bar is None:
+            yield None
+            return
+        shown = [-1]
+
+        def update(done: int, total: int, holders: int) -> None:
+            if holders != shown[0]:
+                shown[0] = holders
+                bar.describe(f"from {holders} holder{'' if holders == 1 else 's'}")
+            bar(done, total)
 
         yield update
 
@@ -345,7 +372,7 @@ def get(
     debug: DebugOption = False,
 ) -> None:
     """Download a file directly from its owner, verifying every chunk."""
-    with _peer(config) as peer, _progress("downloading", not json) as progress:
+    with _peer(config) as peer, _download_progress(not json) as progress:
         result = peer.get(file_id, out, progress)
     if json:
         print_json(
@@ -355,14 +382,17 @@ def get(
                 "size": result.size,
                 "sha256": result.sha256,
                 "seconds": round(result.seconds, 3),
+                "bytes": result.bytes_fetched,
                 "holders": result.holders,
+                "chunks_resumed": result.chunks_resumed,
             }
         )
         return
-    rate = result.size / result.seconds if result.seconds > 0 else 0.0
+    rate = result.bytes_fetched / result.seconds if result.seconds > 0 else 0.0
+    sources = f"from {', '.join(result.holders)}" if result.holders else "all resumed"
+    resumed = f", {result.chunks_resumed} chunks resumed" if result.chunks_resumed else ""
     stdout.print(
-        f"saved {result.path} ({_size(result.size)} from {', '.join(result.holders)}, "
-        f"{_size(int(rate))}/s)"
+        f"saved {result.path} ({_size(result.size)} {sources}, {_size(int(rate))}/s{resumed})"
     )
     stdout.print(f"sha256: {result.sha256} (verified)")
 

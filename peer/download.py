@@ -1,18 +1,24 @@
-"""The download engine: checks what the broker says, then pulls the file from a holder
-over DEALER -> ROUTER with several chunk requests in flight, verifying each chunk.
+"""The download engine: checks what the broker says, then pulls the file from every
+online holder at once over DEALER -> ROUTER, several chunk requests in flight each,
+verifying each chunk against the owner's signed manifest whoever sent it.
 
 Order of checks (DESIGN section 5): the owner's pinned fingerprint, the manifest
-signature and the file id are verified before any holder is contacted. Any failure
-cancels the transfer, removes the temporary file and raises; nothing unverified ever
-reaches the final path.
+signature and the file id are verified before any holder is contacted. Nothing
+unverified ever reaches the final path. When a holder fails, the others take over its
+chunks. When all fail:
+- tampering, a bad key or a local storage error removes the temporary file;
+- holders gone, the network gone, and Ctrl-C keep the verified chunks, and the next
+  `get` of the same file into the same folder fetches only the rest;
+- a holder's refusal removes the temporary file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import zmq
@@ -24,7 +30,9 @@ from sfs.common.errors import (
     ProtocolError,
     RemoteError,
     SfsError,
+    StorageError,
     TransportError,
+    TrustError,
 )
 from sfs.common.manifest import MAX_CHUNK_SIZE, Manifest, file_id_of, verify_manifest
 from sfs.common.protocol import ErrorCode
@@ -33,9 +41,10 @@ from sfs.peer.partial import PartialFile, safe_filename
 from sfs.peer.pins import PinStore
 from sfs.peer.transfer import ChunkPlan, ReceiverLink
 
-Progress = Callable[[int, int], None]  # (bytes done, total bytes)
+DownloadProgress = Callable[[int, int, int], None]  # (bytes done, total, holders sending)
 
 _MAX_PEER_FRAME = MAX_CHUNK_SIZE + 64 * 1024
+_POLL_SLICE_MS = 100
 
 
 class OwnerOffline(SfsError):
@@ -49,7 +58,9 @@ class DownloadResult:
     size: int
     sha256: str
     seconds: float
-    holders: list[str]
+    holders: list[str]  # those that sent chunks
+    bytes_fetched: int  # over the network; the rest was resumed from an earlier attempt
+    chunks_resumed: int
 
 
 def verify_lookup(file_id: str, lookup: protocol.LookupResult, pins: PinStore) -> Manifest:
@@ -95,6 +106,65 @@ def read_chunk(
         return from_wire(protocol.ChunkHeader, envelope.body, "chunk"), payload
 
 
+class DownloadInterrupted(SfsError):
+    """A download stopped part way; its verified chunks stay for the next `get`."""
+
+    def __init__(self, cause: SfsError, kept: int, total: int) -> None:
+        super().__init__(
+            f"{cause} ({_mib(kept)} of {_mib(total)} kept: run the same get again to resume)"
+        )
+        self.exit_code = cause.exit_code
+        self.cause = cause
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1 << 20):.1f} MiB"
+
+
+# Which error explains a failed download best, when several holders failed differently:
+# evidence of tampering first, then local trouble, then the holders' answers, then silence.
+_RANK: tuple[type[SfsError], ...] = (
+    IntegrityError,
+    TrustError,
+    StorageError,
+    ProtocolError,
+    RemoteError,
+    TransportError,
+)
+
+
+def _most_telling(errors: list[SfsError]) -> SfsError:
+    def rank(error: SfsError) -> int:
+        return next((i for i, kind in enumerate(_RANK) if isinstance(error, kind)), len(_RANK))
+
+    return min(errors, key=rank)
+
+
+class _Stopped(Exception):
+    """Another holder's failure, or Ctrl-C, ended the download."""
+
+
+@dataclass
+class _Download:
+    """What the holders' threads share; `lock` guards the plan and the partial file."""
+
+    file_id: str
+    lookup: protocol.LookupResult
+    manifest: Manifest
+    plan: ChunkPlan
+    partial: PartialFile
+    progress: DownloadProgress | None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    stop: threading.Event = field(default_factory=threading.Event)
+    errors: list[SfsError] = field(default_factory=list)
+    delivered: dict[str, int] = field(default_factory=dict)  # holder -> chunks received
+    active: int = 0  # holders sending chunks right now
+
+    def report(self) -> None:
+        if self.progress is not None:
+            self.progress(self.plan.bytes_done, self.manifest.size, self.active)
+
+
 class Downloader:
     def __init__(
         self,
@@ -105,11 +175,12 @@ class Downloader:
         timeout: float = 10.0,
         transport_encryption: bool = True,
     ) -> None:
+        """`window`: chunk requests in flight per holder."""
         self._identity = identity
         self._pins = pins
         self._context = context
         self._window = window
-        self._timeout_ms = int(timeout * 1000)
+        self._timeout = timeout
         self._encrypt = transport_encryption
 
     def fetch(
@@ -117,31 +188,34 @@ class Downloader:
         file_id: str,
         lookup: protocol.LookupResult,
         folder: Path,
-        progress: Progress | None = None,
+        progress: DownloadProgress | None = None,
     ) -> DownloadResult:
         started = time.monotonic()
         manifest = verify_lookup(file_id, lookup, self._pins)
-        if not lookup.holders:
-            raise OwnerOffline(
-                f"{lookup.owner} is offline: nobody is serving {manifest.name} right now; "
-                f"try again when {lookup.owner} runs `sfs-peer serve`"
-            )
-        holder = lookup.holders[0]
-        if holder.username == lookup.owner and not crypto.same_bytes(
-            holder.bundle.fingerprint(), lookup.owner_bundle.fingerprint()
-        ):
-            raise IntegrityError("the broker gave two different keys for the owner")
-        self._pins.check(holder.username, holder.bundle)
-
-        partial = PartialFile(folder, file_id, manifest.size, manifest.chunk_size)
+        holders = self._usable_holders(lookup, manifest)
+        partial = PartialFile(folder, file_id, manifest)
+        plan = ChunkPlan(manifest, self._window)
+        download = _Download(file_id, lookup, manifest, plan, partial, progress)
         try:
-            link = ReceiverLink(
-                self._identity, file_id, manifest, lookup.manifest, holder.username, holder.bundle
-            )
-            self._pull(link, holder, manifest, partial, progress)
-            name = safe_filename(manifest.name, fallback=file_id)
-            path = partial.finish(manifest.sha256, name)
-        except BaseException:
+            for index in partial.resume():
+                plan.adopt(index)
+            download.report()
+            if not plan.complete:
+                self._pull_from(holders, download)
+            path = partial.finish(safe_filename(manifest.name, fallback=file_id))
+        except TransportError as exc:  # holders gone, or the network: resumable
+            if not (plan.bytes_done or partial.found):
+                partial.discard()
+                raise
+            partial.keep()
+            raise DownloadInterrupted(exc, plan.bytes_done, manifest.size) from exc
+        except KeyboardInterrupt:  # perhaps while resume() reads what an earlier try kept
+            if plan.bytes_done or partial.found:
+                partial.keep()
+            else:
+                partial.discard()
+            raise
+        except BaseException:  # tampering, a bad key, a full disk: start afresh next time
             partial.discard()
             raise
         return DownloadResult(
@@ -150,8 +224,146 @@ class Downloader:
             manifest.size,
             manifest.sha256.hex(),
             time.monotonic() - started,
-            [holder.username],
+            [name for name, chunks in download.delivered.items() if chunks],
+            plan.bytes_done - plan.bytes_resumed,
+            plan.resumed,
         )
+
+    def _usable_holders(
+        self, lookup: protocol.LookupResult, manifest: Manifest
+    ) -> list[protocol.Holder]:
+        """The online holders whose keys pass their pins (pinning new ones); not us."""
+        usable, refused = [], []
+        for holder in lookup.holders:
+            if holder.username == self._identity.username:
+                continue
+            if holder.username == lookup.owner and not crypto.same_bytes(
+                holder.bundle.fingerprint(), lookup.owner_bundle.fingerprint()
+            ):
+                raise IntegrityError("the broker gave two different keys for the owner")
+            try:
+                self._pins.check(holder.username, holder.bundle)
+            except TrustError as exc:  # one substituted key must not stop the others
+                refused.append(exc)
+                continue
+            usable.append(holder)
+        if refused and not usable:
+            raise refused[0]
+        if not usable:
+            raise OwnerOffline(
+                f"{lookup.owner} is offline: nobody is serving {manifest.name} right now; "
+                f"try again when {lookup.owner} runs `sfs-peer serve`"
+            )
+        return usable
+
+    def _pull_from(self, holders: list[protocol.Holder], download: _Download) -> None:
+        """Pull the missing chunks from every holder at once, one thread each; the
+        survivors take over the chunks of a holder that fails."""
+        threads = [
+            threading.Thread(
+                target=self._holder_thread,
+                args=(holder, download),
+                name=f"download-{holder.username}",
+                daemon=True,
+            )
+            for holder in holders
+        ]
+        for thread in threads:
+            thread.start()
+        try:
+            for thread in threads:
+                while thread.is_alive():
+                    thread.join(0.1)  # in slices, so that Ctrl-C gets through
+        finally:
+            download.stop.set()  # Ctrl-C lands here: tell the threads, wait for them
+            for thread in threads:
+                thread.join()
+        if not download.plan.complete:
+            raise (
+                _most_telling(download.errors)
+                if download.errors
+                else TransportError("every holder stopped before the download was complete")
+            )
+
+    def _holder_thread(self, holder: protocol.Holder, download: _Download) -> None:
+        mine: set[int] = set()  # chunks asked of this holder and not yet received
+        try:
+            self._pull(holder, download, mine)
+        except _Stopped:
+            pass
+        except SfsError as exc:
+            with download.lock:
+                download.errors.append(exc)
+            if isinstance(exc, StorageError):  # local trouble: no holder can help
+                download.stop.set()
+        except BaseException as exc:  # a bug: end the download, report it as such
+            with download.lock:
+                download.errors.append(SfsError(f"internal error while downloading: {exc!r}"))
+            download.stop.set()
+        finally:
+            with download.lock:
+                download.plan.release(mine)
+
+    def _pull(self, holder: protocol.Holder, download: _Download, mine: set[int]) -> None:
+        sock = self._socket(holder)
+        link = ReceiverLink(
+            self._identity,
+            download.file_id,
+            download.manifest,
+            download.lookup.manifest,
+            holder.username,
+            holder.bundle,
+        )
+        try:
+            link.accept_offer(self._handshake(sock, link, holder, download.stop))
+            with download.lock:
+                download.active += 1
+                download.delivered.setdefault(holder.username, 0)
+            try:
+                self._receive_chunks(sock, link, holder, download, mine)
+            finally:
+                with download.lock:
+                    download.active -= 1
+        finally:
+            # Done or cancelled: either way the holder can forget the transfer.
+            if link.transfer_id:
+                with contextlib.suppress(zmq.Again):
+                    finish = protocol.Finish(link.transfer_id)
+                    sock.send(protocol.encode("finish", finish), flags=zmq.NOBLOCK)
+            sock.close(linger=100)
+
+    def _receive_chunks(
+        self,
+        sock: zmq.Socket[bytes],
+        link: ReceiverLink,
+        holder: protocol.Holder,
+        download: _Download,
+        mine: set[int],
+    ) -> None:
+        plan, partial = download.plan, download.partial
+        while True:
+            with download.lock:
+                if plan.complete:
+                    return
+                wanted = plan.claim(self._window - len(mine))
+            for index in wanted:
+                sock.send(protocol.encode("get", link.request(index)))
+            mine.update(wanted)
+            if not mine:  # the rest is on its way from others; one may yet fail
+                self._sleep(download.stop, 0.05)
+                continue
+            reply = self._reply(sock, holder, "send the next chunk", download.stop)
+            header, ciphertext = read_chunk(*reply, holder.username)
+            if header.index not in mine:
+                raise IntegrityError(f"chunk {header.index} arrived without being requested")
+            plaintext = link.open_chunk(header, ciphertext)
+            with download.lock:
+                plan.check(header.index, plaintext)
+                partial.write(header.index, plaintext)
+                plan.done(header.index)
+                download.delivered[holder.username] += 1
+                download.report()
+            mine.discard(header.index)
 
     def _socket(self, holder: protocol.Holder) -> zmq.Socket[bytes]:
         sock = self._context.socket(zmq.DEALER)
@@ -170,71 +382,50 @@ class Downloader:
             ) from exc
         return sock
 
-    def _pull(
+    def _handshake(
         self,
+        sock: zmq.Socket[bytes],
         link: ReceiverLink,
         holder: protocol.Holder,
-        manifest: Manifest,
-        partial: PartialFile,
-        progress: Progress | None,
-    ) -> None:
-        sock = self._socket(holder)
-        try:
-            link.accept_offer(self._handshake(sock, link, holder))
-
-            plan = ChunkPlan(manifest, self._window)
-            try:
-                self._request(sock, link, plan)
-                while not plan.complete:
-                    reply = self._receive(sock, holder, "send the next chunk")
-                    header, ciphertext = read_chunk(*reply, holder.username)
-                    plaintext = link.open_chunk(header, ciphertext)
-                    plan.accept(header.index, plaintext)
-                    partial.write(header.index, plaintext)
-                    if progress is not None:
-                        progress(plan.bytes_done, manifest.size)
-                    self._request(sock, link, plan)
-            finally:
-                # Done or cancelled: either way the holder can forget the transfer.
-                with contextlib.suppress(zmq.Again):
-                    finish = protocol.Finish(link.transfer_id)
-                    sock.send(protocol.encode("finish", finish), flags=zmq.NOBLOCK)
-        finally:
-            sock.close(linger=100)
-
-    def _handshake(
-        self, sock: zmq.Socket[bytes], link: ReceiverLink, holder: protocol.Holder
+        stop: threading.Event,
     ) -> protocol.Offer:
         """Say hello until the holder offers the file; `busy` (the holder is checking
         our key with the broker, say) means: ask again shortly, until the timeout."""
-        deadline = time.monotonic() + self._timeout_ms / 1000
+        deadline = time.monotonic() + self._timeout
         hello = protocol.encode("hello", link.hello())
         pause = 0.05
         while True:
             sock.send(hello)
             try:
-                envelope, _ = self._receive(sock, holder, "answer the request")
+                envelope, _ = self._reply(sock, holder, "answer the request", stop)
                 break
             except RemoteError as exc:
                 if exc.code != ErrorCode.BUSY or time.monotonic() + pause > deadline:
                     raise
-            time.sleep(pause)
+            self._sleep(stop, pause)
             pause = min(pause * 2, 1.0)
         if envelope.op != "offer":
             raise ProtocolError(f"{holder.username} sent {envelope.op[:40]!r}, not an offer")
         with _malformed_from(holder.username):
             return from_wire(protocol.Offer, envelope.body, "offer")
 
-    def _request(self, sock: zmq.Socket[bytes], link: ReceiverLink, plan: ChunkPlan) -> None:
-        for index in plan.next_requests():
-            sock.send(protocol.encode("get", link.request(index)))
-
-    def _receive(
-        self, sock: zmq.Socket[bytes], holder: protocol.Holder, doing: str
+    def _reply(
+        self, sock: zmq.Socket[bytes], holder: protocol.Holder, doing: str, stop: threading.Event
     ) -> tuple[protocol.Envelope, bytes | None]:
-        if not sock.poll(self._timeout_ms):
-            raise TransportError(
-                f"{holder.username} at {holder.endpoint} did not {doing} within "
-                f"{self._timeout_ms // 1000} s"
-            )
+        """The holder's next reply, waiting at most the timeout, in short slices so that
+        a stop is noticed soon."""
+        deadline = time.monotonic() + self._timeout
+        while not sock.poll(_POLL_SLICE_MS):
+            if stop.is_set():
+                raise _Stopped
+            if time.monotonic() > deadline:
+                raise TransportError(
+                    f"{holder.username} at {holder.endpoint} did not {doing} within "
+                    f"{self._timeout:g} s"
+                )
         return read_reply(sock.recv_multipart(), holder.username)
+
+    @staticmethod
+    def _sleep(stop: threading.Event, seconds: float) -> None:
+        if stop.wait(seconds):
+            raise _Stopped

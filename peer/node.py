@@ -27,12 +27,18 @@ from sfs.common.manifest import file_id_of
 from sfs.common.protocol import ErrorCode
 from sfs.peer import keys, session
 from sfs.peer.client import BrokerClient
-from sfs.peer.download import Downloader, DownloadResult, Progress
+from sfs.peer.download import Downloader, DownloadProgress, DownloadResult
 from sfs.peer.pins import Pin, PinStore
 from sfs.peer.registry import Share, ShareRegistry
 from sfs.peer.requesters import RequesterCheck
 from sfs.peer.server import Heartbeat, PeerServer
-from sfs.peer.share import build_manifest, check_usernames, normalise_keywords, shareable_file
+from sfs.peer.share import (
+    Progress,
+    build_manifest,
+    check_usernames,
+    normalise_keywords,
+    shareable_file,
+)
 from sfs.peer.transfer import HolderService
 
 log = logging.getLogger("sfs.peer")
@@ -224,7 +230,7 @@ class Peer:
             return self.broker.search(self._token(), query, owner)
 
     def get(
-        self, file_id: str, out: Path | None = None, progress: Progress | None = None
+        self, file_id: str, out: Path | None = None, progress: DownloadProgress | None = None
     ) -> DownloadResult:
         file_id = parse_file_id(file_id)
         with self._authenticated():

@@ -1,14 +1,16 @@
-"""Where a download lands: a temporary file in the download folder, filled chunk by
-chunk at each chunk's offset, then checked, fsynced and renamed into place.
+"""Where a download lands: one temporary file in the download folder, filled chunk by
+chunk at each chunk's offset, then checked, fsynced and linked into place.
 
 The final path never holds unverified bytes: until `finish` has checked the whole-file
-hash, the data lives only in a temporary `.sfs-<file id>.<random>.part` of this download
-alone, which `discard` removes. The final name comes from `safe_filename`, never straight
-from the network, and never replaces an existing file.
+hash, the data lives only in `.sfs-<file id>.part`. The final name comes from
+`safe_filename`, never straight from the network, and never replaces an existing file.
 
-A download that could not clean up (killed, or the machine stopped) leaves its temporary
-file behind. Each download holds an exclusive lock (`flock`) on its own, so the next
-download into the folder can tell an abandoned one, which nobody holds, and removes it.
+Resume: the temporary file's name depends only on the file id, so a download that was
+interrupted (Ctrl-C, a holder gone, the process killed) finds its bytes again. They are
+trusted only chunk by chunk, by their SHA-256 in the owner's signed manifest, so no
+record of what was written is needed and nothing a crash left half-written is kept.
+Each download holds an exclusive `flock` on the file: two downloads of one file into
+one folder cannot mix.
 """
 
 from __future__ import annotations
@@ -17,19 +19,18 @@ import contextlib
 import errno
 import fcntl
 import os
-import re
 import stat
-import tempfile
 import unicodedata
+from collections.abc import Callable
 from pathlib import Path
 
 from sfs.common import crypto
 from sfs.common.errors import IntegrityError, StorageError
+from sfs.common.manifest import Manifest
 
 MAX_NAME_BYTES = 255
 _NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK}
-_PART_NAME = re.compile(r"\.sfs-[0-9a-f]{32}\..+\.part")
-_CREATE_ATTEMPTS = 10
+_OPEN_ATTEMPTS = 10
 
 
 def safe_filename(name: str, fallback: str) -> str:
@@ -107,89 +108,62 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
-# The temporary files of this process's downloads, as (device, inode): where locks are
-# per process rather than per open file (flock emulated over NFS), these still count as
-# held.
-_live: set[tuple[int, int]] = set()
+def partial_path(folder: Path, file_id: str) -> Path:
+    return folder / f".sfs-{file_id}.part"
 
 
-def _inode(fd: int) -> tuple[int, int]:
-    info = os.fstat(fd)
-    return info.st_dev, info.st_ino
+def _open_locked(path: Path) -> int:
+    """Open (or create, mode 0600) the temporary file and lock it for this download.
+
+    Only a regular file of ours with one link is used: a symlink, a FIFO or a hard link
+    to some other file planted under this name is refused, never written through."""
+    in_the_way = StorageError(
+        f"{path} is in the way and is not a partial download of this user; move it elsewhere"
+    )
+    for _ in range(_OPEN_ATTEMPTS):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.EISDIR):  # a symlink or a folder
+                raise in_the_way from exc
+            raise
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1 or info.st_uid != os.getuid():
+                raise in_the_way
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StorageError(
+                    f"another `sfs-peer get` is downloading this file into {path.parent}"
+                ) from None
+            except OSError:
+                pass  # a file system without locks: go on unlocked
+            if _same_file(path, fd):  # not unlinked by a download finishing meanwhile
+                return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    raise OSError(errno.EAGAIN, "the temporary file keeps disappearing")
 
 
 def _same_file(path: Path, fd: int) -> bool:
     """Whether `path` (not followed) is still the file open as `fd`."""
     try:
-        named = path.lstat()
+        named, opened = path.lstat(), os.fstat(fd)
     except OSError:
         return False
-    return (named.st_dev, named.st_ino) == _inode(fd)
-
-
-def _lock(fd: int, *, wait: bool) -> bool:
-    """Lock `fd` exclusively; whether it is ours now. Without `wait`, a lock held
-    elsewhere gives False. On a file system without locks, a download goes on unlocked
-    (True with `wait`) and nothing is judged abandoned (False without)."""
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-    except BlockingIOError:
-        return False
-    except OSError:
-        return wait
-    return True
-
-
-def remove_abandoned(folder: Path) -> list[Path]:
-    """Remove the temporary files in `folder` that no download holds any more; the
-    removed paths. Symlinks and anything else that is not a regular file stay."""
-    try:
-        paths = list(folder.iterdir())
-    except OSError:
-        return []
-    removed = []
-    for path in paths:
-        if not _PART_NAME.fullmatch(path.name):
-            continue
-        try:  # O_NONBLOCK: a FIFO with this name must not block the download
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        except OSError:
-            continue
-        try:
-            regular = stat.S_ISREG(os.fstat(fd).st_mode)
-            abandoned = regular and _inode(fd) not in _live and _lock(fd, wait=False)
-            # Still the file we locked: its download ended, and no other took its name.
-            if abandoned and _same_file(path, fd):
-                path.unlink()
-                removed.append(path)
-        except OSError:
-            continue
-        finally:
-            os.close(fd)
-    return removed
-
-
-def _create_locked(folder: Path, file_id: str) -> tuple[int, Path]:
-    """A new temporary file (mode 0600, a name nobody else uses), locked for as long as
-    this download lives. Another download may judge it abandoned in the instant before
-    the lock is taken, and remove it: then it is made again."""
-    for _ in range(_CREATE_ATTEMPTS):
-        fd, name = tempfile.mkstemp(prefix=f".sfs-{file_id}.", suffix=".part", dir=folder)
-        _lock(fd, wait=True)
-        if _same_file(Path(name), fd):
-            _live.add(_inode(fd))
-            return fd, Path(name)
-        os.close(fd)
-    raise OSError(errno.EAGAIN, "temporary files there keep disappearing")
+    return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
 
 
 class PartialFile:
-    def __init__(self, folder: Path, file_id: str, size: int, chunk_size: int) -> None:
+    def __init__(self, folder: Path, file_id: str, manifest: Manifest) -> None:
         self.folder = folder
-        self._size = size
-        self._chunk_size = chunk_size
-        self._chunk_count = -(-size // chunk_size)
+        self.path = partial_path(folder, file_id)
+        self._manifest = manifest
         self._fd = -1
+        self.found = False
         self._hasher = crypto.new_sha256()
         self._hashed_upto = 0  # the next chunk, in order, to feed the whole-file hash
         self._waiting: dict[int, int] = {}  # written out of order: index -> length
@@ -199,39 +173,73 @@ class PartialFile:
             raise StorageError(f"cannot write in {folder}: {_NOT_A_FOLDER}") from exc
         except OSError as exc:
             raise _storage_error(exc, folder) from exc
-        remove_abandoned(folder)
         try:
-            self._fd, self.path = _create_locked(folder, file_id)
+            self._fd = _open_locked(self.path)
+            self.found = os.fstat(self._fd).st_size > 0  # left by an earlier attempt
         except OSError as exc:
             raise _storage_error(exc, folder) from exc
 
-    def write(self, index: int, data: bytes) -> None:
-        """Write a verified chunk at its offset; feed the whole-file hash in order,
-        reading back chunks that arrived ahead of their turn."""
+    def resume(self, check: Callable[[], None] | None = None) -> list[int]:
+        """The chunks already here from an earlier attempt, each verified against the
+        manifest; everything else is to be fetched. `check` runs between chunks (to let
+        Ctrl-C through on a large file)."""
+        manifest = self._manifest
         try:
-            _pwrite_all(self._fd, data, index * self._chunk_size)
-            self._waiting[index] = len(data)
-            while self._hashed_upto in self._waiting:
-                current = self._hashed_upto
-                length = self._waiting.pop(current)
-                if current != index:
-                    data = os.pread(self._fd, length, current * self._chunk_size)
-                self._hasher.update(data)
-                self._hashed_upto += 1
+            present = os.fstat(self._fd).st_size
+            if present > manifest.size:
+                os.ftruncate(self._fd, manifest.size)
+            found = []
+            for index in range(manifest.chunk_count):
+                offset, length = index * manifest.chunk_size, manifest.chunk_length(index)
+                if length == 0 or offset + length > present or self._is_hole(offset):
+                    continue
+                data = os.pread(self._fd, length, offset)
+                if crypto.same_bytes(crypto.sha256(data), manifest.chunk_hash(index)):
+                    self._record(index, data)
+                    found.append(index)
+                if check is not None:
+                    check()
+            return found
         except OSError as exc:
             raise _storage_error(exc, self.folder) from exc
 
-    def finish(self, expected_sha256: bytes, name: str) -> Path:
-        """Check the whole file, make it durable and move it into place."""
-        if self._hashed_upto != self._chunk_count:
+    def _is_hole(self, offset: int) -> bool:
+        """Whether no data was ever written at `offset` (a hole of a sparse file)."""
+        try:
+            return os.lseek(self._fd, offset, os.SEEK_DATA) != offset
+        except OSError:  # ENXIO: no data after offset; EINVAL: SEEK_DATA unsupported
+            return os.fstat(self._fd).st_size <= offset
+
+    def write(self, index: int, data: bytes) -> None:
+        """Write a verified chunk at its offset."""
+        try:
+            _pwrite_all(self._fd, data, index * self._manifest.chunk_size)
+            self._record(index, data)
+        except OSError as exc:
+            raise _storage_error(exc, self.folder) from exc
+
+    def _record(self, index: int, data: bytes) -> None:
+        """Feed the whole-file hash in order, reading back chunks that came early."""
+        self._waiting[index] = len(data)
+        while self._hashed_upto in self._waiting:
+            current = self._hashed_upto
+            length = self._waiting.pop(current)
+            if current != index:
+                data = os.pread(self._fd, length, current * self._manifest.chunk_size)
+            self._hasher.update(data)
+            self._hashed_upto += 1
+
+    def finish(self, name: str) -> Path:
+        """Check the whole file, make it durable and link it into place."""
+        if self._hashed_upto != self._manifest.chunk_count:
             raise IntegrityError("the download finished with chunks missing")
-        if not crypto.same_bytes(self._hasher.digest(), expected_sha256):
+        if not crypto.same_bytes(self._hasher.digest(), self._manifest.sha256):
             raise IntegrityError("the whole-file SHA-256 does not match the signed manifest")
         try:
             os.fchmod(self._fd, 0o666 & ~_umask())  # private while partial, normal once done
-            os.ftruncate(self._fd, self._size)
+            os.ftruncate(self._fd, self._manifest.size)
             os.fsync(self._fd)
-            # Linked while still open, hence locked: no other download removes it meanwhile.
+            # Linked while still open, hence locked: no other download uses it meanwhile.
             target = _link_unused(self.path, self.folder, name)
         except OSError as exc:
             raise _storage_error(exc, self.folder) from exc
@@ -240,19 +248,23 @@ class PartialFile:
             _fsync_dir(self.folder)
         return target
 
+    def keep(self) -> None:
+        """Stop, keeping the verified chunks for the next attempt."""
+        self._close()
+
     def discard(self) -> None:
+        """Stop and remove the temporary file (nothing of it is worth keeping)."""
         if self._fd < 0:
-            return  # finished, or discarded already
+            return  # finished, kept or discarded already
         with contextlib.suppress(OSError):  # before closing, which releases the lock
             if _same_file(self.path, self._fd):
                 self.path.unlink()
         self._close()
 
     def _close(self) -> None:
-        with contextlib.suppress(OSError):
-            _live.discard(_inode(self._fd))
-        with contextlib.suppress(OSError):
-            os.close(self._fd)
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
         self._fd = -1
 
 

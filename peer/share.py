@@ -14,6 +14,8 @@ from sfs.common.manifest import MANIFEST_VERSION, MAX_NAME_BYTES, Manifest, choo
 from sfs.common.protocol import USERNAME_PATTERN
 from sfs.peer.keys import Identity
 
+Progress = Callable[[int, int], None]  # (bytes done, total bytes)
+
 MAX_KEYWORDS = 64
 MAX_KEYWORD_LENGTH = 64
 
@@ -59,7 +61,7 @@ def build_manifest(
     path: Path,
     identity: Identity,
     keywords: list[str],
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> Manifest:
     """Hash the file chunk by chunk (constant memory) into an unsigned manifest."""
     try:

@@ -107,31 +107,61 @@ class ReceiverLink:
 
 @dataclass
 class ChunkPlan:
-    """Which chunks are still needed, which are on their way, which are verified."""
+    """Which chunks are still needed, which are on their way, which are verified.
+
+    One plan serves every holder of a download: each claims chunks for its own window,
+    and a holder that fails releases its claims for the others. Not thread-safe: the
+    caller serialises access."""
 
     manifest: Manifest
     window: int
     have: set[int] = field(default_factory=set)
     in_flight: set[int] = field(default_factory=set)
     bytes_done: int = 0
+    resumed: int = 0  # chunks found verified from an earlier attempt
+    bytes_resumed: int = 0
     _next: int = 0
+    _released: list[int] = field(default_factory=list)  # to claim again, lowest first
 
     @property
     def complete(self) -> bool:
         return len(self.have) == self.manifest.chunk_count
 
+    def adopt(self, index: int) -> None:
+        """A chunk already on disk and verified there: never ask for it."""
+        self.in_flight.discard(index)
+        if index in self._released:
+            self._released.remove(index)
+        if index not in self.have:
+            self.have.add(index)
+            self.bytes_done += self.manifest.chunk_length(index)
+            self.bytes_resumed += self.manifest.chunk_length(index)
+            self.resumed += 1
+
     def next_requests(self) -> list[int]:
-        """Indexes to request now, keeping at most `window` in flight."""
+        """Indexes to request now, keeping at most `window` in flight in all."""
+        return self.claim(self.window - len(self.in_flight))
+
+    def claim(self, count: int) -> list[int]:
+        """Up to `count` chunks nobody has asked for yet, released ones first."""
         wanted: list[int] = []
-        count = self.manifest.chunk_count
-        while len(self.in_flight) + len(wanted) < self.window and self._next < count:
+        chunks = self.manifest.chunk_count
+        while len(wanted) < count and self._released:
+            wanted.append(self._released.pop(0))
+        while len(wanted) < count and self._next < chunks:
             if self._next not in self.have:
                 wanted.append(self._next)
             self._next += 1
         self.in_flight.update(wanted)
         return wanted
 
-    def accept(self, index: int, plaintext: bytes) -> None:
+    def release(self, indexes: set[int]) -> None:
+        """Claims a holder will not deliver (it failed): others may claim them."""
+        returned = indexes & self.in_flight
+        self.in_flight -= returned
+        self._released = sorted({*self._released, *returned})
+
+    def check(self, index: int, plaintext: bytes) -> None:
         """Check a decrypted chunk against the signed manifest; raises `IntegrityError`."""
         if index not in self.in_flight:
             raise IntegrityError(f"chunk {index} arrived without being requested")
@@ -140,9 +170,17 @@ class ChunkPlan:
             crypto.sha256(plaintext), expected
         ):
             raise IntegrityError(f"chunk {index} does not match the owner's signed manifest")
+
+    def done(self, index: int) -> None:
+        """A checked chunk is safely written."""
         self.in_flight.discard(index)
         self.have.add(index)
-        self.bytes_done += len(plaintext)
+        self.bytes_done += self.manifest.chunk_length(index)
+
+    def accept(self, index: int, plaintext: bytes) -> None:
+        """`check`, then `done` (for callers that store the chunk in between)."""
+        self.check(index, plaintext)
+        self.done(index)
 
 
 # --- holder -----------------------------------------------------------------------------

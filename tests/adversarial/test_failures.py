@@ -1,9 +1,10 @@
 """Failures in the middle of a download, with real processes: the holder dies, the
 receiver dies, the download folder fills up or cannot be written at all.
 
-Each must end with one clear line and the documented exit code, leave neither a final
-file nor a temporary one, and leave the holder serving. A receiver killed with SIGKILL
-cannot clean up: its hidden `.part` file stays until the next download into the folder.
+Each must end with one clear line and the documented exit code, leave no final file,
+and leave the holder serving. A download cut short (the holder gone, the receiver
+killed or interrupted) keeps its verified chunks in its hidden `.part` file, and the
+next `get` fetches exactly the missing ones. A full or unusable folder keeps nothing.
 """
 
 from __future__ import annotations
@@ -127,9 +128,34 @@ def serves_others(world: World, peer: Peer) -> None:
 # --- a process dies ---------------------------------------------------------------------
 
 
+def assert_resumes(world: World, peer: Peer) -> None:
+    """`peer`'s next `get` of the big file fetches exactly the chunks its `.part` file
+    lacks, and gives the right file; the folder is then cleaned for the next test."""
+    (partial,) = partial_files(peer.download_dir)
+    assert partial.name == f".sfs-{world.big_id}.part"
+    source = world.cluster.root / "big.bin"
+    verified = 0
+    with partial.open("rb") as kept, source.open("rb") as original:
+        while block := original.read(CHUNK):
+            verified += kept.read(CHUNK) == block
+    assert verified > 0, "nothing was kept"
+
+    got = peer.run("get", world.big_id, "--json").check().json()
+    assert got["chunks_resumed"] == verified
+    assert got["bytes"] == BIG_SIZE - verified * CHUNK  # not even one window more
+    assert got["sha256"] == world.big_sha256
+    digest = hashlib.sha256()
+    with Path(got["path"]).open("rb") as saved:
+        while block := saved.read(MiB):
+            digest.update(block)
+    assert digest.hexdigest() == world.big_sha256
+    assert partial_files(peer.download_dir) == []
+    Path(got["path"]).unlink()  # keep the folder small for the next tests
+
+
 def test_the_holder_dies_mid_transfer(world: World) -> None:
     """SIGKILL of alice's serve while bob downloads. Stopped by: the receiver's timeout
-    on each chunk; the download is cancelled and its temporary file removed."""
+    on each chunk; the verified chunks are kept, and the next `get` resumes."""
     alice, bob = world.alice, world.bob
     before = snapshot(bob.download_dir)
     getting = start_get(bob, world.big_id)
@@ -139,22 +165,24 @@ def test_the_holder_dies_mid_transfer(world: World) -> None:
     alice.server.kill()
 
     result = finish(getting)
-    assert one_line_error(result) == (
-        f"error: alice at {endpoint_of(alice)} did not send the next chunk within 5 s"
-    )
+    cut = f"error: alice at {endpoint_of(alice)} did not send the next chunk within 5 s"
+    message = one_line_error(result)
+    assert message.startswith(cut + " (")
+    assert message.endswith(" of 64.0 MiB kept: run the same get again to resume)")
     assert result.returncode == 5
-    assert snapshot(bob.download_dir) == before
+    assert set(snapshot(bob.download_dir)) - set(before) == {f".sfs-{world.big_id}.part"}
     assert "Traceback" not in log
 
-    alice.serve()  # back up: the same download now works
+    alice.serve()  # back up: the download resumes
+    assert_resumes(world, bob)
     serves_others(world, bob)
 
 
 def test_the_receiver_dies_mid_transfer(world: World) -> None:
     """SIGKILL of bob's `get`: it cannot clean up, but no final file may appear, the
-    holder goes on serving, and the next `get` succeeds. Stopped by: the final name is
-    only made once the whole file is verified; the next download into the folder
-    removes the abandoned temporary file (nobody holds its lock)."""
+    holder goes on serving, and the next `get` fetches only what is missing. Stopped
+    by: the final name is only made once the whole file is verified; the `.part` file
+    is trusted chunk by chunk, against the signed manifest."""
     bob = world.bob
     before = snapshot(bob.download_dir)
     getting = start_get(bob, world.big_id)
@@ -163,25 +191,15 @@ def test_the_receiver_dies_mid_transfer(world: World) -> None:
     assert getting.wait(10) == -signal.SIGKILL
     getting.communicate()
 
-    (left,) = set(snapshot(bob.download_dir)) - set(before)
-    assert left.startswith(f".sfs-{world.big_id}.") and left.endswith(".part")
-
+    assert set(snapshot(bob.download_dir)) - set(before) == {f".sfs-{world.big_id}.part"}
     serves_others(world, world.carol)
-    got = bob.run("get", world.big_id, "--json").check().json()
-    assert got["sha256"] == world.big_sha256
-    digest = hashlib.sha256()
-    with Path(got["path"]).open("rb") as saved:
-        while block := saved.read(MiB):
-            digest.update(block)
-    assert digest.hexdigest() == world.big_sha256
-    assert partial_files(bob.download_dir) == []
-    Path(got["path"]).unlink()  # keep the folder small for the next tests
+    assert_resumes(world, bob)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_the_receiver_is_interrupted_mid_transfer(world: World, sig: int) -> None:
-    """Stopped by: the CLI turns both signals into a clean cancel that removes the
-    temporary file and tells the holder (`finish`)."""
+    """Stopped by: the CLI turns both signals into a clean stop that tells the holder
+    (`finish`) and keeps the verified chunks for the next `get`."""
     bob = world.bob
     before = snapshot(bob.download_dir)
     getting = start_get(bob, world.big_id)
@@ -191,8 +209,9 @@ def test_the_receiver_is_interrupted_mid_transfer(world: World, sig: int) -> Non
     result = finish(getting)
     assert one_line_error(result) == "error: interrupted"
     assert result.returncode == 130
-    assert snapshot(bob.download_dir) == before
+    assert set(snapshot(bob.download_dir)) - set(before) == {f".sfs-{world.big_id}.part"}
     serves_others(world, bob)
+    assert_resumes(world, bob)
 
 
 # --- the download folder ------------------------------------------------------------------

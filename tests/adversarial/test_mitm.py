@@ -129,15 +129,48 @@ def assert_refused(
     exit_code: int,
     message: str,
     tmp_path: Path,
-    *,
-    hasty: bool = False,
 ) -> None:
     before = snapshot(world.bob.download_dir)
-    result = world.get(policy, hasty=hasty)
+    result = world.get(policy)
     assert policy.fired == 1, "the attack never happened"
     assert (result.returncode, one_line_error(result)) == (exit_code, f"error: {message}")
     assert snapshot(world.bob.download_dir) == before
     assert_still_serving(world, tmp_path / "clean")
+
+
+def verified_chunks(partial: bytes, content: bytes) -> dict[int, int]:
+    """The chunks of `partial` that hold the right bytes: index -> length."""
+    found = {}
+    for offset in range(0, len(content), DEFAULT_CHUNK_SIZE):
+        chunk = content[offset : offset + DEFAULT_CHUNK_SIZE]
+        if partial[offset : offset + len(chunk)] == chunk:
+            found[offset // DEFAULT_CHUNK_SIZE] = len(chunk)
+    return found
+
+
+def assert_cut_short(world: World, policy: Policy, message: str) -> None:
+    """The download ends with `message` after a timeout, keeping only verified chunks,
+    and the next `get` fetches exactly the rest."""
+    folder = world.bob.download_dir
+    before = snapshot(folder)
+    result = world.get(policy, hasty=True)
+    assert policy.fired == 1, "the attack never happened"
+    kept = re.escape(f"error: {message}") + (
+        r" \(([0-9.]+) MiB of [0-9.]+ MiB kept: run the same get again to resume\)"
+    )
+    assert result.returncode == 5
+    assert re.fullmatch(kept, one_line_error(result))
+    partial = f".sfs-{world.file_id}.part"
+    assert set(snapshot(folder)) - set(before) == {partial}
+    on_disk = verified_chunks((folder / partial).read_bytes(), world.content)
+    assert on_disk, "nothing was kept"
+
+    resumed = world.get(Policy(), "--json").check().json()
+    assert resumed["chunks_resumed"] == len(on_disk)
+    assert resumed["bytes"] == SIZE - sum(on_disk.values())  # only what was missing
+    assert Path(resumed["path"]).read_bytes() == world.content
+    Path(resumed["path"]).unlink()
+    assert snapshot(folder) == before
 
 
 def record_transfer(world: World, folder: Path) -> Recorder:
@@ -243,14 +276,14 @@ def test_a_dropped_chunk(world: World, tmp_path: Path) -> None:
     """The download cannot complete without chunk 2, and the wait for it has a limit
     (the poll timeout in `Downloader._receive`)."""
     drop = Rewrite(on_chunk(2), lambda message: None)
-    assert_refused(world, drop, 5, _no_chunk_in_time(world), tmp_path, hasty=True)
+    assert_cut_short(world, drop, _no_chunk_in_time(world))
 
 
 def test_a_stream_cut_mid_transfer(world: World, tmp_path: Path) -> None:
     """The offer and chunks 0 and 1 get through, then the connection closes and new ones
     are refused; as for a dropped chunk, the receive timeout ends the download."""
     cut = Truncate(keep=3)
-    assert_refused(world, cut, 5, _no_chunk_in_time(world), tmp_path, hasty=True)
+    assert_cut_short(world, cut, _no_chunk_in_time(world))
 
 
 # --- reordering -------------------------------------------------------------------------

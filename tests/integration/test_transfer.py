@@ -6,6 +6,7 @@ import dataclasses
 import errno
 import hashlib
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from sfs.common.errors import (
     TrustError,
 )
 from sfs.common.manifest import DEFAULT_CHUNK_SIZE
-from sfs.peer.download import OwnerOffline
+from sfs.peer.download import DownloadInterrupted, OwnerOffline
 from sfs.peer.node import Peer
 from sfs.peer.registry import Share
 from sfs.peer.session import NotLoggedIn
@@ -78,7 +79,8 @@ def test_round_trip(network: Network, tmp_path: Path, size: int) -> None:
     assert result.path == bob.config.download_dir / "original.bin"
     assert result.path.read_bytes() == data
     assert result.sha256 == hashlib.sha256(data).hexdigest()
-    assert result.holders == ["alice"]
+    assert result.holders == (["alice"] if size else [])  # an empty file has no chunks
+    assert (result.bytes_fetched, result.chunks_resumed) == (size, 0)
     assert leftovers(bob.config.download_dir) == ["original.bin"]  # no .part file left
 
 
@@ -380,19 +382,33 @@ def test_hostile_name_in_manifest_stays_in_download_folder(
 # --- the requester's side fails: vanishing holders, full or unusable disks ---------------
 
 
-def test_holder_that_stops_answering_mid_transfer(
+def test_holder_that_stops_answering_mid_transfer_and_the_resume(
     network: Network, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _alice, bob, share = alice_shares_with_bob(network, tmp_path, 3 * MiB)
+    _alice, bob, share = alice_shares_with_bob(network, tmp_path, 3 * MiB + 5)
     original = HolderService._chunk
 
     def vanish_after_chunk_one(self: HolderService, request, connection):  # type: ignore[no-untyped-def]
         return original(self, request, connection) if request.index < 2 else []
 
     monkeypatch.setattr(HolderService, "_chunk", vanish_after_chunk_one)
-    with pytest.raises(TransportError, match=r"alice at tcp://127\.0\.0\.1:[0-9]+ did not send"):
+    with pytest.raises(DownloadInterrupted) as interrupted:
         bob.get(share.file_id)
-    assert leftovers(bob.config.download_dir) == []
+    assert isinstance(interrupted.value.cause, TransportError)
+    assert interrupted.value.exit_code == TransportError.exit_code
+    assert re.fullmatch(
+        r"alice at tcp://127\.0\.0\.1:[0-9]+ did not send the next chunk within 3 s "
+        r"\(2\.0 MiB of 3\.0 MiB kept: run the same get again to resume\)",
+        str(interrupted.value),
+    )
+    # Only the verified chunks are kept, under a name that is not the file's.
+    assert leftovers(bob.config.download_dir) == [f".sfs-{share.file_id}.part"]
+
+    monkeypatch.setattr(HolderService, "_chunk", original)
+    result = bob.get(share.file_id)
+    assert result.path.read_bytes() == (tmp_path / "data.bin").read_bytes()
+    assert (result.chunks_resumed, result.bytes_fetched) == (2, MiB + 5)
+    assert leftovers(bob.config.download_dir) == ["data.bin"]
 
 
 def test_full_disk_cancels_cleanly(

@@ -2,34 +2,56 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import hashlib
 import os
 import random
 import resource
+import signal
 import stat
 import tempfile
 import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sfs.common.errors import IntegrityError, StorageError
-from sfs.peer import partial as partial_module
-from sfs.peer.partial import MAX_NAME_BYTES, PartialFile, remove_abandoned, safe_filename
+from sfs.common.manifest import Manifest
+from sfs.peer.partial import MAX_NAME_BYTES, PartialFile, partial_path, safe_filename
 
+# Small chunks keep the tests fast: these manifests are never encoded, so the protocol's
+# MIN_CHUNK_SIZE does not apply. 4096 is also the usual file system block, so a chunk
+# never written is a hole of its own.
 CHUNK = 4096
 FILE_ID = "0123456789abcdef0123456789abcdef"
+OTHER_ID = "fedcba9876543210fedcba9876543210"
 DATA = random.Random(11).randbytes(4 * CHUNK + 100)  # 5 chunks, the last one short
-SHA = hashlib.sha256(DATA).digest()
 
 
 def chunks(data: bytes = DATA) -> list[bytes]:
     return [data[i : i + CHUNK] for i in range(0, len(data), CHUNK)]
+
+
+def manifest_of(data: bytes = DATA) -> Manifest:
+    return Manifest(
+        version=1,
+        share_id=b"\x00" * 16,
+        name="data.bin",
+        size=len(data),
+        chunk_size=CHUNK,
+        chunk_hashes=b"".join(hashlib.sha256(chunk).digest() for chunk in chunks(data)),
+        sha256=hashlib.sha256(data).digest(),
+        owner="alice",
+        owner_fp=b"\x01" * 32,
+        keywords=[],
+        created=1_700_000_000,
+    )
 
 
 def mode_of(path: Path) -> int:
@@ -46,7 +68,21 @@ def umask_022() -> Iterator[None]:
 
 
 def new_partial(folder: Path, data: bytes = DATA) -> PartialFile:
-    return PartialFile(folder, FILE_ID, len(data), CHUNK)
+    return PartialFile(folder, FILE_ID, manifest_of(data))
+
+
+def write_all(partial: PartialFile, data: bytes = DATA, skip: frozenset[int] = frozenset()) -> None:
+    for index, chunk in enumerate(chunks(data)):
+        if index not in skip:
+            partial.write(index, chunk)
+
+
+def part_of(folder: Path) -> Path:
+    return partial_path(folder, FILE_ID)
+
+
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
 
 
 # --- writing and finishing ------------------------------------------------------------------
@@ -54,11 +90,10 @@ def new_partial(folder: Path, data: bytes = DATA) -> PartialFile:
 
 def test_chunks_in_order_give_the_file(tmp_path: Path) -> None:
     partial = new_partial(tmp_path)
-    assert partial.path.parent == tmp_path
-    assert partial.path.name.startswith(f".sfs-{FILE_ID}.") and partial.path.suffix == ".part"
-    for index, chunk in enumerate(chunks()):
-        partial.write(index, chunk)
-    target = partial.finish(SHA, "report.pdf")
+    assert partial.path == tmp_path / f".sfs-{FILE_ID}.part" == part_of(tmp_path)
+    assert partial.resume() == []
+    write_all(partial)
+    target = partial.finish("report.pdf")
     assert target == tmp_path / "report.pdf"
     assert target.read_bytes() == DATA
     assert not partial.path.exists()
@@ -73,7 +108,7 @@ def test_chunks_out_of_order_give_the_file(tmp_path: Path, order: list[int]) -> 
     parts = chunks()
     for index in order:
         partial.write(index, parts[index])
-    assert partial.finish(SHA, "out.bin").read_bytes() == DATA
+    assert partial.finish("out.bin").read_bytes() == DATA
 
 
 @settings(max_examples=40, deadline=None)
@@ -84,7 +119,7 @@ def test_any_chunk_order_gives_the_file_and_its_hash(order: list[int]) -> None:
         partial = new_partial(Path(folder))
         for index in order:
             partial.write(index, parts[index])
-        target = partial.finish(SHA, "out.bin")  # the whole-file hash must match
+        target = partial.finish("out.bin")  # the whole-file hash must match
         assert target.read_bytes() == DATA
 
 
@@ -93,31 +128,32 @@ def test_the_final_name_does_not_exist_before_finish(tmp_path: Path) -> None:
     for index, chunk in enumerate(chunks()):
         partial.write(index, chunk)
         assert not (tmp_path / "out.bin").exists()
-    partial.finish(SHA, "out.bin")
+    partial.finish("out.bin")
     assert (tmp_path / "out.bin").exists()
 
 
 def test_empty_file(tmp_path: Path) -> None:
-    partial = PartialFile(tmp_path, FILE_ID, 0, CHUNK)
-    target = partial.finish(hashlib.sha256(b"").digest(), "empty")
+    partial = new_partial(tmp_path, b"")
+    assert partial.resume() == []
+    target = partial.finish("empty")
     assert target.read_bytes() == b""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
 
 
 def test_folder_is_created(tmp_path: Path) -> None:
     folder = tmp_path / "a" / "b"
     partial = new_partial(folder)
-    for index, chunk in enumerate(chunks()):
-        partial.write(index, chunk)
-    assert partial.finish(SHA, "x").parent == folder
+    write_all(partial)
+    assert partial.finish("x").parent == folder
 
 
 def test_wrong_whole_file_hash_is_refused(tmp_path: Path) -> None:
-    partial = new_partial(tmp_path)
-    for index, chunk in enumerate(chunks()):
-        partial.write(index, chunk)
-    wrong = bytes(32)
+    """Every chunk as the manifest says, but the manifest's whole-file hash is another."""
+    manifest = dataclasses.replace(manifest_of(), sha256=bytes(32))
+    partial = PartialFile(tmp_path, FILE_ID, manifest)
+    write_all(partial)
     with pytest.raises(IntegrityError, match="SHA-256"):
-        partial.finish(wrong, "out.bin")
+        partial.finish("out.bin")
     assert not (tmp_path / "out.bin").exists()
     partial.discard()
     assert list(tmp_path.iterdir()) == []
@@ -131,25 +167,24 @@ def test_hash_of_other_content_is_refused(tmp_path: Path) -> None:
     for index, chunk in enumerate(parts):
         partial.write(index, chunk)
     with pytest.raises(IntegrityError):
-        partial.finish(SHA, "out.bin")
+        partial.finish("out.bin")
     assert not (tmp_path / "out.bin").exists()
 
 
 @pytest.mark.parametrize("missing", [0, 2, 4])
 def test_missing_chunks_are_refused(tmp_path: Path, missing: int) -> None:
     partial = new_partial(tmp_path)
-    for index, chunk in enumerate(chunks()):
-        if index != missing:
-            partial.write(index, chunk)
+    write_all(partial, skip=frozenset({missing}))
     with pytest.raises(IntegrityError, match="missing"):
-        partial.finish(SHA, "out.bin")
+        partial.finish("out.bin")
     assert not (tmp_path / "out.bin").exists()
 
 
 def test_nothing_written_is_refused(tmp_path: Path) -> None:
     partial = new_partial(tmp_path)
     with pytest.raises(IntegrityError, match="missing"):
-        partial.finish(SHA, "out.bin")
+        partial.finish("out.bin")
+    assert not (tmp_path / "out.bin").exists()
 
 
 def test_discard_removes_the_temporary_file(tmp_path: Path) -> None:
@@ -162,14 +197,468 @@ def test_discard_removes_the_temporary_file(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_keep_leaves_the_temporary_file_and_its_bytes(tmp_path: Path) -> None:
+    partial = new_partial(tmp_path)
+    partial.write(0, chunks()[0])
+    partial.keep()
+    assert partial.path.read_bytes() == chunks()[0]
+    partial.keep()  # twice is harmless
+    partial.discard()  # after keep, the file is no longer this object's to remove
+    assert sorted(p.name for p in tmp_path.iterdir()) == [partial.path.name]
+
+
+def test_no_temporary_file_remains_after_finish(tmp_path: Path) -> None:
+    partial = new_partial(tmp_path)
+    write_all(partial)
+    partial.finish("out.bin")
+    assert not part_of(tmp_path).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
+    # and the next download of the same file starts from nothing
+    again = new_partial(tmp_path)
+    assert again.resume() == []
+    assert again.path.stat().st_size == 0
+    again.discard()
+
+
+def test_discard_after_finish_leaves_the_file(tmp_path: Path) -> None:
+    partial = new_partial(tmp_path)
+    write_all(partial)
+    target = partial.finish("out.bin")
+    partial.discard()  # what a caller's cleanup may still do
+    assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]
+    assert target.read_bytes() == DATA
+
+
+# --- resuming -------------------------------------------------------------------------------
+
+
+def kept(folder: Path, indexes: list[int], data: bytes = DATA) -> None:
+    """An earlier attempt that wrote `indexes` (in that order), then stopped."""
+    partial = new_partial(folder, data)
+    parts = chunks(data)
+    for index in indexes:
+        partial.write(index, parts[index])
+    partial.keep()
+
+
+def resumed(folder: Path, data: bytes = DATA) -> tuple[PartialFile, list[int]]:
+    partial = new_partial(folder, data)
+    return partial, partial.resume()
+
+
+def finish_rest(partial: PartialFile, found: list[int], data: bytes = DATA) -> bytes:
+    """Write what `resume` did not find, finish, and give the file's bytes."""
+    write_all(partial, data, skip=frozenset(found))
+    return partial.finish("out.bin").read_bytes()
+
+
+def damage(path: Path, offset: int) -> None:
+    """Flip one byte of the file at `offset`, as a disk or a stray writer might."""
+    with path.open("r+b") as handle:
+        handle.seek(offset)
+        byte = handle.read(1)[0]
+        handle.seek(offset)
+        handle.write(bytes([byte ^ 0x40]))
+
+
+def test_a_new_attempt_resumes_exactly_the_chunks_written(tmp_path: Path) -> None:
+    kept(tmp_path, [4, 0, 2])
+    partial, found = resumed(tmp_path)
+    assert found == [0, 2, 4]
+    assert finish_rest(partial, found) == DATA
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
+
+
+def test_finishing_after_resume_writes_only_the_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kept(tmp_path, [0, 1, 3])
+    partial, found = resumed(tmp_path)
+    written: list[int] = []
+    real_pwrite = os.pwrite
+
+    def counting(fd: int, data: bytes, offset: int) -> int:
+        written.append(offset // CHUNK)
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", counting)
+    assert finish_rest(partial, found) == DATA
+    assert written == [2, 4]
+
+
+def test_a_complete_temporary_file_finishes_without_writes(tmp_path: Path) -> None:
+    kept(tmp_path, list(range(5)))
+    partial, found = resumed(tmp_path)
+    assert found == [0, 1, 2, 3, 4]
+    assert partial.finish("out.bin").read_bytes() == DATA
+
+
+@pytest.mark.parametrize(
+    "offsets",
+    [[CHUNK + 10], [0, 4 * CHUNK - 1], [len(DATA) - 1], [2 * CHUNK, 2 * CHUNK + 1, 4 * CHUNK]],
+)
+def test_damaged_chunks_are_not_resumed(tmp_path: Path, offsets: list[int]) -> None:
+    kept(tmp_path, list(range(5)))
+    for offset in offsets:
+        damage(part_of(tmp_path), offset)
+    partial, found = resumed(tmp_path)
+    damaged = {offset // CHUNK for offset in offsets}
+    assert found == [index for index in range(5) if index not in damaged]
+    assert finish_rest(partial, found) == DATA
+
+
+def test_a_chunk_cut_short_by_a_crash_is_not_resumed(tmp_path: Path) -> None:
+    kept(tmp_path, list(range(5)))
+    os.truncate(part_of(tmp_path), len(DATA) - 1)  # the last chunk lacks its last byte
+    partial, found = resumed(tmp_path)
+    assert found == [0, 1, 2, 3]
+    assert finish_rest(partial, found) == DATA
+
+
+def test_a_sparse_file_resumes_only_the_chunk_written(tmp_path: Path) -> None:
+    kept(tmp_path, [3])
+    assert part_of(tmp_path).stat().st_size == 4 * CHUNK  # chunks 0 to 2 are a hole
+    partial, found = resumed(tmp_path)
+    assert found == [3]
+    assert finish_rest(partial, found) == DATA
+
+
+def file_system_has_holes(folder: Path) -> bool:
+    probe = folder / "probe"
+    with probe.open("wb") as handle:
+        handle.seek(4 * CHUNK)
+        handle.write(b"x")
+    fd = os.open(probe, os.O_RDONLY)
+    try:
+        return os.lseek(fd, 0, os.SEEK_DATA) != 0
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+        probe.unlink()
+
+
+def test_holes_are_not_even_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not file_system_has_holes(tmp_path):
+        pytest.skip("this file system does not report holes")
+    kept(tmp_path, [3])
+    reads: list[int] = []
+    real_pread = os.pread
+
+    def recording(fd: int, length: int, offset: int) -> bytes:
+        reads.append(offset)
+        return real_pread(fd, length, offset)
+
+    monkeypatch.setattr(os, "pread", recording)
+    partial, found = resumed(tmp_path)
+    assert found == [3]
+    assert reads == [3 * CHUNK]
+    partial.discard()
+
+
+def test_a_temporary_file_longer_than_the_file_is_cut_and_resumed(tmp_path: Path) -> None:
+    kept(tmp_path, [0, 4])
+    with part_of(tmp_path).open("ab") as handle:
+        handle.write(b"junk after the end" * 1000)
+    partial, found = resumed(tmp_path)
+    assert found == [0, 4]
+    assert part_of(tmp_path).stat().st_size == len(DATA)
+    assert finish_rest(partial, found) == DATA
+
+
+def test_junk_where_the_last_chunk_belongs_is_cut_and_not_resumed(tmp_path: Path) -> None:
+    kept(tmp_path, [0, 1, 2, 3])
+    with part_of(tmp_path).open("ab") as handle:
+        handle.write(bytes(len(DATA)))  # zeros over the last chunk and beyond
+    partial, found = resumed(tmp_path)
+    assert found == [0, 1, 2, 3]
+    assert part_of(tmp_path).stat().st_size == len(DATA)
+    assert finish_rest(partial, found) == DATA
+
+
+ZEROS_INSIDE = chunks()[0] + bytes(2 * CHUNK) + chunks()[3] + bytes(100)  # 1, 2, 4: zeros
+
+
+def test_chunks_of_zeros_resume(tmp_path: Path) -> None:
+    kept(tmp_path, list(range(5)), ZEROS_INSIDE)
+    partial, found = resumed(tmp_path, ZEROS_INSIDE)
+    assert found == [0, 1, 2, 3, 4]
+    assert partial.finish("out.bin").read_bytes() == ZEROS_INSIDE
+
+
+def test_a_hole_where_zeros_belong_still_gives_the_file(tmp_path: Path) -> None:
+    """Whether a never-written chunk of zeros counts as found depends on the file system
+    reporting holes; either way the bytes are right."""
+    kept(tmp_path, [0, 3], ZEROS_INSIDE)
+    partial, found = resumed(tmp_path, ZEROS_INSIDE)
+    assert {0, 3} <= set(found) <= {0, 1, 2, 3}
+    assert finish_rest(partial, found, ZEROS_INSIDE) == ZEROS_INSIDE
+
+
+def test_a_temporary_file_of_another_manifest_resumes_nothing(tmp_path: Path) -> None:
+    """Bytes that match no chunk hash (another file's, say) are all fetched again."""
+    other = random.Random(12).randbytes(len(DATA))
+    kept(tmp_path, list(range(5)), other)
+    partial, found = resumed(tmp_path)
+    assert found == []
+    assert finish_rest(partial, found) == DATA
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    first=st.lists(st.integers(0, 4), unique=True),
+    rest=st.randoms(use_true_random=False),
+)
+def test_resume_then_writes_in_any_order_give_the_file_and_its_hash(
+    first: list[int], rest: random.Random
+) -> None:
+    with tempfile.TemporaryDirectory() as name:
+        folder = Path(name)
+        kept(folder, first)
+        partial, found = resumed(folder)
+        assert found == sorted(first)
+        missing = [index for index in range(5) if index not in found]
+        rest.shuffle(missing)
+        parts = chunks()
+        for index in missing:
+            partial.write(index, parts[index])
+        assert partial.finish("out.bin").read_bytes() == DATA  # finish checks the hash
+
+
+def test_resume_checks_between_chunks_and_can_be_stopped(tmp_path: Path) -> None:
+    kept(tmp_path, list(range(5)))
+    partial = new_partial(tmp_path)
+    calls: list[int] = []
+
+    def check() -> None:
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        partial.resume(check)
+    assert len(calls) == 2
+    partial.keep()
+    partial, found = resumed(tmp_path)  # nothing was lost by the interruption
+    assert found == [0, 1, 2, 3, 4]
+    partial.discard()
+
+
+# --- one download per file and folder -------------------------------------------------------
+
+
+def test_a_second_download_of_the_same_file_is_refused(tmp_path: Path) -> None:
+    first = new_partial(tmp_path)
+    first.write(0, chunks()[0])
+    with pytest.raises(StorageError) as refused:
+        new_partial(tmp_path)
+    assert str(refused.value) == (
+        f"another `sfs-peer get` is downloading this file into {tmp_path}"
+    )
+    write_all(first, skip=frozenset({0}))  # the first goes on undisturbed
+    assert first.finish("out.bin").read_bytes() == DATA
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
+
+
+def test_the_same_file_may_be_downloaded_again_once_kept(tmp_path: Path) -> None:
+    first = new_partial(tmp_path)
+    first.write(1, chunks()[1])
+    first.keep()
+    second, found = resumed(tmp_path)
+    assert found == [1]
+    assert finish_rest(second, found) == DATA
+
+
+def test_the_same_file_may_be_downloaded_again_once_discarded(tmp_path: Path) -> None:
+    first = new_partial(tmp_path)
+    first.write(1, chunks()[1])
+    first.discard()
+    second, found = resumed(tmp_path)
+    assert found == []
+    assert finish_rest(second, found) == DATA
+
+
+def test_another_files_download_is_left_alone(tmp_path: Path) -> None:
+    other = partial_path(tmp_path, OTHER_ID)
+    other.write_bytes(b"another file's download")
+    partial = new_partial(tmp_path)
+    assert partial.path != other
+    write_all(partial)
+    assert partial.finish("out.bin").read_bytes() == DATA
+    assert other.read_bytes() == b"another file's download"
+
+
+def test_two_files_download_into_one_folder_at_once(tmp_path: Path) -> None:
+    other_data = DATA[::-1]
+    one = new_partial(tmp_path)
+    two = PartialFile(tmp_path, OTHER_ID, manifest_of(other_data))
+    for index, (mine, theirs) in enumerate(zip(chunks(), chunks(other_data), strict=True)):
+        one.write(index, mine)
+        two.write(index, theirs)
+    assert one.finish("one").read_bytes() == DATA
+    assert two.finish("two").read_bytes() == other_data
+
+
+def test_without_locks_a_second_download_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file system that cannot lock (some network mounts): downloading still works."""
+
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    first = new_partial(tmp_path)
+    write_all(first)
+    first.keep()
+    second, found = resumed(tmp_path)
+    assert found == [0, 1, 2, 3, 4]
+    assert second.finish("out.bin").read_bytes() == DATA
+
+
+def test_a_temporary_file_removed_before_it_is_locked_is_opened_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another download may finish (and unlink the file) between our open and our lock:
+    the file we locked is then no longer the one with the name."""
+    real_flock = fcntl.flock
+    locked: list[int] = []
+
+    def raced(fd: int, operation: int) -> None:
+        locked.append(os.fstat(fd).st_ino)
+        if len(locked) == 1:
+            part_of(tmp_path).unlink()  # what the other download does
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", raced)
+    partial = new_partial(tmp_path)
+    assert len(locked) == 2
+    assert partial.path.stat().st_ino == locked[1]
+    write_all(partial)
+    assert partial.finish("out.bin").read_bytes() == DATA
+
+
+def test_a_temporary_file_that_keeps_disappearing_is_a_storage_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_flock = fcntl.flock
+
+    def vanishing(fd: int, operation: int) -> None:
+        part_of(tmp_path).unlink()
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", vanishing)
+    before = open_descriptors()
+    with pytest.raises(StorageError, match="keeps disappearing"):
+        new_partial(tmp_path)
+    assert open_descriptors() == before
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- what is in the way is refused, never written through -----------------------------------
+
+
+def refused(folder: Path) -> StorageError:
+    """The error of opening this download where something is in the way; no descriptor
+    may stay open, and opening must not block."""
+    before = open_descriptors()
+    with pytest.raises(StorageError) as error:
+        new_partial(folder)
+    assert open_descriptors() == before
+    return error.value
+
+
+def test_a_symlink_in_the_way_is_not_followed(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    mode = mode_of(victim)
+    part_of(tmp_path).symlink_to(victim)
+    refused(tmp_path)
+    assert part_of(tmp_path).is_symlink()
+    assert part_of(tmp_path).readlink() == victim
+    assert victim.read_bytes() == b"precious"
+    assert mode_of(victim) == mode
+
+
+def test_a_dangling_symlink_in_the_way_creates_nothing(tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere" / "created"
+    target.parent.mkdir()
+    part_of(tmp_path).symlink_to(target)
+    refused(tmp_path)
+    assert not target.exists()
+    assert list(target.parent.iterdir()) == []
+
+
+def test_a_hard_link_in_the_way_is_refused(tmp_path: Path) -> None:
+    """A hard link to some other file of the user's: writing there would change it."""
+    other = tmp_path / "other"
+    other.write_bytes(b"precious")
+    os.link(other, part_of(tmp_path))
+    error = refused(tmp_path)
+    assert str(error) == (
+        f"{part_of(tmp_path)} is in the way and is not a partial download of this user; "
+        "move it elsewhere"
+    )
+    assert other.read_bytes() == b"precious"
+    assert other.stat().st_nlink == 2
+
+
+class Hung(Exception):
+    pass
+
+
+def _hung(signum: int, frame: FrameType | None) -> None:
+    raise Hung
+
+
+def test_a_fifo_in_the_way_is_refused_without_blocking(tmp_path: Path) -> None:
+    os.mkfifo(part_of(tmp_path))
+    previous = signal.signal(signal.SIGALRM, _hung)
+    signal.setitimer(signal.ITIMER_REAL, 5.0)
+    try:
+        error = refused(tmp_path)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert "is in the way" in str(error)
+    assert stat.S_ISFIFO(part_of(tmp_path).lstat().st_mode)
+
+
+def test_a_folder_in_the_way_is_refused(tmp_path: Path) -> None:
+    part_of(tmp_path).mkdir()
+    (part_of(tmp_path) / "inside").write_bytes(b"mine")
+    refused(tmp_path)
+    assert (part_of(tmp_path) / "inside").read_bytes() == b"mine"
+
+
+def test_another_users_file_in_the_way_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a shared folder, someone else may plant a file under our temporary name."""
+    part_of(tmp_path).write_bytes(b"theirs")
+    someone_else = os.getuid() + 1
+    monkeypatch.setattr(os, "getuid", lambda: someone_else)
+    error = refused(tmp_path)
+    assert "is not a partial download of this user" in str(error)
+    assert part_of(tmp_path).read_bytes() == b"theirs"
+
+
+def test_refusal_leaves_the_way_open_once_cleared(tmp_path: Path) -> None:
+    os.mkfifo(part_of(tmp_path))
+    refused(tmp_path)
+    part_of(tmp_path).unlink()
+    partial, found = resumed(tmp_path)
+    assert found == []
+    assert finish_rest(partial, found) == DATA
+
+
 # --- names and permissions ------------------------------------------------------------------
 
 
 def finished(folder: Path, name: str, data: bytes = DATA) -> Path:
     partial = new_partial(folder, data)
-    for index, chunk in enumerate(chunks(data)):
-        partial.write(index, chunk)
-    return partial.finish(hashlib.sha256(data).digest(), name)
+    write_all(partial, data)
+    return partial.finish(name)
 
 
 def test_a_taken_name_gets_a_number(tmp_path: Path) -> None:
@@ -191,15 +680,23 @@ def test_a_dangling_symlink_counts_as_taken(tmp_path: Path) -> None:
     assert not (tmp_path / "nowhere").exists()
 
 
+def test_a_symlink_at_the_final_name_is_not_followed(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    (tmp_path / "out.bin").symlink_to(victim)
+    assert finished(tmp_path, "out.bin") == tmp_path / "out (1).bin"
+    assert victim.read_bytes() == b"precious"
+    assert (tmp_path / "out.bin").is_symlink()
+
+
 def test_partial_file_is_private_and_final_file_follows_umask(
     tmp_path: Path, umask_022: None
 ) -> None:
     partial = new_partial(tmp_path)
     assert mode_of(partial.path) == 0o600
-    for index, chunk in enumerate(chunks()):
-        partial.write(index, chunk)
+    write_all(partial)
     assert mode_of(partial.path) == 0o600
-    target = partial.finish(SHA, "out.bin")
+    target = partial.finish("out.bin")
     assert mode_of(target) == 0o644
 
 
@@ -212,37 +709,11 @@ def test_final_file_follows_a_stricter_umask(tmp_path: Path) -> None:
     assert mode_of(target) == 0o640
 
 
-def test_another_downloads_partial_file_is_left_alone(tmp_path: Path) -> None:
-    other = tmp_path / f".sfs-{FILE_ID}.part"
-    other.write_bytes(b"someone else's download")
-    partial = new_partial(tmp_path)
-    assert partial.path != other
-    for index, chunk in enumerate(chunks()):
-        partial.write(index, chunk)
-    assert partial.finish(SHA, "out.bin").read_bytes() == DATA
-    assert other.read_bytes() == b"someone else's download"
-
-
-def test_two_downloads_of_one_file_at_once_each_keep_their_own_bytes(tmp_path: Path) -> None:
-    first, second = new_partial(tmp_path), new_partial(tmp_path)
-    parts = chunks()
-    first.write(0, parts[0])  # the second download has barely started when the first ends
-    second.write(0, parts[0])
-    for index in range(1, len(parts)):
-        first.write(index, parts[index])
-    done = first.finish(SHA, "out.bin")
-    assert done.read_bytes() == DATA
-    second.discard()
-    assert done.read_bytes() == DATA
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
-
-
 def test_a_name_taken_at_the_last_moment_is_not_replaced(tmp_path: Path) -> None:
     partial = new_partial(tmp_path)
-    for index, chunk in enumerate(chunks()):
-        partial.write(index, chunk)
+    write_all(partial)
     (tmp_path / "out.bin").write_bytes(b"created while we downloaded")
-    target = partial.finish(SHA, "out.bin")
+    target = partial.finish("out.bin")
     assert target.name == "out (1).bin"
     assert (tmp_path / "out.bin").read_bytes() == b"created while we downloaded"
 
@@ -251,25 +722,11 @@ def test_a_numbered_name_still_fits(tmp_path: Path) -> None:
     long_name = "x" * 251 + ".bin"
     (tmp_path / long_name).write_bytes(b"taken")
     partial = new_partial(tmp_path)
-    for index, chunk in enumerate(chunks()):
-        partial.write(index, chunk)
-    target = partial.finish(SHA, long_name)
+    write_all(partial)
+    target = partial.finish(long_name)
     assert target.name.endswith(" (1).bin")
     assert len(target.name.encode()) <= 255
     assert target.read_bytes() == DATA
-
-
-def test_a_leftover_symlink_is_not_followed(tmp_path: Path) -> None:
-    victim = tmp_path / "victim"
-    victim.write_bytes(b"precious")
-    for name in (f".sfs-{FILE_ID}.part", "out.bin"):
-        (tmp_path / name).symlink_to(victim)
-    partial = new_partial(tmp_path)
-    partial.write(0, chunks()[0])
-    assert victim.read_bytes() == b"precious"
-    assert not partial.path.is_symlink()
-    partial.discard()
-    assert victim.read_bytes() == b"precious"
 
 
 def test_a_folder_that_cannot_be_made_is_a_storage_error(tmp_path: Path) -> None:
@@ -446,116 +903,3 @@ def test_a_folder_that_is_a_file_is_named_as_such(tmp_path: Path, where: str) ->
         new_partial(folder)
     assert str(refused.value) == f"cannot write in {folder}: that path is not a folder"
     assert blocker.read_bytes() == b"mine"
-
-
-# --- abandoned temporary files -------------------------------------------------------------
-
-
-def abandoned_part(folder: Path, file_id: str = FILE_ID) -> Path:
-    """The temporary file of a download that was killed: written, closed, still there."""
-    path = folder / f".sfs-{file_id}.k1ll3d.part"
-    path.write_bytes(b"unverified bytes")
-    return path
-
-
-def test_the_next_download_removes_an_abandoned_temporary_file(tmp_path: Path) -> None:
-    left = abandoned_part(tmp_path)
-    other = abandoned_part(tmp_path, "f" * 32)  # any file's, not only this one's
-    partial = new_partial(tmp_path)
-    assert not left.exists() and not other.exists()
-    for index, chunk in enumerate(chunks()):
-        partial.write(index, chunk)
-    partial.finish(SHA, "out.bin")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
-
-
-def test_a_download_in_progress_keeps_its_temporary_file(tmp_path: Path) -> None:
-    """Its lock says it is alive, whether it is in this process or another (a second
-    open file, like another process's, has a lock of its own)."""
-    first = new_partial(tmp_path)
-    held = abandoned_part(tmp_path)
-    fd = os.open(held, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        second = new_partial(tmp_path)
-        assert first.path.exists() and held.exists()
-        assert remove_abandoned(tmp_path) == []
-    finally:
-        os.close(fd)
-    assert remove_abandoned(tmp_path) == [held]
-    for partial in (first, second):
-        for index, chunk in enumerate(chunks()):
-            partial.write(index, chunk)
-    assert {first.finish(SHA, "out.bin").name, second.finish(SHA, "out.bin").name} == {
-        "out.bin",
-        "out (1).bin",
-    }
-
-
-def test_this_processs_downloads_are_kept_where_locks_are_per_process(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """flock emulated with POSIX locks (NFS) lets this process lock its own files
-    again: its live downloads must still be recognised."""
-    live = new_partial(tmp_path)
-    left = abandoned_part(tmp_path)
-    monkeypatch.setattr(partial_module, "_lock", lambda fd, wait: True)
-    assert remove_abandoned(tmp_path) == [left]
-    assert live.path.exists()
-    live.discard()
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_only_regular_files_with_the_temporary_name_are_removed(tmp_path: Path) -> None:
-    victim = tmp_path / "victim"
-    victim.write_bytes(b"precious")
-    keep = [
-        tmp_path / "notes.part",
-        tmp_path / ".sfs-not-a-file-id.x.part",
-        tmp_path / f".sfs-{FILE_ID}.part",  # no random part
-        tmp_path / f"sfs-{FILE_ID}.x.part",
-    ]
-    for path in keep:
-        path.write_bytes(b"mine")
-    link = tmp_path / f".sfs-{FILE_ID}.link.part"
-    link.symlink_to(victim)
-    fifo = tmp_path / f".sfs-{FILE_ID}.fifo.part"
-    os.mkfifo(fifo)
-    folder = tmp_path / f".sfs-{FILE_ID}.dir.part"
-    folder.mkdir()
-    assert remove_abandoned(tmp_path) == []
-    assert all(path.read_bytes() == b"mine" for path in keep)
-    assert link.is_symlink() and victim.read_bytes() == b"precious"
-    assert fifo.exists() and folder.is_dir()
-
-
-def test_a_temporary_file_removed_before_it_is_locked_is_made_again(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Another download may find it unlocked in that instant, and remove it."""
-    real_mkstemp = tempfile.mkstemp
-    made: list[str] = []
-
-    def raced(*args: object, **kwargs: object) -> tuple[int, str]:
-        fd, name = real_mkstemp(*args, **kwargs)  # type: ignore[call-overload]
-        made.append(name)
-        if len(made) == 1:
-            Path(name).unlink()  # what the other download does
-        return fd, name
-
-    monkeypatch.setattr(tempfile, "mkstemp", raced)
-    partial = new_partial(tmp_path)
-    assert len(made) == 2 and partial.path == Path(made[1])
-    for index, chunk in enumerate(chunks()):
-        partial.write(index, chunk)
-    assert partial.finish(SHA, "out.bin").read_bytes() == DATA
-
-
-def test_discard_after_finish_leaves_the_file(tmp_path: Path) -> None:
-    partial = new_partial(tmp_path)
-    for index, chunk in enumerate(chunks()):
-        partial.write(index, chunk)
-    target = partial.finish(SHA, "out.bin")
-    partial.discard()  # what a caller's cleanup may still do
-    assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]
-    assert target.read_bytes() == DATA

@@ -265,16 +265,67 @@ def test_full_transfer_into_a_partial_file(
     link = link_for(bob, alice.bundle, shared)
     connect(rig, link)
     plan = ChunkPlan(shared.manifest, window=2)
-    partial = PartialFile(tmp_path, shared.file_id, shared.manifest.size, CHUNK)
+    partial = PartialFile(tmp_path, shared.file_id, shared.manifest)
+    for index in partial.resume():
+        plan.adopt(index)
+    assert plan.resumed == 0
     while not plan.complete:
         for index in plan.next_requests():
             header, ciphertext = as_chunk(rig.send("get", link.request(index)))
             plaintext = link.open_chunk(header, ciphertext)
             plan.accept(header.index, plaintext)
             partial.write(header.index, plaintext)
-    path = partial.finish(shared.manifest.sha256, "data.bin")
+    path = partial.finish("data.bin")
     assert path == tmp_path / "data.bin"
     assert path.read_bytes() == DATA
+
+
+def test_an_interrupted_transfer_resumes_where_it_stopped(
+    alice: Identity, bob: Identity, shared: Shared, tmp_path: Path
+) -> None:
+    """A first attempt asks for chunks 0 to 2 and gets 0 and 2 before its holder goes;
+    the next attempt finds them in the partial file and asks only for the others."""
+    reads: list[int] = []
+
+    def read(share: Share, offset: int, length: int) -> bytes:
+        reads.append(offset // CHUNK)
+        return DATA[offset : offset + length]
+
+    rig = Rig(alice, {}, [shared], read_chunk=read)
+
+    def start() -> tuple[ReceiverLink, ChunkPlan, PartialFile]:
+        link = link_for(bob, alice.bundle, shared)
+        connect(rig, link)
+        plan = ChunkPlan(shared.manifest, window=2)
+        partial = PartialFile(tmp_path, shared.file_id, shared.manifest)
+        for index in partial.resume():
+            plan.adopt(index)
+        return link, plan, partial
+
+    def fetch(link: ReceiverLink, plan: ChunkPlan, partial: PartialFile, index: int) -> None:
+        header, ciphertext = as_chunk(rig.send("get", link.request(index)))
+        plaintext = link.open_chunk(header, ciphertext)
+        plan.accept(header.index, plaintext)
+        partial.write(header.index, plaintext)
+
+    link, plan, partial = start()
+    assert plan.claim(3) == [0, 1, 2]
+    fetch(link, plan, partial, 2)
+    fetch(link, plan, partial, 0)
+    partial.keep()  # chunk 1 never came
+
+    reads.clear()
+    link, plan, partial = start()
+    assert plan.have == {0, 2}
+    assert (plan.resumed, plan.bytes_resumed, plan.bytes_done) == (2, 2 * CHUNK, 2 * CHUNK)
+    while not plan.complete:
+        for index in plan.next_requests():
+            fetch(link, plan, partial, index)
+    assert reads == [1, 3]  # only what the first attempt lacked
+    assert plan.bytes_done == len(DATA)
+    assert plan.bytes_done - plan.bytes_resumed == len(DATA) - 2 * CHUNK
+    assert partial.finish("data.bin").read_bytes() == DATA
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.bin"]
 
 
 def test_empty_file_needs_no_chunks(alice: Identity, bob: Identity) -> None:
@@ -519,7 +570,7 @@ def test_read_chunk_is_asked_for_each_chunks_offset_and_length(
     reads: list[tuple[int, int]] = []
 
     def read(share: Share, offset: int, length: int) -> bytes:
-        assert share is rig.shares[shared.file_id]
+        assert share is shared.share
         reads.append((offset, length))
         return DATA[offset : offset + length]
 
@@ -922,6 +973,164 @@ def test_plan_completes_in_any_arrival_order(chunks: int, window: int, seed: int
     assert sorted(requested) == list(range(chunks))
     assert plan.bytes_done == manifest.size
     assert plan.next_requests() == []
+
+
+def test_claim_gives_at_most_count_and_skips_what_is_had() -> None:
+    plan = ChunkPlan(zero_manifest(8), window=2, have={1, 4})
+    assert plan.claim(0) == []
+    assert plan.claim(-1) == []
+    assert plan.claim(3) == [0, 2, 3]
+    assert plan.claim(1) == [5]
+    assert plan.claim(10) == [6, 7]  # beyond the window: each holder keeps its own
+    assert plan.claim(10) == []
+    assert plan.in_flight == {0, 2, 3, 5, 6, 7}
+    assert plan.next_requests() == []  # the plan's own window is more than full
+
+
+def test_adopted_chunks_count_as_resumed_and_are_never_claimed() -> None:
+    manifest = zero_manifest(5, last=100)
+    plan = ChunkPlan(manifest, window=8)
+    plan.adopt(1)
+    plan.adopt(4)
+    plan.adopt(4)  # twice counts once
+    assert plan.have == {1, 4}
+    assert (plan.resumed, plan.bytes_resumed, plan.bytes_done) == (2, CHUNK + 100, CHUNK + 100)
+    assert plan.next_requests() == [0, 2, 3]
+    for index in (0, 2, 3):
+        plan.accept(index, chunk_of(manifest, index))
+    assert plan.complete
+    assert plan.claim(5) == []
+    assert (plan.resumed, plan.bytes_resumed, plan.bytes_done) == (2, CHUNK + 100, manifest.size)
+    with pytest.raises(IntegrityError, match="without being requested"):
+        plan.accept(1, chunk_of(manifest, 1))  # found on disk, so never asked for
+
+
+def test_a_plan_with_every_chunk_adopted_asks_for_nothing() -> None:
+    manifest = zero_manifest(3, last=7)
+    plan = ChunkPlan(manifest, window=2)
+    for index in range(3):
+        plan.adopt(index)
+    assert plan.complete
+    assert plan.next_requests() == []
+    assert plan.bytes_done == plan.bytes_resumed == manifest.size
+
+
+def test_released_chunks_are_claimed_again_lowest_first_before_new_ones() -> None:
+    plan = ChunkPlan(zero_manifest(10), window=4)
+    assert plan.claim(3) == [0, 1, 2]  # one holder
+    assert plan.claim(3) == [3, 4, 5]  # another
+    plan.release({5, 3})  # the second fails with 3 and 5 outstanding (4 came)
+    assert plan.in_flight == {0, 1, 2, 4}
+    plan.release({1})  # the first fails later on
+    assert plan.in_flight == {0, 2, 4}
+    assert plan.claim(2) == [1, 3]
+    assert plan.claim(3) == [5, 6, 7]
+    assert plan.in_flight == {0, 1, 2, 3, 4, 5, 6, 7}
+
+
+def test_release_of_chunks_not_in_flight_changes_nothing() -> None:
+    manifest = zero_manifest(6)
+    plan = ChunkPlan(manifest, window=2)
+    assert plan.claim(2) == [0, 1]
+    plan.accept(0, chunk_of(manifest, 0))
+    plan.release({0, 1, 4})  # 0 was delivered, 4 never claimed
+    plan.release({1})  # released already
+    assert plan.in_flight == set()
+    assert plan.claim(10) == [1, 2, 3, 4, 5]  # each once, and 0 not again
+    assert plan.have == {0}
+
+
+def test_a_chunk_from_a_holder_that_released_it_is_refused() -> None:
+    manifest = zero_manifest(2)
+    plan = ChunkPlan(manifest, window=2)
+    assert plan.claim(1) == [0]
+    plan.release({0})
+    with pytest.raises(IntegrityError, match="without being requested"):
+        plan.accept(0, chunk_of(manifest, 0))
+    assert plan.claim(1) == [0]  # whoever claims it again may deliver it
+    plan.accept(0, chunk_of(manifest, 0))
+    assert plan.have == {0}
+
+
+def test_two_holders_claiming_in_turn_never_share_a_chunk() -> None:
+    manifest = zero_manifest(7)
+    plan = ChunkPlan(manifest, window=2)
+    first, second = plan.claim(2), plan.claim(2)
+    assert (first, second) == ([0, 1], [2, 3])
+    plan.accept(0, chunk_of(manifest, 0))
+    first = [1, *plan.claim(1)]
+    assert first == [1, 4]
+    second += plan.claim(1)
+    assert second == [2, 3, 5]
+    plan.release(set(second))  # the second holder fails
+    assert plan.claim(3) == [2, 3, 5]  # the first takes its chunks over...
+    assert plan.claim(3) == [6]  # ...then the rest
+    assert plan.in_flight == {1, 2, 3, 4, 5, 6}
+
+
+_HOLDERS = 3
+_steps = st.lists(
+    st.tuples(
+        st.integers(0, _HOLDERS - 1),
+        st.sampled_from(["claim", "accept", "fail"]),
+        st.integers(0, 4),
+    ),
+    max_size=80,
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(chunks=st.integers(1, 12), adopted=st.sets(st.integers(0, 11)), steps=_steps)
+def test_holders_sharing_a_plan_deliver_every_chunk_exactly_once(
+    chunks: int, adopted: set[int], steps: list[tuple[int, str, int]]
+) -> None:
+    """Three holders claim, deliver and fail in any interleaving (as the download's
+    threads do, one at a time under its lock); then they finish the download. No chunk is
+    ever held by two, none is lost, none is fetched twice, none found on disk is fetched."""
+    manifest = zero_manifest(chunks, last=1 + chunks)
+    plan = ChunkPlan(manifest, window=4)
+    resumed = {index for index in adopted if index < chunks}
+    for index in sorted(resumed):
+        plan.adopt(index)
+    mine: list[set[int]] = [set() for _ in range(_HOLDERS)]
+    delivered: list[int] = []
+
+    def step(holder: int, action: str, number: int) -> None:
+        held = mine[holder]
+        if action == "claim":
+            claimed = plan.claim(number)
+            assert len(claimed) <= number
+            assert len(set(claimed)) == len(claimed)
+            assert not set(claimed) & set().union(*mine)  # nobody else holds them
+            held.update(claimed)
+        elif action == "accept" and held:
+            index = sorted(held)[number % len(held)]
+            plan.accept(index, chunk_of(manifest, index))
+            held.discard(index)
+            delivered.append(index)
+        elif action == "fail":
+            plan.release(held)
+            held.clear()
+        assert sum(len(claims) for claims in mine) == len(plan.in_flight)  # disjoint...
+        assert set().union(*mine) == plan.in_flight  # ...and all accounted for
+        assert not plan.in_flight & plan.have
+
+    for holder, action, number in steps:
+        step(holder, action, number)
+    for _ in range(chunks + 1):  # each round delivers at least one chunk per holder
+        if plan.complete:
+            break
+        for holder in range(_HOLDERS):
+            step(holder, "claim", 2)
+            step(holder, "accept", 0)
+    assert plan.complete
+    assert plan.in_flight == set()
+    assert sorted(delivered) == sorted(set(range(chunks)) - resumed)  # each exactly once
+    assert plan.bytes_done == manifest.size
+    assert plan.bytes_done - plan.bytes_resumed == sum(
+        manifest.chunk_length(index) for index in delivered
+    )
+    assert plan.resumed == len(resumed)
 
 
 # --- malformed frames never break the holder ------------------------------------------------
