@@ -93,6 +93,8 @@ class BrokerService:
             protocol.Unpublish: self._unpublish,
             protocol.Search: self._search,
             protocol.Lookup: self._lookup,
+            protocol.Hold: self._hold,
+            protocol.Release: self._release,
             protocol.GetBundle: self._bundle,
         }
 
@@ -233,13 +235,21 @@ class BrokerService:
             raise Refused(ErrorCode.BAD_REQUEST, f"manifest refused: {exc}") from exc
         if manifest.owner != user.username:
             raise Refused(ErrorCode.BAD_REQUEST, "manifest refused: it names another owner")
-        access = None
-        if request.access is not None:
-            access = sorted(set(request.access) - {user.username})
+        access = protocol.normalise_access(request.access, user.username)
+        if access is not None:
             unknown = self.store.unknown_users(access)
             if unknown:
                 raise Refused(ErrorCode.NOT_FOUND, f"no such user: {', '.join(unknown)}")
         file_id = file_id_of(request.manifest)
+        try:  # seeders enforce this list: it must be the owner's, exactly as stored
+            crypto.verify(
+                user.bundle.rsa_key(),
+                request.grant,
+                protocol.grant_payload(file_id, access),
+                "access grant",
+            )
+        except IntegrityError as exc:
+            raise Refused(ErrorCode.BAD_REQUEST, f"share refused: {exc}") from exc
         entry = FileEntry(
             file_id,
             user.username,
@@ -249,6 +259,7 @@ class BrokerService:
             request.manifest,
             request.signature,
             self._now(),
+            request.grant,
         )
         self.store.add_file(user.id, entry, access)
         log.info("%s shared a file (%d bytes)", user.username, manifest.size)
@@ -292,8 +303,30 @@ class BrokerService:
             for p in self.store.online_holders(entry.file_id, self._now())
         ]
         return protocol.LookupResult(
-            entry.file_id, entry.owner, owner.bundle, entry.manifest, entry.signature, holders
+            entry.file_id,
+            entry.owner,
+            owner.bundle,
+            entry.manifest,
+            entry.signature,
+            holders,
+            self.store.signed_access(entry.file_id),
+            entry.grant,
         )
+
+    def _hold(self, request: protocol.Hold, client_key: bytes | None) -> Record:
+        user = self._session(request.token, client_key)
+        entry = self.store.visible_file(request.file_id, user.id)
+        if entry is None:
+            raise Refused(ErrorCode.NOT_FOUND, f"no file {request.file_id} is shared with you")
+        if entry.owner != user.username:  # the owner holds its files anyway
+            self.store.add_holder(entry.file_id, user.id)
+        return protocol.Empty()
+
+    def _release(self, request: protocol.Release, client_key: bytes | None) -> Record:
+        user = self._session(request.token, client_key)
+        if not self.store.remove_holder(request.file_id, user.id):
+            raise Refused(ErrorCode.NOT_FOUND, f"you hold no copy of file {request.file_id}")
+        return protocol.Empty()
 
     def _bundle(self, request: protocol.GetBundle, client_key: bytes | None) -> Record:
         self._session(request.token, client_key)

@@ -4,10 +4,32 @@
 default (WAL mode, one connection per thread). A PostgreSQL store implements the same
 methods. The schema is created and versioned here; `SCHEMA_VERSION` grows with each
 migration in `_MIGRATIONS`.
+
+Search (schema 2) uses `file_search`, an FTS5 trigram index of each file's name and
+keywords lowercased by Python's `str.lower`, and of its owner. `str.lower` is how the
+LIKE search of schema 1 folded case (FTS5's own folding differs: it leaves İ as it is
+and turns a final sigma into a sigma), so a term of 3 or more characters is an exact
+substring match, as before, now answered by the index. The index's rowid is the file's
+`sort_key`: `shared_at` in the high bits, a counter for the files of the same second in
+the low ones. FTS5 hands out matches in rowid order, so a search reads them newest
+first and stops once it has `limit` visible hits (and the rest of that second, for the
+tie order by file id) rather than sorting every match. Triggers keep the keys and the
+index in step with `files`.
+
+Terms of 1 or 2 characters have no trigram of their own. The indexed text ends with two
+padding characters, so that each of its characters starts a trigram, and the table
+`search_trigrams` lists every trigram indexed so far: a short term stands for the
+trigrams it starts, in one FTS5 query with the rest. If it starts more than
+`_MAX_EXPANSION`, it is a common term: it is checked with `instr` on each row the index
+hands out (every file, newest first, when nothing else narrows the search), and such a
+term soon finds its hits. The worst case is a short term that starts many trigrams but
+is in few files: then the scan reads the whole index, about 0.5 s for a million files.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
 import sqlite3
 import threading
@@ -39,6 +61,7 @@ class FileEntry:
     manifest: bytes
     signature: bytes
     shared_at: int
+    grant: bytes = b""  # the owner's signature over the access list
 
 
 @dataclass(frozen=True)
@@ -98,13 +121,28 @@ class Store(Protocol):
 
     def online_holders(self, file_id: str, now: int) -> list[Presence]: ...
 
+    def signed_access(self, file_id: str) -> list[str] | None: ...
+
+    def add_holder(self, file_id: str, user_id: int) -> None: ...
+
+    def remove_holder(self, file_id: str, user_id: int) -> bool: ...
+
     def stats(self, now: int) -> Stats: ...
 
     def close(self) -> None: ...
 
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 3
 _EXPIRY_STEP = 300  # seconds
+_MIN_SQLITE = (3, 34, 0)  # the FTS5 trigram tokenizer
+
+# sort_key = clamp(shared_at) << _SEQ_BITS | n-th file shared in that second.
+_SEQ_BITS = 22
+_MAX_SECOND = (1 << 40) - 1  # keeps sort_key below 2**62
+# Indexed text ends with two of these, so that every character of it starts a trigram.
+# Whitespace to str.split, so never in a term from the service (it splits the query).
+_PAD = "\x1f"
+_MAX_EXPANSION = 64  # trigrams a short term may stand for (each costs ~0.06 ms in FTS5)
 
 _MIGRATIONS: dict[int, str] = {
     1: """
@@ -145,36 +183,134 @@ _MIGRATIONS: dict[int, str] = {
     );
     CREATE INDEX access_by_user ON access(user_id);
     """,
+    2: f"""
+    ALTER TABLE files ADD COLUMN sort_key INTEGER;
+    UPDATE files SET sort_key = keyed.sort_key FROM (
+        SELECT file_id, (second << {_SEQ_BITS})
+            + row_number() OVER (PARTITION BY second ORDER BY file_id) - 1 AS sort_key
+        FROM (SELECT file_id, min(max(shared_at, 0), {_MAX_SECOND}) AS second FROM files)
+    ) AS keyed WHERE files.file_id = keyed.file_id;
+    CREATE UNIQUE INDEX files_by_sort_key ON files(sort_key);
+    DROP INDEX files_by_owner;
+    CREATE INDEX files_by_owner ON files(owner_id, sort_key);
+    CREATE VIRTUAL TABLE file_search USING fts5(
+        name, keywords, owner, tokenize = 'trigram case_sensitive 1', columnsize = 0
+    );
+    INSERT INTO file_search (rowid, name, keywords, owner)
+        SELECT sort_key, sfs_search_text(name), sfs_search_text(keywords), '<' || owner_id || '>'
+        FROM files;
+    -- Every trigram ever indexed (never pruned), to look up those a short term starts.
+    CREATE TABLE search_trigrams (trigram TEXT PRIMARY KEY) WITHOUT ROWID;
+    INSERT OR IGNORE INTO search_trigrams
+        SELECT value FROM files, json_each(sfs_trigrams(files.name, files.keywords));
+    -- Rows of `files` are never updated, only inserted and deleted (add_file replaces).
+    CREATE TRIGGER file_search_insert AFTER INSERT ON files BEGIN
+        UPDATE files SET sort_key = (
+            SELECT coalesce(
+                (SELECT f.sort_key + 1 FROM files f
+                    WHERE f.sort_key BETWEEN s.first AND s.first + {(1 << _SEQ_BITS) - 1}
+                    ORDER BY f.sort_key DESC LIMIT 1),
+                s.first)
+            FROM (SELECT min(max(new.shared_at, 0), {_MAX_SECOND}) << {_SEQ_BITS} AS first) s
+        ) WHERE rowid = new.rowid;
+        SELECT RAISE(ABORT, 'too many files shared in the same second')
+            FROM files WHERE rowid = new.rowid
+            AND sort_key >> {_SEQ_BITS} != min(max(new.shared_at, 0), {_MAX_SECOND});
+        INSERT INTO file_search (rowid, name, keywords, owner)
+            SELECT sort_key, sfs_search_text(new.name), sfs_search_text(new.keywords),
+                '<' || new.owner_id || '>'
+            FROM files WHERE rowid = new.rowid;
+        INSERT OR IGNORE INTO search_trigrams
+            SELECT value FROM json_each(sfs_trigrams(new.name, new.keywords));
+    END;
+    CREATE TRIGGER file_search_delete AFTER DELETE ON files BEGIN
+        DELETE FROM file_search WHERE rowid = old.sort_key;
+    END;
+    """,
+    3: """
+    -- The owner's signature over the access list, and that list exactly as signed
+    -- (JSON; NULL for every user): seeders check the one against the other.
+    ALTER TABLE files ADD COLUMN grant_signature BLOB NOT NULL DEFAULT x'';
+    ALTER TABLE files ADD COLUMN signed_access TEXT;
+    -- Peers that downloaded a file and serve their copy (seeders); the owner is not here.
+    CREATE TABLE holders (
+        file_id TEXT NOT NULL REFERENCES files(file_id) ON DELETE CASCADE,
+        user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        PRIMARY KEY (file_id, user_id)
+    );
+    CREATE INDEX holders_by_user ON holders(user_id);
+    """,
 }
+MAX_HOLDERS = 64  # listed per lookup: the owner first, then seeders
 
 _FILE_COLUMNS = (
-    "f.file_id, u.username, f.name, f.size, f.keywords, f.manifest, f.signature, f.shared_at"
+    "f.file_id, u.username, f.name, f.size, f.keywords, f.manifest, f.signature, f.shared_at,"
+    " f.grant_signature"
 )
 _VISIBLE = """(f.public = 1 OR f.owner_id = :me
     OR EXISTS (SELECT 1 FROM access a WHERE a.file_id = f.file_id AND a.user_id = :me))"""
+
+
+def _statements(script: str) -> Iterator[str]:
+    """The statements of an SQL script; a `;` inside a trigger body does not end one."""
+    pending = ""
+    for piece in script.split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \n;"):
+                yield pending
+            pending = ""
 
 
 def _like_escape(term: str) -> str:
     return "%" + term.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
+def _fts_phrase(term: str) -> str:
+    return '"' + term.replace('"', '""') + '"'
+
+
 def _sql_lower(text: str | None) -> str | None:
     return None if text is None else str(text).lower()
 
 
+def _search_text(text: str | None) -> str:
+    return f"{_sql_lower(text) or ''}{_PAD * 2}"
+
+
+def _trigrams(*texts: str | None) -> str:
+    """The distinct trigrams of the texts as indexed, as a JSON list."""
+    found = {t[i : i + 3] for t in map(_search_text, texts) for i in range(len(t) - 2)}
+    return json.dumps(sorted(found))
+
+
 def _file_entry(row: sqlite3.Row) -> FileEntry:
     keywords = [k for k in row[4].split("\n") if k]
-    return FileEntry(row[0], row[1], row[2], row[3], keywords, row[5], row[6], row[7])
+    return FileEntry(row[0], row[1], row[2], row[3], keywords, row[5], row[6], row[7], row[8])
 
 
 def _user(row: sqlite3.Row) -> User:
     return User(row[0], row[1], row[2], KeyBundle(row[3], row[4]))
 
 
+def add_sql_functions(db: sqlite3.Connection) -> None:
+    """The functions the schema's triggers and the search call: every connection that
+    writes to `files` needs them."""
+    # SQLite's lower() and LIKE fold ASCII only; search folds like Python does.
+    db.create_function("sfs_lower", 1, _sql_lower, deterministic=True)
+    db.create_function("sfs_search_text", 1, _search_text, deterministic=True)
+    db.create_function("sfs_trigrams", 2, _trigrams, deterministic=True)
+
+
 class SqliteStore:
     """The embedded store. Safe to share between threads: each gets its own connection."""
 
     def __init__(self, path: Path) -> None:
+        if sqlite3.sqlite_version_info < _MIN_SQLITE:
+            raise StorageError(
+                "sfs-broker needs SQLite 3.34 or newer (the search index uses the FTS5 trigram"
+                f" tokenizer); this Python has SQLite {sqlite3.sqlite_version}"
+            )
         self._path = path
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
@@ -200,8 +336,7 @@ class SqliteStore:
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=NORMAL")
                 db.execute("PRAGMA foreign_keys=ON")
-                # SQLite's lower() and LIKE fold ASCII only; search folds like Python does.
-                db.create_function("sfs_lower", 1, _sql_lower, deterministic=True)
+                add_sql_functions(db)
             except sqlite3.Error as exc:
                 raise StorageError(f"cannot open the database {self._path}: {exc}") from exc
             self._local.db = db
@@ -239,9 +374,8 @@ class SqliteStore:
                 f"sfs-broker understands ({SCHEMA_VERSION}); upgrade sfs"
             )
         for target in range(version + 1, SCHEMA_VERSION + 1):
-            for statement in _MIGRATIONS[target].split(";"):
-                if statement.strip():
-                    db.execute(statement)
+            for statement in _statements(_MIGRATIONS[target]):
+                db.execute(statement)
             db.execute(f"PRAGMA user_version = {target}")
 
     def close(self) -> None:
@@ -293,8 +427,10 @@ class SqliteStore:
         )
         if not rows:
             return None
-        # Slide the expiry in coarse steps so that most requests stay read-only.
-        if rows[0][5] < extend_to - _EXPIRY_STEP:
+        # Slide the expiry in coarse steps so that most requests stay read-only; steps
+        # of at most a tenth of the lifetime, so that short sessions slide too.
+        step = min(_EXPIRY_STEP, max(1, (extend_to - now) // 10))
+        if rows[0][5] < extend_to - step:
             with self._transaction() as db:
                 db.execute(
                     "UPDATE sessions SET expires_at = ? WHERE token_hash = ?",
@@ -333,9 +469,13 @@ class SqliteStore:
 
     def add_file(self, owner_id: int, entry: FileEntry, access: Sequence[str] | None) -> None:
         with self._transaction() as db:
+            # Not INSERT OR REPLACE: the rows it replaces would bypass the delete trigger.
+            # The old access list goes with the old row (ON DELETE CASCADE).
+            db.execute("DELETE FROM files WHERE file_id = ?", (entry.file_id,))
             db.execute(
-                "INSERT OR REPLACE INTO files (file_id, owner_id, name, size, keywords, manifest,"
-                " signature, public, shared_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO files (file_id, owner_id, name, size, keywords, manifest,"
+                " signature, public, shared_at, grant_signature, signed_access)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     entry.file_id,
                     owner_id,
@@ -346,9 +486,10 @@ class SqliteStore:
                     entry.signature,
                     int(access is None),
                     entry.shared_at,
+                    entry.grant,
+                    None if access is None else json.dumps(list(access)),
                 ),
             )
-            db.execute("DELETE FROM access WHERE file_id = ?", (entry.file_id,))
             for username in access or ():
                 db.execute(
                     "INSERT OR IGNORE INTO access (file_id, user_id)"
@@ -366,23 +507,69 @@ class SqliteStore:
     def search(
         self, user_id: int, terms: Sequence[str], owner: str | None, limit: int, now: int
     ) -> list[Hit]:
-        where = [_VISIBLE]
-        params: dict[str, object] = {"me": user_id, "now": now, "limit": limit}
-        for i, term in enumerate(terms):
-            match = f"LIKE :t{i} ESCAPE '\\'"
-            where.append(f"(sfs_lower(f.name) {match} OR sfs_lower(f.keywords) {match})")
-            params[f"t{i}"] = _like_escape(term.lower())
+        params: dict[str, object] = {"me": user_id, "now": now}
+        where, match = [_VISIBLE], []  # `match`: FTS5 query parts, all of which must match
+        for i, term in enumerate(term.lower() for term in terms):
+            params[f"t{i}"] = term
+            if _PAD in term:  # never in a term from the service, which splits on whitespace
+                params[f"t{i}"] = _like_escape(term)
+                like = f"LIKE :t{i} ESCAPE '\\'"
+                where.append(f"(sfs_lower(f.name) {like} OR sfs_lower(f.keywords) {like})")
+            elif (phrases := self._phrases(term)) is None:  # a common short term
+                where.append(f"(instr(s.name, :t{i}) OR instr(s.keywords, :t{i}))")
+            elif not phrases:
+                return []  # no file holds the term
+            else:
+                match.append(f"{{name keywords}} : ({' OR '.join(map(_fts_phrase, phrases))})")
         if owner is not None:
-            where.append("u.username = :owner")
-            params["owner"] = owner
-        rows = self._query(
+            found = self._query("SELECT id FROM users WHERE username = ?", (owner,))
+            if not found:
+                return []
+            match.append(f'owner : "<{found[0][0]}>"')
+        if match:
+            where.append("file_search MATCH :match")
+            params["match"] = " AND ".join(match)
+        rows = self._newest(
             f"SELECT {_FILE_COLUMNS}, EXISTS (SELECT 1 FROM presence p"
-            " WHERE p.user_id = f.owner_id AND p.online_until > :now)"
-            " FROM files f JOIN users u ON u.id = f.owner_id"
-            f" WHERE {' AND '.join(where)} ORDER BY f.shared_at DESC, f.file_id LIMIT :limit",
+            " WHERE p.user_id = f.owner_id AND p.online_until > :now), f.sort_key"
+            # CROSS JOIN keeps the index as the outer loop: it hands out rows in rowid order.
+            " FROM file_search s CROSS JOIN files f ON f.sort_key = s.rowid"
+            f" JOIN users u ON u.id = f.owner_id WHERE {' AND '.join(where)}"
+            " ORDER BY s.rowid DESC",
             params,
+            limit,
         )
-        return [Hit(_file_entry(row), bool(row[8])) for row in rows]
+        return [Hit(_file_entry(row), bool(row[9])) for row in rows]
+
+    def _phrases(self, term: str) -> list[str] | None:
+        """What a file must hold one of to hold `term`: the term itself if it has a
+        trigram; else the indexed trigrams it starts (every character of the indexed text
+        starts one, thanks to the padding), or None if there are too many to ask for."""
+        if len(term) >= 3:
+            return [term]
+        rows = self._query(
+            "SELECT trigram FROM search_trigrams WHERE trigram >= ? ORDER BY trigram LIMIT ?",
+            (term, _MAX_EXPANSION + 1),
+        )
+        found = list(itertools.takewhile(lambda t: t.startswith(term), (r[0] for r in rows)))
+        return None if len(found) > _MAX_EXPANSION else found
+
+    def _newest(self, sql: str, params: dict[str, object], limit: int) -> list[sqlite3.Row]:
+        """The first `limit` rows of a search query (which hands them out by sort key,
+        newest first), in search order: shared_at newest first, then file id."""
+        rows: list[sqlite3.Row] = []
+        try:
+            cursor = self._connection().execute(sql, params)
+            # Stop at the first row from an older second than the limit-th row's.
+            for row in cursor:
+                if len(rows) >= limit and row[9] >> _SEQ_BITS != rows[limit - 1][9] >> _SEQ_BITS:
+                    break
+                rows.append(row)
+            cursor.close()
+        except sqlite3.Error as exc:
+            raise StorageError(f"database error: {exc}") from exc
+        rows.sort(key=lambda row: (-row[7], row[0]))
+        return rows[:limit]
 
     def visible_file(self, file_id: str, user_id: int) -> FileEntry | None:
         rows = self._query(
@@ -393,14 +580,41 @@ class SqliteStore:
         return _file_entry(rows[0]) if rows else None
 
     def online_holders(self, file_id: str, now: int) -> list[Presence]:
-        # Today the owner is the only holder; multi-source download adds a holders table.
-        rows = self._query(
-            "SELECT u.username, p.endpoint, u.rsa_public, u.curve_public FROM files f"
-            " JOIN users u ON u.id = f.owner_id JOIN presence p ON p.user_id = u.id"
-            " WHERE f.file_id = ? AND p.online_until > ?",
-            (file_id, now),
+        """The owner, if online, then the online seeders: at most `MAX_HOLDERS`."""
+        online = "JOIN presence p ON p.user_id = u.id AND p.online_until > :now"
+        columns = "u.username, p.endpoint, u.rsa_public, u.curve_public"
+        owner = self._query(
+            f"SELECT {columns} FROM files f JOIN users u ON u.id = f.owner_id {online}"
+            " WHERE f.file_id = :file_id",
+            {"file_id": file_id, "now": now},
         )
-        return [Presence(row[0], row[1], KeyBundle(row[2], row[3])) for row in rows]
+        seeders = self._query(
+            f"SELECT {columns} FROM holders h JOIN users u ON u.id = h.user_id {online}"
+            " WHERE h.file_id = :file_id ORDER BY p.online_until DESC LIMIT :limit",
+            {"file_id": file_id, "now": now, "limit": MAX_HOLDERS - len(owner)},
+        )
+        return [Presence(row[0], row[1], KeyBundle(row[2], row[3])) for row in owner + seeders]
+
+    def signed_access(self, file_id: str) -> list[str] | None:
+        """The access list as the owner signed it; None for every user."""
+        rows = self._query("SELECT signed_access FROM files WHERE file_id = ?", (file_id,))
+        if not rows or rows[0][0] is None:
+            return None
+        return list(json.loads(rows[0][0]))
+
+    def add_holder(self, file_id: str, user_id: int) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO holders (file_id, user_id) VALUES (?, ?)",
+                (file_id, user_id),
+            )
+
+    def remove_holder(self, file_id: str, user_id: int) -> bool:
+        with self._transaction() as db:
+            cursor = db.execute(
+                "DELETE FROM holders WHERE file_id = ? AND user_id = ?", (file_id, user_id)
+            )
+            return cursor.rowcount > 0
 
     def stats(self, now: int) -> Stats:
         users = self._query(

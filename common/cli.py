@@ -80,9 +80,11 @@ def command(function: F) -> F:
         debug = bool(kwargs.get("debug"))
         setup_logging(debug)
         if threading.current_thread() is threading.main_thread():
-            # SIGTERM cleans up like Ctrl-C (no partial downloads left behind); `serve`
-            # installs its own handlers for a graceful stop.
+            # SIGTERM stops cleanly like Ctrl-C; `serve` installs its own handlers for a
+            # graceful stop. SIGINT too: a shell starts background jobs with it ignored,
+            # and Python then leaves it ignored, so Ctrl-C would not stop a `get`.
             signal.signal(signal.SIGTERM, _interrupt)
+            signal.signal(signal.SIGINT, _interrupt)
         try:
             return function(*args, **kwargs)
         except (typer.Exit, typer.Abort):

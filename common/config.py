@@ -62,6 +62,7 @@ class PeerConfig:
     window: int = 8
     heartbeat_interval: int = 10
     timeout: int = 10
+    seed: bool = True
 
 
 class _Section:
@@ -189,6 +190,7 @@ def load_peer_config(path: Path) -> PeerConfig:
         window=top.integer("window", 8, 1, 32),
         heartbeat_interval=top.integer("heartbeat_interval", 10, 1, 3600),
         timeout=top.integer("timeout", 10, 1, 3600),
+        seed=top.boolean("seed", True),
     )
     broker.finish()
     top.finish()

@@ -200,6 +200,7 @@ class Publish(Record):
     manifest: Annotated[bytes, MaxLen(MAX_MANIFEST_BYTES)]
     signature: Signature
     access: Annotated[list[Username], MaxLen(MAX_ACCESS_LIST)] | None  # None: every user
+    grant: Signature  # over grant_payload(file id, access), by the owner: seeders check it
 
 
 @dataclass(frozen=True)
@@ -258,6 +259,24 @@ class LookupResult(Record):
     manifest: Annotated[bytes, MaxLen(MAX_MANIFEST_BYTES)]
     signature: Signature
     holders: Annotated[list[Holder], MaxLen(64)]  # online holders only
+    access: Annotated[list[Username], MaxLen(MAX_ACCESS_LIST)] | None  # as the owner signed it
+    grant: Signature
+
+
+@dataclass(frozen=True)
+class Hold(Record):
+    """This peer holds a verified copy of the file and serves it (seeding)."""
+
+    token: Token
+    file_id: FileId
+
+
+@dataclass(frozen=True)
+class Release(Record):
+    """This peer no longer serves its copy."""
+
+    token: Token
+    file_id: FileId
 
 
 @dataclass(frozen=True)
@@ -289,8 +308,20 @@ BROKER_REQUESTS: dict[str, type[Record]] = {
     "unpublish": Unpublish,
     "search": Search,
     "lookup": Lookup,
+    "hold": Hold,
+    "release": Release,
     "bundle": GetBundle,
 }
+
+
+def normalise_access(access: list[str] | None, owner: str) -> list[str] | None:
+    """The access list as stored and signed: sorted, unique, without the owner."""
+    return None if access is None else sorted(set(access) - {owner})
+
+
+def grant_payload(file_id: str, access: list[str] | None) -> bytes:
+    """What the owner signs: who may fetch this file, from the owner or any seeder."""
+    return pack(["sfs-grant-v1", file_id, access])
 
 
 def register_payload(username: str, challenge: bytes, bundle: KeyBundle) -> bytes:

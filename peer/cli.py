@@ -176,6 +176,7 @@ def _share_json(share: Share) -> dict[str, object]:
         "access": share.access,
         "keywords": share.keywords,
         "shared_at": share.shared_at,
+        "owner": share.owner,  # null: this user's own file; else a seeded copy
     }
 
 
@@ -316,17 +317,18 @@ def unshare(
 @app.command(name="list")
 @command
 def list_shares(config: ConfigOption, json: JsonOption = False, debug: DebugOption = False) -> None:
-    """List the files this user shares."""
+    """List the files this user shares, and the downloads it seeds."""
     with _peer(config) as peer:
         shares = peer.shares()
     if json:
         print_json([_share_json(s) for s in shares])
         return
-    table = _table("file id", "name", "size", "shared with", "keywords", "path")
+    table = _table("file id", "name", "size", "owner", "shared with", "keywords", "path")
     for s in shares:
         audience = ", ".join(s.access) if s.access is not None else "everyone"
+        owner = s.owner or "me"
         table.add_row(
-            s.file_id, s.name, _size(s.size), audience, ", ".join(s.keywords), str(s.path)
+            s.file_id, s.name, _size(s.size), owner, audience, ", ".join(s.keywords), str(s.path)
         )
     stdout.print(table if shares else "no shared files")
 
@@ -385,6 +387,7 @@ def get(
                 "bytes": result.bytes_fetched,
                 "holders": result.holders,
                 "chunks_resumed": result.chunks_resumed,
+                "seeding": result.seeding,
             }
         )
         return
@@ -395,6 +398,8 @@ def get(
         f"saved {result.path} ({_size(result.size)} {sources}, {_size(int(rate))}/s{resumed})"
     )
     stdout.print(f"sha256: {result.sha256} (verified)")
+    if result.seeding:
+        stdout.print("seeding: `sfs-peer serve` serves this copy too (`unshare` stops it)")
 
 
 # --- trust ----------------------------------------------------------------------------------

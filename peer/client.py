@@ -142,10 +142,21 @@ class BrokerClient:
         self.call("offline", protocol.GoOffline(token), protocol.Empty)
 
     def publish(
-        self, token: str, manifest: bytes, signature: bytes, access: list[str] | None
+        self,
+        token: str,
+        manifest: bytes,
+        signature: bytes,
+        access: list[str] | None,
+        grant: bytes,
     ) -> str:
-        request = protocol.Publish(token, manifest, signature, access)
+        request = protocol.Publish(token, manifest, signature, access, grant)
         return self.call("publish", request, protocol.PublishResult).file_id
+
+    def hold(self, token: str, file_id: str) -> None:
+        self.call("hold", protocol.Hold(token, file_id), protocol.Empty)
+
+    def release(self, token: str, file_id: str) -> None:
+        self.call("release", protocol.Release(token, file_id), protocol.Empty)
 
     def unpublish(self, token: str, file_id: str) -> None:
         self.call("unpublish", protocol.Unpublish(token, file_id), protocol.Empty)

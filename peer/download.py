@@ -61,6 +61,7 @@ class DownloadResult:
     holders: list[str]  # those that sent chunks
     bytes_fetched: int  # over the network; the rest was resumed from an earlier attempt
     chunks_resumed: int
+    seeding: bool = False  # this peer now serves its copy too
 
 
 def verify_lookup(file_id: str, lookup: protocol.LookupResult, pins: PinStore) -> Manifest:

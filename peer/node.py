@@ -8,6 +8,7 @@ it all.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import re
@@ -23,7 +24,7 @@ from sfs.common import crypto, protocol
 from sfs.common.config import PeerConfig
 from sfs.common.errors import RemoteError, SfsError, UsageError
 from sfs.common.identity import format_fingerprint
-from sfs.common.manifest import file_id_of
+from sfs.common.manifest import decode_manifest, file_id_of
 from sfs.common.protocol import ErrorCode
 from sfs.peer import keys, session
 from sfs.peer.client import BrokerClient
@@ -185,9 +186,12 @@ class Peer:
         manifest = build_manifest(source, self.identity, words, progress)
         manifest_bytes = manifest.encode()
         signature = self.identity.sign(manifest_bytes)
+        expected_id = file_id_of(manifest_bytes)
+        access = protocol.normalise_access(access, self.config.username)
+        grant = self.identity.sign(protocol.grant_payload(expected_id, access))
         with self._authenticated():
-            file_id = self.broker.publish(token, manifest_bytes, signature, access)
-        if file_id != file_id_of(manifest_bytes):
+            file_id = self.broker.publish(token, manifest_bytes, signature, access, grant)
+        if file_id != expected_id:
             raise SfsError("the broker assigned an unexpected file id")
         share = Share(
             file_id,
@@ -207,10 +211,15 @@ class Peer:
         """Stop serving at once (the holder is where access is enforced), then tell the
         broker to stop listing the file."""
         file_id = parse_file_id(file_id)
+        share = self.registry.get(file_id)
         local = self.registry.remove(file_id)
+        seeded = share is not None and share.owner is not None
         try:
             with self._authenticated():
-                self.broker.unpublish(self._token(), file_id)
+                if seeded:
+                    self.broker.release(self._token(), file_id)
+                else:
+                    self.broker.unpublish(self._token(), file_id)
         except SfsError as exc:
             if not local:
                 raise
@@ -243,7 +252,43 @@ class Peer:
             self.config.timeout,
             self.config.transport_encryption,
         )
-        return downloader.fetch(file_id, lookup, out or self.config.download_dir, progress)
+        result = downloader.fetch(file_id, lookup, out or self.config.download_dir, progress)
+        if self.config.seed and lookup.owner != self.config.username:
+            result = dataclasses.replace(result, seeding=self._seed(lookup, result))
+        return result
+
+    def _seed(self, lookup: protocol.LookupResult, result: DownloadResult) -> bool:
+        """Serve the downloaded copy too, to those the owner's signed grant allows.
+        Best effort: the download itself is done whatever happens here."""
+        try:
+            crypto.verify(
+                lookup.owner_bundle.rsa_key(),  # checked against its pin by the download
+                lookup.grant,
+                protocol.grant_payload(lookup.file_id, lookup.access),
+                f"access grant of {lookup.owner}",
+            )
+            manifest = decode_manifest(lookup.manifest)
+            self.registry.add(
+                Share(
+                    lookup.file_id,
+                    result.path,
+                    manifest.name,
+                    manifest.size,
+                    lookup.manifest,
+                    lookup.signature,
+                    lookup.access,
+                    manifest.keywords,
+                    int(time.time()),
+                    owner=lookup.owner,
+                    grant=lookup.grant,
+                )
+            )
+            with self._authenticated():
+                self.broker.hold(self._token(), lookup.file_id)
+        except SfsError as exc:
+            log.warning("not seeding %s: %s", lookup.file_id, exc)
+            return False
+        return True
 
     # --- trust -------------------------------------------------------------------------
 

@@ -28,9 +28,11 @@ class Share:
     access: list[str] | None  # None: every registered user
     keywords: list[str]
     shared_at: int
+    owner: str | None = None  # None: this user's own file; else a copy this peer seeds
+    grant: bytes = b""  # the owner's signature over the access list (seeded copies)
 
     def allows(self, username: str) -> bool:
-        return self.access is None or username in self.access
+        return self.access is None or username in self.access or username == self.owner
 
 
 _SCHEMA = """
@@ -43,10 +45,20 @@ CREATE TABLE IF NOT EXISTS shares (
     signature BLOB NOT NULL,
     access TEXT,  -- JSON list of usernames, NULL for everyone
     keywords TEXT NOT NULL,  -- JSON list
-    shared_at INTEGER NOT NULL
+    shared_at INTEGER NOT NULL,
+    owner TEXT,  -- NULL for this user's own files; the owner of a seeded copy
+    grant_signature BLOB NOT NULL DEFAULT x''
 )
 """
-_COLUMNS = "file_id, path, name, size, manifest, signature, access, keywords, shared_at"
+# Columns added since the first release, for registries made before them.
+_ADDED_COLUMNS = {
+    "owner": "ALTER TABLE shares ADD COLUMN owner TEXT",
+    "grant_signature": "ALTER TABLE shares ADD COLUMN grant_signature BLOB NOT NULL DEFAULT x''",
+}
+_COLUMNS = (
+    "file_id, path, name, size, manifest, signature, access, keywords, shared_at, owner, "
+    "grant_signature"
+)
 
 
 class ShareRegistry:
@@ -57,6 +69,10 @@ class ShareRegistry:
             self._db = sqlite3.connect(path, timeout=10, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(_SCHEMA)
+            present = {row[1] for row in self._db.execute("PRAGMA table_info(shares)")}
+            for column, statement in _ADDED_COLUMNS.items():
+                if column not in present:
+                    self._db.execute(statement)
         except (OSError, sqlite3.Error) as exc:
             raise StorageError(f"cannot open the share registry {path}: {exc}") from exc
 
@@ -71,7 +87,7 @@ class ShareRegistry:
 
     def add(self, share: Share) -> None:
         self._run(
-            f"INSERT OR REPLACE INTO shares ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT OR REPLACE INTO shares ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 share.file_id,
                 str(share.path),
@@ -82,6 +98,8 @@ class ShareRegistry:
                 None if share.access is None else json.dumps(share.access),
                 json.dumps(share.keywords),
                 share.shared_at,
+                share.owner,
+                share.grant,
             ),
         )
 
@@ -101,7 +119,7 @@ class ShareRegistry:
 
 
 def _share(row: Any) -> Share:
-    file_id, path, name, size, manifest, signature, access, keywords, shared_at = row
+    file_id, path, name, size, manifest, signature, access, keywords, shared_at, owner, grant = row
     return Share(
         file_id,
         Path(path),
@@ -112,4 +130,6 @@ def _share(row: Any) -> Share:
         None if access is None else json.loads(access),
         json.loads(keywords),
         shared_at,
+        owner,
+        bytes(grant),
     )

@@ -202,7 +202,8 @@ def test_the_receiver_is_interrupted_mid_transfer(world: World, sig: int) -> Non
     (`finish`) and keeps the verified chunks for the next `get`."""
     bob = world.bob
     before = snapshot(bob.download_dir)
-    getting = start_get(bob, world.big_id)
+    # Started the way a shell starts a background job: with SIGINT ignored.
+    getting = start_get(bob, world.big_id, preexec_fn=lambda: signal.signal(sig, signal.SIG_IGN))
     wait_until_receiving(bob.download_dir)
     getting.send_signal(sig)
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import nacl.public
 import pytest
 
+from sfs.broker.store import add_sql_functions
 from sfs.common import crypto
 from sfs.common.identity import KeyBundle, format_fingerprint
 from sfs.common.manifest import decode_manifest, file_id_of
@@ -33,16 +34,12 @@ from tests.harness import Cluster, Peer, one_line_error, snapshot
 # --- the broker's store, from outside ---------------------------------------------------
 
 
-def _lower(text: str | None) -> str | None:
-    return None if text is None else str(text).lower()
-
-
 @contextmanager
 def broker_db(cluster: Cluster) -> Iterator[sqlite3.Connection]:
     """A connection to the running broker's database, in autocommit mode, with the SQL
     function the broker's schema uses (in its search index triggers)."""
     db = sqlite3.connect(cluster.root / "broker" / "broker.db", timeout=10, isolation_level=None)
-    db.create_function("sfs_lower", 1, _lower, deterministic=True)
+    add_sql_functions(db)
     try:
         yield db
     finally:

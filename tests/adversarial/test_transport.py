@@ -27,7 +27,7 @@ import zmq
 
 from sfs.common import codec, protocol
 from sfs.common.errors import TransportError
-from sfs.common.manifest import HASH_SIZE, Manifest
+from sfs.common.manifest import HASH_SIZE, Manifest, file_id_of
 from sfs.peer.client import BrokerClient
 from sfs.peer.keys import load_identity
 from sfs.peer.server import MAX_REQUEST_FRAME
@@ -205,7 +205,8 @@ def test_broker_drops_large_replies_that_are_never_read(setup: Setup, attacker: 
     ).encode()  # fmt: skip
     key = setup.cluster.broker_public_key()
     with BrokerClient(setup.cluster.broker_endpoint, key, identity.transport_key) as client:
-        file_id = client.publish(token, manifest, identity.sign(manifest), ["mallory"])
+        grant = identity.sign(protocol.grant_payload(file_id_of(manifest), []))
+        file_id = client.publish(token, manifest, identity.sign(manifest), ["mallory"], grant)
     key_pair = (identity.curve_public_z85, identity.curve_secret_z85)
     # rcvhwm 1: this socket stops reading the connection once one reply waits in it
     sock = attacker.socket(setup.broker.endpoint, key, key_pair=key_pair, rcvhwm=1)

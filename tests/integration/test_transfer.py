@@ -20,7 +20,7 @@ from sfs.common.errors import (
     TransportError,
     TrustError,
 )
-from sfs.common.manifest import DEFAULT_CHUNK_SIZE
+from sfs.common.manifest import DEFAULT_CHUNK_SIZE, file_id_of
 from sfs.peer.download import DownloadInterrupted, OwnerOffline
 from sfs.peer.node import Peer
 from sfs.peer.registry import Share
@@ -355,7 +355,8 @@ def test_hostile_name_in_manifest_stays_in_download_folder(
     )
     manifest_bytes = manifest.encode()
     signature = alice.identity.sign(manifest_bytes)
-    file_id = alice.broker.publish(alice._token(), manifest_bytes, signature, None)
+    grant = alice.identity.sign(protocol.grant_payload(file_id_of(manifest_bytes), None))
+    file_id = alice.broker.publish(alice._token(), manifest_bytes, signature, None, grant)
     alice.registry.add(
         Share(
             file_id, tmp_path / "payload.bin", hostile, 300, manifest_bytes, signature, None, [], 0

@@ -28,7 +28,7 @@ from sfs.common import crypto, protocol
 from sfs.common.codec import Record, from_wire, pack
 from sfs.common.errors import StorageError
 from sfs.common.identity import KeyBundle
-from sfs.common.manifest import Manifest
+from sfs.common.manifest import Manifest, file_id_of
 from sfs.common.protocol import Envelope, ErrorBody, ErrorCode
 from sfs.peer.keys import Identity, create_identity
 from sfs.peer.share import build_manifest
@@ -138,7 +138,11 @@ class Broker:
         signature: bytes,
         access: list[str] | None = None,
     ) -> Envelope:
-        request = protocol.Publish(token, manifest, signature, access)
+        file_id = file_id_of(manifest)
+        grant = who.sign(
+            protocol.grant_payload(file_id, protocol.normalise_access(access, who.username))
+        )
+        request = protocol.Publish(token, manifest, signature, access, grant)
         return self.send("publish", request, who.bundle.curve_public)
 
     def publish(
@@ -1417,3 +1421,85 @@ def test_random_msgpack_always_gets_an_envelope(
     fuzz_service: BrokerService, value: Any, key: bytes | None
 ) -> None:
     assert_answers(fuzz_service, msgpack.packb(value, use_bin_type=True), key)
+
+
+# --- seeding: access grants and holders --------------------------------------------------
+
+
+def hold(broker: Broker, who: Identity, token: str, file_id: str) -> Envelope:
+    return broker.send("hold", protocol.Hold(token, file_id), who.bundle.curve_public)
+
+
+def test_lookup_returns_the_access_list_and_the_grant_the_owner_signed(
+    broker: Broker, tokens: dict[str, str], alice: Identity, bob: Identity
+) -> None:
+    file_id = broker.publish(alice, tokens["alice"], access=["carol", "bob", "alice", "bob"])
+    found = broker.lookup(bob, tokens["bob"], file_id)
+    assert found.access == ["bob", "carol"]  # sorted, unique, without the owner
+    crypto.verify(
+        alice.bundle.rsa_key(),
+        found.grant,
+        protocol.grant_payload(file_id, ["bob", "carol"]),
+        "grant",
+    )
+    public = broker.publish(alice, tokens["alice"], name="open.txt")
+    assert broker.lookup(bob, tokens["bob"], public).access is None
+
+
+@pytest.mark.parametrize("signed", [["bob", "carol"], None, ["bob"]])
+def test_a_grant_that_does_not_match_the_access_list_is_refused(
+    broker: Broker, tokens: dict[str, str], alice: Identity, signed: list[str] | None
+) -> None:
+    data = broker.manifest(alice, "x.txt", [], b"data").encode()
+    grant = alice.sign(protocol.grant_payload(file_id_of(data), signed))
+    request = protocol.Publish(tokens["alice"], data, alice.sign(data), ["bob"], grant)
+    if signed == ["bob"]:
+        broker.ok("publish", request, alice.bundle.curve_public, protocol.PublishResult)
+        return
+    error = broker.error("publish", request, alice.bundle.curve_public)
+    assert error.code == "bad_request"
+    assert "access grant" in error.message
+
+
+def test_a_seeder_is_listed_as_a_holder_while_online(
+    broker: Broker, tokens: dict[str, str], alice: Identity, bob: Identity, carol: Identity
+) -> None:
+    file_id = broker.publish(alice, tokens["alice"])
+    assert hold(broker, bob, tokens["bob"], file_id).op == "result"
+    assert broker.lookup(carol, tokens["carol"], file_id).holders == []  # nobody online
+    broker.heartbeat(bob, tokens["bob"], "tcp://bob.example:7002")
+    broker.heartbeat(alice, tokens["alice"])
+    holders = broker.lookup(carol, tokens["carol"], file_id).holders
+    assert [(h.username, h.endpoint) for h in holders] == [
+        ("alice", ENDPOINT),  # the owner first
+        ("bob", "tcp://bob.example:7002"),
+    ]
+    assert holders[1].bundle == bob.bundle
+    release = protocol.Release(tokens["bob"], file_id)
+    broker.ok("release", release, bob.bundle.curve_public, protocol.Empty)
+    assert [h.username for h in broker.lookup(carol, tokens["carol"], file_id).holders] == ["alice"]
+    error = broker.error("release", release, bob.bundle.curve_public)
+    assert error.code == "not_found"
+
+
+def test_only_those_the_file_is_shared_with_may_hold_it(
+    broker: Broker, tokens: dict[str, str], alice: Identity, bob: Identity, carol: Identity
+) -> None:
+    file_id = broker.publish(alice, tokens["alice"], access=["bob"])
+    refused = hold(broker, carol, tokens["carol"], file_id)
+    assert refused.op == "error"
+    assert from_wire(ErrorBody, refused.body).code == "not_found"
+    assert hold(broker, bob, tokens["bob"], NO_SUCH_FILE).op == "error"
+    assert hold(broker, alice, tokens["alice"], file_id).op == "result"  # owner: a no-op
+    broker.heartbeat(alice, tokens["alice"])
+    assert [h.username for h in broker.lookup(bob, tokens["bob"], file_id).holders] == ["alice"]
+
+
+def test_unpublishing_forgets_the_seeders(
+    broker: Broker, tokens: dict[str, str], alice: Identity, bob: Identity, tmp_path: Path
+) -> None:
+    file_id = broker.publish(alice, tokens["alice"])
+    hold(broker, bob, tokens["bob"], file_id)
+    unpublish = protocol.Unpublish(tokens["alice"], file_id)
+    broker.ok("unpublish", unpublish, alice.bundle.curve_public, protocol.Empty)
+    assert db_rows(tmp_path, "SELECT * FROM holders") == []

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import random
 import sqlite3
 import stat
+import tempfile
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from sfs.broker import store as store_module
 from sfs.broker.store import (
     SCHEMA_VERSION,
     FileEntry,
@@ -222,12 +229,23 @@ def session_expiry(db_path: Path, token_hash: bytes) -> int | None:
 def test_session_expiry_slides_in_coarse_steps(
     store: SqliteStore, users: dict[str, User], db_path: Path
 ) -> None:
-    store.add_session(b"t", users["alice"].id, expires_at=1000, now=0)
-    store.session_user(b"t", now=10, extend_to=1200)  # within 300 s: not worth a write
-    assert session_expiry(db_path, b"t") == 1000
-    store.session_user(b"t", now=20, extend_to=1400)
-    assert session_expiry(db_path, b"t") == 1400
-    assert store.session_user(b"t", now=1300, extend_to=1300) == users["alice"]
+    day = 24 * 3600
+    store.add_session(b"t", users["alice"].id, expires_at=day, now=0)
+    store.session_user(b"t", now=10, extend_to=day + 200)  # within 300 s: not worth a write
+    assert session_expiry(db_path, b"t") == day
+    store.session_user(b"t", now=20, extend_to=day + 400)
+    assert session_expiry(db_path, b"t") == day + 400
+    assert store.session_user(b"t", now=day + 300, extend_to=day + 300) == users["alice"]
+
+
+def test_a_short_session_used_often_stays_alive(
+    store: SqliteStore, users: dict[str, User], db_path: Path
+) -> None:
+    # A 60 s lifetime used every 30 s: coarse 300 s steps would never slide it.
+    store.add_session(b"t", users["alice"].id, expires_at=60, now=0)
+    for now in range(30, 600, 30):
+        assert store.session_user(b"t", now=now, extend_to=now + 60) == users["alice"]
+    assert session_expiry(db_path, b"t") > 570
 
 
 def test_add_session_drops_expired_sessions(
@@ -403,3 +421,290 @@ def test_search_reports_the_owners_presence(store: SqliteStore, users: dict[str,
     store.set_online(alice.id, "tcp://a:1", until=100)
     assert [h.online for h in store.search(alice.id, [], None, 10, now=99)] == [True]
     assert [h.online for h in store.search(alice.id, [], None, 10, now=100)] == [False]
+
+
+# --- search index (schema 2): order, ties, staying in step, the same answers as LIKE ----------
+
+
+def test_search_is_newest_first_whatever_the_order_of_sharing(
+    store: SqliteStore, users: dict[str, User]
+) -> None:
+    # Older files shared after newer ones, and ties broken by file id across inserts.
+    for n, shared_at in [(9, 50), (3, 70), (5, 10), (1, 70), (7, 60), (2, 70), (4, 10)]:
+        store.add_file(users["alice"].id, entry(fid(n), name=f"doc{n}", shared_at=shared_at), None)
+    order = [fid(n) for n in (1, 2, 3, 7, 9, 4, 5)]
+    for terms in ([], ["doc"], ["d"]):
+        hits = store.search(users["bob"].id, terms, None, 100, 0)
+        assert [h.file.file_id for h in hits] == order, terms
+        assert [
+            h.file.file_id for h in store.search(users["bob"].id, terms, "alice", 100, 0)
+        ] == order
+    # A limit inside a second of ties still gives the lowest file ids of that second.
+    assert [h.file.file_id for h in store.search(users["bob"].id, ["doc"], None, 2, 0)] == order[:2]
+    assert [h.file.file_id for h in store.search(users["bob"].id, [], None, 4, 0)] == order[:4]
+
+
+def test_many_files_in_one_second_keep_their_tie_order(
+    store: SqliteStore, users: dict[str, User]
+) -> None:
+    ids = [fid(n) for n in random.Random(7).sample(range(1000), 60)]
+    for file_id in ids:
+        store.add_file(users["alice"].id, entry(file_id, name="same.txt", shared_at=5), None)
+    store.add_file(users["alice"].id, entry(fid(5000), name="same.txt", shared_at=4), None)
+    for limit in (1, 10, 60, 61):
+        hits = store.search(users["carol"].id, ["same"], None, limit, 0)
+        assert [h.file.file_id for h in hits] == [*sorted(ids), fid(5000)][:limit]
+
+
+def index_rows(db_path: Path) -> int:
+    # A plain connection, without the store's SQL functions, can read the index.
+    return int(rows(db_path, "SELECT count(*) FROM file_search")[0][0])
+
+
+def test_the_index_follows_replace_and_remove(
+    store: SqliteStore, users: dict[str, User], db_path: Path
+) -> None:
+    alice, bob = users["alice"], users["bob"]
+    store.add_file(alice.id, entry(fid(1), name="first-name.txt", keywords=["alpha"]), None)
+    store.add_file(alice.id, entry(fid(2), name="other.txt"), None)
+    store.add_file(alice.id, entry(fid(1), name="second-name.txt", keywords=["beta"]), ["bob"])
+    assert index_rows(db_path) == 2
+    assert names(store, bob, ["first"]) == names(store, bob, ["alpha"]) == []
+    assert names(store, bob, ["second"]) == names(store, bob, ["beta"]) == ["second-name.txt"]
+    assert store.remove_file(fid(1), alice.id)
+    assert names(store, bob, ["second"]) == []
+    assert index_rows(db_path) == 1
+    assert names(store, bob, ["other"]) == ["other.txt"]
+
+
+def test_short_terms_are_found_anywhere_in_names_and_keywords(
+    store: SqliteStore, users: dict[str, User], db_path: Path
+) -> None:
+    # The end of a name or of the last keyword starts no trigram of its own: the padding.
+    files = [("ab", []), ("x.q", ["ok"]), ("z", ["de", "f"]), ("日本", [])]
+    for n, (name, keywords) in enumerate(files, start=1):
+        store.add_file(users["alice"].id, entry(fid(n), name=name, keywords=keywords), None)
+    bob = users["bob"]
+    for term, expected in [
+        ("a", ["ab"]), ("b", ["ab"]), ("ab", ["ab"]), ("q", ["x.q"]), (".q", ["x.q"]),
+        ("k", ["x.q"]), ("ok", ["x.q"]), ("z", ["z"]), ("f", ["z"]), ("e", ["z"]),
+        ("本", ["日本"]), ("日本", ["日本"]), ("ba", []), ("qx", []), ("本日", []),
+    ]:  # fmt: skip
+        assert names(store, bob, [term]) == expected, term
+    trigrams = {r[0] for r in rows(db_path, "SELECT trigram FROM search_trigrams")}
+    assert {"ab\x1f", "b\x1f\x1f", "de\n", "\nf\x1f"} <= trigrams
+
+
+def test_a_term_with_the_padding_character_is_matched_as_before(
+    store: SqliteStore, users: dict[str, User]
+) -> None:
+    store.add_file(users["alice"].id, entry(fid(1), name="a\x1fb"), None)
+    store.add_file(users["alice"].id, entry(fid(2), name="ab"), None)
+    assert (
+        names(store, users["bob"], ["\x1f"]) == names(store, users["bob"], ["A\x1f"]) == ["a\x1fb"]
+    )
+    assert names(store, users["bob"], ["b\x1f"]) == []
+
+
+def test_search_terms_that_look_like_query_syntax(
+    store: SqliteStore, users: dict[str, User]
+) -> None:
+    weird = ['say "hi"', "a AND b", "NEAR(x y)", "col:umn", "star*", "^caret", "{a b}", "-minus"]
+    for n, name in enumerate(weird, start=1):
+        store.add_file(users["alice"].id, entry(fid(n), name=name, shared_at=n), None)
+    for name in weird:
+        for term in name.split():
+            assert name in names(store, users["bob"], [term]), term
+    assert names(store, users["bob"], ['"hi"', "say"]) == ['say "hi"']
+    assert names(store, users["bob"], ["AND", "NEAR"]) == []
+
+
+def test_terms_fold_like_python_not_like_sqlite(store: SqliteStore, users: dict[str, User]) -> None:
+    # str.lower, as the LIKE search folded: İ lowers to i and a combining dot, the Kelvin
+    # sign to k, ẞ to ß (and ß stays itself: no full case folding to "ss"); sigma and final
+    # sigma stay apart (FTS5's own folding, case_sensitive 0, would make them one letter).
+    sigma, final_sigma, logos = "\u03c3", "\u03c2", "\u03bb\u03cc\u03b3\u03bf"
+    files = ["İSTANBUL.txt", "Straße.doc", "ǅemal.odt", "\u212aELVIN.txt", f"{logos}{sigma}.txt"]
+    for n, name in enumerate(files, start=1):
+        store.add_file(users["alice"].id, entry(fid(n), name=name, shared_at=n), None)
+    bob = users["bob"]
+    assert names(store, bob, ["i̇stanbul"]) == names(store, bob, ["İSTANBUL"]) == ["İSTANBUL.txt"]
+    assert names(store, bob, ["istanbul"]) == []
+    assert names(store, bob, ["STRAẞE"]) == names(store, bob, ["aße"]) == ["Straße.doc"]
+    assert names(store, bob, ["STRASSE"]) == []
+    assert names(store, bob, ["ǆem"]) == ["ǅemal.odt"]
+    assert names(store, bob, ["kelvin"]) == names(store, bob, ["KEL"]) == ["\u212aELVIN.txt"]
+    assert names(store, bob, [logos[-2:] + sigma]) == [f"{logos}{sigma}.txt"]
+    assert names(store, bob, [logos[-2:] + final_sigma]) == []
+
+
+# A model of search as the LIKE version did it, to compare against on random data.
+ALPHABET = "abAB%_\"' -.éÉİıΣσςß日"
+
+
+@dataclass(frozen=True)
+class Shared:
+    file_id: str
+    owner: str
+    name: str
+    keywords: list[str]
+    shared_at: int
+    access: list[str] | None
+
+
+def model_search(
+    files: list[Shared], user: str, terms: list[str], owner: str | None, limit: int
+) -> list[str]:
+    def visible(f: Shared) -> bool:
+        return f.access is None or f.owner == user or user in f.access
+
+    def matches(f: Shared) -> bool:
+        keywords = "\n".join(f.keywords).lower()
+        return all(t.lower() in f.name.lower() or t.lower() in keywords for t in terms)
+
+    found = [f for f in files if visible(f) and matches(f) and owner in (None, f.owner)]
+    found.sort(key=lambda f: (-f.shared_at, f.file_id))
+    return [f.file_id for f in found[:limit]]
+
+
+_text = st.text(ALPHABET, min_size=1, max_size=8)
+_shared = st.builds(
+    Shared,
+    file_id=st.integers(0, 40).map(fid),
+    owner=st.sampled_from(["alice", "bob", "carol"]),
+    name=_text,
+    keywords=st.lists(_text, max_size=3),
+    shared_at=st.integers(-3, 4),
+    access=st.none() | st.lists(st.sampled_from(["alice", "bob", "carol"]), max_size=2),
+)
+_search = st.tuples(
+    st.sampled_from(["alice", "bob", "carol"]),
+    st.lists(st.text(ALPHABET, min_size=1, max_size=4), max_size=3),
+    st.none() | st.sampled_from(["alice", "bob", "carol", "nobody"]),
+    st.integers(1, 6),
+)
+
+
+@pytest.mark.parametrize("max_expansion", [0, 3, 64], ids=["scan", "few", "default"])
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(files=st.lists(_shared, max_size=25), searches=st.lists(_search, min_size=1, max_size=8))
+def test_search_answers_as_the_like_search_did(
+    monkeypatch: pytest.MonkeyPatch,
+    max_expansion: int,
+    files: list[Shared],
+    searches: list[tuple[str, list[str], str | None, int]],
+) -> None:
+    # Short terms stand for the trigrams they start, or when there are more than
+    # `max_expansion` of those, are checked row by row: both ways give the same answers.
+    monkeypatch.setattr(store_module, "_MAX_EXPANSION", max_expansion)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = SqliteStore(Path(tmp) / "broker.db")
+        try:
+            ids = {
+                name: store.add_user(name, HASH, bundle_for(i), now=1).id
+                for i, name in enumerate(["alice", "bob", "carol"], start=1)
+            }
+            latest: dict[str, Shared] = {}
+            for shared in files:  # a file id shared again replaces the earlier file
+                item = entry(shared.file_id, shared.owner, shared.name, shared.keywords)
+                item = dataclasses.replace(item, shared_at=shared.shared_at)
+                store.add_file(ids[shared.owner], item, shared.access)
+                latest[shared.file_id] = shared
+            for user, terms, owner, limit in searches:
+                hits = store.search(ids[user], terms, owner, limit, 0)
+                expected = model_search(list(latest.values()), user, terms, owner, limit)
+                assert [h.file.file_id for h in hits] == expected
+        finally:
+            store.close()
+
+
+# --- migration from schema 1 -------------------------------------------------------------------
+
+
+def make_v1_database(path: Path) -> None:
+    """A database as the schema-1 broker wrote it: its script, its statements."""
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA foreign_keys=ON")
+    for statement in store_module._MIGRATIONS[1].split(";"):
+        if statement.strip():
+            db.execute(statement)
+    db.execute("PRAGMA user_version = 1")
+    for n, name in enumerate(["alice", "bob", "carol"], start=1):
+        db.execute(
+            "INSERT INTO users (username, password_hash, rsa_public, curve_public, created_at)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (name, HASH, bundle_for(n).rsa_public, bundle_for(n).curve_public, 1),
+        )
+    v1_files = [  # file, owner id, name, keywords, public, shared_at
+        (fid(1), 1, "Report.PDF", "thesis", 1, 10),
+        (fid(2), 1, "ÉTÉ.jpg", "été\nok", 1, 20),
+        (fid(4), 2, "tie-b.txt", "", 1, 30),
+        (fid(3), 2, "tie-a.txt", "", 1, 30),
+        (fid(5), 2, "b-private", "thesis", 0, 40),
+        (fid(6), 1, "old.txt", "", 1, -5),
+    ]
+    for file_id, owner_id, name, keywords, public, shared_at in v1_files:
+        db.execute(
+            "INSERT OR REPLACE INTO files (file_id, owner_id, name, size, keywords, manifest,"
+            " signature, public, shared_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                file_id,
+                owner_id,
+                name,
+                10,
+                keywords,
+                b"m:" + file_id.encode(),
+                b"sig",
+                public,
+                shared_at,
+            ),
+        )
+    db.execute("INSERT INTO access (file_id, user_id) VALUES (?, 1)", (fid(5),))
+    db.close()
+
+
+def test_a_schema_1_database_is_migrated(db_path: Path) -> None:
+    make_v1_database(db_path)
+    store = SqliteStore(db_path)
+    try:
+        alice, bob, carol = (store.get_user(n) for n in ("alice", "bob", "carol"))
+        assert alice is not None and bob is not None and carol is not None
+        assert rows(db_path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+        assert index_rows(db_path) == 6
+        everything = ["b-private", "tie-a.txt", "tie-b.txt", "ÉTÉ.jpg", "Report.PDF", "old.txt"]
+        assert names(store, alice, []) == everything
+        assert names(store, carol, []) == everything[1:]  # b-private: bob and alice only
+        assert names(store, alice, ["thesis"]) == ["b-private", "Report.PDF"]
+        assert names(store, carol, ["thesis"]) == ["Report.PDF"]
+        assert names(store, carol, ["été"]) == names(store, carol, ["ok"]) == ["ÉTÉ.jpg"]
+        assert names(store, carol, ["ti"]) == ["tie-a.txt", "tie-b.txt"]
+        assert names(store, carol, [], owner="bob") == ["tie-a.txt", "tie-b.txt"]
+        found = store.visible_file(fid(1), carol.id)
+        assert found is not None and found.keywords == ["thesis"]
+
+        # Files shared after the migration sort among the old ones and leave the index
+        # with them; a file from the same second as two old ones goes between them.
+        store.add_file(bob.id, entry(fid(7), "bob", "tie-new.txt", shared_at=30), None)
+        store.add_file(bob.id, entry(fid(0), "bob", "tie-0.txt", shared_at=30), None)
+        assert names(store, carol, ["tie"]) == [
+            "tie-0.txt",
+            "tie-a.txt",
+            "tie-b.txt",
+            "tie-new.txt",
+        ]
+        assert store.remove_file(fid(3), bob.id)
+        assert names(store, carol, ["tie"]) == ["tie-0.txt", "tie-b.txt", "tie-new.txt"]
+        assert index_rows(db_path) == 7
+    finally:
+        store.close()
+
+
+def test_an_old_sqlite_is_refused_with_a_clear_message(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 31, 1))
+    monkeypatch.setattr(sqlite3, "sqlite_version", "3.31.1")
+    with pytest.raises(StorageError, match=r"SQLite 3\.34 or newer.*3\.31\.1"):
+        SqliteStore(db_path)

@@ -408,7 +408,9 @@ _VALID_FRAMES = [
     protocol.encode("login", protocol.Login("alice", "hunter22"), rid=2),
     protocol.encode("search", protocol.Search("t" * 43, "report", "bob", 50), rid=3),
     protocol.encode(
-        "publish", protocol.Publish("t" * 43, b"manifest", b"s" * 384, ["bob", "carol"]), rid=4
+        "publish",
+        protocol.Publish("t" * 43, b"manifest", b"s" * 384, ["bob", "carol"], b"g" * 384),
+        rid=4,
     ),
     protocol.encode(
         "register",

@@ -54,10 +54,12 @@ BROKER_SAMPLES: dict[str, Record] = {
     "logout": protocol.Logout(TOKEN),
     "heartbeat": protocol.Heartbeat(TOKEN, "tcp://host.example:7000"),
     "offline": protocol.GoOffline(TOKEN),
-    "publish": protocol.Publish(TOKEN, b"manifest", b"s" * 384, ["bob", "carol"]),
+    "publish": protocol.Publish(TOKEN, b"manifest", b"s" * 384, ["bob", "carol"], b"g" * 384),
     "unpublish": protocol.Unpublish(TOKEN, FILE_ID),
     "search": protocol.Search(TOKEN, "report", "bob", 50),
     "lookup": protocol.Lookup(TOKEN, FILE_ID),
+    "hold": protocol.Hold(TOKEN, FILE_ID),
+    "release": protocol.Release(TOKEN, FILE_ID),
     "bundle": protocol.GetBundle(TOKEN, "bob"),
 }
 
@@ -75,7 +77,10 @@ RESULT_SAMPLES: list[Record] = [
     protocol.PublishResult(FILE_ID),
     protocol.SearchResult([HIT, dataclasses.replace(HIT, online=False, keywords=[])]),
     protocol.SearchResult([]),
-    protocol.LookupResult(FILE_ID, "bob", BUNDLE, b"manifest", b"s" * 384, [HOLDER]),
+    protocol.LookupResult(
+        FILE_ID, "bob", BUNDLE, b"manifest", b"s" * 384, [HOLDER], ["alice"], b"g" * 384
+    ),
+    protocol.LookupResult(FILE_ID, "bob", BUNDLE, b"manifest", b"s" * 384, [], None, b"g"),
     protocol.BundleResult("bob", BUNDLE),
     protocol.Empty(),
     protocol.Offer(
@@ -138,7 +143,7 @@ def test_search_defaults() -> None:
 
 def test_publish_access_none_means_everyone_and_is_kept_apart_from_empty() -> None:
     for access in (None, [], ["bob"]):
-        record = protocol.Publish(TOKEN, b"m", b"s", access)
+        record = protocol.Publish(TOKEN, b"m", b"s", access, b"g")
         assert decode_body(decode_envelope(encode("publish", record)), BROKER_REQUESTS) == record
 
 
@@ -408,7 +413,7 @@ def test_register_payload_depends_on_every_input(args: tuple[str, bytes, KeyBund
 
 
 HELLO: protocol.Hello = PEER_SAMPLES["hello"]  # type: ignore[assignment]
-OFFER: protocol.Offer = RESULT_SAMPLES[10]  # type: ignore[assignment]
+OFFER: protocol.Offer = next(r for r in RESULT_SAMPLES if isinstance(r, protocol.Offer))
 
 
 def test_hello_payload_is_the_documented_list() -> None:
