@@ -142,6 +142,10 @@ class Peer:
             "sfs-peer", *args, "--config", str(self.config), input=input, timeout=timeout, env=env
         )
 
+    def share(self, path: Path, *extra: str) -> str:
+        """`sfs-peer share PATH [extra...]`; the new file id."""
+        return str(self.run("share", str(path), *extra, "--json").check().json()["file_id"])
+
     def serve(self, env: dict[str, str] | None = None) -> Process:
         self.server = self.cluster.start(
             f"{self.name}-serve",

@@ -155,7 +155,7 @@ def running_cluster() -> Iterator[Setup]:
         bob = cluster.add_peer("bob")
         original = cluster.root / "shared.bin"
         original.write_bytes(os.urandom(3 * MiB // 2))
-        file_id = alice.run("share", str(original), "--json").check().json()["file_id"]
+        file_id = alice.share(original)
         alice_identity = load_identity(alice.data_dir, "alice")
         assert alice.server is not None
         yield Setup(

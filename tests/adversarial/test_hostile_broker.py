@@ -203,13 +203,9 @@ def world() -> Iterator[World]:
         for name, data in files.items():
             (cluster.root / name).write_bytes(data)
 
-        def share(peer: Peer, name: str, *extra: str) -> str:
-            args = ("share", str(cluster.root / name), *extra, "--json")
-            return str(peer.run(*args).check().json()["file_id"])
-
-        public_id = share(alice, "public.bin")
-        private_id = share(alice, "private.txt", "--to", "bob")
-        carols_id = share(carol, "carol.bin")
+        public_id = alice.share(cluster.root / "public.bin")
+        private_id = alice.share(cluster.root / "private.txt", "--to", "bob")
+        carols_id = carol.share(cluster.root / "carol.bin")
         # First contact both ways: bob pins alice, alice's holder pins bob.
         bob.run("get", private_id).check()
         originals = {

@@ -124,13 +124,9 @@ def world() -> Iterator[World]:
         for name, data in (("public.bin", public), ("private.txt", b"bob only\n"), ("d", b"d")):
             (cluster.root / name).write_bytes(data)
 
-        def share(peer: Peer, name: str, *extra: str) -> str:
-            args = ("share", str(cluster.root / name), *extra, "--json")
-            return str(peer.run(*args).check().json()["file_id"])
-
-        public_id = share(alice, "public.bin")
-        private_id = share(alice, "private.txt", "--to", "bob")
-        daves_id = share(dave, "d")
+        public_id = alice.share(cluster.root / "public.bin")
+        private_id = alice.share(cluster.root / "private.txt", "--to", "bob")
+        daves_id = dave.share(cluster.root / "d")
         bob.run("get", private_id).check()  # alice's holder now has bob pinned
 
         identity = keys.load_identity(carol.data_dir, "carol")

@@ -101,7 +101,7 @@ def world() -> Iterator[World]:
         content = os.urandom(SIZE)
         source = cluster.root / NAME
         source.write_bytes(content)
-        file_id = alice.run("share", str(source), "--json").check().json()["file_id"]
+        file_id = alice.share(source)
         # First contact: alice answers `busy` until she has bob's key from the broker.
         # Past it, every test sees the same stream: an offer, then the chunks.
         bob.run("get", file_id, "--out", str(cluster.root / "first-contact")).check()

@@ -185,7 +185,7 @@ def test_unshare_without_a_session_stops_serving_and_says_the_broker_still_lists
     """Serving stops at once (the holder is where access is enforced); the broker's
     listing needs a session, and the message says so. Once logged in, unshare again."""
     bob = world.bob
-    file_id = bob.run("share", str(world.source), "--json").check().json()["file_id"]
+    file_id = bob.share(world.source)
     write_session(bob, "bob", crypto.new_token())
 
     result = bob.run("unshare", file_id)

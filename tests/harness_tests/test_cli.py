@@ -41,7 +41,7 @@ def test_share_search_get_round_trip(cluster: Cluster) -> None:
     public_id = (
         alice.run("share", str(public), "-k", "Quarterly", "--json").check().json()["file_id"]
     )
-    private_id = alice.run("share", str(private), "--to", "bob", "--json").check().json()["file_id"]
+    private_id = alice.share(private, "--to", "bob")
 
     bob_sees = {hit["file_id"] for hit in bob.run("search", "--json").check().json()}
     assert {public_id, private_id} <= bob_sees
@@ -65,7 +65,7 @@ def test_share_search_get_round_trip(cluster: Cluster) -> None:
 def test_owner_offline_exit_code_and_message(cluster: Cluster) -> None:
     dave = cluster.add_peer("dave")  # registered, never serves
     (cluster.root / "dave.txt").write_text("hi")
-    file_id = dave.run("share", str(cluster.root / "dave.txt"), "--json").check().json()["file_id"]
+    file_id = dave.share(cluster.root / "dave.txt")
     result = cluster.peers["bob"].run("get", file_id)
     assert "dave is offline" in one_line_error(result)
     assert result.returncode == 6

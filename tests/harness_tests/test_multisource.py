@@ -76,7 +76,7 @@ def test_three_holders_one_killed_mid_transfer(cluster: Cluster) -> None:
     alice = cluster.add_peer("alice", serve=True)
     source = cluster.root / "big.bin"
     expected = make_file(source, SIZE)
-    file_id = alice.run("share", str(source), "--json").check().json()["file_id"]
+    file_id = alice.share(source)
 
     # bob and carol download it, and so become holders (seed is on by default).
     seeders: list[Peer] = []
@@ -122,7 +122,7 @@ def test_a_seeder_refuses_whom_the_owners_grant_leaves_out(cluster: Cluster) -> 
     stranger = cluster.add_peer("sten")
     secret = cluster.root / "secret.bin"
     make_file(secret, 2 * MiB)
-    file_id = owner.run("share", str(secret), "--to", "fred", "--json").check().json()["file_id"]
+    file_id = owner.share(secret, "--to", "fred")
     assert friend.run("get", file_id, "--json").check().json()["seeding"] is True
     friend.serve()
     owner.stop()  # now only fred's copy is online
@@ -147,7 +147,7 @@ def test_without_seed_a_download_is_not_served(cluster: Cluster) -> None:
     owner = cluster.add_peer("paula", serve=True)
     source = cluster.root / "plain.bin"
     make_file(source, MiB)
-    file_id = owner.run("share", str(source), "--json").check().json()["file_id"]
+    file_id = owner.share(source)
     quiet = cluster.add_peer("quinn", seed="false")
     assert quiet.run("get", file_id, "--json").check().json()["seeding"] is False
     assert quiet.run("list", "--json").check().json() == []

@@ -456,6 +456,44 @@ def test_many_files_in_one_second_keep_their_tie_order(
         assert [h.file.file_id for h in hits] == [*sorted(ids), fid(5000)][:limit]
 
 
+def test_search_reads_no_more_rows_than_it_needs(
+    store: SqliteStore, users: dict[str, User], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What keeps search fast with a million files: rows come newest first and the search
+    # stops reading after `limit` of them (plus the rest of the last one's second).
+    for n in range(300):
+        store.add_file(users["alice"].id, entry(fid(n), name=f"file-{n}", shared_at=n // 3), None)
+    connection, fetched = store._connection(), []
+
+    class Counted:
+        def __init__(self, cursor: sqlite3.Cursor) -> None:
+            self.cursor = cursor
+
+        def __iter__(self) -> Iterator[Any]:
+            for row in self.cursor:
+                fetched.append(row)
+                yield row
+
+        def fetchall(self) -> list[Any]:
+            return self.cursor.fetchall()
+
+        def close(self) -> None:
+            self.cursor.close()
+
+    class Connection:
+        def execute(self, *args: Any) -> Counted:
+            return Counted(connection.execute(*args))
+
+    monkeypatch.setattr(store, "_connection", Connection)
+    for terms, owner in [([], None), (["file"], None), (["fi"], None), ([], "alice")]:
+        fetched.clear()
+        hits = store.search(users["bob"].id, terms, owner, 10, 0)
+        assert [h.file.file_id for h in hits] == [
+            fid(n) for n in [297, 298, 299, 294, 295, 296, 291, 292, 293, 288]
+        ]
+        assert len(fetched) == 13  # 9 from seconds 99-97, 3 from 96, 1 from 95
+
+
 def index_rows(db_path: Path) -> int:
     # A plain connection, without the store's SQL functions, can read the index.
     return int(rows(db_path, "SELECT count(*) FROM file_search")[0][0])
