@@ -31,5 +31,11 @@ lint: $(STAMP)
 	cd .mypy-root && ../$(VENV)/bin/mypy --config-file ../pyproject.toml \
 		--namespace-packages --explicit-package-bases -p sfs
 
+# sfs against scp on loopback (and the broker and search sections when present), written
+# to bench/results.md: `make bench`, `make bench SIZE=4GiB`, BENCH_ARGS='--rounds 5'.
+.PHONY: bench
+bench: $(STAMP)
+	$(PY) -m bench $(if $(SIZE),--size $(SIZE)) $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache .mypy-root var
