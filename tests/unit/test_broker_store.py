@@ -544,6 +544,38 @@ def test_a_term_with_the_padding_character_is_matched_as_before(
     assert names(store, users["bob"], ["b\x1f"]) == []
 
 
+def test_a_term_is_found_only_where_its_trigrams_are_side_by_side(
+    store: SqliteStore, users: dict[str, User]
+) -> None:
+    # The index knows which trigrams a name or keywords hold, not where.
+    for n, (name, keywords) in enumerate(
+        [("abc-bcd", []), ("abc", ["bcd"]), ("bcd abc", ["x"]), ("xabcdx", [])], start=1
+    ):
+        store.add_file(users["alice"].id, entry(fid(n), name=name, keywords=keywords), None)
+    assert names(store, users["bob"], ["abcd"]) == ["xabcdx"]
+    assert names(store, users["bob"], ["abc", "bcd"]) == ["abc-bcd", "abc", "bcd abc", "xabcdx"]
+
+
+def test_owner_filter_is_exact_whatever_the_user_ids(store: SqliteStore, db_path: Path) -> None:
+    # The index finds an owner by the trigrams of "<id>": "<12" and "23>" are those of
+    # user 123, and of user 1223 too.
+    db = sqlite3.connect(db_path)
+    for user_id in (123, 1223, 12, 23):
+        db.execute(
+            "INSERT INTO users (id, username, password_hash, rsa_public, curve_public,"
+            " created_at) VALUES (?, ?, ?, ?, ?, 1)",
+            (user_id, f"u{user_id}", HASH, b"r", user_id.to_bytes(32, "big")),
+        )
+    db.commit()
+    db.close()
+    for user_id in (123, 1223, 12, 23):
+        store.add_file(user_id, entry(fid(user_id), f"u{user_id}", f"of-{user_id}"), None)
+    for user_id in (123, 1223, 12, 23):
+        assert names(store, User(1, "x", HASH, bundle_for(1)), [], f"u{user_id}") == [
+            f"of-{user_id}"
+        ]
+
+
 def test_search_terms_that_look_like_query_syntax(
     store: SqliteStore, users: dict[str, User]
 ) -> None:

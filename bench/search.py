@@ -1,0 +1,364 @@
+"""Search at scale: the broker's store with a million files, timed per kind of query.
+
+    .venv/bin/python -m bench.search [--files 1000000] [--queries 400] [--seed 1]
+    .venv/bin/python -m bench --only search        # the same, as a section of results.md
+
+Fills a `SqliteStore` in a temporary folder with generated files (names and keywords
+drawn from a Zipf-distributed vocabulary with some non-ASCII words, a few heavy
+sharers, a fifth of the files private with an access list, and one user, `auditor`, on
+the access list of half of those), then times searches of several kinds, each asked by
+`SqliteStore.search` directly and through `BrokerService.handle` (decode, session
+check, search, encode the reply).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import math
+import os
+import random
+import sqlite3
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.common import BenchError
+from sfs.broker.service import BrokerService, BrokerSettings
+from sfs.broker.store import SqliteStore, User
+from sfs.common import crypto, protocol
+from sfs.common.identity import KeyBundle
+
+DEFAULT_FILES = 1_000_000
+DEFAULT_QUERIES = 400
+USERS = 200
+PRIVATE_SHARE = 0.2  # of files with an access list
+AUDITOR_SHARE = 0.5  # of private files that list the auditor
+LIMIT = 100  # the protocol's default
+BATCH = 20_000  # rows per transaction while filling
+EPOCH = 1_700_000_000
+SPAN = 2 * 365 * 86400  # files were shared over two years
+
+COMMON_TEXT = """
+report thesis draft final budget meeting notes photo scan invoice contract data results
+analysis slides lecture homework project plan design review summary minutes paper chapter
+figure table dataset model code backup archive export config schedule proposal letter
+agenda manual guide poster video audio recording interview survey experiment sample
+protocol appendix abstract presentation spreadsheet diagram sketch template release
+"""
+FOREIGN_TEXT = """
+résumé café Übersicht straße données año niño façade crème naïve Ärger größe señal
+данные отчёт проект встреча 報告書 資料 会議録 Ελλάδα σχέδιο İstanbul ŞEHİR
+"""
+COMMON_WORDS, FOREIGN_WORDS = COMMON_TEXT.split(), FOREIGN_TEXT.split()
+EXTENSIONS = ["pdf"] * 6 + ["docx"] * 4 + ["jpg"] * 5 + ["txt", "png", "xlsx", "pptx", "zip"] * 2
+EXTENSIONS += ["tar.gz", "mp4", "csv", "py", "md", "odt", "mkv", "flac"]
+SYLLABLES = [c + v for c in "bdklmnprstv" for v in "aeiou"]
+RARE_PAIRS = ["qz", "zq", "xj", "jx", "qk", "wq"]  # never made by the generator
+
+
+@dataclass(frozen=True)
+class Corpus:
+    vocabulary: list[str]  # most frequent first
+    cum_weights: list[float]  # Zipf; cumulative, since choices() would sum 20,000 each time
+    names: list[str]  # a sample of generated names, for realistic substrings
+
+
+@dataclass(frozen=True)
+class Query:
+    kind: str
+    caller: User
+    terms: list[str]
+    owner: str | None = None
+
+
+@dataclass
+class Timings:
+    store: dict[str, list[float]] = field(default_factory=dict)  # kind -> seconds
+    service: dict[str, list[float]] = field(default_factory=dict)
+    hits: dict[str, list[int]] = field(default_factory=dict)
+
+
+# --- the data -------------------------------------------------------------------------------
+
+
+def make_corpus(rng: random.Random, size: int = 20_000) -> Corpus:
+    invented: set[str] = set()
+    while len(invented) < size:
+        invented.add("".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 4))))
+    vocabulary = COMMON_WORDS + FOREIGN_WORDS + sorted(invented)
+    rng.shuffle(vocabulary[len(COMMON_WORDS) :])  # the foreign words among the rare ones
+    cum_weights = list(itertools.accumulate(1 / rank for rank in range(1, len(vocabulary) + 1)))
+    return Corpus(vocabulary, cum_weights, [])
+
+
+def file_names(rng: random.Random, corpus: Corpus) -> Iterator[str]:
+    words = corpus.vocabulary
+    while True:
+        a, b = rng.choices(words, cum_weights=corpus.cum_weights, k=2)
+        ext = rng.choice(EXTENSIONS)
+        shape = rng.random()
+        if shape < 0.3:
+            yield f"{a}_{b}_{rng.randint(2015, 2026)}.{ext}"
+        elif shape < 0.5:
+            yield f"{a.capitalize()} {b.capitalize()} v{rng.randint(1, 12)}.{ext}"
+        elif shape < 0.65:
+            yield f"{a}-{rng.randint(2015, 2026)}-{rng.randint(1, 12):02}-{rng.randint(1, 28):02}.{ext}"  # noqa: E501
+        elif shape < 0.8:
+            yield f"IMG_{rng.randint(0, 9999):04}.jpg"
+        elif shape < 0.9:
+            yield f"{a}{b.capitalize()}.{ext}"
+        else:
+            yield f"scan{rng.randint(0, 99999):05}.pdf"
+
+
+def fill(store: SqliteStore, files: int, rng: random.Random, corpus: Corpus) -> list[User]:
+    """Users, then `files` files in batches, written as `add_file` writes them."""
+    users = [
+        store.add_user(
+            f"user{n:03}", b"bench-hash", KeyBundle(b"rsa-%d" % n, bytes(31) + bytes([n])), 1
+        )
+        for n in range(USERS - 1)
+    ]
+    users.append(store.add_user("auditor", b"bench-hash", KeyBundle(b"rsa-a", b"\xff" * 32), 1))
+    owners = users[:-1]
+    owner_weights = list(itertools.accumulate(1 / r**0.7 for r in range(1, len(owners) + 1)))
+    names = file_names(rng, corpus)
+    # The store's own connection, so that whatever keeps the search index in step with
+    # the files table (triggers, SQL functions) runs as it does for `add_file`.
+    db = store._connection()
+    done = 0
+    while done < files:
+        count = min(BATCH, files - done)
+        rows, access = [], []
+        for _ in range(count):
+            file_id = rng.randbytes(16).hex()
+            owner = rng.choices(owners, cum_weights=owner_weights)[0]
+            name = next(names)
+            keywords = rng.choices(
+                corpus.vocabulary, cum_weights=corpus.cum_weights, k=rng.choice((0, 1, 1, 2, 3))
+            )
+            public = rng.random() >= PRIVATE_SHARE
+            if not public:
+                readers = {u.id for u in rng.sample(owners, rng.randint(0, 5))} - {owner.id}
+                if rng.random() < AUDITOR_SHARE:
+                    readers.add(users[-1].id)
+                access += [(file_id, reader) for reader in readers]
+            manifest = rng.randbytes(rng.randint(200, 400))
+            shared_at = EPOCH + rng.randrange(SPAN)
+            rows.append(
+                (file_id, owner.id, name, rng.randint(1, 1 << 32), "\n".join(keywords),
+                 manifest, b"s" * 384, int(public), shared_at)
+            )  # fmt: skip
+            if len(corpus.names) < 50_000:
+                corpus.names.append(name)
+        db.execute("BEGIN IMMEDIATE")
+        db.executemany(
+            "INSERT INTO files (file_id, owner_id, name, size, keywords, manifest, signature,"
+            " public, shared_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+        db.executemany("INSERT INTO access (file_id, user_id) VALUES (?, ?)", access)
+        db.execute("COMMIT")
+        done += count
+        progress(f"filled {done:,} / {files:,} files")
+    return users
+
+
+# --- the queries -----------------------------------------------------------------------------
+
+
+def make_queries(rng: random.Random, corpus: Corpus, users: list[User], count: int) -> list[Query]:
+    words, names = corpus.vocabulary, corpus.names
+    common = words[: len(COMMON_WORDS)]
+    rare = words[5_000:]
+    regular, auditor = users[:-1], users[-1]
+
+    def substring(low: int, high: int) -> str:
+        name = rng.choice(names)
+        width = rng.randint(low, min(high, len(name)))
+        start = rng.randrange(len(name) - width + 1)
+        return name[start : start + width]
+
+    def gibberish() -> str:
+        return "".join(rng.choice("bcdfghjklmnpqrstvwxz") for _ in range(7))
+
+    def anyone() -> User:
+        return rng.choice(regular)
+
+    # kind -> (caller, terms, owner filter)
+    kinds: dict[str, Callable[[], tuple[User, list[str], str | None]]] = {
+        "common word": lambda: (anyone(), [rng.choice(common)], None),
+        "rare word": lambda: (anyone(), [rng.choice(rare)], None),
+        "two words": lambda: (anyone(), rng.sample(common, 2), None),
+        "substring of a name": lambda: (anyone(), [substring(3, 8)], None),
+        "non-ASCII, upper case": lambda: (anyone(), [rng.choice(FOREIGN_WORDS).upper()], None),
+        "1-2 characters": lambda: (anyone(), [substring(1, 2)], None),
+        "1-2 characters, rare": lambda: (anyone(), [rng.choice(RARE_PAIRS)], None),
+        "short + word": lambda: (anyone(), [substring(1, 2), rng.choice(common)], None),
+        "no match": lambda: (anyone(), [gibberish()], None),
+        "empty (newest first)": lambda: (anyone(), [], None),
+        "owner, no terms": lambda: (anyone(), [], anyone().username),
+        "owner + common word": lambda: (anyone(), [rng.choice(common)], anyone().username),
+        "auditor (big access list)": lambda: (auditor, [rng.choice(common + rare[:50])], None),
+    }
+    per_kind = max(1, count // len(kinds))
+    queries = [Query(kind, *make()) for kind, make in kinds.items() for _ in range(per_kind)]
+    rng.shuffle(queries)
+    return queries
+
+
+def time_queries(store: SqliteStore, users: list[User], queries: list[Query]) -> Timings:
+    service = BrokerService(store, BrokerSettings(bcrypt_rounds=4))
+    now = int(time.time())
+    tokens: dict[int, str] = {}
+    for user in users:
+        tokens[user.id] = crypto.new_token()
+        store.add_session(crypto.token_digest(tokens[user.id]), user.id, now + 86400, now)
+    for user in users[::2]:  # half the owners online, for the hits' online flag
+        store.set_online(user.id, "tcp://127.0.0.1:5000", now + 86400)
+    timings = Timings()
+    for number, query in enumerate(queries, 1):
+        request = protocol.Search(tokens[query.caller.id], " ".join(query.terms), query.owner)
+        frame = protocol.encode("search", request, number)
+
+        def direct(query: Query = query) -> None:
+            hits = store.search(query.caller.id, query.terms, query.owner, LIMIT, now)
+            timings.hits.setdefault(query.kind, []).append(len(hits))
+
+        def served(query: Query = query, frame: bytes = frame) -> None:
+            reply = protocol.decode_envelope(
+                service.handle(frame, query.caller.bundle.curve_public)
+            )
+            if reply.op != "result":
+                raise BenchError(f"the broker refused a search: {reply}")
+
+        # Each first in turn, so that neither always finds the caches warmed by the other.
+        ways = [(direct, timings.store), (served, timings.service)]
+        for call, into in ways if number % 2 else reversed(ways):
+            started = time.perf_counter()
+            call()
+            into.setdefault(query.kind, []).append(time.perf_counter() - started)
+        if number % 50 == 0:
+            progress(f"searched {number} / {len(queries)}")
+    return timings
+
+
+def warm_page_cache(folder: Path) -> None:
+    """Read the database once, so that the first search to touch a page does not wait
+    for the disk (some VMs drop the page cache, and their disks are slow)."""
+    for path in folder.iterdir():
+        with path.open("rb") as handle:
+            while handle.read(1 << 24):
+                pass
+
+
+# --- the report ------------------------------------------------------------------------------
+
+
+def percentile(values: list[float], p: float) -> float:
+    """Nearest rank: with 30 values, p99 is the largest."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.2f}"
+
+
+def render(args: argparse.Namespace, timings: Timings, setup: dict[str, str]) -> str:
+    lines = [
+        f"## Search: {args.files:,} files",
+        "",
+        f"{args.files:,} files from {USERS} users in one `SqliteStore`"
+        f" ({setup['database']}), {sum(map(len, timings.store.values()))} searches of"
+        f" {len(timings.store)} kinds, limit {LIMIT}, in random order. Times in ms;"
+        " `store` is `SqliteStore.search`, `handle` the whole request through"
+        " `BrokerService.handle` (decode, session, search, encode).",
+        "",
+        "| kind | n | store p50 | store p99 | handle p50 | handle p99 | hits (median) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    everything: tuple[list[float], list[float]] = ([], [])
+    for kind in sorted(timings.store, key=lambda k: -percentile(timings.store[k], 99)):
+        store, service = timings.store[kind], timings.service[kind]
+        everything[0].extend(store)
+        everything[1].extend(service)
+        lines.append(
+            f"| {kind} | {len(store)} | {ms(percentile(store, 50))} | {ms(percentile(store, 99))}"
+            f" | {ms(percentile(service, 50))} | {ms(percentile(service, 99))}"
+            f" | {percentile([float(h) for h in timings.hits[kind]], 50):.0f} |"
+        )
+    store_all, service_all = everything
+    lines.append(
+        f"| **all** | {len(store_all)} | {ms(percentile(store_all, 50))}"
+        f" | **{ms(percentile(store_all, 99))}** | {ms(percentile(service_all, 50))}"
+        f" | **{ms(percentile(service_all, 99))}** | |"
+    )
+    lines += ["", *(f"- {key}: {value}" for key, value in setup.items() if key != "database")]
+    return "\n".join(lines) + "\n"
+
+
+def run(args: argparse.Namespace) -> str:
+    """The markdown section; `args.files`, `args.queries`, `args.seed` (with defaults, since
+    `python -m bench` passes its own arguments)."""
+    args.files = getattr(args, "files", DEFAULT_FILES)
+    args.queries = getattr(args, "queries", DEFAULT_QUERIES)
+    rng = random.Random(getattr(args, "seed", 1))  # noqa: S311 (made-up data, not secrets)
+    with tempfile.TemporaryDirectory(prefix="sfs-bench-search-") as tmp:
+        path = Path(tmp) / "broker.db"
+        store = SqliteStore(path)
+        try:
+            load = os.getloadavg()
+            corpus = make_corpus(rng)
+            started = time.perf_counter()
+            users = fill(store, args.files, rng, corpus)
+            filled = time.perf_counter() - started
+            queries = make_queries(rng, corpus, users, args.queries)
+            warm_page_cache(Path(tmp))
+            # The filling's garbage out of the way: a collection of it would land in a search.
+            gc.collect()
+            gc.freeze()
+            time_queries(store, users, queries[:50])  # warm SQLite's caches
+            timings = time_queries(store, users, queries)
+            gc.unfreeze()
+            size = sum(p.stat().st_size for p in Path(tmp).iterdir())
+        finally:
+            store.close()
+    setup = {
+        "database": f"{size / 2**20:,.0f} MiB on disk with its WAL",
+        "fill": f"{filled:.0f} s ({args.files / filled:,.0f} files/s, batches of {BATCH:,}"
+        " rows per transaction, through the store's connection and its triggers)",
+        "SQLite": sqlite3.sqlite_version,
+        "load average before / after": f"{fmt_load(load)} / {fmt_load(os.getloadavg())}",
+        "method": "the database file is read once first (page cache warm); p99 is the"
+        f" nearest rank: with {len(queries) // len(timings.store)} searches per kind, the slowest",
+    }
+    return render(args, timings, setup)
+
+
+def fmt_load(load: tuple[float, float, float]) -> str:
+    return " ".join(f"{x:.2f}" for x in load)
+
+
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--files", type=int, default=DEFAULT_FILES, help="files to index")
+    parser.add_argument("--queries", type=int, default=DEFAULT_QUERIES, help="searches to time")
+    parser.add_argument("--seed", type=int, default=1, help="for the generated data")
+    print(run(parser.parse_args()), end="")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except BenchError as exc:
+        sys.exit(f"error: {exc}")
