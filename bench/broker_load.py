@@ -34,7 +34,7 @@ from typing import cast
 import msgpack
 import zmq
 
-from bench.common import BenchError
+from bench.common import BenchError, fmt_load, progress
 from sfs.broker.server import BrokerServer
 from sfs.broker.service import BrokerService
 from sfs.common import protocol
@@ -350,14 +350,6 @@ def run(args: argparse.Namespace) -> str:
         "CPU": f"{os.cpu_count()} logical cores",
     }
     return render(args, runs, setup)
-
-
-def fmt_load(load: tuple[float, float, float]) -> str:
-    return " ".join(f"{x:.2f}" for x in load)
-
-
-def progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def main() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import sys
 from pathlib import Path
 
 BLOCK = 1 << 20
@@ -19,6 +20,15 @@ UNITS = {
     "gb": 10**9,
     "tb": 10**12,
 }
+
+
+def progress(message: str) -> None:
+    """A line on stderr while a benchmark runs (results go to stdout and results.md)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def fmt_load(load: tuple[float, float, float]) -> str:
+    return " ".join(f"{x:.2f}" for x in load)
 
 
 class BenchError(Exception):

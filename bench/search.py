@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.common import BenchError
+from bench.common import BenchError, fmt_load, progress
 from sfs.broker.service import BrokerService, BrokerSettings
 from sfs.broker.store import SqliteStore, User
 from sfs.common import crypto, protocol
@@ -339,14 +339,6 @@ def run(args: argparse.Namespace) -> str:
         f" nearest rank: with {len(queries) // len(timings.store)} searches per kind, the slowest",
     }
     return render(args, timings, setup)
-
-
-def fmt_load(load: tuple[float, float, float]) -> str:
-    return " ".join(f"{x:.2f}" for x in load)
-
-
-def progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def main() -> None:

@@ -28,6 +28,7 @@ from bench.common import (
     check_and_remove,
     format_size,
     parse_size,
+    progress,
     write_random_file,
 )
 from bench.procs import TreeWatcher, run_timed, vm_hwm_kib
@@ -167,10 +168,6 @@ def run_rounds(methods: Sequence[Method], payload: Payload, count: int) -> dict[
 
 def rate(payload: Payload, done: Round) -> float:
     return payload.size / done.seconds / 1e6
-
-
-def progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 # --- the report ------------------------------------------------------------------------------

@@ -131,11 +131,12 @@ def _download_progress(enabled: bool) -> Iterator[DownloadProgress | None]:
         if bar is None:
             yield None
             return
-        shown = [-1]
+        shown = -1
 
         def update(done: int, total: int, holders: int) -> None:
-            if holders != shown[0]:
-                shown[0] = holders
+            nonlocal shown
+            if holders != shown:
+                shown = holders
                 bar.describe(f"from {holders} holder{'' if holders == 1 else 's'}")
             bar(done, total)
 

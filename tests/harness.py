@@ -12,6 +12,7 @@ Used by the harness tests and by `make demo`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -85,6 +86,18 @@ def snapshot(folder: Path) -> dict[str, str]:
         for path in sorted(folder.rglob("*"))
         if path.is_file()
     }
+
+
+def wait_for_partial(folder: Path, at_least: int) -> None:
+    """Until a download's `.part` file in `folder` holds `at_least` bytes (or 60 s)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for path in folder.glob(".sfs-*.part"):
+            with contextlib.suppress(FileNotFoundError):  # finished meanwhile
+                if path.stat().st_size >= at_least:
+                    return
+        time.sleep(0.01)
+    raise AssertionError(f"no download in progress in {folder}")
 
 
 @dataclass

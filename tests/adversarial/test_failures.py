@@ -17,14 +17,21 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.harness import Cluster, Peer, Result, command_for, one_line_error, snapshot
+from tests.harness import (
+    Cluster,
+    Peer,
+    Result,
+    command_for,
+    one_line_error,
+    snapshot,
+    wait_for_partial,
+)
 
 MiB = 1024 * 1024
 BIG_SIZE = 64 * MiB
@@ -96,20 +103,6 @@ def partial_files(folder: Path) -> list[Path]:
     return sorted(folder.glob(".sfs-*.part")) if folder.exists() else []
 
 
-def wait_until_receiving(folder: Path, at_least: int = 2 * CHUNK) -> None:
-    """Until a download's temporary file in `folder` holds `at_least` bytes."""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        for path in partial_files(folder):
-            try:
-                if path.stat().st_size >= at_least:
-                    return
-            except FileNotFoundError:
-                pass
-        time.sleep(0.01)
-    raise AssertionError(f"no download in progress in {folder}")
-
-
 def endpoint_of(peer: Peer) -> str:
     for line in peer.config.read_text().splitlines():
         if line.startswith("listen: "):
@@ -159,7 +152,7 @@ def test_the_holder_dies_mid_transfer(world: World) -> None:
     alice, bob = world.alice, world.bob
     before = snapshot(bob.download_dir)
     getting = start_get(bob, world.big_id)
-    wait_until_receiving(bob.download_dir)
+    wait_for_partial(bob.download_dir, 2 * CHUNK)
     assert alice.server is not None
     log = alice.server.output()
     alice.server.kill()
@@ -186,7 +179,7 @@ def test_the_receiver_dies_mid_transfer(world: World) -> None:
     bob = world.bob
     before = snapshot(bob.download_dir)
     getting = start_get(bob, world.big_id)
-    wait_until_receiving(bob.download_dir)
+    wait_for_partial(bob.download_dir, 2 * CHUNK)
     getting.kill()
     assert getting.wait(10) == -signal.SIGKILL
     getting.communicate()
@@ -204,7 +197,7 @@ def test_the_receiver_is_interrupted_mid_transfer(world: World, sig: int) -> Non
     before = snapshot(bob.download_dir)
     # Started the way a shell starts a background job: with SIGINT ignored.
     getting = start_get(bob, world.big_id, preexec_fn=lambda: signal.signal(sig, signal.SIG_IGN))
-    wait_until_receiving(bob.download_dir)
+    wait_for_partial(bob.download_dir, 2 * CHUNK)
     getting.send_signal(sig)
 
     result = finish(getting)

@@ -223,19 +223,6 @@ class Attacker:
         self.context.term()
 
 
-@pytest.fixture(scope="module")
-def setup() -> Iterator[Setup]:
-    with running_cluster() as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def attacker() -> Iterator[Attacker]:
-    opened = Attacker()
-    yield opened
-    opened.close()
-
-
 # --- replies ----------------------------------------------------------------------------
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -40,7 +39,6 @@ from tests.adversarial.test_fuzz import (
     Setup,
     check_reply,
     receive,
-    running_cluster,
 )
 from tests.harness import Cluster, Process, one_line_error
 
@@ -56,19 +54,6 @@ SILENCE_S = 2.0
 BUSY_BROKER_BOUND = 256 * MiB
 # The broker dropping 2 MiB replies: REPLY_QUEUE_LIMIT of them wait, 4 workers make more.
 REPLY_FLOOD_BOUND = 128 * MiB
-
-
-@pytest.fixture(scope="module")
-def setup() -> Iterator[Setup]:
-    with running_cluster() as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def attacker() -> Iterator[Attacker]:
-    opened = Attacker()
-    yield opened
-    opened.close()
 
 
 def cpu_seconds(process: Process) -> float:

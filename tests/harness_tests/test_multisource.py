@@ -8,13 +8,12 @@ import json
 import os
 import sqlite3
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.harness import Cluster, Peer, command_for, one_line_error, snapshot
+from tests.harness import Cluster, Peer, command_for, one_line_error, snapshot, wait_for_partial
 
 pytestmark = pytest.mark.harness
 
@@ -59,19 +58,6 @@ def holders_listed(cluster: Cluster, file_id: str) -> set[str]:
     return {row[0] for row in rows}
 
 
-def wait_for_bytes(folder: Path, at_least: int) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        for part in folder.glob(".sfs-*.part"):
-            try:
-                if part.stat().st_size >= at_least:
-                    return
-            except FileNotFoundError:
-                pass
-        time.sleep(0.01)
-    raise AssertionError("the download never got going")
-
-
 def test_three_holders_one_killed_mid_transfer(cluster: Cluster) -> None:
     alice = cluster.add_peer("alice", serve=True)
     source = cluster.root / "big.bin"
@@ -100,7 +86,7 @@ def test_three_holders_one_killed_mid_transfer(cluster: Cluster) -> None:
         text=True,
         cwd=cluster.root,
     )
-    wait_for_bytes(dave.download_dir, 8 * MiB)
+    wait_for_partial(dave.download_dir, 8 * MiB)
     assert seeders[1].server is not None
     seeders[1].server.kill()
     out, err = getting.communicate(timeout=120)
