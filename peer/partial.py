@@ -2,8 +2,10 @@
 chunk at each chunk's offset, then checked, fsynced and linked into place.
 
 The final path never holds unverified bytes: until `finish` has checked the whole-file
-hash, the data lives only in `.sfs-<file id>.part`. The final name comes from
-`safe_filename`, never straight from the network, and never replaces an existing file.
+hash, the data lives only in `.sfs-<file id>.part`. The final name is given to the
+checked open file, not to whatever the temporary path holds by then (someone who can
+rename entries in the folder could have swapped it). It comes from `safe_filename`,
+never straight from the network, and never replaces an existing file.
 
 Resume: the temporary file's name depends only on the file id, so a download that was
 interrupted (Ctrl-C, a holder gone, the process killed) finds its bytes again. They are
@@ -55,30 +57,77 @@ def _numbered(name: str, number: int) -> str:
     return stem + tail
 
 
-def _link_unused(source: Path, folder: Path, name: str) -> Path:
-    """Give `source` the name `name` in `folder`, or `stem (1).ext`, `stem (2).ext`...:
-    `os.link` fails rather than replace a file that exists, even one made a moment ago."""
-    number = 0
-    while True:
-        candidate = folder / (_numbered(name, number) if number else name)
-        try:
-            os.link(source, candidate, follow_symlinks=False)
-        except FileExistsError:
-            number += 1
-            continue
-        except OSError as exc:
-            if exc.errno not in _NO_HARD_LINKS:
-                raise
-            # A file system without hard links (FAT, some network mounts): check, then
-            # rename; only a file created in the instant between the two is at risk.
-            if candidate.exists() or candidate.is_symlink():
+class _NoHardLinks(Exception):
+    """This file system (or a missing /proc) cannot link an open file to a name."""
+
+
+def _link_open_file(fd: int, folder_fd: int, name: str) -> None:
+    """Give the file open as `fd` the name `name` in the folder open as `folder_fd`.
+
+    Linked through `/proc/self/fd`, which names the open file itself: whatever an
+    attacker who can rename entries in the folder has put at the temporary path, the new
+    name gets the very inode that was checked. `FileExistsError` if the name is taken."""
+    try:
+        os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=folder_fd, follow_symlinks=True)
+    except OSError as exc:
+        if isinstance(exc, FileExistsError):
+            raise
+        if exc.errno == errno.ENOENT and os.fstat(fd).st_nlink == 0:
+            raise IntegrityError(
+                "the temporary file was deleted by someone else as the download finished "
+                "(others can change this folder); nothing was kept"
+            ) from exc
+        if exc.errno in _NO_HARD_LINKS or exc.errno == errno.ENOENT:  # ENOENT: no /proc
+            raise _NoHardLinks from exc
+        raise
+
+
+def _rename_checked(fd: int, source: Path, folder: Path, name: str) -> None:
+    """Without hard links (FAT, some network mounts): rename the temporary path, then
+    prove that the new name holds the file open as `fd`, and undo the rename if not.
+    Checked, then renamed: only a file created in the instant between is at risk."""
+    target = folder / name
+    if target.exists() or target.is_symlink():
+        raise FileExistsError(errno.EEXIST, "taken", str(target))
+    source.rename(target)
+    if not _same_file(target, fd):
+        with contextlib.suppress(OSError):
+            target.rename(source)  # the swapped-in entry goes back where it was
+        raise IntegrityError(
+            "the temporary file was replaced by someone else as the download finished "
+            "(others can rename files in this folder); nothing was kept"
+        )
+
+
+def _name_unused(fd: int, source: Path, folder: Path, name: str) -> Path:
+    """Give the checked file open as `fd` the name `name` in `folder`, or `stem (1).ext`,
+    `stem (2).ext`...; an existing file, even one made a moment ago, is never replaced.
+    Nothing but the checked file ever gets the name: a swap of `source` (the temporary
+    path) during the download is refused."""
+    folder_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        hard_links = True
+        number = 0
+        while True:
+            candidate = _numbered(name, number) if number else name
+            try:
+                if hard_links:
+                    _link_open_file(fd, folder_fd, candidate)
+                else:
+                    _rename_checked(fd, source, folder, candidate)
+                    return folder / candidate
+            except FileExistsError:
                 number += 1
                 continue
-            source.rename(candidate)
-            return candidate
-        with contextlib.suppress(OSError):
-            source.unlink()
-        return candidate
+            except _NoHardLinks:
+                hard_links = False
+                continue
+            if _same_file(source, fd):  # the temporary name is ours: remove it
+                with contextlib.suppress(OSError):
+                    source.unlink()
+            return folder / candidate
+    finally:
+        os.close(folder_fd)
 
 
 _NOT_A_FOLDER = "that path is not a folder"
@@ -239,8 +288,8 @@ class PartialFile:
             os.fchmod(self._fd, 0o666 & ~_umask())  # private while partial, normal once done
             os.ftruncate(self._fd, self._manifest.size)
             os.fsync(self._fd)
-            # Linked while still open, hence locked: no other download uses it meanwhile.
-            target = _link_unused(self.path, self.folder, name)
+            # Named while still open, hence locked: no other download uses it meanwhile.
+            target = _name_unused(self._fd, self.path, self.folder, name)
         except OSError as exc:
             raise _storage_error(exc, self.folder) from exc
         self._close()
