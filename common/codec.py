@@ -12,7 +12,13 @@ A record is a frozen dataclass whose field annotations say what is accepted:
 (fields with a default may be absent) and that every value matches its annotation:
 `str`, `bytes`, `int`, `bool`, `list[T]`, `T | None` and nested records, with
 `MaxLen`, `Size`, `Range` and `Pattern` limits. Nothing else is accepted: no floats,
-no extension types, no unknown keys. `to_wire(record)` is the inverse.
+no extension types, no unknown keys, no NUL character in any text. `to_wire(record)` is
+the inverse.
+
+Bounded work, whatever arrives: every `str`, `bytes` and `list` field must declare a
+`MaxLen` or `Size` (a record that does not is refused when it is first used, as a
+programming error), and sizes are always checked before patterns, so a regular
+expression never runs over more than a field's limit.
 """
 
 from __future__ import annotations
@@ -122,13 +128,36 @@ def pack(value: Any) -> bytes:
     return data
 
 
-def _hints(cls: type[Record]) -> dict[str, Any]:
+def wire_fields(cls: type[Record]) -> dict[str, Any]:
+    """The field annotations of a record, checked once (see `_require_bounds`)."""
     cached = cls.__dict__.get("__wire_fields__")
     if cached is None:
         cached = typing.get_type_hints(cls, include_extras=True)
         cached = {f.name: cached[f.name] for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        for name, annotation in cached.items():
+            _require_bounds(annotation, f"{cls.__name__}.{name}")
         cls.__wire_fields__ = cached
     return cached
+
+
+def _require_bounds(annotation: Any, where: str) -> None:
+    """Refuse a field whose text, bytes or items have no size limit: decoding it could
+    take work in proportion to a whole frame."""
+    limits: tuple[Any, ...] = ()
+    if get_origin(annotation) is Annotated:
+        annotation, *extra = get_args(annotation)
+        limits = tuple(extra)
+    origin = get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        for option in get_args(annotation):
+            if option is not type(None):
+                _require_bounds(option, where)
+        return
+    sized = origin is list or annotation in (str, bytes)
+    if sized and not any(isinstance(limit, MaxLen | Size) for limit in limits):
+        raise TypeError(f"{where}: a wire field of {annotation} needs a MaxLen or Size")
+    if origin is list:
+        _require_bounds(get_args(annotation)[0], f"{where}[]")
 
 
 def _check(value: Any, annotation: Any, where: str) -> Any:
@@ -170,7 +199,9 @@ def _check(value: Any, annotation: Any, where: str) -> Any:
 
 
 def _check_limits(value: Any, limits: tuple[Any, ...], where: str) -> None:
-    for limit in limits:
+    # Sizes first, whatever order the annotation lists them in: a pattern runs only over
+    # a value already known to be short.
+    for limit in sorted(limits, key=lambda limit: isinstance(limit, Pattern)):
         if isinstance(limit, MaxLen) and len(value) > limit.limit:
             raise ProtocolError(f"{where}: longer than {limit.limit}")
         if isinstance(limit, Size) and len(value) != limit.size:
@@ -179,6 +210,10 @@ def _check_limits(value: Any, limits: tuple[Any, ...], where: str) -> None:
             raise ProtocolError(f"{where}: out of range")
         if isinstance(limit, Pattern) and not limit.matches(value):
             raise ProtocolError(f"{where}: not a valid value")
+    # No NUL in any text: C strings, SQL full-text queries and PostgreSQL's text type
+    # cannot hold it, and no name, term or message needs it.
+    if isinstance(value, str) and "\0" in value:
+        raise ProtocolError(f"{where}: contains a NUL character")
 
 
 def _prefix(key: Any) -> Any:
@@ -189,7 +224,7 @@ def from_wire(cls: type[R], value: Any, where: str = "message") -> R:
     """Validate a decoded map into a `cls` record or raise `ProtocolError`."""
     if not isinstance(value, dict):
         raise ProtocolError(f"{where}: expected a map")
-    hints = _hints(cls)
+    hints = wire_fields(cls)
     unknown = set(value) - set(hints)
     if unknown:
         # str keys first, in order; bytes keys (msgpack allows them) must not break sorting.

@@ -67,7 +67,7 @@ def decode_manifest(data: bytes) -> Manifest:
     manifest = from_wire(Manifest, unpack(data), "manifest")
     if len(manifest.chunk_hashes) != manifest.chunk_count * HASH_SIZE:
         raise ProtocolError("manifest: chunk hashes do not match the file size")
-    if not manifest.name or "\0" in manifest.name or len(manifest.name.encode()) > MAX_NAME_BYTES:
+    if not manifest.name or len(manifest.name.encode()) > MAX_NAME_BYTES:  # NUL: the codec
         raise ProtocolError("manifest: invalid file name")
     return manifest
 

@@ -36,9 +36,9 @@ PORT_PATTERN = (
 ENDPOINT_PATTERN = rf"tcp://{HOST_PATTERN}:{PORT_PATTERN}"
 FILE_ID_PATTERN = r"[0-9a-f]{32}"
 
-Username = Annotated[str, Pattern(USERNAME_PATTERN)]
-FileId = Annotated[str, Pattern(FILE_ID_PATTERN)]
-Endpoint = Annotated[str, Pattern(ENDPOINT_PATTERN), MaxLen(300)]
+Username = Annotated[str, MaxLen(32), Pattern(USERNAME_PATTERN)]
+FileId = Annotated[str, MaxLen(32), Pattern(FILE_ID_PATTERN)]
+Endpoint = Annotated[str, MaxLen(300), Pattern(ENDPOINT_PATTERN)]
 Token = Annotated[str, MaxLen(128)]
 Password = Annotated[str, MaxLen(1024)]  # the bcrypt limit is checked with a clear message
 Signature = Annotated[bytes, MaxLen(1024)]

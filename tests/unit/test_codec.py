@@ -34,12 +34,12 @@ class Sample(Record):
     blob: Annotated[bytes, MaxLen(16)]
     number: int
     flag: bool
-    code: Annotated[str, Pattern(r"[a-z]{3}")]
+    code: Annotated[str, MaxLen(3), Pattern(r"[a-z]{3}")]
     inner: Inner
     items: Annotated[list[Annotated[str, MaxLen(3)]], MaxLen(3)]
     maybe: Annotated[int, Range(1, 5)] | None
-    children: list[Inner] = dataclasses.field(default_factory=list)
-    note: str = "default"
+    children: Annotated[list[Inner], MaxLen(4)] = dataclasses.field(default_factory=list)
+    note: Annotated[str, MaxLen(64)] = "default"
 
 
 @dataclass(frozen=True)
@@ -254,12 +254,12 @@ def test_values_at_the_limit_are_accepted(field: str, good: Any) -> None:
         ("blob", b"\x00" * 17, "longer than 16"),
         ("items", ["a", "b", "c", "d"], "longer than 3"),
         ("items", ["abcd"], "longer than 3"),
-        ("code", "abcd", "not a valid value"),
+        ("code", "abcd", "longer than 3"),  # sizes are checked before patterns
         ("code", "ab", "not a valid value"),
         ("code", "ABC", "not a valid value"),
         ("code", "", "not a valid value"),
-        ("code", "abc\n", "not a valid value"),  # the whole value must match
-        ("code", " abc", "not a valid value"),
+        ("code", "ab\n", "not a valid value"),  # the whole value must match
+        ("code", " ab", "not a valid value"),
     ],
 )
 def test_values_over_the_limit_are_refused(field: str, bad: Any, why: str) -> None:
@@ -485,3 +485,69 @@ def _envelopes(draw: st.DrawFn) -> dict[str, Any]:
 def test_structured_envelopes_only_raise_protocol_error(envelope: dict[str, Any]) -> None:
     with contextlib.suppress(ProtocolError):
         _decode_broker_request(pack(envelope))
+
+
+# --- bounded work: sizes before patterns, every field bounded, no NUL ----------------------
+
+
+def all_records() -> list[type[Record]]:
+    """Every record type of the package, found by importing all its modules."""
+    import importlib
+    import pkgutil
+
+    for package in ("sfs.common", "sfs.broker", "sfs.peer"):
+        path = importlib.import_module(package).__path__
+        for module in pkgutil.walk_packages(path, f"{package}."):
+            if not module.name.endswith(".__main__"):  # that one runs the CLI
+                importlib.import_module(module.name)
+    found: list[type[Record]] = []
+    pending = list(Record.__subclasses__())
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        if cls.__module__.startswith("sfs."):
+            found.append(cls)
+    return found
+
+
+def test_every_wire_record_bounds_every_text_bytes_and_list_field() -> None:
+    records = all_records()
+    assert {"Heartbeat", "Manifest", "KeyBundle", "Hello"} <= {cls.__name__ for cls in records}
+    for cls in records:
+        codec.wire_fields(cls)  # raises TypeError for a field without MaxLen or Size
+
+
+def test_a_record_with_an_unbounded_field_is_refused_when_used() -> None:
+    @dataclass(frozen=True)
+    class Unbounded(Record):
+        text: Annotated[str, Pattern(r"a+")]
+
+    with pytest.raises(TypeError, match=r"Unbounded\.text: .* needs a MaxLen or Size"):
+        from_wire(Unbounded, {"text": "aaa"})
+
+
+def test_a_pattern_never_runs_over_more_than_the_size_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen: list[int] = []
+    real = Pattern.matches
+
+    def matches(self: Pattern, text: str) -> bool:
+        seen.append(len(text))
+        return real(self, text)
+
+    monkeypatch.setattr(Pattern, "matches", matches)
+    endpoint = "tcp://" + "a." * 500_000
+    with pytest.raises(ProtocolError, match="endpoint: longer than 300"):
+        from_wire(protocol.Heartbeat, {"token": "t", "endpoint": endpoint})
+    assert seen == []
+    from_wire(protocol.Heartbeat, {"token": "t", "endpoint": "tcp://host:1"})
+    assert seen == [len("tcp://host:1")]
+
+
+@pytest.mark.parametrize("text", ["\0", "a\0", "\0b", "al\0ce"])
+def test_nul_is_refused_in_any_text(text: str) -> None:
+    with pytest.raises(ProtocolError, match="name: contains a NUL character"):
+        from_wire(Sample, wire(name=text))
+    with pytest.raises(ProtocolError, match=r"items\[0\]: contains a NUL character"):
+        from_wire(Sample, wire(items=[text[:3]]))
