@@ -22,6 +22,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from sfs.common import crypto
 from sfs.common.cli import (
     ConfigOption,
     DebugOption,
@@ -31,6 +32,7 @@ from sfs.common.cli import (
     install_signal_handlers,
     new_app,
     print_json,
+    printable,
     run,
     stderr,
     stdout,
@@ -40,6 +42,7 @@ from sfs.common.errors import UsageError
 from sfs.common.identity import format_fingerprint, parse_fingerprint
 from sfs.peer.download import DownloadProgress
 from sfs.peer.node import Peer
+from sfs.peer.pins import ConfirmReplace, Pin
 from sfs.peer.registry import Share
 
 app = new_app("An sfs peer: share files, find them, and download them directly from their owners.")
@@ -437,14 +440,93 @@ def trust(
     config: ConfigOption,
     username: Annotated[str, typer.Argument(show_default=False)],
     fingerprint: Annotated[str, typer.Argument(show_default=False)],
+    replace: Annotated[
+        bool,
+        typer.Option(
+            "--replace",
+            help="Replace a pin to another fingerprint (without it: refused, or asked).",
+        ),
+    ] = False,
+    allow_unknown: Annotated[
+        bool,
+        typer.Option(
+            "--allow-unknown",
+            help="Pin even if the broker does not know USER, or cannot be asked"
+            " (not logged in, not answering).",
+        ),
+    ] = False,
+    json: JsonOption = False,
     debug: DebugOption = False,
 ) -> None:
     """Pin USER to FINGERPRINT (after checking it with them another way)."""
+    wanted = parse_fingerprint(fingerprint)
+    # Asked only on a terminal: a script gets a refusal, never a prompt it cannot answer.
+    ask = None if replace or json or not sys.stdin.isatty() else _ask_to_replace(wanted)
     with _peer(config) as peer:
-        peer.trust(username, parse_fingerprint(fingerprint))
-    stdout.print(
-        f"{username} is now pinned to {format_fingerprint(parse_fingerprint(fingerprint))}"
-    )
+        done = peer.trust(
+            username, wanted, replace=replace, allow_unknown=allow_unknown, confirm=ask
+        )
+    previous = done.previous
+    if json:
+        print_json(
+            {
+                "username": done.username,
+                "fingerprint": format_fingerprint(done.fingerprint),
+                "previous": format_fingerprint(previous.fingerprint) if previous else None,
+                "changed": done.changed,
+                "broker": done.broker,
+                "broker_fingerprint": format_fingerprint(done.served) if done.served else None,
+            }
+        )
+    elif not done.changed:
+        stdout.print(f"{username} was already pinned to {format_fingerprint(wanted)}")
+    else:
+        stdout.print(f"{username} is now pinned to {format_fingerprint(wanted)}")
+        if previous is not None:
+            stdout.print(f"replaced the pin to {_pin_text(previous)}")
+    if done.broker == "same" and not json:
+        stdout.print(f"the broker serves this same key for {username}")
+    elif done.broker == "different" and done.served is not None:
+        _warn(
+            f"the broker serves another key for {username}: {format_fingerprint(done.served)};"
+            f" {username}'s files and requests are refused until the two match"
+        )
+    elif done.note is not None:
+        _warn(f"not checked with the broker: {done.note}")
+
+
+def _pin_text(pin: Pin) -> str:
+    return f"{format_fingerprint(pin.fingerprint)} ({pin.source}, {_when(pin.pinned_at)})"
+
+
+def _warn(message: str) -> None:
+    # Not the rich console: one line however wide, for scripts that read it.
+    print(f"warning: {printable(message)}", file=sys.stderr)
+
+
+def _ask_to_replace(wanted: bytes) -> ConfirmReplace:
+    def ask(pin: Pin, served: bytes | None) -> bool:
+        stderr.print(f"{pin.username} is pinned to another key:")
+        stderr.print(f"  pinned:            {_pin_text(pin)}")
+        stderr.print(f"  new:               {format_fingerprint(wanted)}")
+        if served is not None:
+            which = (
+                "the new one"
+                if crypto.same_bytes(served, wanted)
+                else "the pinned one"
+                if crypto.same_bytes(served, pin.fingerprint)
+                else "neither"
+            )
+            stderr.print(f"  broker serves:     {format_fingerprint(served)} ({which})")
+        print(
+            f"replace the pin of {pin.username}? (check the new key with them first) [y/N] ",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
+        return sys.stdin.readline().strip().lower() in ("y", "yes")  # end of input: no
+
+    return ask
 
 
 def main() -> None:

@@ -22,14 +22,14 @@ import zmq
 
 from sfs.common import crypto, protocol
 from sfs.common.config import PeerConfig
-from sfs.common.errors import RemoteError, SfsError, UsageError
+from sfs.common.errors import RemoteError, SfsError, TransportError, UsageError
 from sfs.common.identity import format_fingerprint
 from sfs.common.manifest import decode_manifest, file_id_of
 from sfs.common.protocol import ErrorCode
 from sfs.peer import keys, session
 from sfs.peer.client import BrokerClient
 from sfs.peer.download import Downloader, DownloadProgress, DownloadResult
-from sfs.peer.pins import Pin, PinStore
+from sfs.peer.pins import ConfirmReplace, Pin, PinConflict, PinStore, Trusted
 from sfs.peer.registry import Share, ShareRegistry
 from sfs.peer.requesters import RequesterCheck
 from sfs.peer.server import Heartbeat, PeerServer
@@ -295,9 +295,57 @@ class Peer:
     def peers(self) -> list[Pin]:
         return self.pins.all()
 
-    def trust(self, username: str, fingerprint: bytes) -> None:
+    def trust(
+        self,
+        username: str,
+        fingerprint: bytes,
+        *,
+        replace: bool = False,
+        allow_unknown: bool = False,
+        confirm: ConfirmReplace | None = None,
+    ) -> Trusted:
+        """Pin `username` to `fingerprint`, once the broker says it knows the user (and
+        which key it serves). A user the broker does not know, or a broker that cannot be
+        asked, is refused unless `allow_unknown`. A pin to another key is replaced only
+        with `replace`, or if `confirm` says yes; otherwise `PinConflict`, pin kept."""
         check_usernames([username])
-        self.pins.trust(username, fingerprint)
+        served: bytes | None = None
+        broker, note = "not asked", None  # or why not
+        try:
+            with self._authenticated():
+                served = self.broker.bundle(self._token(), username).fingerprint()
+        except session.NotLoggedIn as exc:
+            if not allow_unknown:
+                raise session.NotLoggedIn(
+                    f"cannot ask the broker whether it knows {username}: {exc}, or add"
+                    f" --allow-unknown to pin {username} without asking"
+                ) from exc
+            note = str(exc)
+        except TransportError as exc:
+            if not allow_unknown:
+                raise TransportError(
+                    f"{exc}; add --allow-unknown to pin {username} without asking the broker"
+                ) from exc
+            note = str(exc)
+        except RemoteError as exc:
+            if exc.code != ErrorCode.NOT_FOUND:
+                raise
+            if not allow_unknown:
+                raise UsageError(
+                    f"the broker does not know the user {username}; check the name, or add"
+                    " --allow-unknown to pin it anyway"
+                ) from exc
+            broker, note = "unknown user", f"it does not know {username}"
+        try:
+            previous = self.pins.trust(username, fingerprint, replace=replace)
+        except PinConflict as conflict:
+            if confirm is None or not confirm(conflict.pin, served):
+                raise
+            # Only the pin the user was shown: another `trust` may have changed it since.
+            previous = self.pins.trust(username, fingerprint, replace=conflict.pin.fingerprint)
+        if served is not None:
+            broker = "same" if crypto.same_bytes(served, fingerprint) else "different"
+        return Trusted(username, fingerprint, previous, broker, served, note)
 
     # --- serving -----------------------------------------------------------------------
 

@@ -1,5 +1,8 @@
 """Pinned fingerprints, like SSH's known_hosts: the first key bundle seen for a user is
-pinned; a different one later is refused until the user trusts it explicitly.
+pinned; a different one later is refused until the user trusts it explicitly. Trusting
+never replaces a pin silently: `trust` refuses a different fingerprint unless asked to
+replace it, so that a message like "bob has a new key, trust XXXX" needs a second,
+deliberate step.
 
 Stored in data_dir/pins.json as {username: {"fingerprint": hex, "source": ...}}.
 """
@@ -8,7 +11,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from sfs.common import crypto
@@ -23,6 +28,27 @@ class Pin:
     fingerprint: bytes
     source: str  # "first use" or "trusted by hand"
     pinned_at: int
+
+
+# Asked before a pin to another key is replaced: (the pin there is, the fingerprint of
+# the key the broker serves for that user, if it was asked) -> replace it?
+ConfirmReplace = Callable[[Pin, bytes | None], bool]
+
+
+@dataclass(frozen=True)
+class Trusted:
+    """What `sfs-peer trust` did, and what the broker said about it."""
+
+    username: str
+    fingerprint: bytes
+    previous: Pin | None  # the pin there was, if any
+    broker: str  # "same", "different", "unknown user" or "not asked"
+    served: bytes | None  # the fingerprint of the key the broker serves for the user
+    note: str | None = None  # why the broker was not asked
+
+    @property
+    def changed(self) -> bool:
+        return self.previous is None or self.previous.fingerprint != self.fingerprint
 
 
 class PinStore:
@@ -78,12 +104,43 @@ class PinStore:
                 f"the key of {username} has changed: pinned {format_fingerprint(pin.fingerprint)}, "
                 f"now offered {format_fingerprint(fingerprint)}. If {username} really has a new "
                 f"key (check with them), run: sfs-peer trust {username} "
-                f"{format_fingerprint(fingerprint)}"
+                f"{format_fingerprint(fingerprint)} --replace"
             )
         return False
 
-    def trust(self, username: str, fingerprint: bytes) -> None:
+    def trust(
+        self, username: str, fingerprint: bytes, *, replace: bool | bytes = False
+    ) -> Pin | None:
+        """Pin `username` to `fingerprint` by hand; return the pin there was (None if none).
+
+        A pin to another fingerprint is replaced only with `replace`: True replaces any
+        pin, bytes only a pin to exactly that fingerprint (the one the user was shown).
+        Otherwise `PinConflict` is raised and the pin is kept. Trusting the pinned
+        fingerprint again changes only its source, to "trusted by hand"."""
         with locked(self._path):
             pins = self._load()
-            pins[username] = Pin(username, fingerprint, "trusted by hand", int(time.time()))
+            previous = pins.get(username)
+            since = int(time.time())
+            if previous is not None and crypto.same_bytes(previous.fingerprint, fingerprint):
+                since = previous.pinned_at
+            elif previous is not None:
+                shown = replace if isinstance(replace, bytes) else previous.fingerprint
+                if replace is False or not crypto.same_bytes(previous.fingerprint, shown):
+                    raise PinConflict(previous, fingerprint)
+            pins[username] = Pin(username, fingerprint, "trusted by hand", since)
             self._save(pins)
+        return previous
+
+
+class PinConflict(TrustError):
+    """A user is pinned to another fingerprint than the one to trust; `pin` is kept."""
+
+    def __init__(self, pin: Pin, fingerprint: bytes) -> None:
+        since = datetime.fromtimestamp(pin.pinned_at, UTC).strftime("%Y-%m-%d")
+        super().__init__(
+            f"{pin.username} is pinned to {format_fingerprint(pin.fingerprint)} ({pin.source},"
+            f" {since}), not {format_fingerprint(fingerprint)}; if {pin.username} really has"
+            " a new key (check with them), run again with --replace"
+        )
+        self.pin = pin
+        self.fingerprint = fingerprint

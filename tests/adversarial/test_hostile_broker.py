@@ -271,7 +271,7 @@ def test_substituted_owner_key_is_refused_by_the_pin_before_contact(
 
     assert one_line_error(result) == (
         f"error: the key of alice has changed: pinned {old}, now offered {new}. If alice "
-        f"really has a new key (check with them), run: sfs-peer trust alice {new}"
+        f"really has a new key (check with them), run: sfs-peer trust alice {new} --replace"
     )
     assert result.returncode == 4
     assert snapshot(bob.download_dir) == before

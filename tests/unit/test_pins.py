@@ -1,4 +1,5 @@
-"""sfs.peer.pins: trust on first use, refusal of a changed key, explicit re-trust."""
+"""sfs.peer.pins: trust on first use, refusal of a changed key, explicit re-trust that
+never replaces a pin unless asked to."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 
 from sfs.common.errors import StorageError, TrustError
 from sfs.common.identity import KeyBundle, format_fingerprint
-from sfs.peer.pins import PinStore
+from sfs.peer.pins import PinConflict, PinStore
 
 
 @pytest.fixture
@@ -51,7 +52,7 @@ def test_a_changed_key_is_refused_with_both_fingerprints_and_the_fix(
     )
     assert old in message
     assert new in message
-    assert f"sfs-peer trust alice {new}" in message
+    assert message.endswith(f"sfs-peer trust alice {new} --replace")
     pin = pins.get("alice")
     assert pin is not None
     assert pin.fingerprint == bundle.fingerprint()  # the refusal changed nothing
@@ -72,9 +73,52 @@ def test_pins_are_per_user(pins: PinStore, bundle: KeyBundle, other_bundle: KeyB
         pins.check("bob", bundle)
 
 
+def test_trust_refuses_to_replace_a_pin_to_another_key(
+    pins: PinStore, bundle: KeyBundle, other_bundle: KeyBundle
+) -> None:
+    pins.check("alice", bundle)
+    with pytest.raises(PinConflict) as caught:
+        pins.trust("alice", other_bundle.fingerprint())
+    message = str(caught.value)
+    assert format_fingerprint(bundle.fingerprint()) in message
+    assert format_fingerprint(other_bundle.fingerprint()) in message
+    assert "(first use, " in message and message.endswith("run again with --replace")
+    assert caught.value.pin == pins.get("alice")
+    assert caught.value.exit_code == 4  # a TrustError
+    pin = pins.get("alice")
+    assert pin is not None and pin.fingerprint == bundle.fingerprint()
+    assert pin.source == "first use"
+
+
+def test_trust_replaces_only_the_pin_that_was_shown(
+    pins: PinStore, bundle: KeyBundle, other_bundle: KeyBundle
+) -> None:
+    """`replace=<fingerprint>`: what a yes on the terminal replaces; if another `trust`
+    changed the pin while the question was asked, the answer does not apply to it."""
+    pins.check("alice", bundle)
+    with pytest.raises(PinConflict):
+        pins.trust("alice", other_bundle.fingerprint(), replace=b"\x01" * 32)
+    assert pins.check("alice", bundle) is False
+    previous = pins.trust("alice", other_bundle.fingerprint(), replace=bundle.fingerprint())
+    assert previous is not None and previous.fingerprint == bundle.fingerprint()
+    assert pins.check("alice", other_bundle) is False
+
+
+def test_trusting_the_pinned_key_again_marks_it_checked(pins: PinStore, bundle: KeyBundle) -> None:
+    pins.check("alice", bundle)
+    first = pins.get("alice")
+    assert first is not None
+    assert pins.trust("alice", bundle.fingerprint()) == first
+    again = pins.get("alice")
+    assert again is not None
+    assert (again.fingerprint, again.pinned_at) == (first.fingerprint, first.pinned_at)
+    assert again.source == "trusted by hand"
+
+
 def test_trust_replaces_the_pin(pins: PinStore, bundle: KeyBundle, other_bundle: KeyBundle) -> None:
     pins.check("alice", bundle)
-    pins.trust("alice", other_bundle.fingerprint())
+    previous = pins.trust("alice", other_bundle.fingerprint(), replace=True)
+    assert previous is not None and previous.fingerprint == bundle.fingerprint()
     pin = pins.get("alice")
     assert pin is not None
     assert pin.fingerprint == other_bundle.fingerprint()
@@ -85,7 +129,7 @@ def test_trust_replaces_the_pin(pins: PinStore, bundle: KeyBundle, other_bundle:
 
 
 def test_trust_before_first_use(pins: PinStore, bundle: KeyBundle, other_bundle: KeyBundle) -> None:
-    pins.trust("carol", bundle.fingerprint())
+    assert pins.trust("carol", bundle.fingerprint()) is None
     assert pins.check("carol", bundle) is False
     with pytest.raises(TrustError):
         pins.check("carol", other_bundle)
