@@ -1,6 +1,7 @@
 """Search at scale: the broker's store with a million files, timed per kind of query.
 
     .venv/bin/python -m bench.search [--files 1000000] [--queries 400] [--seed 1]
+    .venv/bin/python -m bench.search --blind-only  # the second part alone (~1 min)
     .venv/bin/python -m bench --only search        # the same, as a section of results.md
 
 Fills a `SqliteStore` in a temporary folder with generated files (names and keywords
@@ -9,6 +10,10 @@ sharers, a fifth of the files private with an access list, and one user, `audito
 the access list of half of those), then times searches of several kinds, each asked by
 `SqliteStore.search` directly and through `BrokerService.handle` (decode, session
 check, search, encode the reply).
+
+Then a second, smaller store for the costliest caller: one who can see none of 50,000
+private files of other users, so that every search looks at every file and answers
+nothing. It times an empty query and one of eight one-letter terms.
 """
 
 from __future__ import annotations
@@ -59,6 +64,9 @@ EXTENSIONS = ["pdf"] * 6 + ["docx"] * 4 + ["jpg"] * 5 + ["txt", "png", "xlsx", "
 EXTENSIONS += ["tar.gz", "mp4", "csv", "py", "md", "odt", "mkv", "flac"]
 SYLLABLES = [c + v for c in "bdklmnprstv" for v in "aeiou"]
 RARE_PAIRS = ["qz", "zq", "xj", "jx", "qk", "wq"]  # never made by the generator
+BLIND_FILES = 50_000  # all private, none visible to the caller
+BLIND_REPEATS = 40  # searches of each kind
+ONE_LETTER_TERMS = ["a", "e", "i", "o", "n", "r", "s", "t"]  # the most a query may hold
 
 
 @dataclass(frozen=True)
@@ -116,8 +124,17 @@ def file_names(rng: random.Random, corpus: Corpus) -> Iterator[str]:
             yield f"scan{rng.randint(0, 99999):05}.pdf"
 
 
-def fill(store: SqliteStore, files: int, rng: random.Random, corpus: Corpus) -> list[User]:
-    """Users, then `files` files in batches, written as `add_file` writes them."""
+def fill(
+    store: SqliteStore,
+    files: int,
+    rng: random.Random,
+    corpus: Corpus,
+    private_share: float = PRIVATE_SHARE,
+    auditor_share: float = AUDITOR_SHARE,
+) -> list[User]:
+    """Users, then `files` files in batches, written as `add_file` writes them; the last
+    user is `auditor`, who owns nothing. `private_share`: of files with an access list;
+    `auditor_share`: of those that list the auditor."""
     users = [
         store.add_user(
             f"user{n:03}", b"bench-hash", KeyBundle(b"rsa-%d" % n, bytes(31) + bytes([n])), 1
@@ -142,10 +159,10 @@ def fill(store: SqliteStore, files: int, rng: random.Random, corpus: Corpus) -> 
             keywords = rng.choices(
                 corpus.vocabulary, cum_weights=corpus.cum_weights, k=rng.choice((0, 1, 1, 2, 3))
             )
-            public = rng.random() >= PRIVATE_SHARE
+            public = rng.random() >= private_share
             if not public:
                 readers = {u.id for u in rng.sample(owners, rng.randint(0, 5))} - {owner.id}
-                if rng.random() < AUDITOR_SHARE:
+                if rng.random() < auditor_share:
                     readers.add(users[-1].id)
                 access += [(file_id, reader) for reader in readers]
             manifest = rng.randbytes(rng.randint(200, 400))
@@ -304,10 +321,17 @@ def render(args: argparse.Namespace, timings: Timings, setup: dict[str, str]) ->
 
 
 def run(args: argparse.Namespace) -> str:
-    """The markdown section; `args.files`, `args.queries`, `args.seed` (with defaults, since
-    `python -m bench` passes its own arguments)."""
+    """The markdown section; `args.files`, `args.queries`, `args.seed`, `args.blind_only`
+    (with defaults, since `python -m bench` passes its own arguments)."""
     args.files = getattr(args, "files", DEFAULT_FILES)
     args.queries = getattr(args, "queries", DEFAULT_QUERIES)
+    blind = run_blind(getattr(args, "seed", 1))
+    if getattr(args, "blind_only", False):
+        return f"## Search\n\n{blind}"
+    return run_main(args) + "\n" + blind
+
+
+def run_main(args: argparse.Namespace) -> str:
     rng = random.Random(getattr(args, "seed", 1))  # noqa: S311 (made-up data, not secrets)
     with tempfile.TemporaryDirectory(prefix="sfs-bench-search-") as tmp:
         path = Path(tmp) / "broker.db"
@@ -341,11 +365,69 @@ def run(args: argparse.Namespace) -> str:
     return render(args, timings, setup)
 
 
+# --- a caller who can see nothing ------------------------------------------------------------
+
+
+def run_blind(seed: int) -> str:
+    """The markdown subsection: `BLIND_FILES` private files of other users, searched by
+    the one user on none of their access lists."""
+    rng = random.Random(seed)  # noqa: S311 (made-up data, not secrets)
+    with tempfile.TemporaryDirectory(prefix="sfs-bench-search-blind-") as tmp:
+        store = SqliteStore(Path(tmp) / "broker.db")
+        try:
+            load = os.getloadavg()
+            users = fill(
+                store, BLIND_FILES, rng, make_corpus(rng), private_share=1.0, auditor_share=0.0
+            )
+            outsider = users[-1]  # `auditor`: here on no access list, and owns nothing
+            kinds = [
+                Query("empty", outsider, []),
+                Query(f"eight one-letter terms (`{' '.join(ONE_LETTER_TERMS)}`)", outsider,
+                      ONE_LETTER_TERMS),
+            ]  # fmt: skip
+            warm_page_cache(Path(tmp))
+            gc.collect()
+            gc.freeze()
+            time_queries(store, users, kinds * 3)  # warm SQLite's caches
+            timings = time_queries(store, users, kinds * BLIND_REPEATS)
+            gc.unfreeze()
+        finally:
+            store.close()
+    if any(any(counts) for counts in timings.hits.values()):
+        raise BenchError("the outsider found files: the blind scenario is not blind")
+    lines = [
+        f"### A caller who can see none of {BLIND_FILES:,} files",
+        "",
+        f"{BLIND_FILES:,} files of {USERS - 1} users, every one private (an access list of"
+        " up to 5 of the others), searched by a user on none of the lists who owns nothing:"
+        " each search looks at every file and answers nothing. The costliest caller per"
+        f" file today; the time grows with the files. {BLIND_REPEATS} searches of each kind,"
+        " alternating, after a warm-up. Times in ms, columns as above.",
+        "",
+        "| query | n | store p50 | store p99 | handle p50 | handle p99 | hits |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for query in kinds:
+        store_times, served = timings.store[query.kind], timings.service[query.kind]
+        lines.append(
+            f"| {query.kind} | {len(store_times)} | {ms(percentile(store_times, 50))}"
+            f" | {ms(percentile(store_times, 99))} | {ms(percentile(served, 50))}"
+            f" | {ms(percentile(served, 99))} | 0 |"
+        )
+    lines += ["", f"- load average before / after: {fmt_load(load)} / {fmt_load(os.getloadavg())}"]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--files", type=int, default=DEFAULT_FILES, help="files to index")
     parser.add_argument("--queries", type=int, default=DEFAULT_QUERIES, help="searches to time")
     parser.add_argument("--seed", type=int, default=1, help="for the generated data")
+    parser.add_argument(
+        "--blind-only",
+        action="store_true",
+        help=f"only the caller who sees none of {BLIND_FILES:,} private files",
+    )
     print(run(parser.parse_args()), end="")
 
 
