@@ -69,6 +69,10 @@ def serve(config: ConfigOption, debug: DebugOption = False) -> None:
                 login_attempts=settings.login_attempts,
                 login_lockout=settings.login_lockout,
                 bcrypt_slots=max(1, settings.workers - 1),
+                registrations_per_key=settings.registrations_per_key,
+                registrations_per_address=settings.registrations_per_address,
+                quota_files=settings.quota_files,
+                quota_manifest_mib=settings.quota_manifest_mib,
             ),
         )
         server = BrokerServer(service, settings.bind, secret, public, settings.workers)

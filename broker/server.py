@@ -4,6 +4,7 @@ The ZeroMQ guide's load-balancing pattern: the main loop reads the frontend only
 a worker is free, hands each request to the least recently used worker over inproc,
 and routes the reply back. bcrypt and SQL run in the workers, so they never stall the
 socket loop. A frame with an unexpected shape is dropped; everything else is answered.
+Each request reaches its worker with the sender's CurveZMQ key and source IP address.
 """
 
 from __future__ import annotations
@@ -34,6 +35,16 @@ REQUEST_QUEUE_LIMIT = 2
 # carries a manifest of up to 9 MiB) and never reads them cannot pile them up here.
 # Clients keep one request in flight; 8 leaves room for a little pipelining.
 REPLY_QUEUE_LIMIT = 8
+
+
+def peer_address(frame: zmq.Frame) -> str:
+    """The sender's IP address as ZeroMQ saw it ("" if unknown): the per-address limits
+    on registration count by it."""
+    try:
+        address = frame.get("Peer-Address")
+    except zmq.ZMQError:
+        return ""
+    return str(address or "")[:100]
 
 
 class BrokerServer:
@@ -137,7 +148,13 @@ class BrokerServer:
                 tag = sequence.to_bytes(8, "big")
                 routes[tag] = [frames[0].bytes, *(f.bytes for f in prefix)]
                 backend.send_multipart(
-                    [ready.popleft(), tag, client_key(payload) or b"", payload.bytes]
+                    [
+                        ready.popleft(),
+                        tag,
+                        client_key(payload) or b"",
+                        peer_address(payload).encode(),
+                        payload.bytes,
+                    ]
                 )
 
     def _work(self, context: zmq.Context[zmq.Socket[bytes]]) -> None:
@@ -149,8 +166,8 @@ class BrokerServer:
             while not self._stop.is_set():
                 if not sock.poll(_POLL_MS):
                     continue
-                tag, client_key, payload = sock.recv_multipart()
-                reply = self._service.handle(payload, client_key or None)
+                tag, client_key, address, payload = sock.recv_multipart()
+                reply = self._service.handle(payload, client_key or None, address.decode() or None)
                 sock.send_multipart([tag, reply])
         finally:
             sock.close(linger=0)

@@ -2,20 +2,28 @@
 
 `BrokerService.handle` never raises: a frame that cannot be decoded, a request that is
 refused and a bug all become error replies, so one bad client cannot stop the broker.
-It is called from worker threads; the store and the challenge table are thread-safe.
+It is called from worker threads; the store and the limits' state are thread-safe.
+The limits (login throttle, registrations, challenges) are policies of
+`sfs.broker.throttle`: the handlers only call them.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sfs.broker.store import FileEntry, Store, User, UsernameTaken
-from sfs.broker.throttle import BcryptSlots, LoginThrottle
+from sfs.broker.store import FileEntry, Quota, QuotaExceeded, Store, User, UsernameTaken
+from sfs.broker.throttle import (
+    BcryptSlots,
+    Challenges,
+    LimitState,
+    LoginThrottle,
+    MemoryLimits,
+    RegistrationLimit,
+)
 from sfs.common import crypto, protocol
 from sfs.common.codec import Record
 from sfs.common.errors import IntegrityError, ProtocolError, SfsError, UsageError
@@ -25,8 +33,7 @@ from sfs.common.protocol import ErrorCode, Refused
 log = logging.getLogger("sfs.broker")
 
 LOGIN_REFUSED = "wrong username or password (or this device's keys are not the registered ones)"
-CHALLENGE_TTL = 60
-MAX_PENDING_CHALLENGES = 10_000
+MiB = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -37,32 +44,19 @@ class BrokerSettings:
     login_attempts: int = 5  # failed logins per username or client key before a lockout
     login_lockout: int = 30  # seconds, doubling with each further failure
     bcrypt_slots: int = 3  # workers that may run bcrypt at once; keep one for the rest
+    # Registrations per hour; a source address may also hold that many challenges at once.
+    registrations_per_key: int = 10
+    registrations_per_address: int = 200
+    quota_files: int = 100_000  # files shared per user
+    quota_manifest_mib: int = 1024  # bytes of their manifests per user, in MiB
 
 
-class Challenges:
-    """Single-use registration challenges, each bound to the client key it was issued to."""
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a request, as the transport saw it."""
 
-    def __init__(self, clock: Callable[[], float]) -> None:
-        self._clock = clock
-        self._pending: dict[bytes, tuple[float, bytes | None]] = {}
-        self._lock = threading.Lock()
-
-    def issue(self, client_key: bytes | None) -> bytes:
-        now = self._clock()
-        with self._lock:
-            if len(self._pending) >= MAX_PENDING_CHALLENGES:
-                self._pending = {c: v for c, v in self._pending.items() if v[0] > now}
-                if len(self._pending) >= MAX_PENDING_CHALLENGES:
-                    raise Refused(ErrorCode.BUSY, "too many registrations in progress; retry")
-            challenge = crypto.random_bytes(32)
-            self._pending[challenge] = (now + CHALLENGE_TTL, client_key)
-            return challenge
-
-    def redeem(self, challenge: bytes, client_key: bytes | None) -> None:
-        with self._lock:
-            entry = self._pending.pop(challenge, None)
-        if entry is None or entry[0] <= self._clock() or entry[1] != client_key:
-            raise Refused(ErrorCode.UNAUTHORIZED, "unknown or expired registration challenge")
+    key: bytes | None  # the CurveZMQ public key
+    address: str | None = None  # the source IP address (ZeroMQ's Peer-Address)
 
 
 class BrokerService:
@@ -71,17 +65,26 @@ class BrokerService:
         store: Store,
         settings: BrokerSettings,
         clock: Callable[[], float] = time.time,
+        limits: LimitState | None = None,
     ) -> None:
+        """`limits`: where throttle counts and pending challenges live (in memory if None)."""
         self.store = store
         self.settings = settings
         self._clock = clock
-        self._challenges = Challenges(clock)
-        self._throttle = LoginThrottle(clock, settings.login_attempts, settings.login_lockout)
+        state = limits or MemoryLimits()
+        self._challenges = Challenges(state, clock, settings.registrations_per_address)
+        self._registrations = RegistrationLimit(
+            state, clock, settings.registrations_per_key, settings.registrations_per_address
+        )
+        self._throttle = LoginThrottle(
+            state, clock, settings.login_attempts, settings.login_lockout
+        )
+        self._quota = Quota(settings.quota_files, settings.quota_manifest_mib * MiB)
         self._bcrypt = BcryptSlots(settings.bcrypt_slots)
         # Unknown users are checked against this hash so they cost as much as known ones.
         self._dummy_hash = crypto.hash_password("not a real password", settings.bcrypt_rounds)
         # Each handler takes the request record its key names.
-        self._handlers: dict[type[Record], Callable[[Any, bytes | None], Record]] = {
+        self._handlers: dict[type[Record], Callable[[Any, Caller], Record]] = {
             protocol.Ping: self._ping,
             protocol.GetChallenge: self._challenge,
             protocol.Register: self._register,
@@ -103,14 +106,15 @@ class BrokerService:
 
     # --- dispatch ------------------------------------------------------------------------
 
-    def handle(self, frame: bytes, client_key: bytes | None) -> bytes:
-        """Answer one request frame. `client_key`: the CurveZMQ key of the sender."""
+    def handle(self, frame: bytes, client_key: bytes | None, address: str | None = None) -> bytes:
+        """Answer one request frame. `client_key`: the CurveZMQ key of the sender;
+        `address`: its source IP address (None: unknown, counted as one address)."""
         rid = 0
         try:
             envelope = protocol.decode_envelope(frame)
             rid = envelope.rid
             request = protocol.decode_body(envelope, protocol.BROKER_REQUESTS)
-            result = self._handlers[type(request)](request, client_key)
+            result = self._handlers[type(request)](request, Caller(client_key, address))
             return protocol.encode("result", result, rid)
         except ProtocolError as exc:
             return protocol.encode_error(ErrorCode.BAD_REQUEST, str(exc), rid)
@@ -125,30 +129,30 @@ class BrokerService:
                 ErrorCode.INTERNAL, "the broker hit an internal error", rid
             )
 
-    def _session(self, token: str, client_key: bytes | None) -> User:
+    def _session(self, token: str, caller: Caller) -> User:
         now = self._now()
         user = self.store.session_user(
             crypto.token_digest(token), now, now + self.settings.session_ttl
         )
         # A session is only valid from the device whose transport key it was made on.
-        if user is None or client_key is None or client_key != user.bundle.curve_public:
+        if user is None or caller.key is None or caller.key != user.bundle.curve_public:
             raise Refused(ErrorCode.UNAUTHORIZED, "not logged in (or the session expired)")
         return user
 
     # --- accounts ------------------------------------------------------------------------
 
-    def _ping(self, request: protocol.Ping, client_key: bytes | None) -> Record:
+    def _ping(self, request: protocol.Ping, caller: Caller) -> Record:
         return protocol.PingResult(protocol.VERSION, self._now())
 
-    def _challenge(self, request: protocol.GetChallenge, client_key: bytes | None) -> Record:
-        return protocol.ChallengeResult(self._challenges.issue(client_key))
+    def _challenge(self, request: protocol.GetChallenge, caller: Caller) -> Record:
+        return protocol.ChallengeResult(self._challenges.issue(caller.key, caller.address))
 
-    def _register(self, request: protocol.Register, client_key: bytes | None) -> Record:
+    def _register(self, request: protocol.Register, caller: Caller) -> Record:
         with self._bcrypt:  # taken first: a busy broker leaves the challenge usable
-            return self._register_with_slot(request, client_key)
+            return self._register_with_slot(request, caller)
 
-    def _register_with_slot(self, request: protocol.Register, client_key: bytes | None) -> Record:
-        self._challenges.redeem(request.challenge, client_key)
+    def _register_with_slot(self, request: protocol.Register, caller: Caller) -> Record:
+        self._challenges.redeem(request.challenge, caller.key)
         bundle = request.bundle
         try:
             crypto.verify(
@@ -159,17 +163,19 @@ class BrokerService:
             )
         except IntegrityError as exc:
             raise Refused(ErrorCode.BAD_REQUEST, f"registration refused: {exc}") from exc
-        if client_key != bundle.curve_public:
+        if caller.key != bundle.curve_public:
             raise Refused(
                 ErrorCode.BAD_REQUEST,
                 "registration refused: the connection's transport key is not the bundle's",
             )
-        if self.store.get_user(request.username) is not None:  # before paying for bcrypt
-            raise Refused(ErrorCode.CONFLICT, f"the username {request.username!r} is taken")
-        try:
-            password_hash = crypto.hash_password(request.password, self.settings.bcrypt_rounds)
+        try:  # every check before the name is looked up, whose answer tells it is taken
+            crypto.check_password_length(request.password)
         except UsageError as exc:
             raise Refused(ErrorCode.BAD_REQUEST, str(exc)) from exc
+        self._registrations.attempt(caller.key, caller.address)
+        if self.store.get_user(request.username) is not None:  # before paying for bcrypt
+            raise Refused(ErrorCode.CONFLICT, f"the username {request.username!r} is taken")
+        password_hash = crypto.hash_password(request.password, self.settings.bcrypt_rounds)
         try:
             user = self.store.add_user(request.username, password_hash, bundle, self._now())
         except UsernameTaken as exc:
@@ -187,8 +193,8 @@ class BrokerService:
         self.store.add_session(crypto.token_digest(token), user.id, expires_at, now)
         return protocol.SessionResult(user.username, token, expires_at)
 
-    def _login(self, request: protocol.Login, client_key: bytes | None) -> Record:
-        keys = (b"user:" + request.username.encode(), b"key:" + (client_key or b""))
+    def _login(self, request: protocol.Login, caller: Caller) -> Record:
+        keys = (f"login-user:{request.username}", f"login-key:{(caller.key or b'').hex()}")
         self._throttle.check(*keys)
         with self._bcrypt:
             user = self.store.get_user(request.username)
@@ -198,7 +204,7 @@ class BrokerService:
             # password to whoever holds some other key would help a guesser.
             hashed = user.password_hash if user else self._dummy_hash
             matches = crypto.password_matches(request.password, hashed)
-        if user is None or not matches or client_key != user.bundle.curve_public:
+        if user is None or not matches or caller.key != user.bundle.curve_public:
             self._throttle.failed(*keys)
             log.info("failed login for %s", request.username)
             raise Refused(ErrorCode.UNAUTHORIZED, LOGIN_REFUSED)
@@ -206,29 +212,29 @@ class BrokerService:
         log.info("login %s", user.username)
         return self._new_session(user)
 
-    def _logout(self, request: protocol.Logout, client_key: bytes | None) -> Record:
-        user = self._session(request.token, client_key)
+    def _logout(self, request: protocol.Logout, caller: Caller) -> Record:
+        user = self._session(request.token, caller)
         self.store.delete_session(crypto.token_digest(request.token))
         self.store.set_offline(user.id)
         return protocol.Empty()
 
     # --- presence ------------------------------------------------------------------------
 
-    def _heartbeat(self, request: protocol.Heartbeat, client_key: bytes | None) -> Record:
-        user = self._session(request.token, client_key)
+    def _heartbeat(self, request: protocol.Heartbeat, caller: Caller) -> Record:
+        user = self._session(request.token, caller)
         ttl = self.settings.presence_ttl
         self.store.set_online(user.id, request.endpoint, self._now() + ttl)
         return protocol.HeartbeatResult(ttl)
 
-    def _offline(self, request: protocol.GoOffline, client_key: bytes | None) -> Record:
-        user = self._session(request.token, client_key)
+    def _offline(self, request: protocol.GoOffline, caller: Caller) -> Record:
+        user = self._session(request.token, caller)
         self.store.set_offline(user.id)
         return protocol.Empty()
 
     # --- files ---------------------------------------------------------------------------
 
-    def _publish(self, request: protocol.Publish, client_key: bytes | None) -> Record:
-        user = self._session(request.token, client_key)
+    def _publish(self, request: protocol.Publish, caller: Caller) -> Record:
+        user = self._session(request.token, caller)
         try:
             manifest = verify_manifest(request.manifest, request.signature, user.bundle)
         except IntegrityError as exc:
@@ -261,18 +267,34 @@ class BrokerService:
             self._now(),
             request.grant,
         )
-        self.store.add_file(user.id, entry, access)
+        try:
+            self.store.add_file(user.id, entry, access, self._quota)
+        except QuotaExceeded as exc:
+            raise Refused(ErrorCode.FORBIDDEN, f"share refused: {self._over_quota(exc)}") from exc
         log.info("%s shared a file (%d bytes)", user.username, manifest.size)
         return protocol.PublishResult(file_id)
 
-    def _unpublish(self, request: protocol.Unpublish, client_key: bytes | None) -> Record:
-        user = self._session(request.token, client_key)
+    def _over_quota(self, exc: QuotaExceeded) -> str:
+        if exc.files >= self._quota.files:
+            return (
+                f"you share {exc.files:,} files, and the broker allows {self._quota.files:,}"
+                " per user (quota_files); unshare some first"
+            )
+        return (
+            f"with this manifest ({exc.adding / MiB:,.1f} MiB), yours would take"
+            f" {(exc.manifest_bytes + exc.adding) / MiB:,.1f} MiB at the broker, over its"
+            f" {self.settings.quota_manifest_mib:,} MiB per user (quota_manifest_mib);"
+            " unshare some first"
+        )
+
+    def _unpublish(self, request: protocol.Unpublish, caller: Caller) -> Record:
+        user = self._session(request.token, caller)
         if not self.store.remove_file(request.file_id, user.id):
             raise Refused(ErrorCode.NOT_FOUND, f"you share no file {request.file_id}")
         return protocol.Empty()
 
-    def _search(self, request: protocol.Search, client_key: bytes | None) -> Record:
-        user = self._session(request.token, client_key)
+    def _search(self, request: protocol.Search, caller: Caller) -> Record:
+        user = self._session(request.token, caller)
         terms = request.query.split()[:8]
         hits = self.store.search(user.id, terms, request.owner, request.limit, self._now())
         return protocol.SearchResult(
@@ -290,8 +312,8 @@ class BrokerService:
             ]
         )
 
-    def _lookup(self, request: protocol.Lookup, client_key: bytes | None) -> Record:
-        user = self._session(request.token, client_key)
+    def _lookup(self, request: protocol.Lookup, caller: Caller) -> Record:
+        user = self._session(request.token, caller)
         entry = self.store.visible_file(request.file_id, user.id)
         if entry is None:
             raise Refused(ErrorCode.NOT_FOUND, f"no file {request.file_id} is shared with you")
@@ -313,8 +335,8 @@ class BrokerService:
             entry.grant,
         )
 
-    def _hold(self, request: protocol.Hold, client_key: bytes | None) -> Record:
-        user = self._session(request.token, client_key)
+    def _hold(self, request: protocol.Hold, caller: Caller) -> Record:
+        user = self._session(request.token, caller)
         entry = self.store.visible_file(request.file_id, user.id)
         if entry is None:
             raise Refused(ErrorCode.NOT_FOUND, f"no file {request.file_id} is shared with you")
@@ -322,14 +344,14 @@ class BrokerService:
             self.store.add_holder(entry.file_id, user.id)
         return protocol.Empty()
 
-    def _release(self, request: protocol.Release, client_key: bytes | None) -> Record:
-        user = self._session(request.token, client_key)
+    def _release(self, request: protocol.Release, caller: Caller) -> Record:
+        user = self._session(request.token, caller)
         if not self.store.remove_holder(request.file_id, user.id):
             raise Refused(ErrorCode.NOT_FOUND, f"you hold no copy of file {request.file_id}")
         return protocol.Empty()
 
-    def _bundle(self, request: protocol.GetBundle, client_key: bytes | None) -> Record:
-        self._session(request.token, client_key)
+    def _bundle(self, request: protocol.GetBundle, caller: Caller) -> Record:
+        self._session(request.token, caller)
         target = self.store.get_user(request.username)
         if target is None:
             raise Refused(ErrorCode.NOT_FOUND, f"no such user: {request.username}")

@@ -29,6 +29,10 @@ trigrams it starts, in one FTS5 query with the rest. If it starts more than
 hands out (every file, newest first, when nothing else narrows the search), and such a
 term soon finds its hits. The worst case is a short term that starts many trigrams but
 is in few files: then the scan reads the whole index, about 0.5 s for a million files.
+
+The table `usage` (schema 4) holds each user's number of files and bytes of manifests,
+kept by triggers, so that `add_file` checks a `Quota` by reading one row in the same
+transaction as the write.
 """
 
 from __future__ import annotations
@@ -93,6 +97,24 @@ class UsernameTaken(StorageError):
     pass
 
 
+@dataclass(frozen=True)
+class Quota:
+    """What one user may keep at the broker."""
+
+    files: int
+    manifest_bytes: int
+
+
+class QuotaExceeded(StorageError):
+    """A file that would take its owner past their `Quota`; what they use without it."""
+
+    def __init__(self, files: int, manifest_bytes: int, adding: int) -> None:
+        super().__init__(
+            f"over quota: {files} files, {manifest_bytes} + {adding} bytes of manifests"
+        )
+        self.files, self.manifest_bytes, self.adding = files, manifest_bytes, adding
+
+
 class Store(Protocol):
     def add_user(self, username: str, password_hash: bytes, bundle: KeyBundle, now: int) -> User:
         """Raises `UsernameTaken` if the name or the transport key is in use."""
@@ -113,8 +135,16 @@ class Store(Protocol):
 
     def unknown_users(self, usernames: Sequence[str]) -> list[str]: ...
 
-    def add_file(self, owner_id: int, entry: FileEntry, access: Sequence[str] | None) -> None:
-        """Store or replace a file; access None means every registered user."""
+    def add_file(
+        self,
+        owner_id: int,
+        entry: FileEntry,
+        access: Sequence[str] | None,
+        quota: Quota | None = None,
+    ) -> None:
+        """Store or replace a file; access None means every registered user. Raises
+        `QuotaExceeded` if the owner's other files and this one would exceed `quota`
+        (checked in the same transaction as the write)."""
 
     def remove_file(self, file_id: str, owner_id: int) -> bool: ...
 
@@ -137,7 +167,7 @@ class Store(Protocol):
     def close(self) -> None: ...
 
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 _EXPIRY_STEP = 300  # seconds
 _MIN_SQLITE = (3, 34, 0)  # the FTS5 trigram tokenizer
 
@@ -245,6 +275,27 @@ _MIGRATIONS: dict[int, str] = {
         PRIMARY KEY (file_id, user_id)
     );
     CREATE INDEX holders_by_user ON holders(user_id);
+    """,
+    4: """
+    -- What each user's files take, for the quota: kept by triggers, so that checking it
+    -- costs one row however many files the user shares.
+    CREATE TABLE usage (
+        user_id INTEGER PRIMARY KEY REFERENCES users(id) ON DELETE CASCADE,
+        files INTEGER NOT NULL,
+        manifest_bytes INTEGER NOT NULL
+    );
+    INSERT INTO usage (user_id, files, manifest_bytes)
+        SELECT owner_id, count(*), sum(length(manifest)) FROM files GROUP BY owner_id;
+    CREATE TRIGGER usage_insert AFTER INSERT ON files BEGIN
+        INSERT INTO usage (user_id, files, manifest_bytes)
+            VALUES (new.owner_id, 1, length(new.manifest))
+            ON CONFLICT (user_id) DO UPDATE SET files = files + 1,
+                manifest_bytes = manifest_bytes + length(new.manifest);
+    END;
+    CREATE TRIGGER usage_delete AFTER DELETE ON files BEGIN
+        UPDATE usage SET files = files - 1, manifest_bytes = manifest_bytes - length(old.manifest)
+            WHERE user_id = old.owner_id;
+    END;
     """,
 }
 MAX_HOLDERS = 64  # listed per lookup: the owner first, then seeders
@@ -481,8 +532,16 @@ class SqliteStore:
         known = {row[0] for row in rows}
         return [name for name in usernames if name not in known]
 
-    def add_file(self, owner_id: int, entry: FileEntry, access: Sequence[str] | None) -> None:
+    def add_file(
+        self,
+        owner_id: int,
+        entry: FileEntry,
+        access: Sequence[str] | None,
+        quota: Quota | None = None,
+    ) -> None:
         with self._transaction() as db:
+            if quota is not None:
+                self._check_quota(db, owner_id, entry, quota)
             # Not INSERT OR REPLACE: the rows it replaces would bypass the delete trigger.
             # The old access list goes with the old row (ON DELETE CASCADE).
             db.execute("DELETE FROM files WHERE file_id = ?", (entry.file_id,))
@@ -510,6 +569,21 @@ class SqliteStore:
                     " SELECT ?, id FROM users WHERE username = ?",
                     (entry.file_id, username),
                 )
+
+    @staticmethod
+    def _check_quota(db: sqlite3.Connection, owner_id: int, entry: FileEntry, quota: Quota) -> None:
+        used = db.execute(
+            "SELECT files, manifest_bytes FROM usage WHERE user_id = ?", (owner_id,)
+        ).fetchone()
+        files, size = used or (0, 0)
+        replaced = db.execute(  # sharing a manifest again replaces it: it counts once
+            "SELECT length(manifest) FROM files WHERE file_id = ? AND owner_id = ?",
+            (entry.file_id, owner_id),
+        ).fetchone()
+        if replaced is not None:
+            files, size = files - 1, size - replaced[0]
+        if files >= quota.files or size + len(entry.manifest) > quota.manifest_bytes:
+            raise QuotaExceeded(files, size, len(entry.manifest))
 
     def remove_file(self, file_id: str, owner_id: int) -> bool:
         with self._transaction() as db:

@@ -34,6 +34,10 @@ class BrokerConfig:
     presence_ttl: int = 30
     login_attempts: int = 5
     login_lockout: int = 30
+    registrations_per_key: int = 10
+    registrations_per_address: int = 200
+    quota_files: int = 100_000
+    quota_manifest_mib: int = 1024
 
     @property
     def database(self) -> Path:
@@ -62,6 +66,7 @@ class PeerConfig:
     window: int = 8
     heartbeat_interval: int = 10
     timeout: int = 10
+    hello_timeout: int = 2  # a holder silent this long while others deliver is set aside
     seed: bool = True
 
 
@@ -155,6 +160,10 @@ def load_broker_config(path: Path) -> BrokerConfig:
         presence_ttl=top.integer("presence_ttl", 30, 3, 3600),
         login_attempts=top.integer("login_attempts", 5, 1, 1000),
         login_lockout=top.integer("login_lockout", 30, 1, 24 * 3600),
+        registrations_per_key=top.integer("registrations_per_key", 10, 1, 1000),
+        registrations_per_address=top.integer("registrations_per_address", 200, 1, 100_000),
+        quota_files=top.integer("quota_files", 100_000, 1, 100_000_000),
+        quota_manifest_mib=top.integer("quota_manifest_mib", 1024, 1, 1024 * 1024),
     )
     top.finish()
     return config
@@ -190,6 +199,7 @@ def load_peer_config(path: Path) -> PeerConfig:
         window=top.integer("window", 8, 1, 32),
         heartbeat_interval=top.integer("heartbeat_interval", 10, 1, 3600),
         timeout=top.integer("timeout", 10, 1, 3600),
+        hello_timeout=top.integer("hello_timeout", 2, 1, 3600),
         seed=top.boolean("seed", True),
     )
     broker.finish()

@@ -21,9 +21,10 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sfs.broker import service as service_module
-from sfs.broker.service import CHALLENGE_TTL, LOGIN_REFUSED, BrokerService, BrokerSettings
+from sfs.broker import throttle
+from sfs.broker.service import LOGIN_REFUSED, BrokerService, BrokerSettings
 from sfs.broker.store import SqliteStore
+from sfs.broker.throttle import CHALLENGE_TTL
 from sfs.common import crypto, protocol
 from sfs.common.codec import Record, from_wire, pack
 from sfs.common.errors import StorageError
@@ -75,25 +76,41 @@ class Broker:
 
     # transport
 
-    def raw(self, frame: bytes, key: bytes | None = None) -> Envelope:
-        reply = self.service.handle(frame, key)
+    def raw(self, frame: bytes, key: bytes | None = None, address: str | None = None) -> Envelope:
+        reply = self.service.handle(frame, key, address)
         envelope = protocol.decode_envelope(reply)
         assert envelope.op in ("result", "error")
         return envelope
 
-    def send(self, op: str, body: Record | None, key: bytes | None, rid: int = 1) -> Envelope:
-        envelope = self.raw(protocol.encode(op, body, rid), key)
+    def send(
+        self,
+        op: str,
+        body: Record | None,
+        key: bytes | None,
+        rid: int = 1,
+        address: str | None = None,
+    ) -> Envelope:
+        envelope = self.raw(protocol.encode(op, body, rid), key, address)
         assert envelope.rid == rid
         return envelope
 
-    def ok(self, op: str, body: Record | None, key: bytes | None, result: type[R]) -> R:
-        envelope = self.send(op, body, key)
+    def ok(
+        self,
+        op: str,
+        body: Record | None,
+        key: bytes | None,
+        result: type[R],
+        address: str | None = None,
+    ) -> R:
+        envelope = self.send(op, body, key, address=address)
         if envelope.op == "error":
             pytest.fail(f"{op} refused: {from_wire(ErrorBody, envelope.body)}")
         return from_wire(result, envelope.body, "result")
 
-    def error(self, op: str, body: Record | None, key: bytes | None) -> ErrorBody:
-        envelope = self.send(op, body, key)
+    def error(
+        self, op: str, body: Record | None, key: bytes | None, address: str | None = None
+    ) -> ErrorBody:
+        envelope = self.send(op, body, key, address=address)
         assert envelope.op == "error", f"{op} unexpectedly succeeded: {envelope.body}"
         error = from_wire(ErrorBody, envelope.body)
         assert error.code in ALL_CODES
@@ -101,9 +118,9 @@ class Broker:
 
     # accounts
 
-    def challenge(self, key: bytes | None) -> bytes:
+    def challenge(self, key: bytes | None, address: str | None = None) -> bytes:
         return self.ok(
-            "challenge", protocol.GetChallenge(), key, protocol.ChallengeResult
+            "challenge", protocol.GetChallenge(), key, protocol.ChallengeResult, address
         ).challenge
 
     def register(self, who: Identity, password: str = PASSWORD) -> protocol.SessionResult:
@@ -263,22 +280,74 @@ def test_challenges_are_fresh_32_byte_values(broker: Broker, alice: Identity) ->
     assert all(len(c) == 32 for c in challenges)
 
 
-def test_challenges_are_limited_while_pending(
-    broker: Broker, alice: Identity, monkeypatch: pytest.MonkeyPatch
+def limited_broker(store: SqliteStore, clock: Clock, tmp_path: Path, **limits: int) -> Broker:
+    settings = dataclasses.replace(SETTINGS, **limits)
+    return Broker(BrokerService(store, settings, clock=clock), clock, tmp_path / "files")
+
+
+def test_an_address_may_hold_only_so_many_challenges(
+    store: SqliteStore, clock: Clock, tmp_path: Path, alice: Identity
 ) -> None:
-    monkeypatch.setattr(service_module, "MAX_PENDING_CHALLENGES", 3)
-    key = alice.bundle.curve_public
-    first = broker.challenge(key)
+    broker = limited_broker(store, clock, tmp_path, registrations_per_address=3)
+    key, here = alice.bundle.curve_public, "192.0.2.7"
+    first = broker.challenge(key, here)
     broker.clock.advance(CHALLENGE_TTL - 10)
-    broker.challenge(key)
-    broker.challenge(key)
-    error = broker.error("challenge", protocol.GetChallenge(), key)
-    assert error.code == "busy"
+    broker.challenge(crypto.random_bytes(32), here)  # throwaway keys change nothing
+    broker.challenge(crypto.random_bytes(32), here)
+    error = broker.error("challenge", protocol.GetChallenge(), key, here)
+    assert error == ErrorBody(
+        "busy", "too many registrations in progress from your address; try again in 11 s"
+    )
+    broker.challenge(key, "198.51.100.1")  # another address is not affected
     broker.clock.advance(10)  # the first one lapses, making room
-    fresh = broker.challenge(key)
-    assert broker.error("challenge", protocol.GetChallenge(), key).code == "busy"
+    fresh = broker.challenge(key, here)
+    assert broker.error("challenge", protocol.GetChallenge(), key, here).code == "busy"
     assert broker.error("register", register_request(alice, first), key).code == "unauthorized"
-    broker.ok("register", register_request(alice, fresh), key, protocol.SessionResult)
+    broker.ok("register", register_request(alice, fresh), key, protocol.SessionResult, here)
+
+
+def test_a_full_table_costs_the_address_holding_the_most_its_oldest_challenge(
+    store: SqliteStore,
+    clock: Clock,
+    tmp_path: Path,
+    alice: Identity,
+    bob: Identity,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(throttle, "MAX_PENDING_CHALLENGES", 4)
+    broker = limited_broker(store, clock, tmp_path, registrations_per_address=3)
+    flooder = "203.0.113.9"
+    oldest = broker.challenge(crypto.random_bytes(32), flooder)
+    for _ in range(2):
+        broker.challenge(crypto.random_bytes(32), flooder)
+    key = alice.bundle.curve_public
+    alices = broker.challenge(key, "192.0.2.7")  # the table is full now
+    bobs = broker.challenge(bob.bundle.curve_public, "198.51.100.1")  # still served
+    assert broker.service._challenges._state.pending_count() == 4
+    # The flooder's oldest made room; alice's challenge, from elsewhere, was kept.
+    error = broker.error("register", register_request(bob, oldest), bob.bundle.curve_public)
+    assert error.code == "unauthorized"
+    broker.ok("register", register_request(alice, alices), key, protocol.SessionResult)
+    bob_key = bob.bundle.curve_public
+    broker.ok("register", register_request(bob, bobs), bob_key, protocol.SessionResult)
+
+
+@pytest.mark.parametrize(
+    ("address", "same_as"),
+    [
+        ("2001:db8:1:2::1", "2001:db8:1:2:ffff::9"),  # one /64: one home or one machine
+        ("::ffff:192.0.2.7", "192.0.2.7"),
+        ("[2001:db8::1]", "2001:db8::2"),
+    ],
+)
+def test_addresses_are_counted_by_ipv4_address_or_ipv6_64(
+    store: SqliteStore, clock: Clock, tmp_path: Path, address: str, same_as: str
+) -> None:
+    broker = limited_broker(store, clock, tmp_path, registrations_per_address=1)
+    broker.challenge(crypto.random_bytes(32), address)
+    error = broker.error("challenge", protocol.GetChallenge(), crypto.random_bytes(32), same_as)
+    assert error.code == "busy"
+    broker.challenge(crypto.random_bytes(32), "2001:db8:1:3::1")  # the next /64 is not
 
 
 # --- registration --------------------------------------------------------------------------
@@ -525,6 +594,52 @@ def test_register_refuses_an_invalid_username(broker: Broker, alice: Identity) -
     key = alice.bundle.curve_public
     request = register_request(alice, broker.challenge(key), username="Alice")
     assert broker.error("register", request, key).code == "bad_request"
+
+
+@pytest.mark.parametrize("password", ["x" * 73, ""])
+def test_an_invalid_registration_never_tells_whether_the_name_is_taken(
+    broker: Broker, alice: Identity, bob: Identity, password: str
+) -> None:
+    broker.register(alice)
+    key = bob.bundle.curve_public
+    answers = [
+        broker.error(
+            "register",
+            register_request(bob, broker.challenge(key), username=name, password=password),
+            key,
+        )
+        for name in ("alice", "nobody")
+    ]
+    assert answers[0] == answers[1]
+    assert answers[0].code == "bad_request"
+
+
+def test_registrations_are_throttled_per_key_and_per_address(
+    store: SqliteStore, clock: Clock, tmp_path: Path, alice: Identity, bob: Identity
+) -> None:
+    broker = limited_broker(
+        store, clock, tmp_path, registrations_per_key=2, registrations_per_address=3
+    )
+    broker.register(alice)
+    key, here = bob.bundle.curve_public, "192.0.2.7"
+
+    def probe(name: str, address: str = here) -> ErrorBody:
+        request = register_request(bob, broker.challenge(key, address), username=name)
+        return broker.error("register", request, key, address)
+
+    assert [probe("alice").code for _ in range(3)] == ["conflict", "conflict", "throttled"]
+    assert probe("alice").message.startswith("too many registrations from this device;")
+    # Another key at the same address has one left: the address's third.
+    carol = dataclasses.replace(bob, bundle=KeyBundle(bob.bundle.rsa_public, b"c" * 32))
+    request = register_request(carol, broker.challenge(b"c" * 32, here), username="alice")
+    assert broker.error("register", request, b"c" * 32, here).code == "conflict"
+    request = register_request(carol, broker.challenge(b"c" * 32, here), username="alice")
+    error = broker.error("register", request, b"c" * 32, here)
+    assert error.code == "throttled"
+    assert error.message.startswith("too many registrations from your address;")
+    broker.clock.advance(3600)  # a new hour: bob registers after all
+    request = register_request(bob, broker.challenge(key, here))
+    assert broker.ok("register", request, key, protocol.SessionResult, here).username == "bob"
 
 
 # --- login, logout, sessions ---------------------------------------------------------------
@@ -911,6 +1026,53 @@ def test_publish_refuses_an_access_list_naming_unknown_users(
         assert all(name in error.message for name in named)
         assert "bob" not in error.message
     assert broker.search(alice, tokens["alice"]) == []
+
+
+def test_publishing_past_the_file_quota_is_refused_with_the_numbers(
+    store: SqliteStore, clock: Clock, tmp_path: Path, alice: Identity, bob: Identity
+) -> None:
+    broker = limited_broker(store, clock, tmp_path, quota_files=2)
+    token = broker.register(alice).token
+    first = broker.publish(alice, token, "a.txt")
+    broker.publish(alice, token, "b.txt", access=["alice"])
+    data = broker.manifest(alice, "c.txt", [], b"c").encode()
+    error = from_wire(ErrorBody, broker.publish_bytes(alice, token, data, alice.sign(data)).body)
+    assert error == ErrorBody(
+        "forbidden",
+        "share refused: you share 2 files, and the broker allows 2 per user (quota_files);"
+        " unshare some first",
+    )
+    # Sharing the same manifest again (a new access list) replaces it: no new file.
+    again = broker.lookup(alice, token, first).manifest
+    broker.publish_bytes(alice, token, again, alice.sign(again), access=[])
+    assert broker.lookup(alice, token, first).access == []
+    # Other users have their own quota, and unsharing makes room.
+    broker.publish(bob, broker.register(bob).token, "b.txt")
+    unpublish = protocol.Unpublish(token, first)
+    broker.ok("unpublish", unpublish, alice.bundle.curve_public, protocol.Empty)
+    broker.publish(alice, token, "c.txt")
+
+
+def test_publishing_past_the_manifest_bytes_quota_is_refused_with_the_numbers(
+    store: SqliteStore, clock: Clock, tmp_path: Path, alice: Identity
+) -> None:
+    broker = limited_broker(store, clock, tmp_path, quota_manifest_mib=1)
+    token = broker.register(alice).token
+    # 150,000 chunk hashes, crafted as a hostile client may: a manifest of 4.6 MiB.
+    small = broker.manifest(alice, "big.bin", [], b"x" * 1024)
+    hashes = bytes(32) * 150_000
+    manifest = dataclasses.replace(
+        small, size=150_000 * small.chunk_size, chunk_hashes=hashes
+    ).encode()
+    error = from_wire(
+        ErrorBody, broker.publish_bytes(alice, token, manifest, alice.sign(manifest)).body
+    )
+    assert error.code == "forbidden"
+    assert error.message == (
+        "share refused: with this manifest (4.6 MiB), yours would take 4.6 MiB at the broker,"
+        " over its 1 MiB per user (quota_manifest_mib); unshare some first"
+    )
+    broker.publish(alice, token, "small.txt")
 
 
 def test_publish_needs_a_session(broker: Broker, tokens: dict[str, str], alice: Identity) -> None:

@@ -23,6 +23,8 @@ from sfs.broker.store import (
     SCHEMA_VERSION,
     FileEntry,
     Presence,
+    Quota,
+    QuotaExceeded,
     SqliteStore,
     User,
     UsernameTaken,
@@ -359,6 +361,42 @@ def test_remove_file_only_by_its_owner(
     assert store.remove_file(fid(1), alice.id) is False
     assert store.remove_file(fid(9), alice.id) is False
     assert rows(db_path, "SELECT count(*) FROM access") == [(0,)]  # cascaded
+
+
+# --- files: quota ---------------------------------------------------------------------------
+
+
+def usage(path: Path) -> dict[int, tuple[int, int]]:
+    """Each user's files and manifest bytes as the triggers kept them, and recounted."""
+    kept = {u: (f, b) for u, f, b in rows(path, "SELECT * FROM usage WHERE files > 0")}
+    counted = rows(
+        path,
+        "SELECT owner_id, count(*), sum(length(manifest)) FROM files GROUP BY owner_id",
+    )
+    assert kept == {u: (f, b) for u, f, b in counted}
+    return kept
+
+
+def test_the_quota_counts_files_and_manifest_bytes_per_owner(
+    store: SqliteStore, users: dict[str, User], db_path: Path
+) -> None:
+    alice, bob = users["alice"].id, users["bob"].id
+    size = len(entry(fid(1)).manifest)  # the same for every fid
+    quota = Quota(files=2, manifest_bytes=10 * size)
+    store.add_file(alice, entry(fid(1)), None, quota)
+    store.add_file(alice, entry(fid(2)), ["bob"], quota)
+    store.add_file(alice, entry(fid(2)), None, quota)  # replacing: still two files
+    with pytest.raises(QuotaExceeded) as over:
+        store.add_file(alice, entry(fid(3)), None, quota)
+    assert (over.value.files, over.value.manifest_bytes, over.value.adding) == (2, 2 * size, size)
+    store.add_file(bob, entry(fid(3), "bob"), None, quota)  # bob has his own
+    assert usage(db_path) == {alice: (2, 2 * size), bob: (1, size)}
+    assert store.remove_file(fid(1), alice)
+    store.add_file(alice, entry(fid(4)), None, quota)
+    with pytest.raises(QuotaExceeded):
+        store.add_file(bob, entry(fid(5), "bob"), None, Quota(10, 2 * size - 1))
+    assert usage(db_path) == {alice: (2, 2 * size), bob: (1, size)}
+    assert store.visible_file(fid(5), bob) is None  # nothing of a refused file is kept
 
 
 # --- files: search ------------------------------------------------------------------------
@@ -767,6 +805,7 @@ def test_a_schema_1_database_is_migrated(db_path: Path) -> None:
         assert store.remove_file(fid(3), bob.id)
         assert names(store, carol, ["tie"]) == ["tie-0.txt", "tie-b.txt", "tie-new.txt"]
         assert index_rows(db_path) == 7
+        assert usage(db_path) == {alice.id: (3, 3 * 34), bob.id: (4, 2 * 34 + 2 * 41)}  # schema 4
     finally:
         store.close()
 

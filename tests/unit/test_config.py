@@ -57,6 +57,8 @@ def test_broker_minimal_config_and_defaults(tmp_path: Path, elsewhere: Path) -> 
     assert config.workers == 4
     assert config.session_ttl == 24 * 3600
     assert config.presence_ttl == 30
+    assert (config.registrations_per_key, config.registrations_per_address) == (10, 200)
+    assert (config.quota_files, config.quota_manifest_mib) == (100_000, 1024)
     assert config.database == conf / "data" / "broker.db"
     assert config.secret_key_file == conf / "data" / "broker.key"
     assert config.public_key_file == conf / "data" / "broker.pub"
@@ -151,6 +153,10 @@ def test_broker_bind_values_accepted(tmp_path: Path, bind: str) -> None:
         (BROKER + f"session_ttl: {365 * 24 * 3600 + 1}\n", "session_ttl"),
         (BROKER + "presence_ttl: 2\n", "presence_ttl"),
         (BROKER + "presence_ttl: 3601\n", "presence_ttl"),
+        (BROKER + "registrations_per_key: 0\n", "registrations_per_key"),
+        (BROKER + "registrations_per_address: 100001\n", "registrations_per_address"),
+        (BROKER + "quota_files: 0\n", "quota_files"),
+        (BROKER + "quota_manifest_mib: 1.5\n", "quota_manifest_mib"),
     ],
 )
 def test_broker_refusals_name_the_key(tmp_path: Path, text: str, key: str) -> None:
@@ -239,6 +245,7 @@ def test_peer_minimal_config_and_defaults(tmp_path: Path, elsewhere: Path) -> No
     assert config.broker_public_key == KEY.encode()
     assert config.transport_encryption is True
     assert (config.window, config.heartbeat_interval, config.timeout) == (8, 10, 10)
+    assert config.hello_timeout == 2
 
 
 def test_peer_all_keys(tmp_path: Path) -> None:
@@ -248,11 +255,13 @@ def test_peer_all_keys(tmp_path: Path) -> None:
             "window": "32",
             "heartbeat_interval": "3600",
             "timeout": "1",
+            "hello_timeout": "3600",
         }
     )
     config = peer(tmp_path, text)
     assert config.transport_encryption is False
     assert (config.window, config.heartbeat_interval, config.timeout) == (32, 3600, 1)
+    assert config.hello_timeout == 3600
 
 
 def test_peer_advertise_defaults_to_a_concrete_listen_address(tmp_path: Path) -> None:
@@ -309,6 +318,8 @@ def test_peer_bad_username(tmp_path: Path, username: str) -> None:
         ({"heartbeat_interval": "3601"}, "heartbeat_interval"),
         ({"timeout": "0"}, "timeout"),
         ({"timeout": "1.5"}, "timeout"),
+        ({"hello_timeout": "0"}, "hello_timeout"),
+        ({"hello_timeout": "3601"}, "hello_timeout"),
     ],
 )
 def test_peer_refusals_name_the_key(tmp_path: Path, top: dict[str, str | None], key: str) -> None:
