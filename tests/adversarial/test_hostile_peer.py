@@ -178,7 +178,7 @@ NOT_AN_ID = "file_id: not a valid value"
         ("../../etc/passwd", "bad_request", NOT_AN_ID),
         ("/etc/passwd", "bad_request", NOT_AN_ID),
         ("..", "bad_request", NOT_AN_ID),
-        ("a" * 60_000, "bad_request", NOT_AN_ID),  # long, but within the frame limit
+        ("a" * 60_000, "bad_request", "file_id: longer than 32"),  # sizes before patterns
         ("g" * 32, "bad_request", NOT_AN_ID),
         ("0123456789ABCDEF0123456789ABCDEF", "bad_request", NOT_AN_ID),  # upper case
         ("0" * 32 + "\n", "bad_request", NOT_AN_ID),
