@@ -33,6 +33,7 @@ from sfs.common.protocol import ErrorCode, Refused
 log = logging.getLogger("sfs.broker")
 
 LOGIN_REFUSED = "wrong username or password (or this device's keys are not the registered ones)"
+DEVICE_LOGIN_REFUSED = "this device's keys are not the ones registered for that username"
 MiB = 1024 * 1024
 
 
@@ -89,6 +90,7 @@ class BrokerService:
             protocol.GetChallenge: self._challenge,
             protocol.Register: self._register,
             protocol.Login: self._login,
+            protocol.DeviceLogin: self._device_login,
             protocol.Logout: self._logout,
             protocol.Heartbeat: self._heartbeat,
             protocol.GoOffline: self._offline,
@@ -211,6 +213,40 @@ class BrokerService:
         self._throttle.succeeded(*keys)
         log.info("login %s", user.username)
         return self._new_session(user)
+
+    def _device_login(self, request: protocol.DeviceLogin, caller: Caller) -> Record:
+        """A session for an unattended server (`serve`), proven by the device's registered
+        keys: the CurveZMQ key of the connection, and the RSA key's signature over a
+        challenge issued to that connection. No password is involved, so nothing here can
+        be guessed: failures are counted per client key only, to bound the work, and
+        never lock the username (an attacker could otherwise keep its owner's server
+        from logging in)."""
+        key = f"device-key:{(caller.key or b'').hex()}"
+        self._throttle.check(key)
+        self._challenges.redeem(request.challenge, caller.key)
+        user = self.store.get_user(request.username)
+        # The cheap check first: a connection made with any other transport key is
+        # refused before any RSA work.
+        if (
+            user is None
+            or caller.key is None
+            or not crypto.same_bytes(caller.key, user.bundle.curve_public)
+            or not self._signed_by(user, request)
+        ):
+            self._throttle.failed(key)
+            log.info("failed device login for %s", request.username)
+            raise Refused(ErrorCode.UNAUTHORIZED, DEVICE_LOGIN_REFUSED)
+        log.info("device login %s", user.username)
+        return self._new_session(user)
+
+    @staticmethod
+    def _signed_by(user: User, request: protocol.DeviceLogin) -> bool:
+        payload = protocol.device_login_payload(user.username, request.challenge, user.bundle)
+        try:
+            crypto.verify(user.bundle.rsa_key(), request.signature, payload, "device login")
+        except IntegrityError:
+            return False
+        return True
 
     def _logout(self, request: protocol.Logout, caller: Caller) -> Record:
         user = self._session(request.token, caller)

@@ -18,10 +18,10 @@ success clears the counts of its keys.
 source address in each `WINDOW`, so `register` cannot be used to probe many usernames
 (a taken name must answer `conflict`).
 
-`Challenges` holds single-use registration challenges. One source address may hold
-`per_address` of them at once: more are refused `busy`, to that address only. All
-together hold at most `MAX_PENDING_CHALLENGES`; when the table is full a new challenge
-pushes out the oldest one of the address holding the most. So a flood from a few
+`Challenges` holds single-use challenges (for `register` and `device_login`). One
+source address may hold `per_address` of them at once: more are refused `busy`, to that
+address only. All together hold at most `MAX_PENDING_CHALLENGES`; when the table is
+full a new challenge pushes out the oldest one of the address holding the most. So a flood from a few
 addresses costs only those addresses their challenges, and an honest registrant from
 anywhere else still gets one: to push that one out, a flood must come from about as
 many addresses as the table holds challenges (IPv6 addresses count per /64).
@@ -63,7 +63,7 @@ class Tally:
 
 @dataclass(frozen=True)
 class Pending:
-    """A registration challenge not yet redeemed."""
+    """A challenge (for registration or a device login) not yet redeemed."""
 
     expires: float
     client_key: bytes | None
@@ -301,7 +301,7 @@ class Challenges:
         with self._state.atomic():
             pending = self._state.take_pending(challenge)
         if pending is None or pending.expires <= self._clock() or pending.client_key != client_key:
-            raise Refused(ErrorCode.UNAUTHORIZED, "unknown or expired registration challenge")
+            raise Refused(ErrorCode.UNAUTHORIZED, "unknown or expired challenge")
 
 
 class BcryptSlots:

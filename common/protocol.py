@@ -167,6 +167,17 @@ class Login(Record):
 
 
 @dataclass(frozen=True)
+class DeviceLogin(Record):
+    """A login with the device's own keys instead of a password, for unattended
+    servers: a challenge from `challenge`, signed with the registered RSA key, sent over
+    a connection made with the registered transport key."""
+
+    username: Username
+    challenge: Digest
+    signature: Signature  # over device_login_payload()
+
+
+@dataclass(frozen=True)
 class SessionResult(Record):
     username: Username
     token: Token
@@ -301,6 +312,7 @@ BROKER_REQUESTS: dict[str, type[Record]] = {
     "challenge": GetChallenge,
     "register": Register,
     "login": Login,
+    "device_login": DeviceLogin,
     "logout": Logout,
     "heartbeat": Heartbeat,
     "offline": GoOffline,
@@ -326,6 +338,12 @@ def grant_payload(file_id: str, access: list[str] | None) -> bytes:
 
 def register_payload(username: str, challenge: bytes, bundle: KeyBundle) -> bytes:
     return pack(["sfs-register-v1", username, challenge, bundle.rsa_public, bundle.curve_public])
+
+
+def device_login_payload(username: str, challenge: bytes, bundle: KeyBundle) -> bytes:
+    return pack(
+        ["sfs-device-login-v1", username, challenge, bundle.rsa_public, bundle.curve_public]
+    )
 
 
 # --- peer channel ---------------------------------------------------------------------

@@ -129,6 +129,12 @@ class BrokerClient:
     def login(self, username: str, password: str) -> protocol.SessionResult:
         return self.call("login", protocol.Login(username, password), protocol.SessionResult)
 
+    def device_login(
+        self, username: str, challenge: bytes, signature: bytes
+    ) -> protocol.SessionResult:
+        request = protocol.DeviceLogin(username, challenge, signature)
+        return self.call("device_login", request, protocol.SessionResult)
+
     def logout(self, token: str) -> None:
         self.call("logout", protocol.Logout(token), protocol.Empty)
 

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sfs.broker import throttle
-from sfs.broker.service import LOGIN_REFUSED, BrokerService, BrokerSettings
+from sfs.broker.service import DEVICE_LOGIN_REFUSED, LOGIN_REFUSED, BrokerService, BrokerSettings
 from sfs.broker.store import SqliteStore
 from sfs.broker.throttle import CHALLENGE_TTL
 from sfs.common import crypto, protocol
@@ -391,7 +391,7 @@ def test_register_refuses_an_unknown_challenge(
     key = alice.bundle.curve_public
     request = register_request(alice, crypto.random_bytes(32))
     error = broker.error("register", request, key)
-    assert error == ErrorBody("unauthorized", "unknown or expired registration challenge")
+    assert error == ErrorBody("unauthorized", "unknown or expired challenge")
     assert_not_registered(store, "alice")
 
 
@@ -1665,3 +1665,78 @@ def test_unpublishing_forgets_the_seeders(
     unpublish = protocol.Unpublish(tokens["alice"], file_id)
     broker.ok("unpublish", unpublish, alice.bundle.curve_public, protocol.Empty)
     assert db_rows(tmp_path, "SELECT * FROM holders") == []
+
+
+# --- device login (unattended servers) ----------------------------------------------------
+
+
+def device_login_request(who: Identity, challenge: bytes, username: str | None = None) -> Any:
+    name = username or who.username
+    payload = protocol.device_login_payload(name, challenge, who.bundle)
+    return protocol.DeviceLogin(name, challenge, who.sign(payload))
+
+
+def test_a_device_login_gives_a_working_session_without_a_password(
+    broker: Broker, alice: Identity
+) -> None:
+    broker.register(alice)
+    key = alice.bundle.curve_public
+    request = device_login_request(alice, broker.challenge(key))
+    result = broker.ok("device_login", request, key, protocol.SessionResult)
+    assert result.username == "alice"
+    assert broker.heartbeat(alice, result.token) == SETTINGS.presence_ttl
+
+
+@pytest.mark.parametrize("case", ["other key", "no key", "unknown user", "bad signature"])
+def test_device_login_failures_read_the_same(
+    broker: Broker, alice: Identity, bob: Identity, case: str
+) -> None:
+    broker.register(alice)
+    broker.register(bob)
+    signer, key, username = alice, alice.bundle.curve_public, "alice"
+    if case == "other key":  # bob's connection, alice's name and signature
+        key = bob.bundle.curve_public
+    elif case == "no key":
+        key = None
+    elif case == "unknown user":
+        username = "nobody"
+    elif case == "bad signature":  # bob signs, over alice's connection
+        signer = bob
+    challenge = broker.challenge(key)
+    payload = protocol.device_login_payload(username, challenge, alice.bundle)
+    request = protocol.DeviceLogin(username, challenge, signer.sign(payload))
+    error = broker.error("device_login", request, key)
+    assert error == ErrorBody("unauthorized", DEVICE_LOGIN_REFUSED)
+
+
+def test_a_device_login_challenge_is_single_use_and_bound_to_its_connection(
+    broker: Broker, alice: Identity, bob: Identity
+) -> None:
+    broker.register(alice)
+    key = alice.bundle.curve_public
+    challenge = broker.challenge(bob.bundle.curve_public)  # issued to another connection
+    error = broker.error("device_login", device_login_request(alice, challenge), key)
+    assert error == ErrorBody("unauthorized", "unknown or expired challenge")
+    challenge = broker.challenge(key)
+    broker.ok("device_login", device_login_request(alice, challenge), key, protocol.SessionResult)
+    error = broker.error("device_login", device_login_request(alice, challenge), key)
+    assert error == ErrorBody("unauthorized", "unknown or expired challenge")
+
+
+def test_failed_device_logins_never_lock_the_username(
+    broker: Broker, alice: Identity, bob: Identity
+) -> None:
+    """Someone failing device logins as alice (from their own key) throttles that key,
+    not alice: her server still logs in, and so does her password."""
+    broker.register(alice)
+    broker.register(bob)
+    bob_key = bob.bundle.curve_public
+    for _ in range(SETTINGS.login_attempts + 3):
+        request = device_login_request(alice, broker.challenge(bob_key))
+        error = broker.error("device_login", request, bob_key)
+        assert error.code in ("unauthorized", "throttled")
+    assert error.code == "throttled"
+    key = alice.bundle.curve_public
+    request = device_login_request(alice, broker.challenge(key))
+    assert broker.ok("device_login", request, key, protocol.SessionResult).username == "alice"
+    assert broker.login(alice).username == "alice"

@@ -50,6 +50,7 @@ BROKER_SAMPLES: dict[str, Record] = {
     "ping": protocol.Ping(),
     "challenge": protocol.GetChallenge(),
     "register": protocol.Register("alice", "pw", BUNDLE, b"\x02" * 32, b"\x03" * 384),
+    "device_login": protocol.DeviceLogin("alice", b"\x02" * 32, b"\x03" * 384),
     "login": protocol.Login("alice", "correct horse"),
     "logout": protocol.Logout(TOKEN),
     "heartbeat": protocol.Heartbeat(TOKEN, "tcp://host.example:7000"),
