@@ -3,18 +3,22 @@ online holder at once over DEALER -> ROUTER, several chunk requests in flight ea
 verifying each chunk against the owner's signed manifest whoever sent it.
 
 Order of checks (DESIGN section 5): the owner's pinned fingerprint, the manifest
-signature and the file id are verified before any holder is contacted. Nothing
-unverified ever reaches the final path. When a holder fails, the others take over its
-chunks. When all fail:
-- tampering, a bad key or a local storage error removes the temporary file;
-- holders gone, the network gone, and Ctrl-C keep the verified chunks, and the next
-  `get` of the same file into the same folder fetches only the rest;
-- a holder's refusal removes the temporary file.
+signature and the file id are verified before any holder is contacted; when one fails,
+nothing is touched. Nothing unverified ever reaches the disk, let alone the final path.
+
+A download ends when its last chunk is verified, whatever the other holders are doing.
+When a holder fails (silence, a refusal, a chunk that does not verify), it is dropped and
+the others take over its chunks; a holder that has not answered its hello within
+`hello_timeout` while others deliver is set aside the same way. When no holder is left,
+the verified chunks stay, and the next `get` of the same file into the same folder
+fetches only the rest; so do they on Ctrl-C. A local storage error, or a whole file that
+does not match its signed hash, removes the temporary file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -45,6 +49,11 @@ DownloadProgress = Callable[[int, int, int], None]  # (bytes done, total, holder
 
 _MAX_PEER_FRAME = MAX_CHUNK_SIZE + 64 * 1024
 _POLL_SLICE_MS = 100
+# How long a finished download waits for the holders' threads to close their sockets:
+# they notice the stop within a poll slice. The caller may destroy the zmq context next.
+_JOIN_GRACE = 2.0
+
+log = logging.getLogger("sfs.peer")
 
 
 class OwnerOffline(SfsError):
@@ -122,6 +131,27 @@ def _mib(size: int) -> str:
     return f"{size / (1 << 20):.1f} MiB"
 
 
+def _keep_verified(partial: PartialFile, plan: ChunkPlan) -> bool:
+    """Stop, keeping the temporary file if it holds verified chunks; whether it does."""
+    if plan.bytes_done or partial.found:
+        partial.keep()
+        return True
+    partial.discard()
+    return False
+
+
+def _open_chunk(link: ReceiverLink, header: protocol.ChunkHeader, ciphertext: bytes) -> bytes:
+    """`link.open_chunk`, naming the holder when the GCM tag fails."""
+    try:
+        return link.open_chunk(header, ciphertext)
+    except IntegrityError as exc:
+        if not crypto.same_bytes(header.transfer_id, link.transfer_id):
+            raise  # another transfer's chunk: the message names the holder already
+        raise IntegrityError(
+            f"chunk {header.index} from {link.holder_name} failed authentication (tampered?)"
+        ) from exc
+
+
 # Which error explains a failed download best, when several holders failed differently:
 # evidence of tampering first, then local trouble, then the holders' answers, then silence.
 _RANK: tuple[type[SfsError], ...] = (
@@ -141,8 +171,17 @@ def _most_telling(errors: list[SfsError]) -> SfsError:
     return min(errors, key=rank)
 
 
+# What the holders or the network can cause. Whoever failed, the chunks verified so far
+# stay: each was checked against the owner's signed manifest before it was written.
+_HOLDER_FAILURES = (IntegrityError, TrustError, ProtocolError, RemoteError, TransportError)
+
+
 class _Stopped(Exception):
-    """Another holder's failure, or Ctrl-C, ended the download."""
+    """The download is over (complete, a local failure, or Ctrl-C)."""
+
+
+class _SetAside(Exception):
+    """This holder has not answered its hello in time while others deliver."""
 
 
 @dataclass
@@ -157,6 +196,7 @@ class _Download:
     progress: DownloadProgress | None
     lock: threading.Lock = field(default_factory=threading.Lock)
     stop: threading.Event = field(default_factory=threading.Event)
+    complete: threading.Event = field(default_factory=threading.Event)  # last chunk verified
     errors: list[SfsError] = field(default_factory=list)
     delivered: dict[str, int] = field(default_factory=dict)  # holder -> chunks received
     active: int = 0  # holders sending chunks right now
@@ -175,14 +215,18 @@ class Downloader:
         window: int = 8,
         timeout: float = 10.0,
         transport_encryption: bool = True,
+        hello_timeout: float = 2.0,
     ) -> None:
-        """`window`: chunk requests in flight per holder."""
+        """`window`: chunk requests in flight per holder; `timeout`: the longest wait for
+        any answer; `hello_timeout`: how long a holder may leave its hello unanswered
+        while others deliver, before it is set aside."""
         self._identity = identity
         self._pins = pins
         self._context = context
         self._window = window
         self._timeout = timeout
         self._encrypt = transport_encryption
+        self._hello_timeout = hello_timeout
 
     def fetch(
         self,
@@ -203,22 +247,27 @@ class Downloader:
             download.report()
             if not plan.complete:
                 self._pull_from(holders, download)
-            path = partial.finish(safe_filename(manifest.name, fallback=file_id))
-        except TransportError as exc:  # holders gone, or the network: resumable
-            if not (plan.bytes_done or partial.found):
-                partial.discard()
+        except _HOLDER_FAILURES as exc:  # no holder left: gone, convicted or refusing
+            if not _keep_verified(partial, plan):
                 raise
-            partial.keep()
             raise DownloadInterrupted(exc, plan.bytes_done, manifest.size) from exc
         except KeyboardInterrupt:  # perhaps while resume() reads what an earlier try kept
-            if plan.bytes_done or partial.found:
-                partial.keep()
-            else:
-                partial.discard()
+            _keep_verified(partial, plan)
             raise
-        except BaseException:  # tampering, a bad key, a full disk: start afresh next time
+        except BaseException:  # a full disk, or a bug: start afresh next time
             partial.discard()
             raise
+        try:
+            path = partial.finish(safe_filename(manifest.name, fallback=file_id))
+        except KeyboardInterrupt:  # every chunk is verified
+            partial.keep()
+            raise
+        except BaseException:  # the whole-file hash, or the disk: start afresh next time
+            partial.discard()
+            raise
+        for error in download.errors:
+            if isinstance(error, IntegrityError):  # a holder worth knowing about
+                log.warning("%s; the other holders sent that chunk", error)
         return DownloadResult(
             file_id,
             path,
@@ -259,7 +308,8 @@ class Downloader:
 
     def _pull_from(self, holders: list[protocol.Holder], download: _Download) -> None:
         """Pull the missing chunks from every holder at once, one thread each; the
-        survivors take over the chunks of a holder that fails."""
+        survivors take over the chunks of a holder that fails. Returns as soon as the
+        last chunk is verified, without waiting for holders that are still silent."""
         threads = [
             threading.Thread(
                 target=self._holder_thread,
@@ -272,17 +322,23 @@ class Downloader:
         for thread in threads:
             thread.start()
         try:
-            for thread in threads:
-                while thread.is_alive():
-                    thread.join(0.1)  # in slices, so that Ctrl-C gets through
+            # In slices, so that Ctrl-C gets through.
+            while not download.complete.wait(0.1):
+                if download.stop.is_set() or not any(t.is_alive() for t in threads):
+                    break
         finally:
-            download.stop.set()  # Ctrl-C lands here: tell the threads, wait for them
+            # Done, failed or Ctrl-C: tell the threads, and let each close its own socket
+            # (zmq sockets are not thread-safe, and the caller may destroy the context).
+            download.stop.set()
+            deadline = time.monotonic() + _JOIN_GRACE
             for thread in threads:
-                thread.join()
-        if not download.plan.complete:
+                thread.join(max(0.0, deadline - time.monotonic()))
+        with download.lock:  # a thread past its grace may still record a failure
+            complete, errors = download.plan.complete, list(download.errors)
+        if not complete:
             raise (
-                _most_telling(download.errors)
-                if download.errors
+                _most_telling(errors)
+                if errors
                 else TransportError("every holder stopped before the download was complete")
             )
 
@@ -292,7 +348,13 @@ class Downloader:
             self._pull(holder, download, mine)
         except _Stopped:
             pass
-        except SfsError as exc:
+        except _SetAside:
+            log.info(
+                "set %s aside: no answer to its hello within %g s while others deliver",
+                holder.username,
+                self._hello_timeout,
+            )
+        except SfsError as exc:  # this holder is dropped; the others go on
             with download.lock:
                 download.errors.append(exc)
             if isinstance(exc, StorageError):  # local trouble: no holder can help
@@ -316,7 +378,7 @@ class Downloader:
             holder.bundle,
         )
         try:
-            link.accept_offer(self._handshake(sock, link, holder, download.stop))
+            link.accept_offer(self._handshake(sock, link, holder, download))
             with download.lock:
                 download.active += 1
                 download.delivered.setdefault(holder.username, 0)
@@ -345,6 +407,7 @@ class Downloader:
         while True:
             with download.lock:
                 if plan.complete:
+                    download.complete.set()
                     return
                 wanted = plan.claim(self._window - len(mine))
             for index in wanted:
@@ -355,11 +418,21 @@ class Downloader:
                 continue
             reply = self._reply(sock, holder, "send the next chunk", download.stop)
             header, ciphertext = read_chunk(*reply, holder.username)
+            name = holder.username
             if header.index not in mine:
-                raise IntegrityError(f"chunk {header.index} arrived without being requested")
-            plaintext = link.open_chunk(header, ciphertext)
+                raise IntegrityError(
+                    f"chunk {header.index} from {name} arrived without being requested"
+                )
+            plaintext = _open_chunk(link, header, ciphertext)
             with download.lock:
-                plan.check(header.index, plaintext)
+                try:
+                    plan.check(header.index, plaintext)
+                except IntegrityError as exc:  # authentic from this holder, yet not the file
+                    raise IntegrityError(
+                        f"chunk {header.index} from {name} does not match the owner's signed "
+                        f"manifest: {name}'s copy may have changed since it was shared, or be "
+                        "forged"
+                    ) from exc
                 partial.write(header.index, plaintext)
                 plan.done(header.index)
                 download.delivered[holder.username] += 1
@@ -388,22 +461,33 @@ class Downloader:
         sock: zmq.Socket[bytes],
         link: ReceiverLink,
         holder: protocol.Holder,
-        stop: threading.Event,
+        download: _Download,
     ) -> protocol.Offer:
         """Say hello until the holder offers the file; `busy` (the holder is checking
-        our key with the broker, say) means: ask again shortly, until the timeout."""
-        deadline = time.monotonic() + self._timeout
+        our key with the broker, say) means: ask again shortly, until the timeout.
+        Raises `_SetAside` once `hello_timeout` has passed without an offer while
+        another holder delivers: this one must not hold the others up."""
+        started = time.monotonic()
+        deadline = started + self._timeout
+
+        def set_aside() -> None:
+            if time.monotonic() - started > self._hello_timeout and download.active:
+                raise _SetAside
+
         hello = protocol.encode("hello", link.hello())
         pause = 0.05
         while True:
             sock.send(hello)
             try:
-                envelope, _ = self._reply(sock, holder, "answer the request", stop)
+                envelope, _ = self._reply(
+                    sock, holder, "answer the request", download.stop, set_aside
+                )
                 break
             except RemoteError as exc:
                 if exc.code != ErrorCode.BUSY or time.monotonic() + pause > deadline:
                     raise
-            self._sleep(stop, pause)
+            set_aside()
+            self._sleep(download.stop, pause)
             pause = min(pause * 2, 1.0)
         if envelope.op != "offer":
             raise ProtocolError(f"{holder.username} sent {envelope.op[:40]!r}, not an offer")
@@ -411,14 +495,21 @@ class Downloader:
             return from_wire(protocol.Offer, envelope.body, "offer")
 
     def _reply(
-        self, sock: zmq.Socket[bytes], holder: protocol.Holder, doing: str, stop: threading.Event
+        self,
+        sock: zmq.Socket[bytes],
+        holder: protocol.Holder,
+        doing: str,
+        stop: threading.Event,
+        between: Callable[[], None] | None = None,
     ) -> tuple[protocol.Envelope, bytes | None]:
         """The holder's next reply, waiting at most the timeout, in short slices so that
-        a stop is noticed soon."""
+        a stop is noticed soon; `between` runs after each empty slice (and may raise)."""
         deadline = time.monotonic() + self._timeout
         while not sock.poll(_POLL_SLICE_MS):
             if stop.is_set():
                 raise _Stopped
+            if between is not None:
+                between()
             if time.monotonic() > deadline:
                 raise TransportError(
                     f"{holder.username} at {holder.endpoint} did not {doing} within "

@@ -4,8 +4,10 @@ alice serves a five-chunk file and advertises the port of a `MitmProxy` in front
 her real one, so bob's `get` goes through it. Peer transport encryption is off, so the
 proxy can read the ZMTP frames (the broker link keeps CurveZMQ). Each test rewrites the
 holder -> receiver stream in one way, then checks the exit code and the exact one-line
-error of `sfs-peer get`, that bob's download folder is as it was (no file, no `.part`
-left behind), and that a clean `get` through the proxy still gives the original bytes.
+error of `sfs-peer get`, and what is left in bob's download folder: nothing new when
+the attack struck before any chunk was verified, else a `.part` file holding verified
+chunks only, from which the next `get` fetches exactly the rest. A clean `get` through
+the proxy still gives the original bytes.
 
 Which product check stops each attack is said next to each test.
 
@@ -48,7 +50,7 @@ SIZE = 4 * DEFAULT_CHUNK_SIZE + 300_000  # chunks 0-4, the last one short
 NAME = "dataset.bin"
 HASTY_TIMEOUT = 2  # seconds a download missing a chunk waits, in the attacks that need it
 
-AUTH_FAILED = "chunk {} failed authentication (tampered?)"
+AUTH_FAILED = "chunk {} from alice failed authentication (tampered?)"
 ANOTHER_TRANSFER = "alice sent a chunk of another transfer"
 
 
@@ -130,6 +132,7 @@ def assert_refused(
     message: str,
     tmp_path: Path,
 ) -> None:
+    """The download ends with `message` before any chunk, and leaves nothing behind."""
     before = snapshot(world.bob.download_dir)
     result = world.get(policy)
     assert policy.fired == 1, "the attack never happened"
@@ -148,17 +151,19 @@ def verified_chunks(partial: bytes, content: bytes) -> dict[int, int]:
     return found
 
 
-def assert_cut_short(world: World, policy: Policy, message: str) -> None:
-    """The download ends with `message` after a timeout, keeping only verified chunks,
-    and the next `get` fetches exactly the rest."""
+def assert_cut_short(
+    world: World, policy: Policy, message: str, exit_code: int = 5, hasty: bool = True
+) -> None:
+    """The download ends with `message` (after a timeout, by default), keeping only
+    verified chunks, and the next `get` fetches exactly the rest."""
     folder = world.bob.download_dir
     before = snapshot(folder)
-    result = world.get(policy, hasty=True)
+    result = world.get(policy, hasty=hasty)
     assert policy.fired == 1, "the attack never happened"
     kept = re.escape(f"error: {message}") + (
         r" \(([0-9.]+) MiB of [0-9.]+ MiB kept: run the same get again to resume\)"
     )
-    assert result.returncode == 5
+    assert result.returncode == exit_code
     assert re.fullmatch(kept, one_line_error(result))
     partial = f".sfs-{world.file_id}.part"
     assert set(snapshot(folder)) - set(before) == {partial}
@@ -171,6 +176,12 @@ def assert_cut_short(world: World, policy: Policy, message: str) -> None:
     assert Path(resumed["path"]).read_bytes() == world.content
     Path(resumed["path"]).unlink()
     assert snapshot(folder) == before
+
+
+def assert_tampering_stopped(world: World, policy: Policy, exit_code: int, message: str) -> None:
+    """A bad chunk drops alice, the only holder: the download stops at once, keeping
+    the chunks verified before it (nothing unverified), and the next `get` resumes."""
+    assert_cut_short(world, policy, message, exit_code, hasty=False)
 
 
 def record_transfer(world: World, folder: Path) -> Recorder:
@@ -204,12 +215,10 @@ def test_the_policies_see_what_they_expect(world: World, tmp_path: Path) -> None
     [lambda payload: len(payload) // 2, lambda payload: len(payload) - 1],
     ids=["ciphertext", "gcm-tag"],
 )
-def test_bit_flip_in_a_chunk_payload(
-    world: World, tmp_path: Path, where: Callable[[bytes], int]
-) -> None:
+def test_bit_flip_in_a_chunk_payload(world: World, where: Callable[[bytes], int]) -> None:
     """Stopped by the AES-GCM tag (`ChunkCipher.open`)."""
     flip = Rewrite(on_chunk(2), _payload(lambda payload: flip_bit(payload, where(payload))))
-    assert_refused(world, flip, 3, AUTH_FAILED.format(2), tmp_path)
+    assert_tampering_stopped(world, flip, 3, AUTH_FAILED.format(2))
 
 
 def _index_plus_one(header: bytes) -> bytes:
@@ -255,13 +264,12 @@ def _map_size_bit(header: bytes) -> bytes:
 )
 def test_bit_flip_in_a_chunk_header(
     world: World,
-    tmp_path: Path,
     change: Callable[[bytes], bytes],
     exit_code: int,
     message: str,
 ) -> None:
     flip = Rewrite(on_chunk(2), _header(change))
-    assert_refused(world, flip, exit_code, message, tmp_path)
+    assert_tampering_stopped(world, flip, exit_code, message)
 
 
 # --- missing chunks ---------------------------------------------------------------------
@@ -303,11 +311,11 @@ def test_two_chunks_swapped_still_give_the_exact_file(world: World, tmp_path: Pa
     assert_still_serving(world, tmp_path / "clean")
 
 
-def test_payloads_swapped_between_two_chunks(world: World, tmp_path: Path) -> None:
+def test_payloads_swapped_between_two_chunks(world: World) -> None:
     """Chunk 1's header with chunk 2's ciphertext: the nonce and associated data are
     chunk 1's, so the GCM tag fails."""
     swap = Swap(1, 2, payloads=True)
-    assert_refused(world, swap, 3, AUTH_FAILED.format(1), tmp_path)
+    assert_tampering_stopped(world, swap, 3, AUTH_FAILED.format(1))
 
 
 # --- replays ----------------------------------------------------------------------------
@@ -341,21 +349,19 @@ def test_a_chunk_replayed_from_another_transfer(
     def replayed(current: Message) -> Message:
         return [current[0], earlier[1]] if payload_only else earlier
 
-    assert_refused(world, Rewrite(on_chunk(2), replayed), 3, message, tmp_path)
+    assert_tampering_stopped(world, Rewrite(on_chunk(2), replayed), 3, message)
 
 
 @pytest.mark.parametrize(
     ("payload_only", "message"),
     [
-        # Chunk 1 again, authentic: `ChunkPlan.accept` wants only chunks in flight.
-        (False, "chunk 1 arrived without being requested"),
+        # Chunk 1 again, authentic: only chunks in flight from alice are accepted.
+        (False, "chunk 1 from alice arrived without being requested"),
         # Chunk 1's ciphertext under chunk 2's header: the GCM tag.
         (True, AUTH_FAILED.format(2)),
     ],
     ids=["whole-message", "payload-only"],
 )
-def test_a_chunk_replayed_at_another_index(
-    world: World, tmp_path: Path, payload_only: bool, message: str
-) -> None:
+def test_a_chunk_replayed_at_another_index(world: World, payload_only: bool, message: str) -> None:
     replay = Replay(1, 2, payload_only=payload_only)
-    assert_refused(world, replay, 3, message, tmp_path)
+    assert_tampering_stopped(world, replay, 3, message)

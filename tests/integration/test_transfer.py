@@ -8,11 +8,12 @@ import hashlib
 import os
 import re
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from sfs.common import protocol
+from sfs.common import crypto, protocol
 from sfs.common.errors import (
     IntegrityError,
     RemoteError,
@@ -132,48 +133,68 @@ def test_holder_serves_several_requesters_at_once(network: Network, tmp_path: Pa
     assert results == {"bob": data, "carol": data, "dave": data}
 
 
-# --- integrity failures cancel the download --------------------------------------------
+# --- a bad chunk drops its holder; with none left, only verified chunks stay -------------
 
 
-def test_tampered_ciphertext_cancels_and_leaves_nothing(
+def sealing(monkeypatch: pytest.MonkeyPatch, change: Callable[[int, bytes], bytes]) -> None:
+    """Every holder in this process seals `change(index, plaintext)` instead: a modified
+    holder, whose chunks are authentic under the real transfer key."""
+    real_seal = crypto.ChunkCipher.seal
+
+    def seal(self: crypto.ChunkCipher, index: int, plaintext: bytes, data: bytes) -> bytes:
+        return real_seal(self, index, change(index, plaintext), data)
+
+    monkeypatch.setattr(crypto.ChunkCipher, "seal", seal)
+
+
+def kept_chunks(bob: Peer, share: Share, data: bytes) -> int:
+    """How many chunks bob's `.part` file holds; each must be the shared file's (the
+    rest are never-written zeros)."""
+    (partial,) = leftovers(bob.config.download_dir)
+    assert partial == f".sfs-{share.file_id}.part"
+    kept = (bob.config.download_dir / partial).read_bytes()
+    found = 0
+    for offset in range(0, len(kept), DEFAULT_CHUNK_SIZE):
+        chunk = kept[offset : offset + DEFAULT_CHUNK_SIZE]
+        if chunk == data[offset : offset + DEFAULT_CHUNK_SIZE]:
+            found += 1
+        else:
+            assert chunk.count(0) == len(chunk), f"unverified bytes kept at {offset}"
+    return found
+
+
+def test_tampered_ciphertext_stops_and_keeps_only_verified_chunks(
     network: Network, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _alice, bob, share = alice_shares_with_bob(network, tmp_path, 3 * MiB)
-    original = HolderService._chunk
+    real_seal = crypto.ChunkCipher.seal
 
-    def flip_chunk_one(self: HolderService, request, connection):  # type: ignore[no-untyped-def]
-        frames = original(self, request, connection)
-        if request.index == 1:
-            frames[1] = bytes([frames[1][0] ^ 1]) + frames[1][1:]
-        return frames
+    def flip_chunk_one(self: crypto.ChunkCipher, index: int, plaintext: bytes, ad: bytes) -> bytes:
+        sealed = real_seal(self, index, plaintext, ad)
+        return bytes([sealed[0] ^ 1]) + sealed[1:] if index == 1 else sealed
 
-    monkeypatch.setattr(HolderService, "_chunk", flip_chunk_one)
-    with pytest.raises(IntegrityError, match="chunk 1 failed authentication"):
+    monkeypatch.setattr(crypto.ChunkCipher, "seal", flip_chunk_one)
+    with pytest.raises(DownloadInterrupted, match="chunk 1 from alice failed authentication") as e:
         bob.get(share.file_id)
-    assert leftovers(bob.config.download_dir) == []
+    assert isinstance(e.value.cause, IntegrityError) and e.value.exit_code == 3
+    assert kept_chunks(bob, share, (tmp_path / "data.bin").read_bytes()) >= 1
 
 
-def test_authentic_chunk_not_matching_manifest_cancels(
+def test_authentic_chunk_not_matching_manifest_convicts_its_holder(
     network: Network, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A modified holder seals other content under the real transfer key."""
+    """A modified holder seals other content under the real transfer key: the signed
+    manifest shows it, the message names the holder, and chunks 0-1 stay."""
     _alice, bob, share = alice_shares_with_bob(network, tmp_path, 2 * MiB + 10)
-    original = HolderService._chunk
-
-    def forge_last_chunk(self: HolderService, request, connection):  # type: ignore[no-untyped-def]
-        frames = original(self, request, connection)
-        if request.index == 2:
-            outgoing = self._transfers[request.transfer_id]
-            associated = protocol.chunk_associated_data(
-                request.transfer_id, share.file_id, 2, outgoing.manifest.chunk_count
-            )
-            frames[1] = outgoing.cipher.seal(2, b"X" * 10, associated)
-        return frames
-
-    monkeypatch.setattr(HolderService, "_chunk", forge_last_chunk)
-    with pytest.raises(IntegrityError, match="chunk 2 does not match the owner's signed manifest"):
+    sealing(monkeypatch, lambda index, plaintext: b"X" * 10 if index == 2 else plaintext)
+    with pytest.raises(
+        DownloadInterrupted,
+        match=r"^chunk 2 from alice does not match the owner's signed manifest: alice's copy "
+        r"may have changed since it was shared, or be forged \(",
+    ) as stopped:
         bob.get(share.file_id)
-    assert leftovers(bob.config.download_dir) == []
+    assert isinstance(stopped.value.cause, IntegrityError)
+    assert kept_chunks(bob, share, (tmp_path / "data.bin").read_bytes()) == 2
 
 
 def test_holder_does_not_send_content_changed_since_sharing(
@@ -188,10 +209,11 @@ def test_holder_does_not_send_content_changed_since_sharing(
 
 def test_file_changed_at_holder_is_reported(network: Network, tmp_path: Path) -> None:
     _alice, bob, share = alice_shares_with_bob(network, tmp_path, 2 * MiB)
+    data = (tmp_path / "data.bin").read_bytes()
     os.truncate(tmp_path / "data.bin", MiB + 5)  # the owner cut the file after sharing it
-    with pytest.raises(RemoteError, match="changed on the holder since it was shared"):
+    with pytest.raises(DownloadInterrupted, match="changed on the holder since it was shared"):
         bob.get(share.file_id)
-    assert leftovers(bob.config.download_dir) == []
+    assert kept_chunks(bob, share, data) == 1  # chunk 0 is still the shared one
 
 
 # --- what the broker says is checked before any holder is contacted ---------------------

@@ -1,14 +1,31 @@
-"""Reading a holder's replies: whatever arrives, the error names the holder."""
+"""The download engine: reading a holder's replies (whatever arrives, the error names the
+holder), and `Downloader.fetch` against holders on loopback sockets that stall or send
+bad chunks."""
 
 from __future__ import annotations
 
-import pytest
+import contextlib
+import hashlib
+import logging
+import random
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
-from sfs.common import protocol
+import pytest
+import zmq
+
+from sfs.common import crypto, protocol
 from sfs.common.codec import pack
-from sfs.common.errors import ProtocolError, RemoteError
+from sfs.common.errors import IntegrityError, ProtocolError, RemoteError
+from sfs.common.manifest import MIN_CHUNK_SIZE, Manifest, file_id_of
 from sfs.common.protocol import ErrorCode
-from sfs.peer.download import read_chunk, read_reply
+from sfs.peer.download import Downloader, DownloadInterrupted, read_chunk, read_reply
+from sfs.peer.keys import Identity, create_identity
+from sfs.peer.pins import PinStore
+from sfs.peer.registry import Share
+from sfs.peer.transfer import HolderService
 
 TRANSFER_ID = bytes(range(16))
 
@@ -71,3 +88,263 @@ def test_an_error_reply_stays_a_remote_error() -> None:
     with pytest.raises(RemoteError, match=r"^alice: unknown or expired transfer$") as refused:
         read_reply([frame], "alice")
     assert refused.value.code == ErrorCode.NOT_FOUND
+
+
+# --- the engine against holders on loopback sockets ---------------------------------------
+#
+# `Downloader.fetch` with real zmq sockets (CurveZMQ off): each holder is a
+# `HolderService` behind a ROUTER in a thread of its own, which a test can hold back
+# before a chunk, or make seal other bytes. A holder that never answers is a TCP
+# listener nobody accepts from.
+
+DATA = random.Random(6).randbytes(7 * MIN_CHUNK_SIZE + 1000)  # chunks 0-7, the last short
+CHUNKS = 8
+
+
+@pytest.fixture(scope="module")
+def alice(tmp_path_factory: pytest.TempPathFactory) -> Identity:
+    """The owner, and a holder."""
+    return create_identity(tmp_path_factory.mktemp("alice"), "alice")
+
+
+@pytest.fixture(scope="module")
+def bob(tmp_path_factory: pytest.TempPathFactory) -> Identity:
+    """The downloader."""
+    return create_identity(tmp_path_factory.mktemp("bob"), "bob")
+
+
+@pytest.fixture(scope="module")
+def carol(tmp_path_factory: pytest.TempPathFactory) -> Identity:
+    """A seeder."""
+    return create_identity(tmp_path_factory.mktemp("carol"), "carol")
+
+
+def shared_by(owner: Identity) -> Share:
+    """DATA, shared by `owner` with everyone."""
+    manifest = Manifest(
+        version=1,
+        share_id=crypto.random_bytes(16),
+        name="data.bin",
+        size=len(DATA),
+        chunk_size=MIN_CHUNK_SIZE,
+        chunk_hashes=b"".join(
+            hashlib.sha256(DATA[i : i + MIN_CHUNK_SIZE]).digest()
+            for i in range(0, len(DATA), MIN_CHUNK_SIZE)
+        ),
+        sha256=hashlib.sha256(DATA).digest(),
+        owner=owner.username,
+        owner_fp=owner.fingerprint,
+        keywords=[],
+        created=1_700_000_000,
+    )
+    encoded = manifest.encode()
+    return Share(
+        file_id_of(encoded),
+        Path("/nonexistent"),
+        "data.bin",
+        len(DATA),
+        encoded,
+        owner.sign(encoded),
+        None,
+        [],
+        0,
+    )
+
+
+def lookup_of(
+    owner: Identity, share: Share, holders: list[protocol.Holder]
+) -> protocol.LookupResult:
+    return protocol.LookupResult(
+        share.file_id,
+        owner.username,
+        owner.bundle,
+        share.manifest,
+        share.signature,
+        holders,
+        None,
+        owner.sign(protocol.grant_payload(share.file_id, None)),
+    )
+
+
+@contextlib.contextmanager
+def holder_on_loopback(
+    identity: Identity,
+    share: Share,
+    context: zmq.Context[zmq.Socket[bytes]],
+    before_chunk: Callable[[int], None] | None = None,
+) -> Iterator[protocol.Holder]:
+    """`identity` serving `share` (DATA) on a free port; `before_chunk(n)` runs before
+    its n-th chunk reply (from 0)."""
+    service = HolderService(
+        identity,
+        lambda file_id: share if file_id == share.file_id else None,
+        lambda requester, bundle: None,
+        lambda _share, offset, length: DATA[offset : offset + length],
+    )
+    bound, stop = threading.Event(), threading.Event()
+    endpoint: list[str] = []
+
+    def serve() -> None:
+        sock = context.socket(zmq.ROUTER)
+        sock.linger = 0
+        endpoint.append(f"tcp://127.0.0.1:{sock.bind_to_random_port('tcp://127.0.0.1')}")
+        bound.set()
+        chunks = 0
+        try:
+            while not stop.is_set():
+                if not sock.poll(50):
+                    continue
+                routing, *frames = sock.recv_multipart()
+                reply = service.handle(routing, None, frames[-1])
+                if reply and protocol.decode_envelope(reply[0]).op == "chunk":
+                    if before_chunk is not None:
+                        before_chunk(chunks)
+                    chunks += 1
+                if reply:
+                    sock.send_multipart([routing, *reply])
+        finally:
+            sock.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    assert bound.wait(10)
+    try:
+        yield protocol.Holder(identity.username, endpoint[0], identity.bundle)
+    finally:
+        stop.set()
+        thread.join(10)
+
+
+@contextlib.contextmanager
+def silent_endpoint() -> Iterator[str]:
+    """A TCP port that completes the TCP handshake (the kernel's backlog) and nothing
+    more: no ZMTP greeting, no answer, ever."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        yield f"tcp://127.0.0.1:{listener.getsockname()[1]}"
+
+
+def downloader(
+    bob: Identity, tmp_path: Path, context: zmq.Context[zmq.Socket[bytes]]
+) -> Downloader:
+    return Downloader(
+        bob,
+        PinStore(tmp_path / "pins.json"),
+        context,
+        window=1,
+        timeout=60,
+        transport_encryption=False,
+        hello_timeout=0.3,
+    )
+
+
+@pytest.fixture
+def context() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
+    made: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    yield made
+    made.destroy(linger=0)
+
+
+def test_a_silent_holder_is_set_aside_while_another_delivers(
+    alice: Identity,
+    bob: Identity,
+    carol: Identity,
+    tmp_path: Path,
+    context: zmq.Context[zmq.Socket[bytes]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """alice sends chunk 0, then holds chunk 1 back until carol, who never answers her
+    hello, has been set aside: the download neither waits for carol nor fails."""
+    share = shared_by(alice)
+    set_aside = threading.Event()
+
+    class Watch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith("set carol aside"):
+                set_aside.set()
+
+    def hold_back(chunk: int) -> None:
+        if chunk == 1:
+            set_aside.wait(20)
+
+    watch = Watch()
+    logging.getLogger("sfs.peer").addHandler(watch)
+    caplog.set_level(logging.INFO, "sfs.peer")
+    try:
+        with (
+            holder_on_loopback(alice, share, context, hold_back) as from_alice,
+            silent_endpoint() as nowhere,
+        ):
+            holders = [protocol.Holder("carol", nowhere, carol.bundle), from_alice]
+            result = downloader(bob, tmp_path, context).fetch(
+                share.file_id, lookup_of(alice, share, holders), tmp_path / "in"
+            )
+    finally:
+        logging.getLogger("sfs.peer").removeHandler(watch)
+    assert set_aside.is_set(), "carol was never set aside"
+    assert result.holders == ["alice"]
+    assert result.path.read_bytes() == DATA
+
+
+@pytest.mark.parametrize(
+    ("forged", "message"),
+    [
+        # Other bytes sealed under the real key: authentic, but not the owner's file.
+        (
+            True,
+            "chunk 3 from alice does not match the owner's signed manifest: alice's copy "
+            "may have changed since it was shared, or be forged",
+        ),
+        # The file's bytes with a bit of the GCM tag flipped.
+        (False, "chunk 3 from alice failed authentication (tampered?)"),
+    ],
+    ids=["forged", "tampered"],
+)
+def test_a_bad_chunk_from_the_last_holder_keeps_the_verified_ones(
+    alice: Identity,
+    bob: Identity,
+    tmp_path: Path,
+    context: zmq.Context[zmq.Socket[bytes]],
+    monkeypatch: pytest.MonkeyPatch,
+    forged: bool,
+    message: str,
+) -> None:
+    """alice sends chunks 0-2, then a bad chunk 3: she is dropped, and with nobody left
+    the download stops, keeping chunks 0-2 (and nothing else) for the next attempt."""
+    share = shared_by(alice)
+    real_seal = crypto.ChunkCipher.seal
+
+    def seal(self: crypto.ChunkCipher, index: int, plaintext: bytes, data: bytes) -> bytes:
+        if index < 3:
+            return real_seal(self, index, plaintext, data)
+        if forged:
+            return real_seal(self, index, bytes([plaintext[0] ^ 1]) + plaintext[1:], data)
+        sealed = real_seal(self, index, plaintext, data)
+        return sealed[:-1] + bytes([sealed[-1] ^ 1])
+
+    folder = tmp_path / "in"
+    with monkeypatch.context() as patched:
+        patched.setattr(crypto.ChunkCipher, "seal", seal)
+        with (
+            holder_on_loopback(alice, share, context) as from_alice,
+            pytest.raises(DownloadInterrupted) as stopped,
+        ):
+            downloader(bob, tmp_path, context).fetch(
+                share.file_id, lookup_of(alice, share, [from_alice]), folder
+            )
+    kept = 3 * MIN_CHUNK_SIZE
+    assert str(stopped.value) == (
+        f"{message} ({kept / (1 << 20):.1f} MiB of {len(DATA) / (1 << 20):.1f} MiB kept: "
+        "run the same get again to resume)"
+    )
+    assert isinstance(stopped.value.cause, IntegrityError)
+    assert stopped.value.exit_code == IntegrityError.exit_code
+    partial = folder / f".sfs-{share.file_id}.part"
+    assert [path.name for path in folder.iterdir()] == [partial.name]
+    assert partial.read_bytes() == DATA[:kept]  # only what verified
+
+    with holder_on_loopback(alice, share, context) as from_alice:
+        again = downloader(bob, tmp_path, context).fetch(
+            share.file_id, lookup_of(alice, share, [from_alice]), folder
+        )
+    assert (again.chunks_resumed, again.bytes_fetched) == (3, len(DATA) - kept)
+    assert again.path.read_bytes() == DATA
