@@ -251,6 +251,7 @@ class Peer:
             self.config.window,
             self.config.timeout,
             self.config.transport_encryption,
+            self.config.hello_timeout,
         )
         result = downloader.fetch(file_id, lookup, out or self.config.download_dir, progress)
         if self.config.seed and lookup.owner != self.config.username:
