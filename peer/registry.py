@@ -7,6 +7,7 @@ SQLite, so that `sfs-peer share` and a running `sfs-peer serve` see the same dat
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -65,7 +66,11 @@ class ShareRegistry:
     def __init__(self, path: Path) -> None:
         self._path = path
         try:
-            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+            # Created 0600 if new. An existing file is not opened here: closing a file
+            # descriptor drops every POSIX lock this process holds on it, and another
+            # connection of this process (serve has two) would then read stale pages.
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
             self._db = sqlite3.connect(path, timeout=10, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(_SCHEMA)
@@ -75,6 +80,8 @@ class ShareRegistry:
                     self._db.execute(statement)
         except (OSError, sqlite3.Error) as exc:
             raise StorageError(f"cannot open the share registry {path}: {exc}") from exc
+        self._cache: dict[str, Share] = {}  # see `get`
+        self._version = -1
 
     def close(self) -> None:
         self._db.close()
@@ -86,6 +93,7 @@ class ShareRegistry:
             raise StorageError(f"share registry error: {exc}") from exc
 
     def add(self, share: Share) -> None:
+        self._cache.clear()  # this connection's own writes leave data_version alone
         self._run(
             f"INSERT OR REPLACE INTO shares ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
@@ -104,12 +112,26 @@ class ShareRegistry:
         )
 
     def get(self, file_id: str) -> Share | None:
+        """The share of `file_id`, as the registry has it now (whichever process wrote
+        it). Cheap enough to ask for every chunk served: shares found are kept until the
+        database changes, and a change is seen through SQLite's `data_version`."""
+        version = self._run("PRAGMA data_version")[0][0]
+        if version != self._version:
+            self._cache.clear()
+            self._version = version
+        cached = self._cache.get(file_id)
+        if cached is not None:
+            return cached
         rows = self._run(f"SELECT {_COLUMNS} FROM shares WHERE file_id = ?", (file_id,))
-        return _share(rows[0]) if rows else None
+        if not rows:
+            return None
+        share = self._cache[file_id] = _share(rows[0])
+        return share
 
     def remove(self, file_id: str) -> bool:
         found = self.get(file_id) is not None
         self._run("DELETE FROM shares WHERE file_id = ?", (file_id,))
+        self._cache.clear()
         return found
 
     def all(self) -> list[Share]:

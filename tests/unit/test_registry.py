@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import stat
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -112,6 +114,53 @@ def test_two_registries_on_one_file_see_each_other(tmp_path: Path) -> None:
     finally:
         writer.close()
         reader.close()
+
+
+def test_a_share_changed_by_another_connection_is_seen_at_once(tmp_path: Path) -> None:
+    """`get` keeps what it found until the database changes: the holder asks for every
+    chunk, so a row replaced elsewhere (a copy downloaded again to another path) must
+    show."""
+    writer, reader = ShareRegistry(tmp_path / "s.db"), ShareRegistry(tmp_path / "s.db")
+    try:
+        writer.add(make_share(4))
+        assert reader.get(make_share(4).file_id) == reader.get(make_share(4).file_id)
+        moved = make_share(4, path=Path("/elsewhere/file4.bin"))
+        writer.add(moved)
+        assert reader.get(moved.file_id) == moved
+    finally:
+        writer.close()
+        reader.close()
+
+
+def test_opening_a_second_registry_keeps_the_first_one_current(tmp_path: Path) -> None:
+    """`serve` reads the registry on its loop and opens a second connection for the seed
+    keeper, while `share` and `unshare` write from other processes. Opening the second
+    once closed a file descriptor of the database, which drops every POSIX lock of the
+    process on it: the first connection then read a stale snapshot for good (it went on
+    serving an unshared file, and never saw a new one)."""
+    path = tmp_path / "shares.db"
+    file_id = make_share(5).file_id
+    code = (
+        "import sys; from pathlib import Path; from sfs.peer.registry import ShareRegistry;"
+        " from tests.unit.test_registry import make_share; registry = ShareRegistry(Path("
+        "sys.argv[1])); registry.add(make_share(5)) if sys.argv[2] == 'add' else"
+        " registry.remove(make_share(5).file_id)"
+    )
+
+    def in_another_process(what: str) -> None:
+        root = Path(__file__).parents[2]  # where `tests` imports from
+        subprocess.run([sys.executable, "-c", code, str(path), what], check=True, cwd=root)
+
+    serving = ShareRegistry(path)
+    second = ShareRegistry(path)
+    try:
+        in_another_process("add")
+        assert serving.get(file_id) == make_share(5)
+        in_another_process("remove")
+        assert serving.get(file_id) is None
+    finally:
+        second.close()
+        serving.close()
 
 
 def test_a_file_that_is_not_a_database_is_a_storage_error(tmp_path: Path) -> None:
