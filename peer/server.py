@@ -3,8 +3,10 @@ thread that keeps this peer marked online at the broker.
 
 The ROUTER is a CurveZMQ server with the user's transport key (unless the config turns
 peer transport encryption off); any client key may connect, and the signed hello then
-decides who the requester is. One poll loop answers everything; files are read chunk
-by chunk, so serving stays flat in memory whatever the file size.
+decides who the requester is. One poll loop answers everything but the file I/O, which
+runs in one lane per file (`reads.ReadLanes`), so that a file that blocks stops no other
+share. Files are read chunk by chunk, so serving stays flat in memory whatever the file
+size.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ import zmq
 
 from sfs.common.curve import client_key, start_authenticator
 from sfs.common.errors import RemoteError, SfsError, TransportError
-from sfs.common.protocol import ErrorCode
+from sfs.common.protocol import ErrorCode, encode_error
 from sfs.peer.client import BrokerClient
 from sfs.peer.keys import Identity
-from sfs.peer.transfer import HolderService
+from sfs.peer.reads import ReadLanes
+from sfs.peer.transfer import ChunkJob, HolderService
 
 log = logging.getLogger("sfs.peer")
 
@@ -32,6 +35,10 @@ SEND_QUEUE_LIMIT = 40
 # once it is reached ZeroMQ stops reading that connection (TCP pushes back), so a flood
 # waits in the sender's memory, not here. Nothing is lost; a window only waits its turn.
 RECEIVE_QUEUE_LIMIT = 16
+# Chunk reads under way for one requester connection, at most (reads run off the loop,
+# so ZeroMQ's queues no longer bound them). A download keeps at most a window (32) in
+# flight per holder; more are answered `busy` at once, without touching the disk.
+MAX_READS_PER_CONNECTION = SEND_QUEUE_LIMIT
 _POLL_MS = 500
 
 
@@ -52,6 +59,7 @@ class PeerServer:
         self._stop = stop or threading.Event()
         self._on_ready = on_ready
         self.endpoint = listen
+        self._reading: dict[bytes, int] = {}  # connection -> chunk reads under way
 
     def stop(self) -> None:
         self._stop.set()
@@ -85,24 +93,61 @@ class PeerServer:
                 authenticator.stop()
 
     def _loop(self, sock: zmq.Socket[bytes]) -> None:
-        while not self._stop.is_set():
-            if not sock.poll(_POLL_MS):
-                self._service.expire_idle()
-                continue
-            frames = sock.recv_multipart(copy=False)
-            if len(frames) != 2:  # requesters are DEALERs sending one frame at a time
-                log.debug("dropped a message of %d frames", len(frames))
-                continue
-            connection, payload = frames
-            key = client_key(payload) if self._encrypt else None
-            replies = self._service.handle(connection.bytes, key, payload.bytes)
-            if not replies:
-                continue
-            try:
-                sock.send_multipart([connection.bytes, *replies], flags=zmq.NOBLOCK, copy=False)
-            except zmq.ZMQError as exc:  # not reading (queue full) or gone
-                log.info("dropped a requester that is not reading (%s)", exc.strerror)
-                self._service.drop_connection(connection.bytes)
+        lanes = ReadLanes(self._service.read)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(lanes.wakeup_fd, zmq.POLLIN)
+        try:
+            while not self._stop.is_set():
+                ready = dict(poller.poll(_POLL_MS))
+                if not ready:
+                    self._service.expire_idle()
+                    continue
+                if lanes.wakeup_fd in ready:
+                    for job, outcome in lanes.finished():
+                        self._done_reading(job.connection)
+                        self._send(sock, job.connection, self._service.complete(job, outcome))
+                if sock in ready:
+                    self._receive(sock, lanes)
+        finally:
+            lanes.close()
+
+    def _receive(self, sock: zmq.Socket[bytes], lanes: ReadLanes) -> None:
+        frames = sock.recv_multipart(copy=False)
+        if len(frames) != 2:  # requesters are DEALERs sending one frame at a time
+            log.debug("dropped a message of %d frames", len(frames))
+            return
+        connection, payload = frames
+        key = client_key(payload) if self._encrypt else None
+        answer = self._service.receive(connection.bytes, key, payload.bytes)
+        if isinstance(answer, ChunkJob):  # file I/O: never on this loop
+            answer = self._start_reading(answer, lanes)
+        self._send(sock, connection.bytes, answer)
+
+    def _start_reading(self, job: ChunkJob, lanes: ReadLanes) -> list[bytes]:
+        """Hand `job` to its lane; the replies to send now (none, unless refused)."""
+        reading = self._reading.get(job.connection, 0)
+        if reading >= MAX_READS_PER_CONNECTION:
+            return [encode_error(ErrorCode.BUSY, "too many chunk requests in flight; retry")]
+        if not lanes.submit(job):
+            message = f"the holder is behind reading {job.share.name}; retry"
+            return [encode_error(ErrorCode.BUSY, message)]
+        self._reading[job.connection] = reading + 1
+        return []
+
+    def _done_reading(self, connection: bytes) -> None:
+        left = self._reading.pop(connection) - 1
+        if left:
+            self._reading[connection] = left
+
+    def _send(self, sock: zmq.Socket[bytes], connection: bytes, replies: list[bytes]) -> None:
+        if not replies:
+            return
+        try:
+            sock.send_multipart([connection, *replies], flags=zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as exc:  # not reading (queue full) or gone
+            log.info("dropped a requester that is not reading (%s)", exc.strerror)
+            self._service.drop_connection(connection)
 
 
 class Heartbeat(threading.Thread):

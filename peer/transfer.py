@@ -185,12 +185,25 @@ class ChunkPlan:
 
 # --- holder -----------------------------------------------------------------------------
 
-TRANSFER_IDLE_TIMEOUT = 120.0
+# A transfer nobody asked a chunk of for this long is forgotten: a requester that stopped
+# reading (or died without `finish`) gives its slot back. Downloads ask continuously.
+TRANSFER_IDLE_TIMEOUT = 30.0
 MAX_TRANSFERS = 64
 MAX_TRANSFERS_PER_REQUESTER = 4  # per user, whatever number of connections they open
 
 ChunkReader = Callable[[Share, int, int], bytes]  # (share, offset, length) -> bytes
 RequesterCheck = Callable[[str, KeyBundle], None]  # raises SfsError to refuse
+# Told of a share that could not be served from its path; True: its content changed.
+FailedRead = Callable[[Share, bool], None]
+
+
+class NotRegularFile(SfsError):
+    """What stands at a share's path now is not a regular file (a FIFO, a directory...).
+    Raised by a `ChunkReader`; `kind` says what it is, for the holder's log."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(f"not a regular file ({kind})")
+        self.kind = kind
 
 
 @dataclass
@@ -203,9 +216,47 @@ class _Outgoing:
     last_active: float
 
 
+@dataclass(frozen=True)
+class ChunkJob:
+    """The file I/O of one chunk request: read, check against the manifest, seal.
+    `HolderService.read` does it and touches no other state, so a server can run it off
+    its loop (`PeerServer` does: one slow or stuck file must not stop the other shares)."""
+
+    connection: bytes
+    transfer_id: bytes
+    index: int
+    share: Share
+    offset: int
+    length: int
+    chunk_hash: bytes
+    associated: bytes
+    cipher: crypto.ChunkCipher
+
+    @property
+    def lane(self) -> str:
+        """Reads of one file wait for each other; reads of other files do not."""
+        return self.share.file_id
+
+
+@dataclass(frozen=True)
+class ReadFailure:
+    """Why a chunk could not be sent: what the requester is told, what the log says."""
+
+    to_requester: str
+    to_log: str
+    changed: bool = False  # the bytes are there but are not the ones shared
+
+
+ChunkOutcome = bytes | ReadFailure  # the sealed chunk, or why there is none
+
+
 class HolderService:
     """Answers requesters. `handle` never raises: refusals become error replies and
-    frames that cannot be parsed are answered with bad_request."""
+    frames that cannot be parsed are answered with bad_request.
+
+    A chunk request is answered in three steps, so that the file I/O can run elsewhere:
+    `receive` checks it and returns a `ChunkJob`, `read` does the I/O (in any thread),
+    and `complete` turns the outcome into the reply. `handle` does all three at once."""
 
     def __init__(
         self,
@@ -214,12 +265,14 @@ class HolderService:
         check_requester: RequesterCheck,
         read_chunk: ChunkReader,
         clock: Callable[[], float] = time.monotonic,
+        on_failed_read: FailedRead | None = None,
     ) -> None:
         self._identity = identity
         self._lookup_share = lookup_share
         self._check_requester = check_requester
         self._read_chunk = read_chunk
         self._clock = clock
+        self._on_failed_read = on_failed_read
         self._transfers: dict[bytes, _Outgoing] = {}
 
     @property
@@ -227,8 +280,18 @@ class HolderService:
         return len(self._transfers)
 
     def handle(self, connection: bytes, client_key: bytes | None, frame: bytes) -> list[bytes]:
-        """Answer one frame from `connection` (its routing id). Returns the reply frames
-        (none for `finish`)."""
+        """Answer one frame from `connection` (its routing id), reading any chunk right
+        here. Returns the reply frames (none for `finish`)."""
+        answer = self.receive(connection, client_key, frame)
+        if isinstance(answer, ChunkJob):
+            return self.complete(answer, self.read(answer))
+        return answer
+
+    def receive(
+        self, connection: bytes, client_key: bytes | None, frame: bytes
+    ) -> list[bytes] | ChunkJob:
+        """Answer one frame, except the file I/O of a chunk request: that is returned as
+        a `ChunkJob`, to `read` and then `complete`."""
         self.expire_idle()
         try:
             envelope = protocol.decode_envelope(frame)
@@ -277,8 +340,6 @@ class HolderService:
             log.info("refused %s: %s is not shared with them", hello.requester, hello.file_id)
             raise Refused(ErrorCode.FORBIDDEN, f"file {hello.file_id} is not shared with you")
         self._make_room_for(hello.requester)
-        if len(self._transfers) >= MAX_TRANSFERS:
-            raise Refused(ErrorCode.BUSY, "the holder is serving too many transfers; retry")
 
         secret = crypto.TransferSecret.generate()
         unsigned = protocol.Offer(
@@ -306,14 +367,35 @@ class HolderService:
         return offer
 
     def _make_room_for(self, requester: str) -> None:
-        """At the per-user limit, forget that user's least recently active transfer.
+        """Free a slot for `requester`'s new transfer, fairly, or refuse with `busy`.
 
-        A download that died (killed, cut off, its offer lost) never says `finish`, and
-        the holder cannot see its connection go: refusing here would lock the user out
-        until the idle timeout. The hello is signed, so only users evict their own."""
-        own = [(o.last_active, t) for t, o in self._transfers.items() if o.requester == requester]
+        At the per-user limit, that user's least recently active transfer goes: a
+        download that died (killed, cut off, its offer lost) never says `finish`, and the
+        holder cannot see its connection go, so refusing would lock the user out until
+        the idle timeout. The hello is signed, so only users evict their own.
+
+        At the limit in all, the idlest transfer of the user holding the most goes, if
+        that user would still hold at least as many as `requester` then: so accounts
+        made to fill every slot (Sybils) cannot lock anyone out, and users holding
+        equal shares never take slots from each other."""
+        held: dict[str, list[tuple[float, bytes]]] = {}
+        for transfer_id, outgoing in self._transfers.items():
+            held.setdefault(outgoing.requester, []).append((outgoing.last_active, transfer_id))
+        own = held.get(requester, [])
         if len(own) >= MAX_TRANSFERS_PER_REQUESTER:
-            del self._transfers[min(own)[1]]
+            self._evict(min(own)[1], "its user opened another")
+            return
+        if len(self._transfers) < MAX_TRANSFERS:
+            return
+        most = max(len(transfers) for transfers in held.values())
+        if most < len(own) + 2:
+            raise Refused(ErrorCode.BUSY, "the holder is serving too many transfers; retry")
+        idlest = min(t for transfers in held.values() if len(transfers) == most for t in transfers)
+        self._evict(idlest[1], f"the holder is full and {requester} held fewer")
+
+    def _evict(self, transfer_id: bytes, why: str) -> None:
+        outgoing = self._transfers.pop(transfer_id)
+        log.info("ended a transfer of %s to %s: %s", outgoing.share.name, outgoing.requester, why)
 
     def _transfer(self, transfer_id: bytes, connection: bytes) -> _Outgoing:
         outgoing = self._transfers.get(transfer_id)
@@ -323,36 +405,84 @@ class HolderService:
         outgoing.last_active = self._clock()
         return outgoing
 
-    def _chunk(self, request: protocol.ChunkRequest, connection: bytes) -> list[bytes]:
+    def _still_shared(self, transfer_id: bytes, outgoing: _Outgoing) -> Share:
+        """The transfer's file as the share registry has it now, or `Refused` (and the
+        transfer ends). `unshare` runs in another process and only changes the registry,
+        so it is read for every chunk (the registry caches it until that changes)."""
+        file_id = outgoing.share.file_id
+        current = self._lookup_share(file_id)
+        if current is None or not current.allows(outgoing.requester):
+            del self._transfers[transfer_id]
+            log.info("ended a transfer of %s to %s: no longer shared", file_id, outgoing.requester)
+            if current is None:
+                raise Refused(ErrorCode.NOT_FOUND, f"file {file_id} is no longer shared here")
+            raise Refused(ErrorCode.FORBIDDEN, f"file {file_id} is no longer shared with you")
+        outgoing.share = current  # the same file id is the same manifest; the path may move
+        return current
+
+    def _chunk(self, request: protocol.ChunkRequest, connection: bytes) -> ChunkJob:
         outgoing = self._transfer(request.transfer_id, connection)
         manifest = outgoing.manifest
         if request.index >= manifest.chunk_count:
             raise Refused(ErrorCode.BAD_REQUEST, f"chunk {request.index} is out of range")
-        length = manifest.chunk_length(request.index)
-        try:
-            data = self._read_chunk(outgoing.share, request.index * manifest.chunk_size, length)
-        except OSError as exc:
-            raise Refused(
-                ErrorCode.INTERNAL, f"the holder cannot read {outgoing.share.name} any more"
-            ) from exc
-        # Send only what was shared: a file changed since would otherwise leak new content.
-        if len(data) != length or not crypto.same_bytes(
-            crypto.sha256(data), manifest.chunk_hash(request.index)
-        ):
-            log.warning("%s changed since it was shared; run share again", outgoing.share.path)
-            del self._transfers[request.transfer_id]
-            raise Refused(
-                ErrorCode.INTERNAL,
-                f"{outgoing.share.name} changed on the holder since it was shared",
-            )
-        associated = protocol.chunk_associated_data(
-            request.transfer_id, outgoing.share.file_id, request.index, manifest.chunk_count
+        share = self._still_shared(request.transfer_id, outgoing)
+        return ChunkJob(
+            connection,
+            request.transfer_id,
+            request.index,
+            share,
+            request.index * manifest.chunk_size,
+            manifest.chunk_length(request.index),
+            manifest.chunk_hash(request.index),
+            protocol.chunk_associated_data(
+                request.transfer_id, share.file_id, request.index, manifest.chunk_count
+            ),
+            outgoing.cipher,
         )
-        header = protocol.ChunkHeader(request.transfer_id, request.index)
-        return [
-            protocol.encode("chunk", header),
-            outgoing.cipher.seal(request.index, data, associated),
-        ]
+
+    def read(self, job: ChunkJob) -> ChunkOutcome:
+        """Read, check and seal one chunk. Safe in any thread: it uses only `job` and the
+        injected reader, and never raises."""
+        name, path = job.share.name, job.share.path
+        cannot_read = f"the holder cannot read {name} any more"
+        try:
+            data = self._read_chunk(job.share, job.offset, job.length)
+        except NotRegularFile as exc:
+            return ReadFailure(
+                f"{cannot_read}: it is not a regular file",
+                f"cannot serve {name} from {path}: not a regular file ({exc.kind})",
+            )
+        except OSError as exc:
+            return ReadFailure(cannot_read, f"cannot read {path}: {exc.strerror or exc}")
+        except Exception:
+            log.exception("bug while reading a chunk of %s", name)
+            return ReadFailure("the holder hit an internal error", f"could not read {path}")
+        # Send only what was shared: a file changed since would otherwise leak new content.
+        if len(data) != job.length or not crypto.same_bytes(crypto.sha256(data), job.chunk_hash):
+            own = job.share.owner is None
+            since = "it was shared; run share again" if own else "it was downloaded"
+            return ReadFailure(
+                f"{name} changed on the holder since it was shared",
+                f"{path} changed since {since}",
+                changed=True,
+            )
+        return job.cipher.seal(job.index, data, job.associated)
+
+    def complete(self, job: ChunkJob, outcome: ChunkOutcome) -> list[bytes]:
+        """The reply to a chunk request once `read` is done. Nothing is sent for a
+        transfer that ended meanwhile (finished, expired, evicted, or its file unshared)."""
+        outgoing = self._transfers.get(job.transfer_id)
+        if outgoing is None or outgoing.connection != job.connection:
+            return [protocol.encode_error(ErrorCode.NOT_FOUND, "unknown or expired transfer")]
+        if isinstance(outcome, ReadFailure):
+            log.warning("%s", outcome.to_log)
+            del self._transfers[job.transfer_id]
+            if self._on_failed_read is not None:
+                self._on_failed_read(job.share, outcome.changed)
+            return [protocol.encode_error(ErrorCode.INTERNAL, outcome.to_requester)]
+        outgoing.last_active = self._clock()
+        header = protocol.ChunkHeader(job.transfer_id, job.index)
+        return [protocol.encode("chunk", header), outcome]
 
     def drop_connection(self, connection: bytes) -> None:
         """Forget the transfers of a requester that stopped reading or went away."""

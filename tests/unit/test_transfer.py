@@ -601,6 +601,53 @@ def test_a_requester_at_the_limit_loses_its_least_active_transfer_whatever_the_c
         as_chunk(rig.send("get", links[number].request(0), f"bob-{number}".encode()))
 
 
+def test_at_the_limit_in_all_the_user_holding_the_most_loses_its_idlest_transfer(
+    rig: Rig,
+    shared: Shared,
+    bob: Identity,
+    mallory: Identity,
+    alice: Identity,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Sybils: accounts made to fill every slot must not lock anyone out.
+    monkeypatch.setattr(transfer, "MAX_TRANSFERS", 4)
+    mallorys = []
+    for number in range(4):
+        mallorys.append(link_for(mallory, alice.bundle, shared))
+        connect(rig, mallorys[-1], f"m-{number}".encode())
+        rig.clock.now += 1
+    as_chunk(rig.send("get", mallorys[0].request(0), b"m-0"))  # now m-1 is the idlest
+    connect(rig, link_for(bob, alice.bundle, shared), b"bob")
+    assert rig.service.active_transfers == 4
+    as_error(rig.send("get", mallorys[1].request(0), b"m-1"), ErrorCode.NOT_FOUND)
+    for number in (0, 2, 3):
+        as_chunk(rig.send("get", mallorys[number].request(0), f"m-{number}".encode()))
+
+
+def test_at_the_limit_in_all_nobody_loses_a_slot_to_someone_holding_as_many(
+    rig: Rig,
+    shared: Shared,
+    bob: Identity,
+    mallory: Identity,
+    alice: Identity,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Fair shares are stable: a slot moves only from a user who would still hold at
+    least as many as the one who takes it, so equal users never evict each other."""
+    monkeypatch.setattr(transfer, "MAX_TRANSFERS", 4)
+    for number in range(3):
+        connect(rig, link_for(mallory, alice.bundle, shared), f"m-{number}".encode())
+    bobs = link_for(bob, alice.bundle, shared)
+    connect(rig, bobs, b"bob")
+    connect(rig, link_for(alice, alice.bundle, shared), b"alice")  # 0 < 3 - 1: evicts
+    # Now mallory 2, bob 1, alice 1: full, and nobody holds 2 more than another.
+    for who, connection in ((mallory, b"m-9"), (bob, b"bob-2"), (alice, b"alice-2")):
+        refused = rig.send("hello", link_for(who, alice.bundle, shared).hello(), connection)
+        assert "too many transfers" in as_error(refused, ErrorCode.BUSY)
+    as_chunk(rig.send("get", bobs.request(0), b"bob"))
+    assert rig.service.active_transfers == 4
+
+
 def test_dropping_a_connection_forgets_its_transfers(
     rig: Rig, shared: Shared, bob: Identity, alice: Identity
 ) -> None:
@@ -622,6 +669,127 @@ def test_too_many_transfers_in_all_are_refused(
     as_error(rig.send("hello", link_for(bob, alice.bundle, shared).hello(), b"c3"), ErrorCode.BUSY)
     rig.send("finish", protocol.Finish(first.transfer_id), b"c2")
     connect(rig, link_for(bob, alice.bundle, shared), b"c3")
+
+
+# --- a file that stops being shared, or readable, during a transfer -----------------------
+
+
+def test_unshare_ends_a_transfer_under_way(
+    rig: Rig, shared: Shared, bob: Identity, alice: Identity
+) -> None:
+    link = link_for(bob, alice.bundle, shared)
+    connect(rig, link)
+    as_chunk(rig.send("get", link.request(0)))
+    del rig.shares[shared.file_id]  # `unshare`, in another process
+    message = as_error(rig.send("get", link.request(1)), ErrorCode.NOT_FOUND)
+    assert message == f"file {shared.file_id} is no longer shared here"
+    assert rig.service.active_transfers == 0
+    as_error(rig.send("get", link.request(1)), ErrorCode.NOT_FOUND)  # and stays over
+
+
+def test_a_transfer_ends_when_the_access_list_leaves_its_requester_out(
+    rig: Rig, shared: Shared, bob: Identity, alice: Identity
+) -> None:
+    link = link_for(bob, alice.bundle, shared)
+    connect(rig, link)
+    rig.shares[shared.file_id] = dataclasses.replace(shared.share, access=["mallory"])
+    message = as_error(rig.send("get", link.request(0)), ErrorCode.FORBIDDEN)
+    assert message == f"file {shared.file_id} is no longer shared with you"
+    assert rig.service.active_transfers == 0
+
+
+def test_a_transfer_reads_from_where_the_registry_says_now(
+    alice: Identity, bob: Identity, shared: Shared
+) -> None:
+    paths: list[Path] = []
+
+    def read(share: Share, offset: int, length: int) -> bytes:
+        paths.append(share.path)
+        return DATA[offset : offset + length]
+
+    rig = Rig(alice, {}, [shared], read_chunk=read)
+    link = link_for(bob, alice.bundle, shared)
+    connect(rig, link)
+    as_chunk(rig.send("get", link.request(0)))
+    moved = dataclasses.replace(shared.share, path=Path("/elsewhere/data.bin"))
+    rig.shares[shared.file_id] = moved  # a copy downloaded again, to another folder
+    as_chunk(rig.send("get", link.request(1)))
+    assert paths == [shared.share.path, moved.path]
+
+
+@pytest.mark.parametrize(
+    ("failure", "message", "changed"),
+    [
+        (
+            transfer.NotRegularFile("a FIFO"),
+            "the holder cannot read data.bin any more: it is not a regular file",
+            False,
+        ),
+        (FileNotFoundError(2, "No such file"), "the holder cannot read data.bin any more", False),
+        (None, "data.bin changed on the holder since it was shared", True),
+    ],
+    ids=["not a regular file", "gone", "changed"],
+)
+def test_a_failed_read_ends_the_transfer_and_is_reported_once(
+    alice: Identity,
+    bob: Identity,
+    shared: Shared,
+    failure: Exception | None,
+    message: str,
+    changed: bool,
+) -> None:
+    reported: list[tuple[str, bool]] = []
+
+    def read(share: Share, offset: int, length: int) -> bytes:
+        if failure is not None:
+            raise failure
+        return b"\0" * length
+
+    rig = Rig(alice, {}, [shared], read_chunk=read)
+    rig.service = HolderService(
+        alice,
+        rig.shares.get,
+        lambda username, bundle: None,
+        read,
+        rig.clock,
+        on_failed_read=lambda share, was_changed: reported.append((share.file_id, was_changed)),
+    )
+    link = link_for(bob, alice.bundle, shared)
+    connect(rig, link)
+    jobs = [
+        rig.service.receive(CONN, None, protocol.encode("get", link.request(i))) for i in (0, 1)
+    ]
+    replies = []
+    for job in jobs:
+        assert isinstance(job, transfer.ChunkJob)
+        replies.append(rig.service.complete(job, rig.service.read(job)))
+    assert as_error(replies[0], ErrorCode.INTERNAL) == message
+    as_error(replies[1], ErrorCode.NOT_FOUND)  # the transfer ended with the first
+    assert reported == [(shared.file_id, changed)]
+
+
+def test_a_chunk_read_in_the_background_is_not_sent_once_its_transfer_ended(
+    rig: Rig, shared: Shared, bob: Identity, alice: Identity
+) -> None:
+    link = link_for(bob, alice.bundle, shared)
+    connect(rig, link)
+    job = rig.service.receive(CONN, None, protocol.encode("get", link.request(0)))
+    assert isinstance(job, transfer.ChunkJob)
+    assert job.lane == shared.file_id
+    outcome = rig.service.read(job)  # elsewhere, while the loop goes on:
+    assert rig.send("finish", protocol.Finish(link.transfer_id)) == []
+    as_error(rig.service.complete(job, outcome), ErrorCode.NOT_FOUND)
+
+
+def test_a_chunk_read_in_the_background_opens_like_any_other(
+    rig: Rig, shared: Shared, bob: Identity, alice: Identity
+) -> None:
+    link = link_for(bob, alice.bundle, shared)
+    connect(rig, link)
+    job = rig.service.receive(CONN, None, protocol.encode("get", link.request(3)))
+    assert isinstance(job, transfer.ChunkJob)
+    header, payload = as_chunk(rig.service.complete(job, rig.service.read(job)))
+    assert link.open_chunk(header, payload) == DATA[3 * CHUNK :]
 
 
 # --- expiry and finish --------------------------------------------------------------------
@@ -656,9 +824,9 @@ def test_expiry_spares_active_transfers(
 ) -> None:
     idle, busy = link_for(bob, alice.bundle, shared), link_for(bob, alice.bundle, shared)
     connect(rig, idle)
-    rig.clock.now += 100
+    rig.clock.now += transfer.TRANSFER_IDLE_TIMEOUT / 2 + 1
     connect(rig, busy)
-    rig.clock.now += transfer.TRANSFER_IDLE_TIMEOUT - 50
+    rig.clock.now += transfer.TRANSFER_IDLE_TIMEOUT / 2
     rig.service.expire_idle()
     assert rig.service.active_transfers == 1
     as_error(rig.send("get", idle.request(0)), ErrorCode.NOT_FOUND)
