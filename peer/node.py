@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 import re
 import threading
 import time
@@ -30,8 +29,10 @@ from sfs.peer import keys, session
 from sfs.peer.client import BrokerClient
 from sfs.peer.download import Downloader, DownloadProgress, DownloadResult
 from sfs.peer.pins import ConfirmReplace, Pin, PinConflict, PinStore, Trusted
+from sfs.peer.reads import read_chunk
 from sfs.peer.registry import Share, ShareRegistry
 from sfs.peer.requesters import RequesterCheck
+from sfs.peer.seeds import SeedKeeper
 from sfs.peer.server import Heartbeat, PeerServer
 from sfs.peer.share import (
     Progress,
@@ -106,8 +107,12 @@ class Peer:
     @property
     def registry(self) -> ShareRegistry:
         if self._registry is None:
-            self._registry = ShareRegistry(self.config.data_dir / "shares.db")
+            self._registry = self._open_registry()
         return self._registry
+
+    def _open_registry(self) -> ShareRegistry:
+        """A connection of its own (for a thread of its own, say)."""
+        return ShareRegistry(self.config.data_dir / "shares.db")
 
     def _token(self) -> str:
         return session.load_session(self.config.data_dir, self.config.username).token
@@ -352,7 +357,8 @@ class Peer:
 
     def serve(self, stop: threading.Event, on_ready: Callable[[str], None] | None = None) -> None:
         """Serve shares and keep this peer online until `stop` is set (blocks).
-        `on_ready(endpoint)` is called once the server listens."""
+        `on_ready(endpoint)` is called once the server listens. Seeded copies that are
+        gone are released in the background (`SeedKeeper`)."""
         token = self._token()
         with self._authenticated():  # fail early, and clearly, if the session is gone
             ttl = self.broker.heartbeat(token, self.config.advertise)
@@ -364,8 +370,13 @@ class Peer:
             min(self.config.heartbeat_interval, max(1.0, ttl / 3)),
             on_session_lost=stop.set,
         )
+        keeper = SeedKeeper(
+            self._open_registry, self._new_broker_client, token, self.config.heartbeat_interval
+        )
         try:
-            service = HolderService(self.identity, self.registry.get, checker, _read_chunk)
+            service = HolderService(
+                self.identity, self.registry.get, checker, read_chunk, on_failed_read=keeper.check
+            )
             server = PeerServer(
                 service,
                 self.identity,
@@ -375,11 +386,13 @@ class Peer:
                 on_ready,
             )
             heartbeat.start()
+            keeper.start()
             server.serve(self._context)
         finally:
-            heartbeat.stop()
-            if heartbeat.is_alive():
-                heartbeat.join()
+            for thread in (heartbeat, keeper):
+                thread.stop()
+                if thread.is_alive():
+                    thread.join()
             checker.close()
         if heartbeat.session_lost:
             raise session.NotLoggedIn(_SESSION_GONE)
@@ -390,12 +403,3 @@ def parse_file_id(text: str) -> str:
     if not re.fullmatch(protocol.FILE_ID_PATTERN, file_id):
         raise UsageError(f"not a file id: {text!r} (32 hex characters)")
     return file_id
-
-
-def _read_chunk(share: Share, offset: int, length: int) -> bytes:
-    # The path was resolved when the file was shared: a symlink there now is a swap.
-    fd = os.open(share.path, os.O_RDONLY | os.O_NOFOLLOW)
-    try:
-        return os.pread(fd, length, offset)
-    finally:
-        os.close(fd)
