@@ -21,10 +21,11 @@ source address in each `WINDOW`, so `register` cannot be used to probe many user
 `Challenges` holds single-use challenges (for `register` and `device_login`). One
 source address may hold `per_address` of them at once: more are refused `busy`, to that
 address only. All together hold at most `MAX_PENDING_CHALLENGES`; when the table is
-full a new challenge pushes out the oldest one of the address holding the most. So a flood from a few
-addresses costs only those addresses their challenges, and an honest registrant from
-anywhere else still gets one: to push that one out, a flood must come from about as
-many addresses as the table holds challenges (IPv6 addresses count per /64).
+full a new challenge pushes out the oldest one of the address holding the most. So a
+flood from a few addresses costs only those addresses their challenges, and an honest
+registrant from anywhere else still gets one: to push that one out, a flood must come
+from about as many addresses as the table holds challenges (IPv6 addresses count per
+/64).
 
 `BcryptSlots` caps how many workers may run bcrypt at once, so a login flood cannot
 occupy every worker and starve heartbeats, lookups and searches.

@@ -181,7 +181,7 @@ NOT_AN_ID = "file_id: not a valid value"
         ("a" * 60_000, "bad_request", "file_id: longer than 32"),  # sizes before patterns
         ("g" * 32, "bad_request", NOT_AN_ID),
         ("0123456789ABCDEF0123456789ABCDEF", "bad_request", NOT_AN_ID),  # upper case
-        ("0" * 32 + "\n", "bad_request", NOT_AN_ID),
+        ("0" * 32 + "\n", "bad_request", "file_id: longer than 32"),
         ("0" * 31 + "\x00", "bad_request", NOT_AN_ID),
         ("0" * 16 + "/../" + "0" * 12, "bad_request", NOT_AN_ID),
         ("", "bad_request", NOT_AN_ID),

@@ -176,7 +176,7 @@ def test_decode_refuses_no_hashes_for_a_non_empty_file() -> None:
 
 @pytest.mark.parametrize("name", ["", "\0", "a\0b", "report.pdf\0", "é" * 128])
 def test_decode_refuses_invalid_names(name: str) -> None:
-    with pytest.raises(ProtocolError, match="invalid file name|NUL character"):
+    with pytest.raises(ProtocolError, match=r"invalid file name|NUL character"):
         decode_manifest(make_manifest(name=name).encode())
 
 
