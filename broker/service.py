@@ -249,9 +249,10 @@ class BrokerService:
         return True
 
     def _logout(self, request: protocol.Logout, caller: Caller) -> Record:
-        user = self._session(request.token, caller)
+        """End this session only. Presence is the server's (`serve` has a session of its
+        own, from `device_login`): it goes with `offline`, or lapses after its ttl."""
+        self._session(request.token, caller)
         self.store.delete_session(crypto.token_digest(request.token))
-        self.store.set_offline(user.id)
         return protocol.Empty()
 
     # --- presence ------------------------------------------------------------------------

@@ -358,20 +358,25 @@ class Peer:
     def serve(self, stop: threading.Event, on_ready: Callable[[str], None] | None = None) -> None:
         """Serve shares and keep this peer online until `stop` is set (blocks).
         `on_ready(endpoint)` is called once the server listens. Seeded copies that are
-        gone are released in the background (`SeedKeeper`)."""
-        token = self._token()
-        with self._authenticated():  # fail early, and clearly, if the session is gone
-            ttl = self.broker.heartbeat(token, self.config.advertise)
-        checker = RequesterCheck(self.pins, self._new_broker_client, token)
+        gone are released in the background (`SeedKeeper`).
+
+        The server logs in with the device's own keys, not the password session of
+        `login`: it keeps serving across that session's expiry and the user's `logout`."""
+        device = session.DeviceSession(self.identity)
+        # Fail early, and clearly, if the broker refuses this device.
+        ttl = device.call(
+            self.broker, lambda token: self.broker.heartbeat(token, self.config.advertise)
+        )
+        checker = RequesterCheck(self.pins, self._new_broker_client, device)
         heartbeat = Heartbeat(
             self._new_broker_client,
-            token,
+            device,
             self.config.advertise,
             min(self.config.heartbeat_interval, max(1.0, ttl / 3)),
             on_session_lost=stop.set,
         )
         keeper = SeedKeeper(
-            self._open_registry, self._new_broker_client, token, self.config.heartbeat_interval
+            self._open_registry, self._new_broker_client, device, self.config.heartbeat_interval
         )
         try:
             service = HolderService(
@@ -394,8 +399,8 @@ class Peer:
                 if thread.is_alive():
                     thread.join()
             checker.close()
-        if heartbeat.session_lost:
-            raise session.NotLoggedIn(_SESSION_GONE)
+        if heartbeat.session_lost is not None:
+            raise heartbeat.session_lost
 
 
 def parse_file_id(text: str) -> str:

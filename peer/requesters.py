@@ -22,6 +22,7 @@ from sfs.common.identity import KeyBundle
 from sfs.common.protocol import ErrorCode, Refused
 from sfs.peer.client import BrokerClient
 from sfs.peer.pins import PinStore
+from sfs.peer.session import DeviceSession
 
 log = logging.getLogger("sfs.peer")
 
@@ -45,10 +46,10 @@ class RequesterCheck:
         self,
         pins: PinStore,
         connect: Callable[[], BrokerClient],
-        token: str,
+        session: DeviceSession,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._pins, self._connect, self._token, self._clock = pins, connect, token, clock
+        self._pins, self._connect, self._session, self._clock = pins, connect, session, clock
         self._verdicts: dict[str, _Verdict] = {}
         self._pending: set[str] = set()
         self._lock = threading.Lock()
@@ -120,7 +121,8 @@ class RequesterCheck:
         """What the broker says of `username`; None if it could not say (ask again)."""
         until = self._clock() + VERDICT_TTL
         try:
-            return _Verdict(broker.bundle(self._token, username).fingerprint(), until)
+            bundle = self._session.call(broker, lambda token: broker.bundle(token, username))
+            return _Verdict(bundle.fingerprint(), until)
         except RemoteError as exc:
             if exc.code == ErrorCode.NOT_FOUND:
                 return _Verdict(None, until)

@@ -23,6 +23,7 @@ from sfs.common.errors import RemoteError, SfsError
 from sfs.common.protocol import ErrorCode
 from sfs.peer.client import BrokerClient
 from sfs.peer.registry import Share, ShareRegistry
+from sfs.peer.session import DeviceSession
 
 log = logging.getLogger("sfs.peer")
 
@@ -55,11 +56,11 @@ class SeedKeeper(threading.Thread):
         self,
         open_registry: Callable[[], ShareRegistry],
         connect: Callable[[], BrokerClient],
-        token: str,
+        session: DeviceSession,
         retry_interval: float,
     ) -> None:
         super().__init__(name="seed-keeper", daemon=True)
-        self._open_registry, self._connect, self._token = open_registry, connect, token
+        self._open_registry, self._connect, self._session = open_registry, connect, session
         self._retry_interval = retry_interval
         self._checks: queue.Queue[tuple[Share, bool] | None] = queue.Queue()
         self._retry: dict[str, tuple[Share, str]] = {}  # file id -> copy, why it is gone
@@ -127,7 +128,7 @@ class SeedKeeper(threading.Thread):
         if self._halt.is_set() or current is None or current.path != share.path:
             return  # unshared, or downloaded again elsewhere, meanwhile
         try:
-            broker.release(self._token, share.file_id)
+            self._session.call(broker, lambda token: broker.release(token, share.file_id))
         except RemoteError as exc:
             if exc.code != ErrorCode.NOT_FOUND:  # not found: the broker forgot it already
                 log.warning("could not release %s at the broker: %s", share.file_id, exc)

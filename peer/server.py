@@ -23,6 +23,7 @@ from sfs.common.protocol import ErrorCode, encode_error
 from sfs.peer.client import BrokerClient
 from sfs.peer.keys import Identity
 from sfs.peer.reads import ReadLanes
+from sfs.peer.session import DeviceNotRegistered, DeviceSession
 from sfs.peer.transfer import ChunkJob, HolderService
 
 log = logging.getLogger("sfs.peer")
@@ -153,23 +154,24 @@ class PeerServer:
 class Heartbeat(threading.Thread):
     """Keeps this peer online at the broker: a heartbeat every `interval` seconds (more
     often if the broker's presence ttl needs it), and a goodbye when stopped. Network
-    failures are logged and retried; a session the broker no longer knows ends serving
-    through `on_session_lost`. The thread makes and closes its own broker client."""
+    failures are logged and retried; an expired session is remade with the device's
+    keys (`DeviceSession`). Only a broker that refuses those keys ends serving, through
+    `on_session_lost`. The thread makes and closes its own broker client."""
 
     def __init__(
         self,
         connect: Callable[[], BrokerClient],
-        token: str,
+        session: DeviceSession,
         endpoint: str,
         interval: float,
         on_session_lost: Callable[[], None],
     ) -> None:
         super().__init__(name="heartbeat", daemon=True)
-        self._connect, self._token, self._endpoint = connect, token, endpoint
+        self._connect, self._session, self._endpoint = connect, session, endpoint
         self._interval = interval
         self._on_session_lost = on_session_lost
         self._halt = threading.Event()
-        self.session_lost = False
+        self.session_lost: DeviceNotRegistered | None = None
 
     def stop(self) -> None:
         self._halt.set()
@@ -177,9 +179,10 @@ class Heartbeat(threading.Thread):
     def run(self) -> None:
         with self._connect() as broker:
             self._beat_until_stopped(broker)
-            if not self.session_lost:
+            if self.session_lost is None:
                 try:
-                    broker.offline(self._token)
+                    self._session.call(broker, broker.offline)
+                    self._session.end(broker)
                 except SfsError as exc:
                     log.debug("could not tell the broker we go offline: %s", exc)
 
@@ -187,13 +190,15 @@ class Heartbeat(threading.Thread):
         interval, failing = self._interval, False
         while not self._halt.wait(interval):
             try:
-                ttl = broker.heartbeat(self._token, self._endpoint)
+                ttl = self._session.call(
+                    broker, lambda token: broker.heartbeat(token, self._endpoint)
+                )
+            except DeviceNotRegistered as exc:
+                log.error("%s", exc)
+                self.session_lost = exc
+                self._on_session_lost()
+                return
             except RemoteError as exc:
-                if exc.code == ErrorCode.UNAUTHORIZED:
-                    log.error("the broker no longer knows this session; run `sfs-peer login`")
-                    self.session_lost = True
-                    self._on_session_lost()
-                    return
                 log.warning("heartbeat refused: %s", exc)
                 continue
             except SfsError as exc:

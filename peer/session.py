@@ -1,17 +1,36 @@
-"""The broker session token, kept in data_dir/session.json (mode 0600)."""
+"""Broker sessions.
+
+The interactive one, made by `login` with the user's password, is kept in
+data_dir/session.json (mode 0600). `serve` never uses it: a long-running server makes
+its own with the device's keys (`DeviceSession`), so it keeps serving across the expiry
+of the interactive session and the user's `logout`, and needs no password at all.
+"""
 
 from __future__ import annotations
 
 import json
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
-from sfs.common.errors import SfsError, StorageError
+from sfs.common import protocol
+from sfs.common.errors import RemoteError, SfsError, StorageError
 from sfs.common.files import read_private_file, write_private_file
+from sfs.common.protocol import ErrorCode
+from sfs.peer.client import BrokerClient
+from sfs.peer.keys import Identity
+
+T = TypeVar("T")
 
 
 class NotLoggedIn(SfsError):
     pass
+
+
+class DeviceNotRegistered(NotLoggedIn):
+    """The broker does not accept this device's keys for the user."""
 
 
 @dataclass(frozen=True)
@@ -56,3 +75,63 @@ def load_session(data_dir: Path, username: str) -> Session:
 
 def clear_session(data_dir: Path) -> None:
     _path(data_dir).unlink(missing_ok=True)
+
+
+class DeviceSession:
+    """A server's session, made and remade with the device's own keys (`device_login`:
+    the registered transport key, and the RSA key's signature over a fresh challenge).
+
+    Shared by the server's threads, each with its own broker client: `call` runs a
+    request with the current token and, if the broker no longer knows it (expired, or
+    ended by the broker), logs in again once and retries. `DeviceNotRegistered` means
+    the broker refuses these keys: the account was removed, or registered elsewhere."""
+
+    def __init__(self, identity: Identity) -> None:
+        self._identity = identity
+        self._token: str | None = None
+        self._lock = threading.Lock()
+
+    def call(self, broker: BrokerClient, request: Callable[[str], T]) -> T:
+        token = self._current(broker)
+        try:
+            return request(token)
+        except RemoteError as exc:
+            if exc.code != ErrorCode.UNAUTHORIZED:
+                raise
+        return request(self._renew(broker, token))
+
+    def end(self, broker: BrokerClient) -> None:
+        """Log this session out at the broker (best effort)."""
+        with self._lock:
+            token, self._token = self._token, None
+        if token is not None:
+            broker.logout(token)
+
+    def _current(self, broker: BrokerClient) -> str:
+        with self._lock:
+            if self._token is None:
+                self._token = self._login(broker)
+            return self._token
+
+    def _renew(self, broker: BrokerClient, stale: str) -> str:
+        with self._lock:  # one login, however many threads found the token stale
+            if self._token is None or self._token == stale:
+                self._token = self._login(broker)
+            return self._token
+
+    def _login(self, broker: BrokerClient) -> str:
+        identity = self._identity
+        challenge = broker.challenge()
+        payload = protocol.device_login_payload(identity.username, challenge, identity.bundle)
+        try:
+            result = broker.device_login(identity.username, challenge, identity.sign(payload))
+        except RemoteError as exc:
+            if exc.code == ErrorCode.UNAUTHORIZED:
+                raise DeviceNotRegistered(
+                    f"the broker does not accept this device's keys for {identity.username} "
+                    "(is this user registered from this data folder?); run `sfs-peer register`"
+                ) from exc
+            raise
+        if result.username != identity.username:
+            raise SfsError("the broker answered for another user")
+        return result.token

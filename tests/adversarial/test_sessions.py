@@ -119,20 +119,6 @@ def test_an_expired_session_is_refused(world: World) -> None:
     logs_in_and_works(world, world.bob)
 
 
-def test_serve_stops_when_its_session_expires(world: World) -> None:
-    """A serving peer whose session ends (expired here) stops with the same message
-    rather than keep serving unlisted. Stopped by: the heartbeat's `unauthorized`."""
-    erin = world.cluster.add_peer("erin", serve=True)
-    assert erin.server is not None
-    expire_session(world.cluster, erin)
-    assert erin.server.popen.wait(30) == 1
-    erin.server.stop()
-    log = erin.server.output()
-    assert log.strip().splitlines()[-1] == GONE
-    assert "Traceback" not in log
-    logs_in_and_works(world, erin)
-
-
 def test_a_forged_token_is_refused(world: World) -> None:
     """A random token of the right form. Stopped by: the broker knows only the hashes
     of the tokens it issued."""

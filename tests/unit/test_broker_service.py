@@ -890,12 +890,17 @@ def test_offline_removes_presence_at_once(
     assert broker.search(alice, tokens["alice"])  # offline is not logout
 
 
-def test_logout_removes_presence(
+def test_logout_leaves_presence_to_the_server(
     broker: Broker, tokens: dict[str, str], alice: Identity, bob: Identity
 ) -> None:
+    """The user logging out in a terminal must not take their running server offline:
+    the server has a session of its own, and says `offline` when it stops."""
     file_id = broker.publish(alice, tokens["alice"])
-    broker.heartbeat(alice, tokens["alice"])
+    server = broker.login(alice).token
+    broker.heartbeat(alice, server)
     broker.ok("logout", protocol.Logout(tokens["alice"]), alice.bundle.curve_public, protocol.Empty)
+    assert [h.username for h in broker.lookup(bob, tokens["bob"], file_id).holders] == ["alice"]
+    broker.ok("offline", protocol.GoOffline(server), alice.bundle.curve_public, protocol.Empty)
     assert broker.lookup(bob, tokens["bob"], file_id).holders == []
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -16,6 +17,8 @@ from sfs.common.protocol import ErrorCode, Refused
 from sfs.peer import requesters
 from sfs.peer.pins import PinStore
 from sfs.peer.requesters import RequesterCheck
+
+T = TypeVar("T")
 
 
 class FakeBroker:
@@ -45,6 +48,13 @@ class FakeBroker:
         return self.registered[username]
 
 
+class FixedSession:
+    """Stands in for `DeviceSession`: every request gets the same token."""
+
+    def call(self, broker: object, request: Callable[[str], T]) -> T:
+        return request("token")
+
+
 class Clock:
     def __init__(self) -> None:
         self.now = 100.0
@@ -70,7 +80,8 @@ def broker(bundle: KeyBundle) -> FakeBroker:
 
 @pytest.fixture
 def check(pins: PinStore, broker: FakeBroker, clock: Clock) -> Iterator[RequesterCheck]:
-    checker = RequesterCheck(pins, lambda: broker, "token", clock)  # type: ignore[arg-type,return-value]
+    session = FixedSession()
+    checker = RequesterCheck(pins, lambda: broker, session, clock)  # type: ignore[arg-type,return-value]
     yield checker
     broker.release.set()
     checker.close()
