@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sfs.broker.store import FileEntry, Quota, QuotaExceeded, Store, User, UsernameTaken
+from sfs.broker.store_contract import FileEntry, Quota, QuotaExceeded, Store, User, UsernameTaken
 from sfs.broker.throttle import (
     BcryptSlots,
     Challenges,

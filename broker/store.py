@@ -1,9 +1,9 @@
-"""The broker's store: users, sessions, presence and the file index.
+"""The SQLite store: users, sessions, presence and the file index in one file.
 
-`Store` is the interface the request handlers use; `SqliteStore` is the embedded
-default (WAL mode, one connection per thread). A PostgreSQL store implements the same
-methods. The schema is created and versioned here; `SCHEMA_VERSION` grows with each
-migration in `_MIGRATIONS`.
+`SqliteStore` is the embedded default (WAL mode, one connection per thread); it
+implements `Store`, whose meaning `sfs.broker.store_contract` states. The schema is
+created and versioned here; `SCHEMA_VERSION` grows with each migration in
+`_MIGRATIONS`.
 
 Search (schema 2) uses `file_search`, an FTS5 trigram index of each file's name and
 keywords lowercased by Python's `str.lower`, and of its owner. `str.lower` is how the
@@ -44,127 +44,39 @@ import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
+from sfs.broker.store_contract import (
+    MAX_HOLDERS,
+    FileEntry,
+    Hit,
+    Presence,
+    Quota,
+    QuotaExceeded,
+    Stats,
+    Store,
+    User,
+    UsernameTaken,
+)
 from sfs.common.errors import StorageError
 from sfs.common.identity import KeyBundle
 
-
-@dataclass(frozen=True)
-class User:
-    id: int
-    username: str
-    password_hash: bytes
-    bundle: KeyBundle
-
-
-@dataclass(frozen=True)
-class FileEntry:
-    file_id: str
-    owner: str
-    name: str
-    size: int
-    keywords: list[str]
-    manifest: bytes
-    signature: bytes
-    shared_at: int
-    grant: bytes = b""  # the owner's signature over the access list
-
-
-@dataclass(frozen=True)
-class Presence:
-    username: str
-    endpoint: str
-    bundle: KeyBundle
-
-
-@dataclass(frozen=True)
-class Hit:
-    file: FileEntry
-    online: bool
-
-
-@dataclass(frozen=True)
-class Stats:
-    users: list[tuple[str, bool]]  # (username, online)
-    files: int
-    online: list[tuple[str, str, int]]  # (username, endpoint, online_until)
-
-
-class UsernameTaken(StorageError):
-    pass
-
-
-@dataclass(frozen=True)
-class Quota:
-    """What one user may keep at the broker."""
-
-    files: int
-    manifest_bytes: int
-
-
-class QuotaExceeded(StorageError):
-    """A file that would take its owner past their `Quota`; what they use without it."""
-
-    def __init__(self, files: int, manifest_bytes: int, adding: int) -> None:
-        super().__init__(
-            f"over quota: {files} files, {manifest_bytes} + {adding} bytes of manifests"
-        )
-        self.files, self.manifest_bytes, self.adding = files, manifest_bytes, adding
-
-
-class Store(Protocol):
-    def add_user(self, username: str, password_hash: bytes, bundle: KeyBundle, now: int) -> User:
-        """Raises `UsernameTaken` if the name or the transport key is in use."""
-
-    def get_user(self, username: str) -> User | None: ...
-
-    def add_session(self, token_hash: bytes, user_id: int, expires_at: int, now: int) -> None:
-        """Store a session (and drop the expired ones)."""
-
-    def session_user(self, token_hash: bytes, now: int, extend_to: int) -> User | None:
-        """The user of a live session, whose expiry slides towards `extend_to`."""
-
-    def delete_session(self, token_hash: bytes) -> None: ...
-
-    def set_online(self, user_id: int, endpoint: str, until: int) -> None: ...
-
-    def set_offline(self, user_id: int) -> None: ...
-
-    def unknown_users(self, usernames: Sequence[str]) -> list[str]: ...
-
-    def add_file(
-        self,
-        owner_id: int,
-        entry: FileEntry,
-        access: Sequence[str] | None,
-        quota: Quota | None = None,
-    ) -> None:
-        """Store or replace a file; access None means every registered user. Raises
-        `QuotaExceeded` if the owner's other files and this one would exceed `quota`
-        (checked in the same transaction as the write)."""
-
-    def remove_file(self, file_id: str, owner_id: int) -> bool: ...
-
-    def search(
-        self, user_id: int, terms: Sequence[str], owner: str | None, limit: int, now: int
-    ) -> list[Hit]: ...
-
-    def visible_file(self, file_id: str, user_id: int) -> FileEntry | None: ...
-
-    def online_holders(self, file_id: str, now: int) -> list[Presence]: ...
-
-    def signed_access(self, file_id: str) -> list[str] | None: ...
-
-    def add_holder(self, file_id: str, user_id: int) -> None: ...
-
-    def remove_holder(self, file_id: str, user_id: int) -> bool: ...
-
-    def stats(self, now: int) -> Stats: ...
-
-    def close(self) -> None: ...
+# The contract's names, importable from here as before.
+__all__ = [
+    "MAX_HOLDERS",
+    "SCHEMA_VERSION",
+    "FileEntry",
+    "Hit",
+    "Presence",
+    "Quota",
+    "QuotaExceeded",
+    "SqliteStore",
+    "Stats",
+    "Store",
+    "User",
+    "UsernameTaken",
+    "add_sql_functions",
+]
 
 
 SCHEMA_VERSION = 4
@@ -298,7 +210,6 @@ _MIGRATIONS: dict[int, str] = {
     END;
     """,
 }
-MAX_HOLDERS = 64  # listed per lookup: the owner first, then seeders
 
 _FILE_COLUMNS = (
     "f.file_id, u.username, f.name, f.size, f.keywords, f.manifest, f.signature, f.shared_at,"

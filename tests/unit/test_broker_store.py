@@ -1,16 +1,14 @@
-"""sfs.broker.store: the SQLite store, used directly (schema, users, sessions, files)."""
+"""sfs.broker.store: what is particular to the SQLite store (schema, migration, the FTS5
+index, the file); test_store_contract.py holds what every backend must do."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import random
 import sqlite3
 import stat
 import tempfile
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +20,14 @@ from sfs.broker import store as store_module
 from sfs.broker.store import (
     SCHEMA_VERSION,
     FileEntry,
-    Presence,
     Quota,
     QuotaExceeded,
     SqliteStore,
     User,
-    UsernameTaken,
 )
 from sfs.common.errors import StorageError
 from sfs.common.identity import KeyBundle
+from tests.unit.test_store_contract import Shared, _search, _shared, model_search
 
 HASH = b"$2b$04$" + b"h" * 53
 
@@ -158,69 +155,10 @@ def test_database_files_are_private_even_with_a_lax_umask(db_path: Path) -> None
         os.umask(old)
 
 
-def test_each_thread_gets_its_own_connection(store: SqliteStore) -> None:
-    errors: list[BaseException] = []
-
-    def work(n: int) -> None:
-        try:
-            for i in range(10):
-                store.add_user(f"user{n}-{i}", HASH, KeyBundle(b"r", bytes([n, i]) * 16), now=1)
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert errors == []
-    assert len(store.stats(now=0).users) == 40
-
-
 # --- users -------------------------------------------------------------------------------------
 
 
-def test_add_and_get_user(store: SqliteStore) -> None:
-    alice = store.add_user("alice", HASH, bundle_for(1), now=1)
-    bob = store.add_user("bob", b"other", bundle_for(2), now=1)
-    assert alice.id != bob.id
-    assert store.get_user("alice") == User(alice.id, "alice", HASH, bundle_for(1))
-    assert store.get_user("bob") == bob
-    assert store.get_user("nobody") is None
-    assert store.get_user("ALICE") is None
-
-
-def test_add_user_refuses_a_taken_username(store: SqliteStore) -> None:
-    alice = store.add_user("alice", HASH, bundle_for(1), now=1)
-    with pytest.raises(UsernameTaken, match="alice"):
-        store.add_user("alice", b"other hash", bundle_for(2), now=2)
-    assert issubclass(UsernameTaken, StorageError)
-    assert store.get_user("alice") == alice
-
-
-def test_add_user_refuses_a_transport_key_in_use(store: SqliteStore) -> None:
-    store.add_user("alice", HASH, bundle_for(1), now=1)
-    with pytest.raises(UsernameTaken):
-        store.add_user("alice2", HASH, KeyBundle(b"other rsa", bundle_for(1).curve_public), now=2)
-    assert store.get_user("alice2") is None
-    # a failed insert leaves the store usable
-    assert store.add_user("bob", HASH, bundle_for(2), now=3).username == "bob"
-
-
-def test_unknown_users_keeps_the_order_asked(store: SqliteStore, users: dict[str, User]) -> None:
-    assert store.unknown_users([]) == []
-    assert store.unknown_users(["alice", "bob"]) == []
-    assert store.unknown_users(["zed", "alice", "eve", "Bob"]) == ["zed", "eve", "Bob"]
-
-
 # --- sessions ---------------------------------------------------------------------------------
-
-
-def test_session_is_valid_until_it_expires(store: SqliteStore, users: dict[str, User]) -> None:
-    store.add_session(b"t1", users["alice"].id, expires_at=1000, now=0)
-    assert store.session_user(b"t1", now=999, extend_to=999) == users["alice"]
-    assert store.session_user(b"t1", now=1000, extend_to=2000) is None
-    assert store.session_user(b"nope", now=0, extend_to=0) is None
 
 
 def session_expiry(db_path: Path, token_hash: bytes) -> int | None:
@@ -240,16 +178,6 @@ def test_session_expiry_slides_in_coarse_steps(
     assert store.session_user(b"t", now=day + 300, extend_to=day + 300) == users["alice"]
 
 
-def test_a_short_session_used_often_stays_alive(
-    store: SqliteStore, users: dict[str, User], db_path: Path
-) -> None:
-    # A 60 s lifetime used every 30 s: coarse 300 s steps would never slide it.
-    store.add_session(b"t", users["alice"].id, expires_at=60, now=0)
-    for now in range(30, 600, 30):
-        assert store.session_user(b"t", now=now, extend_to=now + 60) == users["alice"]
-    assert (session_expiry(db_path, b"t") or 0) > 570
-
-
 def test_add_session_drops_expired_sessions(
     store: SqliteStore, users: dict[str, User], db_path: Path
 ) -> None:
@@ -259,79 +187,10 @@ def test_add_session_drops_expired_sessions(
     assert {r[0] for r in rows(db_path, "SELECT token_hash FROM sessions")} == {b"live", b"new"}
 
 
-def test_delete_session(store: SqliteStore, users: dict[str, User]) -> None:
-    store.add_session(b"a", users["alice"].id, expires_at=1000, now=0)
-    store.add_session(b"b", users["alice"].id, expires_at=1000, now=0)
-    store.delete_session(b"a")
-    store.delete_session(b"never existed")
-    assert store.session_user(b"a", now=1, extend_to=1) is None
-    assert store.session_user(b"b", now=1, extend_to=1) == users["alice"]
-
-
 # --- presence and stats ---------------------------------------------------------------------
 
 
-def test_stats_counts_users_files_and_presence(store: SqliteStore, users: dict[str, User]) -> None:
-    empty = store.stats(now=0)
-    assert empty.users == [("alice", False), ("bob", False), ("carol", False)]
-    assert (empty.files, empty.online) == (0, [])
-
-    store.add_file(users["alice"].id, entry(fid(1)), None)
-    store.add_file(users["bob"].id, entry(fid(2), owner="bob"), ["alice"])
-    store.set_online(users["carol"].id, "tcp://c:1", until=50)
-    store.set_online(users["alice"].id, "tcp://a:1", until=100)
-    stats = store.stats(now=60)
-    assert stats.users == [("alice", True), ("bob", False), ("carol", False)]
-    assert stats.files == 2
-    assert stats.online == [("alice", "tcp://a:1", 100)]
-    assert store.stats(now=10).online == [("alice", "tcp://a:1", 100), ("carol", "tcp://c:1", 50)]
-
-
-def test_set_online_replaces_the_endpoint_and_set_offline_removes_it(
-    store: SqliteStore, users: dict[str, User]
-) -> None:
-    alice = users["alice"].id
-    store.set_online(alice, "tcp://a:1", until=100)
-    store.set_online(alice, "tcp://a:2", until=200)
-    assert store.stats(now=150).online == [("alice", "tcp://a:2", 200)]
-    store.set_offline(alice)
-    store.set_offline(alice)  # twice is fine
-    assert store.stats(now=0).online == []
-
-
-def test_online_holders_are_the_owner_while_present(
-    store: SqliteStore, users: dict[str, User]
-) -> None:
-    alice = users["alice"]
-    store.add_file(alice.id, entry(fid(1)), None)
-    assert store.online_holders(fid(1), now=0) == []
-    store.set_online(alice.id, "tcp://a:1", until=100)
-    assert store.online_holders(fid(1), now=99) == [Presence("alice", "tcp://a:1", alice.bundle)]
-    assert store.online_holders(fid(1), now=100) == []
-    assert store.online_holders(fid(2), now=0) == []
-
-
 # --- files: visibility ----------------------------------------------------------------------
-
-
-def test_public_file_is_visible_to_everyone(store: SqliteStore, users: dict[str, User]) -> None:
-    store.add_file(users["alice"].id, entry(fid(1), keywords=["a", "b c"]), None)
-    for user in users.values():
-        assert store.visible_file(fid(1), user.id) == entry(fid(1), keywords=["a", "b c"])
-    assert store.visible_file(fid(2), users["alice"].id) is None
-
-
-def test_access_list_limits_who_sees_a_file(store: SqliteStore, users: dict[str, User]) -> None:
-    alice, bob, carol = users["alice"], users["bob"], users["carol"]
-    store.add_file(alice.id, entry(fid(1)), ["bob"])
-    store.add_file(alice.id, entry(fid(2)), [])
-    assert store.visible_file(fid(1), alice.id) is not None
-    assert store.visible_file(fid(1), bob.id) is not None
-    assert store.visible_file(fid(1), carol.id) is None
-    assert store.visible_file(fid(2), alice.id) is not None
-    assert store.visible_file(fid(2), bob.id) is None
-    assert {h.file.file_id for h in store.search(bob.id, [], None, 10, 0)} == {fid(1)}
-    assert store.search(carol.id, [], None, 10, 0) == []
 
 
 def test_replacing_a_file_replaces_its_access_list(
@@ -347,20 +206,6 @@ def test_replacing_a_file_replaces_its_access_list(
     assert store.visible_file(fid(1), bob.id) is not None
     assert rows(db_path, "SELECT count(*) FROM access") == [(0,)]
     assert store.stats(now=0).files == 1
-
-
-def test_remove_file_only_by_its_owner(
-    store: SqliteStore, users: dict[str, User], db_path: Path
-) -> None:
-    alice, bob = users["alice"], users["bob"]
-    store.add_file(alice.id, entry(fid(1)), ["bob"])
-    assert store.remove_file(fid(1), bob.id) is False
-    assert store.visible_file(fid(1), bob.id) is not None
-    assert store.remove_file(fid(1), alice.id) is True
-    assert store.visible_file(fid(1), alice.id) is None
-    assert store.remove_file(fid(1), alice.id) is False
-    assert store.remove_file(fid(9), alice.id) is False
-    assert rows(db_path, "SELECT count(*) FROM access") == [(0,)]  # cascaded
 
 
 # --- files: quota ---------------------------------------------------------------------------
@@ -402,96 +247,11 @@ def test_the_quota_counts_files_and_manifest_bytes_per_owner(
 # --- files: search ------------------------------------------------------------------------
 
 
-@pytest.fixture
-def indexed(store: SqliteStore, users: dict[str, User]) -> SqliteStore:
-    alice, bob = users["alice"].id, users["bob"].id
-    store.add_file(alice, entry(fid(1), name="Report.PDF", keywords=["thesis"], shared_at=10), None)
-    store.add_file(alice, entry(fid(2), name="50%_off.txt", shared_at=20), None)
-    store.add_file(alice, entry(fid(3), name="50xxoff.txt", shared_at=30), None)
-    store.add_file(bob, entry(fid(4), "bob", "ÉTÉ.jpg", ["été", "ok"], shared_at=40), None)
-    store.add_file(bob, entry(fid(5), "bob", "b-private", ["thesis"], shared_at=50), [])
-    return store
-
-
 def names(store: SqliteStore, user: User, terms: list[str], owner: str | None = None) -> list[str]:
     return [h.file.name for h in store.search(user.id, terms, owner, 100, 0)]
 
 
-@pytest.mark.parametrize(
-    ("terms", "expected"),
-    [
-        ([], ["ÉTÉ.jpg", "50xxoff.txt", "50%_off.txt", "Report.PDF"]),  # newest first
-        (["report"], ["Report.PDF"]),
-        (["pdf", "THESIS"], ["Report.PDF"]),
-        (["pdf", "nope"], []),
-        (["50%"], ["50%_off.txt"]),
-        (["%_"], ["50%_off.txt"]),
-        (["_"], ["50%_off.txt"]),
-        (["%"], ["50%_off.txt"]),
-        (["été"], ["ÉTÉ.jpg"]),
-        (["ÉTÉ.JPG"], ["ÉTÉ.jpg"]),
-        (["ok"], ["ÉTÉ.jpg"]),  # the second keyword
-    ],
-)
-def test_search_terms(
-    indexed: SqliteStore, users: dict[str, User], terms: list[str], expected: list[str]
-) -> None:
-    assert names(indexed, users["carol"], terms) == expected
-
-
-def test_search_owner_filter_and_visibility(indexed: SqliteStore, users: dict[str, User]) -> None:
-    assert names(indexed, users["carol"], [], owner="bob") == ["ÉTÉ.jpg"]
-    assert names(indexed, users["bob"], ["thesis"], owner="bob") == ["b-private"]
-    assert names(indexed, users["bob"], ["thesis"]) == ["b-private", "Report.PDF"]
-    assert names(indexed, users["carol"], [], owner="nobody") == []
-
-
-def test_search_limit_and_tie_order(store: SqliteStore, users: dict[str, User]) -> None:
-    for n in (3, 1, 2):
-        store.add_file(users["alice"].id, entry(fid(n), shared_at=5), None)
-    hits = store.search(users["bob"].id, [], None, 2, 0)
-    assert [h.file.file_id for h in hits] == [fid(1), fid(2)]
-
-
-def test_search_reports_the_owners_presence(store: SqliteStore, users: dict[str, User]) -> None:
-    alice = users["alice"]
-    store.add_file(alice.id, entry(fid(1)), None)
-    store.set_online(alice.id, "tcp://a:1", until=100)
-    assert [h.online for h in store.search(alice.id, [], None, 10, now=99)] == [True]
-    assert [h.online for h in store.search(alice.id, [], None, 10, now=100)] == [False]
-
-
 # --- search index (schema 2): order, ties, staying in step, the same answers as LIKE ----------
-
-
-def test_search_is_newest_first_whatever_the_order_of_sharing(
-    store: SqliteStore, users: dict[str, User]
-) -> None:
-    # Older files shared after newer ones, and ties broken by file id across inserts.
-    for n, shared_at in [(9, 50), (3, 70), (5, 10), (1, 70), (7, 60), (2, 70), (4, 10)]:
-        store.add_file(users["alice"].id, entry(fid(n), name=f"doc{n}", shared_at=shared_at), None)
-    order = [fid(n) for n in (1, 2, 3, 7, 9, 4, 5)]
-    for terms in ([], ["doc"], ["d"]):
-        hits = store.search(users["bob"].id, terms, None, 100, 0)
-        assert [h.file.file_id for h in hits] == order, terms
-        assert [
-            h.file.file_id for h in store.search(users["bob"].id, terms, "alice", 100, 0)
-        ] == order
-    # A limit inside a second of ties still gives the lowest file ids of that second.
-    assert [h.file.file_id for h in store.search(users["bob"].id, ["doc"], None, 2, 0)] == order[:2]
-    assert [h.file.file_id for h in store.search(users["bob"].id, [], None, 4, 0)] == order[:4]
-
-
-def test_many_files_in_one_second_keep_their_tie_order(
-    store: SqliteStore, users: dict[str, User]
-) -> None:
-    ids = [fid(n) for n in random.Random(7).sample(range(1000), 60)]
-    for file_id in ids:
-        store.add_file(users["alice"].id, entry(file_id, name="same.txt", shared_at=5), None)
-    store.add_file(users["alice"].id, entry(fid(5000), name="same.txt", shared_at=4), None)
-    for limit in (1, 10, 60, 61):
-        hits = store.search(users["carol"].id, ["same"], None, limit, 0)
-        assert [h.file.file_id for h in hits] == [*sorted(ids), fid(5000)][:limit]
 
 
 def test_search_reads_no_more_rows_than_it_needs(
@@ -582,18 +342,6 @@ def test_a_term_with_the_padding_character_is_matched_as_before(
     assert names(store, users["bob"], ["b\x1f"]) == []
 
 
-def test_a_term_is_found_only_where_its_trigrams_are_side_by_side(
-    store: SqliteStore, users: dict[str, User]
-) -> None:
-    # The index knows which trigrams a name or keywords hold, not where.
-    for n, (name, keywords) in enumerate(
-        [("abc-bcd", []), ("abc", ["bcd"]), ("bcd abc", ["x"]), ("xabcdx", [])], start=1
-    ):
-        store.add_file(users["alice"].id, entry(fid(n), name=name, keywords=keywords), None)
-    assert names(store, users["bob"], ["abcd"]) == ["xabcdx"]
-    assert names(store, users["bob"], ["abc", "bcd"]) == ["abc-bcd", "abc", "bcd abc", "xabcdx"]
-
-
 def test_owner_filter_is_exact_whatever_the_user_ids(store: SqliteStore, db_path: Path) -> None:
     # The index finds an owner by the trigrams of "<id>": "<12" and "23>" are those of
     # user 123, and of user 1223 too.
@@ -614,86 +362,7 @@ def test_owner_filter_is_exact_whatever_the_user_ids(store: SqliteStore, db_path
         ]
 
 
-def test_search_terms_that_look_like_query_syntax(
-    store: SqliteStore, users: dict[str, User]
-) -> None:
-    weird = ['say "hi"', "a AND b", "NEAR(x y)", "col:umn", "star*", "^caret", "{a b}", "-minus"]
-    for n, name in enumerate(weird, start=1):
-        store.add_file(users["alice"].id, entry(fid(n), name=name, shared_at=n), None)
-    for name in weird:
-        for term in name.split():
-            assert name in names(store, users["bob"], [term]), term
-    assert names(store, users["bob"], ['"hi"', "say"]) == ['say "hi"']
-    assert names(store, users["bob"], ["AND", "NEAR"]) == []
-
-
-def test_terms_fold_like_python_not_like_sqlite(store: SqliteStore, users: dict[str, User]) -> None:
-    # str.lower, as the LIKE search folded: İ lowers to i and a combining dot, the Kelvin
-    # sign to k, ẞ to ß (and ß stays itself: no full case folding to "ss"); sigma and final
-    # sigma stay apart (FTS5's own folding, case_sensitive 0, would make them one letter).
-    sigma, final_sigma, logos = "\u03c3", "\u03c2", "\u03bb\u03cc\u03b3\u03bf"
-    files = ["İSTANBUL.txt", "Straße.doc", "ǅemal.odt", "\u212aELVIN.txt", f"{logos}{sigma}.txt"]
-    for n, name in enumerate(files, start=1):
-        store.add_file(users["alice"].id, entry(fid(n), name=name, shared_at=n), None)
-    bob = users["bob"]
-    assert names(store, bob, ["i̇stanbul"]) == names(store, bob, ["İSTANBUL"]) == ["İSTANBUL.txt"]
-    assert names(store, bob, ["istanbul"]) == []
-    assert names(store, bob, ["STRAẞE"]) == names(store, bob, ["aße"]) == ["Straße.doc"]
-    assert names(store, bob, ["STRASSE"]) == []
-    assert names(store, bob, ["ǆem"]) == ["ǅemal.odt"]
-    assert names(store, bob, ["kelvin"]) == names(store, bob, ["KEL"]) == ["\u212aELVIN.txt"]
-    assert names(store, bob, [logos[-2:] + sigma]) == [f"{logos}{sigma}.txt"]
-    assert names(store, bob, [logos[-2:] + final_sigma]) == []
-
-
-# A model of search as the LIKE version did it, to compare against on random data.
-ALPHABET = "abAB%_\"' -.éÉİıΣσςß日"
-
-
-@dataclass(frozen=True)
-class Shared:
-    file_id: str
-    owner: str
-    name: str
-    keywords: list[str]
-    shared_at: int
-    access: list[str] | None
-
-
-def model_search(
-    files: list[Shared], user: str, terms: list[str], owner: str | None, limit: int
-) -> list[str]:
-    def visible(f: Shared) -> bool:
-        return f.access is None or f.owner == user or user in f.access
-
-    def matches(f: Shared) -> bool:
-        keywords = "\n".join(f.keywords).lower()
-        return all(t.lower() in f.name.lower() or t.lower() in keywords for t in terms)
-
-    found = [f for f in files if visible(f) and matches(f) and owner in (None, f.owner)]
-    found.sort(key=lambda f: (-f.shared_at, f.file_id))
-    return [f.file_id for f in found[:limit]]
-
-
-_text = st.text(ALPHABET, min_size=1, max_size=8)
-_shared = st.builds(
-    Shared,
-    file_id=st.integers(0, 40).map(fid),
-    owner=st.sampled_from(["alice", "bob", "carol"]),
-    name=_text,
-    keywords=st.lists(_text, max_size=3),
-    shared_at=st.integers(-3, 4),
-    access=st.none() | st.lists(st.sampled_from(["alice", "bob", "carol"]), max_size=2),
-)
-_search = st.tuples(
-    st.sampled_from(["alice", "bob", "carol"]),
-    st.lists(st.text(ALPHABET, min_size=1, max_size=4), max_size=3),
-    st.none() | st.sampled_from(["alice", "bob", "carol", "nobody"]),
-    st.integers(1, 6),
-)
-
-
-@pytest.mark.parametrize("max_expansion", [0, 3, 64], ids=["scan", "few", "default"])
+@pytest.mark.parametrize("max_expansion", [0, 3], ids=["scan", "few"])
 @settings(
     max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
@@ -705,7 +374,8 @@ def test_search_answers_as_the_like_search_did(
     searches: list[tuple[str, list[str], str | None, int]],
 ) -> None:
     # Short terms stand for the trigrams they start, or when there are more than
-    # `max_expansion` of those, are checked row by row: both ways give the same answers.
+    # `max_expansion` of those, are checked row by row: both ways give the same answers
+    # (the contract suite checks the default).
     monkeypatch.setattr(store_module, "_MAX_EXPANSION", max_expansion)
     with tempfile.TemporaryDirectory() as tmp:
         store = SqliteStore(Path(tmp) / "broker.db")

@@ -1,0 +1,513 @@
+"""The store contract (sfs.broker.store_contract), the same tests against every backend:
+SQLite, and PostgreSQL on a throwaway cluster (tests/postgres.py). Backend-specific tests
+live in test_broker_store.py (SQLite) and test_postgres_store.py."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import random
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sfs.broker.postgres_store import PostgresStore
+from sfs.broker.store import SqliteStore
+from sfs.broker.store_contract import (
+    FileEntry,
+    Presence,
+    Quota,
+    QuotaExceeded,
+    Store,
+    User,
+    UsernameTaken,
+)
+from sfs.common.errors import StorageError
+from sfs.common.identity import KeyBundle
+from tests.postgres import Cluster
+
+HASH = b"$2b$04$" + b"h" * 53
+BACKENDS = ["sqlite", "postgres"]
+
+
+def bundle_for(n: int) -> KeyBundle:
+    return KeyBundle(b"rsa-der-%d" % n, bytes([n]) * 32)
+
+
+def entry(
+    file_id: str,
+    owner: str = "alice",
+    name: str = "file.txt",
+    keywords: list[str] | None = None,
+    shared_at: int = 100,
+    size: int = 10,
+) -> FileEntry:
+    return FileEntry(
+        file_id,
+        owner,
+        name,
+        size,
+        keywords or [],
+        b"manifest:" + file_id.encode(),
+        b"sig",
+        shared_at,
+    )
+
+
+def fid(n: int) -> str:
+    return f"{n:032x}"
+
+
+Opener = Callable[[], Store]
+
+
+@contextlib.contextmanager
+def new_database(backend: str, request: pytest.FixtureRequest, tmp: Path) -> Iterator[Opener]:
+    """An empty database of the backend, and how to open a store on it."""
+    if backend == "sqlite":
+        yield lambda: SqliteStore(tmp / "broker.db")
+        return
+    cluster: Cluster = request.getfixturevalue("postgres_cluster")
+    with cluster.database() as url:
+        yield lambda: PostgresStore(url)
+
+
+@pytest.fixture(params=BACKENDS)
+def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opener]:
+    with new_database(request.param, request, tmp_path) as open_store:
+        yield open_store
+
+
+@pytest.fixture
+def store(opener: Opener) -> Iterator[Store]:
+    store = opener()
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def users(store: Store) -> dict[str, User]:
+    return {
+        name: store.add_user(name, HASH, bundle_for(i), now=1)
+        for i, name in enumerate(("alice", "bob", "carol"), start=1)
+    }
+
+
+def test_add_and_get_user(store: Store) -> None:
+    alice = store.add_user("alice", HASH, bundle_for(1), now=1)
+    bob = store.add_user("bob", b"other", bundle_for(2), now=1)
+    assert alice.id != bob.id
+    assert store.get_user("alice") == User(alice.id, "alice", HASH, bundle_for(1))
+    assert store.get_user("bob") == bob
+    assert store.get_user("nobody") is None
+    assert store.get_user("ALICE") is None
+
+
+def test_add_user_refuses_a_taken_username(store: Store) -> None:
+    alice = store.add_user("alice", HASH, bundle_for(1), now=1)
+    with pytest.raises(UsernameTaken, match="alice"):
+        store.add_user("alice", b"other hash", bundle_for(2), now=2)
+    assert issubclass(UsernameTaken, StorageError)
+    assert store.get_user("alice") == alice
+
+
+def test_add_user_refuses_a_transport_key_in_use(store: Store) -> None:
+    store.add_user("alice", HASH, bundle_for(1), now=1)
+    with pytest.raises(UsernameTaken):
+        store.add_user("alice2", HASH, KeyBundle(b"other rsa", bundle_for(1).curve_public), now=2)
+    assert store.get_user("alice2") is None
+    # a failed insert leaves the store usable
+    assert store.add_user("bob", HASH, bundle_for(2), now=3).username == "bob"
+
+
+def test_unknown_users_keeps_the_order_asked(store: Store, users: dict[str, User]) -> None:
+    assert store.unknown_users([]) == []
+    assert store.unknown_users(["alice", "bob"]) == []
+    assert store.unknown_users(["zed", "alice", "eve", "Bob"]) == ["zed", "eve", "Bob"]
+
+
+def test_session_is_valid_until_it_expires(store: Store, users: dict[str, User]) -> None:
+    store.add_session(b"t1", users["alice"].id, expires_at=1000, now=0)
+    assert store.session_user(b"t1", now=999, extend_to=999) == users["alice"]
+    assert store.session_user(b"t1", now=1000, extend_to=2000) is None
+    assert store.session_user(b"nope", now=0, extend_to=0) is None
+
+
+def test_a_short_session_used_often_stays_alive(store: Store, users: dict[str, User]) -> None:
+    # A 60 s lifetime used every 30 s: coarse 300 s steps would never slide it.
+    store.add_session(b"t", users["alice"].id, expires_at=60, now=0)
+    for now in range(30, 600, 30):
+        assert store.session_user(b"t", now=now, extend_to=now + 60) == users["alice"]
+    assert store.session_user(b"t", now=630, extend_to=630) is None  # left to expire
+
+
+def test_a_session_needs_an_existing_user(store: Store) -> None:
+    with pytest.raises(StorageError):
+        store.add_session(b"t" * 32, user_id=999, expires_at=10, now=0)
+    assert store.session_user(b"t" * 32, now=0, extend_to=0) is None
+
+
+def test_delete_session(store: Store, users: dict[str, User]) -> None:
+    store.add_session(b"a", users["alice"].id, expires_at=1000, now=0)
+    store.add_session(b"b", users["alice"].id, expires_at=1000, now=0)
+    store.delete_session(b"a")
+    store.delete_session(b"never existed")
+    assert store.session_user(b"a", now=1, extend_to=1) is None
+    assert store.session_user(b"b", now=1, extend_to=1) == users["alice"]
+
+
+def test_stats_counts_users_files_and_presence(store: Store, users: dict[str, User]) -> None:
+    empty = store.stats(now=0)
+    assert empty.users == [("alice", False), ("bob", False), ("carol", False)]
+    assert (empty.files, empty.online) == (0, [])
+
+    store.add_file(users["alice"].id, entry(fid(1)), None)
+    store.add_file(users["bob"].id, entry(fid(2), owner="bob"), ["alice"])
+    store.set_online(users["carol"].id, "tcp://c:1", until=50)
+    store.set_online(users["alice"].id, "tcp://a:1", until=100)
+    stats = store.stats(now=60)
+    assert stats.users == [("alice", True), ("bob", False), ("carol", False)]
+    assert stats.files == 2
+    assert stats.online == [("alice", "tcp://a:1", 100)]
+    assert store.stats(now=10).online == [("alice", "tcp://a:1", 100), ("carol", "tcp://c:1", 50)]
+
+
+def test_set_online_replaces_the_endpoint_and_set_offline_removes_it(
+    store: Store, users: dict[str, User]
+) -> None:
+    alice = users["alice"].id
+    store.set_online(alice, "tcp://a:1", until=100)
+    store.set_online(alice, "tcp://a:2", until=200)
+    assert store.stats(now=150).online == [("alice", "tcp://a:2", 200)]
+    store.set_offline(alice)
+    store.set_offline(alice)  # twice is fine
+    assert store.stats(now=0).online == []
+
+
+def test_online_holders_are_the_owner_while_present(store: Store, users: dict[str, User]) -> None:
+    alice = users["alice"]
+    store.add_file(alice.id, entry(fid(1)), None)
+    assert store.online_holders(fid(1), now=0) == []
+    store.set_online(alice.id, "tcp://a:1", until=100)
+    assert store.online_holders(fid(1), now=99) == [Presence("alice", "tcp://a:1", alice.bundle)]
+    assert store.online_holders(fid(1), now=100) == []
+    assert store.online_holders(fid(2), now=0) == []
+
+
+def test_public_file_is_visible_to_everyone(store: Store, users: dict[str, User]) -> None:
+    store.add_file(users["alice"].id, entry(fid(1), keywords=["a", "b c"]), None)
+    for user in users.values():
+        assert store.visible_file(fid(1), user.id) == entry(fid(1), keywords=["a", "b c"])
+    assert store.visible_file(fid(2), users["alice"].id) is None
+
+
+def test_access_list_limits_who_sees_a_file(store: Store, users: dict[str, User]) -> None:
+    alice, bob, carol = users["alice"], users["bob"], users["carol"]
+    store.add_file(alice.id, entry(fid(1)), ["bob"])
+    store.add_file(alice.id, entry(fid(2)), [])
+    assert store.visible_file(fid(1), alice.id) is not None
+    assert store.visible_file(fid(1), bob.id) is not None
+    assert store.visible_file(fid(1), carol.id) is None
+    assert store.visible_file(fid(2), alice.id) is not None
+    assert store.visible_file(fid(2), bob.id) is None
+    assert {h.file.file_id for h in store.search(bob.id, [], None, 10, 0)} == {fid(1)}
+    assert store.search(carol.id, [], None, 10, 0) == []
+
+
+def test_replacing_a_file_replaces_its_access_list_and_holders(
+    store: Store, users: dict[str, User]
+) -> None:
+    alice, bob, carol = users["alice"], users["bob"], users["carol"]
+    store.add_file(alice.id, entry(fid(1), name="v1"), ["bob"])
+    store.add_file(alice.id, entry(fid(1), name="v2"), ["carol"])
+    assert store.visible_file(fid(1), bob.id) is None
+    found = store.visible_file(fid(1), carol.id)
+    assert found is not None and found.name == "v2"
+    store.add_file(alice.id, entry(fid(1), name="v3"), None)
+    assert store.visible_file(fid(1), bob.id) is not None
+    assert store.signed_access(fid(1)) is None
+    assert store.stats(now=0).files == 1
+    store.add_holder(fid(1), bob.id)
+    store.add_file(alice.id, entry(fid(1), name="v4"), ["bob", "nobody"])
+    assert store.signed_access(fid(1)) == ["bob", "nobody"]  # as signed, unknown names too
+    assert store.remove_holder(fid(1), bob.id) is False  # went with the replaced file
+
+
+def test_remove_file_only_by_its_owner(store: Store, users: dict[str, User]) -> None:
+    alice, bob = users["alice"], users["bob"]
+    store.add_file(alice.id, entry(fid(1)), ["bob"])
+    assert store.remove_file(fid(1), bob.id) is False
+    assert store.visible_file(fid(1), bob.id) is not None
+    assert store.remove_file(fid(1), alice.id) is True
+    assert store.visible_file(fid(1), alice.id) is None
+    assert store.remove_file(fid(1), alice.id) is False
+    assert store.remove_file(fid(9), alice.id) is False
+    assert store.signed_access(fid(1)) is None
+
+
+def test_the_quota_counts_files_and_manifest_bytes_per_owner(
+    store: Store, users: dict[str, User]
+) -> None:
+    alice, bob = users["alice"].id, users["bob"].id
+    size = len(entry(fid(1)).manifest)  # the same for every fid
+    quota = Quota(files=2, manifest_bytes=10 * size)
+    store.add_file(alice, entry(fid(1)), None, quota)
+    store.add_file(alice, entry(fid(2)), ["bob"], quota)
+    store.add_file(alice, entry(fid(2)), None, quota)  # replacing: still two files
+    with pytest.raises(QuotaExceeded) as over:
+        store.add_file(alice, entry(fid(3)), None, quota)
+    assert (over.value.files, over.value.manifest_bytes, over.value.adding) == (2, 2 * size, size)
+    store.add_file(bob, entry(fid(3), "bob"), None, quota)  # bob has his own
+    assert store.remove_file(fid(1), alice)
+    store.add_file(alice, entry(fid(4)), None, quota)
+    with pytest.raises(QuotaExceeded):
+        store.add_file(bob, entry(fid(5), "bob"), None, Quota(10, 2 * size - 1))
+    assert store.visible_file(fid(5), bob) is None  # nothing of a refused file is kept
+    with pytest.raises(QuotaExceeded):
+        store.add_file(alice, entry(fid(5)), None, quota)  # the removal was counted
+    store.add_file(bob, entry(fid(5), "bob"), None, quota)
+
+
+@pytest.mark.parametrize(
+    ("terms", "expected"),
+    [
+        ([], ["ÉTÉ.jpg", "50xxoff.txt", "50%_off.txt", "Report.PDF"]),  # newest first
+        (["report"], ["Report.PDF"]),
+        (["pdf", "THESIS"], ["Report.PDF"]),
+        (["pdf", "nope"], []),
+        (["50%"], ["50%_off.txt"]),
+        (["%_"], ["50%_off.txt"]),
+        (["_"], ["50%_off.txt"]),
+        (["%"], ["50%_off.txt"]),
+        (["été"], ["ÉTÉ.jpg"]),
+        (["ÉTÉ.JPG"], ["ÉTÉ.jpg"]),
+        (["ok"], ["ÉTÉ.jpg"]),  # the second keyword
+    ],
+)
+def test_search_terms(
+    indexed: Store, users: dict[str, User], terms: list[str], expected: list[str]
+) -> None:
+    assert names(indexed, users["carol"], terms) == expected
+
+
+def test_search_owner_filter_and_visibility(indexed: Store, users: dict[str, User]) -> None:
+    assert names(indexed, users["carol"], [], owner="bob") == ["ÉTÉ.jpg"]
+    assert names(indexed, users["bob"], ["thesis"], owner="bob") == ["b-private"]
+    assert names(indexed, users["bob"], ["thesis"]) == ["b-private", "Report.PDF"]
+    assert names(indexed, users["carol"], [], owner="nobody") == []
+
+
+def test_search_limit_and_tie_order(store: Store, users: dict[str, User]) -> None:
+    for n in (3, 1, 2):
+        store.add_file(users["alice"].id, entry(fid(n), shared_at=5), None)
+    hits = store.search(users["bob"].id, [], None, 2, 0)
+    assert [h.file.file_id for h in hits] == [fid(1), fid(2)]
+
+
+def test_search_reports_the_owners_presence(store: Store, users: dict[str, User]) -> None:
+    alice = users["alice"]
+    store.add_file(alice.id, entry(fid(1)), None)
+    store.set_online(alice.id, "tcp://a:1", until=100)
+    assert [h.online for h in store.search(alice.id, [], None, 10, now=99)] == [True]
+    assert [h.online for h in store.search(alice.id, [], None, 10, now=100)] == [False]
+
+
+def test_search_is_newest_first_whatever_the_order_of_sharing(
+    store: Store, users: dict[str, User]
+) -> None:
+    # Older files shared after newer ones, and ties broken by file id across inserts.
+    for n, shared_at in [(9, 50), (3, 70), (5, 10), (1, 70), (7, 60), (2, 70), (4, 10)]:
+        store.add_file(users["alice"].id, entry(fid(n), name=f"doc{n}", shared_at=shared_at), None)
+    order = [fid(n) for n in (1, 2, 3, 7, 9, 4, 5)]
+    for terms in ([], ["doc"], ["d"]):
+        hits = store.search(users["bob"].id, terms, None, 100, 0)
+        assert [h.file.file_id for h in hits] == order, terms
+        assert [
+            h.file.file_id for h in store.search(users["bob"].id, terms, "alice", 100, 0)
+        ] == order
+    # A limit inside a second of ties still gives the lowest file ids of that second.
+    assert [h.file.file_id for h in store.search(users["bob"].id, ["doc"], None, 2, 0)] == order[:2]
+    assert [h.file.file_id for h in store.search(users["bob"].id, [], None, 4, 0)] == order[:4]
+
+
+def test_many_files_in_one_second_keep_their_tie_order(
+    store: Store, users: dict[str, User]
+) -> None:
+    ids = [fid(n) for n in random.Random(7).sample(range(1000), 60)]
+    for file_id in ids:
+        store.add_file(users["alice"].id, entry(file_id, name="same.txt", shared_at=5), None)
+    store.add_file(users["alice"].id, entry(fid(5000), name="same.txt", shared_at=4), None)
+    for limit in (1, 10, 60, 61):
+        hits = store.search(users["carol"].id, ["same"], None, limit, 0)
+        assert [h.file.file_id for h in hits] == [*sorted(ids), fid(5000)][:limit]
+
+
+def test_a_term_is_found_only_where_its_trigrams_are_side_by_side(
+    store: Store, users: dict[str, User]
+) -> None:
+    # The index knows which trigrams a name or keywords hold, not where.
+    for n, (name, keywords) in enumerate(
+        [("abc-bcd", []), ("abc", ["bcd"]), ("bcd abc", ["x"]), ("xabcdx", [])], start=1
+    ):
+        store.add_file(users["alice"].id, entry(fid(n), name=name, keywords=keywords), None)
+    assert names(store, users["bob"], ["abcd"]) == ["xabcdx"]
+    assert names(store, users["bob"], ["abc", "bcd"]) == ["abc-bcd", "abc", "bcd abc", "xabcdx"]
+
+
+def test_search_terms_that_look_like_query_syntax(store: Store, users: dict[str, User]) -> None:
+    weird = ['say "hi"', "a AND b", "NEAR(x y)", "col:umn", "star*", "^caret", "{a b}", "-minus"]
+    for n, name in enumerate(weird, start=1):
+        store.add_file(users["alice"].id, entry(fid(n), name=name, shared_at=n), None)
+    for name in weird:
+        for term in name.split():
+            assert name in names(store, users["bob"], [term]), term
+    assert names(store, users["bob"], ['"hi"', "say"]) == ['say "hi"']
+    assert names(store, users["bob"], ["AND", "NEAR"]) == []
+
+
+def test_terms_fold_like_python_not_like_sqlite(store: Store, users: dict[str, User]) -> None:
+    # str.lower, as the LIKE search folded: İ lowers to i and a combining dot, the Kelvin
+    # sign to k, ẞ to ß (and ß stays itself: no full case folding to "ss"); sigma and final
+    # sigma stay apart (FTS5's own folding, case_sensitive 0, would make them one letter).
+    sigma, final_sigma, logos = "\u03c3", "\u03c2", "\u03bb\u03cc\u03b3\u03bf"
+    files = ["İSTANBUL.txt", "Straße.doc", "ǅemal.odt", "\u212aELVIN.txt", f"{logos}{sigma}.txt"]
+    for n, name in enumerate(files, start=1):
+        store.add_file(users["alice"].id, entry(fid(n), name=name, shared_at=n), None)
+    bob = users["bob"]
+    assert names(store, bob, ["i̇stanbul"]) == names(store, bob, ["İSTANBUL"]) == ["İSTANBUL.txt"]
+    assert names(store, bob, ["istanbul"]) == []
+    assert names(store, bob, ["STRAẞE"]) == names(store, bob, ["aße"]) == ["Straße.doc"]
+    assert names(store, bob, ["STRASSE"]) == []
+    assert names(store, bob, ["ǆem"]) == ["ǅemal.odt"]
+    assert names(store, bob, ["kelvin"]) == names(store, bob, ["KEL"]) == ["\u212aELVIN.txt"]
+    assert names(store, bob, [logos[-2:] + sigma]) == [f"{logos}{sigma}.txt"]
+    assert names(store, bob, [logos[-2:] + final_sigma]) == []
+
+
+def test_threads_can_share_a_store(store: Store) -> None:
+    errors: list[BaseException] = []
+
+    def work(n: int) -> None:
+        try:
+            for i in range(10):
+                store.add_user(f"user{n}-{i}", HASH, KeyBundle(b"r", bytes([n, i]) * 16), now=1)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert len(store.stats(now=0).users) == 40
+
+
+def test_reopening_keeps_the_data(opener: Opener) -> None:
+    first = opener()
+    alice = first.add_user("alice", HASH, bundle_for(1), now=1)
+    first.add_file(alice.id, entry(fid(1), keywords=["kw"]), None)
+    first.close()
+
+    second = opener()
+    try:
+        assert second.get_user("alice") == alice
+        assert second.visible_file(fid(1), alice.id) == entry(fid(1), keywords=["kw"])
+        second.add_user("bob", HASH, bundle_for(2), now=2)  # still writable
+    finally:
+        second.close()
+
+
+@pytest.fixture
+def indexed(store: Store, users: dict[str, User]) -> Store:
+    alice, bob = users["alice"].id, users["bob"].id
+    store.add_file(alice, entry(fid(1), name="Report.PDF", keywords=["thesis"], shared_at=10), None)
+    store.add_file(alice, entry(fid(2), name="50%_off.txt", shared_at=20), None)
+    store.add_file(alice, entry(fid(3), name="50xxoff.txt", shared_at=30), None)
+    store.add_file(bob, entry(fid(4), "bob", "ÉTÉ.jpg", ["été", "ok"], shared_at=40), None)
+    store.add_file(bob, entry(fid(5), "bob", "b-private", ["thesis"], shared_at=50), [])
+    return store
+
+
+def names(store: Store, user: User, terms: list[str], owner: str | None = None) -> list[str]:
+    return [h.file.name for h in store.search(user.id, terms, owner, 100, 0)]
+
+
+# Search as the contract defines it, to compare against on random data.
+ALPHABET = "abAB%_\"' -.éÉİıΣσςß日"
+
+
+@dataclass(frozen=True)
+class Shared:
+    file_id: str
+    owner: str
+    name: str
+    keywords: list[str]
+    shared_at: int
+    access: list[str] | None
+
+
+_text = st.text(ALPHABET, min_size=1, max_size=8)
+_shared = st.builds(
+    Shared,
+    file_id=st.integers(0, 40).map(fid),
+    owner=st.sampled_from(["alice", "bob", "carol"]),
+    name=_text,
+    keywords=st.lists(_text, max_size=3),
+    shared_at=st.integers(-3, 4),
+    access=st.none() | st.lists(st.sampled_from(["alice", "bob", "carol"]), max_size=2),
+)
+_search = st.tuples(
+    st.sampled_from(["alice", "bob", "carol"]),
+    st.lists(st.text(ALPHABET, min_size=1, max_size=4), max_size=3),
+    st.none() | st.sampled_from(["alice", "bob", "carol", "nobody"]),
+    st.integers(1, 6),
+)
+
+
+def model_search(
+    files: list[Shared], user: str, terms: list[str], owner: str | None, limit: int
+) -> list[str]:
+    def visible(f: Shared) -> bool:
+        return f.access is None or f.owner == user or user in f.access
+
+    def matches(f: Shared) -> bool:
+        keywords = "\n".join(f.keywords).lower()
+        return all(t.lower() in f.name.lower() or t.lower() in keywords for t in terms)
+
+    found = [f for f in files if visible(f) and matches(f) and owner in (None, f.owner)]
+    found.sort(key=lambda f: (-f.shared_at, f.file_id))
+    return [f.file_id for f in found[:limit]]
+
+
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(files=st.lists(_shared, max_size=25), searches=st.lists(_search, min_size=1, max_size=8))
+def test_search_answers_as_the_model(
+    store: Store,
+    users: dict[str, User],
+    files: list[Shared],
+    searches: list[tuple[str, list[str], str | None, int]],
+) -> None:
+    # One store for every example, emptied of files after each (through the contract).
+    ids = {name: user.id for name, user in users.items()}
+    latest: dict[str, Shared] = {}
+    try:
+        for shared in files:  # a file id shared again replaces the earlier file
+            item = entry(shared.file_id, shared.owner, shared.name, shared.keywords)
+            item = dataclasses.replace(item, shared_at=shared.shared_at)
+            store.add_file(ids[shared.owner], item, shared.access)
+            latest[shared.file_id] = shared
+        for user, terms, owner, limit in searches:
+            hits = store.search(ids[user], terms, owner, limit, 0)
+            expected = model_search(list(latest.values()), user, terms, owner, limit)
+            assert [h.file.file_id for h in hits] == expected
+    finally:
+        for shared in latest.values():
+            assert store.remove_file(shared.file_id, ids[shared.owner])
