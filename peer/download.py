@@ -1,6 +1,10 @@
 """The download engine: checks what the broker says, then pulls the file from every
-online holder at once over DEALER -> ROUTER, several chunk requests in flight each,
-verifying each chunk against the owner's signed manifest whoever sent it.
+online holder at once, several chunk requests in flight each, verifying each chunk
+against the owner's signed manifest whoever sent it.
+
+Each holder gets a thread that opens a channel to it (`Connector`, from the holder's
+connection hints) and runs a `ReceiverSession` over it; this module is what the holders
+share: the chunk plan, the file being written, progress, and who failed how.
 
 Order of checks (DESIGN section 5): the owner's pinned fingerprint, the manifest
 signature and the file id are verified before any holder is contacted; when one fails,
@@ -21,14 +25,13 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import zmq
 
 from sfs.common import crypto, protocol
-from sfs.common.codec import from_wire
 from sfs.common.errors import (
     IntegrityError,
     ProtocolError,
@@ -38,18 +41,22 @@ from sfs.common.errors import (
     TransportError,
     TrustError,
 )
-from sfs.common.manifest import MAX_CHUNK_SIZE, Manifest, file_id_of, verify_manifest
-from sfs.common.protocol import ErrorCode
+from sfs.common.manifest import Manifest, file_id_of, verify_manifest
+from sfs.peer.channel import Channel
+from sfs.peer.connect import Connector, zmq_connector
+from sfs.peer.hints import hints_of
 from sfs.peer.keys import Identity
 from sfs.peer.partial import PartialFile, safe_filename
 from sfs.peer.pins import PinStore
+from sfs.peer.receiver import Chunk, Offered, ReceiverSession, SetAside
+from sfs.peer.receiver import read_chunk as read_chunk  # re-exported: replies are read there
+from sfs.peer.receiver import read_reply as read_reply
 from sfs.peer.transfer import ChunkPlan, ReceiverLink
 
 DownloadProgress = Callable[[int, int, int], None]  # (bytes done, total, holders sending)
 
-_MAX_PEER_FRAME = MAX_CHUNK_SIZE + 64 * 1024
-_POLL_SLICE_MS = 100
-# How long a finished download waits for the holders' threads to close their sockets:
+_POLL_SLICE = 0.1  # seconds: how soon a holder's thread notices that the download stopped
+# How long a finished download waits for the holders' threads to close their channels:
 # they notice the stop within a poll slice. The caller may destroy the zmq context next.
 _JOIN_GRACE = 2.0
 
@@ -87,35 +94,6 @@ def verify_lookup(file_id: str, lookup: protocol.LookupResult, pins: PinStore) -
     return manifest
 
 
-@contextlib.contextmanager
-def _malformed_from(holder_name: str) -> Iterator[None]:
-    """Name the holder in a decoding error: the user must learn who sent it."""
-    try:
-        yield
-    except ProtocolError as exc:
-        raise ProtocolError(f"{holder_name} sent a malformed message ({exc})") from exc
-
-
-def read_reply(frames: list[bytes], holder_name: str) -> tuple[protocol.Envelope, bytes | None]:
-    """A holder's reply: an envelope, and for a chunk the ciphertext after it. Raises
-    `RemoteError` for an error reply and `ProtocolError` for anything malformed."""
-    if len(frames) > 2:
-        raise ProtocolError(f"{holder_name} sent a frame of unexpected shape")
-    with _malformed_from(holder_name):
-        envelope = protocol.decode_envelope(frames[0])
-        protocol.raise_for_error(envelope, holder_name)
-    return envelope, frames[1] if len(frames) == 2 else None
-
-
-def read_chunk(
-    envelope: protocol.Envelope, payload: bytes | None, holder_name: str
-) -> tuple[protocol.ChunkHeader, bytes]:
-    if envelope.op != "chunk" or payload is None:
-        raise ProtocolError(f"{holder_name} sent a malformed chunk")
-    with _malformed_from(holder_name):
-        return from_wire(protocol.ChunkHeader, envelope.body, "chunk"), payload
-
-
 class DownloadInterrupted(SfsError):
     """A download stopped part way; its verified chunks stay for the next `get`."""
 
@@ -138,18 +116,6 @@ def _keep_verified(partial: PartialFile, plan: ChunkPlan) -> bool:
         return True
     partial.discard()
     return False
-
-
-def _open_chunk(link: ReceiverLink, header: protocol.ChunkHeader, ciphertext: bytes) -> bytes:
-    """`link.open_chunk`, naming the holder when the GCM tag fails."""
-    try:
-        return link.open_chunk(header, ciphertext)
-    except IntegrityError as exc:
-        if not crypto.same_bytes(header.transfer_id, link.transfer_id):
-            raise  # another transfer's chunk: the message names the holder already
-        raise IntegrityError(
-            f"chunk {header.index} from {link.holder_name} failed authentication (tampered?)"
-        ) from exc
 
 
 # Which error explains a failed download best, when several holders failed differently:
@@ -180,10 +146,6 @@ class _Stopped(Exception):
     """The download is over (complete, a local failure, or Ctrl-C)."""
 
 
-class _SetAside(Exception):
-    """This holder has not answered its hello in time while others deliver."""
-
-
 @dataclass
 class _Download:
     """What the holders' threads share; `lock` guards the plan and the partial file."""
@@ -205,28 +167,51 @@ class _Download:
         if self.progress is not None:
             self.progress(self.plan.bytes_done, self.manifest.size, self.active)
 
+    def store(self, holder_name: str, index: int, plaintext: bytes) -> None:
+        """Check a chunk against the owner's signed manifest and write it."""
+        with self.lock:
+            try:
+                self.plan.check(index, plaintext)
+            except IntegrityError as exc:  # authentic from this holder, yet not the file
+                raise IntegrityError(
+                    f"chunk {index} from {holder_name} does not match the owner's signed "
+                    f"manifest: {holder_name}'s copy may have changed since it was shared, "
+                    "or be forged"
+                ) from exc
+            self.partial.write(index, plaintext)
+            self.plan.done(index)
+            self.delivered[holder_name] += 1
+            self.report()
+
 
 class Downloader:
     def __init__(
         self,
         identity: Identity,
         pins: PinStore,
-        context: zmq.Context[zmq.Socket[bytes]],
+        context: zmq.Context[zmq.Socket[bytes]] | None,
         window: int = 8,
         timeout: float = 10.0,
         transport_encryption: bool = True,
         hello_timeout: float = 2.0,
+        connector: Connector | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """`window`: chunk requests in flight per holder; `timeout`: the longest wait for
-        any answer; `hello_timeout`: how long a holder may leave its hello unanswered
-        while others deliver, before it is set aside."""
+        a connection or any answer; `hello_timeout`: how long a holder may leave its
+        hello unanswered while others deliver, before it is set aside. `connector`
+        turns holders into channels: by default direct zmq connections in `context`."""
+        if connector is None:
+            if context is None:
+                raise ValueError("a Downloader needs a zmq context or a connector")
+            connector = zmq_connector(context, identity, transport_encryption, timeout)
         self._identity = identity
         self._pins = pins
-        self._context = context
+        self._connector = connector
         self._window = window
         self._timeout = timeout
-        self._encrypt = transport_encryption
         self._hello_timeout = hello_timeout
+        self._clock = clock
 
     def fetch(
         self,
@@ -327,7 +312,7 @@ class Downloader:
                 if download.stop.is_set() or not any(t.is_alive() for t in threads):
                     break
         finally:
-            # Done, failed or Ctrl-C: tell the threads, and let each close its own socket
+            # Done, failed or Ctrl-C: tell the threads, and let each close its own channel
             # (zmq sockets are not thread-safe, and the caller may destroy the context).
             download.stop.set()
             deadline = time.monotonic() + _JOIN_GRACE
@@ -343,12 +328,23 @@ class Downloader:
             )
 
     def _holder_thread(self, holder: protocol.Holder, download: _Download) -> None:
-        mine: set[int] = set()  # chunks asked of this holder and not yet received
+        session: ReceiverSession | None = None
         try:
-            self._pull(holder, download, mine)
+            link = ReceiverLink(
+                self._identity,
+                download.file_id,
+                download.manifest,
+                download.lookup.manifest,
+                holder.username,
+                holder.bundle,
+            )
+            session = ReceiverSession(
+                link, self._window, self._timeout, self._hello_timeout, self._clock()
+            )
+            self._pull(holder, session, download)
         except _Stopped:
             pass
-        except _SetAside:
+        except SetAside:
             log.info(
                 "set %s aside: no answer to its hello within %g s while others deliver",
                 holder.username,
@@ -364,158 +360,69 @@ class Downloader:
                 download.errors.append(SfsError(f"internal error while downloading: {exc!r}"))
             download.stop.set()
         finally:
-            with download.lock:
-                download.plan.release(mine)
-
-    def _pull(self, holder: protocol.Holder, download: _Download, mine: set[int]) -> None:
-        sock = self._socket(holder)
-        link = ReceiverLink(
-            self._identity,
-            download.file_id,
-            download.manifest,
-            download.lookup.manifest,
-            holder.username,
-            holder.bundle,
-        )
-        try:
-            link.accept_offer(self._handshake(sock, link, holder, download))
-            with download.lock:
-                download.active += 1
-                download.delivered.setdefault(holder.username, 0)
-            try:
-                self._receive_chunks(sock, link, holder, download, mine)
-            finally:
+            if session is not None:
                 with download.lock:
-                    download.active -= 1
+                    download.plan.release(set(session.mine))
+
+    def _pull(self, holder: protocol.Holder, session: ReceiverSession, download: _Download) -> None:
+        def interrupt() -> None:  # while connecting
+            if download.stop.is_set():
+                raise _Stopped
+            session.expire(self._clock(), download.active > 0)
+
+        channel = self._connector.connect(holder, hints_of(holder), interrupt)
+        try:
+            channel.send(session.connected(channel.address, self._clock()))
+            self._converse(channel, session, download)
         finally:
             # Done or cancelled: either way the holder can forget the transfer.
-            if link.transfer_id:
-                with contextlib.suppress(zmq.Again):
-                    finish = protocol.Finish(link.transfer_id)
-                    sock.send(protocol.encode("finish", finish), flags=zmq.NOBLOCK)
-            sock.close(linger=100)
+            goodbye = session.finish()
+            if goodbye is not None:
+                with contextlib.suppress(TransportError):
+                    channel.send(goodbye)
+            channel.close()
 
-    def _receive_chunks(
-        self,
-        sock: zmq.Socket[bytes],
-        link: ReceiverLink,
-        holder: protocol.Holder,
-        download: _Download,
-        mine: set[int],
-    ) -> None:
-        plan, partial = download.plan, download.partial
-        while True:
-            with download.lock:
-                if plan.complete:
-                    download.complete.set()
-                    return
-                wanted = plan.claim(self._window - len(mine))
-            for index in wanted:
-                sock.send(protocol.encode("get", link.request(index)))
-            mine.update(wanted)
-            if not mine:  # the rest is on its way from others; one may yet fail
-                self._sleep(download.stop, 0.05)
-                continue
-            reply = self._reply(sock, holder, "send the next chunk", download.stop)
-            header, ciphertext = read_chunk(*reply, holder.username)
-            name = holder.username
-            if header.index not in mine:
-                raise IntegrityError(
-                    f"chunk {header.index} from {name} arrived without being requested"
-                )
-            plaintext = _open_chunk(link, header, ciphertext)
-            with download.lock:
-                try:
-                    plan.check(header.index, plaintext)
-                except IntegrityError as exc:  # authentic from this holder, yet not the file
-                    raise IntegrityError(
-                        f"chunk {header.index} from {name} does not match the owner's signed "
-                        f"manifest: {name}'s copy may have changed since it was shared, or be "
-                        "forged"
-                    ) from exc
-                partial.write(header.index, plaintext)
-                plan.done(header.index)
-                download.delivered[holder.username] += 1
-                download.report()
-            mine.discard(header.index)
-
-    def _socket(self, holder: protocol.Holder) -> zmq.Socket[bytes]:
-        sock = self._context.socket(zmq.DEALER)
-        sock.linger = 0
-        sock.maxmsgsize = _MAX_PEER_FRAME
-        if self._encrypt:
-            sock.curve_serverkey = holder.bundle.curve_z85()
-            sock.curve_secretkey = self._identity.curve_secret_z85
-            sock.curve_publickey = self._identity.curve_public_z85
+    def _converse(self, channel: Channel, session: ReceiverSession, download: _Download) -> None:
+        """Run `session` over `channel` until the download is complete or this holder
+        fails (an exception)."""
+        plan, name = download.plan, session.holder_name
+        receiving = False
         try:
-            sock.connect(holder.endpoint)
-        except zmq.ZMQError as exc:
-            sock.close(linger=0)
-            raise TransportError(
-                f"cannot connect to {holder.username} at {holder.endpoint}: {exc}"
-            ) from exc
-        return sock
-
-    def _handshake(
-        self,
-        sock: zmq.Socket[bytes],
-        link: ReceiverLink,
-        holder: protocol.Holder,
-        download: _Download,
-    ) -> protocol.Offer:
-        """Say hello until the holder offers the file; `busy` (the holder is checking
-        our key with the broker, say) means: ask again shortly, until the timeout.
-        Raises `_SetAside` once `hello_timeout` has passed without an offer while
-        another holder delivers: this one must not hold the others up."""
-        started = time.monotonic()
-        deadline = started + self._timeout
-
-        def set_aside() -> None:
-            if time.monotonic() - started > self._hello_timeout and download.active:
-                raise _SetAside
-
-        hello = protocol.encode("hello", link.hello())
-        pause = 0.05
-        while True:
-            sock.send(hello)
-            try:
-                envelope, _ = self._reply(
-                    sock, holder, "answer the request", download.stop, set_aside
-                )
-                break
-            except RemoteError as exc:
-                if exc.code != ErrorCode.BUSY or time.monotonic() + pause > deadline:
-                    raise
-            set_aside()
-            self._sleep(download.stop, pause)
-            pause = min(pause * 2, 1.0)
-        if envelope.op != "offer":
-            raise ProtocolError(f"{holder.username} sent {envelope.op[:40]!r}, not an offer")
-        with _malformed_from(holder.username):
-            return from_wire(protocol.Offer, envelope.body, "offer")
-
-    def _reply(
-        self,
-        sock: zmq.Socket[bytes],
-        holder: protocol.Holder,
-        doing: str,
-        stop: threading.Event,
-        between: Callable[[], None] | None = None,
-    ) -> tuple[protocol.Envelope, bytes | None]:
-        """The holder's next reply, waiting at most the timeout, in short slices so that
-        a stop is noticed soon; `between` runs after each empty slice (and may raise)."""
-        deadline = time.monotonic() + self._timeout
-        while not sock.poll(_POLL_SLICE_MS):
-            if stop.is_set():
-                raise _Stopped
-            if between is not None:
-                between()
-            if time.monotonic() > deadline:
-                raise TransportError(
-                    f"{holder.username} at {holder.endpoint} did not {doing} within "
-                    f"{self._timeout:g} s"
-                )
-        return read_reply(sock.recv_multipart(), holder.username)
+            while True:
+                now = self._clock()
+                if receiving:
+                    with download.lock:
+                        if plan.complete:
+                            download.complete.set()
+                            return
+                        wanted = plan.claim(session.room)
+                    for frames in session.ask(wanted, now):
+                        channel.send(frames)
+                    if not session.mine:  # the rest is on its way from others; one may yet fail
+                        self._sleep(download.stop, 0.05)
+                        continue
+                for frames in session.due(now):
+                    channel.send(frames)
+                # In short slices, so that a stop is noticed soon.
+                reply = channel.receive(min(_POLL_SLICE, session.wait(now)))
+                if download.stop.is_set():
+                    raise _Stopped
+                if reply is None:
+                    session.expire(self._clock(), download.active > 0)
+                    continue
+                event = session.receive(reply, self._clock())
+                if isinstance(event, Chunk):
+                    download.store(name, event.index, event.plaintext)
+                    session.stored(event.index)
+                elif isinstance(event, Offered):
+                    receiving = True
+                    with download.lock:
+                        download.active += 1
+                        download.delivered.setdefault(name, 0)
+        finally:
+            if receiving:
+                with download.lock:
+                    download.active -= 1
 
     @staticmethod
     def _sleep(stop: threading.Event, seconds: float) -> None:

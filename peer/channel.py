@@ -1,0 +1,177 @@
+"""How a download talks to one holder: a channel sends and receives whole messages (lists
+of frames), waits for one at most a given time, and closes. Nothing above it knows zmq.
+
+`ZmqChannel` is a DEALER connected to the holder's ROUTER, under CurveZMQ unless
+transport encryption is off; it opens only once the ZMTP handshake is done, so that a
+holder that cannot be reached is noticed before the hello. `memory_pair` gives two ends
+of an in-memory channel, for running a download against a `HolderService` without
+sockets (and, later, for channels built on other channels, such as a relay's).
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from sfs.common.errors import TransportError
+from sfs.common.manifest import MAX_CHUNK_SIZE
+
+# Called between the slices of a wait; raises to abandon it (the download stopped, or
+# gave up on this holder).
+Interrupt = Callable[[], None]
+
+_MAX_PEER_FRAME = MAX_CHUNK_SIZE + 64 * 1024
+_SLICE = 0.1  # seconds: how soon a wait for a connection notices an interrupt
+_CLOSE_LINGER_MS = 100  # long enough for a last `finish` to leave
+
+
+class Channel(Protocol):
+    """One conversation with one holder. Not thread-safe: one thread uses it."""
+
+    @property
+    def address(self) -> str:
+        """Where the other end is, for messages (a `tcp://` endpoint, say)."""
+        ...
+
+    def send(self, frames: Sequence[bytes]) -> None:
+        """Queue one message; raises `TransportError` when the channel cannot take it."""
+        ...
+
+    def receive(self, timeout: float) -> list[bytes] | None:
+        """The next message, waiting at most `timeout` seconds; None when none came.
+        Raises `TransportError` when the channel is known to be gone."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class ZmqChannel:
+    """A DEALER socket connected to one holder's ROUTER."""
+
+    def __init__(self, sock: zmq.Socket[bytes], address: str) -> None:
+        self._sock = sock
+        self._address = address
+
+    @classmethod
+    def open(
+        cls,
+        context: zmq.Context[zmq.Socket[bytes]],
+        endpoint: str,
+        timeout: float,
+        interrupt: Interrupt,
+        curve: tuple[bytes, bytes, bytes] | None,
+    ) -> ZmqChannel:
+        """Connect to `endpoint` and wait up to `timeout` seconds for the handshake.
+        `curve`: (the holder's public key, our public key, our secret key), in Z85;
+        None for no transport encryption."""
+        sock = context.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.maxmsgsize = _MAX_PEER_FRAME
+        if curve is not None:
+            sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = curve
+        try:
+            _connect(sock, endpoint, timeout, interrupt)
+        except BaseException:
+            sock.close(linger=0)
+            raise
+        return cls(sock, endpoint)
+
+    @property
+    def address(self) -> str:
+        return self._address
+
+    def send(self, frames: Sequence[bytes]) -> None:
+        try:
+            # Never blocks: the queue (1,000 messages) is far above any window of requests.
+            self._sock.send_multipart(frames, flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            raise TransportError(f"cannot send to {self._address}: {exc}") from exc
+
+    def receive(self, timeout: float) -> list[bytes] | None:
+        try:
+            if not self._sock.poll(max(0, round(timeout * 1000))):
+                return None
+            return self._sock.recv_multipart()
+        except zmq.ZMQError as exc:
+            raise TransportError(f"cannot receive from {self._address}: {exc}") from exc
+
+    def close(self) -> None:
+        self._sock.close(linger=_CLOSE_LINGER_MS)
+
+
+def _connect(sock: zmq.Socket[bytes], endpoint: str, timeout: float, interrupt: Interrupt) -> None:
+    """Connect, and return once the ZMTP (or CurveZMQ) handshake has succeeded. zmq
+    retries a refused or dropped connection by itself; only the deadline ends that."""
+    monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    try:
+        try:
+            sock.connect(endpoint)
+        except zmq.ZMQError as exc:
+            raise TransportError(f"cannot connect to {endpoint}: {exc}") from exc
+        deadline = time.monotonic() + timeout
+        while True:
+            if monitor.poll(round(_SLICE * 1000)):
+                if recv_monitor_message(monitor)["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                    return
+                continue
+            interrupt()
+            if time.monotonic() > deadline:
+                raise TransportError(f"no answer from {endpoint} within {timeout:g} s")
+    finally:
+        sock.disable_monitor()
+        monitor.close(linger=0)
+
+
+# --- in memory ------------------------------------------------------------------------
+
+_CLOSED: list[bytes] = []  # put in the other end's inbox when one end closes
+
+
+class MemoryChannel:
+    """One end of an in-memory channel; thread-safe between the two ends."""
+
+    def __init__(
+        self, inbox: queue.SimpleQueue[list[bytes]], outbox: queue.SimpleQueue[list[bytes]]
+    ) -> None:
+        self._inbox = inbox
+        self._outbox = outbox
+        self._closed = False
+        self._peer_closed = False
+        self.address = "memory"
+
+    def send(self, frames: Sequence[bytes]) -> None:
+        if self._closed or self._peer_closed:
+            raise TransportError(f"{self.address} is closed")
+        self._outbox.put(list(frames))
+
+    def receive(self, timeout: float) -> list[bytes] | None:
+        if self._closed or self._peer_closed:
+            raise TransportError(f"{self.address} is closed")
+        try:
+            frames = self._inbox.get(timeout=max(0.0, timeout))
+        except queue.Empty:
+            return None
+        if frames is _CLOSED:
+            self._peer_closed = True
+            raise TransportError(f"{self.address} closed the connection")
+        return frames
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._outbox.put(_CLOSED)
+
+
+def memory_pair(address: str = "memory") -> tuple[MemoryChannel, MemoryChannel]:
+    """Two connected ends: what one sends, the other receives. `address` names the
+    second end as the first sees it (the holder, for a download)."""
+    there: queue.SimpleQueue[list[bytes]] = queue.SimpleQueue()
+    back: queue.SimpleQueue[list[bytes]] = queue.SimpleQueue()
+    near, far = MemoryChannel(back, there), MemoryChannel(there, back)
+    near.address = address
+    return near, far

@@ -1,0 +1,234 @@
+"""The receiving side of one conversation with one holder, free of sockets and threads.
+
+A `ReceiverSession` takes the holder's replies in and gives the messages to send out,
+with the time passed in by its caller, so it runs over any channel and is tested with
+none. Its stages:
+
+    connecting --connected()--> hello --offer--> receiving
+                                  ^  \\--busy--> backoff --due()--/
+                                  \\--------------------/
+
+- connecting: the channel is not open yet. Only the set-aside rule applies: a holder
+  that has not offered the file `hello_timeout` after the session began, while another
+  holder delivers, raises `SetAside`.
+- hello: the signed hello is out; the answer must come within `timeout`. `busy` (the
+  holder is checking our key with the broker, say) means: ask again after a pause that
+  doubles up to a second, as long as `timeout` since the first hello allows.
+- receiving: the offer checked out. The caller claims chunks for the free places in
+  the window (`room`) and sends what `ask` returns; each chunk must come within
+  `timeout` of the last, must have been asked of this holder, and must open under the
+  transfer key. Checking it against the manifest is the caller's (the plan is shared by
+  every holder); `stored` then frees its place.
+
+Every failure raises an `SfsError` naming the holder; `finish` is the goodbye.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from sfs.common import crypto, protocol
+from sfs.common.codec import from_wire
+from sfs.common.errors import IntegrityError, ProtocolError, RemoteError, TransportError
+from sfs.common.protocol import ErrorCode
+from sfs.peer.transfer import ReceiverLink
+
+_FIRST_PAUSE = 0.05  # seconds before the first hello again, after `busy`
+_LONGEST_PAUSE = 1.0
+
+
+class SetAside(Exception):
+    """This holder has not offered the file within `hello_timeout` while others deliver."""
+
+
+class Stage(enum.Enum):
+    CONNECTING = "connecting"
+    HELLO = "hello"
+    BACKOFF = "backoff"
+    RECEIVING = "receiving"
+
+
+@dataclass(frozen=True)
+class Offered:
+    """The holder's offer checked out: chunks may be asked for."""
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A chunk that opened under the transfer key; not yet checked against the manifest."""
+
+    index: int
+    plaintext: bytes
+
+
+@contextlib.contextmanager
+def _malformed_from(holder_name: str) -> Iterator[None]:
+    """Name the holder in a decoding error: the user must learn who sent it."""
+    try:
+        yield
+    except ProtocolError as exc:
+        raise ProtocolError(f"{holder_name} sent a malformed message ({exc})") from exc
+
+
+def read_reply(frames: list[bytes], holder_name: str) -> tuple[protocol.Envelope, bytes | None]:
+    """A holder's reply: an envelope, and for a chunk the ciphertext after it. Raises
+    `RemoteError` for an error reply and `ProtocolError` for anything malformed."""
+    if not frames or len(frames) > 2:
+        raise ProtocolError(f"{holder_name} sent a frame of unexpected shape")
+    with _malformed_from(holder_name):
+        envelope = protocol.decode_envelope(frames[0])
+        protocol.raise_for_error(envelope, holder_name)
+    return envelope, frames[1] if len(frames) == 2 else None
+
+
+def read_chunk(
+    envelope: protocol.Envelope, payload: bytes | None, holder_name: str
+) -> tuple[protocol.ChunkHeader, bytes]:
+    if envelope.op != "chunk" or payload is None:
+        raise ProtocolError(f"{holder_name} sent a malformed chunk")
+    with _malformed_from(holder_name):
+        return from_wire(protocol.ChunkHeader, envelope.body, "chunk"), payload
+
+
+def _open_chunk(link: ReceiverLink, header: protocol.ChunkHeader, ciphertext: bytes) -> bytes:
+    """`link.open_chunk`, naming the holder when the GCM tag fails."""
+    try:
+        return link.open_chunk(header, ciphertext)
+    except IntegrityError as exc:
+        if not crypto.same_bytes(header.transfer_id, link.transfer_id):
+            raise  # another transfer's chunk: the message names the holder already
+        raise IntegrityError(
+            f"chunk {header.index} from {link.holder_name} failed authentication (tampered?)"
+        ) from exc
+
+
+class ReceiverSession:
+    def __init__(
+        self,
+        link: ReceiverLink,
+        window: int,
+        timeout: float,
+        hello_timeout: float,
+        now: float,
+    ) -> None:
+        """`now`: when the session began, which the set-aside rule counts from."""
+        self._link = link
+        self._window = window
+        self._timeout = timeout
+        self._hello_timeout = hello_timeout
+        self._began = now
+        self.stage = Stage.CONNECTING
+        self.address = ""  # where the holder is, once connected
+        self._hello = protocol.encode("hello", link.hello())
+        self._first_hello = now
+        self._deadline = now  # for the reply awaited, in stages hello and receiving
+        self._retry_at = now
+        self._pause = _FIRST_PAUSE
+        self._mine: set[int] = set()  # asked of this holder, not yet stored
+
+    @property
+    def holder_name(self) -> str:
+        return self._link.holder_name
+
+    @property
+    def mine(self) -> frozenset[int]:
+        """Chunks asked of this holder and not yet stored: others take them if it fails."""
+        return frozenset(self._mine)
+
+    @property
+    def room(self) -> int:
+        """How many more chunks may be asked now."""
+        return self._window - len(self._mine) if self.stage is Stage.RECEIVING else 0
+
+    def connected(self, address: str, now: float) -> list[bytes]:
+        """The channel is open; returns the hello to send."""
+        self.address = address
+        self._first_hello = now
+        return self._say_hello(now)
+
+    def _say_hello(self, now: float) -> list[bytes]:
+        self.stage = Stage.HELLO
+        self._deadline = now + self._timeout
+        return [self._hello]
+
+    def due(self, now: float) -> list[list[bytes]]:
+        """Messages whose time has come: the hello again, after `busy`."""
+        if self.stage is Stage.BACKOFF and now >= self._retry_at:
+            return [self._say_hello(now)]
+        return []
+
+    def wait(self, now: float) -> float:
+        """How long the caller may wait for a reply before calling `due` again."""
+        if self.stage is Stage.BACKOFF:
+            return max(0.0, self._retry_at - now)
+        return max(0.0, self._deadline - now)
+
+    def ask(self, indexes: list[int], now: float) -> list[list[bytes]]:
+        """The requests for chunks the caller claimed (at most `room`)."""
+        if self.stage is not Stage.RECEIVING or len(indexes) > self.room:
+            raise ValueError(f"cannot ask for {len(indexes)} chunks now")  # a caller's bug
+        if indexes and not self._mine:
+            self._deadline = now + self._timeout  # the wait for a chunk starts now
+        self._mine.update(indexes)
+        return [[protocol.encode("get", self._link.request(index))] for index in indexes]
+
+    def receive(self, frames: list[bytes], now: float) -> Offered | Chunk | None:
+        """Take one reply. Returns `Offered`, a `Chunk`, or None (busy: wait for `due`)."""
+        name = self._link.holder_name
+        if self.stage is Stage.RECEIVING:
+            header, ciphertext = read_chunk(*read_reply(frames, name), name)
+            if header.index not in self._mine:
+                raise IntegrityError(
+                    f"chunk {header.index} from {name} arrived without being requested"
+                )
+            plaintext = _open_chunk(self._link, header, ciphertext)
+            self._deadline = now + self._timeout
+            return Chunk(header.index, plaintext)
+        if self.stage is Stage.CONNECTING:
+            raise ProtocolError(f"{name} spoke before the hello")  # a caller's bug, really
+        try:
+            envelope, _ = read_reply(frames, name)
+        except RemoteError as exc:
+            if exc.code != ErrorCode.BUSY or now + self._pause > self._first_hello + self._timeout:
+                raise
+            self.stage = Stage.BACKOFF
+            self._retry_at = now + self._pause
+            self._pause = min(self._pause * 2, _LONGEST_PAUSE)
+            return None
+        if envelope.op != "offer":
+            raise ProtocolError(f"{name} sent {envelope.op[:40]!r}, not an offer")
+        with _malformed_from(name):
+            offer = from_wire(protocol.Offer, envelope.body, "offer")
+        self._link.accept_offer(offer)
+        self.stage = Stage.RECEIVING
+        return Offered()
+
+    def stored(self, index: int) -> None:
+        """A chunk from `receive` passed the manifest and is written: its place frees."""
+        self._mine.discard(index)
+
+    def expire(self, now: float, others_delivering: bool) -> None:
+        """Nothing arrived: raises `SetAside`, or `TransportError` past the deadline."""
+        offered = self.stage is Stage.RECEIVING
+        if not offered and others_delivering and now - self._began > self._hello_timeout:
+            raise SetAside
+        if self.stage is Stage.HELLO:
+            doing = "answer the request"
+        elif self.stage is Stage.RECEIVING and self._mine:
+            doing = "send the next chunk"
+        else:
+            return
+        if now > self._deadline:
+            raise TransportError(
+                f"{self._link.holder_name} at {self.address} did not {doing} within "
+                f"{self._timeout:g} s"
+            )
+
+    def finish(self) -> list[bytes] | None:
+        """The goodbye that lets the holder forget the transfer, once there is one."""
+        if not self._link.transfer_id:
+            return None
+        return [protocol.encode("finish", protocol.Finish(self._link.transfer_id))]
