@@ -6,6 +6,7 @@ file. Unknown keys and bad values are refused with a message naming the key.
 
 from __future__ import annotations
 
+import difflib
 import re
 import struct
 from dataclasses import dataclass
@@ -71,13 +72,18 @@ class PeerConfig:
 
 
 class _Section:
-    """Reads one mapping of a config file, remembering which keys were used."""
+    """Reads one mapping of a config file, remembering which keys were used. With `keys`
+    (every key the section may hold), an unknown key is refused at once, before a
+    message about a missing one: `downlaod_dir` is named, not `download_dir`."""
 
-    def __init__(self, data: Any, where: str, base: Path) -> None:
+    def __init__(self, data: Any, where: str, base: Path, keys: tuple[str, ...] = ()) -> None:
         if not isinstance(data, dict):
             raise ConfigError(f"{where}: expected a mapping of keys to values")
         self.data, self.where, self.base = data, where, base
+        self.keys = keys
         self.used: set[str] = set()
+        if keys:
+            self._refuse_unknown(set(keys))
 
     def _raw(self, key: str, default: Any) -> Any:
         self.used.add(key)
@@ -121,13 +127,19 @@ class _Section:
             raise ConfigError(f"{self._name(key)}: expected {form}, got {value!r}")
         return value
 
-    def section(self, key: str) -> _Section:
-        return _Section(self._raw(key, _REQUIRED), self._name(key), self.base)
+    def section(self, key: str, keys: tuple[str, ...] = ()) -> _Section:
+        return _Section(self._raw(key, _REQUIRED), self._name(key), self.base, keys)
 
     def finish(self) -> None:
-        unknown = sorted(set(self.data) - self.used, key=str)
-        if unknown:
-            raise ConfigError(f"{self._name(str(unknown[0]))}: unknown key")
+        self._refuse_unknown(self.used | set(self.keys))
+
+    def _refuse_unknown(self, known: set[str]) -> None:
+        unknown = sorted((str(key) for key in self.data if key not in known), key=str)
+        if not unknown:
+            return
+        close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(f"{self._name(unknown[0])}: unknown key{hint}")
 
 
 _REQUIRED = object()
@@ -142,14 +154,51 @@ def _read_yaml(path: Path) -> tuple[Any, Path]:
         raise ConfigError(f"cannot read config file {path}: {exc}") from exc
     try:
         data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = exc.problem or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}{where}: not valid YAML ({problem})") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
     return data, path.resolve().parent
 
 
+BROKER_KEYS = (
+    "bind",
+    "data_dir",
+    "bcrypt_rounds",
+    "workers",
+    "session_ttl",
+    "presence_ttl",
+    "login_attempts",
+    "login_lockout",
+    "registrations_per_key",
+    "registrations_per_address",
+    "quota_files",
+    "quota_manifest_mib",
+    "database",
+)
+PEER_KEYS = (
+    "username",
+    "data_dir",
+    "download_dir",
+    "listen",
+    "advertise",
+    "broker",
+    "transport_encryption",
+    "window",
+    "heartbeat_interval",
+    "timeout",
+    "hello_timeout",
+    "seed",
+)
+PEER_BROKER_KEYS = ("endpoint", "public_key", "public_key_file")
+
+
 def load_broker_config(path: Path) -> BrokerConfig:
     data, base = _read_yaml(path)
-    top = _Section(data, path.name, base)
+    top = _Section(data, path.name, base, BROKER_KEYS)
     config = BrokerConfig(
         path=path.resolve(),
         bind=top.endpoint("bind", bind=True),
@@ -171,7 +220,7 @@ def load_broker_config(path: Path) -> BrokerConfig:
 
 def load_peer_config(path: Path) -> PeerConfig:
     data, base = _read_yaml(path)
-    top = _Section(data, path.name, base)
+    top = _Section(data, path.name, base, PEER_KEYS)
     username = top.string("username")
     if not re.fullmatch(USERNAME_PATTERN, username):
         raise ConfigError(
@@ -185,7 +234,7 @@ def load_peer_config(path: Path) -> PeerConfig:
             f"{path.name}: advertise: set it to an address other peers can reach "
             f"(listen is {listen})"
         )
-    broker = top.section("broker")
+    broker = top.section("broker", PEER_BROKER_KEYS)
     config = PeerConfig(
         path=path.resolve(),
         username=username,

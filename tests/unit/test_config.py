@@ -9,6 +9,8 @@ import pytest
 import zmq.utils.z85
 
 from sfs.common.config import (
+    BROKER_KEYS,
+    PEER_KEYS,
     BrokerConfig,
     PeerConfig,
     load_broker_config,
@@ -184,8 +186,45 @@ def test_config_that_is_not_a_mapping(tmp_path: Path, text: str) -> None:
     "text", ["bind: [\n", "bind: tcp://*:1\n  data_dir: x\n", "a: b: c\n", "\tbind: x\n", "{"]
 )
 def test_invalid_yaml(tmp_path: Path, text: str) -> None:
-    with pytest.raises(ConfigError, match=r"broker\.yaml: not valid YAML"):
+    with pytest.raises(ConfigError, match=r"broker\.yaml, line \d+, column \d+: not valid YAML"):
         broker(tmp_path, text)
+
+
+def test_invalid_yaml_gives_the_line_and_column_of_the_problem(tmp_path: Path) -> None:
+    text = "bind: tcp://*:1\ndata_dir: data\nworkers: 4\n  bcrypt_rounds: 4\n"
+    with pytest.raises(ConfigError) as refused:
+        broker(tmp_path, text)
+    # Line 4, where the stray indentation is; columns are counted from 1, as editors do.
+    assert re.search(
+        r"broker\.yaml, line 4, column 16: not valid YAML \(mapping values", str(refused.value)
+    ), refused.value
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("bind: tcp://*:1\ndata_dri: data\n", "data_dri: unknown key (did you mean data_dir?)"),
+        (BROKER + "bcrypt_round: 4\n", "bcrypt_round: unknown key (did you mean bcrypt_rounds?)"),
+        (BROKER + "colour: blue\n", "colour: unknown key"),
+    ],
+)
+def test_broker_unknown_key_is_named_with_a_suggestion(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    with pytest.raises(ConfigError) as refused:
+        broker(tmp_path, text)
+    assert str(refused.value) == f"broker.yaml: {message}"
+
+
+def test_every_key_read_is_declared(tmp_path: Path) -> None:
+    """The declared lists (for the early unknown-key check) match what the loaders read:
+    a key added to a loader but not to its list would be refused as unknown."""
+    full = BROKER + "".join(f"{key}: {value}\n" for key, value in BROKER_EXTRA.items())
+    assert set(BROKER_KEYS) == {"bind", "data_dir", *BROKER_EXTRA}
+    broker(tmp_path / "b", full)  # every declared key accepted together
+    text = peer_text({**{key: value for key, value in PEER_EXTRA.items()}})
+    assert set(PEER_KEYS) == {*PEER, "broker", *PEER_EXTRA}
+    peer(tmp_path / "p", text)
 
 
 def test_missing_config_file(tmp_path: Path) -> None:
@@ -428,3 +467,81 @@ def test_parse_z85_key() -> None:
         parse_z85_key("#" * 40, "here")
     with pytest.raises(ConfigError, match=r"^here: "):
         parse_z85_key("", "here")
+
+
+BROKER_EXTRA = {
+    "bcrypt_rounds": 4,
+    "workers": 2,
+    "session_ttl": 60,
+    "presence_ttl": 30,
+    "login_attempts": 5,
+    "login_lockout": 30,
+    "registrations_per_key": 10,
+    "registrations_per_address": 200,
+    "quota_files": 10,
+    "quota_manifest_mib": 10,
+    "database": "other.db",
+}
+PEER_EXTRA = {
+    "transport_encryption": "true",
+    "window": "8",
+    "heartbeat_interval": "10",
+    "timeout": "10",
+    "hello_timeout": "2",
+    "seed": "false",
+}
+
+
+@pytest.mark.parametrize(
+    ("top", "message"),
+    [
+        # A misspelled required key is named, not reported as the correct one missing.
+        (
+            {"downlaod_dir": "x", "download_dir": None},
+            "downlaod_dir: unknown key (did you mean download_dir?)",
+        ),
+        ({"usernmae": "alice", "username": None}, "usernmae: unknown key (did you mean username?)"),
+        ({"widnow": "8"}, "widnow: unknown key (did you mean window?)"),
+        ({"colour": "blue", "listen": None}, "colour: unknown key"),
+    ],
+)
+def test_peer_unknown_key_comes_before_missing_ones(
+    tmp_path: Path, top: dict[str, str | None], message: str
+) -> None:
+    with pytest.raises(ConfigError) as refused:
+        peer(tmp_path, peer_text(top))
+    assert str(refused.value) == f"peer.yaml: {message}"
+
+
+def test_peer_broker_section_unknown_key_has_a_suggestion(tmp_path: Path) -> None:
+    text = peer_text(broker_section=f"  endpiont: tcp://b:5555\n  public_key: '{KEY}'\n")
+    with pytest.raises(ConfigError) as refused:
+        peer(tmp_path, text)
+    assert str(refused.value) == "peer.yaml: broker: endpiont: unknown key (did you mean endpoint?)"
+
+
+def test_shipped_configs_load_and_their_comments_agree_with_the_limits(tmp_path: Path) -> None:
+    """The configs in configs/ load (copied, beside a broker key where `init` puts it),
+    and broker.yaml's comment on bcrypt_rounds gives the validator's range, 4 to 16."""
+    shipped = Path(__file__).resolve().parents[2] / "configs"
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    for path in shipped.glob("*.yaml"):
+        (configs / path.name).write_text(path.read_text())
+    write(tmp_path / "var" / "broker", KEY + "\n", "broker.pub")
+    for name in ("alice", "bob", "carol"):
+        assert load_peer_config(configs / f"{name}.yaml").username == name
+    text = (configs / "broker.yaml").read_text()
+    assert re.search(r"bcrypt_rounds: \d+ +# .*\(4 to 16\)", text)
+    assert load_broker_config(configs / "broker.yaml").bcrypt_rounds == 12
+    for rounds, accepted in ((3, False), (4, True), (16, True), (17, False)):
+        changed = write(
+            configs, re.sub(r"bcrypt_rounds: \d+", f"bcrypt_rounds: {rounds}", text), "b.yaml"
+        )
+        if accepted:
+            assert load_broker_config(changed).bcrypt_rounds == rounds
+        else:
+            with pytest.raises(
+                ConfigError, match="bcrypt_rounds: expected a whole number from 4 to 16"
+            ):
+                load_broker_config(changed)
