@@ -81,7 +81,9 @@ class MemoryHolder:
     busy, say). From the `silent_from`-th chunk reply on (counted from 0 over all of
     its connections) the holder answers nothing more; from `hang_up_from` on it closes
     the connection instead; chunks whose index is in `forge` are other bytes sealed under
-    the real transfer key. `before_chunk(n)` runs before the n-th chunk reply."""
+    the real transfer key. `before_chunk(n)` runs before the n-th chunk reply.
+    `let_down` is set when it first withholds a chunk or hangs up; `closed`, when a
+    connection it served has ended."""
 
     def __init__(
         self,
@@ -95,7 +97,9 @@ class MemoryHolder:
         self.data = data
         self.silent_from: int | None = None
         self.hang_up_from: int | None = None
-        self.forge: set[int] = set()
+        self.forge_from: int | None = None
+        self.let_down = threading.Event()
+        self.closed = threading.Event()
         self.before_chunk: Callable[[int], None] | None = None
         self.chunks_sent = 0
         self.frames_seen = 0
@@ -139,6 +143,8 @@ class MemoryHolder:
                     channel.send(reply)
         except TransportError:  # the download closed its end
             pass
+        finally:
+            self.closed.set()
 
     def _answer(self, connection: bytes, frame: bytes) -> list[bytes] | None:
         with self._lock:
@@ -148,10 +154,12 @@ class MemoryHolder:
                 return answer
             sent = self.chunks_sent
             if self.silent_from is not None and sent >= self.silent_from:
+                self.let_down.set()
                 return None
             if self.hang_up_from is not None and sent >= self.hang_up_from:
+                self.let_down.set()
                 return _HANG_UP
-            if answer.index in self.forge:
+            if self.forge_from is not None and sent >= self.forge_from:
                 real = self.data[answer.offset : answer.offset + answer.length]
                 forged = bytes([real[0] ^ 1]) + real[1:]
                 self._forged[answer.index] = forged
@@ -166,11 +174,14 @@ class MemoryHolder:
 
 class MemoryDialer:
     """Opens in-memory channels to `MemoryHolder`s by endpoint. An endpoint in `mute`
-    accepts the channel and never reads from it; one not listed cannot be reached."""
+    accepts the channel and never reads from it; one not listed cannot be reached; one
+    in `gates` opens only once its event is set (calling `interrupt` meanwhile, as a
+    slow connection would)."""
 
     def __init__(self, *holders: MemoryHolder) -> None:
         self.holders = {holder.endpoint: holder for holder in holders}
         self.mute: set[str] = set()
+        self.gates: dict[str, threading.Event] = {}
         self.dialed: list[str] = []
         self._ids = itertools.count()
         self._threads: list[threading.Thread] = []
@@ -181,6 +192,9 @@ class MemoryDialer:
     ) -> Channel:
         assert isinstance(hint, DirectHint)
         self.dialed.append(hint.endpoint)
+        gate = self.gates.get(hint.endpoint)
+        while gate is not None and not gate.wait(0.05):
+            interrupt()
         near, far = memory_pair(hint.endpoint)
         if hint.endpoint in self.mute:
             self._kept.append(far)

@@ -1,0 +1,245 @@
+"""sfs.peer.channel, sfs.peer.hints and sfs.peer.connect: in-memory channels, hints from a
+holder's listing, the connector's order of tries, and the zmq channel against a ROUTER
+and a silent port on loopback."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import pytest
+import zmq
+
+from sfs.common import protocol
+from sfs.common.errors import TransportError
+from sfs.peer.channel import Channel, Interrupt, ZmqChannel, memory_pair
+from sfs.peer.connect import Connector
+from sfs.peer.hints import DirectHint, Hint, hints_of
+from sfs.peer.keys import Identity, create_identity
+
+# --- in memory ------------------------------------------------------------------------
+
+
+def test_what_one_end_sends_the_other_receives() -> None:
+    near, far = memory_pair("memory://alice")
+    assert near.address == "memory://alice"
+    near.send([b"a", b"b"])
+    near.send([b"c"])
+    assert far.receive(1) == [b"a", b"b"]
+    assert far.receive(1) == [b"c"]
+    far.send([b"back"])
+    assert near.receive(1) == [b"back"]
+
+
+def test_nothing_to_receive_within_the_timeout() -> None:
+    near, _far = memory_pair()
+    assert near.receive(0) is None
+    assert near.receive(0.01) is None
+
+
+def test_a_closed_end_is_reported_to_the_other() -> None:
+    near, far = memory_pair("memory://alice")
+    far.send([b"last words"])
+    far.close()
+    assert near.receive(1) == [b"last words"]  # what was sent before still arrives
+    with pytest.raises(TransportError, match=r"^memory://alice closed the connection$"):
+        near.receive(1)
+    with pytest.raises(TransportError, match=r"^memory://alice is closed$"):
+        near.send([b"anyone?"])
+
+
+def test_a_closed_end_cannot_be_used() -> None:
+    near, _far = memory_pair("memory://alice")
+    near.close()
+    near.close()  # twice is fine
+    with pytest.raises(TransportError):
+        near.send([b"x"])
+    with pytest.raises(TransportError):
+        near.receive(0)
+
+
+# --- hints and the connector ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def alice(tmp_path_factory: pytest.TempPathFactory) -> Identity:
+    return create_identity(tmp_path_factory.mktemp("alice"), "alice")
+
+
+@pytest.fixture(scope="module")
+def bob(tmp_path_factory: pytest.TempPathFactory) -> Identity:
+    return create_identity(tmp_path_factory.mktemp("bob"), "bob")
+
+
+def holder_of(identity: Identity, endpoint: str = "tcp://127.0.0.1:4000") -> protocol.Holder:
+    return protocol.Holder(identity.username, endpoint, identity.bundle)
+
+
+def test_a_holder_is_reached_at_its_endpoint(alice: Identity) -> None:
+    assert hints_of(holder_of(alice)) == [DirectHint("tcp://127.0.0.1:4000")]
+
+
+class Dialer:
+    """Opens a memory channel for the endpoints in `up`; the others fail."""
+
+    def __init__(self, *up: str) -> None:
+        self.up = set(up)
+        self.tried: list[tuple[str, float]] = []
+
+    def dial(
+        self, holder: protocol.Holder, hint: Hint, timeout: float, interrupt: Interrupt
+    ) -> Channel:
+        self.tried.append((hint.endpoint, timeout))
+        if hint.endpoint not in self.up:
+            raise TransportError(f"no answer from {hint.endpoint} within {timeout:g} s")
+        return memory_pair(hint.endpoint)[0]
+
+
+def never() -> None:
+    pass
+
+
+def test_the_connector_tries_hints_in_order(alice: Identity) -> None:
+    dialer = Dialer("tcp://b", "tcp://c")
+    hints = [DirectHint("tcp://a"), DirectHint("tcp://b"), DirectHint("tcp://c")]
+    channel = Connector({DirectHint: dialer}, 7).connect(holder_of(alice), hints, never)
+    assert channel.address == "tcp://b"
+    assert dialer.tried == [("tcp://a", 7), ("tcp://b", 7)]  # c was not needed
+
+
+def test_the_connector_names_every_failure(alice: Identity) -> None:
+    dialer = Dialer()
+    hints = [DirectHint("tcp://a"), DirectHint("tcp://b")]
+    with pytest.raises(
+        TransportError,
+        match=r"^cannot reach alice: no answer from tcp://a within 3 s; "
+        r"no answer from tcp://b within 3 s$",
+    ):
+        Connector({DirectHint: dialer}, 3).connect(holder_of(alice), hints, never)
+
+
+def test_a_hint_without_a_dialer_is_skipped(alice: Identity) -> None:
+    connector = Connector({}, 3)
+    with pytest.raises(
+        TransportError, match=r"^cannot reach alice: tcp://a: not a way this peer can connect$"
+    ):
+        connector.connect(holder_of(alice), [DirectHint("tcp://a")], never)
+
+
+def test_no_hints_at_all(alice: Identity) -> None:
+    with pytest.raises(TransportError, match=r"^alice gave no way to reach it$"):
+        Connector({DirectHint: Dialer()}, 3).connect(holder_of(alice), [], never)
+
+
+def test_an_interrupt_while_dialing_is_not_a_failure(alice: Identity) -> None:
+    """What `interrupt` raises (a stop, a set-aside) ends the tries at once."""
+
+    class Stop(Exception):
+        pass
+
+    class Interrupted(Dialer):
+        def dial(
+            self, holder: protocol.Holder, hint: Hint, timeout: float, interrupt: Interrupt
+        ) -> Channel:
+            self.tried.append((hint.endpoint, timeout))
+            interrupt()
+            raise AssertionError("not reached")
+
+    def stop() -> None:
+        raise Stop
+
+    dialer = Interrupted()
+    with pytest.raises(Stop):
+        Connector({DirectHint: dialer}, 3).connect(
+            holder_of(alice), [DirectHint("tcp://a"), DirectHint("tcp://b")], stop
+        )
+    assert dialer.tried == [("tcp://a", 3)]
+
+
+# --- zmq ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def context() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
+    made: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    yield made
+    made.destroy(linger=0)
+
+
+@pytest.mark.parametrize("encrypted", [True, False], ids=["curve", "plain"])
+def test_a_zmq_channel_to_a_router(
+    context: zmq.Context[zmq.Socket[bytes]], alice: Identity, bob: Identity, encrypted: bool
+) -> None:
+    router = context.socket(zmq.ROUTER)
+    router.linger = 0
+    if encrypted:
+        router.curve_server = True
+        router.curve_secretkey = alice.curve_secret_z85
+        router.curve_publickey = alice.curve_public_z85
+    endpoint = f"tcp://127.0.0.1:{router.bind_to_random_port('tcp://127.0.0.1')}"
+    curve = (alice.bundle.curve_z85(), bob.curve_public_z85, bob.curve_secret_z85)
+    channel = ZmqChannel.open(context, endpoint, 20, never, curve if encrypted else None)
+    try:
+        assert channel.address == endpoint
+        channel.send([b"hello", b"there"])
+        assert router.poll(20_000)
+        routing, *frames = router.recv_multipart()
+        assert frames == [b"hello", b"there"]
+        router.send_multipart([routing, b"offer"])
+        assert channel.receive(20) == [b"offer"]
+        assert channel.receive(0.01) is None
+    finally:
+        channel.close()
+        router.close()
+
+
+def test_a_wrong_server_key_never_opens(
+    context: zmq.Context[zmq.Socket[bytes]], alice: Identity, bob: Identity
+) -> None:
+    """A holder that cannot prove alice's key fails the CurveZMQ handshake: no channel."""
+    router = context.socket(zmq.ROUTER)
+    router.linger = 0
+    router.curve_server = True
+    router.curve_secretkey = bob.curve_secret_z85  # not alice's
+    router.curve_publickey = bob.curve_public_z85
+    endpoint = f"tcp://127.0.0.1:{router.bind_to_random_port('tcp://127.0.0.1')}"
+    curve = (alice.bundle.curve_z85(), bob.curve_public_z85, bob.curve_secret_z85)
+    try:
+        with pytest.raises(TransportError, match=rf"^no answer from {endpoint} within 0\.5 s$"):
+            ZmqChannel.open(context, endpoint, 0.5, never, curve)
+    finally:
+        router.close()
+
+
+def test_a_silent_port_never_opens(context: zmq.Context[zmq.Socket[bytes]]) -> None:
+    """The kernel accepts the TCP connection; nobody speaks ZMTP."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        endpoint = f"tcp://127.0.0.1:{listener.getsockname()[1]}"
+        with pytest.raises(TransportError, match=rf"^no answer from {endpoint} within 0\.3 s$"):
+            ZmqChannel.open(context, endpoint, 0.3, never, None)
+
+
+def test_waiting_for_a_silent_port_can_be_interrupted(
+    context: zmq.Context[zmq.Socket[bytes]],
+) -> None:
+    calls = 0
+
+    class Stop(Exception):
+        pass
+
+    def stop_on_third() -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise Stop
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        endpoint = f"tcp://127.0.0.1:{listener.getsockname()[1]}"
+        with pytest.raises(Stop):
+            ZmqChannel.open(context, endpoint, 600, stop_on_third, None)
+    assert calls == 3
+
+
+def test_an_endpoint_zmq_cannot_parse(context: zmq.Context[zmq.Socket[bytes]]) -> None:
+    with pytest.raises(TransportError, match=r"^cannot connect to tcp://no port: "):
+        ZmqChannel.open(context, "tcp://no port", 1, never, None)
