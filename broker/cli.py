@@ -1,16 +1,21 @@
-"""`sfs-broker`: init, serve and status."""
+"""`sfs-broker`: init, serve, status, and the index's migrate (to PostgreSQL) and backup."""
 
 from __future__ import annotations
 
 import logging
 import time
 from pathlib import Path
+from typing import Annotated
 
+import typer
 import zmq
 
+from sfs.broker.backup import backup_sqlite
+from sfs.broker.migrate import copy_index
+from sfs.broker.postgres_store import PostgresStore, describe, is_postgres_url
 from sfs.broker.server import BrokerServer
 from sfs.broker.service import BrokerService, BrokerSettings
-from sfs.broker.store import SqliteStore
+from sfs.broker.stores import open_store, where
 from sfs.common.cli import (
     ConfigOption,
     DebugOption,
@@ -36,7 +41,7 @@ def init(config: ConfigOption, debug: DebugOption = False) -> None:
     """Create the data folder, the database and the broker's CurveZMQ key pair."""
     settings = load_broker_config(config)
     make_private_dir(settings.data_dir)
-    SqliteStore(settings.database).close()
+    open_store(settings, create=True).close()
     if settings.secret_key_file.exists():
         public = _public_key(settings)
         stdout.print(f"broker already initialised in {settings.data_dir}")
@@ -58,7 +63,8 @@ def serve(config: ConfigOption, debug: DebugOption = False) -> None:
         logging.getLogger("sfs").setLevel(logging.INFO)
     secret = _secret_key(settings)
     public = _public_key(settings)
-    store = SqliteStore(_existing_database(settings))
+    store = open_store(settings)
+    logging.getLogger("sfs.broker").info("index in %s", where(settings))
     try:
         service = BrokerService(
             store,
@@ -90,7 +96,7 @@ def serve(config: ConfigOption, debug: DebugOption = False) -> None:
 def status(config: ConfigOption, json: JsonOption = False, debug: DebugOption = False) -> None:
     """Show registered users, shared files and online peers."""
     settings = load_broker_config(config)
-    store = SqliteStore(_existing_database(settings))
+    store = open_store(settings)
     try:
         stats = store.stats(int(time.time()))
     finally:
@@ -117,10 +123,51 @@ def status(config: ConfigOption, json: JsonOption = False, debug: DebugOption = 
     stdout.print(table)
 
 
-def _existing_database(settings: BrokerConfig) -> Path:
-    if not settings.database.exists():
-        raise ConfigError(f"no broker database in {settings.data_dir}; run `sfs-broker init`")
-    return settings.database
+@app.command()
+@command
+def migrate(
+    config: ConfigOption,
+    to: Annotated[
+        str,
+        typer.Option(
+            "--to",
+            help="postgresql://USER@HOST:PORT/DBNAME of an empty database (keep the"
+            " password in ~/.pgpass: a command line is visible to other users)",
+        ),
+    ],
+    debug: DebugOption = False,
+) -> None:
+    """Copy the SQLite index into PostgreSQL and check the copy (stop the broker first)."""
+    settings = load_broker_config(config)
+    if settings.database_url is not None:
+        raise ConfigError("this broker's database is PostgreSQL already; migrate copies SQLite")
+    if not is_postgres_url(to):
+        raise ConfigError("--to: expected a postgresql:// URL")
+    open_store(settings).close()  # the SQLite index exists and is current
+    target = PostgresStore(to, pool_size=2)
+    try:
+        copied = copy_index(settings.database, target)
+    finally:
+        target.close()
+    counts = ", ".join(f"{count} {table}" for table, count in copied.rows.items())
+    stdout.print(f"copied {settings.database} to {describe(to)}: {counts}; verified")
+    stdout.print("now set `database:` to that URL in the broker's config and start it")
+
+
+@app.command()
+@command
+def backup(
+    config: ConfigOption,
+    file: Annotated[Path, typer.Argument(help="a new file for the copy")],
+    debug: DebugOption = False,
+) -> None:
+    """Copy the SQLite index to FILE while the broker runs (PostgreSQL: use pg_dump)."""
+    settings = load_broker_config(config)
+    if settings.database_url is not None:
+        raise ConfigError(f"this broker's index is in {where(settings)}: back it up with pg_dump")
+    open_store(settings).close()  # it exists, and is an sfs index of this version
+    backup_sqlite(settings.database, file)
+    stdout.print(f"backed up {settings.database} to {file}")
 
 
 def _secret_key(settings: BrokerConfig) -> bytes:

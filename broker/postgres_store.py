@@ -23,12 +23,13 @@ The database URL may hold a password: it is never logged nor put in a message
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import psycopg
 import psycopg.errors
+from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool
 
@@ -269,6 +270,52 @@ class PostgresStore:
 
     def close(self) -> None:
         self._pool.close()
+
+    # --- bulk copy (sfs-broker migrate) ------------------------------------------------
+
+    def holds_an_index(self) -> bool:
+        row = self._query("SELECT EXISTS (SELECT 1 FROM users) OR EXISTS (SELECT 1 FROM files)")
+        return bool(row[0][0])
+
+    def load(self, tables: Iterable[tuple[str, Sequence[str], Iterable[Row]]]) -> None:
+        """Copy rows in, table by table, in one transaction (COPY). Rows of `files` are
+        given without the folded columns: they are computed here, as `add_file` does.
+        Users keep their ids; new ones are numbered after the highest."""
+        with self._transaction() as db:
+            for table, columns, rows in tables:
+                names = list(columns)
+                if table == "files":
+                    rows = self._with_folded(names, rows)
+                    names += ["folded_name", "folded_keywords"]
+                statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
+                    sql.Identifier(table), sql.SQL(", ").join(map(sql.Identifier, names))
+                )
+                with db.cursor().copy(statement) as copy:
+                    for row in rows:
+                        copy.write_row(row)
+            db.execute(
+                "SELECT setval(pg_get_serial_sequence('users', 'id'), coalesce(max(id), 1),"
+                " max(id) IS NOT NULL) FROM users"
+            )
+
+    @staticmethod
+    def _with_folded(columns: list[str], rows: Iterable[Row]) -> Iterator[Row]:
+        name, keywords, public = (columns.index(c) for c in ("name", "keywords", "public"))
+        for row in rows:
+            fixed = list(row)
+            fixed[public] = bool(fixed[public])
+            yield (*fixed, _fold(row[name]), _fold(row[keywords]))
+
+    def dump(self, table: str, columns: Sequence[str], order: Sequence[str]) -> Iterator[Row]:
+        """Every row of a table, in key order (to check a copy)."""
+        statement = sql.SQL("SELECT {} FROM {} ORDER BY {}").format(
+            sql.SQL(", ").join(map(sql.Identifier, columns)),
+            sql.Identifier(table),
+            sql.SQL(", ").join(map(sql.Identifier, order)),
+        )
+        with self._transaction() as db, db.cursor(name="sfs_dump") as cursor:
+            cursor.execute(statement)
+            yield from cursor
 
     # --- users and sessions ------------------------------------------------------------
 

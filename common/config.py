@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +39,14 @@ class BrokerConfig:
     registrations_per_address: int = 200
     quota_files: int = 100_000
     quota_manifest_mib: int = 1024
+    database_file: Path | None = None  # SQLite; None: broker.db in data_dir
+    # A postgresql:// URL instead of SQLite. It may hold a password: kept out of repr.
+    database_url: str | None = field(default=None, repr=False)
 
     @property
     def database(self) -> Path:
-        return self.data_dir / "broker.db"
+        """The SQLite file (unused when `database_url` is set)."""
+        return self.database_file or self.data_dir / "broker.db"
 
     @property
     def secret_key_file(self) -> Path:
@@ -213,9 +217,42 @@ def load_broker_config(path: Path) -> BrokerConfig:
         registrations_per_address=top.integer("registrations_per_address", 200, 1, 100_000),
         quota_files=top.integer("quota_files", 100_000, 1, 100_000_000),
         quota_manifest_mib=top.integer("quota_manifest_mib", 1024, 1, 1024 * 1024),
+        **_database(top, path),
     )
     top.finish()
     return config
+
+
+def _database(top: _Section, path: Path) -> dict[str, Any]:
+    """`database`: absent or a path is SQLite, a postgresql:// URL is PostgreSQL. The
+    URL is never repeated in a message: it may hold a password."""
+    if "database" not in top.data:
+        return {}
+    value = top.string("database")
+    if not value.startswith(("postgresql://", "postgres://")):
+        if "://" in value:
+            raise ConfigError(
+                f"{top._name('database')}: expected a file path or a postgresql:// URL"
+            )
+        return {"database_file": top.path("database")}
+    if _url_password(value):
+        try:
+            mode = path.stat().st_mode
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        if mode & 0o077:
+            raise ConfigError(
+                f"{top._name('database')}: the URL holds a password and {path} can be read"
+                f" by other users: chmod 600 {path} (or keep the password in ~/.pgpass)"
+            )
+    return {"database_url": value}
+
+
+def _url_password(url: str) -> bool:
+    """Whether a postgresql:// URL holds a password (user:password@ or password=)."""
+    authority = url.split("://", 1)[1].split("/", 1)[0].split("?", 1)[0]
+    userinfo = authority.rpartition("@")[0]
+    return ":" in userinfo or "password=" in url
 
 
 def load_peer_config(path: Path) -> PeerConfig:

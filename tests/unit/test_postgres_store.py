@@ -1,0 +1,126 @@
+"""What is particular to the PostgreSQL store: its schema, several brokers on one
+database, and its errors. test_store_contract.py holds what every backend must do."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from sfs.broker.postgres_store import SCHEMA_VERSION, PostgresStore, describe
+from sfs.broker.store_contract import FileEntry, Quota, QuotaExceeded
+from sfs.common.errors import StorageError
+from sfs.common.identity import KeyBundle
+
+HASH = b"$2b$04$" + b"h" * 53
+
+
+def sql(url: str, statement: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    with psycopg.connect(url, autocommit=True) as db:
+        cursor = db.execute(statement, params)  # type: ignore[arg-type]
+        return cursor.fetchall() if cursor.description else []
+
+
+def entry(n: int, name: str = "file.txt") -> FileEntry:
+    return FileEntry(f"{n:032x}", "alice", name, 1, ["Kw"], b"m" * 10, b"sig", 100)
+
+
+@pytest.fixture
+def store(postgres_url: str) -> Iterator[PostgresStore]:
+    store = PostgresStore(postgres_url)
+    yield store
+    store.close()
+
+
+def in_threads(count: int, work: Callable[[int], None]) -> list[BaseException]:
+    errors: list[BaseException] = []
+    start = threading.Barrier(count)
+
+    def run(n: int) -> None:
+        start.wait()
+        try:
+            work(n)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return errors
+
+
+def test_schema_version_folded_columns_and_soft_presence(
+    store: PostgresStore, postgres_url: str
+) -> None:
+    assert sql(postgres_url, "SELECT version FROM sfs_schema") == [(SCHEMA_VERSION,)]
+    alice = store.add_user("alice", HASH, KeyBundle(b"r", b"a" * 32), now=1)
+    store.add_file(alice.id, entry(1, "İSTANBUL.txt"), None)
+    # Folded by Python's str.lower, not by the database's lower().
+    assert sql(postgres_url, "SELECT folded_name, folded_keywords FROM files") == [
+        ("i̇stanbul.txt", "kw")
+    ]
+    persistence = sql(
+        postgres_url,
+        "SELECT relname, relpersistence FROM pg_class WHERE relname IN ('presence', 'files')"
+        " ORDER BY relname",
+    )
+    assert persistence == [("files", "p"), ("presence", "u")]  # u: unlogged
+
+
+def test_a_database_from_a_newer_version_is_refused(postgres_url: str) -> None:
+    PostgresStore(postgres_url).close()
+    sql(postgres_url, "UPDATE sfs_schema SET version = %s", (SCHEMA_VERSION + 1,))
+    with pytest.raises(StorageError, match=f"schema version {SCHEMA_VERSION + 1}.*upgrade sfs"):
+        PostgresStore(postgres_url)
+    assert sql(postgres_url, "SELECT version FROM sfs_schema") == [(SCHEMA_VERSION + 1,)]
+
+
+def test_brokers_starting_together_migrate_once(postgres_url: str) -> None:
+    stores: list[PostgresStore] = []
+    errors = in_threads(3, lambda n: stores.append(PostgresStore(postgres_url, pool_size=1)))
+    for store in stores:
+        store.close()
+    assert errors == []
+    assert sql(postgres_url, "SELECT version FROM sfs_schema") == [(SCHEMA_VERSION,)]
+
+
+def test_two_brokers_share_users_sessions_and_files(postgres_url: str) -> None:
+    first, second = PostgresStore(postgres_url), PostgresStore(postgres_url)
+    try:
+        alice = first.add_user("alice", HASH, KeyBundle(b"r", b"a" * 32), now=1)
+        first.add_session(b"token", alice.id, expires_at=100, now=0)
+        assert second.session_user(b"token", now=50, extend_to=100) == alice
+        second.add_file(alice.id, entry(1), None)
+        assert [h.file.file_id for h in first.search(alice.id, ["file"], None, 10, 0)] == [
+            entry(1).file_id
+        ]
+        second.delete_session(b"token")
+        assert first.session_user(b"token", now=50, extend_to=100) is None
+    finally:
+        first.close()
+        second.close()
+
+
+def test_the_quota_holds_across_brokers_adding_at_once(postgres_url: str) -> None:
+    stores = [PostgresStore(postgres_url, pool_size=1) for _ in range(4)]
+    try:
+        alice = stores[0].add_user("alice", HASH, KeyBundle(b"r", b"a" * 32), now=1)
+        quota = Quota(files=1, manifest_bytes=1000)
+        errors = in_threads(4, lambda n: stores[n].add_file(alice.id, entry(n), None, quota))
+        assert len(errors) == 3 and all(isinstance(e, QuotaExceeded) for e in errors)
+        assert stores[0].stats(now=0).files == 1
+    finally:
+        for store in stores:
+            store.close()
+
+
+def test_a_bad_url_is_a_storage_error_without_the_password() -> None:
+    with pytest.raises(StorageError, match="not a valid PostgreSQL URL") as refused:
+        PostgresStore("postgresql://sfs:hunter2@[::1/x?sslmode")
+    assert "hunter2" not in str(refused.value)
+    assert describe("postgresql://sfs:hunter2@db:5433/index") == "postgresql://sfs@db:5433/index"
