@@ -58,3 +58,36 @@ def parse_fingerprint(text: str) -> bytes:
     if len(raw) != FINGERPRINT_SIZE:
         raise UsageError(f"not a fingerprint: {text!r} (wrong length)")
     return raw
+
+
+SAFETY_CODE_LABEL = "sfs-safety-code-v1"
+SAFETY_HALF_DIGITS = 30  # per user: 10**30 ≈ 2**99.7
+_SAFETY_GROUP = 5
+
+
+def safety_code(first: tuple[str, bytes], second: tuple[str, bytes]) -> str:
+    """The code two users compare to know they hold each other's real keys: the same for
+    both, whichever side computes it. Each (username, fingerprint) gives a half of 30
+    digits from BLAKE2b over that user's name and full fingerprint alone, and the halves
+    are put in the order of the names, as Signal's safety numbers are made.
+
+    Halves, not one hash over both keys: someone between the two users who controls both
+    keys they see would otherwise need only a collision (~2**50 work for 100 bits); a
+    half of each real key must instead be matched by a second preimage (~2**100)."""
+    halves = sorted((_safety_half(name, fingerprint) for name, fingerprint in (first, second)))
+    digits = "".join(half for _, half in halves)
+    groups = [digits[i : i + _SAFETY_GROUP] for i in range(0, len(digits), _SAFETY_GROUP)]
+    return " ".join(groups)
+
+
+def _safety_half(username: str, fingerprint: bytes) -> tuple[str, str]:
+    if len(fingerprint) != FINGERPRINT_SIZE:
+        raise ValueError("a safety code needs full fingerprints")
+    digest = nacl.hash.blake2b(
+        pack([SAFETY_CODE_LABEL, username, fingerprint]),
+        digest_size=32,
+        encoder=nacl.encoding.RawEncoder,
+    )
+    # 256 bits reduced mod 10**30: the bias is far below anything measurable.
+    number = int.from_bytes(digest, "big") % 10**SAFETY_HALF_DIGITS
+    return username, f"{number:0{SAFETY_HALF_DIGITS}d}"

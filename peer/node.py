@@ -22,10 +22,10 @@ import zmq
 from sfs.common import crypto, protocol
 from sfs.common.config import PeerConfig
 from sfs.common.errors import RemoteError, SfsError, TransportError, UsageError
-from sfs.common.identity import format_fingerprint
+from sfs.common.identity import format_fingerprint, safety_code
 from sfs.common.manifest import decode_manifest, file_id_of
 from sfs.common.protocol import ErrorCode
-from sfs.peer import keys, session
+from sfs.peer import keys, leftovers, session
 from sfs.peer.client import BrokerClient
 from sfs.peer.download import Downloader, DownloadProgress, DownloadResult
 from sfs.peer.pins import ConfirmReplace, Pin, PinConflict, PinStore, Trusted
@@ -46,6 +46,15 @@ from sfs.peer.transfer import HolderService
 log = logging.getLogger("sfs.peer")
 
 _SESSION_GONE = "the broker no longer knows this session (expired?); run `sfs-peer login`"
+
+
+@dataclass(frozen=True)
+class Verification:
+    """What `sfs-peer verify` shows: the pin (as it is now) and the code made from it."""
+
+    pin: Pin
+    code: str
+    pinned_now: bool  # no pin before: the broker's key was pinned on first use
 
 
 @dataclass(frozen=True)
@@ -237,6 +246,19 @@ class Peer:
     def shares(self) -> list[Share]:
         return self.registry.all()
 
+    def unfinished(self, folder: Path | None = None) -> list[leftovers.Leftover]:
+        """The downloads stopped part way in `folder` (default: the download folder)."""
+        return leftovers.unfinished(folder or self.config.download_dir)
+
+    def clean(self, older_than_days: float, folder: Path | None = None) -> leftovers.Cleaned:
+        """Remove the unfinished downloads not written for `older_than_days` days, except
+        those a running `get` holds."""
+        if not 0 <= older_than_days <= 100_000:
+            raise UsageError("--older-than: a number of days from 0 to 100000")
+        return leftovers.clean(
+            folder or self.config.download_dir, older_than_days * 86_400, time.time()
+        )
+
     def search(self, query: str = "", owner: str | None = None) -> list[protocol.SearchHit]:
         if owner is not None:
             check_usernames([owner])
@@ -300,6 +322,35 @@ class Peer:
 
     def peers(self) -> list[Pin]:
         return self.pins.all()
+
+    def verify(self, username: str, *, confirm: bool = False) -> Verification:
+        """The safety code of this user and `username`, from the pinned key; a user not
+        pinned yet is pinned to the key the broker serves (on first use, as a download
+        would). With `confirm` (the user compared the code), the pin is marked verified,
+        only if it was there before: a code nobody has seen cannot have been compared."""
+        check_usernames([username])
+        if username == self.config.username:
+            raise UsageError("that is you: verify the user you exchange files with")
+        pin = self.pins.get(username)
+        pinned_now = pin is None
+        if pin is None:
+            if confirm:
+                raise UsageError(
+                    f"{username} is not pinned yet: run `sfs-peer verify {username}` first,"
+                    " and compare the code with them"
+                )
+            with self._authenticated():
+                bundle = self.broker.bundle(self._token(), username)
+            self.pins.check(username, bundle)
+            pin = self.pins.get(username)
+            if pin is None:
+                raise SfsError(f"the pin of {username} could not be saved")
+        code = safety_code(
+            (self.config.username, self.identity.fingerprint), (username, pin.fingerprint)
+        )
+        if confirm:
+            pin = self.pins.mark_verified(username, pin.fingerprint)
+        return Verification(pin, code, pinned_now)
 
     def trust(
         self,

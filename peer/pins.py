@@ -4,11 +4,16 @@ never replaces a pin silently: `trust` refuses a different fingerprint unless as
 replace it, so that a message like "bob has a new key, trust XXXX" needs a second,
 deliberate step.
 
-Stored in data_dir/pins.json as {username: {"fingerprint": hex, "source": ...}}.
+A pin is "verified" once the user compared `sfs-peer verify`'s safety code with the other
+person and confirmed it; the mark belongs to that fingerprint and goes with any change.
+
+Stored in data_dir/pins.json as {username: {"fingerprint": hex, "source": ..., "at": time,
+"verified_at": time or absent}}.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -28,6 +33,11 @@ class Pin:
     fingerprint: bytes
     source: str  # "first use" or "trusted by hand"
     pinned_at: int
+    verified_at: int | None = None  # when the safety code was confirmed, for this key
+
+    @property
+    def verified(self) -> bool:
+        return self.verified_at is not None
 
 
 # Asked before a pin to another key is replaced: (the pin there is, the fingerprint of
@@ -58,14 +68,23 @@ class PinStore:
     def _load(self) -> dict[str, Pin]:
         try:
             raw = json.loads(self._path.read_text(encoding="utf-8"))
-            return {
-                name: Pin(name, bytes.fromhex(entry["fingerprint"]), entry["source"], entry["at"])
+            pins = {
+                name: Pin(
+                    name,
+                    bytes.fromhex(entry["fingerprint"]),
+                    entry["source"],
+                    entry["at"],
+                    entry.get("verified_at"),
+                )
                 for name, entry in raw.items()
             }
         except FileNotFoundError:
             return {}
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise StorageError(f"the pin file {self._path} is unreadable or corrupt") from exc
+        if not all(type(p.verified_at) in (int, type(None)) for p in pins.values()):
+            raise StorageError(f"the pin file {self._path} is unreadable or corrupt")
+        return pins
 
     def _save(self, pins: dict[str, Pin]) -> None:
         data = {
@@ -73,6 +92,7 @@ class PinStore:
                 "fingerprint": pin.fingerprint.hex(),
                 "source": pin.source,
                 "at": pin.pinned_at,
+                **({"verified_at": pin.verified_at} if pin.verified_at is not None else {}),
             }
             for pin in sorted(pins.values(), key=lambda p: p.username)
         }
@@ -127,9 +147,27 @@ class PinStore:
                 shown = replace if isinstance(replace, bytes) else previous.fingerprint
                 if replace is False or not crypto.same_bytes(previous.fingerprint, shown):
                     raise PinConflict(previous, fingerprint)
-            pins[username] = Pin(username, fingerprint, "trusted by hand", since)
+            verified = None
+            if previous is not None and crypto.same_bytes(previous.fingerprint, fingerprint):
+                verified = previous.verified_at  # the same key: still the one compared
+            pins[username] = Pin(username, fingerprint, "trusted by hand", since, verified)
             self._save(pins)
         return previous
+
+    def mark_verified(self, username: str, fingerprint: bytes) -> Pin:
+        """Mark `username`'s pin verified, if it is still pinned to `fingerprint` (the key
+        whose safety code the user compared); `TrustError` if not."""
+        with locked(self._path):
+            pins = self._load()
+            pin = pins.get(username)
+            if pin is None or not crypto.same_bytes(pin.fingerprint, fingerprint):
+                raise TrustError(
+                    f"the pin of {username} changed while the safety code was shown;"
+                    " run `sfs-peer verify` again"
+                )
+            pins[username] = dataclasses.replace(pin, verified_at=int(time.time()))
+            self._save(pins)
+            return pins[username]
 
 
 class PinConflict(TrustError):

@@ -166,6 +166,8 @@ def test_the_pin_file_is_private(tmp_path: Path, bundle: KeyBundle) -> None:
         b'{"alice": {"source": "first use", "at": 1}}',
         b'{"alice": {"fingerprint": "zz", "source": "first use", "at": 1}}',
         b'{"alice": {"fingerprint": 5, "source": "first use", "at": 1}}',
+        b'{"alice": {"fingerprint": "00", "source": "first use", "at": 1, "verified_at": "yes"}}',
+        b'{"alice": {"fingerprint": "00", "source": "first use", "at": 1, "verified_at": true}}',
     ],
 )
 def test_a_corrupt_pin_file_is_a_storage_error(
@@ -190,3 +192,61 @@ def test_checking_without_pinning_leaves_no_pin(tmp_path: Path, bundle: KeyBundl
     assert pins.check("alice", bundle, pin_new=False) is True
     assert pins.get("alice") is None
     assert pins.all() == []
+
+
+# --- verified pins (`sfs-peer verify --confirm`) ----------------------------------------
+
+
+def test_a_new_pin_is_not_verified(pins: PinStore, bundle: KeyBundle) -> None:
+    pins.check("alice", bundle)
+    pin = pins.get("alice")
+    assert pin is not None and not pin.verified and pin.verified_at is None
+
+
+def test_marking_verified_is_kept_on_disk(tmp_path: Path, bundle: KeyBundle) -> None:
+    PinStore(tmp_path / "pins.json").check("alice", bundle)
+    marked = PinStore(tmp_path / "pins.json").mark_verified("alice", bundle.fingerprint())
+    assert marked.verified
+    again = PinStore(tmp_path / "pins.json").get("alice")
+    assert again is not None and again.verified_at == marked.verified_at
+    assert again.fingerprint == bundle.fingerprint() and again.source == "first use"
+
+
+def test_a_pin_file_from_before_verification_still_loads(tmp_path: Path) -> None:
+    path = tmp_path / "pins.json"
+    path.write_text('{"alice": {"fingerprint": "00ff", "source": "first use", "at": 7}}')
+    pin = PinStore(path).get("alice")
+    assert pin is not None and pin.fingerprint == b"\x00\xff" and not pin.verified
+
+
+def test_only_the_key_whose_code_was_compared_is_marked(
+    pins: PinStore, bundle: KeyBundle, other_bundle: KeyBundle
+) -> None:
+    """The pin changed between showing the code and confirming it: nothing is marked."""
+    pins.check("alice", other_bundle)
+    with pytest.raises(TrustError, match="changed while the safety code was shown"):
+        pins.mark_verified("alice", bundle.fingerprint())
+    with pytest.raises(TrustError):
+        pins.mark_verified("nobody", bundle.fingerprint())
+    pin = pins.get("alice")
+    assert pin is not None and not pin.verified
+    assert pins.get("nobody") is None
+
+
+def test_trusting_the_same_key_again_keeps_it_verified(pins: PinStore, bundle: KeyBundle) -> None:
+    pins.check("alice", bundle)
+    pins.mark_verified("alice", bundle.fingerprint())
+    pins.trust("alice", bundle.fingerprint())
+    pin = pins.get("alice")
+    assert pin is not None and pin.verified and pin.source == "trusted by hand"
+
+
+def test_replacing_the_key_drops_the_verified_mark(
+    pins: PinStore, bundle: KeyBundle, other_bundle: KeyBundle
+) -> None:
+    pins.check("alice", bundle)
+    pins.mark_verified("alice", bundle.fingerprint())
+    pins.trust("alice", other_bundle.fingerprint(), replace=True)
+    pin = pins.get("alice")
+    assert pin is not None and pin.fingerprint == other_bundle.fingerprint()
+    assert not pin.verified
