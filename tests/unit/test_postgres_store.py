@@ -3,8 +3,10 @@ database, and its errors. test_store_contract.py holds what every backend must d
 
 from __future__ import annotations
 
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -14,6 +16,7 @@ from sfs.broker.postgres_store import SCHEMA_VERSION, PostgresStore, describe
 from sfs.broker.store_contract import FileEntry, Quota, QuotaExceeded
 from sfs.common.errors import StorageError
 from sfs.common.identity import KeyBundle
+from tests.postgres import REQUIRE, Cluster, unavailable
 
 HASH = b"$2b$04$" + b"h" * 53
 
@@ -124,3 +127,42 @@ def test_a_bad_url_is_a_storage_error_without_the_password() -> None:
         PostgresStore("postgresql://sfs:hunter2@[::1/x?sslmode")
     assert "hunter2" not in str(refused.value)
     assert describe("postgresql://sfs:hunter2@db:5433/index") == "postgresql://sfs@db:5433/index"
+
+
+def test_pg_dump_and_pg_restore_keep_the_index(postgres_cluster: Cluster, tmp_path: Path) -> None:
+    # The backup and restore the README documents, with this cluster's own binaries.
+    dump = tmp_path / "sfs.dump"
+    with postgres_cluster.database() as url:
+        store = PostgresStore(url)
+        alice = store.add_user("alice", HASH, KeyBundle(b"r", b"a" * 32), now=1)
+        store.add_file(alice.id, entry(1, "Report.pdf"), ["bob"])
+        store.add_session(b"token", alice.id, expires_at=100, now=0)
+        store.close()
+        tool = str(postgres_cluster.bindir / "pg_dump")
+        subprocess.run([tool, "-Fc", "-d", url, "-f", str(dump)], check=True, timeout=60)
+    with postgres_cluster.database() as restored:
+        tool = str(postgres_cluster.bindir / "pg_restore")
+        subprocess.run([tool, "-d", restored, str(dump)], check=True, timeout=60)
+        store = PostgresStore(restored)
+        try:
+            assert store.get_user("alice") == alice
+            assert store.session_user(b"token", now=1, extend_to=1) == alice
+            assert [h.file.name for h in store.search(alice.id, ["REPORT"], None, 9, 0)] == [
+                "Report.pdf"
+            ]
+            assert store.signed_access(entry(1).file_id) == ["bob"]
+            bob = store.add_user("bob", HASH, KeyBundle(b"r", b"b" * 32), now=2)
+            assert bob.id > alice.id
+        finally:
+            store.close()
+
+
+def test_without_postgresql_tests_skip_unless_ci_requires_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(REQUIRE, raising=False)
+    with pytest.raises(pytest.skip.Exception, match="not installed"):
+        unavailable("PostgreSQL is not installed")
+    monkeypatch.setenv(REQUIRE, "1")
+    with pytest.raises(pytest.fail.Exception, match="must run"):
+        unavailable("PostgreSQL is not installed")
