@@ -84,8 +84,11 @@ def serve(config: ConfigOption, debug: DebugOption = False) -> None:
         server = BrokerServer(service, settings.bind, secret, public, settings.workers)
         install_signal_handlers(server.stop)
         log = logging.getLogger("sfs.broker")
-        log.info("listening on %s with public key %s", settings.bind, public.decode())
-        server.serve()
+        server.serve(
+            lambda endpoint: log.info(
+                "listening on %s with public key %s", endpoint, public.decode()
+            )
+        )
         log.info("stopped")
     finally:
         store.close()

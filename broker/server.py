@@ -10,15 +10,17 @@ Each request reaches its worker with the sender's CurveZMQ key and source IP add
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import threading
 from collections import deque
+from collections.abc import Callable
 
 import zmq
 
 from sfs.broker.service import BrokerService
 from sfs.common.curve import client_key, start_authenticator
-from sfs.common.errors import TransportError
+from sfs.common.errors import ConfigError, InUse, SfsError
 from sfs.common.protocol import MAX_BROKER_FRAME
 
 log = logging.getLogger("sfs.broker")
@@ -47,6 +49,17 @@ def peer_address(frame: zmq.Frame) -> str:
     return str(address or "")[:100]
 
 
+def listen_error(endpoint: str, exc: zmq.ZMQError) -> SfsError:
+    """Why a bind failed, in words. Several brokers may share one config and database on
+    purpose, so a taken address is reported, never prevented by a lock."""
+    if exc.errno == errno.EADDRINUSE:
+        return InUse(
+            f"cannot listen on {endpoint}: the address is in use (another broker, or another"
+            " program, listens there); stop it or change `bind`"
+        )
+    return ConfigError(f"cannot listen on {endpoint}: {exc}; check `bind` in the config")
+
+
 class BrokerServer:
     def __init__(
         self,
@@ -67,8 +80,9 @@ class BrokerServer:
     def stop(self) -> None:
         self._stop.set()
 
-    def serve(self) -> None:
-        """Run until `stop()` is called (from a signal handler or another thread)."""
+    def serve(self, on_listening: Callable[[str], None] | None = None) -> None:
+        """Run until `stop()` is called (from a signal handler or another thread).
+        `on_listening(endpoint)` once the frontend is bound (nothing is said before)."""
         context = zmq.Context()
         authenticator = None
         threads: list[threading.Thread] = []
@@ -86,6 +100,8 @@ class BrokerServer:
                 thread.start()
                 threads.append(thread)
             self.bound.set()
+            if on_listening is not None:
+                on_listening(self.endpoint)
             self._route(frontend, backend)
         finally:
             self._stop.set()
@@ -111,7 +127,7 @@ class BrokerServer:
             sock.bind(self._bind)
         except zmq.ZMQError as exc:
             sock.close(linger=0)
-            raise TransportError(f"cannot listen on {self._bind}: {exc}") from exc
+            raise listen_error(self._bind, exc) from exc
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         return sock
 

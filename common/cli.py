@@ -4,8 +4,10 @@ errors become a one-line message and an exit code."""
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -22,13 +24,15 @@ from rich.text import Text
 
 from sfs.common.errors import SfsError
 
+CONFIG_ENV = "SFS_CONFIG"
 ConfigOption = Annotated[
     Path,
     typer.Option(
         "--config",
         "-c",
-        envvar="SFS_CONFIG",
-        help="YAML config file (or set SFS_CONFIG).",
+        envvar=CONFIG_ENV,
+        metavar="FILE",
+        help=f"YAML config file (or set {CONFIG_ENV}).",
         show_default=False,
     ),
 ]
@@ -64,11 +68,81 @@ class SafeTable(Table):
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+class _Command(typer.core.TyperCommand):
+    """Plain help the way command-line tools print it: `get [OPTIONS] FILE_ID`, values
+    named (`--out DIR`), no types (`<str>`); --config required only when SFS_CONFIG is
+    unset. (click's types are vendored by some typer versions, hence `Any`.)"""
+
+    def get_params(self, ctx: Any) -> Any:
+        params = super().get_params(ctx)
+        for param in params:
+            if param.name == "config" and getattr(param, "envvar", None) == CONFIG_ENV:
+                # Parsing agrees: click reads the variable before it checks `required`.
+                param.required = not os.environ.get(CONFIG_ENV)
+            if param.metavar is None and not getattr(param, "is_flag", False):
+                param.metavar = str(param.name).upper()
+        return params
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                pieces.append(param.metavar if param.required else f"[{param.metavar}]")
+        return pieces
+
+    def format_options(self, ctx: Any, formatter: Any) -> None:
+        arguments, options = [], []
+        for param in self.get_params(ctx):
+            if param.hidden:
+                continue
+            if param.param_type_name == "argument":
+                arguments.append((param.metavar, param.help or ""))
+            else:
+                record = param.get_help_record(ctx)
+                if record is not None:
+                    options.append(record)
+        for title, rows in (("Arguments", arguments), ("Options", options)):
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+
+class _App(typer.Typer):
+    def command(self, *args: Any, **kwargs: Any) -> Callable[[F], F]:
+        kwargs.setdefault("cls", _Command)
+        return super().command(*args, **kwargs)
+
+
 def new_app(help_text: str) -> typer.Typer:
-    """A Typer app whose errors go through `command` rather than rich tracebacks."""
-    return typer.Typer(
-        help=help_text, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False
+    """A Typer app whose errors go through `command` rather than rich tracebacks, with
+    plain-text help (-h or --help) and --version."""
+    app = _App(
+        help=help_text,
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+        rich_markup_mode=None,  # plain help: no boxes, reads the same in a pipe
+        context_settings={"help_option_names": ["-h", "--help"]},
     )
+
+    @app.callback()
+    def _options(
+        version: Annotated[
+            bool,
+            typer.Option(
+                "--version", help="Show the version and exit.", is_eager=True, callback=_version
+            ),
+        ] = False,
+    ) -> None:
+        pass
+
+    return app
+
+
+def _version(ctx: typer.Context, value: bool) -> None:
+    if value:
+        print(f"{ctx.find_root().info_name} {importlib.metadata.version('sfs')}")
+        raise typer.Exit()
 
 
 def command(function: F) -> F:
@@ -95,6 +169,8 @@ def command(function: F) -> F:
             fail(str(exc), exc.exit_code)
         except KeyboardInterrupt:
             fail("interrupted", 130)
+        except EOFError:  # Ctrl-D at a prompt that did not handle it itself
+            fail("end of input at a prompt; nothing was done", 2)
         except Exception as exc:
             if debug:
                 raise
@@ -141,7 +217,8 @@ def setup_logging(debug: bool) -> None:
 
 
 def print_json(document: Any) -> None:
-    sys.stdout.write(json.dumps(document, indent=2, sort_keys=True) + "\n")
+    # Names as they are (UTF-8), not \u escapes.
+    sys.stdout.write(json.dumps(document, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
 def install_signal_handlers(stop: Callable[[], None]) -> None:

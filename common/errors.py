@@ -11,6 +11,8 @@ and `str(error)` is the one line a user sees.
     ├── TrustError        a key does not match the fingerprint pinned for its user
     ├── TransportError    the other side did not answer or could not be reached
     ├── RemoteError       the other side answered with an error (carries its code)
+    ├── InUse             another process holds what this one needs (a lock, an address)
+    ├── Interrupted       Ctrl-C or SIGTERM stopped a command; says what was kept
     └── protocol.Refused  raised by a server to answer a request with an error code
 
 Foreign exceptions (zmq, sqlite3, msgpack, yaml, OSError) are translated into this
@@ -56,6 +58,14 @@ class TrustError(SfsError):
 
 class TransportError(SfsError):
     exit_code = 5
+
+
+class InUse(SfsError):
+    pass
+
+
+class Interrupted(SfsError):
+    exit_code = 130
 
 
 class RemoteError(SfsError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import getpass
 import logging
 import os
@@ -37,13 +38,14 @@ from sfs.common.cli import (
     stderr,
     stdout,
 )
-from sfs.common.config import load_peer_config
+from sfs.common.config import PeerConfig, load_peer_config
 from sfs.common.errors import UsageError
 from sfs.common.identity import format_fingerprint, parse_fingerprint
 from sfs.peer.download import DownloadProgress
-from sfs.peer.node import Peer
+from sfs.peer.node import AlreadyDownloaded, Peer
 from sfs.peer.pins import ConfirmReplace, Pin
 from sfs.peer.registry import Share
+from sfs.peer.share import shareable_file
 
 app = new_app("An sfs peer: share files, find them, and download them directly from their owners.")
 
@@ -55,33 +57,58 @@ PasswordStdin = Annotated[
 PASSPHRASE_ENV = "SFS_PASSPHRASE"  # noqa: S105 (the name of a variable, not a secret)
 
 
+CONFIRM_TRIES = 3  # a new password or passphrase typed twice that does not match
+
+
 def _peer(config: Path) -> Peer:
-    return Peer(load_peer_config(config), passphrase=_passphrase)
+    settings = load_peer_config(config)
+    return Peer(settings, passphrase=lambda: _passphrase(settings))
 
 
-def _passphrase() -> bytes | None:
+def _ask_secret(prompt: str) -> str:
+    """A hidden prompt on the terminal; Ctrl-D (end of input) is a clear refusal."""
+    try:
+        return getpass.getpass(prompt)
+    except EOFError:
+        if sys.stderr.isatty():
+            print(file=sys.stderr)  # end the prompt's line before the error
+        raise UsageError("cancelled at the prompt (end of input); nothing was done") from None
+
+
+def _keys_of(settings: PeerConfig) -> str:
+    return f"{settings.username}'s private keys ({settings.data_dir / 'keys'})"
+
+
+def _passphrase(settings: PeerConfig) -> bytes | None:
     """The passphrase of encrypted keys: from SFS_PASSPHRASE, else asked on the terminal."""
     if os.environ.get(PASSPHRASE_ENV):
         return os.environ[PASSPHRASE_ENV].encode()
     if not sys.stdin.isatty():
         return None
-    return getpass.getpass("passphrase of the private keys: ").encode() or None
+    return _ask_secret(f"passphrase for {_keys_of(settings)}: ").encode() or None
 
 
-def _new_passphrase() -> bytes:
+def _new_secret(what: str, prompt: str) -> str:
+    """Asked twice; asked again (up to CONFIRM_TRIES times) when the two differ."""
+    for _ in range(CONFIRM_TRIES):
+        secret = _ask_secret(prompt)
+        if not secret:
+            raise UsageError(f"the {what} is empty")
+        if _ask_secret(f"{what} again: ") == secret:
+            return secret
+        print(f"the two {what}s do not match; try again", file=sys.stderr)
+    raise UsageError(f"the {what}s did not match ({CONFIRM_TRIES} tries); nothing was done")
+
+
+def _new_passphrase(settings: PeerConfig) -> bytes:
     if os.environ.get(PASSPHRASE_ENV):
         return os.environ[PASSPHRASE_ENV].encode()
     if not sys.stdin.isatty():
         raise UsageError(f"no terminal to ask for a passphrase; set {PASSPHRASE_ENV}")
-    passphrase = getpass.getpass("new passphrase for the private keys: ")
-    if not passphrase:
-        raise UsageError("the passphrase is empty")
-    if getpass.getpass("again: ") != passphrase:
-        raise UsageError("the passphrases do not match")
-    return passphrase.encode()
+    return _new_secret("passphrase", f"new passphrase for {_keys_of(settings)}: ").encode()
 
 
-def _password(from_stdin: bool, confirm: bool = False) -> str:
+def _password(settings: PeerConfig, from_stdin: bool, confirm: bool = False) -> str:
     if from_stdin:
         line = sys.stdin.readline()
         if not line:
@@ -89,10 +116,8 @@ def _password(from_stdin: bool, confirm: bool = False) -> str:
         return line.rstrip("\r\n")
     if not sys.stdin.isatty():
         raise UsageError("no terminal to ask for a password; use --password-stdin")
-    password = getpass.getpass("password: ")
-    if confirm and getpass.getpass("again: ") != password:
-        raise UsageError("the passwords do not match")
-    return password
+    prompt = f"password for {settings.username} at {settings.broker_endpoint}: "
+    return _new_secret("password", prompt) if confirm else _ask_secret(prompt)
 
 
 class _Bar:
@@ -171,7 +196,7 @@ def _table(*headers: str) -> SafeTable:
     return table
 
 
-def _share_json(share: Share) -> dict[str, object]:
+def _share_json(share: Share, me: str) -> dict[str, object]:
     return {
         "file_id": share.file_id,
         "name": share.name,
@@ -180,7 +205,7 @@ def _share_json(share: Share) -> dict[str, object]:
         "access": share.access,
         "keywords": share.keywords,
         "shared_at": share.shared_at,
-        "owner": share.owner,  # null: this user's own file; else a seeded copy
+        "owner": share.owner or me,  # another user's name: a seeded copy
     }
 
 
@@ -200,9 +225,10 @@ def init(
     ] = False,
     debug: DebugOption = False,
 ) -> None:
-    """Make this user's keys (RSA-3072 and Curve25519) and show the fingerprint."""
+    """Make this user's keys and show the fingerprint (RSA-3072 and Curve25519)."""
     with _peer(config) as peer:
-        secret = _new_passphrase() if passphrase or os.environ.get(PASSPHRASE_ENV) else None
+        wanted = passphrase or os.environ.get(PASSPHRASE_ENV)
+        secret = _new_passphrase(peer.config) if wanted else None
         identity = peer.init(secret)
         stdout.print(f"created the identity of {identity.username} in {peer.config.data_dir}")
         if secret:
@@ -217,7 +243,8 @@ def register(
 ) -> None:
     """Register this user and its public keys at the broker (and log in)."""
     with _peer(config) as peer:
-        result = peer.register(_password(password_stdin, confirm=True))
+        peer.check_not_registered()  # before asking for a password it would not need
+        result = peer.register(_password(peer.config, password_stdin, confirm=True))
         stdout.print(f"registered {result.username} and logged in")
 
 
@@ -228,7 +255,7 @@ def login(
 ) -> None:
     """Log in to the broker; the session is kept in the data folder."""
     with _peer(config) as peer:
-        result = peer.login(_password(password_stdin))
+        result = peer.login(_password(peer.config, password_stdin))
         stdout.print(f"logged in as {result.username}")
 
 
@@ -283,26 +310,48 @@ def serve(config: ConfigOption, debug: DebugOption = False) -> None:
 @command
 def share(
     config: ConfigOption,
-    path: Annotated[Path, typer.Argument(help="The file to share.", show_default=False)],
+    paths: Annotated[
+        list[Path],
+        typer.Argument(
+            metavar="PATH...", help="The files to share (one id each).", show_default=False
+        ),
+    ],
     keyword: Annotated[
-        list[str] | None, typer.Option("--keyword", "-k", help="A search keyword (repeat).")
+        list[str] | None,
+        typer.Option("--keyword", "-k", metavar="WORD", help="A search keyword (repeat)."),
     ] = None,
     to: Annotated[
         list[str] | None,
-        typer.Option("--to", help="Share only with this user (repeat); default: everyone."),
+        typer.Option(
+            "--to", metavar="USER", help="Share only with this user (repeat); default: everyone."
+        ),
     ] = None,
     json: JsonOption = False,
     debug: DebugOption = False,
 ) -> None:
-    """Share a file: sign its manifest and register it at the broker."""
-    with _peer(config) as peer, _progress("hashing", not json) as progress:
-        shared = peer.share(path, keyword or [], to or [], progress)
+    """Share files: sign each one's manifest and register it at the broker.
+
+    With --json: one object for one PATH, a list of them for several."""
+    with _peer(config) as peer:
+        me = peer.config.username
+        sources = [shareable_file(path) for path in paths]  # all checked before any is shared
+        documents = []
+        for source in sources:
+            with _progress("hashing", not json) as progress:
+                shared = peer.share(source, keyword or [], to or [], progress)
+            if json:
+                documents.append(_share_json(shared, me))
+                continue
+            stdout.print(f"shared {shared.name} ({_size(shared.size)}) with {_audience(shared)}")
+            stdout.print(f"file id: {shared.file_id}")
     if json:
-        print_json(_share_json(shared))
-        return
-    audience = ", ".join(shared.access) if shared.access is not None else "everyone"
-    stdout.print(f"shared {shared.name} ({_size(shared.size)}) with {audience}")
-    stdout.print(f"file id: {shared.file_id}")
+        print_json(documents[0] if len(documents) == 1 else documents)
+
+
+def _audience(share: Share) -> str:
+    if share.access is None:
+        return "everyone"
+    return ", ".join(share.access) or "nobody else (only you: --to names other users)"
 
 
 @app.command()
@@ -325,7 +374,7 @@ def list_shares(config: ConfigOption, json: JsonOption = False, debug: DebugOpti
     with _peer(config) as peer:
         shares = peer.shares()
     if json:
-        print_json([_share_json(s) for s in shares])
+        print_json([_share_json(s, peer.config.username) for s in shares])
         return
     table = _table("file id", "name", "size", "owner", "shared with", "keywords", "path")
     for s in shares:
@@ -341,14 +390,23 @@ def list_shares(config: ConfigOption, json: JsonOption = False, debug: DebugOpti
 @command
 def search(
     config: ConfigOption,
-    query: Annotated[str, typer.Argument(help="Words to match in names and keywords.")] = "",
-    owner: Annotated[str | None, typer.Option("--owner", help="Only this user's files.")] = None,
+    words: Annotated[
+        list[str] | None,
+        typer.Argument(
+            metavar="WORD...",
+            help="Words that names or keywords must all match.",
+            show_default=False,
+        ),
+    ] = None,
+    owner: Annotated[
+        str | None, typer.Option("--owner", metavar="USER", help="Only this user's files.")
+    ] = None,
     json: JsonOption = False,
     debug: DebugOption = False,
 ) -> None:
-    """Search the files shared with this user."""
+    """Search the files shared with this user: every WORD must match (no quotes needed)."""
     with _peer(config) as peer:
-        hits = peer.search(query, owner)
+        hits = peer.search(" ".join(words or []), owner)
     if json:
         print_json([hit.__dict__ for hit in hits])
         return
@@ -370,16 +428,38 @@ def search(
 @command
 def get(
     config: ConfigOption,
-    file_id: Annotated[str, typer.Argument(show_default=False)],
+    file_id: Annotated[str, typer.Argument(metavar="FILE_ID", show_default=False)],
     out: Annotated[
-        Path | None, typer.Option("--out", help="Folder to save into (default: download_dir).")
+        Path | None,
+        typer.Option("--out", metavar="DIR", help="Folder to save into (default: download_dir)."),
     ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Download even if the folder holds the file already (a second copy)."
+        ),
+    ] = False,
     json: JsonOption = False,
     debug: DebugOption = False,
 ) -> None:
-    """Download a file directly from its owner, verifying every chunk."""
+    """Download a file, verifying every chunk against its owner's signature.
+
+    Chunks come from every online holder at once: the owner, and the seeders (peers
+    that downloaded the file before). Stopped part way (Ctrl-C, holders gone), the
+    verified chunks stay in a hidden .part file in the folder, and running the same
+    command again resumes. A file already in the folder with the same content is not
+    fetched again.
+
+    \b
+    Example:
+      sfs-peer search annual report
+      sfs-peer get 0f3c9a1e5b7d42c68e0a9b1c2d3e4f50 --out ~/Downloads
+    """
     with _peer(config) as peer, _download_progress(not json) as progress:
-        result = peer.get(file_id, out, progress)
+        result = peer.get(file_id, out, progress, force=force)
+    if isinstance(result, AlreadyDownloaded):
+        _already_downloaded(result, json)
+        return
     if json:
         print_json(
             {
@@ -392,6 +472,7 @@ def get(
                 "holders": result.holders,
                 "chunks_resumed": result.chunks_resumed,
                 "seeding": result.seeding,
+                "already_downloaded": False,
             }
         )
         return
@@ -404,6 +485,15 @@ def get(
     stdout.print(f"sha256: {result.sha256} (verified)")
     if result.seeding:
         stdout.print("seeding: `sfs-peer serve` serves this copy too (`unshare` stops it)")
+
+
+def _already_downloaded(present: AlreadyDownloaded, json: bool) -> None:
+    if json:
+        document = {**dataclasses.asdict(present), "path": str(present.path)}
+        print_json({**document, "already_downloaded": True})
+        return
+    stdout.print(f"already downloaded: {present.path}")
+    stdout.print(f"sha256: {present.sha256} (verified; --force downloads a second copy)")
 
 
 # --- trust ----------------------------------------------------------------------------------
@@ -438,7 +528,7 @@ def peers(config: ConfigOption, json: JsonOption = False, debug: DebugOption = F
 @command
 def trust(
     config: ConfigOption,
-    username: Annotated[str, typer.Argument(show_default=False)],
+    username: Annotated[str, typer.Argument(metavar="USER", show_default=False)],
     fingerprint: Annotated[str, typer.Argument(show_default=False)],
     replace: Annotated[
         bool,

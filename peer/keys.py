@@ -2,6 +2,7 @@
 
     data_dir/keys/signing.pem     RSA-3072 private key, PKCS#8 PEM, mode 0600
     data_dir/keys/transport.key   Curve25519 secret key, z85, mode 0600
+    data_dir/keys/public.bundle   both public keys (msgpack), so `whoami` needs no passphrase
 
 Public keys are derived from the private ones, so nothing else needs storing. With a
 passphrase, both files are encrypted: the PEM as an encrypted PKCS#8 key, the transport
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +23,8 @@ import nacl.public
 import zmq.utils.z85
 
 from sfs.common import crypto
-from sfs.common.errors import KeyFileError
+from sfs.common.codec import from_wire, pack, to_wire, unpack
+from sfs.common.errors import KeyFileError, ProtocolError, StorageError
 from sfs.common.files import make_private_dir, read_private_file, write_private_file
 from sfs.common.identity import KeyBundle
 
@@ -64,6 +67,29 @@ def _bundle(signing_key: crypto.RsaPrivateKey, transport_key: nacl.public.Privat
     )
 
 
+def _public_path(data_dir: Path) -> Path:
+    return data_dir / "keys" / "public.bundle"
+
+
+def _save_public(data_dir: Path, bundle: KeyBundle) -> None:
+    write_private_file(_public_path(data_dir), pack(to_wire(bundle)))
+
+
+def load_public_bundle(
+    data_dir: Path, username: str, passphrase: PassphraseSource | None = None
+) -> KeyBundle:
+    """The public keys, read without the private ones (no passphrase asked). Only for
+    showing: whatever signs or decrypts loads the private keys, which rewrite this file
+    if it ever disagrees with them. An identity made before the file existed is loaded
+    in full once (asking for the passphrase if it is encrypted), which writes it."""
+    path = _public_path(data_dir)
+    if path.exists() and identity_exists(data_dir):
+        with contextlib.suppress(KeyFileError, ProtocolError):
+            raw = unpack(read_private_file(path, "the public keys"))
+            return from_wire(KeyBundle, raw, "public keys")
+    return load_identity(data_dir, username, passphrase).bundle
+
+
 def identity_exists(data_dir: Path) -> bool:
     return any(path.exists() for path in _paths(data_dir))
 
@@ -84,7 +110,9 @@ def create_identity(data_dir: Path, username: str, passphrase: bytes | None = No
         transport_text = _SEALED + b" " + base64.b64encode(sealed)
     write_private_file(signing_path, crypto.private_key_to_pem(signing_key, passphrase))
     write_private_file(transport_path, transport_text + b"\n")
-    return Identity(username, signing_key, transport_key, _bundle(signing_key, transport_key))
+    bundle = _bundle(signing_key, transport_key)
+    _save_public(data_dir, bundle)
+    return Identity(username, signing_key, transport_key, bundle)
 
 
 def load_identity(
@@ -111,7 +139,20 @@ def load_identity(
             )
     signing_key = crypto.private_key_from_pem(pem, secret)
     transport_key = _transport_key(text, secret, transport_path)
-    return Identity(username, signing_key, transport_key, _bundle(signing_key, transport_key))
+    bundle = _bundle(signing_key, transport_key)
+    _refresh_public(data_dir, bundle)
+    return Identity(username, signing_key, transport_key, bundle)
+
+
+def _refresh_public(data_dir: Path, bundle: KeyBundle) -> None:
+    """Write public.bundle if it is missing or disagrees with the private keys (best
+    effort: a read-only data folder still works, `whoami` then loads the keys)."""
+    wanted = pack(to_wire(bundle))
+    with contextlib.suppress(OSError):
+        if _public_path(data_dir).read_bytes() == wanted:
+            return
+    with contextlib.suppress(StorageError):
+        write_private_file(_public_path(data_dir), wanted)
 
 
 def _transport_key(text: bytes, passphrase: bytes | None, path: Path) -> nacl.public.PrivateKey:

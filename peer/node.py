@@ -21,18 +21,28 @@ import zmq
 
 from sfs.common import crypto, protocol
 from sfs.common.config import PeerConfig
-from sfs.common.errors import RemoteError, SfsError, TransportError, UsageError
+from sfs.common.errors import (
+    Interrupted,
+    RemoteError,
+    SfsError,
+    StorageError,
+    TransportError,
+    UsageError,
+)
 from sfs.common.identity import format_fingerprint, safety_code
 from sfs.common.manifest import decode_manifest, file_id_of
 from sfs.common.protocol import ErrorCode
 from sfs.peer import keys, leftovers, session
 from sfs.peer.client import BrokerClient
-from sfs.peer.download import Downloader, DownloadProgress, DownloadResult
+from sfs.peer.download import Downloader, DownloadProgress, DownloadResult, verify_lookup
+from sfs.peer.partial import partial_path
 from sfs.peer.pins import ConfirmReplace, Pin, PinConflict, PinStore, Trusted
+from sfs.peer.preflight import already_downloaded, check_free_space
 from sfs.peer.reads import read_chunk
 from sfs.peer.registry import Share, ShareRegistry
 from sfs.peer.requesters import RequesterCheck
 from sfs.peer.seeds import SeedKeeper
+from sfs.peer.serve_lock import serve_lock
 from sfs.peer.server import Heartbeat, PeerServer
 from sfs.peer.share import (
     Progress,
@@ -55,6 +65,16 @@ class Verification:
     pin: Pin
     code: str
     pinned_now: bool  # no pin before: the broker's key was pinned on first use
+
+
+@dataclass(frozen=True)
+class AlreadyDownloaded:
+    """`get` found the file in the download folder already, with the signed content."""
+
+    file_id: str
+    path: Path
+    size: int
+    sha256: str
 
 
 @dataclass(frozen=True)
@@ -149,11 +169,42 @@ class Peer:
         identity = self.identity
         challenge = self.broker.challenge()
         payload = protocol.register_payload(identity.username, challenge, identity.bundle)
-        result = self.broker.register(
-            identity.username, password, identity.bundle, challenge, identity.sign(payload)
-        )
+        try:
+            result = self.broker.register(
+                identity.username, password, identity.bundle, challenge, identity.sign(payload)
+            )
+        except RemoteError as exc:
+            if exc.code == ErrorCode.CONFLICT and self._device_registered():
+                raise UsageError(self._already_registered()) from exc
+            raise
         self._save_session(result)
         return result
+
+    def check_not_registered(self) -> None:
+        """Refuse `register` (before it asks for a password) from a data folder that
+        holds a session: it registered or logged in before."""
+        try:
+            session.load_session(self.config.data_dir, self.config.username)
+        except (session.NotLoggedIn, StorageError):
+            return
+        raise UsageError(self._already_registered())
+
+    def _already_registered(self) -> str:
+        return (
+            f"{self.config.username} is already registered from this data folder;"
+            " use `sfs-peer login`"
+        )
+
+    def _device_registered(self) -> bool:
+        """Whether the broker accepts this device's keys for this user."""
+        device = session.DeviceSession(self.identity)
+        try:
+            device.call(self.broker, lambda token: token)
+        except SfsError:
+            return False
+        with contextlib.suppress(SfsError):
+            device.end(self.broker)
+        return True
 
     def login(self, password: str) -> protocol.SessionResult:
         crypto.check_password_length(password)
@@ -180,8 +231,12 @@ class Peer:
             current = session.load_session(self.config.data_dir, self.config.username)
         except session.NotLoggedIn:
             current = None
+        # The public keys only: showing them asks for no passphrase.
+        bundle = keys.load_public_bundle(
+            self.config.data_dir, self.config.username, self._passphrase
+        )
         return WhoAmI(
-            self.config.username, format_fingerprint(self.identity.fingerprint), current is not None
+            self.config.username, format_fingerprint(bundle.fingerprint()), current is not None
         )
 
     # --- sharing -----------------------------------------------------------------------
@@ -266,11 +321,53 @@ class Peer:
             return self.broker.search(self._token(), query, owner)
 
     def get(
-        self, file_id: str, out: Path | None = None, progress: DownloadProgress | None = None
-    ) -> DownloadResult:
+        self,
+        file_id: str,
+        out: Path | None = None,
+        progress: DownloadProgress | None = None,
+        *,
+        force: bool = False,
+    ) -> DownloadResult | AlreadyDownloaded:
+        """Download a file; not one's own, and (unless `force`: a second copy) not one
+        already in the folder with the same content."""
         file_id = parse_file_id(file_id)
+        folder = out or self.config.download_dir
+        self._refuse_own(file_id, None)
         with self._authenticated():
             lookup = self.broker.lookup(self._token(), file_id)
+        manifest = verify_lookup(file_id, lookup, self.pins)
+        self._refuse_own(file_id, manifest.owner)  # signed: a broker cannot make it up
+        if not force:
+            present = already_downloaded(folder, file_id, manifest)
+            if present is not None:
+                return AlreadyDownloaded(file_id, present, manifest.size, manifest.sha256.hex())
+        check_free_space(folder, file_id, manifest)
+        try:
+            return self._download(file_id, lookup, folder, progress)
+        except KeyboardInterrupt:
+            part = partial_path(folder, file_id)
+            if not part.exists():
+                raise Interrupted("interrupted; nothing was kept") from None
+            raise Interrupted(
+                f"interrupted; the verified chunks are kept in {part}:"
+                f" run the same `sfs-peer get {file_id}` to resume"
+            ) from None
+
+    def _refuse_own(self, file_id: str, owner: str | None) -> None:
+        """`owner`: as the signed manifest says; None: ask the local share registry."""
+        share = self.registry.get(file_id) if owner is None else None
+        mine = owner == self.config.username or (share is not None and share.owner is None)
+        if mine:
+            where = f" (shared from {share.path})" if share is not None else ""
+            raise UsageError(f"{file_id} is your own file{where}; there is nothing to download")
+
+    def _download(
+        self,
+        file_id: str,
+        lookup: protocol.LookupResult,
+        folder: Path,
+        progress: DownloadProgress | None,
+    ) -> DownloadResult:
         downloader = Downloader(
             self.identity,
             self.pins,
@@ -280,7 +377,7 @@ class Peer:
             self.config.transport_encryption,
             self.config.hello_timeout,
         )
-        result = downloader.fetch(file_id, lookup, out or self.config.download_dir, progress)
+        result = downloader.fetch(file_id, lookup, folder, progress)
         if self.config.seed and lookup.owner != self.config.username:
             result = dataclasses.replace(result, seeding=self._seed(lookup, result))
         return result
@@ -412,7 +509,12 @@ class Peer:
         gone are released in the background (`SeedKeeper`).
 
         The server logs in with the device's own keys, not the password session of
-        `login`: it keeps serving across that session's expiry and the user's `logout`."""
+        `login`: it keeps serving across that session's expiry and the user's `logout`.
+        One server per data folder (`serve_lock`)."""
+        with serve_lock(self.config.data_dir):
+            self._serve(stop, on_ready)
+
+    def _serve(self, stop: threading.Event, on_ready: Callable[[str], None] | None) -> None:
         device = session.DeviceSession(self.identity)
         # Fail early, and clearly, if the broker refuses this device.
         ttl = device.call(

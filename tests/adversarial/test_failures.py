@@ -201,7 +201,11 @@ def test_the_receiver_is_interrupted_mid_transfer(world: World, sig: int) -> Non
     getting.send_signal(sig)
 
     result = finish(getting)
-    assert one_line_error(result) == "error: interrupted"
+    part = bob.download_dir / f".sfs-{world.big_id}.part"
+    assert one_line_error(result) == (
+        f"error: interrupted; the verified chunks are kept in {part}:"
+        f" run the same `sfs-peer get {world.big_id}` to resume"
+    )
     assert result.returncode == 130
     assert set(snapshot(bob.download_dir)) - set(before) == {f".sfs-{world.big_id}.part"}
     serves_others(world, bob)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import os
 import signal
 import subprocess
@@ -16,7 +17,7 @@ import zmq
 from sfs.common import protocol
 from sfs.common.errors import RemoteError
 from sfs.peer.client import BrokerClient
-from tests.harness import Cluster, one_line_error
+from tests.harness import Cluster, command_for, one_line_error
 
 pytestmark = pytest.mark.harness
 
@@ -171,3 +172,147 @@ def test_usage_errors_are_one_line(cluster: Cluster, args: list[str]) -> None:
     result = cluster.run("sfs-peer", *args)
     one_line_error(result)
     assert result.returncode == 2
+
+
+# --- the first hour of a new user (issue 8) --------------------------------------------------
+
+
+@pytest.mark.parametrize("tool", ["sfs-peer", "sfs-broker"])
+def test_short_h_and_version_on_both_tools(cluster: Cluster, tool: str) -> None:
+    for args in (["-h"], ["serve", "-h"], ["--help"]):
+        shown = cluster.run(tool, *args).check()
+        assert shown.stdout.startswith("Usage: ") and shown.stderr == ""
+        assert "<bool>" not in shown.stdout and "<str>" not in shown.stdout
+    version = cluster.run(tool, "--version").check()
+    assert version.stdout == f"{tool} {importlib.metadata.version('sfs')}\n"
+
+
+def test_config_is_shown_required_only_without_sfs_config(cluster: Cluster) -> None:
+    env = {key: value for key, value in os.environ.items() if key != "SFS_CONFIG"}
+    without = subprocess.run(
+        [*command_for("sfs-peer"), "list", "-h"], capture_output=True, text=True, env=env
+    )
+    assert "required]" in without.stdout  # [env var: SFS_CONFIG; required]
+    with_env = cluster.run("sfs-peer", "list", "-h", env={"SFS_CONFIG": "x.yaml"}).check()
+    assert "-c, --config FILE" in with_env.stdout
+    assert "required" not in with_env.stdout
+
+
+def test_get_help_tells_about_seeders_resume_and_gives_an_example(cluster: Cluster) -> None:
+    shown = cluster.run("sfs-peer", "get", "-h").check().stdout
+    assert shown.startswith("Usage: sfs-peer get [OPTIONS] FILE_ID\n")
+    assert "seeders" in shown and "resumes" in shown and "--force" in shown
+    assert "  sfs-peer get " in shown  # the example, kept on its own lines
+
+
+def test_search_words_unquoted_must_all_match(cluster: Cluster) -> None:
+    alice, bob = cluster.peers["alice"], cluster.peers["bob"]
+    (cluster.root / "scan-0042.tif").write_bytes(b"raw scan")
+    wanted = alice.share(cluster.root / "scan-0042.tif", "-k", "big", "-k", "raw")
+    (cluster.root / "other.tif").write_bytes(b"other")
+    alice.share(cluster.root / "other.tif", "-k", "big")
+    both = bob.run("search", "big", "raw", "--json").check().json()
+    assert [hit["file_id"] for hit in both] == [wanted]
+    assert bob.run("search", "raw", "nothing-like-this", "--json").check().json() == []
+
+
+def test_share_several_files_gives_one_id_each(cluster: Cluster) -> None:
+    alice = cluster.peers["alice"]
+    paths = [cluster.root / f"part-{n}.txt" for n in range(3)]
+    for n, path in enumerate(paths):
+        path.write_text(f"part {n}\n")
+    shown = alice.run("share", *map(str, paths)).check().stdout.splitlines()
+    assert [line.split(" (")[0] for line in shown[::2]] == [
+        f"shared part-{n}.txt" for n in range(3)
+    ]
+    ids = [line.removeprefix("file id: ") for line in shown[1::2]]
+    assert len(set(ids)) == 3 and all(len(i) == 32 for i in ids)
+    listed = alice.run("share", *map(str, paths[:2]), "--json").check().json()
+    assert [entry["name"] for entry in listed] == ["part-0.txt", "part-1.txt"]
+    # A missing file is found before anything is shared.
+    before = len(alice.run("list", "--json").check().json())
+    refused = alice.run("share", str(paths[0]), str(cluster.root / "missing.txt"))
+    assert "no such file" in one_line_error(refused) and refused.returncode == 2
+    assert len(alice.run("list", "--json").check().json()) == before
+
+
+def test_get_of_a_file_already_there_says_so_unless_forced(cluster: Cluster) -> None:
+    alice, carol = cluster.peers["alice"], cluster.peers["carol"]
+    (cluster.root / "twice.txt").write_text("same content\n")
+    file_id = alice.share(cluster.root / "twice.txt")
+    first = carol.run("get", file_id).check()
+    saved = carol.download_dir / "twice.txt"
+    assert first.stdout.startswith(f"saved {saved} ")
+    again = carol.run("get", file_id).check()
+    assert again.stdout.splitlines()[0] == f"already downloaded: {saved}"
+    assert sorted(p.name for p in carol.download_dir.iterdir()) == ["twice.txt"]
+    as_json = carol.run("get", file_id, "--json").check().json()
+    assert as_json["already_downloaded"] is True and as_json["path"] == str(saved)
+    forced = carol.run("get", file_id, "--force", "--json").check().json()
+    assert forced["already_downloaded"] is False
+    assert Path(forced["path"]).name == "twice (1).txt"
+    # Another file under that name is not "already there": a new name, as before.
+    saved.write_text("changed locally\n")
+    other = carol.run("get", file_id, "--json").check().json()
+    assert Path(other["path"]).name == "twice (2).txt"
+
+
+def test_getting_ones_own_file_is_refused(cluster: Cluster) -> None:
+    alice = cluster.peers["alice"]
+    (cluster.root / "mine.txt").write_text("mine\n")
+    file_id = alice.share(cluster.root / "mine.txt")
+    refused = alice.run("get", file_id)
+    assert "is your own file" in one_line_error(refused)
+    assert refused.returncode == 2
+
+
+def test_a_second_serve_for_one_data_folder_is_refused_at_once(cluster: Cluster) -> None:
+    alice = cluster.peers["alice"]
+    assert alice.server is not None and alice.server.alive()
+    second = alice.run("serve", timeout=30)
+    message = one_line_error(second)
+    pid = alice.server.popen.pid
+    assert message.startswith(
+        f"error: another `sfs-peer serve` is running for this data folder (pid {pid})"
+    )
+    assert second.returncode == 1
+    assert alice.server.alive()
+
+
+def test_a_broker_whose_address_is_taken_says_so_before_listening(cluster: Cluster) -> None:
+    second = cluster.run("sfs-broker", "serve", "--config", str(cluster.broker_config), timeout=30)
+    assert second.returncode == 1
+    errors = [line for line in second.stderr.splitlines() if "error:" in line]
+    assert errors == [
+        f"error: cannot listen on {cluster.broker_endpoint}: the address is in use (another"
+        " broker, or another program, listens there); stop it or change `bind`"
+    ]
+    assert "listening" not in second.stderr and "Traceback" not in second.stderr
+    assert cluster.broker is not None and cluster.broker.alive()
+
+
+def test_register_again_says_already_registered(cluster: Cluster) -> None:
+    bob = cluster.peers["bob"]
+    again = bob.run("register", "--password-stdin", input=bob.password + "\n")
+    assert one_line_error(again) == (
+        "error: bob is already registered from this data folder; use `sfs-peer login`"
+    )
+    # Logged out (no session file), the broker recognises the device's keys.
+    bob.run("logout").check()
+    again = bob.run("register", "--password-stdin", input="another-password\n")
+    assert "bob is already registered from this data folder" in one_line_error(again)
+    bob.run("login", "--password-stdin", input=bob.password + "\n").check()
+
+
+def test_share_with_only_oneself_and_json_names(cluster: Cluster) -> None:
+    alice = cluster.peers["alice"]
+    path = cluster.root / "Ärger für Zoë.txt"
+    path.write_text("ü\n")
+    shown = alice.run("share", str(path), "--to", "alice").check().stdout
+    assert shown.splitlines()[0] == (
+        "shared Ärger für Zoë.txt (3 B) with nobody else (only you: --to names other users)"
+    )
+    listed = alice.run("list", "--json").check()
+    assert '"name": "Ärger für Zoë.txt"' in listed.stdout  # not \u escapes
+    mine = [entry for entry in listed.json() if entry["name"] == "Ärger für Zoë.txt"]
+    assert mine and all(entry["owner"] == "alice" for entry in mine)

@@ -20,10 +20,11 @@ from sfs.common.errors import (
     StorageError,
     TransportError,
     TrustError,
+    UsageError,
 )
 from sfs.common.manifest import DEFAULT_CHUNK_SIZE, file_id_of
-from sfs.peer.download import DownloadInterrupted, OwnerOffline
-from sfs.peer.node import Peer
+from sfs.peer.download import DownloadInterrupted, DownloadResult, OwnerOffline
+from sfs.peer.node import AlreadyDownloaded, Peer
 from sfs.peer.registry import Share
 from sfs.peer.session import NotLoggedIn
 from sfs.peer.share import build_manifest
@@ -85,16 +86,41 @@ def test_round_trip(network: Network, tmp_path: Path, size: int) -> None:
     assert leftovers(bob.config.download_dir) == ["original.bin"]  # no .part file left
 
 
-def test_second_download_does_not_overwrite(network: Network, tmp_path: Path) -> None:
+def test_second_download_is_already_there_unless_forced(network: Network, tmp_path: Path) -> None:
     alice = network.add("alice", serve=True)
     bob = network.add("bob")
     write(tmp_path / "notes.txt", 100)
     share = alice.share(tmp_path / "notes.txt")
     first = bob.get(share.file_id)
-    second = bob.get(share.file_id)
+    again = bob.get(share.file_id)
+    assert isinstance(again, AlreadyDownloaded) and again.path == first.path
+    second = bob.get(share.file_id, force=True)
     assert first.path.name == "notes.txt"
     assert second.path.name == "notes (1).txt"
     assert first.path.read_bytes() == second.path.read_bytes()
+
+
+def test_a_different_file_under_the_name_is_not_already_there(
+    network: Network, tmp_path: Path
+) -> None:
+    alice = network.add("alice", serve=True)
+    bob = network.add("bob")
+    data = write(tmp_path / "notes.txt", 100)
+    share = alice.share(tmp_path / "notes.txt")
+    bob.config.download_dir.mkdir(parents=True)
+    (bob.config.download_dir / "notes.txt").write_bytes(bytes(100))  # same size, other bytes
+    result = bob.get(share.file_id)
+    assert isinstance(result, DownloadResult)
+    assert result.path.name == "notes (1).txt" and result.path.read_bytes() == data
+
+
+def test_getting_ones_own_file_is_refused(network: Network, tmp_path: Path) -> None:
+    alice = network.add("alice", serve=True)
+    write(tmp_path / "notes.txt", 100)
+    share = alice.share(tmp_path / "notes.txt")
+    with pytest.raises(UsageError, match="your own file"):
+        alice.get(share.file_id)
+    assert not alice.config.download_dir.exists()
 
 
 def test_download_into_another_folder(network: Network, tmp_path: Path) -> None:

@@ -1,0 +1,75 @@
+"""Checks `get` makes before it contacts any holder: is the file already in the download
+folder, and is there room for it.
+
+Only local paths are read: the file name comes from `safe_filename` over the owner-signed
+manifest (checked before this runs), and a file counts as already downloaded only if
+its size and SHA-256 match that manifest.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from pathlib import Path
+
+from sfs.common import crypto
+from sfs.common.errors import StorageError
+from sfs.common.manifest import Manifest
+from sfs.peer.partial import partial_path, safe_filename
+
+_READ_SIZE = 1 << 20
+
+
+def already_downloaded(folder: Path, file_id: str, manifest: Manifest) -> Path | None:
+    """The file in `folder` under the name a download would take, if it holds exactly
+    the manifest's content; else None (missing, another file, unreadable)."""
+    path = folder / safe_filename(manifest.name, fallback=file_id)
+    try:
+        # No symlinks followed, and O_NONBLOCK so a FIFO planted there cannot block.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size != manifest.size:
+            return None
+        digest = crypto.new_sha256()
+        while block := os.read(fd, _READ_SIZE):
+            digest.update(block)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return path if crypto.same_bytes(digest.digest(), manifest.sha256) else None
+
+
+def check_free_space(folder: Path, file_id: str, manifest: Manifest) -> None:
+    """Refuse to start a download that cannot fit: the file's size, less what an earlier
+    try already wrote into its temporary file, must be free in `folder`."""
+    try:
+        kept = partial_path(folder, file_id).lstat().st_blocks * 512
+    except OSError:
+        kept = 0
+    needed = max(0, manifest.size - kept)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent  # the download creates the folder
+    try:
+        free = shutil.disk_usage(existing).free
+    except OSError:
+        return  # cannot tell: the download reports a full disk if it meets one
+    if free < needed:
+        raise StorageError(
+            f"not enough free space in {folder}: {manifest.name!r} needs {human_size(needed)}"
+            f" more, {human_size(free)} free; free some space or use --out DIR"
+        )
+
+
+def human_size(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
