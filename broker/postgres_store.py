@@ -33,6 +33,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool
 
+from sfs.broker.postgres_limits import PostgresLimits
 from sfs.broker.store_contract import (
     MAX_HOLDERS,
     FileEntry,
@@ -47,7 +48,7 @@ from sfs.broker.store_contract import (
 from sfs.common.errors import StorageError
 from sfs.common.identity import KeyBundle
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 CONNECT_TIMEOUT = 10  # seconds to reach the server, and to wait for a pooled connection
 _EXPIRY_STEP = 300  # seconds; as in the SQLite store
 _MIGRATION_LOCK = 0x5F5_0001  # pg_advisory_xact_lock key: one broker migrates at a time
@@ -131,6 +132,25 @@ _MIGRATIONS: dict[int, str] = {
     CREATE TRIGGER files_usage AFTER INSERT OR DELETE ON files
         FOR EACH ROW EXECUTE FUNCTION sfs_count_usage();
     """,
+    2: """
+    -- LimitState (sfs.broker.postgres_limits): shared by every broker on the database.
+    CREATE TABLE limit_tallies (
+        key TEXT COLLATE "C" PRIMARY KEY,
+        count INTEGER NOT NULL,
+        at DOUBLE PRECISION NOT NULL,
+        until DOUBLE PRECISION NOT NULL
+    );
+    CREATE INDEX limit_tallies_by_until ON limit_tallies(until);
+    CREATE TABLE limit_challenges (
+        challenge BYTEA PRIMARY KEY,
+        seq BIGINT GENERATED ALWAYS AS IDENTITY,  -- the order they were issued in
+        expires DOUBLE PRECISION NOT NULL,
+        client_key BYTEA,
+        address TEXT COLLATE "C" NOT NULL
+    );
+    CREATE INDEX limit_challenges_by_address ON limit_challenges(address, seq);
+    CREATE INDEX limit_challenges_by_expiry ON limit_challenges(expires);
+    """,
 }
 
 _FILE_COLUMNS = (
@@ -207,6 +227,7 @@ class PostgresStore:
         )
         with self._error_context("cannot connect to"):
             self._pool.open(wait=True, timeout=CONNECT_TIMEOUT)
+        self._limits = PostgresLimits(self._pool, self._where)
 
     # --- connection handling -----------------------------------------------------------
 
@@ -270,6 +291,9 @@ class PostgresStore:
 
     def close(self) -> None:
         self._pool.close()
+
+    def limit_state(self) -> PostgresLimits:
+        return self._limits
 
     # --- bulk copy (sfs-broker migrate) ------------------------------------------------
 

@@ -21,7 +21,6 @@ from sfs.broker.throttle import (
     Challenges,
     LimitState,
     LoginThrottle,
-    MemoryLimits,
     RegistrationLimit,
 )
 from sfs.common import crypto, protocol
@@ -68,11 +67,12 @@ class BrokerService:
         clock: Callable[[], float] = time.time,
         limits: LimitState | None = None,
     ) -> None:
-        """`limits`: where throttle counts and pending challenges live (in memory if None)."""
+        """`limits`: where throttle counts and pending challenges live (None: where the
+        store keeps them)."""
         self.store = store
         self.settings = settings
         self._clock = clock
-        state = limits or MemoryLimits()
+        state = limits or store.limit_state()
         self._challenges = Challenges(state, clock, settings.registrations_per_address)
         self._registrations = RegistrationLimit(
             state, clock, settings.registrations_per_key, settings.registrations_per_address

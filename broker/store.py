@@ -58,6 +58,7 @@ from sfs.broker.store_contract import (
     User,
     UsernameTaken,
 )
+from sfs.broker.throttle import MemoryLimits
 from sfs.common.errors import StorageError
 from sfs.common.identity import KeyBundle
 
@@ -288,6 +289,7 @@ class SqliteStore:
                 f" tokenizer); this Python has SQLite {sqlite3.sqlite_version}"
             )
         self._path = path
+        self._limits = MemoryLimits()
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
@@ -353,6 +355,10 @@ class SqliteStore:
             for statement in _statements(_MIGRATIONS[target]):
                 db.execute(statement)
             db.execute(f"PRAGMA user_version = {target}")
+
+    def limit_state(self) -> MemoryLimits:
+        """In this process: an SQLite index serves one broker."""
+        return self._limits
 
     def close(self) -> None:
         with self._lock:

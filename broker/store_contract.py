@@ -38,6 +38,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from sfs.broker.throttle import LimitState
 from sfs.common.errors import StorageError
 from sfs.common.identity import KeyBundle
 
@@ -189,6 +190,12 @@ class Store(Protocol):
     def stats(self, now: int) -> Stats:
         """Every user with whether they are online, the number of files, and the
         presences live at `now`."""
+
+    # --- limits ----------------------------------------------------------------------------
+
+    def limit_state(self) -> LimitState:
+        """Where the login throttle and the pending challenges live (the same object
+        each call): shared by every broker that uses this store."""
 
     def close(self) -> None:
         """Release connections; the store is not used afterwards."""

@@ -1,10 +1,11 @@
 """Limits on what clients can make the broker do: guess passwords, register, hold
 registration challenges, and run bcrypt.
 
-The policies live here; what they remember lives behind `LimitState`, which
-`MemoryLimits` keeps in this process. Several brokers sharing a database will implement
-it there, so each policy is written as reads and writes inside `state.atomic()`, with
-the clock injected.
+The policies live here; what they remember lives behind `LimitState`, which the store
+provides (`Store.limit_state`): `MemoryLimits` in this process for SQLite,
+`PostgresLimits` (sfs.broker.postgres_limits) in the database that several brokers
+share. So each policy is written as reads and writes inside `state.atomic()`, with the
+clock injected.
 
 `LoginThrottle` counts failed logins per username and per client key. After `allowed`
 failures a key is locked out for `lockout` seconds, doubling with each further failure

@@ -14,8 +14,10 @@ import pytest
 
 from sfs.broker.postgres_store import SCHEMA_VERSION, PostgresStore, describe
 from sfs.broker.store_contract import FileEntry, Quota, QuotaExceeded
+from sfs.broker.throttle import Challenges, LoginThrottle
 from sfs.common.errors import StorageError
 from sfs.common.identity import KeyBundle
+from sfs.common.protocol import Refused
 from tests.postgres import REQUIRE, Cluster, unavailable
 
 HASH = b"$2b$04$" + b"h" * 53
@@ -166,3 +168,25 @@ def test_without_postgresql_tests_skip_unless_ci_requires_them(
     monkeypatch.setenv(REQUIRE, "1")
     with pytest.raises(pytest.fail.Exception, match="must run"):
         unavailable("PostgreSQL is not installed")
+
+
+def test_brokers_share_the_login_throttle_and_the_challenges(postgres_url: str) -> None:
+    brokers = [PostgresStore(postgres_url, pool_size=2) for _ in range(4)]
+    try:
+        clock = lambda: 1000.0  # noqa: E731
+        gates = [LoginThrottle(b.limit_state(), clock, allowed=40, lockout=30) for b in brokers]
+        # 40 failures from four brokers at once: none is lost, so the key is locked.
+        errors = in_threads(4, lambda n: [gates[n].failed("login-user:alice") for _ in range(10)])
+        assert errors == []
+        for gate in gates:
+            with pytest.raises(Refused, match="too many failed logins"):
+                gate.check("login-user:alice")
+        # A challenge issued by one broker is redeemed at another, once.
+        issued = Challenges(brokers[0].limit_state(), clock, per_address=5).issue(b"k", "a")
+        redeem = Challenges(brokers[1].limit_state(), clock, per_address=5).redeem
+        redeem(issued, b"k")
+        with pytest.raises(Refused, match="unknown or expired challenge"):
+            Challenges(brokers[2].limit_state(), clock, per_address=5).redeem(issued, b"k")
+    finally:
+        for broker in brokers:
+            broker.close()

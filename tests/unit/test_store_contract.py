@@ -389,6 +389,13 @@ def test_terms_fold_like_python_not_like_sqlite(store: Store, users: dict[str, U
     assert names(store, bob, [logos[-2:] + final_sigma]) == []
 
 
+def test_the_limit_state_is_one_object_per_store(store: Store) -> None:
+    state = store.limit_state()
+    assert store.limit_state() is state
+    with state.atomic():
+        assert state.pending_count() == 0
+
+
 def test_threads_can_share_a_store(store: Store) -> None:
     errors: list[BaseException] = []
 

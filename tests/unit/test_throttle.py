@@ -1,22 +1,26 @@
 """The broker's limits on a fake clock: the login throttle, registrations per key and
-address, the challenge table, and the bcrypt slots."""
+address, the challenge table, and the bcrypt slots. Tests that take `state` run against
+each `LimitState`: in memory, and in PostgreSQL (a throwaway cluster)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from sfs.broker import throttle
+from sfs.broker.postgres_store import PostgresStore
 from sfs.broker.throttle import (
     BcryptSlots,
     Challenges,
+    LimitState,
     LoginThrottle,
     MemoryLimits,
     RegistrationLimit,
     address_group,
 )
 from sfs.common.protocol import ErrorCode, Refused
+from tests.postgres import Cluster
 
 
 class Clock:
@@ -27,8 +31,24 @@ class Clock:
         return self.now
 
 
-def throttle_on(clock: Clock, allowed: int, lockout: int) -> LoginThrottle:
-    return LoginThrottle(MemoryLimits(), clock, allowed, lockout)
+@pytest.fixture(params=["memory", "postgres"])
+def state(request: pytest.FixtureRequest) -> Iterator[LimitState]:
+    if request.param == "memory":
+        yield MemoryLimits()
+        return
+    cluster: Cluster = request.getfixturevalue("postgres_cluster")
+    with cluster.database() as url:
+        store = PostgresStore(url, pool_size=1)
+        try:
+            yield store.limit_state()
+        finally:
+            store.close()
+
+
+def throttle_on(
+    clock: Clock, allowed: int, lockout: int, state: LimitState | None = None
+) -> LoginThrottle:
+    return LoginThrottle(state or MemoryLimits(), clock, allowed, lockout)
 
 
 def locked(gate: LoginThrottle, key: str) -> bool:
@@ -40,8 +60,8 @@ def locked(gate: LoginThrottle, key: str) -> bool:
     return False
 
 
-def test_a_key_is_locked_only_after_the_allowed_failures() -> None:
-    gate = throttle_on(Clock(), allowed=3, lockout=10)
+def test_a_key_is_locked_only_after_the_allowed_failures(state: LimitState) -> None:
+    gate = throttle_on(Clock(), allowed=3, lockout=10, state=state)
     for _ in range(2):
         gate.failed("k")
         assert not locked(gate, "k")
@@ -64,24 +84,24 @@ def test_the_lockout_ends_doubles_and_is_capped() -> None:
     assert max(waits) == throttle.MAX_LOCKOUT
 
 
-def test_the_message_says_how_long_to_wait() -> None:
-    gate = throttle_on(Clock(), allowed=1, lockout=10)
+def test_the_message_says_how_long_to_wait(state: LimitState) -> None:
+    gate = throttle_on(Clock(), allowed=1, lockout=10, state=state)
     gate.failed("k")
     with pytest.raises(Refused, match=r"too many failed logins; try again in 11 s"):
         gate.check("k")
 
 
-def test_old_failures_are_forgotten() -> None:
+def test_old_failures_are_forgotten(state: LimitState) -> None:
     clock = Clock()
-    gate = throttle_on(clock, allowed=2, lockout=10)
+    gate = throttle_on(clock, allowed=2, lockout=10, state=state)
     gate.failed("k")
     clock.now += throttle.FORGET_AFTER + 1
     gate.failed("k")
     assert not locked(gate, "k")  # two failures, but far apart
 
 
-def test_success_clears_a_key() -> None:
-    gate = throttle_on(Clock(), allowed=1, lockout=10)
+def test_success_clears_a_key(state: LimitState) -> None:
+    gate = throttle_on(Clock(), allowed=1, lockout=10, state=state)
     gate.failed("k")
     gate.succeeded("k")
     assert not locked(gate, "k")
@@ -134,9 +154,9 @@ def test_waiting_out_a_lockout_does_not_start_afresh(extra_wait: float) -> None:
     assert waits == [0, 0, 0, 0, 30, 60, 120, 240, 480, 960, 1920, 3600, 3600, 3600]
 
 
-def test_a_count_is_forgotten_a_day_after_its_lockout_ended() -> None:
+def test_a_count_is_forgotten_a_day_after_its_lockout_ended(state: LimitState) -> None:
     clock = Clock()
-    gate = throttle_on(clock, allowed=1, lockout=10)
+    gate = throttle_on(clock, allowed=1, lockout=10, state=state)
     gate.failed("k")
     gate.failed("k")  # locked for 20 s
     clock.now += 20 + throttle.FORGET_AFTER - 1
@@ -159,9 +179,9 @@ def refused(action: Callable[[], object]) -> Refused:
     return error.value
 
 
-def test_registrations_are_limited_per_key_within_the_window() -> None:
+def test_registrations_are_limited_per_key_within_the_window(state: LimitState) -> None:
     clock = Clock()
-    limit = RegistrationLimit(MemoryLimits(), clock, per_key=2, per_address=100)
+    limit = RegistrationLimit(state, clock, per_key=2, per_address=100)
     for _ in range(2):
         limit.attempt(b"k" * 32, "192.0.2.1")
     clock.now += 100
@@ -173,8 +193,8 @@ def test_registrations_are_limited_per_key_within_the_window() -> None:
     limit.attempt(b"k" * 32, "192.0.2.1")  # a new window
 
 
-def test_registrations_are_limited_per_address_whatever_the_key() -> None:
-    limit = RegistrationLimit(MemoryLimits(), Clock(), per_key=2, per_address=3)
+def test_registrations_are_limited_per_address_whatever_the_key(state: LimitState) -> None:
+    limit = RegistrationLimit(state, Clock(), per_key=2, per_address=3)
     for number in range(3):
         limit.attempt(bytes([number]) * 32, "192.0.2.1")
     error = refused(lambda: limit.attempt(b"new" * 11, "192.0.2.1"))
@@ -203,9 +223,9 @@ def test_address_groups(address: str | None, group: str) -> None:
 # --- challenges ---------------------------------------------------------------------------
 
 
-def test_a_challenge_is_single_use_bound_to_its_key_and_lapses() -> None:
+def test_a_challenge_is_single_use_bound_to_its_key_and_lapses(state: LimitState) -> None:
     clock = Clock()
-    table = Challenges(MemoryLimits(), clock, per_address=10)
+    table = Challenges(state, clock, per_address=10)
     first = table.issue(b"k" * 32, "192.0.2.1")
     table.redeem(first, b"k" * 32)
     assert refused(lambda: table.redeem(first, b"k" * 32)).code == ErrorCode.UNAUTHORIZED
@@ -217,11 +237,10 @@ def test_a_challenge_is_single_use_bound_to_its_key_and_lapses() -> None:
 
 
 def test_a_full_table_pushes_out_the_oldest_of_the_busiest_address(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, state: LimitState
 ) -> None:
     monkeypatch.setattr(throttle, "MAX_PENDING_CHALLENGES", 6)
     clock = Clock()
-    state = MemoryLimits()
     table = Challenges(state, clock, per_address=3)
     a, b, c = "192.0.2.1", "192.0.2.2", "192.0.2.3"
     held: dict[str, list[bytes]] = {a: [], b: [], c: []}
@@ -230,8 +249,8 @@ def test_a_full_table_pushes_out_the_oldest_of_the_busiest_address(
             held[address].append(table.issue(b"k" * 32, address))
             clock.now += 1
     honest = table.issue(b"h" * 32, "198.51.100.1")  # full: b holds the most, loses its oldest
-    assert state.pending_count() == 6
-    assert state.pending_count(b) == 2
+    with state.atomic():  # where a LimitState may be read
+        assert (state.pending_count(), state.pending_count(b)) == (6, 2)
     assert refused(lambda: table.redeem(held[b][0], b"k" * 32)).code == ErrorCode.UNAUTHORIZED
     table.issue(b"k" * 32, "198.51.100.2")  # a and b hold 2 each now: a's is older
     assert refused(lambda: table.redeem(held[a][0], b"k" * 32)).code == ErrorCode.UNAUTHORIZED
@@ -239,13 +258,13 @@ def test_a_full_table_pushes_out_the_oldest_of_the_busiest_address(
     table.redeem(held[c][0], b"k" * 32)
 
 
-def test_lapsed_challenges_make_room() -> None:
+def test_lapsed_challenges_make_room(state: LimitState) -> None:
     clock = Clock()
-    state = MemoryLimits()
     table = Challenges(state, clock, per_address=2)
     table.issue(None, "a")
     table.issue(None, "a")
     assert refused(lambda: table.issue(None, "a")).code == ErrorCode.BUSY
     clock.now += throttle.CHALLENGE_TTL
     table.issue(None, "a")
-    assert state.pending_count() == 1
+    with state.atomic():
+        assert state.pending_count() == 1
