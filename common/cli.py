@@ -41,9 +41,20 @@ DebugOption = Annotated[
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
 
+
+class _Console(Console):
+    """Not a terminal (a pipe, a file): no line is ever wrapped, so one line stays one
+    record for `grep` and `tee`."""
+
+    def print(self, *objects: Any, soft_wrap: bool | None = None, **options: Any) -> None:
+        if soft_wrap is None and not self.is_terminal:
+            soft_wrap = True
+        super().print(*objects, soft_wrap=soft_wrap, **options)
+
+
 # No markup and no highlighting: what we print includes names chosen by other people.
-stdout = Console(markup=False, highlight=False)
-stderr = Console(stderr=True, markup=False, highlight=False)
+stdout = _Console(markup=False, highlight=False)
+stderr = _Console(stderr=True, markup=False, highlight=False)
 
 
 def printable(text: str) -> str:

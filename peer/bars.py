@@ -8,11 +8,12 @@ from collections.abc import Callable
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, ProgressColumn, Task, TimeRemainingColumn
+from rich.table import Column
 from rich.text import Text
 
 from sfs.peer.tables import size_text
 
-STALLED_AFTER = 5.0  # seconds without a byte before the bar says it is waiting
+STALLED_AFTER = 2.0  # seconds without a byte before the bar says it is waiting
 Clock = Callable[[], float]
 
 
@@ -21,7 +22,7 @@ class StatusColumn(ProgressColumn):
     `STALLED_AFTER` seconds without progress, what is being waited for and how long."""
 
     def __init__(self, clock: Clock = time.monotonic) -> None:
-        super().__init__()
+        super().__init__(table_column=Column(no_wrap=True))
         self._clock = clock
 
     def render(self, task: Task) -> Text:
@@ -30,7 +31,7 @@ class StatusColumn(ProgressColumn):
         if isinstance(since, float) and isinstance(waiting, str) and not task.finished:
             idle = self._clock() - since
             if idle >= STALLED_AFTER:
-                return Text(f"{waiting}: no data for {idle:.0f} s", style="yellow")
+                return Text(f"{waiting} ({idle:.0f} s without data)", style="yellow")
         return Text(str(task.description))
 
 

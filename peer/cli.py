@@ -9,26 +9,20 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
+from rich.text import Text
 
 from sfs.common import crypto
 from sfs.common.cli import (
     ConfigOption,
     DebugOption,
     JsonOption,
-    SafeTable,
     command,
     install_signal_handlers,
     new_app,
@@ -41,11 +35,14 @@ from sfs.common.cli import (
 from sfs.common.config import PeerConfig, load_peer_config
 from sfs.common.errors import UsageError
 from sfs.common.identity import format_fingerprint, parse_fingerprint
+from sfs.peer import tables
+from sfs.peer.bars import Bar, holders_text, new_progress
 from sfs.peer.download import DownloadProgress
 from sfs.peer.node import AlreadyDownloaded, Peer
 from sfs.peer.pins import ConfirmReplace, Pin
 from sfs.peer.registry import Share
 from sfs.peer.share import shareable_file
+from sfs.peer.tables import Column
 
 app = new_app("An sfs peer: share files, find them, and download them directly from their owners.")
 
@@ -120,80 +117,92 @@ def _password(settings: PeerConfig, from_stdin: bool, confirm: bool = False) -> 
     return _new_secret("password", prompt) if confirm else _ask_secret(prompt)
 
 
-class _Bar:
-    """One rich progress task: call it with (done, total); `describe` relabels it."""
-
-    def __init__(self, bar: Progress, label: str) -> None:
-        self._bar = bar
-        self._task = bar.add_task(label, total=None)
-
-    def __call__(self, done: int, total: int) -> None:
-        self._bar.update(self._task, completed=done, total=total)
-
-    def describe(self, label: str) -> None:
-        self._bar.update(self._task, description=label)
-
-
 @contextlib.contextmanager
-def _progress(label: str, enabled: bool) -> Iterator[_Bar | None]:
+def _progress(label: str, enabled: bool) -> Iterator[Bar | None]:
     """A rich progress bar on stderr (only on a terminal, and not with --json)."""
     if not enabled or not stderr.is_terminal:
         yield None
         return
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=stderr,
-        transient=True,
-    ) as bar:
-        yield _Bar(bar, label)
+    with new_progress(stderr) as progress:
+        yield Bar(progress, label)
 
 
 @contextlib.contextmanager
 def _download_progress(enabled: bool) -> Iterator[DownloadProgress | None]:
-    """The download's bar: bytes, rate, time left, and how many holders are sending."""
-    with _progress("downloading", enabled) as bar:
+    """The download's bar: bytes, rate, time left, how many holders are sending, and
+    who is waited for when nothing comes."""
+    with _progress("connecting to the holders", enabled) as bar:
         if bar is None:
             yield None
             return
+        bar.waiting_for("no holder answers yet")
         shown = -1
 
         def update(done: int, total: int, holders: int) -> None:
             nonlocal shown
             if holders != shown:
                 shown = holders
-                bar.describe(f"from {holders} holder{'' if holders == 1 else 's'}")
+                sending = holders_text(holders)
+                bar.describe(f"from {sending}" if holders else "connecting to the holders")
+                bar.waiting_for(f"waiting for {sending}" if holders else "no holder answers yet")
             bar(done, total)
 
         yield update
 
 
 def _size(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{size} B"
+    return tables.size_text(size)  # binary units, as the progress bars show them
 
 
 def _when(timestamp: int) -> str:
     return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M")
 
 
-_WHOLE = {"file id": 32, "fingerprint": 64}  # columns that must never be cut
+WideOption = Annotated[
+    bool, typer.Option("--wide", help="Full ids and fingerprints, and every column.")
+]
 
 
-def _table(*headers: str) -> SafeTable:
-    table = SafeTable()
-    for header in headers:
-        table.add_column(
-            header, no_wrap=header in _WHOLE, min_width=_WHOLE.get(header), overflow="fold"
-        )
-    return table
+FolderOption = Annotated[
+    Path | None,
+    typer.Option("--folder", help="The download folder to look in (default: download_dir)."),
+]
+
+
+def _print_table(
+    columns: list[Column],
+    rows: list[list[str]],
+    *,
+    wide: bool,
+    empty: str,
+    shortened: str | None = None,
+) -> None:
+    """Laid out for the terminal; piped, one tab-separated record per line (full ids)."""
+    if not rows:
+        # Piped, no records is no output: the note goes where a person reads it.
+        print(empty, file=sys.stdout if stdout.is_terminal else sys.stderr)
+        return
+    if not stdout.is_terminal:
+        for record in tables.piped(columns, rows):
+            print(record)
+        return
+    lines, dropped = tables.laid_out(columns, rows, stdout.width, wide)
+    for line in lines:
+        stdout.print(line, soft_wrap=True)
+    left_out = ([shortened] if shortened else []) + dropped
+    if not wide and left_out:
+        stdout.print(Text(f"(--wide shows {', '.join(left_out)})", style="dim"), soft_wrap=True)
+
+
+def _ids(ids: list[str], wide: bool) -> dict[str, str]:
+    """Short unique prefixes on a terminal; full ids with --wide and in pipes."""
+    if wide or not stdout.is_terminal:
+        return {i: i for i in ids}
+    return tables.short_ids(ids)
+
+
+def _shortened(ids: dict[str, str]) -> str | None:
+    return "full ids" if any(full != shown for full, shown in ids.items()) else None
 
 
 def _share_json(share: Share, me: str) -> dict[str, object]:
@@ -369,21 +378,145 @@ def unshare(
 
 @app.command(name="list")
 @command
-def list_shares(config: ConfigOption, json: JsonOption = False, debug: DebugOption = False) -> None:
+def list_shares(
+    config: ConfigOption,
+    partial: Annotated[
+        bool, typer.Option("--partial", help="List the unfinished downloads instead.")
+    ] = False,
+    folder: FolderOption = None,
+    wide: WideOption = False,
+    json: JsonOption = False,
+    debug: DebugOption = False,
+) -> None:
     """List the files this user shares, and the downloads it seeds."""
+    if partial:
+        _list_unfinished(config, folder, wide, json)
+        return
     with _peer(config) as peer:
         shares = peer.shares()
+        unfinished = [] if json or not stdout.is_terminal else peer.unfinished(folder)
     if json:
         print_json([_share_json(s, peer.config.username) for s in shares])
         return
-    table = _table("file id", "name", "size", "owner", "shared with", "keywords", "path")
-    for s in shares:
-        audience = ", ".join(s.access) if s.access is not None else "everyone"
-        owner = s.owner or "me"
-        table.add_row(
-            s.file_id, s.name, _size(s.size), owner, audience, ", ".join(s.keywords), str(s.path)
+    ids = _ids([s.file_id for s in shares], wide)
+    columns = [
+        Column("file id"),
+        Column("name", wraps=True, least=28),
+        Column("size", right=True),
+        Column("owner", keep=2),
+        Column("shared with", keep=1, wraps=True),
+        Column("keywords", keep=4, wraps=True),
+        Column("path", keep=3, wraps=True, least=20),
+    ]
+    rows = [
+        [
+            ids[s.file_id],
+            s.name,
+            _size(s.size),
+            s.owner or "me",
+            ", ".join(s.access) if s.access is not None else "everyone",
+            ", ".join(s.keywords),
+            str(s.path),
+        ]
+        for s in shares
+    ]
+    _print_table(columns, rows, wide=wide, empty="no shared files", shortened=_shortened(ids))
+    if unfinished:
+        count = len(unfinished)
+        stdout.print(
+            f"{count} unfinished download{'' if count == 1 else 's'}"
+            f" ({_size(sum(u.size for u in unfinished))}): `sfs-peer list --partial` shows"
+            " them, `sfs-peer get FILE_ID` resumes one, `sfs-peer clean` removes abandoned ones",
+            soft_wrap=False,
         )
-    stdout.print(table if shares else "no shared files")
+
+
+def _age(seconds: float) -> str:
+    for unit, length in (("d", 86_400), ("h", 3_600), ("min", 60)):
+        if seconds >= length:
+            return f"{seconds / length:.0f} {unit} ago"
+    return "just now"
+
+
+def _list_unfinished(config: Path, folder: Path | None, wide: bool, json: bool) -> None:
+    with _peer(config) as peer:
+        found = peer.unfinished(folder)
+    now = time.time()
+    if json:
+        print_json(
+            [
+                {
+                    "file_id": u.file_id,
+                    "path": str(u.path),
+                    "bytes": u.size,
+                    "modified": int(u.modified),
+                    "in_use": u.in_use,
+                }
+                for u in found
+            ]
+        )
+        return
+    ids = _ids([u.file_id for u in found], wide)
+    columns = [
+        Column("file id"),
+        Column("on disk", right=True),
+        Column("last written"),
+        Column("state", keep=1),
+        Column("path", keep=2, wraps=True),
+    ]
+    rows = [
+        [
+            ids[u.file_id],
+            _size(u.size),
+            _age(now - u.modified),
+            "downloading" if u.in_use else "stopped",
+            str(u.path),
+        ]
+        for u in found
+    ]
+    empty = "no unfinished downloads"
+    _print_table(columns, rows, wide=wide, empty=empty, shortened=_shortened(ids))
+
+
+@app.command()
+@command
+def clean(
+    config: ConfigOption,
+    older_than: Annotated[
+        float,
+        typer.Option(
+            "--older-than",
+            help="Only those not written for this many days (0: all that no `get` is writing).",
+        ),
+    ] = 7,
+    folder: FolderOption = None,
+    json: JsonOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Remove abandoned unfinished downloads (`.sfs-*.part` files)."""
+    with _peer(config) as peer:
+        done = peer.clean(older_than, folder)
+    if json:
+        print_json(
+            {
+                "removed": [str(u.path) for u in done.removed],
+                "bytes_freed": sum(u.size for u in done.removed),
+                "kept_in_use": [str(u.path) for u in done.kept_in_use],
+                "kept_recent": [str(u.path) for u in done.kept_recent],
+            }
+        )
+        return
+    for u in done.removed:
+        print(f"removed {u.path} ({_size(u.size)})")
+    freed = _size(sum(u.size for u in done.removed))
+    stdout.print(f"removed {len(done.removed)} unfinished download(s), {freed} freed")
+    if done.kept_in_use:
+        stdout.print(f"kept {len(done.kept_in_use)} that a running `get` is writing")
+    if done.kept_recent:
+        stdout.print(
+            f"kept {len(done.kept_recent)} written in the last {older_than:g} days"
+            " (`--older-than 0` removes them too)"
+        )
 
 
 @app.command()
@@ -401,6 +534,7 @@ def search(
     owner: Annotated[
         str | None, typer.Option("--owner", metavar="USER", help="Only this user's files.")
     ] = None,
+    wide: WideOption = False,
     json: JsonOption = False,
     debug: DebugOption = False,
 ) -> None:
@@ -410,18 +544,29 @@ def search(
     if json:
         print_json([hit.__dict__ for hit in hits])
         return
-    table = _table("file id", "name", "size", "owner", "keywords", "shared", "online")
-    for hit in hits:
-        table.add_row(
-            hit.file_id,
+    ids = _ids([hit.file_id for hit in hits], wide)
+    columns = [
+        Column("file id"),
+        Column("name", wraps=True, least=28),
+        Column("size", right=True),
+        Column("owner", keep=1),
+        Column("online", keep=1),
+        Column("keywords", keep=3, wraps=True),
+        Column("shared", keep=2),
+    ]
+    rows = [
+        [
+            ids[hit.file_id],
             hit.name,
             _size(hit.size),
             hit.owner,
+            "yes" if hit.online else "no",
             ", ".join(hit.keywords),
             _when(hit.shared_at),
-            "yes" if hit.online else "no",
-        )
-    stdout.print(table if hits else "no matching files")
+        ]
+        for hit in hits
+    ]
+    _print_table(columns, rows, wide=wide, empty="no matching files", shortened=_shortened(ids))
 
 
 @app.command()
@@ -456,7 +601,10 @@ def get(
       sfs-peer get 0f3c9a1e5b7d42c68e0a9b1c2d3e4f50 --out ~/Downloads
     """
     with _peer(config) as peer, _download_progress(not json) as progress:
+        known = {pin.username for pin in peer.peers()}
         result = peer.get(file_id, out, progress, force=force)
+        first_contact = [pin for pin in peer.peers() if pin.username not in known]
+    _first_contact(first_contact)
     if isinstance(result, AlreadyDownloaded):
         _already_downloaded(result, json)
         return
@@ -501,8 +649,13 @@ def _already_downloaded(present: AlreadyDownloaded, json: bool) -> None:
 
 @app.command()
 @command
-def peers(config: ConfigOption, json: JsonOption = False, debug: DebugOption = False) -> None:
-    """List pinned fingerprints."""
+def peers(
+    config: ConfigOption,
+    wide: WideOption = False,
+    json: JsonOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """List pinned fingerprints, and which were verified with a safety code."""
     with _peer(config) as peer:
         pins = peer.peers()
     if json:
@@ -513,15 +666,83 @@ def peers(config: ConfigOption, json: JsonOption = False, debug: DebugOption = F
                     "fingerprint": format_fingerprint(p.fingerprint),
                     "source": p.source,
                     "pinned_at": p.pinned_at,
+                    "verified": p.verified,
+                    "verified_at": p.verified_at,
                 }
                 for p in pins
             ]
         )
         return
-    table = _table("user", "fingerprint", "pinned", "since")
-    for p in pins:
-        table.add_row(p.username, format_fingerprint(p.fingerprint), p.source, _when(p.pinned_at))
-    stdout.print(table if pins else "no pinned peers yet")
+    full = wide or not stdout.is_terminal
+    columns = [
+        Column("user", wraps=True),
+        Column("fingerprint"),
+        Column("verified"),
+        Column("pinned", keep=2),
+        Column("since", keep=1),
+    ]
+    rows = [
+        [
+            p.username,
+            format_fingerprint(p.fingerprint) if full else tables.short_fingerprint(p.fingerprint),
+            "yes" if p.verified else "no",
+            p.source,
+            _when(p.pinned_at),
+        ]
+        for p in pins
+    ]
+    shortened = None if full else "full fingerprints"
+    _print_table(columns, rows, wide=wide, empty="no pinned peers yet", shortened=shortened)
+    if not all(p.verified for p in pins) and stdout.is_terminal:
+        stdout.print("compare safety codes with `sfs-peer verify USER` to verify a pin")
+
+
+@app.command()
+@command
+def verify(
+    config: ConfigOption,
+    username: Annotated[str, typer.Argument(metavar="USER", show_default=False)],
+    confirm: Annotated[
+        bool,
+        typer.Option(
+            "--confirm", help="Mark the pin verified (after USER read you the same code)."
+        ),
+    ] = False,
+    json: JsonOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Show the safety code to compare with USER (in person, or on a call)."""
+    with _peer(config) as peer:
+        done = peer.verify(username, confirm=confirm)
+    pin = done.pin
+    if json:
+        print_json(
+            {
+                "username": pin.username,
+                "fingerprint": format_fingerprint(pin.fingerprint),
+                "safety_code": done.code,
+                "verified": pin.verified,
+                "verified_at": pin.verified_at,
+                "pinned_now": done.pinned_now,
+            }
+        )
+        return
+    if done.pinned_now:
+        stdout.print(f"pinned the key the broker serves for {username} (first use)")
+    groups = done.code.split()
+    half = len(groups) // 2
+    stdout.print(f"safety code of you and {username} (they see the same):")
+    stdout.print("  " + " ".join(groups[:half]))
+    stdout.print("  " + " ".join(groups[half:]))
+    if pin.verified and confirm:
+        stdout.print(f"the pin of {username} is now marked verified")
+    elif pin.verified:
+        stdout.print(f"verified on {_when(pin.verified_at or 0)}")
+    else:
+        stdout.print(
+            f"compare it with {username} in person or on a call (not in a message sent through"
+            f" sfs); if it matches, run: sfs-peer verify {username} --confirm"
+        )
 
 
 @app.command()
@@ -583,6 +804,17 @@ def trust(
         )
     elif done.note is not None:
         _warn(f"not checked with the broker: {done.note}")
+
+
+def _first_contact(pins: list[Pin]) -> None:
+    """Say, once per user, that a key was pinned on first use and how to verify it."""
+    for pin in pins:
+        print(
+            f"first contact with {pin.username}: pinned their key"
+            f" ({tables.short_fingerprint(pin.fingerprint)}) on first use; to be sure it is"
+            f" theirs, compare safety codes with them: sfs-peer verify {pin.username}",
+            file=sys.stderr,
+        )
 
 
 def _pin_text(pin: Pin) -> str:
