@@ -55,10 +55,15 @@ def check_free_space(folder: Path, file_id: str, manifest: Manifest) -> None:
     existing = folder
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent  # the download creates the folder
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        return  # the download says why it cannot write there (clearer than "0 B free")
     try:
-        free = shutil.disk_usage(existing).free
+        usage = shutil.disk_usage(existing)
     except OSError:
         return  # cannot tell: the download reports a full disk if it meets one
+    if usage.total == 0:
+        return  # a file system that tells no sizes (sysfs, procfs, some FUSE)
+    free = usage.free
     if free < needed:
         raise StorageError(
             f"not enough free space in {folder}: {manifest.name!r} needs {human_size(needed)}"
