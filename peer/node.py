@@ -442,9 +442,11 @@ class Peer:
             pin = self.pins.get(username)
             if pin is None:
                 raise SfsError(f"the pin of {username} could not be saved")
-        code = safety_code(
-            (self.config.username, self.identity.fingerprint), (username, pin.fingerprint)
-        )
+        # The public keys only: a code is shown, nothing signed, so no passphrase is asked.
+        mine = keys.load_public_bundle(
+            self.config.data_dir, self.config.username, self._passphrase
+        ).fingerprint()
+        code = safety_code((self.config.username, mine), (username, pin.fingerprint))
         if confirm:
             pin = self.pins.mark_verified(username, pin.fingerprint)
         return Verification(pin, code, pinned_now)

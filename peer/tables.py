@@ -124,6 +124,9 @@ def laid_out(
         if not droppable:
             break
         shown.remove(max(droppable, key=lambda i: (columns[i].keep, i)))
+    for i in shown:  # still too wide: free text gives up its room, down to MIN_WRAP
+        if columns[i].wraps and needed() > width:
+            least[i] = max(min(natural[i], MIN_WRAP), least[i] - (needed() - width))
     widths = {i: least[i] for i in shown}
     spare = max(0, width - needed())
     for i in sorted((i for i in shown if columns[i].wraps), key=lambda i: (columns[i].keep, i)):

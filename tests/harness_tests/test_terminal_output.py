@@ -194,6 +194,9 @@ def test_unfinished_downloads_listed_and_cleaned(terminal: Terminal, cluster: Cl
     partial.write_bytes(b"x" * 5000)
     decoy = bob.download_dir / f".sfs-{'f' * 32}.part"
     decoy.symlink_to(cluster.root / "broker.yaml")
+    listed = terminal.run(_sfs(bob, "list"))
+    assert any(line.startswith("1 unfinished download (4.9 KiB)") for line in listed), listed
+    assert "unfinished" not in bob.run("list").check().stdout  # piped: records only
     screen = terminal.run(_sfs(bob, "list", "--partial"))
     assert any(line.startswith("e" * 8) and "4.9 KiB" in line for line in screen), screen
     assert not any(line.startswith("f" * 8) for line in screen)

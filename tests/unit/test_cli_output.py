@@ -125,6 +125,13 @@ def test_eighty_columns_keep_the_name_whole_and_leave_out_the_least_useful() -> 
     assert len(text) == 1 + 3 + 3  # not seventeen lines
 
 
+def test_a_narrow_terminal_squeezes_the_name_before_cutting_an_id() -> None:
+    lines, dropped = tables.laid_out(SEARCH_COLUMNS, _rows(LONG_NAME, NO_SPACES), 40)
+    assert dropped == ["owner", "online", "keywords", "shared"]
+    assert all(cell_len(line.plain) <= 40 for line in lines)
+    assert [line.plain[:8] for line in lines if line.plain[:1] == "0"] == ["00000000", "00000001"]
+
+
 def test_wide_keeps_every_column() -> None:
     lines, dropped = tables.laid_out(SEARCH_COLUMNS, _rows("notes.txt"), 80, wide=True)
     assert dropped == []
