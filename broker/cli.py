@@ -38,7 +38,7 @@ app = new_app("The sfs index broker: users, key bundles, shared files and who is
 @app.command()
 @command
 def init(config: ConfigOption, debug: DebugOption = False) -> None:
-    """Create the data folder, the database and the broker's CurveZMQ key pair."""
+    """Create the data folder, the database and the CurveZMQ key pair."""
     settings = load_broker_config(config)
     make_private_dir(settings.data_dir)
     open_store(settings, create=True).close()

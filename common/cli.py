@@ -94,6 +94,24 @@ class _Command(typer.core.TyperCommand):
                 param.metavar = str(param.name).upper()
         return params
 
+    def get_short_help_str(self, limit: int = 45) -> str:
+        """The command list's line: the first sentence, or its head up to a clause
+        break when it does not fit (never a sentence cut off mid-way with "...")."""
+        if self.short_help or not self.help:
+            return str(super().get_short_help_str(limit))
+        sentence = " ".join(self.help.split("\n\n")[0].split()).split(". ")[0].rstrip(".")
+        if len(sentence) <= limit:
+            return sentence
+        breaks = [
+            at
+            for at in range(limit // 3, limit)
+            if sentence.startswith((" (", "; ", ": ", ", "), at)
+            and sentence.count("(", 0, at) == sentence.count(")", 0, at)  # not in brackets
+        ]
+        if breaks:
+            return sentence[: breaks[-1]]
+        return str(super().get_short_help_str(limit))
+
     def collect_usage_pieces(self, ctx: Any) -> list[str]:
         pieces = [self.options_metavar] if self.options_metavar else []
         for param in self.get_params(ctx):

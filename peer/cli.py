@@ -338,9 +338,10 @@ def share(
     json: JsonOption = False,
     debug: DebugOption = False,
 ) -> None:
-    """Share files: sign each one's manifest and register it at the broker.
+    """Share files with everyone, or only with --to users; one file id each.
 
-    With --json: one object for one PATH, a list of them for several."""
+    Each file's manifest is signed and registered at the broker. Every PATH is checked
+    before any is shared. With --json: one object for one PATH, a list for several."""
     with _peer(config) as peer:
         me = peer.config.username
         sources = [shareable_file(path) for path in paths]  # all checked before any is shared
@@ -587,9 +588,9 @@ def get(
     json: JsonOption = False,
     debug: DebugOption = False,
 ) -> None:
-    """Download a file, verifying every chunk against its owner's signature.
+    """Download a file from its owner and seeders, verifying every chunk.
 
-    Chunks come from every online holder at once: the owner, and the seeders (peers
+    Every chunk is checked against the owner's signed manifest. Chunks come from every online holder at once: the owner, and the seeders (peers
     that downloaded the file before). Stopped part way (Ctrl-C, holders gone), the
     verified chunks stay in a hidden .part file in the folder, and running the same
     command again resumes. A file already in the folder with the same content is not

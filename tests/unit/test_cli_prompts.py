@@ -145,3 +145,13 @@ def test_version(monkeypatch: pytest.MonkeyPatch) -> None:
     shown = runner.invoke(peer_app, ["--version"], prog_name="sfs-peer")
     assert shown.exit_code == 0
     assert shown.output.startswith("sfs-peer ")
+
+
+@pytest.mark.parametrize("app", [peer_app, broker_app], ids=["sfs-peer", "sfs-broker"])
+def test_the_command_list_shows_whole_phrases_at_80_columns(app: object) -> None:
+    shown = runner.invoke(app, ["-h"], prog_name="tool", env={"COLUMNS": "80"})  # type: ignore[arg-type]
+    commands = shown.output.split("Commands:\n", 1)[1].splitlines()
+    assert len(commands) >= 4
+    for line in commands:
+        assert len(line) <= 80 and not line.endswith("..."), line
+        assert line.count("(") == line.count(")"), line  # never cut inside brackets
