@@ -590,11 +590,11 @@ def get(
 ) -> None:
     """Download a file from its owner and seeders, verifying every chunk.
 
-    Every chunk is checked against the owner's signed manifest. Chunks come from every online holder at once: the owner, and the seeders (peers
-    that downloaded the file before). Stopped part way (Ctrl-C, holders gone), the
-    verified chunks stay in a hidden .part file in the folder, and running the same
-    command again resumes. A file already in the folder with the same content is not
-    fetched again.
+    Every chunk is checked against the owner's signed manifest. Chunks come from
+    every online holder at once: the owner, and the seeders (peers that downloaded
+    the file before). Stopped part way (Ctrl-C, holders gone), the verified chunks
+    stay in a hidden .part file in the folder, and running the same command again
+    resumes. A file already in the folder with the same content is not fetched again.
 
     \b
     Example:
