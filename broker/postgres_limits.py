@@ -42,7 +42,8 @@ class PostgresLimits:
             yield
             return
         try:
-            with self._pool.connection() as db:  # commits at the end, rolls back on error
+            # One transaction: committed at the end, rolled back if the block raises.
+            with self._pool.connection() as db, db.transaction():
                 db.execute("SELECT pg_advisory_xact_lock(%s)", (_LIMITS_LOCK,))
                 self._local.db = db
                 try:

@@ -221,7 +221,9 @@ class PostgresStore:
             max_size=max(1, pool_size),
             open=False,
             timeout=CONNECT_TIMEOUT,
-            kwargs={"connect_timeout": CONNECT_TIMEOUT},
+            # Autocommit: a lone statement needs no COMMIT round trip; several run in
+            # db.transaction() (`_transaction`).
+            kwargs={"connect_timeout": CONNECT_TIMEOUT, "autocommit": True},
             check=ConnectionPool.check_connection,  # a server restart drops idle ones
             name="sfs-store",
         )
@@ -250,12 +252,19 @@ class PostgresStore:
     def _transaction(self) -> Iterator[Connection]:
         """A pooled connection inside one transaction: committed when the block ends,
         rolled back if it raises."""
-        with self._error_context("error in"), self._pool.connection() as db:
+        with self._error_context("error in"), self._pool.connection() as db, db.transaction():
             yield db
 
-    def _query(self, sql: str, params: Sequence[object] | dict[str, object] = ()) -> list[Row]:
-        with self._transaction() as db:
-            return db.execute(sql, params).fetchall()
+    def _query(
+        self,
+        sql: str,
+        params: Sequence[object] | dict[str, object] = (),
+        prepare: bool | None = None,
+    ) -> list[Row]:
+        """One statement, atomic on its own. `prepare`: psycopg prepares a statement
+        run 5 times (None); False plans each run for its values."""
+        with self._error_context("error in"), self._pool.connection() as db:
+            return db.execute(sql, params, prepare=prepare).fetchall()
 
     @staticmethod
     def _check_encoding(db: Connection) -> None:
@@ -321,6 +330,8 @@ class PostgresStore:
                 "SELECT setval(pg_get_serial_sequence('users', 'id'), coalesce(max(id), 1),"
                 " max(id) IS NOT NULL) FROM users"
             )
+        with self._error_context("error in"), self._pool.connection() as db:
+            db.execute("ANALYZE")  # statistics for the planner, which knows no rows yet
 
     @staticmethod
     def _with_folded(columns: list[str], rows: Iterable[Row]) -> Iterator[Row]:
@@ -373,24 +384,24 @@ class PostgresStore:
             )
 
     def session_user(self, token_hash: bytes, now: int, extend_to: int) -> User | None:
-        with self._transaction() as db:
-            row = db.execute(
-                "SELECT u.id, u.username, u.password_hash, u.rsa_public, u.curve_public,"
-                " s.expires_at FROM sessions s JOIN users u ON u.id = s.user_id"
-                " WHERE s.token_hash = %s AND s.expires_at > %s",
-                (token_hash, now),
-            ).fetchone()
-            if row is None:
-                return None
-            # As SQLite: slide in coarse steps, so that most requests only read.
-            step = min(_EXPIRY_STEP, max(1, (extend_to - now) // 10))
-            if row[5] < extend_to - step:
-                db.execute(
-                    "UPDATE sessions SET expires_at = greatest(expires_at, %s)"
-                    " WHERE token_hash = %s",
-                    (extend_to, token_hash),
-                )
-            return _user(row)
+        rows = self._query(
+            "SELECT u.id, u.username, u.password_hash, u.rsa_public, u.curve_public,"
+            " s.expires_at FROM sessions s JOIN users u ON u.id = s.user_id"
+            " WHERE s.token_hash = %s AND s.expires_at > %s",
+            (token_hash, now),
+        )
+        if not rows:
+            return None
+        # As SQLite: slide in coarse steps, so that most requests only read. Never
+        # backwards, whichever broker writes last.
+        step = min(_EXPIRY_STEP, max(1, (extend_to - now) // 10))
+        if rows[0][5] < extend_to - step:
+            self._query(
+                "UPDATE sessions SET expires_at = greatest(expires_at, %s)"
+                " WHERE token_hash = %s RETURNING 1",
+                (extend_to, token_hash),
+            )
+        return _user(rows[0])
 
     def delete_session(self, token_hash: bytes) -> None:
         self._query("DELETE FROM sessions WHERE token_hash = %s RETURNING 1", (token_hash,))
@@ -506,6 +517,9 @@ class PostgresStore:
             f" FROM files f JOIN users u ON u.id = f.owner_id WHERE {' AND '.join(where)}"
             " ORDER BY f.shared_at DESC, f.file_id LIMIT %(limit)s",
             params,
+            # A prepared (generic) plan cannot see how common the terms are: whether
+            # to read the newest files first or the trigram index.
+            prepare=False,
         )
         return [Hit(_file_entry(row), bool(row[9])) for row in rows]
 
@@ -519,22 +533,19 @@ class PostgresStore:
 
     def online_holders(self, file_id: str, now: int) -> list[Presence]:
         online = "JOIN presence p ON p.user_id = u.id AND p.online_until > %(now)s"
-        columns = "u.username, p.endpoint, u.rsa_public, u.curve_public"
-        params = {"file_id": file_id, "now": now}
-        with self._transaction() as db:
-            owner = db.execute(
-                f"SELECT {columns} FROM files f JOIN users u ON u.id = f.owner_id {online}"
-                " WHERE f.file_id = %(file_id)s",
-                params,
-            ).fetchall()
-            seeders = db.execute(
-                f"SELECT {columns} FROM holders h JOIN users u ON u.id = h.user_id {online}"
-                " WHERE h.file_id = %(file_id)s ORDER BY p.online_until DESC LIMIT %(limit)s",
-                {**params, "limit": MAX_HOLDERS - len(owner)},
-            ).fetchall()
+        columns = "u.username, p.endpoint, u.rsa_public, u.curve_public, p.online_until"
+        rows = self._query(  # one statement: the owner first, then the freshest seeders
+            f"(SELECT 0, {columns} FROM files f JOIN users u ON u.id = f.owner_id {online}"
+            " WHERE f.file_id = %(file_id)s)"
+            f" UNION ALL (SELECT 1, {columns} FROM holders h"
+            f" JOIN users u ON u.id = h.user_id {online} WHERE h.file_id = %(file_id)s"
+            " ORDER BY p.online_until DESC LIMIT %(limit)s)"
+            " ORDER BY 1, 6 DESC",
+            {"file_id": file_id, "now": now, "limit": MAX_HOLDERS},
+        )
         return [
-            Presence(row[0], row[1], KeyBundle(bytes(row[2]), bytes(row[3])))
-            for row in owner + seeders
+            Presence(row[1], row[2], KeyBundle(bytes(row[3]), bytes(row[4])))
+            for row in rows[:MAX_HOLDERS]
         ]
 
     def signed_access(self, file_id: str) -> list[str] | None:

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from sfs.broker.postgres_store import PostgresStore
 from sfs.broker.store import SqliteStore
 from sfs.broker.store_contract import (
+    MAX_HOLDERS,
     FileEntry,
     Presence,
     Quota,
@@ -197,6 +198,33 @@ def test_online_holders_are_the_owner_while_present(store: Store, users: dict[st
     assert store.online_holders(fid(1), now=99) == [Presence("alice", "tcp://a:1", alice.bundle)]
     assert store.online_holders(fid(1), now=100) == []
     assert store.online_holders(fid(2), now=0) == []
+
+
+def test_online_holders_list_the_owner_then_the_freshest_seeders(
+    store: Store, users: dict[str, User]
+) -> None:
+    alice, bob, carol = users["alice"], users["bob"], users["carol"]
+    store.add_file(alice.id, entry(fid(1)), None)
+    seeders = [
+        store.add_user(f"s{n}", HASH, KeyBundle(b"r", bytes([9, n]) * 16), now=1)
+        for n in range(MAX_HOLDERS)
+    ]
+    for n, seeder in enumerate(seeders):
+        store.add_holder(fid(1), seeder.id)
+        store.set_online(seeder.id, f"tcp://s:{n}", until=1000 + n)
+    store.add_holder(fid(1), bob.id)
+    store.add_holder(fid(1), bob.id)  # twice is fine
+    store.add_holder(fid(1), carol.id)  # carol is offline
+    store.set_online(bob.id, "tcp://b:1", until=5000)
+    store.set_online(alice.id, "tcp://a:1", until=50)
+    listed = [p.username for p in store.online_holders(fid(1), now=10)]
+    expected = ["alice", "bob", *[f"s{n}" for n in reversed(range(MAX_HOLDERS))]]
+    assert listed == expected[:MAX_HOLDERS]
+    listed = [p.username for p in store.online_holders(fid(1), now=60)]  # alice went offline
+    assert listed == expected[1 : MAX_HOLDERS + 1]
+    assert store.remove_holder(fid(1), bob.id) is True
+    assert store.remove_holder(fid(1), bob.id) is False
+    assert "bob" not in [p.username for p in store.online_holders(fid(1), now=10)]
 
 
 def test_public_file_is_visible_to_everyone(store: Store, users: dict[str, User]) -> None:
