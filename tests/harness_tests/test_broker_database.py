@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -55,9 +56,14 @@ def test_backup_migrate_and_serve_from_postgresql(postgres_url: str) -> None:
         carol = cluster.add_peer("carol")
         assert search_names(cluster, "carol") == ["public.txt"]
         carol.share(cluster.root / "public.txt")
+        # What was acknowledged survives the broker's SIGKILL: it is in the database.
+        assert cluster.broker is not None
+        cluster.broker.stop(signal.SIGKILL)
+        cluster.start_broker(database=postgres_url)
         status = cluster.broker_status()
         assert [u["username"] for u in status["users"]] == ["alice", "bob", "carol"]
         assert status["files"] == 3
+        assert search_names(cluster, "carol") == ["public.txt", "public.txt"]
 
         # Restore the SQLite backup: the index as it was when it was taken.
         assert cluster.broker is not None
