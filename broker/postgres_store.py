@@ -227,8 +227,12 @@ class PostgresStore:
             check=ConnectionPool.check_connection,  # a server restart drops idle ones
             name="sfs-store",
         )
-        with self._error_context("cannot connect to"):
-            self._pool.open(wait=True, timeout=CONNECT_TIMEOUT)
+        try:
+            with self._error_context("cannot connect to"):
+                self._pool.open(wait=True, timeout=CONNECT_TIMEOUT)
+        except BaseException:
+            self._pool.close()  # and its threads
+            raise
         self._limits = PostgresLimits(self._pool, self._where)
 
     # --- connection handling -----------------------------------------------------------
