@@ -58,10 +58,11 @@ def test_a_seeded_copy_deleted_while_offline_is_released_when_serving_starts(
     file_id, copy = seeded(cluster, owner, seeder, "deleted.bin")
     copy.unlink()
 
-    seeder.serve()
+    server = seeder.serve()
     wait_until(lambda: "sam" not in holders_listed(cluster, file_id), "sam released it")
-    assert seeder.server is not None
-    assert f"no longer seeding deleted.bin ({file_id}): {copy} is gone" in (seeder.server.output())
+    # Released at the broker first, then forgotten here and logged: wait for the log.
+    said = f"no longer seeding deleted.bin ({file_id}): {copy} is gone"
+    wait_until(lambda: said in server.output(), "sam said so")
     assert seeder.run("list", "--json").check().json() == []
     got = reader.run("get", file_id, "--json").check().json()
     assert got["holders"] == ["olga"]

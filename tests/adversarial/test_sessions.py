@@ -60,13 +60,13 @@ def write_session(peer: Peer, username: str, token: str) -> None:
 
 def commands(world: World) -> dict[str, tuple[str, ...]]:
     """Every command that needs a session, with arguments it sends to the broker (the
-    unshare of a file bob does not share: see the last test for one he does)."""
+    unshare of a file bob does not share: see the last test for one he does). Not
+    `serve`: it signs in with the device's keys (test_unattended_serve.py)."""
     return {
         "search": ("search",),
         "get": ("get", world.public_id),
         "share": ("share", str(world.source)),
         "unshare": ("unshare", UNKNOWN_ID),
-        "serve": ("serve",),
     }
 
 
