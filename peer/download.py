@@ -15,8 +15,8 @@ When a holder fails (silence, a refusal, a chunk that does not verify), it is dr
 the others take over its chunks; a holder that has not answered its hello within
 `hello_timeout` while others deliver is set aside the same way. When no holder is left,
 the verified chunks stay, and the next `get` of the same file into the same folder
-fetches only the rest; so do they on Ctrl-C. A local storage error, or a whole file that
-does not match its signed hash, removes the temporary file.
+fetches only the rest; so do they on Ctrl-C. A local storage error removes the temporary
+file.
 """
 
 from __future__ import annotations
@@ -168,17 +168,23 @@ class _Download:
             self.progress(self.plan.bytes_done, self.manifest.size, self.active)
 
     def store(self, holder_name: str, index: int, plaintext: bytes) -> None:
-        """Check a chunk against the owner's signed manifest and write it."""
+        """Check a chunk against the owner's signed manifest and write it. The hash and
+        the write run outside `lock` (the partial file has its own), so holders' threads
+        verify chunks side by side: hashlib and pwrite release the GIL."""
         with self.lock:
-            try:
-                self.plan.check(index, plaintext)
-            except IntegrityError as exc:  # authentic from this holder, yet not the file
+            if index not in self.plan.in_flight:
                 raise IntegrityError(
-                    f"chunk {index} from {holder_name} does not match the owner's signed "
-                    f"manifest: {holder_name}'s copy may have changed since it was shared, "
-                    "or be forged"
-                ) from exc
+                    f"chunk {index} from {holder_name} arrived without being requested"
+                )
+        try:
             self.partial.write(index, plaintext)
+        except IntegrityError as exc:  # authentic from this holder, yet not the file
+            raise IntegrityError(
+                f"chunk {index} from {holder_name} does not match the owner's signed "
+                f"manifest: {holder_name}'s copy may have changed since it was shared, "
+                "or be forged"
+            ) from exc
+        with self.lock:
             self.plan.done(index)
             self.delivered[holder_name] += 1
             self.report()
@@ -247,7 +253,7 @@ class Downloader:
         except KeyboardInterrupt:  # every chunk is verified
             partial.keep()
             raise
-        except BaseException:  # the whole-file hash, or the disk: start afresh next time
+        except BaseException:  # chunks missing (a bug), or the disk: start afresh next time
             partial.discard()
             raise
         for error in download.errors:

@@ -1,8 +1,11 @@
 """Where a download lands: one temporary file in the download folder, filled chunk by
 chunk at each chunk's offset, then checked, fsynced and linked into place.
 
-The final path never holds unverified bytes: until `finish` has checked the whole-file
-hash, the data lives only in `.sfs-<file id>.part`. The final name is given to the
+The final path never holds unverified bytes: `write` takes only a chunk that matches its
+SHA-256 and length in the owner's signed manifest, and `finish` refuses the file unless
+every chunk index was verified exactly once, so the file is the manifest's byte for byte
+without a second, whole-file hash. Until then the data lives only in
+`.sfs-<file id>.part`. The final name is given to the
 checked open file, not to whatever the temporary path holds by then (someone who can
 rename entries in the folder could have swapped it). It comes from `safe_filename`,
 never straight from the network, and never replaces an existing file.
@@ -22,6 +25,7 @@ import errno
 import fcntl
 import os
 import stat
+import threading
 import unicodedata
 from collections.abc import Callable
 from pathlib import Path
@@ -213,9 +217,10 @@ class PartialFile:
         self._manifest = manifest
         self._fd = -1
         self.found = False
-        self._hasher = crypto.new_sha256()
-        self._hashed_upto = 0  # the next chunk, in order, to feed the whole-file hash
-        self._waiting: dict[int, int] = {}  # written out of order: index -> length
+        self._verified: set[int] = set()  # chunk indexes on disk, each checked once
+        # Guards `_fd` and `_verified`: holders' threads write while the download may
+        # stop (a closed descriptor's number could be reused by another file).
+        self._lock = threading.Lock()
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except FileExistsError as exc:  # a file, or a symlink to one, is in the way
@@ -243,8 +248,9 @@ class PartialFile:
                 if length == 0 or offset + length > present or self._is_hole(offset):
                     continue
                 data = os.pread(self._fd, length, offset)
-                if crypto.same_bytes(crypto.sha256(data), manifest.chunk_hash(index)):
-                    self._record(index, data)
+                if self._matches(index, data):
+                    with self._lock:
+                        self._verified.add(index)
                     found.append(index)
                 if check is not None:
                     check()
@@ -259,31 +265,46 @@ class PartialFile:
         except OSError:  # ENXIO: no data after offset; EINVAL: SEEK_DATA unsupported
             return os.fstat(self._fd).st_size <= offset
 
-    def write(self, index: int, data: bytes) -> None:
-        """Write a verified chunk at its offset."""
-        try:
-            _pwrite_all(self._fd, data, index * self._manifest.chunk_size)
-            self._record(index, data)
-        except OSError as exc:
-            raise _storage_error(exc, self.folder) from exc
+    def _matches(self, index: int, data: bytes) -> bool:
+        """Whether `data` is chunk `index` as the owner's signed manifest has it."""
+        manifest = self._manifest
+        return (
+            0 <= index < manifest.chunk_count
+            and len(data) == manifest.chunk_length(index)
+            and crypto.same_bytes(crypto.sha256(data), manifest.chunk_hash(index))
+        )
 
-    def _record(self, index: int, data: bytes) -> None:
-        """Feed the whole-file hash in order, reading back chunks that came early."""
-        self._waiting[index] = len(data)
-        while self._hashed_upto in self._waiting:
-            current = self._hashed_upto
-            length = self._waiting.pop(current)
-            if current != index:
-                data = os.pread(self._fd, length, current * self._manifest.chunk_size)
-            self._hasher.update(data)
-            self._hashed_upto += 1
+    def write(self, index: int, data: bytes) -> None:
+        """Check chunk `index` against the owner's signed manifest, then write it at its
+        offset. `IntegrityError` if it does not match, or was written already. Safe from
+        several threads: the hash runs outside the lock (hashlib releases the GIL)."""
+        if not self._matches(index, data):
+            raise IntegrityError(f"chunk {index} does not match the owner's signed manifest")
+        with self._lock:
+            if self._fd < 0:
+                raise StorageError(f"the download into {self.folder} was stopped")
+            if index in self._verified:
+                raise IntegrityError(f"chunk {index} was delivered twice")
+            try:
+                _pwrite_all(self._fd, data, index * self._manifest.chunk_size)
+            except OSError as exc:
+                raise _storage_error(exc, self.folder) from exc
+            self._verified.add(index)
+
+    @property
+    def complete(self) -> bool:
+        """Whether every chunk index of the manifest is verified on disk."""
+        with self._lock:
+            return len(self._verified) == self._manifest.chunk_count
 
     def finish(self, name: str) -> Path:
-        """Check the whole file, make it durable and link it into place."""
-        if self._hashed_upto != self._manifest.chunk_count:
+        """Check that the file is complete, make it durable and link it into place.
+
+        Complete: each of the manifest's chunk indexes was verified (hash and length)
+        exactly once by `write` or `resume`, so the chunks tile `manifest.size` bytes, and
+        the truncate below cuts anything an earlier attempt left past the end."""
+        if not self.complete:
             raise IntegrityError("the download finished with chunks missing")
-        if not crypto.same_bytes(self._hasher.digest(), self._manifest.sha256):
-            raise IntegrityError("the whole-file SHA-256 does not match the signed manifest")
         try:
             os.fchmod(self._fd, 0o666 & ~_umask())  # private while partial, normal once done
             os.ftruncate(self._fd, self._manifest.size)
@@ -311,10 +332,11 @@ class PartialFile:
         self._close()
 
     def _close(self) -> None:
-        if self._fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(self._fd)
-        self._fd = -1
+        with self._lock:  # never while a write is under way
+            if self._fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(self._fd)
+            self._fd = -1
 
 
 def _umask() -> int:

@@ -119,7 +119,7 @@ def test_any_chunk_order_gives_the_file_and_its_hash(order: list[int]) -> None:
         partial = new_partial(Path(folder))
         for index in order:
             partial.write(index, parts[index])
-        target = partial.finish("out.bin")  # the whole-file hash must match
+        target = partial.finish("out.bin")  # every chunk verified, none missing
         assert target.read_bytes() == DATA
 
 
@@ -147,28 +147,69 @@ def test_folder_is_created(tmp_path: Path) -> None:
     assert partial.finish("x").parent == folder
 
 
-def test_wrong_whole_file_hash_is_refused(tmp_path: Path) -> None:
-    """Every chunk as the manifest says, but the manifest's whole-file hash is another."""
-    manifest = dataclasses.replace(manifest_of(), sha256=bytes(32))
-    partial = PartialFile(tmp_path, FILE_ID, manifest)
-    write_all(partial)
-    with pytest.raises(IntegrityError, match="SHA-256"):
-        partial.finish("out.bin")
-    assert not (tmp_path / "out.bin").exists()
-    partial.discard()
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_hash_of_other_content_is_refused(tmp_path: Path) -> None:
-    """Same size, one byte different: the hash is over the bytes, not the length."""
+def test_a_chunk_that_does_not_match_the_manifest_is_never_written(tmp_path: Path) -> None:
+    """Same size, one byte different: refused by `write` itself, before any disk write,
+    so the file can never be finished with it (there is no whole-file hash behind)."""
     partial = new_partial(tmp_path)
     parts = chunks()
-    parts[2] = bytes([parts[2][0] ^ 1]) + parts[2][1:]
+    bad = bytes([parts[2][0] ^ 1]) + parts[2][1:]
+    with pytest.raises(IntegrityError, match="chunk 2 does not match"):
+        partial.write(2, bad)
+    assert partial.path.stat().st_size == 0
     for index, chunk in enumerate(parts):
-        partial.write(index, chunk)
-    with pytest.raises(IntegrityError):
+        if index != 2:
+            partial.write(index, chunk)
+    with pytest.raises(IntegrityError, match="missing"):
         partial.finish("out.bin")
     assert not (tmp_path / "out.bin").exists()
+
+
+@pytest.mark.parametrize("index", [-1, 5, 99])
+def test_a_chunk_index_outside_the_manifest_is_refused(tmp_path: Path, index: int) -> None:
+    partial = new_partial(tmp_path)
+    with pytest.raises(IntegrityError, match="does not match"):
+        partial.write(index, chunks()[0])
+    assert partial.path.stat().st_size == 0
+
+
+def test_a_chunk_of_the_wrong_length_is_refused(tmp_path: Path) -> None:
+    """The last chunk with its tail cut, or padded: never written."""
+    partial = new_partial(tmp_path)
+    last = chunks()[4]
+    for data in (last[:-1], last + b"\0"):
+        with pytest.raises(IntegrityError, match="chunk 4 does not match"):
+            partial.write(4, data)
+
+
+def test_a_chunk_delivered_twice_is_refused(tmp_path: Path) -> None:
+    """Completeness counts each index once: a second copy cannot stand in for a missing
+    chunk, and is not written over the first."""
+    partial = new_partial(tmp_path)
+    partial.write(1, chunks()[1])
+    with pytest.raises(IntegrityError, match="twice"):
+        partial.write(1, chunks()[1])
+    write_all(partial, skip=frozenset({1}))
+    assert partial.finish("out.bin").read_bytes() == DATA
+
+
+def test_a_chunk_found_by_resume_cannot_be_written_again(tmp_path: Path) -> None:
+    kept(tmp_path, [0, 3])
+    partial, found = resumed(tmp_path)
+    assert found == [0, 3]
+    with pytest.raises(IntegrityError, match="twice"):
+        partial.write(3, chunks()[3])
+    partial.discard()
+
+
+def test_a_write_after_the_download_stopped_is_refused(tmp_path: Path) -> None:
+    """A holder's thread past its grace must not write through a closed descriptor (its
+    number may belong to another file by then)."""
+    partial = new_partial(tmp_path)
+    partial.write(0, chunks()[0])
+    partial.keep()
+    with pytest.raises(StorageError, match="stopped"):
+        partial.write(1, chunks()[1])
+    assert partial.path.read_bytes() == chunks()[0]
 
 
 @pytest.mark.parametrize("missing", [0, 2, 4])
@@ -422,7 +463,7 @@ def test_resume_then_writes_in_any_order_give_the_file_and_its_hash(
         parts = chunks()
         for index in missing:
             partial.write(index, parts[index])
-        assert partial.finish("out.bin").read_bytes() == DATA  # finish checks the hash
+        assert partial.finish("out.bin").read_bytes() == DATA  # finish checks completeness
 
 
 def test_resume_checks_between_chunks_and_can_be_stopped(tmp_path: Path) -> None:
