@@ -221,7 +221,11 @@ def run(app: typer.Typer) -> None:
     except typer.TyperException as exc:  # usage errors: missing option, unknown command...
         format_message = getattr(exc, "format_message", None)
         message = format_message() if callable(format_message) else str(exc)
-        code = _error(f"{message} (see --help)", getattr(exc, "exit_code", 2))
+        if type(exc).__name__ == "NoArgsIsHelpError":  # the tool run bare: its help, as is
+            print(message, file=sys.stderr)
+            code = 2
+        else:
+            code = _error(f"{message} (see --help)", getattr(exc, "exit_code", 2))
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -84,6 +84,9 @@ def load_public_bundle(
     in full once (asking for the passphrase if it is encrypted), which writes it."""
     path = _public_path(data_dir)
     if path.exists() and identity_exists(data_dir):
+        signing_path, transport_path = _paths(data_dir)
+        read_private_file(signing_path, "the signing key")  # refuses a key file others
+        read_private_file(transport_path, "the transport key")  # can read, as ever
         with contextlib.suppress(KeyFileError, ProtocolError):
             raw = unpack(read_private_file(path, "the public keys"))
             return from_wire(KeyBundle, raw, "public keys")

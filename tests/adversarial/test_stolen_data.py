@@ -45,14 +45,17 @@ def test_encrypted_key_files_hold_no_usable_secret(dora: Peer) -> None:
 
 
 def test_a_thief_without_the_passphrase_cannot_use_the_keys(dora: Peer) -> None:
-    for command in (["whoami"], ["search"], ["serve"]):
-        refused = dora.run(*command, env=NO_PASSPHRASE, timeout=30)
+    for command in (["search"], ["serve"], ["login", "--password-stdin"]):
+        refused = dora.run(*command, env=NO_PASSPHRASE, input=dora.password + "\n", timeout=30)
         assert "passphrase-protected; set SFS_PASSPHRASE" in one_line_error(refused)
         assert refused.returncode == 1
+    # The public keys need no passphrase (whoami shows them); they sign nothing.
+    shown = dora.run("whoami", "--json", env=NO_PASSPHRASE).check().json()
+    assert shown["username"] == "dora"
 
 
 def test_a_wrong_passphrase_is_refused(dora: Peer) -> None:
-    refused = dora.run("whoami", env={"SFS_PASSPHRASE": "guess"})
+    refused = dora.run("search", env={"SFS_PASSPHRASE": "guess"})
     assert "wrong passphrase" in one_line_error(refused)
 
 

@@ -316,3 +316,12 @@ def test_share_with_only_oneself_and_json_names(cluster: Cluster) -> None:
     assert '"name": "Ärger für Zoë.txt"' in listed.stdout  # not \u escapes
     mine = [entry for entry in listed.json() if entry["name"] == "Ärger für Zoë.txt"]
     assert mine and all(entry["owner"] == "alice" for entry in mine)
+
+
+@pytest.mark.parametrize("tool", ["sfs-peer", "sfs-broker"])
+def test_a_bare_tool_shows_its_help_as_it_is(cluster: Cluster, tool: str) -> None:
+    bare = cluster.run(tool)
+    assert bare.returncode == 2 and bare.stdout == ""
+    assert bare.stderr.startswith(f"Usage: {tool} [OPTIONS] COMMAND [ARGS]...\n")
+    assert "Commands:\n" in bare.stderr
+    assert "error:" not in bare.stderr and "\ufffd" not in bare.stderr
