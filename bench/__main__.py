@@ -2,10 +2,11 @@
 
     python -m bench [--size 1GiB] [--rounds 3] [--only transfer|broker|search]
 
-Runs the transfer comparison against scp (bench/transfer.py), then each other section
-whose module is present: bench/broker_load.py and bench/search.py. A section is a module
-with `run(args: argparse.Namespace) -> str` that returns markdown. results.md is
-rewritten after each section, so a failure keeps the sections done before it.
+Runs the transfer comparison against scp and magic-wormhole (bench/transfer.py), then
+each other section whose module is present: bench/broker_load.py and bench/search.py. A
+section is a module with `run(args: argparse.Namespace) -> str` that returns markdown.
+results.md is rewritten after each section, so a failure keeps the sections done before
+it.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=positive, default=3, help="rounds of each method (3)")
     parser.add_argument("--only", choices=list(SECTIONS), help="run this section alone")
     parser.add_argument(
-        "--scp-cipher", metavar="NAME", help="scp -c NAME (default: OpenSSH's own choice)"
+        "--scp-cipher",
+        metavar="NAME",
+        help="the cipher of the second scp, beside OpenSSH's default (aes128-gcm@openssh.com)",
     )
     return parser.parse_args(argv)
 

@@ -170,29 +170,31 @@ class Sshd:
                 continue
         self.process = None
 
-    def ssh_options(self) -> list[str]:
-        """No user or system ssh_config, no known_hosts, no agent keys: this key only."""
+    def ssh_options(self, cipher: str | None = None) -> list[str]:
+        """No user or system ssh_config, no known_hosts, no agent keys: this key only.
+        `cipher`, else the one given to the constructor, else OpenSSH's default."""
+        cipher = cipher or self.cipher
         options = ["-F", "none", "-i", str(self.key), "-o", "IdentitiesOnly=yes"]
         for option in ("StrictHostKeyChecking=no", "UserKnownHostsFile=/dev/null"):
             options += ["-o", option]
         options += ["-o", "BatchMode=yes", "-o", "LogLevel=ERROR"]
-        return options + (["-c", self.cipher] if self.cipher else [])
+        return options + (["-c", cipher] if cipher else [])
 
-    def scp_argv(self, source: Path, target: Path) -> list[str]:
+    def scp_argv(self, source: Path, target: Path, cipher: str | None = None) -> list[str]:
         destination = f"{self.user}@127.0.0.1:{target}"
         return [
             tool("scp"),
             "-q",
-            *self.ssh_options(),
+            *self.ssh_options(cipher),
             "-P",
             str(self.port),
             str(source),
             destination,
         ]
 
-    def negotiated_cipher(self) -> str:
+    def negotiated_cipher(self, cipher: str | None = None) -> str:
         """The cipher the client and this sshd agree on, from `ssh -v`."""
-        argv = [tool("ssh"), "-v", *self.ssh_options(), "-p", str(self.port)]
+        argv = [tool("ssh"), "-v", *self.ssh_options(cipher), "-p", str(self.port)]
         argv += [f"{self.user}@127.0.0.1", "true"]
         done = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=30)
         found = CIPHER_LINE.search(done.stderr)

@@ -3,16 +3,22 @@
     .venv/bin/python -m bench --only transfer --size 1GiB --rounds 3   # the comparison
     .venv/bin/python -m bench.transfer --size 2GiB [--plain]           # one sfs download
 
-The comparison makes one random file, then runs the rounds alternating between scp to a
-throwaway sshd, sfs with its default config, and sfs with peer transport encryption
-off (each sfs variant a broker and two peers from tests/harness.py: alice serves, bob
-runs `sfs-peer get`). Every received copy is checked against the source and deleted.
+The comparison makes one random file, then runs the rounds alternating between the
+anchors, scp to a throwaway sshd (OpenSSH's default cipher, and aes128-gcm) and
+magic-wormhole direct (bench/wormhole.py), and sfs with its default config and with peer
+transport encryption off (each sfs variant a broker and two peers from tests/harness.py:
+alice serves, bob runs `sfs-peer get`). Every received copy is checked against the source
+and deleted. sfs fsyncs the file before it names it; for the methods that do not, the
+bench fsyncs the received file and adds that time to the round. An anchor that cannot
+run here (a tool that cannot be installed, no network namespace) is a "not run" row.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import statistics
 import sys
 import tempfile
@@ -33,9 +39,13 @@ from bench.common import (
 )
 from bench.procs import TreeWatcher, run_timed, vm_hwm_kib
 from bench.sshd import Sshd
+from bench.wormhole import NotRun, WormholeNet
+from bench.wormhole import version as wormhole_version
 from tests.harness import Cluster, Peer, command_for
 
 SHARE_TIMEOUT = 3600.0  # hashing a large file on a busy machine takes a while
+FAST_CIPHER = "aes128-gcm@openssh.com"  # scp's fastest here (DESIGN.md §6)
+WORMHOLE_DIRECT = "magic-wormhole direct"
 
 
 @dataclass(frozen=True)
@@ -51,6 +61,7 @@ class Round:
     sender_kib: int
     receiver_kib: int
     untimed: float | None = None  # sfs: wall time outside get's own download timer
+    durable: float | None = None  # the fsync the bench added (in `seconds`), if it did
 
 
 class Method(Protocol):
@@ -59,23 +70,58 @@ class Method(Protocol):
     def transfer(self, payload: Payload) -> Round: ...
 
 
-class Scp:
-    """scp to the throwaway sshd; memory of both sides sampled from /proc (best effort)."""
+def fsync_file(path: Path) -> float:
+    """Seconds to fsync a received file: the durability sfs has before it names the file."""
+    started = time.perf_counter()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return time.perf_counter() - started
 
-    def __init__(self, sshd: Sshd, folder: Path) -> None:
-        self.sshd, self.folder = sshd, folder
-        self.cipher = sshd.negotiated_cipher()
+
+class Scp:
+    """scp to the throwaway sshd, with `cipher` or OpenSSH's default; memory of both sides
+    sampled from /proc (best effort). The round is scp's wall time plus an fsync."""
+
+    def __init__(self, sshd: Sshd, folder: Path, cipher: str | None = None) -> None:
+        self.sshd, self.folder, self.requested = sshd, folder, cipher
+        self.cipher = sshd.negotiated_cipher(cipher)
         self.label = f"scp ({self.cipher})"
         folder.mkdir()
 
     def transfer(self, payload: Payload) -> Round:
         target = self.folder / payload.path.name
+        argv = self.sshd.scp_argv(payload.path, target, self.requested)
         with TreeWatcher(self.sshd.pid, include_root=False) as server:
-            timed = run_timed(self.sshd.scp_argv(payload.path, target), self.folder / "scp")
+            timed = run_timed(argv, self.folder / "scp")
         if timed.returncode != 0:
             raise BenchError(f"scp failed: {timed.last_error_line()}")
+        durable = fsync_file(target)
         check_and_remove(target, payload.size, payload.sha256)
-        return Round(timed.seconds, timed.total_kib, server.total_kib())
+        seconds = timed.seconds + durable
+        return Round(seconds, timed.total_kib, server.total_kib(), durable=durable)
+
+
+class Wormhole:
+    """magic-wormhole, sender and receiver in one private network namespace with their own
+    mailbox and relay; the round is the receive command's wall time plus an fsync."""
+
+    def __init__(self, net: WormholeNet, folder: Path, *, relayed: bool = False) -> None:
+        self.net, self.folder, self.relayed = net, folder, relayed
+        self.label = "magic-wormhole relayed" if relayed else WORMHOLE_DIRECT
+        self.paths: set[str] = set()
+        folder.mkdir()
+
+    def transfer(self, payload: Payload) -> Round:
+        target = self.folder / payload.path.name
+        done = self.net.transfer(payload.path, target, relayed=self.relayed)
+        self.paths.add(re.sub(r":\d+$", "", done.path))  # the port differs each round
+        durable = fsync_file(target)
+        check_and_remove(target, payload.size, payload.sha256)
+        seconds = done.seconds + durable
+        return Round(seconds, done.sender_kib, done.receiver_kib, durable=durable)
 
 
 class Sfs:
@@ -138,13 +184,39 @@ def run(args: argparse.Namespace) -> str:
     with tempfile.TemporaryDirectory(prefix="sfs-bench-") as tmp, ExitStack() as stack:
         root = Path(tmp)
         payload = make_payload(root, args.size)
-        progress("starting sshd and two sfs clusters (sharing hashes the file twice)")
-        sshd = stack.enter_context(Sshd(root / "sshd", args.scp_cipher))
-        scp = Scp(sshd, root / "scp")
+        progress("starting sshd, the wormhole mailbox and relay, two sfs clusters")
+        anchors, not_run = start_anchors(stack, root, getattr(args, "scp_cipher", None))
         sfs = stack.enter_context(Sfs(root / "sfs", payload, encrypted=True))
         plain = stack.enter_context(Sfs(root / "sfs-plain", payload, encrypted=False))
-        rounds = run_rounds([scp, sfs, plain], payload, args.rounds)
-        return render(payload, rounds, scp, [sfs, plain])
+        methods: list[Method] = [*anchors, sfs, plain]
+        rounds = run_rounds(methods, payload, args.rounds, not_run, anchors)
+        return render(payload, rounds, not_run, anchors, [sfs, plain])
+
+
+def start_anchors(
+    stack: ExitStack, root: Path, cipher: str | None
+) -> tuple[list[Method], dict[str, str]]:
+    """The methods sfs is measured against, and the reason for each one that cannot run."""
+    anchors: list[Method] = []
+    not_run: dict[str, str] = {}
+    try:
+        sshd = stack.enter_context(Sshd(root / "sshd"))
+        default = Scp(sshd, root / "scp")
+        anchors.append(default)
+        fast = cipher or FAST_CIPHER
+        if fast != default.cipher:
+            try:
+                anchors.append(Scp(sshd, root / "scp-fast", fast))
+            except BenchError as exc:
+                not_run[f"scp ({fast})"] = str(exc)
+    except BenchError as exc:
+        not_run["scp"] = str(exc)
+    try:
+        net = stack.enter_context(WormholeNet(root / "wormhole"))
+        anchors.append(Wormhole(net, root / "wormhole-direct"))
+    except (NotRun, BenchError, OSError) as exc:
+        not_run[WORMHOLE_DIRECT] = str(exc)
+    return anchors, not_run
 
 
 def make_payload(root: Path, size: int) -> Payload:
@@ -153,17 +225,35 @@ def make_payload(root: Path, size: int) -> Payload:
     return Payload(path, size, write_random_file(path, size))
 
 
-def run_rounds(methods: Sequence[Method], payload: Payload, count: int) -> dict[str, list[Round]]:
-    """Alternating, so that a slow patch of a busy machine spreads over every method."""
+def run_rounds(
+    methods: Sequence[Method],
+    payload: Payload,
+    count: int,
+    not_run: dict[str, str] | None = None,
+    optional: Sequence[Method] = (),
+) -> dict[str, list[Round]]:
+    """Alternating, so that a slow patch of a busy machine spreads over every method. An
+    `optional` method that fails is dropped, its reason in `not_run`; sfs failures raise."""
     rounds: dict[str, list[Round]] = {method.label: [] for method in methods}
     width = max(len(label) for label in rounds)
+    failed: set[str] = set()
     for number in range(1, count + 1):
         for method in methods:
-            done = method.transfer(payload)
+            if method.label in failed:
+                continue
+            try:
+                done = method.transfer(payload)
+            except BenchError as exc:
+                if method not in optional or not_run is None:
+                    raise
+                failed.add(method.label)
+                not_run[method.label] = f"failed in round {number}: {exc}"
+                progress(f"round {number}/{count}  {method.label:<{width}}  failed: {exc}")
+                continue
             rounds[method.label].append(done)
             speed = rate(payload, done)
             progress(f"round {number}/{count}  {method.label:<{width}}  {speed:6.0f} MB/s")
-    return rounds
+    return {label: done for label, done in rounds.items() if label not in failed}
 
 
 def rate(payload: Payload, done: Round) -> float:
@@ -173,37 +263,64 @@ def rate(payload: Payload, done: Round) -> float:
 # --- the report ------------------------------------------------------------------------------
 
 
-def render(payload: Payload, rounds: dict[str, list[Round]], scp: Scp, sfs: list[Sfs]) -> str:
-    scp_median = statistics.median(rate(payload, r) for r in rounds[scp.label])
-    count = len(rounds[scp.label])
+def render(
+    payload: Payload,
+    rounds: dict[str, list[Round]],
+    not_run: dict[str, str],
+    anchors: Sequence[Method],
+    sfs: list[Sfs],
+) -> str:
+    medians = {
+        label: statistics.median(rate(payload, r) for r in done) for label, done in rounds.items()
+    }
+    ran_scp = [a.label for a in anchors if isinstance(a, Scp) and a.label in medians]
+    fastest_scp = max(ran_scp, key=medians.__getitem__, default=None)
+    wormhole = WORMHOLE_DIRECT if WORMHOLE_DIRECT in medians else None
+    count = max((len(done) for done in rounds.values()), default=0)
     lines = [
-        "## Transfer: sfs against scp",
+        "## Transfer: sfs against scp and magic-wormhole",
         "",
         f"One file of {format_size(payload.size)} ({payload.size:,} random bytes) over"
         f" 127.0.0.1, {count} round(s) of each method, alternating. MB/s is 10^6 bytes per"
-        " second of wall time of the transfer command alone (`scp`, `sfs-peer get`), from"
-        " its start to its exit.",
+        " second of wall time of the receiving command (`scp`, `wormhole receive`,"
+        " `sfs-peer get`), from its start to its exit, plus, for the methods that do not"
+        " fsync the file themselves (all but sfs), an fsync of the received file.",
         "",
-        "| method | MB/s median | spread (min-max) | vs scp | peak RSS sender"
-        " | peak RSS receiver |",
-        "|---|---:|---:|---:|---:|---:|",
+        f"| method | MB/s median | spread (min-max) | vs fastest scp | vs {WORMHOLE_DIRECT}"
+        " | peak RSS sender | peak RSS receiver |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for label, done in rounds.items():
         rates = [rate(payload, r) for r in done]
-        median = statistics.median(rates)
+        median = medians[label]
         sender = mib(max(r.sender_kib for r in done))
         receiver = mib(max(r.receiver_kib for r in done))
-        if label == scp.label:
+        if label in ran_scp:
             sender, receiver = f"{sender} (scp + ssh)*", f"{receiver} (sshd)*"
         lines.append(
             f"| {label} | {median:.0f} | {min(rates):.0f}-{max(rates):.0f}"
-            f" | {median / scp_median:.2f}x | {sender} | {receiver} |"
+            f" | {ratio(median, medians, fastest_scp)} | {ratio(median, medians, wormhole)}"
+            f" | {sender} | {receiver} |"
         )
-    lines += ["", *notes(payload, rounds, scp, sfs)]
+    for label, reason in not_run.items():
+        lines.append(f"| {label} | not run: {reason.replace('|', '/')} | | | | | |")
+    lines += ["", *notes(payload, rounds, medians, fastest_scp, wormhole, anchors, sfs)]
     return "\n".join(lines) + "\n"
 
 
-def notes(payload: Payload, rounds: dict[str, list[Round]], scp: Scp, sfs: list[Sfs]) -> list[str]:
+def ratio(median: float, medians: dict[str, float], anchor: str | None) -> str:
+    return f"{median / medians[anchor]:.2f}x" if anchor else "n/a"
+
+
+def notes(
+    payload: Payload,
+    rounds: dict[str, list[Round]],
+    medians: dict[str, float],
+    fastest_scp: str | None,
+    wormhole: str | None,
+    anchors: Sequence[Method],
+    sfs: list[Sfs],
+) -> list[str]:
     per_round = "; ".join(
         f"{label}: " + ", ".join(f"{rate(payload, r):.0f}" for r in done)
         for label, done in rounds.items()
@@ -213,27 +330,63 @@ def notes(payload: Payload, rounds: dict[str, list[Round]], scp: Scp, sfs: list[
         for s in sfs
     )
     untimed = statistics.median(
-        r.untimed for s in sfs for r in rounds[s.label] if r.untimed is not None
+        r.untimed for s in sfs for r in rounds.get(s.label, []) if r.untimed is not None
     )
-    return [
+    durable = "; ".join(
+        f"{label}: {statistics.median(r.durable for r in done if r.durable is not None):.2f} s"
+        for label, done in rounds.items()
+        if any(r.durable is not None for r in done)
+    )
+    sfs_label = sfs[0].label
+    targets = []
+    if sfs_label in medians and fastest_scp:
+        against = medians[sfs_label] / medians[fastest_scp]
+        targets.append(f"sfs / {fastest_scp}, the fastest scp, = {against:.2f}x (target: >= 1.5x)")
+    if sfs_label in medians and wormhole:
+        targets.append(
+            f"sfs / {wormhole} = {medians[sfs_label] / medians[wormhole]:.2f}x (target: >= 2.5x)"
+        )
+    lines = [f"- Targets, medians of this run: {'; '.join(targets) or 'n/a'}."] if targets else []
+    lines += [
         f"- MB/s per round, in order: {per_round}.",
+        f"- fsync of the received file, added by the bench (median): {durable or 'n/a'}."
+        " `sfs-peer get` fsyncs the file itself before renaming it into place.",
         f"- Of each `sfs-peer get`, {untimed:.2f} s (median) is outside its own download"
         " timer: interpreter start-up, imports, the broker lookup, exit.",
         f"- `sfs-peer share` before the rounds (hash, sign, publish; not in the figures above):"
         f" {shares}.",
-        f"- scp cipher: `{scp.cipher}`, as negotiated (`ssh -v`) with the throwaway sshd"
-        " (generated config, `-F none` on the client); scp speaks SFTP, `internal-sftp`"
-        " on the server.",
+    ]
+    scps = [a for a in anchors if isinstance(a, Scp)]
+    paths = {path for a in anchors if isinstance(a, Wormhole) for path in a.paths}
+    if scps:
+        ciphers = ", ".join(f"`{s.cipher}`" for s in scps)
+        lines.append(
+            f"- scp ciphers: {ciphers}, as negotiated (`ssh -v`) with the throwaway sshd"
+            " (generated config, `-F none` on the client; the first is OpenSSH's default,"
+            " the other `scp -c`); scp speaks SFTP, `internal-sftp` on the server."
+        )
+    if wormhole:
+        lines.append(
+            f"- {wormhole}: `wormhole send` and `wormhole receive --accept-file -o`"
+            f" ({wormhole_version()}), with their own mailbox server and transit relay, all"
+            " in one private network namespace (`unshare -n`) whose only interface is"
+            " loopback. The receiver starts once the sender is connected to the mailbox"
+            " (a socket of the namespace, read from /proc); the receiver reported its transit"
+            f" path as {', '.join(f'`{p}`' for p in sorted(paths))} (direct, not through"
+            " the relay)."
+        )
+    lines += [
         "- Peak RSS is the largest over the rounds. sfs receiver: `sfs-peer get`, exact"
         " (GNU time's %M, the kernel's high-water mark). sfs sender: VmHWM of"
-        " `sfs-peer serve` from /proc, which is cumulative since it started.",
+        " `sfs-peer serve` from /proc, which is cumulative since it started."
+        " magic-wormhole: `wormhole send` and `wormhole receive`, exact (GNU time's %M);"
+        " the mailbox and relay are not counted.",
         "- \\* scp, best effort: the peaks of the processes on each side, summed (an upper"
         " bound, as they do not all peak at once), VmHWM sampled from /proc every 50 ms."
         " Sender: scp and its ssh child. Receiver: the sshd processes forked for the"
         " connection (monitor, pre-auth child, session), not the listener.",
-        "- `sfs-peer get` fsyncs the file before renaming it into place; scp does not, so"
-        " its last bytes may still be in the page cache when it exits.",
     ]
+    return lines
 
 
 def mib(kib: int) -> str:
