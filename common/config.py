@@ -21,6 +21,7 @@ from sfs.common.protocol import ENDPOINT_PATTERN, HOST_PATTERN, PORT_PATTERN, US
 
 _BIND = re.compile(rf"tcp://(?:\*|{HOST_PATTERN}):{PORT_PATTERN}")
 _CONNECT = re.compile(ENDPOINT_PATTERN)
+MAX_BROKERS = 16  # endpoints in a peer's `broker.endpoint` list
 _WILDCARD_HOSTS = {"*", "0.0.0.0"}  # noqa: S104 (a value to recognise, not to bind)
 
 
@@ -65,7 +66,7 @@ class PeerConfig:
     download_dir: Path
     listen: str
     advertise: str
-    broker_endpoint: str
+    broker_endpoint: str  # the first of `broker_endpoints` (for messages)
     broker_public_key: bytes  # z85, as CurveZMQ wants it
     transport_encryption: bool = True
     window: int = 8
@@ -73,6 +74,14 @@ class PeerConfig:
     timeout: int = 10
     hello_timeout: int = 2  # a holder silent this long while others deliver is set aside
     seed: bool = True
+    upload_rate: int = 0  # bytes/s for all chunks `serve` sends together; 0: no cap
+    # Every broker of the deployment (`broker.endpoint`: one or a list); () means just
+    # `broker_endpoint`. Clients spread over them and fail over on a timeout.
+    broker_endpoints: tuple[str, ...] = ()
+
+    @property
+    def brokers(self) -> tuple[str, ...]:
+        return self.broker_endpoints or (self.broker_endpoint,)
 
 
 class _Section:
@@ -130,6 +139,22 @@ class _Section:
             form = "tcp://HOST:PORT (HOST may be *)" if bind else "tcp://HOST:PORT"
             raise ConfigError(f"{self._name(key)}: expected {form}, got {value!r}")
         return value
+
+    def endpoints(self, key: str) -> tuple[str, ...]:
+        """One endpoint, or a non-empty list of distinct ones."""
+        value = self._raw(key, _REQUIRED)
+        if not isinstance(value, list):
+            return (self.endpoint(key),)
+        if not value or len(value) > MAX_BROKERS:
+            raise ConfigError(
+                f"{self._name(key)}: expected tcp://HOST:PORT or a list of 1 to {MAX_BROKERS}"
+            )
+        for item in value:
+            if not isinstance(item, str) or not _CONNECT.fullmatch(item):
+                raise ConfigError(f"{self._name(key)}: expected tcp://HOST:PORT, got {item!r}")
+        if len(set(value)) != len(value):
+            raise ConfigError(f"{self._name(key)}: lists an endpoint twice")
+        return tuple(value)
 
     def section(self, key: str, keys: tuple[str, ...] = ()) -> _Section:
         return _Section(self._raw(key, _REQUIRED), self._name(key), self.base, keys)
@@ -196,6 +221,7 @@ PEER_KEYS = (
     "timeout",
     "hello_timeout",
     "seed",
+    "upload_rate",
 )
 PEER_BROKER_KEYS = ("endpoint", "public_key", "public_key_file")
 
@@ -272,6 +298,7 @@ def load_peer_config(path: Path) -> PeerConfig:
             f"(listen is {listen})"
         )
     broker = top.section("broker", PEER_BROKER_KEYS)
+    brokers = broker.endpoints("endpoint")
     config = PeerConfig(
         path=path.resolve(),
         username=username,
@@ -279,7 +306,7 @@ def load_peer_config(path: Path) -> PeerConfig:
         download_dir=top.path("download_dir"),
         listen=listen,
         advertise=advertise,
-        broker_endpoint=broker.endpoint("endpoint"),
+        broker_endpoint=brokers[0],
         broker_public_key=_broker_key(broker),
         transport_encryption=top.boolean("transport_encryption", True),
         window=top.integer("window", 8, 1, 32),
@@ -287,10 +314,27 @@ def load_peer_config(path: Path) -> PeerConfig:
         timeout=top.integer("timeout", 10, 1, 3600),
         hello_timeout=top.integer("hello_timeout", 2, 1, 3600),
         seed=top.boolean("seed", True),
+        upload_rate=_upload_rate(top),
+        broker_endpoints=brokers,
     )
     broker.finish()
     top.finish()
     return config
+
+
+# A downloader gives up on a holder after `timeout` (10 s by default) without a chunk, and
+# chunks are 1 MiB: a lower cap would starve even a lone download.
+MIN_UPLOAD_RATE = 128 * 1024
+
+
+def _upload_rate(top: _Section) -> int:
+    rate = top.integer("upload_rate", 0, 0, 10**12)
+    if 0 < rate < MIN_UPLOAD_RATE:
+        raise ConfigError(
+            f"{top.where}: upload_rate: 0 (no cap) or at least {MIN_UPLOAD_RATE} bytes/s "
+            "(a 1 MiB chunk must reach a downloader within its timeout)"
+        )
+    return rate
 
 
 def _broker_key(broker: _Section) -> bytes:

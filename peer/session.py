@@ -9,6 +9,7 @@ of the interactive session and the user's `logout`, and needs no password at all
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,13 +17,15 @@ from pathlib import Path
 from typing import TypeVar
 
 from sfs.common import protocol
-from sfs.common.errors import RemoteError, SfsError, StorageError
+from sfs.common.errors import RemoteError, SfsError, StorageError, TransportError
 from sfs.common.files import read_private_file, write_private_file
 from sfs.common.protocol import ErrorCode
 from sfs.peer.client import BrokerClient
 from sfs.peer.keys import Identity
 
 T = TypeVar("T")
+
+log = logging.getLogger("sfs.peer")
 
 
 class NotLoggedIn(SfsError):
@@ -120,6 +123,17 @@ class DeviceSession:
             return self._token
 
     def _login(self, broker: BrokerClient) -> str:
+        # A device login that got no answer is not sent again (the broker may have
+        # redeemed its challenge): start over with a fresh challenge, from the broker
+        # the client turned to, once for each broker.
+        for _ in range(len(broker.endpoints) - 1):
+            try:
+                return self._login_once(broker)
+            except TransportError as exc:
+                log.info("device login: %s", exc)
+        return self._login_once(broker)
+
+    def _login_once(self, broker: BrokerClient) -> str:
         identity = self._identity
         challenge = broker.challenge()
         payload = protocol.device_login_payload(identity.username, challenge, identity.bundle)
