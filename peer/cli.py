@@ -847,7 +847,13 @@ def _ask_to_replace(wanted: bytes) -> ConfirmReplace:
             file=sys.stderr,
             flush=True,
         )
-        return sys.stdin.readline().strip().lower() in ("y", "yes")  # end of input: no
+        answer = sys.stdin.readline()
+        if not answer:  # Ctrl-D: no answer at all, so nothing is decided
+            print(file=sys.stderr)
+            raise UsageError(
+                f"cancelled at the prompt (end of input); the pin of {pin.username} is unchanged"
+            )
+        return answer.strip().lower() in ("y", "yes")
 
     return ask
 

@@ -4,6 +4,7 @@ secret typed twice, and which commands need no passphrase."""
 from __future__ import annotations
 
 import getpass
+import io
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from sfs.common.config import PeerConfig
 from sfs.common.errors import UsageError
 from sfs.peer import cli, keys
 from sfs.peer.cli import app as peer_app
+from sfs.peer.pins import Pin
 
 
 def settings(tmp_path: Path) -> PeerConfig:
@@ -155,3 +157,20 @@ def test_the_command_list_shows_whole_phrases_at_80_columns(app: object) -> None
     for line in commands:
         assert len(line) <= 80 and not line.endswith("..."), line
         assert line.count("(") == line.count(")"), line  # never cut inside brackets
+
+
+def test_ctrl_d_at_the_replace_question_cancels_and_keeps_the_pin(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ask = cli._ask_to_replace(b"\x02" * 32)
+    pinned = Pin("bob", b"\x01" * 32, "first use", 1_700_000_000)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    with pytest.raises(UsageError) as refused:
+        ask(pinned, None)
+    assert str(refused.value) == (
+        "cancelled at the prompt (end of input); the pin of bob is unchanged"
+    )
+    assert "replace the pin of bob?" in capsys.readouterr().err
+    for typed, meant in (("y\n", True), ("yes\n", True), ("\n", False), ("n\n", False)):
+        monkeypatch.setattr(sys, "stdin", io.StringIO(typed))
+        assert ask(pinned, None) is meant
