@@ -1,9 +1,10 @@
 """`python -m bench` (or `make bench`): the benchmarks, written to bench/results.md.
 
-    python -m bench [--size 1GiB] [--rounds 3] [--only transfer|broker|search]
+    python -m bench [--size 1GiB] [--rounds 3] [--only transfer|folders|broker|search]
 
 Runs the transfer comparison against scp and magic-wormhole (bench/transfer.py), then
-each other section whose module is present: bench/broker_load.py and bench/search.py. A
+each other section whose module is present: folders (bench/folders.py),
+bench/broker_load.py and bench/search.py. A
 section is a module with `run(args: argparse.Namespace) -> str` that returns markdown.
 results.md is rewritten after each section, so a failure keeps the sections done before
 it.
@@ -24,7 +25,12 @@ from pathlib import Path
 from bench.common import BenchError, parse_size
 from bench.sshd import openssh_version
 
-SECTIONS = {"transfer": "bench.transfer", "broker": "bench.broker_load", "search": "bench.search"}
+SECTIONS = {
+    "transfer": "bench.transfer",
+    "folders": "bench.folders",
+    "broker": "bench.broker_load",
+    "search": "bench.search",
+}
 RESULTS = Path(__file__).with_name("results.md")
 
 

@@ -180,17 +180,25 @@ class Sshd:
         options += ["-o", "BatchMode=yes", "-o", "LogLevel=ERROR"]
         return options + (["-c", cipher] if cipher else [])
 
-    def scp_argv(self, source: Path, target: Path, cipher: str | None = None) -> list[str]:
+    def scp_argv(
+        self, source: Path, target: Path, cipher: str | None = None, *, recursive: bool = False
+    ) -> list[str]:
         destination = f"{self.user}@127.0.0.1:{target}"
         return [
             tool("scp"),
             "-q",
+            *(["-r"] if recursive else []),
             *self.ssh_options(cipher),
             "-P",
             str(self.port),
             str(source),
             destination,
         ]
+
+    def ssh_argv(self, command: str, cipher: str | None = None) -> list[str]:
+        """`ssh` to this sshd running `command` (a shell line) there."""
+        options = [*self.ssh_options(cipher), "-p", str(self.port)]
+        return [tool("ssh"), *options, f"{self.user}@127.0.0.1", command]
 
     def negotiated_cipher(self, cipher: str | None = None) -> str:
         """The cipher the client and this sshd agree on, from `ssh -v`."""

@@ -46,6 +46,7 @@ from tests.harness import Cluster, Peer, command_for
 SHARE_TIMEOUT = 3600.0  # hashing a large file on a busy machine takes a while
 FAST_CIPHER = "aes128-gcm@openssh.com"  # scp's fastest here (DESIGN.md §6)
 WORMHOLE_DIRECT = "magic-wormhole direct"
+WORMHOLE_RELAYED = "magic-wormhole relayed"
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,7 @@ class Wormhole:
 
     def __init__(self, net: WormholeNet, folder: Path, *, relayed: bool = False) -> None:
         self.net, self.folder, self.relayed = net, folder, relayed
-        self.label = "magic-wormhole relayed" if relayed else WORMHOLE_DIRECT
+        self.label = WORMHOLE_RELAYED if relayed else WORMHOLE_DIRECT
         self.paths: set[str] = set()
         folder.mkdir()
 
@@ -214,8 +215,9 @@ def start_anchors(
     try:
         net = stack.enter_context(WormholeNet(root / "wormhole"))
         anchors.append(Wormhole(net, root / "wormhole-direct"))
+        anchors.append(Wormhole(net, root / "wormhole-relayed", relayed=True))
     except (NotRun, BenchError, OSError) as exc:
-        not_run[WORMHOLE_DIRECT] = str(exc)
+        not_run[WORMHOLE_DIRECT] = not_run[WORMHOLE_RELAYED] = str(exc)
     return anchors, not_run
 
 
@@ -357,7 +359,7 @@ def notes(
         f" {shares}.",
     ]
     scps = [a for a in anchors if isinstance(a, Scp)]
-    paths = {path for a in anchors if isinstance(a, Wormhole) for path in a.paths}
+    worms = [a for a in anchors if isinstance(a, Wormhole) and a.label in medians]
     if scps:
         ciphers = ", ".join(f"`{s.cipher}`" for s in scps)
         lines.append(
@@ -365,15 +367,18 @@ def notes(
             " (generated config, `-F none` on the client; the first is OpenSSH's default,"
             " the other `scp -c`); scp speaks SFTP, `internal-sftp` on the server."
         )
-    if wormhole:
+    if worms:
+        reported = "; ".join(
+            f"{w.label}, {', '.join(f'`{p}`' for p in sorted(w.paths))}" for w in worms
+        )
         lines.append(
-            f"- {wormhole}: `wormhole send` and `wormhole receive --accept-file -o`"
+            "- magic-wormhole: `wormhole send` and `wormhole receive --accept-file -o`"
             f" ({wormhole_version()}), with their own mailbox server and transit relay, all"
             " in one private network namespace (`unshare -n`) whose only interface is"
             " loopback. The receiver starts once the sender is connected to the mailbox"
-            " (a socket of the namespace, read from /proc); the receiver reported its transit"
-            f" path as {', '.join(f'`{p}`' for p in sorted(paths))} (direct, not through"
-            " the relay)."
+            " (a socket of the namespace, read from /proc). Relayed: `--no-listen` on both"
+            " sides, so neither offers a direct hint. The transit path each receiver"
+            f" reported (checked every round): {reported}."
         )
     lines += [
         "- Peak RSS is the largest over the rounds. sfs receiver: `sfs-peer get`, exact"

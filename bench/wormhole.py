@@ -51,6 +51,7 @@ class NotRun(Exception):
 @dataclass(frozen=True)
 class WormholeRun:
     seconds: float  # the receive command, spawn to exit (durability is the caller's)
+    total_seconds: float  # from the sender's spawn (a folder is zipped before it connects)
     path: str  # as the receiver reports it, e.g. `->tcp:127.0.0.1:41233`
     sender_kib: int
     receiver_kib: int
@@ -223,6 +224,7 @@ class WormholeNet:
         if GNU_TIME.exists():
             send = [str(GNU_TIME), "-f", "%M", "-o", str(logs.with_suffix(".send.rss")), *send]
         err_path = logs.with_suffix(".send.err")
+        started = time.perf_counter()
         with err_path.open("wb") as err:
             sender = subprocess.Popen(
                 send, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err
@@ -234,6 +236,7 @@ class WormholeNet:
                     "receive", "--accept-file", "-o", str(target), code, relayed=relayed
                 )
                 timed = run_timed(receive, logs.with_suffix(".receive"))
+                total = time.perf_counter() - started
                 sender.wait(TRANSFER_TIMEOUT if timed.returncode == 0 else 10)
         except BaseException:
             sender.kill()
@@ -251,7 +254,7 @@ class WormholeNet:
         sender_kib = read_rss(logs.with_suffix(".send.rss")) or max(
             sampled.peaks.values(), default=0
         )
-        return WormholeRun(timed.seconds, path, sender_kib, timed.peak_kib)
+        return WormholeRun(timed.seconds, total, path, sender_kib, timed.peak_kib)
 
     def wait_for_sender(self, sender: subprocess.Popen[bytes], err_path: Path) -> None:
         """Until the sender has printed its code and holds a connection to the mailbox (the
