@@ -233,8 +233,9 @@ def render(
             totals = [seconds + synced for seconds, synced in done]
             median = statistics.median(totals)
             synced = statistics.median(s for _, s in done)
+            spread = f"{min(totals):.2f}-{max(totals):.2f}"
             lines.append(
-                f"| {tree.name} | {cell(label)} | {median:.2f} | {min(totals):.2f}-{max(totals):.2f}"
+                f"| {tree.name} | {cell(label)} | {median:.2f} | {spread}"
                 f" | {tree.size / median / 1e6:.0f} | {tree.files / median:,.0f} | {synced:.2f} s |"
             )
     for label, reason in not_run.items():
