@@ -1,6 +1,6 @@
 """`python -m bench` (or `make bench`): the benchmarks, written to bench/results.md.
 
-    python -m bench [--size 1GiB] [--rounds 3] [--only transfer|folders|broker|search]
+    python -m bench [--size 1GiB] [--rounds 3] [--only transfer|folders|broker|search]...
 
 Runs the transfer comparison against scp and magic-wormhole (bench/transfer.py), then
 each other section whose module is present: folders (bench/folders.py),
@@ -40,7 +40,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--size", type=parse_size, default="1GiB", help="file size for the transfer (1GiB)"
     )
     parser.add_argument("--rounds", type=positive, default=3, help="rounds of each method (3)")
-    parser.add_argument("--only", choices=list(SECTIONS), help="run this section alone")
+    parser.add_argument(
+        "--only",
+        choices=list(SECTIONS),
+        action="append",
+        help="run this section alone (repeat it for several)",
+    )
     parser.add_argument(
         "--scp-cipher",
         metavar="NAME",
@@ -84,7 +89,7 @@ def section(name: str, args: argparse.Namespace) -> str | None:
     """The section's markdown, or None if its module is not there (yet)."""
     module_name = SECTIONS[name]
     if importlib.util.find_spec(module_name) is None:
-        if args.only == name:
+        if name in (args.only or []):
             raise BenchError(f"{module_name.replace('.', '/')}.py does not exist")
         print(f"skipping {name}: no {module_name} module", file=sys.stderr)
         return None
@@ -104,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     started, load = datetime.now().astimezone(), os.getloadavg()
     done: list[str] = []
     try:
-        for name in [args.only] if args.only else list(SECTIONS):
+        for name in args.only or list(SECTIONS):
             text = section(name, args)
             if text is not None:
                 print(text, flush=True)
