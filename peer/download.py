@@ -51,6 +51,7 @@ from sfs.peer.pins import PinStore
 from sfs.peer.receiver import Chunk, Offered, ReceiverSession, SetAside
 from sfs.peer.receiver import read_chunk as read_chunk  # re-exported: replies are read there
 from sfs.peer.receiver import read_reply as read_reply
+from sfs.peer.stamps import FileStamp
 from sfs.peer.transfer import ChunkPlan, ReceiverLink
 
 DownloadProgress = Callable[[int, int, int], None]  # (bytes done, total, holders sending)
@@ -78,6 +79,7 @@ class DownloadResult:
     bytes_fetched: int  # over the network; the rest was resumed from an earlier attempt
     chunks_resumed: int
     seeding: bool = False  # this peer now serves its copy too
+    stamp: FileStamp | None = None  # the file as linked into place (see `stamps`)
 
 
 def verify_lookup(file_id: str, lookup: protocol.LookupResult, pins: PinStore) -> Manifest:
@@ -268,6 +270,7 @@ class Downloader:
             [name for name, chunks in download.delivered.items() if chunks],
             plan.bytes_done - plan.bytes_resumed,
             plan.resumed,
+            stamp=partial.stamp,
         )
 
     def _usable_holders(

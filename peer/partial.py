@@ -33,6 +33,7 @@ from pathlib import Path
 from sfs.common import crypto
 from sfs.common.errors import IntegrityError, StorageError
 from sfs.common.manifest import Manifest
+from sfs.peer.stamps import FileStamp, stamp_of
 
 MAX_NAME_BYTES = 255
 _NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK}
@@ -217,6 +218,7 @@ class PartialFile:
         self._manifest = manifest
         self._fd = -1
         self.found = False
+        self.stamp: FileStamp | None = None  # the finished file's, for seeding it
         self._verified: set[int] = set()  # chunk indexes on disk, each checked once
         # Guards `_fd` and `_verified`: holders' threads write while the download may
         # stop (a closed descriptor's number could be reused by another file).
@@ -311,6 +313,7 @@ class PartialFile:
             os.fsync(self._fd)
             # Named while still open, hence locked: no other download uses it meanwhile.
             target = _name_unused(self._fd, self.path, self.folder, name)
+            self.stamp = stamp_of(os.fstat(self._fd))  # after the link and unlink (ctime)
         except OSError as exc:
             raise _storage_error(exc, self.folder) from exc
         self._close()

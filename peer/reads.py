@@ -22,7 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from sfs.peer.registry import Share
-from sfs.peer.transfer import ChunkJob, ChunkOutcome, NotRegularFile
+from sfs.peer.stamps import stamp_of
+from sfs.peer.transfer import ChangedSinceShared, ChunkJob, ChunkOutcome, NotRegularFile, Unchanged
 
 # Reads waiting on one file at most; beyond, requests are refused `busy`. A download
 # keeps at most a window (32) in flight, so this is many downloads of a slow file.
@@ -38,18 +39,28 @@ _KINDS = {
 }
 
 
-def read_chunk(share: Share, offset: int, length: int) -> bytes:
-    """`length` bytes at `offset` of the share's file. Raises `OSError`, or
-    `NotRegularFile` when something else stands at its path now."""
+def read_chunk(share: Share, offset: int, length: int) -> bytes | Unchanged:
+    """`length` bytes at `offset` of the share's file: `Unchanged` if the file's stamp,
+    taken with `fstat` before and after the read, is the one recorded when it was shared,
+    plain bytes (to be hashed) if none was recorded. Raises `ChangedSinceShared` when the
+    stamp differs, `OSError`, or `NotRegularFile` when something else stands at its path."""
     # The path was resolved when the file was shared: a symlink there now is a swap.
     # O_NONBLOCK: opening a FIFO returns at once instead of waiting for a writer (it
     # changes nothing for a regular file's reads).
     fd = os.open(share.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise NotRegularFile(_KINDS.get(stat.S_IFMT(mode), "not a file"))
-        return os.pread(fd, length, offset)
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise NotRegularFile(_KINDS.get(stat.S_IFMT(info.st_mode), "not a file"))
+        if share.stamp is None:
+            return os.pread(fd, length, offset)
+        if stamp_of(info) != share.stamp:
+            raise ChangedSinceShared(f"{share.path} changed since it was shared")
+        data = os.pread(fd, length, offset)
+        # A write during the read moves mtime and ctime: this chunk is not sent either.
+        if stamp_of(os.fstat(fd)) != share.stamp:
+            raise ChangedSinceShared(f"{share.path} changed since it was shared")
+        return Unchanged(data)
     finally:
         os.close(fd)
 

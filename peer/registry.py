@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sfs.common.errors import StorageError
+from sfs.peer.stamps import FileStamp, decode_stamp
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class Share:
     shared_at: int
     owner: str | None = None  # None: this user's own file; else a copy this peer seeds
     grant: bytes = b""  # the owner's signature over the access list (seeded copies)
+    stamp: FileStamp | None = None  # the file as hashed; None: hash every chunk served
 
     def allows(self, username: str) -> bool:
         return self.access is None or username in self.access or username == self.owner
@@ -48,18 +50,21 @@ CREATE TABLE IF NOT EXISTS shares (
     keywords TEXT NOT NULL,  -- JSON list
     shared_at INTEGER NOT NULL,
     owner TEXT,  -- NULL for this user's own files; the owner of a seeded copy
-    grant_signature BLOB NOT NULL DEFAULT x''
+    grant_signature BLOB NOT NULL DEFAULT x'',
+    stamp TEXT  -- JSON [device, inode, size, mtime_ns, ctime_ns]; NULL: none recorded
 )
 """
 # Columns added since the first release, for registries made before them.
 _ADDED_COLUMNS = {
     "owner": "ALTER TABLE shares ADD COLUMN owner TEXT",
     "grant_signature": "ALTER TABLE shares ADD COLUMN grant_signature BLOB NOT NULL DEFAULT x''",
+    "stamp": "ALTER TABLE shares ADD COLUMN stamp TEXT",  # rows from before: NULL, hashed
 }
 _COLUMNS = (
     "file_id, path, name, size, manifest, signature, access, keywords, shared_at, owner, "
-    "grant_signature"
+    "grant_signature, stamp"
 )
+_PLACES = ", ".join("?" for _ in _COLUMNS.split(","))
 
 
 class ShareRegistry:
@@ -95,7 +100,7 @@ class ShareRegistry:
     def add(self, share: Share) -> None:
         self._cache.clear()  # this connection's own writes leave data_version alone
         self._run(
-            f"INSERT OR REPLACE INTO shares ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT OR REPLACE INTO shares ({_COLUMNS}) VALUES ({_PLACES})",
             (
                 share.file_id,
                 str(share.path),
@@ -108,6 +113,7 @@ class ShareRegistry:
                 share.shared_at,
                 share.owner,
                 share.grant,
+                None if share.stamp is None else share.stamp.encode(),
             ),
         )
 
@@ -141,7 +147,20 @@ class ShareRegistry:
 
 
 def _share(row: Any) -> Share:
-    file_id, path, name, size, manifest, signature, access, keywords, shared_at, owner, grant = row
+    (
+        file_id,
+        path,
+        name,
+        size,
+        manifest,
+        signature,
+        access,
+        keywords,
+        shared_at,
+        owner,
+        grant,
+        stamp,
+    ) = row
     return Share(
         file_id,
         Path(path),
@@ -154,4 +173,5 @@ def _share(row: Any) -> Share:
         shared_at,
         owner,
         bytes(grant),
+        decode_stamp(stamp),
     )

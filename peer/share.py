@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import stat
 import time
@@ -13,6 +14,7 @@ from sfs.common.errors import StorageError, UsageError
 from sfs.common.manifest import MANIFEST_VERSION, MAX_NAME_BYTES, Manifest, choose_chunk_size
 from sfs.common.protocol import USERNAME_PATTERN
 from sfs.peer.keys import Identity
+from sfs.peer.stamps import FileStamp, stamp_of
 
 Progress = Callable[[int, int], None]  # (bytes done, total bytes)
 
@@ -64,9 +66,21 @@ def build_manifest(
     progress: Progress | None = None,
 ) -> Manifest:
     """Hash the file chunk by chunk (constant memory) into an unsigned manifest."""
+    return build_stamped_manifest(path, identity, keywords, progress)[0]
+
+
+def build_stamped_manifest(
+    path: Path,
+    identity: Identity,
+    keywords: list[str],
+    progress: Progress | None = None,
+) -> tuple[Manifest, FileStamp]:
+    """`build_manifest`, and the stamp of the file hashed (see `stamps`), taken from the
+    descriptor read: the same before and after hashing, or the file changed meanwhile."""
     try:
         with path.open("rb") as handle:
-            size = path.stat().st_size
+            before = stamp_of(os.fstat(handle.fileno()))
+            size = before.size
             chunk_size = choose_chunk_size(size)
             whole = crypto.new_sha256()
             chunk_hashes = bytearray()
@@ -77,11 +91,12 @@ def build_manifest(
                 done += len(chunk)
                 if progress is not None:
                     progress(done, size)
+            after = stamp_of(os.fstat(handle.fileno()))
     except OSError as exc:
         raise StorageError(f"cannot read {path}: {exc.strerror}") from exc
-    if done != size:
+    if done != size or after != before:
         raise StorageError(f"{path} changed while it was being hashed; try again")
-    return Manifest(
+    manifest = Manifest(
         version=MANIFEST_VERSION,
         share_id=crypto.random_bytes(16),
         name=path.name,
@@ -94,3 +109,4 @@ def build_manifest(
         keywords=keywords,
         created=int(time.time()),
     )
+    return manifest, after

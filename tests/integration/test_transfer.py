@@ -234,9 +234,26 @@ def test_holder_does_not_send_content_changed_since_sharing(
 
 
 def test_file_changed_at_holder_is_reported(network: Network, tmp_path: Path) -> None:
+    """The file's stamp (size, mtime, ctime) changed: refused from the first chunk, even
+    though chunk 0 is still the shared one, and nothing is left behind."""
     _alice, bob, share = alice_shares_with_bob(network, tmp_path, 2 * MiB)
-    data = (tmp_path / "data.bin").read_bytes()
     os.truncate(tmp_path / "data.bin", MiB + 5)  # the owner cut the file after sharing it
+    with pytest.raises(RemoteError, match="changed on the holder since it was shared"):
+        bob.get(share.file_id)
+    assert leftovers(bob.config.download_dir) == []
+
+
+def test_file_changed_at_holder_without_a_stamp_is_served_up_to_the_change(
+    network: Network, tmp_path: Path
+) -> None:
+    """A share recorded before stamps existed: each chunk is hashed against the manifest,
+    so chunk 0 is still sent and kept."""
+    alice, bob, share = alice_shares_with_bob(network, tmp_path, 2 * MiB)
+    recorded = alice.registry.get(share.file_id)
+    assert recorded is not None and recorded.stamp is not None
+    alice.registry.add(dataclasses.replace(recorded, stamp=None))
+    data = (tmp_path / "data.bin").read_bytes()
+    os.truncate(tmp_path / "data.bin", MiB + 5)
     with pytest.raises(DownloadInterrupted, match="changed on the holder since it was shared"):
         bob.get(share.file_id)
     assert kept_chunks(bob, share, data) == 1  # chunk 0 is still the shared one

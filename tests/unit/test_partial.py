@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from sfs.common.errors import IntegrityError, StorageError
 from sfs.common.manifest import Manifest
 from sfs.peer.partial import MAX_NAME_BYTES, PartialFile, partial_path, safe_filename
+from sfs.peer.stamps import stamp_of
 
 # Small chunks keep the tests fast: these manifests are never encoded, so the protocol's
 # MIN_CHUNK_SIZE does not apply. 4096 is also the usual file system block, so a chunk
@@ -943,3 +944,12 @@ def test_a_folder_that_is_a_file_is_named_as_such(tmp_path: Path, where: str) ->
         new_partial(folder)
     assert str(refused.value) == f"cannot write in {folder}: that path is not a folder"
     assert blocker.read_bytes() == b"mine"
+
+
+def test_finish_records_the_stamp_of_the_file_it_named(tmp_path: Path) -> None:
+    """Taken after the link and the unlink of the temporary name (both move ctime), so a
+    seeded copy is served without re-hashing until it changes (see sfs.peer.stamps)."""
+    partial = new_partial(tmp_path)
+    write_all(partial)
+    target = partial.finish("out.bin")
+    assert partial.stamp == stamp_of(target.stat())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import random
@@ -16,10 +17,12 @@ from sfs.peer.share import (
     MAX_KEYWORD_LENGTH,
     MAX_KEYWORDS,
     build_manifest,
+    build_stamped_manifest,
     check_usernames,
     normalise_keywords,
     shareable_file,
 )
+from sfs.peer.stamps import stamp_of
 
 MiB = 1024 * 1024
 
@@ -36,6 +39,17 @@ def expected_chunk_hashes(data: bytes, chunk_size: int = DEFAULT_CHUNK_SIZE) -> 
 
 
 # --- build_manifest -------------------------------------------------------------------------
+
+
+def test_sharing_records_the_stamp_of_the_file_hashed(tmp_path: Path, alice: Identity) -> None:
+    """The holder skips its per-chunk hash while this stamp holds (see test_stamps)."""
+    path = tmp_path / "file.bin"
+    path.write_bytes(b"x" * 1000)
+    manifest, stamp = build_stamped_manifest(path, alice, [])
+    assert manifest == dataclasses.replace(
+        build_manifest(path, alice, []), share_id=manifest.share_id, created=manifest.created
+    )
+    assert stamp == stamp_of(path.stat())
 
 
 @pytest.mark.parametrize(
