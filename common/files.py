@@ -38,6 +38,10 @@ def locked(path: Path) -> Iterator[None]:
     lock_path = path.with_name(f".{path.name}.lock")
     try:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    except FileNotFoundError as exc:
+        raise StorageError(
+            f"cannot use {path}: the folder {path.parent} does not exist (run `init` first?)"
+        ) from exc
     except OSError as exc:
         raise StorageError(f"cannot lock {path}: {exc.strerror}") from exc
     try:
