@@ -46,7 +46,7 @@ from sfs.peer.serve_lock import serve_lock
 from sfs.peer.server import Heartbeat, PeerServer
 from sfs.peer.share import (
     Progress,
-    build_manifest,
+    build_stamped_manifest,
     check_usernames,
     normalise_keywords,
     shareable_file,
@@ -252,7 +252,7 @@ class Peer:
         words = normalise_keywords(keywords or [])
         access = check_usernames(to) if to else None
         token = self._token()
-        manifest = build_manifest(source, self.identity, words, progress)
+        manifest, stamp = build_stamped_manifest(source, self.identity, words, progress)
         manifest_bytes = manifest.encode()
         signature = self.identity.sign(manifest_bytes)
         expected_id = file_id_of(manifest_bytes)
@@ -272,6 +272,7 @@ class Peer:
             access,
             words,
             int(time.time()),
+            stamp=stamp,
         )
         self.registry.add(share)
         return share
@@ -406,6 +407,7 @@ class Peer:
                     int(time.time()),
                     owner=lookup.owner,
                     grant=lookup.grant,
+                    stamp=result.stamp,
                 )
             )
             with self._authenticated():
@@ -544,6 +546,7 @@ class Peer:
                 self.config.transport_encryption,
                 stop,
                 on_ready,
+                upload_rate=self.config.upload_rate,
             )
             heartbeat.start()
             keeper.start()

@@ -6,13 +6,16 @@ peer transport encryption off); any client key may connect, and the signed hello
 decides who the requester is. One poll loop answers everything but the file I/O, which
 runs in one lane per file (`reads.ReadLanes`), so that a file that blocks stops no other
 share. Files are read chunk by chunk, so serving stays flat in memory whatever the file
-size.
+size. With an `upload_rate`, chunks read wait their turn in one queue (`pacing`), while
+the loop goes on answering everything else.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
+from collections import deque
 from collections.abc import Callable
 
 import zmq
@@ -22,9 +25,10 @@ from sfs.common.errors import RemoteError, SfsError, TransportError
 from sfs.common.protocol import ErrorCode, encode_error
 from sfs.peer.client import BrokerClient
 from sfs.peer.keys import Identity
+from sfs.peer.pacing import UploadPacer
 from sfs.peer.reads import ReadLanes
 from sfs.peer.session import DeviceNotRegistered, DeviceSession
-from sfs.peer.transfer import ChunkJob, HolderService
+from sfs.peer.transfer import ChunkJob, ChunkOutcome, HolderService
 
 log = logging.getLogger("sfs.peer")
 
@@ -52,7 +56,9 @@ class PeerServer:
         transport_encryption: bool = True,
         stop: threading.Event | None = None,
         on_ready: Callable[[str], None] | None = None,
+        upload_rate: int = 0,
     ) -> None:
+        """`upload_rate`: bytes a second for every chunk sent, together; 0 for no cap."""
         self._service = service
         self._identity = identity
         self._listen = listen
@@ -61,6 +67,10 @@ class PeerServer:
         self._on_ready = on_ready
         self.endpoint = listen
         self._reading: dict[bytes, int] = {}  # connection -> chunk reads under way
+        self._pacer = UploadPacer(upload_rate)
+        # Chunks read, waiting for the upload cap; still counted in `_reading`, so each
+        # connection has at most MAX_READS_PER_CONNECTION here.
+        self._paced: deque[tuple[ChunkJob, ChunkOutcome]] = deque()
 
     def stop(self) -> None:
         self._stop.set()
@@ -100,18 +110,42 @@ class PeerServer:
         poller.register(lanes.wakeup_fd, zmq.POLLIN)
         try:
             while not self._stop.is_set():
-                ready = dict(poller.poll(_POLL_MS))
+                ready = dict(poller.poll(self._poll_ms()))
+                self._send_paced(sock)
                 if not ready:
                     self._service.expire_idle()
                     continue
                 if lanes.wakeup_fd in ready:
                     for job, outcome in lanes.finished():
-                        self._done_reading(job.connection)
-                        self._send(sock, job.connection, self._service.complete(job, outcome))
+                        if self._pacer.enabled and isinstance(outcome, bytes):
+                            self._paced.append((job, outcome))
+                        else:
+                            self._finish_read(sock, job, outcome)
+                    self._send_paced(sock)
                 if sock in ready:
                     self._receive(sock, lanes)
         finally:
             lanes.close()
+
+    def _poll_ms(self) -> int:
+        if not self._paced:
+            return _POLL_MS
+        return min(_POLL_MS, math.ceil(self._pacer.wait() * 1000))
+
+    def _send_paced(self, sock: zmq.Socket[bytes]) -> None:
+        """Send the chunks waiting for the upload cap whose turn has come, in order."""
+        while self._paced and self._pacer.wait() == 0:
+            job, outcome = self._paced.popleft()
+            if self._finish_read(sock, job, outcome):
+                self._pacer.spend(job.length)
+
+    def _finish_read(self, sock: zmq.Socket[bytes], job: ChunkJob, outcome: ChunkOutcome) -> bool:
+        """Reply to a chunk request whose read is done; whether a chunk went out (the
+        transfer may have ended meanwhile: finished, expired or unshared)."""
+        self._done_reading(job.connection)
+        replies = self._service.complete(job, outcome)
+        self._send(sock, job.connection, replies)
+        return len(replies) == 2
 
     def _receive(self, sock: zmq.Socket[bytes], lanes: ReadLanes) -> None:
         frames = sock.recv_multipart(copy=False)

@@ -489,6 +489,7 @@ PEER_EXTRA = {
     "timeout": "10",
     "hello_timeout": "2",
     "seed": "false",
+    "upload_rate": "0",
 }
 
 
