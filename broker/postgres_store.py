@@ -38,6 +38,7 @@ from sfs.broker.store_contract import (
     MAX_HOLDERS,
     FileEntry,
     Hit,
+    IdMatch,
     Presence,
     Quota,
     QuotaExceeded,
@@ -534,6 +535,17 @@ class PostgresStore:
             {"file_id": file_id, "me": user_id},
         )
         return _file_entry(rows[0]) if rows else None
+
+    def files_by_prefix(self, user_id: int, prefix: str, limit: int) -> list[IdMatch]:
+        # A range scan of the primary key: ids are lowercase hex, so every id that
+        # starts with the prefix sorts before the prefix followed by "g".
+        rows = self._query(
+            "SELECT f.file_id, u.username, f.name FROM files f JOIN users u ON u.id = f.owner_id"
+            f" WHERE f.file_id >= %(low)s AND f.file_id < %(high)s AND {_VISIBLE}"
+            " ORDER BY f.file_id LIMIT %(limit)s",
+            {"low": prefix, "high": prefix + "g", "me": user_id, "limit": limit},
+        )
+        return [IdMatch(row[0], row[1], row[2]) for row in rows]
 
     def online_holders(self, file_id: str, now: int) -> list[Presence]:
         online = "JOIN presence p ON p.user_id = u.id AND p.online_until > %(now)s"

@@ -98,6 +98,7 @@ class BrokerService:
             protocol.Unpublish: self._unpublish,
             protocol.Search: self._search,
             protocol.Lookup: self._lookup,
+            protocol.Resolve: self._resolve,
             protocol.Hold: self._hold,
             protocol.Release: self._release,
             protocol.GetBundle: self._bundle,
@@ -370,6 +371,13 @@ class BrokerService:
             holders,
             self.store.signed_access(entry.file_id),
             entry.grant,
+        )
+
+    def _resolve(self, request: protocol.Resolve, caller: Caller) -> Record:
+        user = self._session(request.token, caller)
+        matches = self.store.files_by_prefix(user.id, request.prefix, protocol.MAX_ID_MATCHES)
+        return protocol.ResolveResult(
+            [protocol.IdMatch(m.file_id, m.name, m.owner) for m in matches]
         )
 
     def _hold(self, request: protocol.Hold, caller: Caller) -> Record:

@@ -50,6 +50,7 @@ from sfs.broker.store_contract import (
     MAX_HOLDERS,
     FileEntry,
     Hit,
+    IdMatch,
     Presence,
     Quota,
     QuotaExceeded,
@@ -592,6 +593,17 @@ class SqliteStore:
             {"file_id": file_id, "me": user_id},
         )
         return _file_entry(rows[0]) if rows else None
+
+    def files_by_prefix(self, user_id: int, prefix: str, limit: int) -> list[IdMatch]:
+        # A range scan of the primary key: ids are lowercase hex, so every id that
+        # starts with the prefix sorts before the prefix followed by "g".
+        rows = self._query(
+            "SELECT f.file_id, u.username, f.name FROM files f JOIN users u ON u.id = f.owner_id"
+            f" WHERE f.file_id >= :low AND f.file_id < :high AND {_VISIBLE}"
+            " ORDER BY f.file_id LIMIT :limit",
+            {"low": prefix, "high": prefix + "g", "me": user_id, "limit": limit},
+        )
+        return [IdMatch(row[0], row[1], row[2]) for row in rows]
 
     def online_holders(self, file_id: str, now: int) -> list[Presence]:
         """The owner, if online, then the online seeders: at most `MAX_HOLDERS`."""

@@ -80,6 +80,15 @@ class Hit:
 
 
 @dataclass(frozen=True)
+class IdMatch:
+    """A file whose id starts with a prefix a user typed."""
+
+    file_id: str
+    owner: str
+    name: str
+
+
+@dataclass(frozen=True)
 class Stats:
     users: list[tuple[str, bool]]  # (username, online), by username
     files: int
@@ -172,6 +181,10 @@ class Store(Protocol):
 
     def visible_file(self, file_id: str, user_id: int) -> FileEntry | None:
         """The file, if the user may see it."""
+
+    def files_by_prefix(self, user_id: int, prefix: str, limit: int) -> list[IdMatch]:
+        """The files visible to the user (the rule of search) whose id starts with
+        `prefix`, a string of lowercase hex digits as ids are; by id, at most `limit`."""
 
     def online_holders(self, file_id: str, now: int) -> list[Presence]:
         """Who serves the file now: its owner if online, then the seeders online, the

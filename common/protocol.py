@@ -35,6 +35,8 @@ PORT_PATTERN = (
 )
 ENDPOINT_PATTERN = rf"tcp://{HOST_PATTERN}:{PORT_PATTERN}"
 FILE_ID_PATTERN = r"[0-9a-f]{32}"
+MIN_ID_PREFIX = 8  # hex characters: 32 bits, rarely ambiguous among a user's files
+FILE_ID_PREFIX_PATTERN = rf"[0-9a-f]{{{MIN_ID_PREFIX},32}}"
 
 Username = Annotated[str, MaxLen(32), Pattern(USERNAME_PATTERN)]
 FileId = Annotated[str, MaxLen(32), Pattern(FILE_ID_PATTERN)]
@@ -52,6 +54,7 @@ MAX_MANIFEST_BYTES = 9 * 1024 * 1024
 MAX_BROKER_FRAME = 16 * 1024 * 1024
 MAX_ACCESS_LIST = 1000
 MAX_SEARCH_RESULTS = 500
+MAX_ID_MATCHES = 10  # files listed for an id prefix that is not unique
 
 
 class ErrorCode(StrEnum):
@@ -250,6 +253,27 @@ class SearchResult(Record):
 
 
 @dataclass(frozen=True)
+class Resolve(Record):
+    """The files visible to the caller (as search sees them) whose id starts with
+    `prefix`: a user may type a unique prefix wherever a file id is taken."""
+
+    token: Token
+    prefix: Annotated[str, MaxLen(32), Pattern(FILE_ID_PREFIX_PATTERN)]
+
+
+@dataclass(frozen=True)
+class IdMatch(Record):
+    file_id: FileId
+    name: Annotated[str, MaxLen(1024)]
+    owner: Username
+
+
+@dataclass(frozen=True)
+class ResolveResult(Record):
+    matches: Annotated[list[IdMatch], MaxLen(MAX_ID_MATCHES)]  # by file id
+
+
+@dataclass(frozen=True)
 class Lookup(Record):
     token: Token
     file_id: FileId
@@ -320,6 +344,7 @@ BROKER_REQUESTS: dict[str, type[Record]] = {
     "unpublish": Unpublish,
     "search": Search,
     "lookup": Lookup,
+    "resolve": Resolve,
     "hold": Hold,
     "release": Release,
     "bundle": GetBundle,

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from sfs.broker import throttle
 from sfs.broker.service import DEVICE_LOGIN_REFUSED, LOGIN_REFUSED, BrokerService, BrokerSettings
 from sfs.broker.store import SqliteStore
+from sfs.broker.store_contract import FileEntry
 from sfs.broker.throttle import CHALLENGE_TTL
 from sfs.common import crypto, protocol
 from sfs.common.codec import Record, from_wire, pack
@@ -1282,6 +1283,57 @@ def test_lookup_refuses_a_malformed_file_id(
     broker: Broker, tokens: dict[str, str], alice: Identity, file_id: str
 ) -> None:
     assert broker.lookup_error(alice, tokens["alice"], file_id).code == "bad_request"
+
+
+def resolve(broker: Broker, who: Identity, token: str, prefix: str) -> list[protocol.IdMatch]:
+    request = protocol.Resolve(token, prefix)
+    return broker.ok("resolve", request, who.bundle.curve_public, protocol.ResolveResult).matches
+
+
+def test_resolve_finds_an_id_by_its_prefix_among_the_files_one_may_see(
+    broker: Broker, tokens: dict[str, str], alice: Identity, bob: Identity, carol: Identity
+) -> None:
+    public = broker.publish(alice, tokens["alice"], "public.txt", content=b"1")
+    to_bob = broker.publish(alice, tokens["alice"], "to-bob.txt", access=["bob"], content=b"2")
+    assert resolve(broker, bob, tokens["bob"], public[:8]) == [
+        protocol.IdMatch(public, "public.txt", "alice")
+    ]
+    assert resolve(broker, bob, tokens["bob"], to_bob) == [
+        protocol.IdMatch(to_bob, "to-bob.txt", "alice")
+    ]
+    # carol may not see it: she learns nothing, whatever length of prefix she tries
+    for length in (8, 16, 32):
+        assert resolve(broker, carol, tokens["carol"], to_bob[:length]) == (
+            [protocol.IdMatch(public, "public.txt", "alice")]
+            if public.startswith(to_bob[:length])
+            else []
+        )
+
+
+def test_resolve_lists_at_most_ten_files(
+    broker: Broker, store: SqliteStore, tokens: dict[str, str], alice: Identity, bob: Identity
+) -> None:
+    owner = store.get_user("alice")
+    assert owner is not None
+    for n in range(12):  # ids a broker would never make, straight into the store
+        file_id = f"abcdef01{n:024x}"
+        entry = FileEntry(file_id, "alice", f"f{n}", 1, [], b"m" + bytes([n]), b"s", T0)
+        store.add_file(owner.id, entry, None)
+    matches = resolve(broker, bob, tokens["bob"], "abcdef01")
+    assert [m.file_id for m in matches] == [f"abcdef01{n:024x}" for n in range(10)]
+
+
+@pytest.mark.parametrize("prefix", ["abcdef0", "", "ABCDEF01", "abcdef0g", "abcdef01%", "0" * 33])
+def test_resolve_refuses_a_prefix_that_is_short_or_not_hex(
+    broker: Broker, tokens: dict[str, str], alice: Identity, prefix: str
+) -> None:
+    request = protocol.Resolve(tokens["alice"], prefix)
+    assert broker.error("resolve", request, alice.bundle.curve_public).code == "bad_request"
+
+
+def test_resolve_needs_a_session(broker: Broker, alice: Identity) -> None:
+    request = protocol.Resolve("not a token", "abcdef01")
+    assert broker.error("resolve", request, alice.bundle.curve_public).code == "unauthorized"
 
 
 def test_bundle_lookup(

@@ -21,6 +21,7 @@ from sfs.broker.store import SqliteStore
 from sfs.broker.store_contract import (
     MAX_HOLDERS,
     FileEntry,
+    IdMatch,
     Presence,
     Quota,
     QuotaExceeded,
@@ -276,6 +277,56 @@ def test_remove_file_only_by_its_owner(store: Store, users: dict[str, User]) -> 
     assert store.remove_file(fid(1), alice.id) is False
     assert store.remove_file(fid(9), alice.id) is False
     assert store.signed_access(fid(1)) is None
+
+
+def test_files_by_prefix_sees_what_search_sees(store: Store, users: dict[str, User]) -> None:
+    alice, bob, carol = users["alice"], users["bob"], users["carol"]
+    public, to_bob, private, carols = (f"abcdef01{n:024x}" for n in (1, 2, 3, 4))
+    store.add_file(alice.id, entry(public, name="public.txt"), None)
+    store.add_file(alice.id, entry(to_bob, name="to bob.txt"), ["bob"])
+    store.add_file(alice.id, entry(private, name="private.txt"), [])
+    store.add_file(carol.id, entry(carols, owner="carol", name="carol's.txt"), ["alice"])
+    store.add_file(alice.id, entry("abcdef00" + "f" * 24), None)  # sorts just before
+    store.add_file(alice.id, entry("abcdef02" + "0" * 24), None)  # and just after
+
+    def ids(user: User, prefix: str = "abcdef01", limit: int = 10) -> list[str]:
+        return [m.file_id for m in store.files_by_prefix(user.id, prefix, limit)]
+
+    assert ids(alice) == [public, to_bob, private, carols]
+    assert ids(bob) == [public, to_bob]
+    assert ids(carol) == [public, carols]
+    assert ids(bob, to_bob) == [to_bob]  # a whole id
+    assert ids(bob, private) == []  # one bob may not see: nothing, as if it did not exist
+    assert ids(carol, "abcdef01" + "0" * 23 + "2") == []
+    assert ids(alice, limit=2) == [public, to_bob]
+    assert ids(alice, "abcdef0") == [
+        "abcdef00" + "f" * 24,
+        public,
+        to_bob,
+        private,
+        carols,
+        "abcdef02" + "0" * 24,
+    ]
+    assert store.files_by_prefix(bob.id, to_bob, 10) == [
+        IdMatch(to_bob, "alice", "to bob.txt")
+    ]
+    assert store.files_by_prefix(alice.id, carols, 10) == [IdMatch(carols, "carol", "carol's.txt")]
+
+
+def test_files_by_prefix_finds_exactly_the_ids_that_start_with_it(
+    store: Store, users: dict[str, User]
+) -> None:
+    rng = random.Random(8)
+    # Few digits, many shared prefixes, and "f" next to the range's upper end.
+    made = sorted({"".join(rng.choice("0f9a") for _ in range(32)) for _ in range(300)})
+    for file_id in made:
+        store.add_file(users["alice"].id, entry(file_id), None)
+    for file_id in made[::7]:
+        for length in (8, 9, 10, 12, 32):
+            prefix = file_id[:length]
+            expected = [i for i in made if i.startswith(prefix)][:10]
+            found = store.files_by_prefix(users["bob"].id, prefix, 10)
+            assert [m.file_id for m in found] == expected
 
 
 def test_the_quota_counts_files_and_manifest_bytes_per_owner(
