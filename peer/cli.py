@@ -368,13 +368,17 @@ def _audience(share: Share) -> str:
 @command
 def unshare(
     config: ConfigOption,
-    file_id: Annotated[str, typer.Argument(show_default=False)],
+    file_id: Annotated[str, typer.Argument(metavar="FILE_ID", show_default=False)],
     debug: DebugOption = False,
 ) -> None:
-    """Stop sharing a file."""
+    """Stop sharing a file, or seeding a downloaded copy.
+
+    FILE_ID may be the first 8 or more characters of the id, if no other file of
+    yours starts with them.
+    """
     with _peer(config) as peer:
-        peer.unshare(file_id)
-    stdout.print(f"stopped sharing {file_id}")
+        whole = peer.unshare(file_id)
+    stdout.print(f"stopped sharing {whole}")
 
 
 @app.command(name="list")
@@ -595,6 +599,8 @@ def get(
     the file before). Stopped part way (Ctrl-C, holders gone), the verified chunks
     stay in a hidden .part file in the folder, and running the same command again
     resumes. A file already in the folder with the same content is not fetched again.
+    FILE_ID may be the first 8 or more characters of the id, if no other file you
+    can see starts with them.
 
     \b
     Example:

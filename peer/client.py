@@ -271,6 +271,15 @@ class BrokerClient:
     def lookup(self, token: str, file_id: str) -> protocol.LookupResult:
         return self.call("lookup", protocol.Lookup(token, file_id), protocol.LookupResult)
 
+    def resolve(self, token: str, prefix: str) -> list[protocol.IdMatch]:
+        """The files visible to this user whose id starts with `prefix`."""
+        matches = self.call("resolve", protocol.Resolve(token, prefix), protocol.ResolveResult)
+        if any(not m.file_id.startswith(prefix) for m in matches.matches):
+            raise ProtocolError(
+                "the broker answered an id prefix with ids that do not start with it"
+            )
+        return matches.matches
+
     def bundle(self, token: str, username: str) -> KeyBundle:
         request = protocol.GetBundle(token, username)
         result = self.call("bundle", request, protocol.BundleResult)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,7 +31,7 @@ from sfs.common.errors import (
 from sfs.common.identity import format_fingerprint, safety_code
 from sfs.common.manifest import decode_manifest, file_id_of
 from sfs.common.protocol import ErrorCode
-from sfs.peer import keys, leftovers, session
+from sfs.peer import file_ids, keys, leftovers, session
 from sfs.peer.client import BrokerClient
 from sfs.peer.download import Downloader, DownloadProgress, DownloadResult, verify_lookup
 from sfs.peer.partial import partial_path
@@ -277,10 +276,11 @@ class Peer:
         self.registry.add(share)
         return share
 
-    def unshare(self, file_id: str) -> None:
+    def unshare(self, file_id: str) -> str:
         """Stop serving at once (the holder is where access is enforced), then tell the
-        broker to stop listing the file."""
-        file_id = parse_file_id(file_id)
+        broker to stop listing the file. Returns the whole id (`file_id` may be a
+        prefix)."""
+        file_id = self._file_id(file_id, local_first=True)
         share = self.registry.get(file_id)
         local = self.registry.remove(file_id)
         seeded = share is not None and share.owner is not None
@@ -294,10 +294,11 @@ class Peer:
             if not local:
                 raise
             if isinstance(exc, RemoteError) and exc.code == ErrorCode.NOT_FOUND:
-                return  # the broker had forgotten it already
+                return file_id  # the broker had forgotten it already
             raise SfsError(
                 f"stopped serving {file_id}, but the broker still lists it: {exc}"
             ) from exc
+        return file_id
 
     def shares(self) -> list[Share]:
         return self.registry.all()
@@ -331,7 +332,7 @@ class Peer:
     ) -> DownloadResult | AlreadyDownloaded:
         """Download a file; not one's own, and (unless `force`: a second copy) not one
         already in the folder with the same content."""
-        file_id = parse_file_id(file_id)
+        file_id = self._file_id(file_id)
         folder = out or self.config.download_dir
         self._refuse_own(file_id, None)
         with self._authenticated():
@@ -353,6 +354,29 @@ class Peer:
                 f"interrupted; the verified chunks are kept in {part}:"
                 f" run the same `sfs-peer get {file_id}` to resume"
             ) from None
+
+    def _file_id(self, text: str, *, local_first: bool = False) -> str:
+        """The file id a user typed, whole or a unique prefix: found among this peer's
+        shares and seeded copies first if `local_first`, else (or if none matches)
+        among the files the broker lets this user see."""
+        typed = file_ids.parse(text)
+        if typed.whole:
+            return typed.text
+        if local_first:
+            local = [
+                file_ids.Candidate(s.file_id, s.name, s.owner or self.config.username)
+                for s in self.registry.all()
+                if s.file_id.startswith(typed.text)
+            ]
+            if local:
+                return file_ids.pick(typed.text, local)
+        with self._authenticated():
+            matches = self.broker.resolve(self._token(), typed.text)
+        return file_ids.pick(
+            typed.text,
+            [file_ids.Candidate(m.file_id, m.name, m.owner) for m in matches],
+            more=len(matches) >= protocol.MAX_ID_MATCHES,
+        )
 
     def _refuse_own(self, file_id: str, owner: str | None) -> None:
         """`owner`: as the signed manifest says; None: ask the local share registry."""
@@ -559,10 +583,3 @@ class Peer:
             checker.close()
         if heartbeat.session_lost is not None:
             raise heartbeat.session_lost
-
-
-def parse_file_id(text: str) -> str:
-    file_id = text.strip().lower()
-    if not re.fullmatch(protocol.FILE_ID_PATTERN, file_id):
-        raise UsageError(f"not a file id: {text!r} (32 hex characters)")
-    return file_id
