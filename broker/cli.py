@@ -1,4 +1,5 @@
-"""`sfs-broker`: init, serve, status, and the index's migrate (to PostgreSQL) and backup."""
+"""`sfs-broker`: init, serve, status, user (users_cli), and the index's migrate (to
+PostgreSQL) and backup."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Annotated
 import typer
 import zmq
 
+from sfs.broker import users_cli
 from sfs.broker.backup import backup_sqlite
 from sfs.broker.migrate import copy_index
 from sfs.broker.postgres_store import PostgresStore, describe, is_postgres_url
@@ -33,6 +35,7 @@ from sfs.common.errors import ConfigError, KeyFileError
 from sfs.common.files import make_private_dir, read_private_file, write_private_file
 
 app = new_app("The sfs index broker: users, key bundles, shared files and who is online.")
+app.add_typer(users_cli.app, name="user")
 
 
 @app.command()

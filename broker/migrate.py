@@ -36,7 +36,15 @@ class Table:
 TABLES = (
     Table(
         "users",
-        ("id", "username", "password_hash", "rsa_public", "curve_public", "created_at"),
+        (
+            "id",
+            "username",
+            "password_hash",
+            "rsa_public",
+            "curve_public",
+            "created_at",
+            "disabled",
+        ),
         ("id",),
     ),
     Table("sessions", ("token_hash", "user_id", "expires_at"), ("token_hash",)),

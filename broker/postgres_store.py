@@ -36,6 +36,7 @@ from psycopg_pool import ConnectionPool
 from sfs.broker.postgres_limits import PostgresLimits
 from sfs.broker.store_contract import (
     MAX_HOLDERS,
+    Account,
     FileEntry,
     Hit,
     IdMatch,
@@ -49,7 +50,7 @@ from sfs.broker.store_contract import (
 from sfs.common.errors import StorageError
 from sfs.common.identity import KeyBundle
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 CONNECT_TIMEOUT = 10  # seconds to reach the server, and to wait for a pooled connection
 _EXPIRY_STEP = 300  # seconds; as in the SQLite store
 _MIGRATION_LOCK = 0x5F5_0001  # pg_advisory_xact_lock key: one broker migrates at a time
@@ -152,14 +153,20 @@ _MIGRATIONS: dict[int, str] = {
     CREATE INDEX limit_challenges_by_address ON limit_challenges(address, seq);
     CREATE INDEX limit_challenges_by_expiry ON limit_challenges(expires);
     """,
+    3: """
+    -- An operator's `sfs-broker user disable`: refused and unlisted, nothing deleted.
+    ALTER TABLE users ADD COLUMN disabled BOOLEAN NOT NULL DEFAULT false;
+    """,
 }
 
 _FILE_COLUMNS = (
     "f.file_id, u.username, f.name, f.size, f.keywords, f.manifest, f.signature, f.shared_at,"
     " f.grant_signature"
 )
-_VISIBLE = """(f.public OR f.owner_id = %(me)s
-    OR EXISTS (SELECT 1 FROM access a WHERE a.file_id = f.file_id AND a.user_id = %(me)s))"""
+# `u` is the file's owner (every query that uses this joins it): a disabled one's files
+# are nobody's to see.
+_VISIBLE = """(NOT u.disabled AND (f.public OR f.owner_id = %(me)s
+    OR EXISTS (SELECT 1 FROM access a WHERE a.file_id = f.file_id AND a.user_id = %(me)s)))"""
 
 Row = tuple[Any, ...]
 Connection = psycopg.Connection[Row]
@@ -194,8 +201,8 @@ def _file_entry(row: Row) -> FileEntry:
     return FileEntry(row[0], row[1], row[2], row[3], keywords, row[5], row[6], row[7], row[8])
 
 
-def _user(row: Row) -> User:
-    return User(row[0], row[1], bytes(row[2]), KeyBundle(bytes(row[3]), bytes(row[4])))
+def _user(row: Row, disabled: bool = False) -> User:
+    return User(row[0], row[1], bytes(row[2]), KeyBundle(bytes(row[3]), bytes(row[4])), disabled)
 
 
 class PostgresStore:
@@ -374,11 +381,11 @@ class PostgresStore:
 
     def get_user(self, username: str) -> User | None:
         rows = self._query(
-            "SELECT id, username, password_hash, rsa_public, curve_public FROM users"
+            "SELECT id, username, password_hash, rsa_public, curve_public, disabled FROM users"
             " WHERE username = %s",
             (username,),
         )
-        return _user(rows[0]) if rows else None
+        return _user(rows[0], bool(rows[0][5])) if rows else None
 
     def add_session(self, token_hash: bytes, user_id: int, expires_at: int, now: int) -> None:
         with self._transaction() as db:
@@ -392,7 +399,7 @@ class PostgresStore:
         rows = self._query(
             "SELECT u.id, u.username, u.password_hash, u.rsa_public, u.curve_public,"
             " s.expires_at FROM sessions s JOIN users u ON u.id = s.user_id"
-            " WHERE s.token_hash = %s AND s.expires_at > %s",
+            " WHERE s.token_hash = %s AND s.expires_at > %s AND NOT u.disabled",
             (token_hash, now),
         )
         if not rows:
@@ -415,10 +422,11 @@ class PostgresStore:
 
     def set_online(self, user_id: int, endpoint: str, until: int) -> None:
         self._query(
-            "INSERT INTO presence (user_id, endpoint, online_until) VALUES (%s, %s, %s)"
+            "INSERT INTO presence (user_id, endpoint, online_until)"
+            " SELECT id, %s, %s FROM users WHERE id = %s AND NOT disabled"
             " ON CONFLICT (user_id) DO UPDATE SET endpoint = excluded.endpoint,"
             " online_until = excluded.online_until RETURNING 1",
-            (user_id, endpoint, until),
+            (endpoint, until, user_id),
         )
 
     def set_offline(self, user_id: int) -> None:
@@ -548,7 +556,10 @@ class PostgresStore:
         return [IdMatch(row[0], row[1], row[2]) for row in rows]
 
     def online_holders(self, file_id: str, now: int) -> list[Presence]:
-        online = "JOIN presence p ON p.user_id = u.id AND p.online_until > %(now)s"
+        # A heartbeat that raced a `user disable` may have left a presence: not listed.
+        online = (
+            "JOIN presence p ON p.user_id = u.id AND p.online_until > %(now)s AND NOT u.disabled"
+        )
         columns = "u.username, p.endpoint, u.rsa_public, u.curve_public, p.online_until"
         rows = self._query(  # one statement: the owner first, then the freshest seeders
             f"(SELECT 0, {columns} FROM files f JOIN users u ON u.id = f.owner_id {online}"
@@ -587,15 +598,16 @@ class PostgresStore:
     def stats(self, now: int) -> Stats:
         with self._transaction() as db:
             users = db.execute(
-                "SELECT u.username, EXISTS (SELECT 1 FROM presence p WHERE p.user_id = u.id"
-                " AND p.online_until > %s) FROM users u ORDER BY u.username",
+                "SELECT u.username, NOT u.disabled AND EXISTS (SELECT 1 FROM presence p"
+                " WHERE p.user_id = u.id AND p.online_until > %s) FROM users u"
+                " ORDER BY u.username",
                 (now,),
             ).fetchall()
             files = db.execute("SELECT count(*) FROM files").fetchone()
             online = db.execute(
                 "SELECT u.username, p.endpoint, p.online_until FROM presence p"
                 " JOIN users u ON u.id = p.user_id WHERE p.online_until > %s"
-                " ORDER BY u.username",
+                " AND NOT u.disabled ORDER BY u.username",
                 (now,),
             ).fetchall()
         return Stats(
@@ -603,3 +615,34 @@ class PostgresStore:
             int(files[0]) if files else 0,
             [(row[0], row[1], int(row[2])) for row in online],
         )
+
+    # --- operators -----------------------------------------------------------------------
+
+    def accounts(self, now: int) -> list[Account]:
+        rows = self._query(
+            "SELECT u.username, u.created_at, coalesce(g.files, 0), NOT u.disabled AND EXISTS"
+            " (SELECT 1 FROM presence p WHERE p.user_id = u.id AND p.online_until > %s),"
+            " u.disabled FROM users u LEFT JOIN usage g ON g.user_id = u.id"
+            " ORDER BY u.username",
+            (now,),
+        )
+        return [Account(r[0], int(r[1]), int(r[2]), bool(r[3]), bool(r[4])) for r in rows]
+
+    def set_disabled(self, username: str, disabled: bool) -> bool:
+        with self._transaction() as db:
+            found = db.execute(
+                "UPDATE users SET disabled = %s WHERE username = %s RETURNING id",
+                (disabled, username),
+            ).fetchone()
+            if found is None:
+                return False
+            if disabled:  # every broker reads sessions from here: refused from now on
+                db.execute("DELETE FROM sessions WHERE user_id = %s", (found[0],))
+                db.execute("DELETE FROM presence WHERE user_id = %s", (found[0],))
+        return True
+
+    def delete_user(self, username: str) -> bool:
+        # Sessions, presence, files (with their access lists and holders), its place on
+        # access lists and its copies go with it: ON DELETE CASCADE.
+        rows = self._query("DELETE FROM users WHERE username = %s RETURNING 1", (username,))
+        return bool(rows)

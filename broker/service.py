@@ -33,6 +33,7 @@ log = logging.getLogger("sfs.broker")
 
 LOGIN_REFUSED = "wrong username or password (or this device's keys are not the registered ones)"
 DEVICE_LOGIN_REFUSED = "this device's keys are not the ones registered for that username"
+DISABLED = "the account {} is disabled at this broker; ask its operator"
 MiB = 1024 * 1024
 
 
@@ -212,6 +213,10 @@ class BrokerService:
             log.info("failed login for %s", request.username)
             raise Refused(ErrorCode.UNAUTHORIZED, LOGIN_REFUSED)
         self._throttle.succeeded(*keys)
+        # Said only to whoever proved the password and the key: it tells nobody else
+        # that the account exists.
+        if user.disabled:
+            raise Refused(ErrorCode.FORBIDDEN, DISABLED.format(user.username))
         log.info("login %s", user.username)
         return self._new_session(user)
 
@@ -237,6 +242,8 @@ class BrokerService:
             self._throttle.failed(key)
             log.info("failed device login for %s", request.username)
             raise Refused(ErrorCode.UNAUTHORIZED, DEVICE_LOGIN_REFUSED)
+        if user.disabled:  # the keys are proven: this tells their owner only
+            raise Refused(ErrorCode.FORBIDDEN, DISABLED.format(user.username))
         log.info("device login %s", user.username)
         return self._new_session(user)
 

@@ -48,6 +48,7 @@ from pathlib import Path
 
 from sfs.broker.store_contract import (
     MAX_HOLDERS,
+    Account,
     FileEntry,
     Hit,
     IdMatch,
@@ -81,7 +82,7 @@ __all__ = [
 ]
 
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 _EXPIRY_STEP = 300  # seconds
 _MIN_SQLITE = (3, 34, 0)  # the FTS5 trigram tokenizer
 
@@ -211,14 +212,20 @@ _MIGRATIONS: dict[int, str] = {
             WHERE user_id = old.owner_id;
     END;
     """,
+    5: """
+    -- An operator's `sfs-broker user disable`: refused and unlisted, nothing deleted.
+    ALTER TABLE users ADD COLUMN disabled INTEGER NOT NULL DEFAULT 0;
+    """,
 }
 
 _FILE_COLUMNS = (
     "f.file_id, u.username, f.name, f.size, f.keywords, f.manifest, f.signature, f.shared_at,"
     " f.grant_signature"
 )
-_VISIBLE = """(f.public = 1 OR f.owner_id = :me
-    OR EXISTS (SELECT 1 FROM access a WHERE a.file_id = f.file_id AND a.user_id = :me))"""
+# `u` is the file's owner (every query that uses this joins it): a disabled one's files
+# are nobody's to see.
+_VISIBLE = """(u.disabled = 0 AND (f.public = 1 OR f.owner_id = :me
+    OR EXISTS (SELECT 1 FROM access a WHERE a.file_id = f.file_id AND a.user_id = :me)))"""
 
 
 def _statements(script: str) -> Iterator[str]:
@@ -267,8 +274,8 @@ def _file_entry(row: sqlite3.Row) -> FileEntry:
     return FileEntry(row[0], row[1], row[2], row[3], keywords, row[5], row[6], row[7], row[8])
 
 
-def _user(row: sqlite3.Row) -> User:
-    return User(row[0], row[1], row[2], KeyBundle(row[3], row[4]))
+def _user(row: sqlite3.Row, disabled: bool = False) -> User:
+    return User(row[0], row[1], row[2], KeyBundle(row[3], row[4]), disabled)
 
 
 def add_sql_functions(db: sqlite3.Connection) -> None:
@@ -387,11 +394,11 @@ class SqliteStore:
 
     def get_user(self, username: str) -> User | None:
         rows = self._query(
-            "SELECT id, username, password_hash, rsa_public, curve_public FROM users"
+            "SELECT id, username, password_hash, rsa_public, curve_public, disabled FROM users"
             " WHERE username = ?",
             (username,),
         )
-        return _user(rows[0]) if rows else None
+        return _user(rows[0], bool(rows[0][5])) if rows else None
 
     def add_session(self, token_hash: bytes, user_id: int, expires_at: int, now: int) -> None:
         with self._transaction() as db:
@@ -405,7 +412,7 @@ class SqliteStore:
         rows = self._query(
             "SELECT u.id, u.username, u.password_hash, u.rsa_public, u.curve_public,"
             " s.expires_at FROM sessions s JOIN users u ON u.id = s.user_id"
-            " WHERE s.token_hash = ? AND s.expires_at > ?",
+            " WHERE s.token_hash = ? AND s.expires_at > ? AND u.disabled = 0",
             (token_hash, now),
         )
         if not rows:
@@ -430,10 +437,11 @@ class SqliteStore:
     def set_online(self, user_id: int, endpoint: str, until: int) -> None:
         with self._transaction() as db:
             db.execute(
-                "INSERT INTO presence (user_id, endpoint, online_until) VALUES (?, ?, ?)"
+                "INSERT INTO presence (user_id, endpoint, online_until)"
+                " SELECT id, ?, ? FROM users WHERE id = ? AND disabled = 0"
                 " ON CONFLICT (user_id) DO UPDATE SET endpoint = excluded.endpoint,"
                 " online_until = excluded.online_until",
-                (user_id, endpoint, until),
+                (endpoint, until, user_id),
             )
 
     def set_offline(self, user_id: int) -> None:
@@ -607,7 +615,7 @@ class SqliteStore:
 
     def online_holders(self, file_id: str, now: int) -> list[Presence]:
         """The owner, if online, then the online seeders: at most `MAX_HOLDERS`."""
-        online = "JOIN presence p ON p.user_id = u.id AND p.online_until > :now"
+        online = "JOIN presence p ON p.user_id = u.id AND p.online_until > :now AND u.disabled = 0"
         columns = "u.username, p.endpoint, u.rsa_public, u.curve_public"
         owner = self._query(
             f"SELECT {columns} FROM files f JOIN users u ON u.id = f.owner_id {online}"
@@ -644,14 +652,15 @@ class SqliteStore:
 
     def stats(self, now: int) -> Stats:
         users = self._query(
-            "SELECT u.username, EXISTS (SELECT 1 FROM presence p WHERE p.user_id = u.id"
-            " AND p.online_until > ?) FROM users u ORDER BY u.username",
+            "SELECT u.username, u.disabled = 0 AND EXISTS (SELECT 1 FROM presence p"
+            " WHERE p.user_id = u.id AND p.online_until > ?) FROM users u ORDER BY u.username",
             (now,),
         )
         files = self._query("SELECT count(*) FROM files")[0][0]
         online = self._query(
             "SELECT u.username, p.endpoint, p.online_until FROM presence p"
-            " JOIN users u ON u.id = p.user_id WHERE p.online_until > ? ORDER BY u.username",
+            " JOIN users u ON u.id = p.user_id WHERE p.online_until > ? AND u.disabled = 0"
+            " ORDER BY u.username",
             (now,),
         )
         return Stats(
@@ -659,3 +668,37 @@ class SqliteStore:
             files,
             [(row[0], row[1], row[2]) for row in online],
         )
+
+    # --- operators -----------------------------------------------------------------------
+
+    def accounts(self, now: int) -> list[Account]:
+        rows = self._query(
+            "SELECT u.username, u.created_at, coalesce(g.files, 0), u.disabled = 0 AND EXISTS"
+            " (SELECT 1 FROM presence p WHERE p.user_id = u.id AND p.online_until > ?),"
+            " u.disabled FROM users u LEFT JOIN usage g ON g.user_id = u.id"
+            " ORDER BY u.username",
+            (now,),
+        )
+        return [Account(r[0], r[1], r[2], bool(r[3]), bool(r[4])) for r in rows]
+
+    def set_disabled(self, username: str, disabled: bool) -> bool:
+        with self._transaction() as db:
+            found = db.execute("SELECT id FROM users WHERE username = ?", (username,)).fetchone()
+            if found is None:
+                return False
+            db.execute("UPDATE users SET disabled = ? WHERE id = ?", (int(disabled), found[0]))
+            if disabled:
+                db.execute("DELETE FROM sessions WHERE user_id = ?", (found[0],))
+                db.execute("DELETE FROM presence WHERE user_id = ?", (found[0],))
+        return True
+
+    def delete_user(self, username: str) -> bool:
+        with self._transaction() as db:
+            found = db.execute("SELECT id FROM users WHERE username = ?", (username,)).fetchone()
+            if found is None:
+                return False
+            # Its files first, one statement each, so that the search index's triggers
+            # see them go; the rest goes with the user (ON DELETE CASCADE).
+            db.execute("DELETE FROM files WHERE owner_id = ?", (found[0],))
+            db.execute("DELETE FROM users WHERE id = ?", (found[0],))
+        return True

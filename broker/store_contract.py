@@ -51,6 +51,18 @@ class User:
     username: str
     password_hash: bytes
     bundle: KeyBundle
+    disabled: bool = False  # by an operator (`sfs-broker user disable`)
+
+
+@dataclass(frozen=True)
+class Account:
+    """One user as an operator sees it (`sfs-broker user list`)."""
+
+    username: str
+    created_at: int
+    files: int  # shared by the user
+    online: bool
+    disabled: bool
 
 
 @dataclass(frozen=True)
@@ -203,6 +215,29 @@ class Store(Protocol):
     def stats(self, now: int) -> Stats:
         """Every user with whether they are online, the number of files, and the
         presences live at `now`."""
+
+    # --- operators (sfs-broker user ...) ---------------------------------------------------
+
+    def accounts(self, now: int) -> list[Account]:
+        """Every user, by username: when registered, files shared, whether online at
+        `now`, whether disabled."""
+
+    def set_disabled(self, username: str, disabled: bool) -> bool:
+        """Disable or enable a user; whether there is one. Disabling ends the user's
+        sessions and forgets its presence in the same transaction; while disabled,
+        `session_user` refuses it, `set_online` ignores it, its files are found by
+        nobody (`search`, `visible_file`), it is listed as nobody's holder
+        (`online_holders`), and `stats` counts it offline. Nothing is deleted:
+        enabling brings it all back. `get_user` still returns the user (with
+        `disabled`), so its name stays taken."""
+
+    def delete_user(self, username: str) -> bool:
+        """Remove a user and everything that refers to it: sessions, presence, its
+        files (with their access lists and holders), its place on other users' access
+        lists, its seeded copies; whether there was one. A user registered later under
+        the name gets a new id and inherits none of it. (An access list as its owner
+        signed it, `signed_access`, still names the old user: the broker cannot change
+        a signature; it no longer lets that name see the file.)"""
 
     # --- limits ----------------------------------------------------------------------------
 
