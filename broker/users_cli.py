@@ -145,4 +145,5 @@ def delete(
             raise NoSuchUser(f"no such user: {name}")
     finally:
         store.close()
-    stdout.print(f"deleted {name} ({found[0].files:,} shared files)")
+    files = found[0].files
+    stdout.print(f"deleted {name} ({files:,} shared file{'' if files == 1 else 's'})")
