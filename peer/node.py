@@ -559,6 +559,12 @@ class Peer:
         keeper = SeedKeeper(
             self._open_registry, self._new_broker_client, device, self.config.heartbeat_interval
         )
+
+        def listening(endpoint: str) -> None:
+            keeper.start()  # not before: a server that cannot listen has nothing to check
+            if on_ready is not None:
+                on_ready(endpoint)
+
         try:
             service = HolderService(
                 self.identity, self.registry.get, checker, read_chunk, on_failed_read=keeper.check
@@ -569,11 +575,11 @@ class Peer:
                 self.config.listen,
                 self.config.transport_encryption,
                 stop,
-                on_ready,
+                listening,
                 upload_rate=self.config.upload_rate,
+                config=str(self.config.path),
             )
-            heartbeat.start()
-            keeper.start()
+            heartbeat.start()  # its last act is to tell the broker this peer went offline
             server.serve(self._context)
         finally:
             for thread in (heartbeat, keeper):

@@ -12,6 +12,7 @@ the loop goes on answering everything else.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import threading
@@ -21,7 +22,7 @@ from collections.abc import Callable
 import zmq
 
 from sfs.common.curve import client_key, start_authenticator
-from sfs.common.errors import RemoteError, SfsError, TransportError
+from sfs.common.errors import ConfigError, InUse, RemoteError, SfsError
 from sfs.common.protocol import ErrorCode, encode_error
 from sfs.peer.client import BrokerClient
 from sfs.peer.keys import Identity
@@ -47,6 +48,17 @@ MAX_READS_PER_CONNECTION = SEND_QUEUE_LIMIT
 _POLL_MS = 500
 
 
+def listen_error(endpoint: str, exc: zmq.ZMQError, config: str) -> SfsError:
+    """Why `listen` could not be bound, in words. Another `serve` of this data folder is
+    stopped earlier by its lock, so a taken address is another program's."""
+    if exc.errno == errno.EADDRINUSE:
+        return InUse(
+            f"cannot listen on {endpoint}: the address is in use by another program;"
+            f" change `listen` in {config}"
+        )
+    return ConfigError(f"cannot listen on {endpoint}: {exc}; check `listen` in {config}")
+
+
 class PeerServer:
     def __init__(
         self,
@@ -57,11 +69,14 @@ class PeerServer:
         stop: threading.Event | None = None,
         on_ready: Callable[[str], None] | None = None,
         upload_rate: int = 0,
+        config: str = "the config",
     ) -> None:
-        """`upload_rate`: bytes a second for every chunk sent, together; 0 for no cap."""
+        """`upload_rate`: bytes a second for every chunk sent, together; 0 for no cap.
+        `config`: where `listen` was set, for the message when it cannot be bound."""
         self._service = service
         self._identity = identity
         self._listen = listen
+        self._config = config
         self._encrypt = transport_encryption
         self._stop = stop or threading.Event()
         self._on_ready = on_ready
@@ -93,7 +108,7 @@ class PeerServer:
             try:
                 sock.bind(self._listen)
             except zmq.ZMQError as exc:
-                raise TransportError(f"cannot listen on {self._listen}: {exc}") from exc
+                raise listen_error(self._listen, exc, self._config) from exc
             self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
             if self._on_ready is not None:
                 self._on_ready(self.endpoint)

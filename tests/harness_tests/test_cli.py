@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -289,6 +291,22 @@ def test_a_broker_whose_address_is_taken_says_so_before_listening(cluster: Clust
     ]
     assert "listening" not in second.stderr and "Traceback" not in second.stderr
     assert cluster.broker is not None and cluster.broker.alive()
+
+
+def test_serve_whose_listen_address_another_program_holds_says_so(cluster: Cluster) -> None:
+    bob = cluster.peers["bob"]
+    listen = re.search(r"^listen: tcp://127\.0\.0\.1:(\d+)$", bob.config.read_text(), re.M)
+    assert listen is not None
+    with socket.socket() as other_program:
+        other_program.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        other_program.bind(("127.0.0.1", int(listen[1])))
+        other_program.listen()
+        refused = bob.run("serve", timeout=30)
+    assert one_line_error(refused) == (
+        f"error: cannot listen on tcp://127.0.0.1:{listen[1]}: the address is in use by"
+        f" another program; change `listen` in {bob.config}"
+    )
+    assert refused.returncode == 1
 
 
 def test_register_again_says_already_registered(cluster: Cluster) -> None:
