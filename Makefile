@@ -31,8 +31,10 @@ lint: $(STAMP)
 	cd .mypy-root && ../$(VENV)/bin/mypy --config-file ../pyproject.toml \
 		--namespace-packages --explicit-package-bases -p sfs
 
-# sfs against scp on loopback (and the broker and search sections when present), written
+# sfs against scp and magic-wormhole on loopback, folders, the broker and search, written
 # to bench/results.md: `make bench`, `make bench SIZE=4GiB`, BENCH_ARGS='--rounds 5'.
+# Installs what the anchors need on first use: openssh-server (apt-get), and magic-wormhole
+# with its mailbox and relay from PyPI into .venv/bench/wormhole.
 .PHONY: bench
 bench: $(STAMP)
 	$(PY) -m bench $(if $(SIZE),--size $(SIZE)) $(BENCH_ARGS)

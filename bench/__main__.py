@@ -68,6 +68,8 @@ def machine(started: datetime, load: tuple[float, float, float]) -> list[str]:
         f"- kernel: {platform.system()} {platform.release()}",
         f"- Python {platform.python_version()}, {openssh_version()}",
         f"- load average at the start: {' '.join(f'{x:.2f}' for x in load)}",
+        f"- load average when written: {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+        " (other work on the machine shows here; rerun when it is quiet)",
     ]
 
 
