@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import threading
 import time
@@ -102,11 +104,13 @@ class Timed:
         return lines[-1] if lines else f"exit code {self.returncode}"
 
 
-def run_timed(argv: list[str], logs: Path) -> Timed:
+def run_timed(argv: list[str], logs: Path, timeout: float | None = None) -> Timed:
     """Run `argv` to the end, stdout and stderr to `logs`.out/.err; wall time from spawn to
     exit. Under GNU time when there is one: its %M is the kernel's exact peak RSS of the
     command (and of its reaped children). Not wait4 in this process: a child inherits the
-    RSS high-water mark of the process that forked it, and Python is bigger than `time`."""
+    RSS high-water mark of the process that forked it, and Python is bigger than `time`.
+    After `timeout` seconds, the command and its children are killed and
+    subprocess.TimeoutExpired is raised."""
     wrapped = GNU_TIME.exists()
     rss_path = logs.with_suffix(".rss")
     if wrapped:
@@ -116,7 +120,7 @@ def run_timed(argv: list[str], logs: Path) -> Timed:
         started = time.perf_counter()
         popen = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
         with TreeWatcher(popen.pid, include_root=not wrapped) as tree:
-            _wait(popen)
+            _wait(popen, timeout)
         seconds = time.perf_counter() - started
     sampled = max(tree.peaks.values(), default=0)
     peak = (_time_rss(rss_path) if wrapped else None) or sampled
@@ -130,13 +134,23 @@ def run_timed(argv: list[str], logs: Path) -> Timed:
     )
 
 
-def _wait(popen: subprocess.Popen[bytes]) -> None:
+def _wait(popen: subprocess.Popen[bytes], timeout: float | None = None) -> None:
     try:
-        popen.wait()
-    except BaseException:  # e.g. Ctrl-C: leave no process behind
-        popen.kill()
-        popen.wait()
+        popen.wait(timeout)
+    except BaseException:  # e.g. Ctrl-C or the timeout: leave no process behind
+        kill_tree(popen)
         raise
+
+
+def kill_tree(popen: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the process and what it started (children first, found before any dies)."""
+    for pid in reversed(descendants(popen.pid)):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            continue
+    popen.kill()
+    popen.wait()
 
 
 def _time_rss(path: Path) -> int | None:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.common import BenchError, progress
-from bench.procs import GNU_TIME, TreeWatcher, run_timed
+from bench.procs import GNU_TIME, TreeWatcher, kill_tree, run_timed
 
 PACKAGES = (
     "magic-wormhole==0.24.0",
@@ -41,6 +41,7 @@ MAILBOX_PORT, RELAY_PORT = 4000, 4001  # free by construction: the namespace is 
 START_TIMEOUT = 30.0
 SENDER_READY_TIMEOUT = 30.0
 TRANSFER_TIMEOUT = 3600.0
+SENDER_EXIT_TIMEOUT = 60.0  # after the receiver is done
 PATH_LINE = re.compile(r"Receiving \((\S+)\)\.\.")
 
 
@@ -235,15 +236,17 @@ class WormholeNet:
                 receive = self.wormhole(
                     "receive", "--accept-file", "-o", str(target), code, relayed=relayed
                 )
-                timed = run_timed(receive, logs.with_suffix(".receive"))
+                timed = run_timed(receive, logs.with_suffix(".receive"), TRANSFER_TIMEOUT)
                 total = time.perf_counter() - started
-                sender.wait(TRANSFER_TIMEOUT if timed.returncode == 0 else 10)
+                if timed.returncode != 0:
+                    raise BenchError(f"wormhole receive failed: {timed.last_error_line()}")
+                sender.wait(SENDER_EXIT_TIMEOUT)
+        except subprocess.TimeoutExpired as exc:
+            kill_tree(sender)
+            raise BenchError(f"wormhole did not finish in {exc.timeout:.0f} s") from None
         except BaseException:
-            sender.kill()
-            sender.wait()
+            kill_tree(sender)
             raise
-        if timed.returncode != 0:
-            raise BenchError(f"wormhole receive failed: {timed.last_error_line()}")
         if sender.returncode != 0:
             raise BenchError(f"wormhole send failed: {last_line(err_path.read_text())}")
         found = PATH_LINE.search(timed.stderr)
