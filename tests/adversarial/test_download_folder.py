@@ -2,7 +2,7 @@
 without the sticky bit) swaps the temporary file while a download finishes.
 
 The swap is made at the moment the review found (during the fsync that follows the
-whole-file check, which the fchmod just before announces); `os.fsync` is wrapped only to
+completeness check, which the fchmod just before announces); `os.fsync` is wrapped only to
 act at exactly that instant, so the race is won every time instead of now and then.
 Nothing unverified may ever get the final name, and `finish` must not report success
 for bytes it never checked.
