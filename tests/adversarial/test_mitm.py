@@ -301,7 +301,7 @@ def test_two_chunks_swapped_still_give_the_exact_file(world: World, tmp_path: Pa
     """Whole, authentic messages out of order are not tampering: each chunk names its
     index, which its nonce and associated data bind it to, and it is written at that
     index's offset. So the right outcome is the original file, byte for byte (the
-    whole-file SHA-256 is checked before the rename), and nothing else in the folder."""
+    file is complete and every chunk verified before the rename), and nothing else in the folder."""
     out = tmp_path / "reordered"
     swap = Swap(1, 2)
     result = world.get(swap, "--out", str(out), "--json").check()
