@@ -20,6 +20,7 @@ import os
 import shlex
 import shutil
 import statistics
+import subprocess
 import sys
 import sysconfig
 import tempfile
@@ -153,7 +154,7 @@ def run(args: argparse.Namespace) -> str:
         try:
             sshd = stack.enter_context(Sshd(root / "sshd"))
             methods += [ScpR(sshd, root), TarSsh(sshd, root)]
-        except BenchError as exc:
+        except (BenchError, subprocess.CalledProcessError, OSError) as exc:
             not_run["scp -r, tar over ssh"] = str(exc)
         try:
             methods.append(WormholeDir(stack.enter_context(WormholeNet(root / "wormhole"))))

@@ -20,6 +20,7 @@ import json
 import os
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -210,7 +211,7 @@ def start_anchors(
                 anchors.append(Scp(sshd, root / "scp-fast", fast))
             except BenchError as exc:
                 not_run[f"scp ({fast})"] = str(exc)
-    except BenchError as exc:
+    except (BenchError, subprocess.CalledProcessError, OSError) as exc:
         not_run["scp"] = str(exc)
     try:
         net = stack.enter_context(WormholeNet(root / "wormhole"))
