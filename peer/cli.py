@@ -637,7 +637,9 @@ def get(
     stdout.print(
         f"saved {result.path} ({_size(result.size)} {sources}, {_size(int(rate))}/s{resumed})"
     )
-    stdout.print(f"sha256: {result.sha256} (verified)")
+    # The owner's signed whole-file hash: each chunk was checked against the same signed
+    # manifest, but the whole file is not hashed again (that pass repeated those checks).
+    stdout.print(f"sha256: {result.sha256} (owner-signed; every chunk verified)")
     if result.seeding:
         stdout.print("seeding: `sfs-peer serve` serves this copy too (`unshare` stops it)")
 
