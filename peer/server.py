@@ -204,8 +204,10 @@ class Heartbeat(threading.Thread):
     """Keeps this peer online at the broker: a heartbeat every `interval` seconds (more
     often if the broker's presence ttl needs it), and a goodbye when stopped. Network
     failures are logged and retried; an expired session is remade with the device's
-    keys (`DeviceSession`). Only a broker that refuses those keys ends serving, through
-    `on_session_lost`. The thread makes and closes its own broker client."""
+    keys (`DeviceSession`). A refused beat (an account an operator disabled) is said
+    once and retried, so serving resumes by itself once it is enabled. Only a broker
+    that refuses those keys ends serving, through `on_session_lost`. The thread makes
+    and closes its own broker client."""
 
     def __init__(
         self,
@@ -237,6 +239,7 @@ class Heartbeat(threading.Thread):
 
     def _beat_until_stopped(self, broker: BrokerClient) -> None:
         interval, failing = self._interval, False
+        refused = ""  # said once: a disabled account is refused at every beat
         while not self._halt.wait(interval):
             try:
                 ttl = self._session.call(
@@ -248,14 +251,16 @@ class Heartbeat(threading.Thread):
                 self._on_session_lost()
                 return
             except RemoteError as exc:
-                log.warning("heartbeat refused: %s", exc)
+                if str(exc) != refused:
+                    log.warning("heartbeat refused: %s (retrying)", exc)
+                refused = str(exc)
                 continue
             except SfsError as exc:
                 if not failing:
                     log.warning("heartbeat failed: %s (retrying)", exc)
                 failing = True
                 continue
-            if failing:
-                log.info("the broker is reachable again")
-            failing = False
+            if failing or refused:
+                log.info("the broker takes heartbeats again")
+            failing, refused = False, ""
             interval = min(self._interval, max(1.0, ttl / 3))
