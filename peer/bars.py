@@ -85,5 +85,8 @@ class Bar:
         self._progress.update(self._task, waiting=what)
 
 
-def holders_text(holders: int) -> str:
-    return f"{holders} holder{'' if holders == 1 else 's'}"
+def holders_text(holders: list[str], shown: int = 3) -> str:
+    """`alice`, `alice, bob`, or `alice, bob, carol and 2 more`."""
+    names = ", ".join(holders[:shown])
+    more = len(holders) - shown
+    return f"{names} and {more} more" if more > 0 else names

@@ -136,9 +136,9 @@ def _download_progress(enabled: bool) -> Iterator[DownloadProgress | None]:
             yield None
             return
         bar.waiting_for("no holder answers yet")
-        shown = -1
+        shown: list[str] | None = None
 
-        def update(done: int, total: int, holders: int) -> None:
+        def update(done: int, total: int, holders: list[str]) -> None:
             nonlocal shown
             if holders != shown:
                 shown = holders

@@ -54,7 +54,8 @@ from sfs.peer.receiver import read_reply as read_reply
 from sfs.peer.stamps import FileStamp
 from sfs.peer.transfer import ChunkPlan, ReceiverLink
 
-DownloadProgress = Callable[[int, int, int], None]  # (bytes done, total, holders sending)
+# (bytes done, total, the names of the holders sending chunks now)
+DownloadProgress = Callable[[int, int, list[str]], None]
 
 _POLL_SLICE = 0.1  # seconds: how soon a holder's thread notices that the download stopped
 # How long a finished download waits for the holders' threads to close their channels:
@@ -163,11 +164,11 @@ class _Download:
     complete: threading.Event = field(default_factory=threading.Event)  # last chunk verified
     errors: list[SfsError] = field(default_factory=list)
     delivered: dict[str, int] = field(default_factory=dict)  # holder -> chunks received
-    active: int = 0  # holders sending chunks right now
+    sending: set[str] = field(default_factory=set)  # holders sending chunks right now
 
     def report(self) -> None:
         if self.progress is not None:
-            self.progress(self.plan.bytes_done, self.manifest.size, self.active)
+            self.progress(self.plan.bytes_done, self.manifest.size, sorted(self.sending))
 
     def store(self, holder_name: str, index: int, plaintext: bytes) -> None:
         """Check a chunk against the owner's signed manifest and write it. The hash and
@@ -377,7 +378,7 @@ class Downloader:
         def interrupt() -> None:  # while connecting
             if download.stop.is_set():
                 raise _Stopped
-            session.expire(self._clock(), download.active > 0)
+            session.expire(self._clock(), bool(download.sending))
 
         channel = self._connector.connect(holder, hints_of(holder), interrupt)
         try:
@@ -417,7 +418,7 @@ class Downloader:
                 if download.stop.is_set():
                     raise _Stopped
                 if reply is None:
-                    session.expire(self._clock(), download.active > 0)
+                    session.expire(self._clock(), bool(download.sending))
                     continue
                 event = session.receive(reply, self._clock())
                 if isinstance(event, Chunk):
@@ -426,12 +427,14 @@ class Downloader:
                 elif isinstance(event, Offered):
                     receiving = True
                     with download.lock:
-                        download.active += 1
+                        download.sending.add(name)
                         download.delivered.setdefault(name, 0)
+                        download.report()
         finally:
             if receiving:
                 with download.lock:
-                    download.active -= 1
+                    download.sending.discard(name)
+                    download.report()
 
     @staticmethod
     def _sleep(stop: threading.Event, seconds: float) -> None:

@@ -264,3 +264,16 @@ def test_a_stalled_download_says_who_it_waits_for_and_how_long() -> None:
     assert "waiting for 2 holders (12 s without data)" in _render(progress)
     bar(2 << 20, 8 << 20)  # data again
     assert "waiting" not in _render(progress)
+
+
+@pytest.mark.parametrize(
+    ("holders", "text"),
+    [
+        (["alice"], "alice"),
+        (["alice", "bob"], "alice, bob"),
+        (["a", "b", "c"], "a, b, c"),
+        (["a", "b", "c", "d", "e"], "a, b, c and 2 more"),
+    ],
+)
+def test_the_bar_names_the_holders(holders: list[str], text: str) -> None:
+    assert bars.holders_text(holders) == text

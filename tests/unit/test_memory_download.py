@@ -16,7 +16,12 @@ import pytest
 from sfs.common.errors import IntegrityError, RemoteError, TransportError
 from sfs.common.protocol import ErrorCode, Refused
 from sfs.peer.connect import Connector
-from sfs.peer.download import Downloader, DownloadInterrupted, DownloadResult
+from sfs.peer.download import (
+    Downloader,
+    DownloadInterrupted,
+    DownloadProgress,
+    DownloadResult,
+)
 from sfs.peer.hints import DirectHint
 from sfs.peer.keys import Identity, create_identity
 from sfs.peer.pins import PinStore
@@ -62,6 +67,7 @@ def fetch(
     timeout: float = 60,
     hello_timeout: float = 60,
     extra: list[str] | None = None,
+    progress: DownloadProgress | None = None,
 ) -> DownloadResult:
     """bob's download of `share` from `holders` (plus endpoints `extra`, as carol's)."""
     connector = Connector({DirectHint: dialer}, timeout)
@@ -76,7 +82,8 @@ def fetch(
     )
     listed = [holder.holder for holder in holders]
     try:
-        return downloader.fetch(share.file_id, lookup_of(owner, share, listed), tmp_path / "in")
+        lookup = lookup_of(owner, share, listed)
+        return downloader.fetch(share.file_id, lookup, tmp_path / "in", progress)
     finally:
         dialer.join()
 
@@ -118,6 +125,36 @@ def test_two_holders_share_the_work(
     assert result.path.read_bytes() == DATA
     assert sorted(result.holders) == ["alice", "carol"]
     assert from_alice.chunks_sent + from_carol.chunks_sent == CHUNKS
+
+
+def test_progress_names_the_holders_sending(
+    alice: Identity, bob: Identity, carol: Identity, share: Share, tmp_path: Path
+) -> None:
+    """The bar says who it is waiting for: each report names the holders sending now."""
+    from_alice, from_carol = MemoryHolder(alice, share, DATA), MemoryHolder(carol, share, DATA)
+    both_started = threading.Barrier(2, timeout=20)
+    for holder in (from_alice, from_carol):
+
+        def first_waits(sent: int) -> None:
+            if sent == 0:
+                both_started.wait()
+
+        holder.before_chunk = first_waits
+    reports: list[tuple[int, int, list[str]]] = []
+    dialer = MemoryDialer(from_alice, from_carol)
+    fetch(
+        bob,
+        tmp_path,
+        share,
+        alice,
+        dialer,
+        [from_alice, from_carol],
+        window=1,
+        progress=lambda done, total, holders: reports.append((done, total, holders)),
+    )
+    assert ["alice", "carol"] in [holders for _, _, holders in reports]
+    assert all(total == len(DATA) for _, total, _ in reports)
+    assert max(done for done, _, _ in reports) == len(DATA)
 
 
 def test_busy_then_served(alice: Identity, bob: Identity, share: Share, tmp_path: Path) -> None:
