@@ -1,110 +1,24 @@
 """What a person sees: the CLI in a real terminal of 80 columns (tmux, read back with
 `capture-pane`), and the same commands piped into `cat`.
 
-tmux is not a Python package: without it these tests skip, and say why, unless
-SFS_REQUIRE_TMUX=1 (set by .ci/run, which installs tmux) makes that a failure.
+The terminal is tests/terminal.py's `Terminal`; without tmux these tests skip, unless
+SFS_REQUIRE_TMUX=1 (as in CI) makes that a failure.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
-import shutil
-import subprocess
-import time
-import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from tests.harness import Cluster, Peer, command_for
+from tests.harness import Cluster, Peer
+from tests.terminal import COLUMNS, Terminal, require_tmux
 
 pytestmark = pytest.mark.harness
 
-COLUMNS, ROWS = 80, 50
-WAIT = 60.0  # seconds for a screen to show what a step waits for (generous: a busy CI)
-
-if shutil.which("tmux") is None:
-    if os.environ.get("SFS_REQUIRE_TMUX") == "1":
-        pytest.fail("tmux is required (SFS_REQUIRE_TMUX=1) but not installed", pytrace=False)
-    pytest.skip(
-        "tmux is not installed (apt-get install tmux; .ci/run does)", allow_module_level=True
-    )
-
-
-class Terminal:
-    """A bash in a tmux window of 80x50, on a tmux server of its own (its own socket)."""
-
-    def __init__(self, cwd: Path) -> None:
-        self.socket = f"sfs-test-{uuid.uuid4().hex[:12]}"
-        bin_dir = str(Path(command_for("sfs-peer")[0]).parent)
-        env = {
-            "PATH": f"{bin_dir}:{os.environ.get('PATH', '/usr/bin:/bin')}",
-            "HOME": str(cwd),
-            "TERM": "xterm-256color",
-            "LANG": "C.UTF-8",
-        }
-        self._tmux(
-            "new-session", "-d", "-x", str(COLUMNS), "-y", str(ROWS), "-c", str(cwd),
-            "bash --norc --noprofile", env=env,
-        )  # fmt: skip
-        self._tmux("set-option", "-g", "history-limit", "5000")
-        self.run("PS1='$ '; export COLUMNS LINES; unset SFS_CONFIG SFS_PASSPHRASE")
-
-    def _tmux(self, *args: str, env: dict[str, str] | None = None) -> str:
-        done = subprocess.run(
-            ["tmux", "-L", self.socket, *args],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            env=env,
-            check=True,
-        )
-        return done.stdout
-
-    def close(self) -> None:
-        subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True, timeout=30)
-
-    def screen(self) -> str:
-        """What the window shows (and its scrollback), wrapped lines joined back."""
-        return self._tmux("capture-pane", "-p", "-J", "-S", "-")
-
-    def type(self, text: str) -> None:
-        self._tmux("send-keys", "-l", text)
-
-    def key(self, *keys: str) -> None:
-        self._tmux("send-keys", *keys)
-
-    def wait_for(self, pattern: str, count: int = 1) -> str:
-        """Until the screen shows `pattern` (`count` times: a prompt asked again)."""
-        deadline = time.monotonic() + WAIT
-        while True:
-            shown = self.screen()
-            if len(re.findall(pattern, shown)) >= count:
-                return shown
-            if time.monotonic() > deadline:
-                raise AssertionError(f"the terminal never showed {pattern!r}:\n{shown}")
-            time.sleep(0.1)
-
-    def start(self, command: str) -> str:
-        """Type `command` and Enter; the marker its exit line will carry."""
-        marker = uuid.uuid4().hex[:8]
-        self._tmux("send-keys", "-l", f'{command}; echo "[{marker} rc=$?]"')
-        self.key("Enter")
-        return marker
-
-    def finish(self, marker: str) -> tuple[str, int]:
-        """Wait for the command started with `marker`; what it showed, and its exit code."""
-        shown = self.wait_for(rf"\[{marker} rc=\d+\]")
-        match = re.search(rf"\[{marker} rc=(\d+)\]", shown)
-        assert match is not None
-        output = shown.split(f'echo "[{marker} rc=$?]"', 1)[-1]
-        return output[: output.index(f"[{marker} rc=")], int(match.group(1))
-
-    def run(self, command: str) -> tuple[str, int]:
-        return self.finish(self.start(command))
+require_tmux()
 
 
 @pytest.fixture(scope="module")

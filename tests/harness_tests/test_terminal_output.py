@@ -1,9 +1,10 @@
 """What a person sees: `sfs-peer` in a real terminal 80 columns wide (tmux, read back with
 `capture-pane`), and piped into `cat`.
 
-Captured with `capture-pane -J`, a line the terminal wrapped comes back joined, longer
-than 80 columns: so "no line is wider than 80" means nothing was wrapped. Skipped when
-tmux is missing, unless SFS_REQUIRE_TMUX=1 (as in CI) makes that a failure.
+Captured with `capture-pane -J` (tests/terminal.py's `Screens`), a line the terminal
+wrapped comes back joined, longer than 80 columns: so "no line is wider than 80" means
+nothing was wrapped. Skipped when tmux is missing, unless SFS_REQUIRE_TMUX=1 (as in CI)
+makes that a failure.
 """
 
 from __future__ import annotations
@@ -11,21 +12,17 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import shutil
-import subprocess
-import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from rich.cells import cell_len
 
-from tests.harness import Cluster, Peer, command_for
+from tests.harness import Cluster, Peer
+from tests.terminal import COLUMNS, Screens, require_tmux
 
 pytestmark = pytest.mark.harness
+require_tmux()
 
-WIDTH = 80
-DONE = "__sfs_terminal_done__"
 LONG_NAME = "Quarterly report 2026 - final version (approved by the board).pdf"
 NO_SPACES = "holiday-photos_2025-08-lake-como-and-the-dolomites-full-resolution.tar.zst"
 NAMES = [LONG_NAME, NO_SPACES, "notes.txt"]
@@ -33,58 +30,6 @@ NAMES = [LONG_NAME, NO_SPACES, "notes.txt"]
 
 def _words(text: str) -> set[str]:
     return {word for word in re.split(r"[\s\-_./,()]+", text) if word}
-
-
-class Terminal:
-    """A tmux server of our own (its own socket), one 80-column window per command."""
-
-    def __init__(self, root: Path) -> None:
-        self.tmux = shutil.which("tmux") or "tmux"
-        self.socket = f"sfs-test-{os.getpid()}"
-        self.root = root
-        self.count = 0
-
-    def _tmux(self, *args: str) -> str:
-        done = subprocess.run(
-            [self.tmux, "-L", self.socket, *args],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        )
-        return done.stdout
-
-    def run(self, command: str) -> list[str]:
-        """Run a shell command in a fresh 80-column terminal; the screen's lines, with
-        lines the terminal wrapped joined back (and the end marker left out)."""
-        self.count += 1
-        script = self.root / f"terminal-{self.count}.sh"
-        bin_dir = Path(command_for("sfs-peer")[0]).parent
-        script.write_text(
-            f"unset COLUMNS LINES\nexport PATH={shlex.quote(str(bin_dir))}:$PATH\n"
-            f"{command}\nprintf '\\n{DONE} %d\\n' $?\nexec sleep 600\n"
-        )
-        name = f"t{self.count}"
-        self._tmux(
-            "new-session", "-d", "-x", str(WIDTH), "-y", "100", "-s", name, "sh", str(script)
-        )
-        try:
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                screen = self._tmux("capture-pane", "-p", "-J", "-t", name).splitlines()
-                ends = [line for line in screen if line.startswith(DONE)]
-                if ends:
-                    assert ends[0] == f"{DONE} 0", "\n".join(screen)
-                    return [line.rstrip() for line in screen[: screen.index(ends[0])] if line]
-                time.sleep(0.1)
-            raise AssertionError(f"{command} did not finish in a terminal")
-        finally:
-            self._tmux("kill-session", "-t", name)
-
-    def close(self) -> None:
-        subprocess.run(
-            [self.tmux, "-L", self.socket, "kill-server"], capture_output=True, check=False
-        )
 
 
 @pytest.fixture(scope="module")
@@ -102,14 +47,8 @@ def cluster() -> Iterator[Cluster]:
 
 
 @pytest.fixture(scope="module")
-def terminal(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Terminal]:
-    if shutil.which("tmux") is None:
-        if os.environ.get("SFS_REQUIRE_TMUX") == "1":
-            pytest.fail("tmux is missing and SFS_REQUIRE_TMUX=1 requires it")
-        pytest.skip(
-            "tmux is not installed (apt-get install tmux); SFS_REQUIRE_TMUX=1 fails instead"
-        )
-    running = Terminal(tmp_path_factory.mktemp("terminal"))
+def terminal(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Screens]:
+    running = Screens(tmp_path_factory.mktemp("terminal"))
     yield running
     running.close()
 
@@ -125,7 +64,7 @@ def _ids(peer: Peer) -> dict[str, str]:
 def _check_80_columns(screen: list[str], ids: dict[str, str]) -> None:
     """Nothing wrapped; each file on lines of its own, starting with a short unique id;
     every word of its name whole; no full id."""
-    assert all(cell_len(line) <= WIDTH for line in screen), "\n".join(screen)
+    assert all(cell_len(line) <= COLUMNS for line in screen), "\n".join(screen)
     text = "\n".join(screen)
     for name, file_id in ids.items():
         starts = [i for i, line in enumerate(screen) if line.startswith(file_id[:8])]
@@ -136,7 +75,7 @@ def _check_80_columns(screen: list[str], ids: dict[str, str]) -> None:
     assert "--wide shows full ids" in text
 
 
-def test_search_at_80_columns(terminal: Terminal, cluster: Cluster) -> None:
+def test_search_at_80_columns(terminal: Screens, cluster: Cluster) -> None:
     bob = cluster.peers["bob"]
     screen = terminal.run(_sfs(bob, "search"))
     _check_80_columns(screen, _ids(bob))
@@ -144,7 +83,7 @@ def test_search_at_80_columns(terminal: Terminal, cluster: Cluster) -> None:
     assert len(screen) <= 1 + 3 * 3 + 1  # three files, not a line per character
 
 
-def test_list_at_80_columns(terminal: Terminal, cluster: Cluster) -> None:
+def test_list_at_80_columns(terminal: Screens, cluster: Cluster) -> None:
     alice = cluster.peers["alice"]
     screen = terminal.run(_sfs(alice, "list"))
     _check_80_columns(screen, _ids(cluster.peers["bob"]))
@@ -153,18 +92,18 @@ def test_list_at_80_columns(terminal: Terminal, cluster: Cluster) -> None:
     assert all(file_id in "\n".join(wide) for file_id in _ids(cluster.peers["bob"]).values())
 
 
-def test_peers_at_80_columns_and_verified_pins(terminal: Terminal, cluster: Cluster) -> None:
+def test_peers_at_80_columns_and_verified_pins(terminal: Screens, cluster: Cluster) -> None:
     alice, bob = cluster.peers["alice"], cluster.peers["bob"]
     got = bob.run("get", _ids(bob)["notes.txt"]).check()
     assert "first contact with alice" in got.stderr and "sfs-peer verify alice" in got.stderr
     fingerprint = alice.run("whoami", "--json").check().json()["fingerprint"]
     screen = terminal.run(_sfs(bob, "peers"))
-    assert all(cell_len(line) <= WIDTH for line in screen)
+    assert all(cell_len(line) <= COLUMNS for line in screen)
     row = next(line for line in screen if line.startswith("alice "))
     assert row.split()[1:3] == ["-".join(fingerprint.split("-")[:4]) + "…", "no"]
 
     shown = terminal.run(_sfs(bob, "verify", "alice"))
-    assert all(cell_len(line) <= WIDTH for line in shown)
+    assert all(cell_len(line) <= COLUMNS for line in shown)
     code = bob.run("verify", "alice", "--json").check().json()["safety_code"]
     assert alice.run("verify", "bob", "--json").check().json()["safety_code"] == code
     assert re.fullmatch(r"\d{5}( \d{5}){11}", code)
@@ -174,7 +113,7 @@ def test_peers_at_80_columns_and_verified_pins(terminal: Terminal, cluster: Clus
     assert next(line for line in after if line.startswith("alice ")).split()[2] == "yes"
 
 
-def test_piped_into_cat_one_record_per_line(terminal: Terminal, cluster: Cluster) -> None:
+def test_piped_into_cat_one_record_per_line(terminal: Screens, cluster: Cluster) -> None:
     bob = cluster.peers["bob"]
     ids = _ids(bob)
     screen = terminal.run(_sfs(bob, "search") + " | cat")
@@ -187,7 +126,7 @@ def test_piped_into_cat_one_record_per_line(terminal: Terminal, cluster: Cluster
     assert {ids[name]: name for name in ids} == {fid: f[1] for fid, f in fields.items()}
 
 
-def test_unfinished_downloads_listed_and_cleaned(terminal: Terminal, cluster: Cluster) -> None:
+def test_unfinished_downloads_listed_and_cleaned(terminal: Screens, cluster: Cluster) -> None:
     bob = cluster.peers["bob"]
     bob.download_dir.mkdir(parents=True, exist_ok=True)
     partial = bob.download_dir / f".sfs-{'e' * 32}.part"
