@@ -292,6 +292,27 @@ def test_search_reads_no_more_rows_than_it_needs(
         assert len(fetched) == 13  # 9 from seconds 99-97, 3 from 96, 1 from 95
 
 
+def test_files_by_prefix_is_a_range_scan_of_the_primary_key(
+    store: SqliteStore, users: dict[str, User], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for n in range(50):
+        store.add_file(users["alice"].id, entry(fid(n)), None)
+    connection, asked = store._connection(), []
+
+    class Recorded:
+        def execute(self, sql: str, params: Any = ()) -> sqlite3.Cursor:
+            asked.append((sql, params))
+            return connection.execute(sql, params)
+
+    monkeypatch.setattr(store, "_connection", Recorded)
+    found = store.files_by_prefix(users["bob"].id, fid(7), 10)
+    assert [m.file_id for m in found] == [fid(7)]
+    [(sql, params)] = asked
+    plan = " ".join(row[3] for row in connection.execute(f"EXPLAIN QUERY PLAN {sql}", params))
+    assert "SEARCH f USING INDEX sqlite_autoindex_files_1 (file_id>? AND file_id<?)" in plan
+    assert "SCAN f" not in plan
+
+
 def index_rows(db_path: Path) -> int:
     # A plain connection, without the store's SQL functions, can read the index.
     return int(rows(db_path, "SELECT count(*) FROM file_search")[0][0])

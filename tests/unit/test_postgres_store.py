@@ -59,6 +59,28 @@ def in_threads(count: int, work: Callable[[int], None]) -> list[BaseException]:
     return errors
 
 
+def test_files_by_prefix_is_a_range_scan_of_the_primary_key(
+    store: PostgresStore, postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alice = store.add_user("alice", HASH, KeyBundle(b"rsa", b"\x01" * 32), now=1)
+    for n in range(50):
+        store.add_file(alice.id, entry(n), None)
+    asked: list[tuple[str, Any]] = []
+    query = store._query
+
+    def recorded(statement: str, params: Any = (), prepare: bool | None = None) -> Any:
+        asked.append((statement, params))
+        return query(statement, params, prepare)
+
+    monkeypatch.setattr(store, "_query", recorded)
+    assert [m.file_id for m in store.files_by_prefix(alice.id, f"{7:032x}", 10)] == [f"{7:032x}"]
+    [(statement, params)] = asked
+    with psycopg.connect(postgres_url, autocommit=True) as db:
+        db.execute("SET enable_seqscan = off")  # 50 rows: a table this small is read whole
+        plan = "\n".join(row[0] for row in db.execute(f"EXPLAIN {statement}", params))
+    assert "Index Cond: ((file_id >= " in plan and "AND (file_id < " in plan, plan
+
+
 def test_schema_version_folded_columns_and_soft_presence(
     store: PostgresStore, postgres_url: str
 ) -> None:
