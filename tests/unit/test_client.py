@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from sfs.common import protocol
-from sfs.common.errors import RemoteError
+from sfs.common.errors import ProtocolError, RemoteError
 from sfs.peer import client as client_module
 from sfs.peer.client import BrokerClient
 
@@ -57,3 +57,17 @@ def test_other_errors_are_not_retried(monkeypatch: pytest.MonkeyPatch) -> None:
     ):
         client.ping()
     assert sleeps == []
+
+
+def test_resolve_refuses_ids_that_do_not_start_with_the_prefix(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fits = protocol.IdMatch("abcdef01" + "0" * 24, "a.txt", "alice")
+    other = protocol.IdMatch("abcdef02" + "0" * 24, "b.txt", "bob")
+    scripted_client(
+        monkeypatch, [protocol.ResolveResult([fits]), protocol.ResolveResult([fits, other])]
+    )
+    with BrokerClient("tcp://127.0.0.1:1", b"0" * 40) as client:
+        assert client.resolve("token", "abcdef01") == [fits]
+        with pytest.raises(ProtocolError, match="do not start with it"):
+            client.resolve("token", "abcdef01")
