@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import logging
 import shutil
 import threading
 import time
@@ -190,8 +191,9 @@ def servers() -> Iterator[list[Server]]:
 
 
 def test_a_hundred_peers_through_three_brokers_one_killed(
-    postgres_url: str, rsa_pool: None, servers: list[Server]
+    postgres_url: str, rsa_pool: None, servers: list[Server], caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="sfs.peer")  # the clients' failovers
     with Cluster() as cluster:
         brokers = start_brokers(cluster, postgres_url, 3)
         world = World(cluster.root, brokers)
@@ -261,6 +263,8 @@ def test_a_hundred_peers_through_three_brokers_one_killed(
             killed_at = time.monotonic()
             failures = [job.exception() for job in jobs if job.exception() is not None]
         assert failures == [], failures[:3]
+        moved = [r for r in caplog.records if "trying the broker at" in r.getMessage()]
+        assert moved, "no client had to leave the killed broker"
         assert len(late) == LATE_SHARERS
         elapsed = time.monotonic() - started
 
