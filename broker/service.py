@@ -382,6 +382,12 @@ class BrokerService:
 
     def _resolve(self, request: protocol.Resolve, caller: Caller) -> Record:
         user = self._session(request.token, caller)
+        if len(request.prefix) < protocol.MIN_ID_PREFIX:
+            raise Refused(
+                ErrorCode.BAD_REQUEST,
+                f"file id prefix {request.prefix} is too short: ids are 32 hex characters;"
+                f" give at least {protocol.MIN_ID_PREFIX} of them",
+            )
         matches = self.store.files_by_prefix(user.id, request.prefix, protocol.MAX_ID_MATCHES)
         return protocol.ResolveResult(
             [protocol.IdMatch(m.file_id, m.name, m.owner) for m in matches]

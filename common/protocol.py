@@ -258,7 +258,8 @@ class Resolve(Record):
     `prefix`: a user may type a unique prefix wherever a file id is taken."""
 
     token: Token
-    prefix: Annotated[str, MaxLen(32), Pattern(FILE_ID_PREFIX_PATTERN)]
+    # Hex only here; the broker says itself that it takes MIN_ID_PREFIX characters or more.
+    prefix: Annotated[str, MaxLen(32), Pattern(r"[0-9a-f]{1,32}")]
 
 
 @dataclass(frozen=True)

@@ -1323,12 +1323,25 @@ def test_resolve_lists_at_most_ten_files(
     assert [m.file_id for m in matches] == [f"abcdef01{n:024x}" for n in range(10)]
 
 
-@pytest.mark.parametrize("prefix", ["abcdef0", "", "ABCDEF01", "abcdef0g", "abcdef01%", "0" * 33])
-def test_resolve_refuses_a_prefix_that_is_short_or_not_hex(
+@pytest.mark.parametrize("prefix", ["", "ABCDEF01", "abcdef0g", "abcdef01%", "0" * 33])
+def test_resolve_refuses_a_prefix_that_is_not_hex(
     broker: Broker, tokens: dict[str, str], alice: Identity, prefix: str
 ) -> None:
     request = protocol.Resolve(tokens["alice"], prefix)
     assert broker.error("resolve", request, alice.bundle.curve_public).code == "bad_request"
+
+
+@pytest.mark.parametrize("prefix", ["a", "abcdef0"])
+def test_resolve_refuses_a_short_prefix_saying_why(
+    broker: Broker, tokens: dict[str, str], alice: Identity, prefix: str
+) -> None:
+    broker.publish(alice, tokens["alice"], "public.txt")
+    request = protocol.Resolve(tokens["alice"], prefix)
+    error = broker.error("resolve", request, alice.bundle.curve_public)
+    assert (error.code, error.message) == (
+        "bad_request",
+        f"file id prefix {prefix} is too short: ids are 32 hex characters; give at least 8 of them",
+    )
 
 
 def test_resolve_needs_a_session(broker: Broker, alice: Identity) -> None:

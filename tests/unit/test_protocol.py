@@ -295,7 +295,7 @@ def body(op: str, **changes: Any) -> dict[str, Any]:
         ("search", {"query": "q" * 201}),
         ("search", {"owner": "Bob"}),
         ("lookup", {"file_id": None}),
-        ("resolve", {"prefix": FILE_ID[:7]}),
+        ("resolve", {"prefix": ""}),
         ("resolve", {"prefix": FILE_ID + "0"}),
         ("resolve", {"prefix": FILE_ID[8:16].upper()}),
         ("resolve", {"prefix": "abcdefg1"}),
@@ -324,6 +324,7 @@ def test_request_field_validation(op: str, changes: dict[str, Any]) -> None:
         ("search", {"limit": 1}),
         ("search", {"limit": 500}),
         ("search", {"owner": None}),
+        ("resolve", {"prefix": FILE_ID[:1]}),  # the broker refuses it itself
         ("resolve", {"prefix": FILE_ID[:8]}),
         ("resolve", {"prefix": FILE_ID}),
         ("get", {"index": 0}),
