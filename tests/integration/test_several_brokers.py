@@ -215,3 +215,25 @@ def test_logout_unshare_and_access_changes_hold_on_every_broker(
             on_b.search(token, "")
     with pytest.raises(NotLoggedIn):
         alice.search("plan")
+
+
+def test_a_user_disabled_in_the_database_is_refused_by_every_broker(
+    deployment: Deployment,
+) -> None:
+    a, b = (broker.endpoint for broker in deployment.brokers)
+    bob = deployment.peer("bob", [b])
+    bob.init()
+    bob.register("bob-password")
+    assert bob.search() == []
+    # `sfs-broker user disable` writes the database; broker B has nothing to forget.
+    assert deployment.brokers[0].store.set_disabled("bob", True)
+    with pytest.raises(NotLoggedIn):
+        bob.search()
+    with pytest.raises(RemoteError, match="disabled") as refused:
+        bob.login("bob-password")
+    assert refused.value.code == "forbidden"
+    with BrokerClient(a, deployment.public, bob.identity.transport_key) as on_a:
+        with pytest.raises(RemoteError, match="disabled"):
+            on_a.login("bob", "bob-password")
+        assert deployment.brokers[1].store.set_disabled("bob", False)
+        assert on_a.login("bob", "bob-password").username == "bob"
