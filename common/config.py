@@ -7,6 +7,7 @@ file. Unknown keys and bad values are refused with a message naming the key.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import re
 import struct
 from dataclasses import dataclass, field
@@ -17,12 +18,19 @@ import yaml
 import zmq.utils.z85
 
 from sfs.common.errors import ConfigError
-from sfs.common.protocol import ENDPOINT_PATTERN, HOST_PATTERN, PORT_PATTERN, USERNAME_PATTERN
+from sfs.common.protocol import USERNAME_PATTERN, valid_endpoint
 
-_BIND = re.compile(rf"tcp://(?:\*|{HOST_PATTERN}):{PORT_PATTERN}")
-_CONNECT = re.compile(ENDPOINT_PATTERN)
+_FORM = "tcp://HOST:PORT or tcp://[IPV6]:PORT"
 MAX_BROKERS = 16  # endpoints in a peer's `broker.endpoint` list
 _WILDCARD_HOSTS = {"*", "0.0.0.0"}  # noqa: S104 (a value to recognise, not to bind)
+
+
+def _is_wildcard(endpoint: str) -> bool:
+    """Whether a valid bind endpoint means "every address" (`*`, `0.0.0.0`, `[::]`)."""
+    host = endpoint.removeprefix("tcp://").rsplit(":", 1)[0]
+    if host.startswith("["):
+        return ipaddress.IPv6Address(host[1:-1]).is_unspecified
+    return host in _WILDCARD_HOSTS
 
 
 @dataclass(frozen=True)
@@ -135,8 +143,8 @@ class _Section:
 
     def endpoint(self, key: str, default: str | None = None, *, bind: bool = False) -> str:
         value = self.string(key, default)
-        if not (_BIND if bind else _CONNECT).fullmatch(value):
-            form = "tcp://HOST:PORT (HOST may be *)" if bind else "tcp://HOST:PORT"
+        if not valid_endpoint(value, bind=bind):
+            form = f"{_FORM} (HOST may be *)" if bind else _FORM
             raise ConfigError(f"{self._name(key)}: expected {form}, got {value!r}")
         return value
 
@@ -147,11 +155,11 @@ class _Section:
             return (self.endpoint(key),)
         if not value or len(value) > MAX_BROKERS:
             raise ConfigError(
-                f"{self._name(key)}: expected tcp://HOST:PORT or a list of 1 to {MAX_BROKERS}"
+                f"{self._name(key)}: expected {_FORM}, or a list of 1 to {MAX_BROKERS}"
             )
         for item in value:
-            if not isinstance(item, str) or not _CONNECT.fullmatch(item):
-                raise ConfigError(f"{self._name(key)}: expected tcp://HOST:PORT, got {item!r}")
+            if not isinstance(item, str) or not valid_endpoint(item):
+                raise ConfigError(f"{self._name(key)}: expected {_FORM}, got {item!r}")
         if len(set(value)) != len(value):
             raise ConfigError(f"{self._name(key)}: lists an endpoint twice")
         return tuple(value)
@@ -292,7 +300,7 @@ def load_peer_config(path: Path) -> PeerConfig:
         )
     listen = top.endpoint("listen", bind=True)
     advertise = top.endpoint("advertise", listen, bind=True)  # "*" gets its own message
-    if advertise.split("//")[1].rsplit(":", 1)[0] in _WILDCARD_HOSTS:
+    if _is_wildcard(advertise):
         raise ConfigError(
             f"{path.name}: advertise: set it to an address other peers can reach "
             f"(listen is {listen})"

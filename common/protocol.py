@@ -16,6 +16,8 @@ docs/PROTOCOL.md describes the exchanges in prose.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import reprlib
 from dataclasses import dataclass
 from enum import StrEnum
@@ -33,14 +35,47 @@ HOST_PATTERN = rf"{_LABEL}(?:\.{_LABEL})*"  # a host name or an IPv4 address
 PORT_PATTERN = (
     r"(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3})"
 )
-ENDPOINT_PATTERN = rf"tcp://{HOST_PATTERN}:{PORT_PATTERN}"
+# An IPv6 address goes in brackets, as in URLs (RFC 3986). The pattern admits its characters
+# only, so no zone id (`%eth0` names an interface of the sender's machine, meaningless to
+# anyone else); `valid_endpoint` then checks that it is a real address.
+IPV6_HOST_PATTERN = r"\[[0-9A-Fa-f:.]{2,45}\]"
+ENDPOINT_PATTERN = rf"tcp://(?:{HOST_PATTERN}|{IPV6_HOST_PATTERN}):{PORT_PATTERN}"
+BIND_PATTERN = rf"tcp://(?:\*|{HOST_PATTERN}|{IPV6_HOST_PATTERN}):{PORT_PATTERN}"
 FILE_ID_PATTERN = r"[0-9a-f]{32}"
 MIN_ID_PREFIX = 8  # hex characters: 32 bits, rarely ambiguous among a user's files
 FILE_ID_PREFIX_PATTERN = rf"[0-9a-f]{{{MIN_ID_PREFIX},32}}"
 
+
+def valid_endpoint(text: str, *, bind: bool = False) -> bool:
+    """`tcp://HOST:PORT`: HOST a name, an IPv4 address or a bracketed IPv6 address (or `*`
+    for a bind)."""
+    pattern = BIND_PATTERN if bind else ENDPOINT_PATTERN
+    return re.fullmatch(pattern, text) is not None and _real_ipv6_if_bracketed(text)
+
+
+def _real_ipv6_if_bracketed(endpoint: str) -> bool:
+    """For an endpoint that matches the pattern: its host, if in brackets, is an IPv6
+    address (`[zz::1]`, `[1:2:3]` and `[127.0.0.1]` match the pattern, and are not)."""
+    host = endpoint.removeprefix("tcp://").rsplit(":", 1)[0]
+    if not host.startswith("["):
+        return True
+    try:
+        ipaddress.IPv6Address(host[1:-1])
+    except ValueError:
+        return False
+    return True
+
+
+class EndpointPattern(Pattern):
+    """The codec's check for an `Endpoint`: the pattern, then a real IPv6 address if any."""
+
+    def matches(self, text: str) -> bool:
+        return super().matches(text) and _real_ipv6_if_bracketed(text)
+
+
 Username = Annotated[str, MaxLen(32), Pattern(USERNAME_PATTERN)]
 FileId = Annotated[str, MaxLen(32), Pattern(FILE_ID_PATTERN)]
-Endpoint = Annotated[str, MaxLen(300), Pattern(ENDPOINT_PATTERN)]
+Endpoint = Annotated[str, MaxLen(300), EndpointPattern(ENDPOINT_PATTERN)]
 Token = Annotated[str, MaxLen(128)]
 Password = Annotated[str, MaxLen(1024)]  # the bcrypt limit is checked with a clear message
 Signature = Annotated[bytes, MaxLen(1024)]
