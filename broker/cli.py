@@ -18,6 +18,7 @@ from sfs.broker.postgres_store import PostgresStore, describe, is_postgres_url
 from sfs.broker.server import BrokerServer
 from sfs.broker.service import BrokerService, BrokerSettings
 from sfs.broker.stores import open_store, where
+from sfs.common import protocol
 from sfs.common.cli import (
     ConfigOption,
     DebugOption,
@@ -110,6 +111,7 @@ def status(config: ConfigOption, json: JsonOption = False, debug: DebugOption = 
     if json:
         print_json(
             {
+                "protocol_version": protocol.VERSION,
                 "users": [{"username": name, "online": online} for name, online in stats.users],
                 "files": stats.files,
                 "online": [
@@ -121,6 +123,7 @@ def status(config: ConfigOption, json: JsonOption = False, debug: DebugOption = 
         return
     stdout.print(
         f"{len(stats.users)} users, {stats.files} shared files, {len(stats.online)} online"
+        f" (protocol version {protocol.VERSION})"
     )
     table = SafeTable("user", "online", "endpoint")
     endpoints = {name: endpoint for name, endpoint, _ in stats.online}

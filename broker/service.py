@@ -121,7 +121,7 @@ class BrokerService:
             result = self._handlers[type(request)](request, Caller(client_key, address))
             return protocol.encode("result", result, rid)
         except ProtocolError as exc:
-            return protocol.encode_error(ErrorCode.BAD_REQUEST, str(exc), rid)
+            return protocol.encode_refusal(exc, rid)
         except Refused as exc:
             return protocol.encode_error(exc.code, str(exc), rid)
         except SfsError as exc:

@@ -170,7 +170,10 @@ def new_app(help_text: str) -> typer.Typer:
 
 def _version(ctx: typer.Context, value: bool) -> None:
     if value:
-        print(f"{ctx.find_root().info_name} {importlib.metadata.version('sfs')}")
+        from sfs.common.protocol import VERSION
+
+        tool, release = ctx.find_root().info_name, importlib.metadata.version("sfs")
+        print(f"{tool} {release} (protocol version {VERSION})")
         raise typer.Exit()
 
 

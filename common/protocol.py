@@ -100,6 +100,7 @@ class ErrorCode(StrEnum):
     CONFLICT = "conflict"  # e.g. username taken
     BUSY = "busy"  # try again later
     THROTTLED = "throttled"  # too many failed attempts; wait before trying again
+    UPGRADE = "upgrade"  # the request speaks another protocol version
     INTERNAL = "internal"  # a bug or a storage failure on the other side
 
 
@@ -121,23 +122,40 @@ class Envelope:
     body: dict[str, Any]
 
 
+class VersionMismatch(ProtocolError):
+    """A well-formed envelope of another protocol version. Servers answer it with an
+    `upgrade` error in that version's envelope (`encode_error(..., version=...)`): the
+    error envelope is the same in every version, so the other side can read it."""
+
+    def __init__(self, version: int, rid: int) -> None:
+        super().__init__(f"upgrade sfs: this peer speaks version {VERSION}, you speak {version}")
+        self.version = version
+        self.rid = rid
+
+
+MAX_VERSION = 2**16  # a larger `v` is garbage, not a version
+
+
 def encode(op: str, body: Record | None = None, rid: int = 0) -> bytes:
     return pack({"v": VERSION, "op": op, "rid": rid, "body": to_wire(body) if body else {}})
 
 
 def decode_envelope(frame: bytes) -> Envelope:
+    """The envelope of a frame. One of another protocol version raises `VersionMismatch`,
+    unless it is an error: errors read the same in every version."""
     value = unpack(frame)
     if not isinstance(value, dict) or set(value) != {"v", "op", "rid", "body"}:
         raise ProtocolError("malformed frame: not an sfs envelope")
-    version = value["v"]
-    if type(version) is not int or version != VERSION:  # True and 1.0 are not 1 here
-        shown = reprlib.repr(version)  # bounded: a deeply nested value must not recurse
-        raise ProtocolError(f"unsupported protocol version {shown} (this is {VERSION})")
-    op, rid, body = value["op"], value["rid"], value["body"]
+    version, op, rid, body = value["v"], value["op"], value["rid"], value["body"]
     if not isinstance(op, str) or not isinstance(body, dict):
         raise ProtocolError("malformed frame: bad op or body")
     if not isinstance(rid, int) or isinstance(rid, bool) or not 0 <= rid < 2**63:
         raise ProtocolError("malformed frame: bad request id")
+    if type(version) is not int or not 0 < version < MAX_VERSION:  # True and 1.0 are not 1
+        shown = reprlib.repr(version)  # bounded: a deeply nested value must not recurse
+        raise ProtocolError(f"unsupported protocol version {shown} (this is {VERSION})")
+    if version != VERSION and op != "error":
+        raise VersionMismatch(version, rid)
     return Envelope(op, rid, body)
 
 
@@ -154,8 +172,18 @@ class ErrorBody(Record):
     message: Annotated[str, MaxLen(1000)]
 
 
-def encode_error(code: ErrorCode, message: str, rid: int = 0) -> bytes:
-    return encode("error", ErrorBody(code.value, message[:1000]), rid)
+def encode_error(code: ErrorCode, message: str, rid: int = 0, version: int = VERSION) -> bytes:
+    """An error reply; `version`: that of the request, so that its sender can read it."""
+    body = to_wire(ErrorBody(code.value, message[:1000]))
+    return pack({"v": version, "op": "error", "rid": rid, "body": body})
+
+
+def encode_refusal(exc: ProtocolError, rid: int = 0) -> bytes:
+    """The reply to a request that cannot be decoded: `upgrade` in the request's own
+    version for one of another version, else `bad_request`."""
+    if isinstance(exc, VersionMismatch):
+        return encode_error(ErrorCode.UPGRADE, str(exc), exc.rid, exc.version)
+    return encode_error(ErrorCode.BAD_REQUEST, str(exc), rid)
 
 
 def raise_for_error(envelope: Envelope, who: str) -> None:

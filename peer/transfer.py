@@ -320,7 +320,7 @@ class HolderService:
                 self._finish(request, connection)
             return []
         except ProtocolError as exc:
-            return [protocol.encode_error(ErrorCode.BAD_REQUEST, str(exc))]
+            return [protocol.encode_refusal(exc)]
         except (IntegrityError, TrustError) as exc:  # a hello that does not prove who sent it
             return [protocol.encode_error(ErrorCode.FORBIDDEN, str(exc))]
         except Refused as exc:

@@ -186,7 +186,8 @@ def test_short_h_and_version_on_both_tools(cluster: Cluster, tool: str) -> None:
         assert shown.stdout.startswith("Usage: ") and shown.stderr == ""
         assert "<bool>" not in shown.stdout and "<str>" not in shown.stdout
     version = cluster.run(tool, "--version").check()
-    assert version.stdout == f"{tool} {importlib.metadata.version('sfs')}\n"
+    release = importlib.metadata.version("sfs")
+    assert version.stdout == f"{tool} {release} (protocol version {protocol.VERSION})\n"
 
 
 def test_config_is_shown_required_only_without_sfs_config(cluster: Cluster) -> None:

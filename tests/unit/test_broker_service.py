@@ -1431,7 +1431,6 @@ MALFORMED_FRAMES: dict[str, bytes] = {
     "ext-type": msgpack.packb(msgpack.ExtType(1, b"x")),
     "int-key": pack({1: 1, "v": 1, "op": "ping", "rid": 0, "body": {}}),
     "invalid-utf8": b"\x84\xa1v\x01\xa2op\xa4pi\xffg\xa3rid\x00\xa4body\x80",
-    "version-2": envelope_frame(v=2),
     "version-0": envelope_frame(v=0),
     "version-true": envelope_frame(v=True),
     "version-float": envelope_frame(v=1.0),
@@ -1531,10 +1530,17 @@ def test_unknown_operation_is_named_in_the_error(broker: Broker) -> None:
     assert "frobnicate" in error.message
 
 
-def test_wrong_protocol_version_is_named_in_the_error(broker: Broker) -> None:
-    error = from_wire(ErrorBody, broker.raw(envelope_frame(v=2)).body)
-    assert error.code == "bad_request"
-    assert "version" in error.message
+def test_another_protocol_version_is_told_to_upgrade_in_its_own_envelope(
+    broker: Broker,
+) -> None:
+    """The error envelope reads the same in every version, so a client of version 2
+    learns that this broker speaks 1 (and the reply carries its request id)."""
+    raw = msgpack.unpackb(broker.service.handle(envelope_frame(v=2, rid=7), None))
+    assert (raw["v"], raw["op"], raw["rid"]) == (2, "error", 7)
+    assert raw["body"] == {
+        "code": "upgrade",
+        "message": "upgrade sfs: this peer speaks version 1, you speak 2",
+    }
 
 
 def test_storage_failure_becomes_an_internal_error(

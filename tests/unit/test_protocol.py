@@ -528,3 +528,27 @@ def test_a_signed_hello_verifies_only_unchanged(rsa_key: crypto.RsaPrivateKey) -
     tampered = dataclasses.replace(hello, nonce=b"\x00" * 32)
     with pytest.raises(IntegrityError, match="hello signature"):
         crypto.verify(rsa_key.public_key(), signature, protocol.hello_payload(tampered), "hello")
+
+
+def test_another_version_is_a_version_mismatch_with_its_request_id() -> None:
+    with pytest.raises(protocol.VersionMismatch) as info:
+        decode_envelope(frame(v=2, rid=9))
+    assert (info.value.version, info.value.rid) == (2, 9)
+    assert str(info.value) == "upgrade sfs: this peer speaks version 1, you speak 2"
+
+
+def test_an_error_of_another_version_still_reads() -> None:
+    """The error envelope is frozen: a reply from a server of another version that
+    refuses this one is shown, not a decoding failure."""
+    reply = protocol.encode_error(ErrorCode.UPGRADE, "upgrade sfs: ...", rid=4, version=2)
+    envelope = decode_envelope(reply)
+    assert (envelope.op, envelope.rid) == ("error", 4)
+    with pytest.raises(RemoteError, match="broker: upgrade sfs"):
+        protocol.raise_for_error(envelope, "broker")
+
+
+@pytest.mark.parametrize("version", [0, -1, 2**16, True, 1.0, "2"])
+def test_what_is_not_a_version_is_malformed(version: Any) -> None:
+    with pytest.raises(ProtocolError, match="unsupported protocol version") as info:
+        decode_envelope(frame(v=version))
+    assert not isinstance(info.value, protocol.VersionMismatch)

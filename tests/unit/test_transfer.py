@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sfs.common import crypto, protocol
-from sfs.common.codec import Record, from_wire, pack, to_wire
+from sfs.common.codec import Record, from_wire, pack, to_wire, unpack
 from sfs.common.errors import IntegrityError, ProtocolError, TrustError
 from sfs.common.identity import KeyBundle
 from sfs.common.manifest import MIN_CHUNK_SIZE, Manifest, file_id_of, manifest_digest
@@ -1320,8 +1320,9 @@ TID = b"\x11" * 16
         pack([1, 2, 3]),
         pack({"v": 1, "op": "get", "rid": 0}),  # no body
         pack({"v": 1, "op": "get", "rid": 0, "body": {}, "extra": 1}),
-        envelope(v=2, body={"transfer_id": TID, "index": 0}),
         envelope(v=True, body={"transfer_id": TID, "index": 0}),
+        envelope(v=0, body={"transfer_id": TID, "index": 0}),
+        envelope(v=2**16, body={"transfer_id": TID, "index": 0}),
         envelope(rid=-1, body={"transfer_id": TID, "index": 0}),
         envelope(op=7),
         envelope(op="offer"),  # a reply, not a request
@@ -1368,6 +1369,18 @@ def test_malformed_frames_get_one_bad_request_reply(rig: Rig, frame: bytes) -> N
     as_error(rig.service.handle(CONN, None, frame), ErrorCode.BAD_REQUEST)
 
 
+def test_another_protocol_version_is_told_to_upgrade_in_its_own_envelope(rig: Rig) -> None:
+    """The error envelope reads the same in every version: a requester of version 2
+    learns that this holder speaks 1, rather than failing to decode the reply."""
+    (reply,) = rig.service.handle(CONN, None, envelope(v=2, body={"transfer_id": TID, "index": 0}))
+    raw = unpack(reply)
+    assert (raw["v"], raw["op"]) == (2, "error")
+    assert raw["body"] == {
+        "code": "upgrade",
+        "message": "upgrade sfs: this peer speaks version 1, you speak 2",
+    }
+
+
 def test_hello_with_wrong_types_inside_a_valid_hello(
     rig: Rig, shared: Shared, bob: Identity, alice: Identity
 ) -> None:
@@ -1394,7 +1407,8 @@ def check_never_raises(service: HolderService, frame: bytes) -> None:
     reply = protocol.decode_envelope(frames[0])
     assert reply.op == "error"
     error = from_wire(protocol.ErrorBody, reply.body, "error")
-    assert error.code in {ErrorCode.BAD_REQUEST, ErrorCode.NOT_FOUND, ErrorCode.FORBIDDEN}
+    allowed = {ErrorCode.BAD_REQUEST, ErrorCode.NOT_FOUND, ErrorCode.FORBIDDEN, ErrorCode.UPGRADE}
+    assert error.code in allowed
 
 
 _scalars = st.one_of(
