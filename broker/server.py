@@ -118,6 +118,7 @@ class BrokerServer:
         sock = context.socket(zmq.ROUTER)
         sock.linger = 0
         sock.maxmsgsize = MAX_BROKER_FRAME
+        sock.ipv6 = True  # `bind` may be `tcp://[...]:PORT`; `*` then takes IPv4 and IPv6
         sock.rcvhwm = REQUEST_QUEUE_LIMIT
         sock.sndhwm = REPLY_QUEUE_LIMIT
         sock.curve_server = True

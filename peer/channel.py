@@ -72,6 +72,7 @@ class ZmqChannel:
         sock = context.socket(zmq.DEALER)
         sock.linger = 0
         sock.maxmsgsize = _MAX_PEER_FRAME
+        sock.ipv6 = True  # without it zmq refuses `tcp://[...]:PORT` and IPv6-only names
         if curve is not None:
             sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = curve
         try:

@@ -103,6 +103,7 @@ class BrokerClient:
             sock = self._context.socket(zmq.DEALER)
             sock.linger = 0
             sock.maxmsgsize = protocol.MAX_BROKER_FRAME
+            sock.ipv6 = True  # the broker may be at `tcp://[...]:PORT`
             sock.curve_serverkey = self._server_key
             sock.curve_secretkey = zmq.utils.z85.encode(bytes(self._key))
             sock.curve_publickey = zmq.utils.z85.encode(bytes(self._key.public_key))

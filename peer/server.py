@@ -98,6 +98,7 @@ class PeerServer:
         try:
             sock.linger = 0
             sock.maxmsgsize = MAX_REQUEST_FRAME
+            sock.ipv6 = True  # `listen` may be `tcp://[...]:PORT`; `*` takes IPv4 and IPv6
             sock.sndhwm = SEND_QUEUE_LIMIT
             sock.rcvhwm = RECEIVE_QUEUE_LIMIT
             sock.router_mandatory = True  # a full queue raises instead of silently dropping
