@@ -28,4 +28,8 @@ Hint = DirectHint  # a union once there is more than one kind
 
 def hints_of(holder: protocol.Holder) -> list[Hint]:
     """How to reach `holder`, best first."""
+    # One endpoint today (a name, IPv4, or IPv6 as `tcp://[...]:PORT`), dialled as it is.
+    # With several per holder (docs/PROTOCOL-v2.md §2) this is where they get their order:
+    # direct hints first, IPv6 before IPv4, then relays; the `Connector` then starts the
+    # next one 250 ms after the previous if that has not connected (RFC 8305).
     return [DirectHint(holder.endpoint)]
