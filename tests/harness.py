@@ -35,10 +35,24 @@ from sfs.peer.client import BrokerClient
 START_TIMEOUT = 20.0
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on the loopback of `host`'s family (IPv6 if it has a colon). For an
+    address inside a fresh network namespace any port is free: this just picks one."""
+    family, loopback = (socket.AF_INET6, "::1") if ":" in host else (socket.AF_INET, "127.0.0.1")
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((loopback, 0))
         return int(sock.getsockname()[1])
+
+
+def tcp_endpoint(host: str, port: int) -> str:
+    """`tcp://HOST:PORT`, with an IPv6 address in brackets."""
+    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+
+
+def in_netns(netns: str | None, argv: list[str]) -> list[str]:
+    """`argv` run inside network namespace `netns` (None: this one). `ip netns exec`
+    execs the command in place, so signals sent to the process reach it."""
+    return ["ip", "netns", "exec", netns, *argv] if netns else argv
 
 
 def command_for(tool: str) -> list[str]:
@@ -132,8 +146,11 @@ class Process:
 class Peer:
     """One user: a config file, and the CLI run against it."""
 
-    def __init__(self, cluster: Cluster, name: str, config: Path, password: str) -> None:
+    def __init__(
+        self, cluster: Cluster, name: str, config: Path, password: str, netns: str | None = None
+    ) -> None:
         self.cluster, self.name, self.config, self.password = cluster, name, config, password
+        self.netns = netns  # the network namespace its commands run in; None: this one
         self.server: Process | None = None
 
     @property
@@ -152,7 +169,14 @@ class Peer:
         env: dict[str, str] | None = None,
     ) -> Result:
         return self.cluster.run(
-            "sfs-peer", *args, "--config", str(self.config), input=input, timeout=timeout, env=env
+            "sfs-peer",
+            *args,
+            "--config",
+            str(self.config),
+            input=input,
+            timeout=timeout,
+            env=env,
+            netns=self.netns,
         )
 
     def share(self, path: Path, *extra: str) -> str:
@@ -171,6 +195,7 @@ class Peer:
             ],
             ready="serving on",
             env=env,
+            netns=self.netns,
         )
         return self.server
 
@@ -188,9 +213,11 @@ class Cluster:
         keep: bool = False,
         columns: int = 200,
         debug: bool = False,
+        host: str = "127.0.0.1",
     ) -> None:
         """`columns`: the terminal width the CLI's tables are laid out for; `debug`: run
-        the servers with --debug (everything they log, logged)."""
+        the servers with --debug (everything they log, logged); `host`: the address the
+        broker and the peers listen on (`::1` for IPv6), unless a peer is given its own."""
         self._own_root = root is None
         self.root = root or Path(tempfile.mkdtemp(prefix="sfs-harness-"))
         self.transport_encryption = transport_encryption
@@ -202,7 +229,9 @@ class Cluster:
         self.peers: dict[str, Peer] = {}
         self.broker_config = self.root / "broker.yaml"
         self.broker: Process | None = None
-        self.broker_endpoint = f"tcp://127.0.0.1:{free_port()}"
+        self.broker_netns: str | None = None
+        self.host = host
+        self.broker_endpoint = tcp_endpoint(host, free_port(host))
 
     def __enter__(self) -> Cluster:
         return self
@@ -230,9 +259,11 @@ class Cluster:
         input: str | None = None,
         timeout: float = 120,
         env: dict[str, str] | None = None,
+        netns: str | None = None,
     ) -> Result:
-        """Run a CLI command to the end; `env`: extra environment variables."""
-        argv = [*command_for(tool), *args]
+        """Run a CLI command to the end; `env`: extra environment variables; `netns`: the
+        network namespace to run it in."""
+        argv = in_netns(netns, [*command_for(tool), *args])
         done = subprocess.run(
             argv,
             input=input,
@@ -253,12 +284,13 @@ class Cluster:
         argv: list[str],
         ready: str | None = None,
         env: dict[str, str] | None = None,
+        netns: str | None = None,
     ) -> Process:
         """Start a long-running process; wait until it prints `ready` on stdout."""
         log = self.root / f"{name}.log"
         handle = log.open("w")
         popen = subprocess.Popen(
-            argv,
+            in_netns(netns, argv),
             stdout=subprocess.PIPE,
             stderr=handle,
             text=True,
@@ -285,8 +317,15 @@ class Cluster:
 
     # --- broker --------------------------------------------------------------------------
 
-    def start_broker(self, bcrypt_rounds: int = 4, presence_ttl: int = 5, **extra: Any) -> Process:
-        """`extra`: more broker config keys, e.g. `session_ttl=2`."""
+    def start_broker(
+        self,
+        bcrypt_rounds: int = 4,
+        presence_ttl: int = 5,
+        netns: str | None = None,
+        **extra: Any,
+    ) -> Process:
+        """`extra`: more broker config keys, e.g. `session_ttl=2`; `netns`: the network
+        namespace the broker runs in."""
         lines = [
             f"bind: {self.broker_endpoint}",
             "data_dir: broker",
@@ -305,7 +344,9 @@ class Cluster:
                 str(self.broker_config),
                 *self.debug_flag,
             ],
+            netns=netns,
         )
+        self.broker_netns = netns
         self.wait_for_broker()
         return self.broker
 
@@ -315,6 +356,12 @@ class Cluster:
 
     def wait_for_broker(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT
+        if self.broker_netns is not None:  # out of reach from here: wait for its log line
+            while self.broker and "listening on" not in self.broker.output():
+                if time.monotonic() > deadline or not self.broker.alive():
+                    raise RuntimeError(f"the broker did not start:\n{self.broker.output()}")
+                time.sleep(0.05)
+            return
         with BrokerClient(self.broker_endpoint, self.broker_public_key(), timeout=1) as client:
             while True:
                 try:
@@ -334,14 +381,16 @@ class Cluster:
 
     # --- peers ---------------------------------------------------------------------------
 
-    def write_peer_config(self, name: str, **extra: Any) -> Path:
-        port = free_port()
+    def write_peer_config(self, name: str, host: str | None = None, **extra: Any) -> Path:
+        """`host`: the address it listens on (default: the cluster's)."""
+        host = host or self.host
+        port = free_port(host)
         config = self.root / f"{name}.yaml"
         lines = [
             f"username: {name}",
             f"data_dir: {name}",
             f"download_dir: {name}/downloads",
-            f"listen: tcp://127.0.0.1:{port}",
+            f"listen: {tcp_endpoint(host, port)}",
             "broker:",
             f"  endpoint: {self.broker_endpoint}",
             "  public_key_file: broker/broker.pub",
@@ -360,12 +409,16 @@ class Cluster:
         serve: bool = False,
         register: bool = True,
         init: bool = True,
+        host: str | None = None,
+        netns: str | None = None,
         **extra: Any,
     ) -> Peer:
         """`extra`: more peer config keys, e.g. `advertise="tcp://127.0.0.1:5999"`.
-        Without `init` the peer has a config only (and is not registered)."""
-        config = self.write_peer_config(name, **extra)
-        peer = Peer(self, name, config, password=f"{name}-password")
+        Without `init` the peer has a config only (and is not registered). `host`: the
+        address it listens on (default: the cluster's); `netns`: the network namespace its
+        commands run in."""
+        config = self.write_peer_config(name, host, **extra)
+        peer = Peer(self, name, config, password=f"{name}-password", netns=netns)
         self.peers[name] = peer
         if not init:
             return peer
