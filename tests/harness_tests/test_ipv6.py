@@ -24,6 +24,10 @@ from typing import NoReturn
 
 import pytest
 
+from sfs.common import protocol
+from sfs.common.errors import RemoteError
+from sfs.common.protocol import ErrorCode
+from sfs.peer.client import BrokerClient
 from tests.harness import Cluster, Peer
 
 pytestmark = pytest.mark.harness
@@ -31,6 +35,13 @@ pytestmark = pytest.mark.harness
 REQUIRE = "SFS_REQUIRE_NETNS"
 A_ADDRESS, B_ADDRESS = "fd00:5f5::1", "fd00:5f5::2"  # a unique local prefix, inside our pair
 SIZE = 3_000_000
+HOSTILE_ENDPOINTS = [
+    "tcp://[::1",
+    "tcp://[zz::1]:1",
+    "tcp://[::1]:99999",
+    "tcp://[127.0.0.1]:1",
+    "tcp://[fe80::1%eth0]:1",
+]
 
 
 def skip_or_fail(reason: str) -> NoReturn:
@@ -74,6 +85,17 @@ def test_broker_and_peers_on_the_ipv6_loopback() -> None:
         share_search_get(alice, bob, cluster.root)
         online = {p["username"]: p["endpoint"] for p in cluster.broker_status()["online"]}
         assert online["alice"].startswith("tcp://[::1]:")
+
+        # A heartbeat advertising a hostile IPv6 endpoint is refused as bad input, in a
+        # line, before the broker looks at anything else (here, the made-up token).
+        key = cluster.broker_public_key()
+        with BrokerClient(cluster.broker_endpoint, key, timeout=5) as client:
+            for endpoint in HOSTILE_ENDPOINTS:
+                request = protocol.Heartbeat("not-a-token", endpoint)
+                with pytest.raises(RemoteError) as refused:
+                    client.call("heartbeat", request, protocol.HeartbeatResult)
+                assert refused.value.code == ErrorCode.BAD_REQUEST
+                assert str(refused.value) == "broker: endpoint: not a valid value"
 
 
 # --- two namespaces, IPv6 only --------------------------------------------------------------
