@@ -36,8 +36,10 @@ from psycopg_pool import ConnectionPool
 from sfs.broker.postgres_limits import PostgresLimits
 from sfs.broker.store_contract import (
     MAX_HOLDERS,
+    SEARCH_BUDGET,
     Account,
     FileEntry,
+    Found,
     Hit,
     IdMatch,
     Presence,
@@ -514,27 +516,51 @@ class PostgresStore:
         return bool(rows)
 
     def search(
-        self, user_id: int, terms: Sequence[str], owner: str | None, limit: int, now: int
-    ) -> list[Hit]:
-        params: dict[str, object] = {"me": user_id, "now": now, "limit": limit}
-        where = [_VISIBLE]
-        for i, term in enumerate(terms):
-            params[f"t{i}"] = _like_pattern(_fold(term))
-            where.append(f"(f.folded_name LIKE %(t{i})s OR f.folded_keywords LIKE %(t{i})s)")
+        self,
+        user_id: int,
+        terms: Sequence[str],
+        owner: str | None,
+        limit: int,
+        now: int,
+        budget: int = SEARCH_BUDGET,
+    ) -> Found:
+        params: dict[str, object] = {"me": user_id, "now": now, "limit": limit, "budget": budget}
+        # The candidates: files of the owner that hold every term of 3 characters or more
+        # (which the trigram index can look up), newest first, at most `budget`. Shorter
+        # terms and visibility are checked on each candidate.
+        chosen, where = ["true"], [_VISIBLE]
+        for i, term in enumerate(_fold(term) for term in terms):
+            params[f"t{i}"] = _like_pattern(term)
+            (chosen if len(term) >= 3 else where).append(
+                f"(f.folded_name LIKE %(t{i})s OR f.folded_keywords LIKE %(t{i})s)"
+            )
         if owner is not None:
-            params["owner"] = owner
-            where.append("u.username = %(owner)s")
+            found = self._query("SELECT id FROM users WHERE username = %s", (owner,))
+            if not found:
+                return Found()
+            params["owner"] = found[0][0]
+            chosen.append("f.owner_id = %(owner)s")
+        candidates = (
+            f"SELECT f.file_id, f.shared_at FROM files f WHERE {' AND '.join(chosen)}"
+            " ORDER BY f.shared_at DESC, f.file_id"
+        )
         rows = self._query(
             f"SELECT {_FILE_COLUMNS}, EXISTS (SELECT 1 FROM presence p"
             " WHERE p.user_id = f.owner_id AND p.online_until > %(now)s)"
-            f" FROM files f JOIN users u ON u.id = f.owner_id WHERE {' AND '.join(where)}"
-            " ORDER BY f.shared_at DESC, f.file_id LIMIT %(limit)s",
+            f" FROM ({candidates} LIMIT %(budget)s) c JOIN files f ON f.file_id = c.file_id"
+            f" JOIN users u ON u.id = f.owner_id WHERE {' AND '.join(where)}"
+            " ORDER BY c.shared_at DESC, c.file_id LIMIT %(limit)s",
             params,
             # A prepared (generic) plan cannot see how common the terms are: whether
             # to read the newest files first or the trigram index.
             prepare=False,
         )
-        return [Hit(_file_entry(row), bool(row[9])) for row in rows]
+        hits = [Hit(_file_entry(row), bool(row[9])) for row in rows]
+        # Fewer hits than asked: were there candidates past the budget?
+        partial = len(hits) < limit and bool(
+            self._query(f"{candidates} LIMIT 1 OFFSET %(budget)s", params, prepare=False)
+        )
+        return Found(hits, partial)
 
     def visible_file(self, file_id: str, user_id: int) -> FileEntry | None:
         rows = self._query(

@@ -48,8 +48,10 @@ from pathlib import Path
 
 from sfs.broker.store_contract import (
     MAX_HOLDERS,
+    SEARCH_BUDGET,
     Account,
     FileEntry,
+    Found,
     Hit,
     IdMatch,
     Presence,
@@ -519,9 +521,15 @@ class SqliteStore:
         return cursor.rowcount > 0
 
     def search(
-        self, user_id: int, terms: Sequence[str], owner: str | None, limit: int, now: int
-    ) -> list[Hit]:
-        params: dict[str, object] = {"me": user_id, "now": now}
+        self,
+        user_id: int,
+        terms: Sequence[str],
+        owner: str | None,
+        limit: int,
+        now: int,
+        budget: int = SEARCH_BUDGET,
+    ) -> Found:
+        params: dict[str, object] = {"me": user_id, "now": now, "budget": budget}
         where, match = [_VISIBLE], []  # `match`: FTS5 query parts, all of which must match
         for i, term in enumerate(term.lower() for term in terms):
             params[f"t{i}"] = term
@@ -539,32 +547,40 @@ class SqliteStore:
             elif (trigrams := self._trigrams_starting(term)) is None:  # a common short term
                 where.append(in_text)
             elif not trigrams:
-                return []  # no file holds the term
+                return Found()  # no file holds the term
             else:
                 match.append(_fts_match("{name keywords}", trigrams, "OR"))
         if owner is not None:
             found = self._query("SELECT id FROM users WHERE username = ?", (owner,))
             if not found:
-                return []
+                return Found()
             params["owner"] = found[0][0]
             # By the trigrams of "<id>", which other ids can hold too: "<12" and "23>" are
             # those of 123 and of 1223.
             match.append(_fts_match("owner", _cover(f"<{found[0][0]}>"), "AND"))
             where.append("f.owner_id = :owner")
+        # The candidates: the files the index hands out, newest first, at most `budget`.
+        candidates = "SELECT rowid AS k, name, keywords FROM file_search"
         if match:
-            where.append("file_search MATCH :match")
+            candidates += " WHERE file_search MATCH :match"
             params["match"] = " AND ".join(match)
+        candidates += " ORDER BY rowid DESC"
         rows = self._newest(
             f"SELECT {_FILE_COLUMNS}, EXISTS (SELECT 1 FROM presence p"
             " WHERE p.user_id = f.owner_id AND p.online_until > :now), f.sort_key"
-            # CROSS JOIN keeps the index as the outer loop: it hands out rows in rowid order.
-            " FROM file_search s CROSS JOIN files f ON f.sort_key = s.rowid"
-            f" JOIN users u ON u.id = f.owner_id WHERE {' AND '.join(where)}"
-            " ORDER BY s.rowid DESC",
+            # CROSS JOIN keeps the candidates (a co-routine) as the outer loop: rows come
+            # out in their order. No ORDER BY: SQLite would sort all `budget` of them.
+            f" FROM ({candidates} LIMIT :budget) s CROSS JOIN files f ON f.sort_key = s.k"
+            f" JOIN users u ON u.id = f.owner_id WHERE {' AND '.join(where)}",
             params,
             limit,
         )
-        return [Hit(_file_entry(row), bool(row[9])) for row in rows]
+        hits = [Hit(_file_entry(row), bool(row[9])) for row in rows]
+        # Fewer hits than asked: were there candidates past the budget?
+        partial = len(hits) < limit and bool(
+            self._query(f"{candidates} LIMIT 1 OFFSET :budget", params)
+        )
+        return Found(hits, partial)
 
     def _trigrams_starting(self, term: str) -> list[str] | None:
         """The indexed trigrams that start with `term` (1 or 2 characters), one of which

@@ -30,11 +30,23 @@ Search (`Store.search`) means exactly this, whatever the backend's index:
 - Hits come newest first (`shared_at` descending), ties by `file_id` ascending, at most
   `limit` of them; each says whether the owner is online at `now`.
 `model_search` in the contract tests is this definition as a few lines of Python.
+
+The work of a search is bounded in rows, not in time (so that the answer is the same on
+a loaded machine): a search examines candidate files newest first, each against the
+visibility rule and every term, and stops once it has examined `budget` of them
+(`SEARCH_BUDGET` unless a caller asks for fewer). Candidates are counted before the
+visibility check, on both backends: a file the user cannot see costs as much as one they
+can, so a user who sees few of many files cannot make a search read them all. Which files
+are candidates is the backend's choice (those its index cannot rule out, at most every
+file, at least every visible file that matches). If the budget runs out with fewer than
+`limit` hits while candidates remain, the answer is `partial`: each of its hits matches
+and is visible, newest first, but older files may match too ("add a word"). A store that
+holds at most `budget` files never answers `partial`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -43,6 +55,9 @@ from sfs.common.errors import StorageError
 from sfs.common.identity import KeyBundle
 
 MAX_HOLDERS = 64  # listed per lookup: the owner first, then seeders
+# Candidate files a search examines at most (see the module docstring): about 5 ms of
+# SQLite's or PostgreSQL's work on the machine of docs/PERFORMANCE.md.
+SEARCH_BUDGET = 10_000
 
 
 @dataclass(frozen=True)
@@ -89,6 +104,15 @@ class Presence:
 class Hit:
     file: FileEntry
     online: bool
+
+
+class Found(list[Hit]):
+    """The hits of a search, in order; `partial`: the budget ran out first, so older
+    files may match too."""
+
+    def __init__(self, hits: Iterable[Hit] = (), partial: bool = False) -> None:
+        super().__init__(hits)
+        self.partial = partial
 
 
 @dataclass(frozen=True)
@@ -186,10 +210,17 @@ class Store(Protocol):
         there was one."""
 
     def search(
-        self, user_id: int, terms: Sequence[str], owner: str | None, limit: int, now: int
-    ) -> list[Hit]:
-        """The files visible to the user that match every term: see this module's
-        docstring for the exact meaning."""
+        self,
+        user_id: int,
+        terms: Sequence[str],
+        owner: str | None,
+        limit: int,
+        now: int,
+        budget: int = SEARCH_BUDGET,
+    ) -> Found:
+        """The files visible to the user that match every term, examining at most
+        `budget` candidates (1 or more): see this module's docstring for the exact
+        meaning."""
 
     def visible_file(self, file_id: str, user_id: int) -> FileEntry | None:
         """The file, if the user may see it."""

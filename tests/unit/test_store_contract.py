@@ -426,6 +426,36 @@ def test_many_files_in_one_second_keep_their_tie_order(
         assert [h.file.file_id for h in hits] == [*sorted(ids), fid(5000)][:limit]
 
 
+def test_a_search_past_its_budget_says_partial(store: Store, users: dict[str, User]) -> None:
+    alice, bob = users["alice"].id, users["bob"].id
+    store.add_file(bob, entry(fid(1), "bob", "report-old", shared_at=1), [])
+    for n in range(2, 8):  # newer, and every other one private to alice
+        store.add_file(alice, entry(fid(n), name=f"report-{n}", shared_at=n), [] if n % 2 else None)
+    for terms in ([], ["report"], ["re"], ["r", "e"]):
+        # Candidates 7, 6, 5, 4 (newest first), of which bob sees 6 and 4.
+        found = store.search(bob, terms, None, 10, 0, budget=4)
+        assert ([h.file.file_id for h in found], found.partial) == ([fid(6), fid(4)], True)
+        found = store.search(bob, terms, None, 10, 0, budget=7)
+        assert [h.file.file_id for h in found] == [fid(6), fid(4), fid(2), fid(1)]
+        assert not found.partial
+        # `limit` hits within the budget: complete, whatever lies past it.
+        found = store.search(bob, terms, None, 2, 0, budget=4)
+        assert ([h.file.file_id for h in found], found.partial) == ([fid(6), fid(4)], False)
+
+
+def test_a_user_who_sees_nothing_costs_at_most_the_budget(
+    store: Store, users: dict[str, User]
+) -> None:
+    alice, carol = users["alice"].id, users["carol"].id
+    for n in range(1, 6):
+        store.add_file(alice, entry(fid(n), name=f"private-{n}", shared_at=n), [])
+    for terms in ([], ["private"], ["p"]):
+        found = store.search(carol, terms, None, 10, 0, budget=3)
+        assert (found, found.partial) == ([], True)
+        found = store.search(carol, terms, None, 10, 0, budget=5)
+        assert (found, found.partial) == ([], False)
+
+
 def test_a_term_is_found_only_where_its_trigrams_are_side_by_side(
     store: Store, users: dict[str, User]
 ) -> None:
@@ -594,6 +624,19 @@ def test_search_answers_as_the_model(
             hits = store.search(ids[user], terms, owner, limit, 0)
             expected = model_search(list(latest.values()), user, terms, owner, limit)
             assert [h.file.file_id for h in hits] == expected
+            assert not hits.partial
+            # A store of exactly `budget` files is within it.
+            tight = store.search(ids[user], terms, owner, limit, 0, budget=max(1, len(latest)))
+            assert ([h.file.file_id for h in tight], tight.partial) == (expected, False)
+            # Past the budget: a correct subset, in order; exact if it ran out of candidates.
+            everything = model_search(list(latest.values()), user, terms, owner, len(latest))
+            for budget in (1, 3):
+                some = store.search(ids[user], terms, owner, limit, 0, budget)
+                found = [h.file.file_id for h in some]
+                assert len(found) <= limit
+                assert found == [file_id for file_id in everything if file_id in found]
+                if not some.partial and len(found) < limit:
+                    assert found == expected
     finally:
         for shared in latest.values():
             assert store.remove_file(shared.file_id, ids[shared.owner])
