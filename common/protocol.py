@@ -66,6 +66,14 @@ def _real_ipv6_if_bracketed(endpoint: str) -> bool:
     return True
 
 
+def is_ipv6_literal(endpoint: str) -> bool:
+    """Whether `endpoint` names its host by a bracketed IPv6 address. Connecting sockets
+    turn IPv6 on only for those: with it on, zmq connects a host *name* to its first
+    address only, so a name whose first address is IPv6 (`localhost` -> ::1, say) would
+    miss a server that listens on IPv4 alone."""
+    return endpoint.startswith("tcp://[")
+
+
 class EndpointPattern(Pattern):
     """The codec's check for an `Endpoint`: the pattern, then a real IPv6 address if any."""
 

@@ -20,6 +20,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from sfs.common.errors import TransportError
 from sfs.common.manifest import MAX_CHUNK_SIZE
+from sfs.common.protocol import is_ipv6_literal
 
 # Called between the slices of a wait; raises to abandon it (the download stopped, or
 # gave up on this holder).
@@ -72,7 +73,7 @@ class ZmqChannel:
         sock = context.socket(zmq.DEALER)
         sock.linger = 0
         sock.maxmsgsize = _MAX_PEER_FRAME
-        sock.ipv6 = True  # without it zmq refuses `tcp://[...]:PORT` and IPv6-only names
+        sock.ipv6 = is_ipv6_literal(endpoint)  # names stay IPv4, as `is_ipv6_literal` says
         if curve is not None:
             sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = curve
         try:

@@ -103,7 +103,7 @@ class BrokerClient:
             sock = self._context.socket(zmq.DEALER)
             sock.linger = 0
             sock.maxmsgsize = protocol.MAX_BROKER_FRAME
-            sock.ipv6 = True  # the broker may be at `tcp://[...]:PORT`
+            sock.ipv6 = protocol.is_ipv6_literal(self.endpoint)
             sock.curve_serverkey = self._server_key
             sock.curve_secretkey = zmq.utils.z85.encode(bytes(self._key))
             sock.curve_publickey = zmq.utils.z85.encode(bytes(self._key.public_key))
@@ -266,8 +266,14 @@ class BrokerClient:
     def search(
         self, token: str, query: str = "", owner: str | None = None, limit: int = 100
     ) -> list[protocol.SearchHit]:
+        return self.find(token, query, owner, limit).hits
+
+    def find(
+        self, token: str, query: str = "", owner: str | None = None, limit: int = 100
+    ) -> protocol.SearchResult:
+        """A search's hits and whether it is partial (the broker's budget ran out)."""
         request = protocol.Search(token, query, owner, limit)
-        return self.call("search", request, protocol.SearchResult).hits
+        return self.call("search", request, protocol.SearchResult)
 
     def lookup(self, token: str, file_id: str) -> protocol.LookupResult:
         return self.call("lookup", protocol.Lookup(token, file_id), protocol.LookupResult)
