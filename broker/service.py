@@ -354,7 +354,8 @@ class BrokerService:
                     hit.online,
                 )
                 for hit in hits
-            ]
+            ],
+            hits.partial,
         )
 
     def _lookup(self, request: protocol.Lookup, caller: Caller) -> Record:

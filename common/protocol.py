@@ -321,6 +321,9 @@ class SearchHit(Record):
 @dataclass(frozen=True)
 class SearchResult(Record):
     hits: Annotated[list[SearchHit], MaxLen(MAX_SEARCH_RESULTS)]
+    # The broker stopped at its budget of files examined: older files may match too.
+    # Absent (a broker before it) means False.
+    partial: bool = False
 
 
 @dataclass(frozen=True)

@@ -545,9 +545,10 @@ def search(
 ) -> None:
     """Search the files shared with this user: every WORD must match (no quotes needed)."""
     with _peer(config) as peer:
-        hits = peer.search(" ".join(words or []), owner)
+        found = peer.find(" ".join(words or []), owner)
+    hits = found.hits
     if json:
-        print_json([hit.__dict__ for hit in hits])
+        print_json({"hits": [hit.__dict__ for hit in hits], "partial": found.partial})
         return
     ids = _ids([hit.file_id for hit in hits], wide)
     columns = [
@@ -572,6 +573,8 @@ def search(
         for hit in hits
     ]
     _print_table(columns, rows, wide=wide, empty="no matching files", shortened=_shortened(ids))
+    if found.partial:  # after the records, where a person reads it (piped: stderr)
+        print("more may match: add a word", file=sys.stdout if stdout.is_terminal else sys.stderr)
 
 
 @app.command()

@@ -317,10 +317,14 @@ class Peer:
         )
 
     def search(self, query: str = "", owner: str | None = None) -> list[protocol.SearchHit]:
+        return self.find(query, owner).hits
+
+    def find(self, query: str = "", owner: str | None = None) -> protocol.SearchResult:
+        """The hits, and whether the search is partial (more may match: add a word)."""
         if owner is not None:
             check_usernames([owner])
         with self._authenticated():
-            return self.broker.search(self._token(), query, owner)
+            return self.broker.find(self._token(), query, owner)
 
     def get(
         self,

@@ -138,7 +138,7 @@ class Setup:
             key = self.cluster.broker_public_key()
             with BrokerClient(self.cluster.broker_endpoint, key, timeout=10) as client:
                 assert client.ping().version == protocol.VERSION
-            hits = bob.run("search", "--json").check().json()
+            hits = bob.run("search", "--json").check().json()["hits"]
             assert self.file_id in [hit["file_id"] for hit in hits]
         else:
             got = bob.run("get", self.file_id, "--json").check().json()

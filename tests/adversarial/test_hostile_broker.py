@@ -348,7 +348,7 @@ def test_widened_access_list_is_refused_by_the_holders_registry(world: World, li
                 )
 
     with widened():
-        hits = carol.run("search", "--json").check().json()
+        hits = carol.run("search", "--json").check().json()["hits"]
         assert file_id in {hit["file_id"] for hit in hits}  # the lie reaches carol
         result = carol.run("get", file_id)
 

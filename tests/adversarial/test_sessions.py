@@ -183,9 +183,11 @@ def test_unshare_without_a_session_stops_serving_and_says_the_broker_still_lists
     assert file_id not in [share["file_id"] for share in bob.run("list", "--json").check().json()]
 
     bob.run("login", "--password-stdin", input=bob.password + "\n").check()
-    assert file_id in {hit["file_id"] for hit in bob.run("search", "--json").check().json()}
+    found = bob.run("search", "--json").check().json()["hits"]
+    assert file_id in {hit["file_id"] for hit in found}
     bob.run("unshare", file_id).check()
-    assert file_id not in {hit["file_id"] for hit in bob.run("search", "--json").check().json()}
+    found = bob.run("search", "--json").check().json()["hits"]
+    assert file_id not in {hit["file_id"] for hit in found}
 
 
 @pytest.mark.parametrize("damage", ["not json", "no token", "another user", "readable"])

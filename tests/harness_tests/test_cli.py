@@ -46,11 +46,11 @@ def test_share_search_get_round_trip(cluster: Cluster) -> None:
     )
     private_id = alice.share(private, "--to", "bob")
 
-    bob_sees = {hit["file_id"] for hit in bob.run("search", "--json").check().json()}
+    bob_sees = {hit["file_id"] for hit in bob.run("search", "--json").check().json()["hits"]}
     assert {public_id, private_id} <= bob_sees
-    by_keyword = bob.run("search", "quarterly", "--json").check().json()
+    by_keyword = bob.run("search", "quarterly", "--json").check().json()["hits"]
     assert [hit["file_id"] for hit in by_keyword] == [public_id]
-    carol_sees = {hit["file_id"] for hit in carol.run("search", "--json").check().json()}
+    carol_sees = {hit["file_id"] for hit in carol.run("search", "--json").check().json()["hits"]}
     assert public_id in carol_sees and private_id not in carol_sees
 
     for file_id, original in ((public_id, public), (private_id, private)):
@@ -215,8 +215,9 @@ def test_search_words_unquoted_must_all_match(cluster: Cluster) -> None:
     (cluster.root / "other.tif").write_bytes(b"other")
     alice.share(cluster.root / "other.tif", "-k", "big")
     both = bob.run("search", "big", "raw", "--json").check().json()
-    assert [hit["file_id"] for hit in both] == [wanted]
-    assert bob.run("search", "raw", "nothing-like-this", "--json").check().json() == []
+    assert [hit["file_id"] for hit in both["hits"]] == [wanted] and not both["partial"]
+    none = bob.run("search", "raw", "nothing-like-this", "--json").check().json()
+    assert none == {"hits": [], "partial": False}
 
 
 def test_share_several_files_gives_one_id_each(cluster: Cluster) -> None:

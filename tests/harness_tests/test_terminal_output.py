@@ -58,7 +58,8 @@ def _sfs(peer: Peer, *args: str) -> str:
 
 
 def _ids(peer: Peer) -> dict[str, str]:
-    return {hit["name"]: hit["file_id"] for hit in peer.run("search", "--json").check().json()}
+    found = peer.run("search", "--json").check().json()
+    return {hit["name"]: hit["file_id"] for hit in found["hits"]}
 
 
 def _check_80_columns(screen: list[str], ids: dict[str, str]) -> None:

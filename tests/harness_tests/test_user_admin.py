@@ -21,7 +21,7 @@ pytestmark = pytest.mark.harness
 
 
 def names(peer: Peer) -> list[str]:
-    return sorted(hit["name"] for hit in peer.run("search", "--json").check().json())
+    return sorted(hit["name"] for hit in peer.run("search", "--json").check().json()["hits"])
 
 
 def admin(cluster: Cluster, *args: str) -> Any:

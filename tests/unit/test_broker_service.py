@@ -7,6 +7,7 @@ the client key a CurveZMQ connection would report, and an injected clock for exp
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import sqlite3
@@ -1260,6 +1261,31 @@ def test_search_limit_keeps_the_newest(
     assert [h.shared_at for h in hits] == [T0 + 40, T0 + 30]
     assert len(broker.search(bob, tokens["bob"], limit=1)) == 1
     assert len(broker.search(bob, tokens["bob"], limit=500)) == 5
+
+
+def test_a_search_past_the_stores_budget_says_partial(
+    broker: Broker,
+    store: SqliteStore,
+    tokens: dict[str, str],
+    alice: Identity,
+    bob: Identity,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The real store with a budget of 2 files examined, rather than 10,000 files.
+    monkeypatch.setattr(store, "search", functools.partial(store.search, budget=2))
+    broker.publish(alice, tokens["alice"], "old.txt")
+    broker.clock.advance(10)
+    for name in ("private-1.txt", "private-2.txt"):
+        broker.publish(alice, tokens["alice"], name, access=[])
+    request, key = protocol.Search(tokens["bob"]), bob.bundle.curve_public
+    found = broker.ok("search", request, key, protocol.SearchResult)
+    assert (found.hits, found.partial) == ([], True)
+    key = alice.bundle.curve_public
+    found = broker.ok("search", protocol.Search(tokens["alice"]), key, protocol.SearchResult)
+    assert (len(found.hits), found.partial) == (2, True)  # old.txt is past the budget
+    request = protocol.Search(tokens["alice"], limit=2)
+    found = broker.ok("search", request, key, protocol.SearchResult)
+    assert (len(found.hits), found.partial) == (2, False)
 
 
 @pytest.mark.parametrize("limit", [0, -1, 501])

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from sfs.common.cli import SafeTable, fail, printable, stdout
 from sfs.common.identity import format_fingerprint
-from sfs.common.protocol import SearchHit
+from sfs.common.protocol import SearchHit, SearchResult
 from sfs.peer import bars, tables
 from sfs.peer import cli as peer_cli
 from sfs.peer.pins import Pin
@@ -161,6 +161,7 @@ class _FakePeer:
 
     def __init__(self, hits: list[SearchHit], pins: list[Pin]) -> None:
         self.hits, self.pins = hits, pins
+        self.partial = False
         self.config = type("Config", (), {"username": "bob"})()
 
     def __enter__(self) -> _FakePeer:
@@ -169,8 +170,8 @@ class _FakePeer:
     def __exit__(self, *exc: object) -> None:
         pass
 
-    def search(self, query: str, owner: str | None) -> list[SearchHit]:
-        return self.hits
+    def find(self, query: str, owner: str | None) -> SearchResult:
+        return SearchResult(self.hits, self.partial)
 
     def peers(self) -> list[Pin]:
         return self.pins
@@ -203,6 +204,17 @@ def test_search_piped_prints_full_ids_one_record_per_line(fake_peer: _FakePeer) 
     assert lines[1].split("\t")[:3] == ["ab" * 16, LONG_NAME, "3.0 MiB"]
     assert lines[2].split("\t")[1] == NO_SPACES
     assert len(lines) == 3
+
+
+def test_a_partial_search_says_more_may_match(fake_peer: _FakePeer) -> None:
+    assert json.loads(_run("search", "--json"))["partial"] is False
+    fake_peer.partial = True
+    document = json.loads(_run("search", "--json"))
+    assert (len(document["hits"]), document["partial"]) == (2, True)
+    result = CliRunner().invoke(peer_cli.app, ["search", "--config", "unused.yaml"])
+    assert result.exit_code == 0, result.output
+    assert len(result.stdout.splitlines()) == 3  # piped: the records alone
+    assert result.stderr == "more may match: add a word\n"
 
 
 def test_peers_json_and_pipe_say_which_pins_are_verified(fake_peer: _FakePeer) -> None:

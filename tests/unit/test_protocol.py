@@ -79,6 +79,7 @@ RESULT_SAMPLES: list[Record] = [
     protocol.PublishResult(FILE_ID),
     protocol.SearchResult([HIT, dataclasses.replace(HIT, online=False, keywords=[])]),
     protocol.SearchResult([]),
+    protocol.SearchResult([HIT], partial=True),
     protocol.ResolveResult([protocol.IdMatch(FILE_ID, "report.pdf", "bob")]),
     protocol.ResolveResult([]),
     protocol.LookupResult(
@@ -143,6 +144,11 @@ def test_encode_is_the_documented_envelope() -> None:
 def test_search_defaults() -> None:
     search = decode_body(Envelope("search", 0, {"token": TOKEN}), BROKER_REQUESTS)
     assert search == protocol.Search(TOKEN, "", None, 100)
+
+
+def test_a_search_result_without_partial_is_complete() -> None:
+    """As a broker from before the search budget sends it."""
+    assert from_wire(protocol.SearchResult, {"hits": []}) == protocol.SearchResult([], False)
 
 
 def test_publish_access_none_means_everyone_and_is_kept_apart_from_empty() -> None:
