@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.search [--files 1000000] [--queries 400] [--seed 1]
     .venv/bin/python -m bench.search --blind-only  # the second part alone (~1 min)
+    .venv/bin/python -m bench.search --postgres    # also on a throwaway PostgreSQL
     .venv/bin/python -m bench --only search        # the same, as a section of results.md
 
 Fills a `SqliteStore` in a temporary folder with generated files (names and keywords
@@ -14,6 +15,11 @@ check, search, encode the reply).
 Then a second, smaller store for the costliest caller: one who can see none of 50,000
 private files of other users, so that every search looks at every file and answers
 nothing. It times an empty query and one of eight one-letter terms.
+
+Each search examines at most `SEARCH_BUDGET` candidate files (sfs.broker.store_contract);
+the tables count the searches that stopped there (`partial`). With `--postgres`, each
+store is also copied into a throwaway PostgreSQL cluster (as tests/postgres.py starts
+one, from the machine's initdb and pg_ctl) and the same searches are timed there.
 """
 
 from __future__ import annotations
@@ -29,12 +35,16 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.common import BenchError, fmt_load, progress
+from sfs.broker.migrate import copy_index
+from sfs.broker.postgres_store import PostgresStore
 from sfs.broker.service import BrokerService, BrokerSettings
-from sfs.broker.store import SqliteStore, User
+from sfs.broker.store import SqliteStore, Store, User
+from sfs.broker.store_contract import SEARCH_BUDGET
 from sfs.common import crypto, protocol
 from sfs.common.identity import KeyBundle
 
@@ -89,6 +99,7 @@ class Timings:
     store: dict[str, list[float]] = field(default_factory=dict)  # kind -> seconds
     service: dict[str, list[float]] = field(default_factory=dict)
     hits: dict[str, list[int]] = field(default_factory=dict)
+    partial: dict[str, list[bool]] = field(default_factory=dict)  # stopped at the budget
 
 
 # --- the data -------------------------------------------------------------------------------
@@ -229,7 +240,7 @@ def make_queries(rng: random.Random, corpus: Corpus, users: list[User], count: i
     return queries
 
 
-def time_queries(store: SqliteStore, users: list[User], queries: list[Query]) -> Timings:
+def time_queries(store: Store, users: list[User], queries: list[Query]) -> Timings:
     service = BrokerService(store, BrokerSettings(bcrypt_rounds=4))
     now = int(time.time())
     tokens: dict[int, str] = {}
@@ -246,6 +257,7 @@ def time_queries(store: SqliteStore, users: list[User], queries: list[Query]) ->
         def direct(query: Query = query) -> None:
             hits = store.search(query.caller.id, query.terms, query.owner, LIMIT, now)
             timings.hits.setdefault(query.kind, []).append(len(hits))
+            timings.partial.setdefault(query.kind, []).append(hits.partial)
 
         def served(query: Query = query, frame: bytes = frame) -> None:
             reply = protocol.decode_envelope(
@@ -287,18 +299,21 @@ def ms(seconds: float) -> str:
     return f"{seconds * 1000:.2f}"
 
 
-def render(args: argparse.Namespace, timings: Timings, setup: dict[str, str]) -> str:
+def render(
+    args: argparse.Namespace, timings: Timings, setup: dict[str, str], store_class: str
+) -> str:
     lines = [
-        f"## Search: {args.files:,} files",
+        f"## Search: {args.files:,} files, {store_class}",
         "",
-        f"{args.files:,} files from {USERS} users in one `SqliteStore`"
+        f"{args.files:,} files from {USERS} users in one `{store_class}`"
         f" ({setup['database']}), {sum(map(len, timings.store.values()))} searches of"
         f" {len(timings.store)} kinds, limit {LIMIT}, in random order. Times in ms;"
-        " `store` is `SqliteStore.search`, `handle` the whole request through"
-        " `BrokerService.handle` (decode, session, search, encode).",
+        f" `store` is `{store_class}.search`, `handle` the whole request through"
+        " `BrokerService.handle` (decode, session, search, encode); `partial`: the searches"
+        f" that stopped at the budget of {SEARCH_BUDGET:,} files examined.",
         "",
-        "| kind | n | store p50 | store p99 | handle p50 | handle p99 | hits (median) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| kind | n | store p50 | store p99 | handle p50 | handle p99 | hits (median) | partial |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     everything: tuple[list[float], list[float]] = ([], [])
     for kind in sorted(timings.store, key=lambda k: -percentile(timings.store[k], 99)):
@@ -308,13 +323,15 @@ def render(args: argparse.Namespace, timings: Timings, setup: dict[str, str]) ->
         lines.append(
             f"| {kind} | {len(store)} | {ms(percentile(store, 50))} | {ms(percentile(store, 99))}"
             f" | {ms(percentile(service, 50))} | {ms(percentile(service, 99))}"
-            f" | {percentile([float(h) for h in timings.hits[kind]], 50):.0f} |"
+            f" | {percentile([float(h) for h in timings.hits[kind]], 50):.0f}"
+            f" | {sum(timings.partial[kind])} |"
         )
     store_all, service_all = everything
     lines.append(
         f"| **all** | {len(store_all)} | {ms(percentile(store_all, 50))}"
         f" | **{ms(percentile(store_all, 99))}** | {ms(percentile(service_all, 50))}"
         f" | **{ms(percentile(service_all, 99))}** | |"
+        f" {sum(sum(p) for p in timings.partial.values())} |"
     )
     lines += ["", *(f"- {key}: {value}" for key, value in setup.items() if key != "database")]
     return "\n".join(lines) + "\n"
@@ -325,7 +342,7 @@ def run(args: argparse.Namespace) -> str:
     (with defaults, since `python -m bench` passes its own arguments)."""
     args.files = getattr(args, "files", DEFAULT_FILES)
     args.queries = getattr(args, "queries", DEFAULT_QUERIES)
-    blind = run_blind(getattr(args, "seed", 1))
+    blind = run_blind(getattr(args, "seed", 1), getattr(args, "postgres", False))
     if getattr(args, "blind_only", False):
         return f"## Search\n\n{blind}"
     return run_main(args) + "\n" + blind
@@ -351,6 +368,10 @@ def run_main(args: argparse.Namespace) -> str:
             timings = time_queries(store, users, queries)
             gc.unfreeze()
             size = sum(p.stat().st_size for p in Path(tmp).iterdir())
+            if getattr(args, "postgres", False):
+                with on_postgres(path) as postgres:
+                    time_queries(postgres, users, queries[:50])
+                    on_server = time_queries(postgres, users, queries)
         finally:
             store.close()
     setup = {
@@ -362,16 +383,46 @@ def run_main(args: argparse.Namespace) -> str:
         "method": "the database file is read once first (page cache warm); p99 is the"
         f" nearest rank: with {len(queries) // len(timings.store)} searches per kind, the slowest",
     }
-    return render(args, timings, setup)
+    report = render(args, timings, setup, "SqliteStore")
+    if getattr(args, "postgres", False):
+        setup["database"] = "a throwaway cluster on this machine, fsync off"
+        setup["fill"] = "copied from the SQLite store (sfs-broker migrate's copy_index)"
+        del setup["SQLite"]
+        report += "\n" + render(args, on_server, setup, "PostgresStore")
+    return report
+
+
+@contextmanager
+def on_postgres(source: Path) -> Iterator[PostgresStore]:
+    """The SQLite index at `source`, copied into a throwaway PostgreSQL cluster."""
+    from tests.postgres import Cluster, find_bindir  # with pytest: only for --postgres
+
+    bindir = find_bindir()
+    if bindir is None:
+        raise BenchError("--postgres needs initdb and pg_ctl (Debian: apt install postgresql)")
+    cluster = Cluster(bindir)
+    try:
+        cluster.start()
+        with cluster.database() as url:
+            store = PostgresStore(url)
+            try:
+                progress("copying the index into PostgreSQL")
+                copy_index(source, store)
+                yield store
+            finally:
+                store.close()
+    finally:
+        cluster.stop()
 
 
 # --- a caller who can see nothing ------------------------------------------------------------
 
 
-def run_blind(seed: int) -> str:
+def run_blind(seed: int, postgres: bool = False) -> str:
     """The markdown subsection: `BLIND_FILES` private files of other users, searched by
-    the one user on none of their access lists."""
+    the one user on none of their access lists (on PostgreSQL too with `postgres`)."""
     rng = random.Random(seed)  # noqa: S311 (made-up data, not secrets)
+    results: dict[str, Timings] = {}
     with tempfile.TemporaryDirectory(prefix="sfs-bench-search-blind-") as tmp:
         store = SqliteStore(Path(tmp) / "broker.db")
         try:
@@ -389,31 +440,37 @@ def run_blind(seed: int) -> str:
             gc.collect()
             gc.freeze()
             time_queries(store, users, kinds * 3)  # warm SQLite's caches
-            timings = time_queries(store, users, kinds * BLIND_REPEATS)
+            results["SqliteStore"] = time_queries(store, users, kinds * BLIND_REPEATS)
             gc.unfreeze()
+            if postgres:
+                with on_postgres(Path(tmp) / "broker.db") as on_server:
+                    time_queries(on_server, users, kinds * 3)
+                    results["PostgresStore"] = time_queries(on_server, users, kinds * BLIND_REPEATS)
         finally:
             store.close()
-    if any(any(counts) for counts in timings.hits.values()):
+    if any(any(counts) for timings in results.values() for counts in timings.hits.values()):
         raise BenchError("the outsider found files: the blind scenario is not blind")
     lines = [
         f"### A caller who can see none of {BLIND_FILES:,} files",
         "",
         f"{BLIND_FILES:,} files of {USERS - 1} users, every one private (an access list of"
         " up to 5 of the others), searched by a user on none of the lists who owns nothing:"
-        " each search looks at every file and answers nothing. The costliest caller per"
-        f" file today; the time grows with the files. {BLIND_REPEATS} searches of each kind,"
-        " alternating, after a warm-up. Times in ms, columns as above.",
+        f" each search looks at {SEARCH_BUDGET:,} files (its budget) and answers nothing,"
+        f" partial. {BLIND_REPEATS} searches of each kind, alternating, after a warm-up."
+        " Times in ms, columns as above.",
         "",
-        "| query | n | store p50 | store p99 | handle p50 | handle p99 | hits |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| store | query | n | store p50 | store p99 | handle p50 | handle p99 | hits | partial |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for query in kinds:
-        store_times, served = timings.store[query.kind], timings.service[query.kind]
-        lines.append(
-            f"| {query.kind} | {len(store_times)} | {ms(percentile(store_times, 50))}"
-            f" | {ms(percentile(store_times, 99))} | {ms(percentile(served, 50))}"
-            f" | {ms(percentile(served, 99))} | 0 |"
-        )
+    for store_class, timings in results.items():
+        for query in kinds:
+            store_times, served = timings.store[query.kind], timings.service[query.kind]
+            lines.append(
+                f"| {store_class} | {query.kind} | {len(store_times)}"
+                f" | {ms(percentile(store_times, 50))} | {ms(percentile(store_times, 99))}"
+                f" | {ms(percentile(served, 50))} | {ms(percentile(served, 99))} | 0"
+                f" | {sum(timings.partial[query.kind])} |"
+            )
     lines += ["", f"- load average before / after: {fmt_load(load)} / {fmt_load(os.getloadavg())}"]
     return "\n".join(lines) + "\n"
 
@@ -427,6 +484,9 @@ def main() -> None:
         "--blind-only",
         action="store_true",
         help=f"only the caller who sees none of {BLIND_FILES:,} private files",
+    )
+    parser.add_argument(
+        "--postgres", action="store_true", help="also on a throwaway PostgreSQL cluster"
     )
     print(run(parser.parse_args()), end="")
 
