@@ -28,7 +28,11 @@ trigrams it starts, in one FTS5 query with the rest. If it starts more than
 `_MAX_EXPANSION`, it is a common term: it is checked with `instr` on each row the index
 hands out (every file, newest first, when nothing else narrows the search), and such a
 term soon finds its hits. The worst case is a short term that starts many trigrams but
-is in few files: then the scan reads the whole index, about 0.5 s for a million files.
+is in few files, or a user who can see few files: the scan would read the whole index
+(about 0.5 s for a million files), but it stops after the search's budget of candidates
+(`SEARCH_BUDGET`): the rows the index hands out, newest first, read in a subquery with
+`LIMIT :budget`. Fewer hits than asked for, and one more candidate past the budget, make
+the answer partial.
 
 The table `usage` (schema 4) holds each user's number of files and bytes of manifests,
 kept by triggers, so that `add_file` checks a `Quota` by reading one row in the same
