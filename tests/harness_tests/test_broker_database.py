@@ -15,7 +15,7 @@ pytestmark = pytest.mark.harness
 
 
 def search_names(cluster: Cluster, who: str) -> list[str]:
-    hits = cluster.peers[who].run("search", "--json").check().json()
+    hits = cluster.peers[who].run("search", "--json").check().json()["hits"]
     return sorted(hit["name"] for hit in hits)
 
 

@@ -55,7 +55,7 @@ def share_search_get(alice: Peer, bob: Peer, folder: Path) -> dict[str, object]:
     source = folder / "v6.bin"
     source.write_bytes(os.urandom(SIZE))
     file_id = alice.run("share", str(source), "-k", "sixes", "--json").check().json()["file_id"]
-    hits = bob.run("search", "sixes", "--json").check().json()
+    hits = bob.run("search", "sixes", "--json").check().json()["hits"]
     assert [hit["file_id"] for hit in hits] == [file_id]
     got: dict[str, object] = bob.run("get", file_id, "--json").check().json()
     saved = Path(str(got["path"]))
