@@ -307,9 +307,7 @@ def test_files_by_prefix_sees_what_search_sees(store: Store, users: dict[str, Us
         carols,
         "abcdef02" + "0" * 24,
     ]
-    assert store.files_by_prefix(bob.id, to_bob, 10) == [
-        IdMatch(to_bob, "alice", "to bob.txt")
-    ]
+    assert store.files_by_prefix(bob.id, to_bob, 10) == [IdMatch(to_bob, "alice", "to bob.txt")]
     assert store.files_by_prefix(alice.id, carols, 10) == [IdMatch(carols, "carol", "carol's.txt")]
 
 
