@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from sfs.common.cli import SafeTable, fail, printable, stdout
 from sfs.common.identity import format_fingerprint
 from sfs.common.protocol import SearchHit, SearchResult
-from sfs.peer import bars, tables
+from sfs.peer import bars, cli_options, tables
 from sfs.peer import cli as peer_cli
 from sfs.peer.pins import Pin
 from sfs.peer.tables import Column
@@ -188,7 +188,7 @@ def fake_peer(monkeypatch: pytest.MonkeyPatch) -> _FakePeer:
         Pin("carol", b"\xff" * 32, "trusted by hand", 1_790_000_000, verified_at=1_790_000_100),
     ]
     fake = _FakePeer(hits, pins)
-    monkeypatch.setattr(peer_cli, "_peer", lambda config: fake)
+    monkeypatch.setattr(cli_options, "open_peer", lambda config: fake)
     return fake
 
 

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from sfs.broker.cli import app as broker_app
 from sfs.common.config import PeerConfig
 from sfs.common.errors import UsageError
-from sfs.peer import cli, keys
+from sfs.peer import keys, prompts
 from sfs.peer.cli import app as peer_app
 from sfs.peer.pins import Pin
 
@@ -41,7 +41,7 @@ class Terminal:
         self._answers: Iterator[str | None] = iter(answers)
         monkeypatch.setattr(getpass, "getpass", self._getpass)
         monkeypatch.setattr(sys.stdin, "isatty", lambda: True)
-        monkeypatch.delenv(cli.PASSPHRASE_ENV, raising=False)
+        monkeypatch.delenv(prompts.PASSPHRASE_ENV, raising=False)
 
     def _getpass(self, prompt: str = "") -> str:
         self.prompts.append(prompt)
@@ -53,7 +53,7 @@ class Terminal:
 
 def test_password_prompt_says_for_whom(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     terminal = Terminal(monkeypatch, ["secret"])
-    assert cli._password(settings(tmp_path), from_stdin=False) == "secret"
+    assert prompts.password(settings(tmp_path), from_stdin=False) == "secret"
     assert terminal.prompts == ["password for alice at tcp://broker.example:5555: "]
 
 
@@ -61,7 +61,7 @@ def test_passphrase_prompt_names_the_user_and_the_keys(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     terminal = Terminal(monkeypatch, ["pass"])
-    assert cli._passphrase(settings(tmp_path)) == b"pass"
+    assert prompts.passphrase(settings(tmp_path)) == b"pass"
     assert terminal.prompts == [
         f"passphrase for alice's private keys ({tmp_path / 'alice' / 'keys'}): "
     ]
@@ -72,7 +72,7 @@ def test_ctrl_d_at_a_prompt_is_a_usage_error(
 ) -> None:
     Terminal(monkeypatch, [None])
     with pytest.raises(UsageError) as refused:
-        cli._password(settings(tmp_path), from_stdin=False)
+        prompts.password(settings(tmp_path), from_stdin=False)
     assert str(refused.value) == "cancelled at the prompt (end of input); nothing was done"
     assert refused.value.exit_code == 2
 
@@ -81,7 +81,7 @@ def test_a_new_password_that_does_not_match_is_asked_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     terminal = Terminal(monkeypatch, ["one", "two", "three", "three"])
-    assert cli._password(settings(tmp_path), from_stdin=False, confirm=True) == "three"
+    assert prompts.password(settings(tmp_path), from_stdin=False, confirm=True) == "three"
     assert (
         terminal.prompts
         == [
@@ -96,13 +96,13 @@ def test_a_new_password_that_does_not_match_is_asked_again(
 def test_three_mismatches_give_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     terminal = Terminal(monkeypatch, ["a", "b", "c", "d", "e", "f"])
     with pytest.raises(UsageError, match=r"the passwords did not match \(3 tries\)"):
-        cli._password(settings(tmp_path), from_stdin=False, confirm=True)
+        prompts.password(settings(tmp_path), from_stdin=False, confirm=True)
     assert len(terminal.prompts) == 6
 
 
 def test_new_passphrase_asks_again_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     terminal = Terminal(monkeypatch, ["p1", "p2", "p3", "p3"])
-    assert cli._new_passphrase(settings(tmp_path)) == b"p3"
+    assert prompts.new_passphrase(settings(tmp_path)) == b"p3"
     assert terminal.prompts[0].startswith("new passphrase for alice's private keys (")
     assert terminal.prompts[1] == "passphrase again: "
 
@@ -162,7 +162,7 @@ def test_the_command_list_shows_whole_phrases_at_80_columns(app: object) -> None
 def test_ctrl_d_at_the_replace_question_cancels_and_keeps_the_pin(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    ask = cli._ask_to_replace(b"\x02" * 32)
+    ask = prompts.ask_to_replace(b"\x02" * 32)
     pinned = Pin("bob", b"\x01" * 32, "first use", 1_700_000_000)
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
     with pytest.raises(UsageError) as refused:

@@ -1,0 +1,33 @@
+"""Options shared by `sfs-peer` commands, and the `Peer` each command opens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from sfs.common.config import load_peer_config
+from sfs.peer import prompts
+from sfs.peer.node import Peer
+
+PasswordStdin = Annotated[
+    bool, typer.Option("--password-stdin", help="Read the password from standard input.")
+]
+
+
+WideOption = Annotated[
+    bool, typer.Option("--wide", help="Full ids and fingerprints, and every column.")
+]
+
+
+FolderOption = Annotated[
+    Path | None,
+    typer.Option("--folder", help="The download folder to look in (default: download_dir)."),
+]
+
+
+def open_peer(config: Path) -> Peer:
+    """The user's `Peer` from the config file; encrypted keys ask for their passphrase."""
+    settings = load_peer_config(config)
+    return Peer(settings, passphrase=lambda: prompts.passphrase(settings))
