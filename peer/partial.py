@@ -94,14 +94,20 @@ def _rename_checked(fd: int, source: Path, folder: Path, name: str) -> None:
     target = folder / name
     if target.exists() or target.is_symlink():
         raise FileExistsError(errno.EEXIST, "taken", str(target))
+    replaced = IntegrityError(
+        "the temporary file was replaced by someone else as the download finished "
+        "(others can rename files in this folder); nothing was kept"
+    )
+    if not _same_file(source, fd):
+        raise replaced
     source.rename(target)
     if not _same_file(target, fd):
-        with contextlib.suppress(OSError):
+        try:
             target.rename(source)  # the swapped-in entry goes back where it was
-        raise IntegrityError(
-            "the temporary file was replaced by someone else as the download finished "
-            "(others can rename files in this folder); nothing was kept"
-        )
+        except OSError:  # something is in the way there now: never leave it named
+            with contextlib.suppress(OSError):
+                target.unlink()
+        raise replaced
 
 
 def _name_unused(fd: int, source: Path, folder: Path, name: str) -> Path:

@@ -483,17 +483,12 @@ class HolderService:
             log.exception("bug while reading a chunk of %s", name)
             return ReadFailure("the holder hit an internal error", f"could not read {path}")
         # Send only what was shared: a file changed since would otherwise leak new content.
-        # Its unchanged stamp says so without a hash; otherwise the manifest's hash does.
-        if isinstance(read, Unchanged):
-            data = read.data
-            if len(data) != job.length:
-                return changed
-        else:
-            data = read
-            if len(data) != job.length or not crypto.same_bytes(
-                crypto.sha256(data), job.chunk_hash
-            ):
-                return changed
+        # The manifest's hash decides, even when the file's stamp is unchanged: writes
+        # through a shared mmap can change bytes without touching mtime or ctime until
+        # writeback, so the stamp only catches most changes early.
+        data = read.data if isinstance(read, Unchanged) else read
+        if len(data) != job.length or not crypto.same_bytes(crypto.sha256(data), job.chunk_hash):
+            return changed
         return job.cipher.seal(job.index, data, job.associated)
 
     def complete(self, job: ChunkJob, outcome: ChunkOutcome) -> list[bytes]:

@@ -108,3 +108,33 @@ def test_a_temporary_file_deleted_as_the_download_finishes_is_refused(
     with pytest.raises(IntegrityError, match="deleted by someone else"):
         partial.finish("report.pdf")
     assert finished_names(tmp_path) == {}
+
+
+def test_without_hard_links_a_swap_whose_undo_is_blocked_leaves_nothing_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The attacker swaps the temporary file right after the rename's check, then puts a
+    folder at the temporary path so that moving their entry back fails: it must not keep
+    the final name."""
+    partial = PartialFile(tmp_path, FILE_ID, manifest_of())
+    write_all(partial)
+    real_rename = Path.rename
+
+    def rename(self: Path, target: Path) -> Path:
+        if self == partial.path and Path(target).name == "report.pdf":
+            self.rename(self.with_name("moved-aside"))  # ours, out of the way
+            self.write_bytes(FORGED)  # theirs, renamed in our place
+            moved = real_rename(self, target)
+            self.mkdir()
+            (self / "blocker").write_bytes(b"x")
+            return moved
+        return real_rename(self, target)
+
+    def no_links(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(IntegrityError, match="replaced by someone else"):
+        partial.finish("report.pdf")
+    assert not (tmp_path / "report.pdf").exists()

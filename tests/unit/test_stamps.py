@@ -141,6 +141,15 @@ def test_plain_bytes_are_still_hashed_and_a_short_read_always_refused(source: Pa
     assert isinstance(outcome, bytes)
 
 
+def test_bytes_changed_under_an_unchanged_stamp_are_never_sent(source: Path) -> None:
+    """Writes through a shared mmap can change a page without touching mtime or ctime
+    until writeback: an unchanged stamp must not stand in for the manifest's hash."""
+    share = shared(source, stamp_of(source.stat()))
+    changed = bytes(b ^ 1 for b in CONTENT)
+    outcome, _ = holder_read(share, lambda s, o, n: Unchanged(changed[o : o + n]))
+    assert isinstance(outcome, ReadFailure) and outcome.changed
+
+
 def test_the_registry_keeps_the_stamp(tmp_path: Path, source: Path) -> None:
     stamp = stamp_of(source.stat())
     registry = ShareRegistry(tmp_path / "shares.db")
