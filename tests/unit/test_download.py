@@ -5,7 +5,6 @@ bad chunks."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import random
 import socket
@@ -19,13 +18,14 @@ import zmq
 from sfs.common import crypto, protocol
 from sfs.common.codec import pack
 from sfs.common.errors import IntegrityError, ProtocolError, RemoteError
-from sfs.common.manifest import MIN_CHUNK_SIZE, Manifest, file_id_of
+from sfs.common.manifest import MIN_CHUNK_SIZE
 from sfs.common.protocol import ErrorCode
 from sfs.peer.download import Downloader, DownloadInterrupted, read_chunk, read_reply
-from sfs.peer.keys import Identity, create_identity
+from sfs.peer.keys import Identity
 from sfs.peer.pins import PinStore
 from sfs.peer.registry import Share
 from sfs.peer.transfer import HolderService
+from tests.unit.memory_holders import lookup_of, share_of
 
 TRANSFER_ID = bytes(range(16))
 
@@ -99,71 +99,6 @@ def test_an_error_reply_stays_a_remote_error() -> None:
 
 DATA = random.Random(6).randbytes(7 * MIN_CHUNK_SIZE + 1000)  # chunks 0-7, the last short
 CHUNKS = 8
-
-
-@pytest.fixture(scope="module")
-def alice(tmp_path_factory: pytest.TempPathFactory) -> Identity:
-    """The owner, and a holder."""
-    return create_identity(tmp_path_factory.mktemp("alice"), "alice")
-
-
-@pytest.fixture(scope="module")
-def bob(tmp_path_factory: pytest.TempPathFactory) -> Identity:
-    """The downloader."""
-    return create_identity(tmp_path_factory.mktemp("bob"), "bob")
-
-
-@pytest.fixture(scope="module")
-def carol(tmp_path_factory: pytest.TempPathFactory) -> Identity:
-    """A seeder."""
-    return create_identity(tmp_path_factory.mktemp("carol"), "carol")
-
-
-def shared_by(owner: Identity) -> Share:
-    """DATA, shared by `owner` with everyone."""
-    manifest = Manifest(
-        version=1,
-        share_id=crypto.random_bytes(16),
-        name="data.bin",
-        size=len(DATA),
-        chunk_size=MIN_CHUNK_SIZE,
-        chunk_hashes=b"".join(
-            hashlib.sha256(DATA[i : i + MIN_CHUNK_SIZE]).digest()
-            for i in range(0, len(DATA), MIN_CHUNK_SIZE)
-        ),
-        sha256=hashlib.sha256(DATA).digest(),
-        owner=owner.username,
-        owner_fp=owner.fingerprint,
-        keywords=[],
-        created=1_700_000_000,
-    )
-    encoded = manifest.encode()
-    return Share(
-        file_id_of(encoded),
-        Path("/nonexistent"),
-        "data.bin",
-        len(DATA),
-        encoded,
-        owner.sign(encoded),
-        None,
-        [],
-        0,
-    )
-
-
-def lookup_of(
-    owner: Identity, share: Share, holders: list[protocol.Holder]
-) -> protocol.LookupResult:
-    return protocol.LookupResult(
-        share.file_id,
-        owner.username,
-        owner.bundle,
-        share.manifest,
-        share.signature,
-        holders,
-        None,
-        owner.sign(protocol.grant_payload(share.file_id, None)),
-    )
 
 
 @contextlib.contextmanager
@@ -254,7 +189,7 @@ def test_a_silent_holder_is_set_aside_while_another_delivers(
 ) -> None:
     """alice sends chunk 0, then holds chunk 1 back until carol, who never answers her
     hello, has been set aside: the download neither waits for carol nor fails."""
-    share = shared_by(alice)
+    share = share_of(alice, DATA)
     set_aside = threading.Event()
 
     class Watch(logging.Handler):
@@ -310,7 +245,7 @@ def test_a_bad_chunk_from_the_last_holder_keeps_the_verified_ones(
 ) -> None:
     """alice sends chunks 0-2, then a bad chunk 3: she is dropped, and with nobody left
     the download stops, keeping chunks 0-2 (and nothing else) for the next attempt."""
-    share = shared_by(alice)
+    share = share_of(alice, DATA)
     real_seal = crypto.ChunkCipher.seal
 
     def seal(self: crypto.ChunkCipher, index: int, plaintext: bytes, data: bytes) -> bytes:

@@ -23,31 +23,13 @@ from sfs.peer.download import (
     DownloadResult,
 )
 from sfs.peer.hints import DirectHint
-from sfs.peer.keys import Identity, create_identity
+from sfs.peer.keys import Identity
 from sfs.peer.pins import PinStore
 from sfs.peer.registry import Share
 from tests.unit.memory_holders import CHUNK, MemoryDialer, MemoryHolder, lookup_of, share_of
 
 DATA = random.Random(8).randbytes(9 * CHUNK + 500)  # chunks 0-9, the last short
 CHUNKS = 10
-
-
-@pytest.fixture(scope="module")
-def alice(tmp_path_factory: pytest.TempPathFactory) -> Identity:
-    """The owner, and a holder."""
-    return create_identity(tmp_path_factory.mktemp("alice"), "alice")
-
-
-@pytest.fixture(scope="module")
-def bob(tmp_path_factory: pytest.TempPathFactory) -> Identity:
-    """The downloader."""
-    return create_identity(tmp_path_factory.mktemp("bob"), "bob")
-
-
-@pytest.fixture(scope="module")
-def carol(tmp_path_factory: pytest.TempPathFactory) -> Identity:
-    """A seeder."""
-    return create_identity(tmp_path_factory.mktemp("carol"), "carol")
 
 
 @pytest.fixture(scope="module")

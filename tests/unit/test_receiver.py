@@ -11,7 +11,7 @@ from sfs.common import protocol
 from sfs.common.errors import IntegrityError, ProtocolError, RemoteError, TransportError
 from sfs.common.manifest import decode_manifest
 from sfs.common.protocol import ErrorCode, Refused
-from sfs.peer.keys import Identity, create_identity
+from sfs.peer.keys import Identity
 from sfs.peer.receiver import Chunk, Offered, ReceiverSession, SetAside, Stage
 from sfs.peer.registry import Share
 from sfs.peer.transfer import ChunkPlan, HolderService, ReceiverLink
@@ -21,16 +21,6 @@ DATA = random.Random(7).randbytes(5 * CHUNK + 99)  # chunks 0-5
 CONN = b"conn"
 TIMEOUT = 5.0
 HELLO_TIMEOUT = 2.0
-
-
-@pytest.fixture(scope="module")
-def alice(tmp_path_factory: pytest.TempPathFactory) -> Identity:
-    return create_identity(tmp_path_factory.mktemp("alice"), "alice")
-
-
-@pytest.fixture(scope="module")
-def bob(tmp_path_factory: pytest.TempPathFactory) -> Identity:
-    return create_identity(tmp_path_factory.mktemp("bob"), "bob")
 
 
 @pytest.fixture(scope="module")
