@@ -19,45 +19,22 @@ from hypothesis import strategies as st
 from sfs.broker import store as store_module
 from sfs.broker.store import (
     SCHEMA_VERSION,
-    FileEntry,
     Quota,
     QuotaExceeded,
     SqliteStore,
     User,
 )
 from sfs.common.errors import StorageError
-from sfs.common.identity import KeyBundle
-from tests.unit.test_store_contract import Shared, _search, _shared, model_search
-
-HASH = b"$2b$04$" + b"h" * 53
-
-
-def bundle_for(n: int) -> KeyBundle:
-    return KeyBundle(b"rsa-der-%d" % n, bytes([n]) * 32)
-
-
-def entry(
-    file_id: str,
-    owner: str = "alice",
-    name: str = "file.txt",
-    keywords: list[str] | None = None,
-    shared_at: int = 100,
-    size: int = 10,
-) -> FileEntry:
-    return FileEntry(
-        file_id,
-        owner,
-        name,
-        size,
-        keywords or [],
-        b"manifest:" + file_id.encode(),
-        b"sig",
-        shared_at,
-    )
-
-
-def fid(n: int) -> str:
-    return f"{n:032x}"
+from tests.unit.test_store_contract import (
+    HASH,
+    Shared,
+    _search,
+    _shared,
+    bundle_for,
+    entry,
+    fid,
+    model_search,
+)
 
 
 def rows(path: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
