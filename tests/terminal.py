@@ -57,8 +57,9 @@ class TmuxServer:
             text=True,
             timeout=30,
             env=env,
-            check=True,
         )
+        if done.returncode != 0:
+            raise AssertionError(f"tmux {' '.join(args)}: {done.stderr.strip()}")
         return done.stdout
 
     def close(self) -> None:
@@ -136,6 +137,9 @@ class Screens:
         self._tmux = TmuxServer()
         self.root = root
         self.count = 0
+        # tmux exits with its last session: a session that only waits keeps the server up,
+        # or the next screen's new-session can meet a server that is shutting down.
+        self._tmux("new-session", "-d", "-s", "keep", "sleep 3600")
 
     def run(self, command: str) -> list[str]:
         """Run a shell command that must succeed; the screen's lines, with lines the
