@@ -48,6 +48,10 @@ class BrokerUnreachable(TransportError):
     """A broker did not answer in time (or its connection dropped)."""
 
 
+class BrokerVersionMismatch(ProtocolError):
+    """The broker speaks another protocol version: one side must upgrade."""
+
+
 class BrokerClient:
     def __init__(
         self,
@@ -207,6 +211,27 @@ class BrokerClient:
 
     def ping(self) -> protocol.PingResult:
         return self.call("ping", protocol.Ping(), protocol.PingResult)
+
+    def check_version(self) -> None:
+        """Refuse a broker of another protocol version, before anything is sent that it
+        could misread (docs/PROTOCOL-v2.md §1). Its `ping` answer says which: a result
+        with its version, a reply in its own envelope, or an `upgrade` error."""
+        try:
+            version = self.ping().version
+        except protocol.VersionMismatch as exc:
+            version = exc.version
+        except RemoteError as exc:
+            if exc.code != ErrorCode.UPGRADE:
+                raise
+            raise BrokerVersionMismatch(
+                f"upgrade sfs: the broker at {self.endpoint} speaks another protocol version,"
+                f" this peer speaks {protocol.VERSION} ({exc})"
+            ) from exc
+        if version != protocol.VERSION:
+            raise BrokerVersionMismatch(
+                f"upgrade sfs: the broker at {self.endpoint} speaks protocol version {version},"
+                f" this peer speaks {protocol.VERSION}"
+            )
 
     def challenge(self) -> bytes:
         return self.call("challenge", protocol.GetChallenge(), protocol.ChallengeResult).challenge

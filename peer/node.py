@@ -166,6 +166,7 @@ class Peer:
     def register(self, password: str) -> protocol.SessionResult:
         crypto.check_password_length(password)
         identity = self.identity
+        self.broker.check_version()
         challenge = self.broker.challenge()
         payload = protocol.register_payload(identity.username, challenge, identity.bundle)
         try:
@@ -207,6 +208,7 @@ class Peer:
 
     def login(self, password: str) -> protocol.SessionResult:
         crypto.check_password_length(password)
+        self.broker.check_version()
         result = self.broker.login(self.config.username, password)
         self._save_session(result)
         return result
@@ -547,6 +549,7 @@ class Peer:
             self._serve(stop, on_ready)
 
     def _serve(self, stop: threading.Event, on_ready: Callable[[str], None] | None) -> None:
+        self.broker.check_version()
         device = session.DeviceSession(self.identity)
         # Fail early, and clearly, if the broker refuses this device.
         ttl = device.call(
