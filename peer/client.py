@@ -23,7 +23,6 @@ from typing import TypeVar
 
 import nacl.public
 import zmq
-import zmq.utils.monitor
 import zmq.utils.z85
 
 from sfs.common import protocol
@@ -31,6 +30,7 @@ from sfs.common.codec import Record, from_wire
 from sfs.common.errors import ProtocolError, RemoteError, TransportError
 from sfs.common.identity import KeyBundle
 from sfs.common.protocol import ErrorCode
+from sfs.peer.zmq_events import next_event
 
 R = TypeVar("R", bound=Record)
 
@@ -198,8 +198,7 @@ class BrokerClient:
         assert self._monitor is not None
         lost = False
         while self._monitor.poll(0):
-            event = zmq.utils.monitor.recv_monitor_message(self._monitor)
-            lost = lost or bool(event["event"] & _GONE_EVENTS)
+            lost = bool(next_event(self._monitor) & _GONE_EVENTS) or lost
         return lost
 
     def _forget_old_events(self) -> None:
