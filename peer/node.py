@@ -38,6 +38,7 @@ from sfs.peer.partial import partial_path
 from sfs.peer.pins import ConfirmReplace, Pin, PinConflict, PinStore, Trusted
 from sfs.peer.preflight import already_downloaded, check_free_space
 from sfs.peer.registry import Share, ShareRegistry
+from sfs.peer.serve_lock import serve_lock
 from sfs.peer.share import (
     Progress,
     build_stamped_manifest,
@@ -546,8 +547,6 @@ class Peer:
         The server logs in with the device's own keys, not the password session of
         `login`: it keeps serving across that session's expiry and the user's `logout`.
         One server per data folder (`serve_lock`)."""
-        from sfs.peer.serve_lock import serve_lock
-
         with serve_lock(self.config.data_dir):
             self._serve(stop, on_ready)
 
