@@ -69,6 +69,7 @@ def register(
 
     with cli_options.open_peer(config) as peer:
         peer.check_not_registered()  # before asking for a password it would not need
+        peer.check_broker()
         result = peer.register(prompts.password(peer.config, password_stdin, confirm=True))
         stdout.print(f"registered {result.username} and logged in")
 
@@ -82,6 +83,7 @@ def login(
     from sfs.peer import prompts
 
     with cli_options.open_peer(config) as peer:
+        peer.check_broker()  # before asking for a password it could not use
         result = peer.login(prompts.password(peer.config, password_stdin))
         stdout.print(f"logged in as {result.username}")
 

@@ -76,6 +76,7 @@ class BrokerClient:
         self._socket: zmq.Socket[bytes] | None = None
         self._monitor: zmq.Socket[bytes] | None = None
         self._rids = itertools.count(1)
+        self._version_checked = False  # once per client: the brokers share one database
 
     @property
     def endpoint(self) -> str:
@@ -214,7 +215,10 @@ class BrokerClient:
     def check_version(self) -> None:
         """Refuse a broker of another protocol version, before anything is sent that it
         could misread (docs/PROTOCOL-v2.md §1). Its `ping` answer says which: a result
-        with its version, a reply in its own envelope, or an `upgrade` error."""
+        with its version, a reply in its own envelope, or an `upgrade` error. Asked once
+        per client."""
+        if self._version_checked:
+            return
         try:
             version = self.ping().version
         except protocol.VersionMismatch as exc:
@@ -231,6 +235,7 @@ class BrokerClient:
                 f"upgrade sfs: the broker at {self.endpoint} speaks protocol version {version},"
                 f" this peer speaks {protocol.VERSION}"
             )
+        self._version_checked = True
 
     def challenge(self) -> bytes:
         return self.call("challenge", protocol.GetChallenge(), protocol.ChallengeResult).challenge

@@ -161,10 +161,15 @@ class Peer:
         )
         return self._identity
 
+    def check_broker(self) -> None:
+        """Refuse a broker of another protocol version (the CLI asks before it prompts
+        for a password; `register`, `login` and `serve` ask anyway)."""
+        self.broker.check_version()
+
     def register(self, password: str) -> protocol.SessionResult:
         crypto.check_password_length(password)
         identity = self.identity
-        self.broker.check_version()
+        self.check_broker()
         challenge = self.broker.challenge()
         payload = protocol.register_payload(identity.username, challenge, identity.bundle)
         try:
@@ -206,7 +211,7 @@ class Peer:
 
     def login(self, password: str) -> protocol.SessionResult:
         crypto.check_password_length(password)
-        self.broker.check_version()
+        self.check_broker()
         result = self.broker.login(self.config.username, password)
         self._save_session(result)
         return result
@@ -558,7 +563,7 @@ class Peer:
         from sfs.peer.server import Heartbeat, PeerServer
         from sfs.peer.transfer import HolderService
 
-        self.broker.check_version()
+        self.check_broker()
         device = session.DeviceSession(self.identity)
         # Fail early, and clearly, if the broker refuses this device.
         ttl = device.call(

@@ -7,7 +7,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 import zmq
@@ -70,15 +69,22 @@ def other_broker() -> Iterator[tuple[Cluster, OtherVersionBroker]]:
 
 
 @pytest.mark.parametrize(
-    ("command", "password"), [("register", True), ("login", True), ("serve", False)]
+    "args",
+    [
+        ["register", "--password-stdin"],
+        ["register"],  # no terminal to ask on: the version is checked before the prompt
+        ["login", "--password-stdin"],
+        ["login"],
+        ["serve"],
+    ],
 )
 def test_a_broker_of_another_version_is_refused_before_anything_is_sent(
-    other_broker: tuple[Cluster, OtherVersionBroker], command: str, password: bool
+    other_broker: tuple[Cluster, OtherVersionBroker], args: list[str]
 ) -> None:
     cluster, broker = other_broker
     peer = cluster.add_peer("alice", register=False)
-    args: list[Any] = [command, "--password-stdin"] if password else [command]
-    result = peer.run(*args, input=peer.password + "\n" if password else None, timeout=30)
+    stdin = "--password-stdin" in args
+    result = peer.run(*args, input=peer.password + "\n" if stdin else "", timeout=30)
     line = one_line_error(result)
     assert line == (
         f"error: upgrade sfs: the broker at {cluster.broker_endpoint} speaks protocol"

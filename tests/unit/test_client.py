@@ -76,10 +76,13 @@ def test_resolve_refuses_ids_that_do_not_start_with_the_prefix(
 # --- the broker's protocol version, checked before register, login and serve ----------
 
 
-def test_a_broker_of_this_version_passes_the_check(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_broker_of_this_version_passes_the_check_asked_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     scripted_client(monkeypatch, [protocol.PingResult(protocol.VERSION, 0)])
     with BrokerClient("tcp://127.0.0.1:1", b"0" * 40) as client:
         client.check_version()
+        client.check_version()  # no second ping (the script has no second answer)
 
 
 @pytest.mark.parametrize(
