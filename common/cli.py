@@ -4,17 +4,17 @@ errors become a one-line message and an exit code."""
 from __future__ import annotations
 
 import functools
-import importlib.metadata
 import json
 import logging
 import os
 import signal
 import sys
 import threading
+import types
 import unicodedata
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar, Union, get_args, get_origin
 
 import typer
 from rich.console import Console, RenderableType
@@ -79,13 +79,82 @@ class SafeTable(Table):
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+class _PlainValue:
+    """Typer's coercion of a text, path or flag value, without pydantic. Typer (0.2x) runs
+    every value through a pydantic `TypeAdapter`: importing pydantic and building the
+    adapters is a large part of a command's start-up (~80 ms), for values that need only
+    `str`, `Path` or a yes/no. Other types keep typer's own coercion."""
+
+    def __init__(self, convert: Callable[[str], Any], multiple: bool) -> None:
+        self._convert = convert
+        self._multiple = multiple
+
+    @classmethod
+    def for_param(cls, param: Any) -> _PlainValue | None:
+        """One for a typer parameter of type `str` or `Path` (or a list of them, or
+        optional) with no parser and no path checks; None for any other."""
+        descriptor = getattr(param, "type_descriptor", None)
+        if descriptor is None or not hasattr(param, "_runtime_param"):
+            return None  # another typer: leave it alone
+        checks = ("parser", "exists", "resolve_path", "writable", "path_type", "allow_dash")
+        if any(getattr(descriptor.parameter_info, name, None) for name in checks):
+            return None
+        annotation = descriptor.annotation
+        multiple = get_origin(annotation) is list
+        if multiple:
+            (annotation,) = get_args(annotation)
+        elif get_origin(annotation) in (Union, types.UnionType):
+            options = [a for a in get_args(annotation) if a is not type(None)]
+            annotation = options[0] if len(options) == 1 else None
+        if annotation is bool and not multiple:
+            return cls(_flag, multiple)
+        if annotation not in (str, Path):
+            return None
+        return cls(annotation, multiple)
+
+    def coerce(self, value: Any, param: Any = None, ctx: Any = None) -> Any:
+        if value is None:
+            return () if self._multiple else None
+        try:
+            if self._multiple and not isinstance(value, str):
+                return [self._convert(item) for item in value]
+            return self._convert(value)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), ctx=ctx, param=param) from None
+
+
+_TRUE, _FALSE = {"1", "true", "t", "yes", "y", "on"}, {"0", "false", "f", "no", "n", "off", ""}
+
+
+def _flag(value: Any) -> bool:
+    """A flag's value: a bool, or text from its environment variable (SFS_DEBUG=1)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE | _FALSE:
+        return text in _TRUE
+    raise ValueError(f"{str(value)[:40]!r} is not a valid boolean")
+
+
+def _without_pydantic(params: list[Any]) -> list[Any]:
+    for param in params:
+        if getattr(param, "_runtime_param", True) is None:
+            param._runtime_param = _PlainValue.for_param(param)
+    return params
+
+
+class _Group(typer.core.TyperGroup):
+    def get_params(self, ctx: Any) -> Any:
+        return _without_pydantic(super().get_params(ctx))
+
+
 class _Command(typer.core.TyperCommand):
     """Plain help the way command-line tools print it: `get [OPTIONS] FILE_ID`, values
     named (`--out DIR`), no types (`<str>`); --config required only when SFS_CONFIG is
     unset. (click's types are vendored by some typer versions, hence `Any`.)"""
 
     def get_params(self, ctx: Any) -> Any:
-        params = super().get_params(ctx)
+        params = _without_pydantic(super().get_params(ctx))
         for param in params:
             if param.name == "config" and getattr(param, "envvar", None) == CONFIG_ENV:
                 # Parsing agrees: click reads the variable before it checks `required`.
@@ -146,6 +215,7 @@ def new_app(help_text: str) -> typer.Typer:
     """A Typer app whose errors go through `command` rather than rich tracebacks, with
     plain-text help (-h or --help) and --version."""
     app = _App(
+        cls=_Group,
         help=help_text,
         no_args_is_help=True,
         add_completion=False,
@@ -170,6 +240,8 @@ def new_app(help_text: str) -> typer.Typer:
 
 def _version(ctx: typer.Context, value: bool) -> None:
     if value:
+        import importlib.metadata
+
         from sfs.common.protocol import VERSION
 
         tool, release = ctx.find_root().info_name, importlib.metadata.version("sfs")

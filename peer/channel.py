@@ -16,11 +16,11 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from sfs.common.errors import TransportError
 from sfs.common.manifest import MAX_CHUNK_SIZE
 from sfs.common.protocol import is_ipv6_literal
+from sfs.peer.zmq_events import next_event
 
 # Called between the slices of a wait; raises to abandon it (the download stopped, or
 # gave up on this holder).
@@ -118,7 +118,7 @@ def _connect(sock: zmq.Socket[bytes], endpoint: str, timeout: float, interrupt: 
         deadline = time.monotonic() + timeout
         while True:
             if monitor.poll(round(_SLICE * 1000)):
-                if recv_monitor_message(monitor)["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                if next_event(monitor) == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                     return
                 continue
             interrupt()

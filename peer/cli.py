@@ -21,12 +21,11 @@ from sfs.common.cli import (
     run,
     stdout,
 )
-from sfs.common.identity import format_fingerprint
-from sfs.peer import cli_options, output, prompts, trust_commands, trust_output
-from sfs.peer.cli_options import FolderOption, PasswordStdin, WideOption
-from sfs.peer.progress import download_progress, progress
-from sfs.peer.prompts import PASSPHRASE_ENV
-from sfs.peer.share import shareable_file
+from sfs.peer import cli_options, trust_commands
+from sfs.peer.cli_options import PASSPHRASE_ENV, FolderOption, PasswordStdin, WideOption
+
+# Start-up time: each command imports what it needs in its body (keys, the broker client,
+# rich's progress bars, the output tables), so that none pays for the others, nor `--help`.
 
 app = new_app("An sfs peer: share files, find them, and download them directly from their owners.")
 
@@ -47,6 +46,9 @@ def init(
     debug: DebugOption = False,
 ) -> None:
     """Make this user's keys and show the fingerprint (RSA-3072 and Curve25519)."""
+    from sfs.common.identity import format_fingerprint
+    from sfs.peer import prompts
+
     with cli_options.open_peer(config) as peer:
         wanted = passphrase or os.environ.get(PASSPHRASE_ENV)
         secret = prompts.new_passphrase(peer.config) if wanted else None
@@ -63,8 +65,11 @@ def register(
     config: ConfigOption, password_stdin: PasswordStdin = False, debug: DebugOption = False
 ) -> None:
     """Register this user and its public keys at the broker (and log in)."""
+    from sfs.peer import prompts
+
     with cli_options.open_peer(config) as peer:
         peer.check_not_registered()  # before asking for a password it would not need
+        peer.check_broker()
         result = peer.register(prompts.password(peer.config, password_stdin, confirm=True))
         stdout.print(f"registered {result.username} and logged in")
 
@@ -75,7 +80,10 @@ def login(
     config: ConfigOption, password_stdin: PasswordStdin = False, debug: DebugOption = False
 ) -> None:
     """Log in to the broker; the session is kept in the data folder."""
+    from sfs.peer import prompts
+
     with cli_options.open_peer(config) as peer:
+        peer.check_broker()  # before asking for a password it could not use
         result = peer.login(prompts.password(peer.config, password_stdin))
         stdout.print(f"logged in as {result.username}")
 
@@ -154,6 +162,10 @@ def share(
 
     Each file's manifest is signed and registered at the broker. Every PATH is checked
     before any is shared. With --json: one object for one PATH, a list for several."""
+    from sfs.peer import output
+    from sfs.peer.progress import progress
+    from sfs.peer.share import shareable_file
+
     with cli_options.open_peer(config) as peer:
         me = peer.config.username
         sources = [shareable_file(path) for path in paths]  # all checked before any is shared
@@ -199,6 +211,8 @@ def list_shares(
     debug: DebugOption = False,
 ) -> None:
     """List the files this user shares, and the downloads it seeds."""
+    from sfs.peer import output
+
     if partial:
         _list_unfinished(config, folder, wide, json)
         return
@@ -209,6 +223,8 @@ def list_shares(
 
 
 def _list_unfinished(config: Path, folder: Path | None, wide: bool, json: bool) -> None:
+    from sfs.peer import output
+
     with cli_options.open_peer(config) as peer:
         found = peer.unfinished(folder)
     output.print_unfinished(found, wide, json)
@@ -230,6 +246,8 @@ def clean(
     debug: DebugOption = False,
 ) -> None:
     """Remove abandoned unfinished downloads (`.sfs-*.part` files)."""
+    from sfs.peer import output
+
     with cli_options.open_peer(config) as peer:
         done = peer.clean(older_than, folder)
     output.print_cleaned(done, older_than, json)
@@ -255,6 +273,8 @@ def search(
     debug: DebugOption = False,
 ) -> None:
     """Search the files shared with this user: every WORD must match (no quotes needed)."""
+    from sfs.peer import output
+
     with cli_options.open_peer(config) as peer:
         found = peer.find(" ".join(words or []), owner)
     output.print_found(found, wide, json)
@@ -293,6 +313,9 @@ def get(
       sfs-peer search annual report
       sfs-peer get 0f3c9a1e5b7d42c68e0a9b1c2d3e4f50 --out ~/Downloads
     """
+    from sfs.peer import output, trust_output
+    from sfs.peer.progress import download_progress
+
     with cli_options.open_peer(config) as peer, download_progress(not json) as bar:
         known = {pin.username for pin in peer.peers()}
         result = peer.get(file_id, out, bar, force=force)

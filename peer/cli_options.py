@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from sfs.common.config import load_peer_config
-from sfs.peer import prompts
-from sfs.peer.node import Peer
+if TYPE_CHECKING:
+    from sfs.peer.node import Peer
+
+PASSPHRASE_ENV = "SFS_PASSPHRASE"  # noqa: S105 (the name of a variable, not a secret)
 
 PasswordStdin = Annotated[
     bool, typer.Option("--password-stdin", help="Read the password from standard input.")
@@ -29,5 +30,11 @@ FolderOption = Annotated[
 
 def open_peer(config: Path) -> Peer:
     """The user's `Peer` from the config file; encrypted keys ask for their passphrase."""
+    # Here, not at the top: importing them is most of a command's start-up, and `--help`
+    # needs none of it.
+    from sfs.common.config import load_peer_config
+    from sfs.peer import prompts
+    from sfs.peer.node import Peer
+
     settings = load_peer_config(config)
     return Peer(settings, passphrase=lambda: prompts.passphrase(settings))

@@ -23,7 +23,6 @@ from typing import TypeVar
 
 import nacl.public
 import zmq
-import zmq.utils.monitor
 import zmq.utils.z85
 
 from sfs.common import protocol
@@ -31,6 +30,7 @@ from sfs.common.codec import Record, from_wire
 from sfs.common.errors import ProtocolError, RemoteError, TransportError
 from sfs.common.identity import KeyBundle
 from sfs.common.protocol import ErrorCode
+from sfs.peer.zmq_events import next_event
 
 R = TypeVar("R", bound=Record)
 
@@ -46,6 +46,10 @@ _GONE_EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
 
 class BrokerUnreachable(TransportError):
     """A broker did not answer in time (or its connection dropped)."""
+
+
+class BrokerVersionMismatch(ProtocolError):
+    """The broker speaks another protocol version: one side must upgrade."""
 
 
 class BrokerClient:
@@ -72,6 +76,7 @@ class BrokerClient:
         self._socket: zmq.Socket[bytes] | None = None
         self._monitor: zmq.Socket[bytes] | None = None
         self._rids = itertools.count(1)
+        self._version_checked = False  # once per client: the brokers share one database
 
     @property
     def endpoint(self) -> str:
@@ -194,8 +199,7 @@ class BrokerClient:
         assert self._monitor is not None
         lost = False
         while self._monitor.poll(0):
-            event = zmq.utils.monitor.recv_monitor_message(self._monitor)
-            lost = lost or bool(event["event"] & _GONE_EVENTS)
+            lost = bool(next_event(self._monitor) & _GONE_EVENTS) or lost
         return lost
 
     def _forget_old_events(self) -> None:
@@ -207,6 +211,31 @@ class BrokerClient:
 
     def ping(self) -> protocol.PingResult:
         return self.call("ping", protocol.Ping(), protocol.PingResult)
+
+    def check_version(self) -> None:
+        """Refuse a broker of another protocol version, before anything is sent that it
+        could misread (docs/PROTOCOL-v2.md §1). Its `ping` answer says which: a result
+        with its version, a reply in its own envelope, or an `upgrade` error. Asked once
+        per client."""
+        if self._version_checked:
+            return
+        try:
+            version = self.ping().version
+        except protocol.VersionMismatch as exc:
+            version = exc.version
+        except RemoteError as exc:
+            if exc.code != ErrorCode.UPGRADE:
+                raise
+            raise BrokerVersionMismatch(
+                f"upgrade sfs: the broker at {self.endpoint} speaks another protocol version,"
+                f" this peer speaks {protocol.VERSION} ({exc})"
+            ) from exc
+        if version != protocol.VERSION:
+            raise BrokerVersionMismatch(
+                f"upgrade sfs: the broker at {self.endpoint} speaks protocol version {version},"
+                f" this peer speaks {protocol.VERSION}"
+            )
+        self._version_checked = True
 
     def challenge(self) -> bytes:
         return self.call("challenge", protocol.GetChallenge(), protocol.ChallengeResult).challenge

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import zmq
 
@@ -33,16 +34,11 @@ from sfs.common.manifest import decode_manifest, file_id_of
 from sfs.common.protocol import ErrorCode
 from sfs.peer import file_ids, keys, leftovers, session
 from sfs.peer.client import BrokerClient
-from sfs.peer.download import Downloader, DownloadProgress, DownloadResult, verify_lookup
 from sfs.peer.partial import partial_path
 from sfs.peer.pins import ConfirmReplace, Pin, PinConflict, PinStore, Trusted
 from sfs.peer.preflight import already_downloaded, check_free_space
-from sfs.peer.reads import read_chunk
 from sfs.peer.registry import Share, ShareRegistry
-from sfs.peer.requesters import RequesterCheck
-from sfs.peer.seeds import SeedKeeper
 from sfs.peer.serve_lock import serve_lock
-from sfs.peer.server import Heartbeat, PeerServer
 from sfs.peer.share import (
     Progress,
     build_stamped_manifest,
@@ -50,7 +46,9 @@ from sfs.peer.share import (
     normalise_keywords,
     shareable_file,
 )
-from sfs.peer.transfer import HolderService
+
+if TYPE_CHECKING:
+    from sfs.peer.download import DownloadProgress, DownloadResult
 
 log = logging.getLogger("sfs.peer")
 
@@ -163,9 +161,15 @@ class Peer:
         )
         return self._identity
 
+    def check_broker(self) -> None:
+        """Refuse a broker of another protocol version (the CLI asks before it prompts
+        for a password; `register`, `login` and `serve` ask anyway)."""
+        self.broker.check_version()
+
     def register(self, password: str) -> protocol.SessionResult:
         crypto.check_password_length(password)
         identity = self.identity
+        self.check_broker()
         challenge = self.broker.challenge()
         payload = protocol.register_payload(identity.username, challenge, identity.bundle)
         try:
@@ -207,6 +211,7 @@ class Peer:
 
     def login(self, password: str) -> protocol.SessionResult:
         crypto.check_password_length(password)
+        self.check_broker()
         result = self.broker.login(self.config.username, password)
         self._save_session(result)
         return result
@@ -336,6 +341,8 @@ class Peer:
     ) -> DownloadResult | AlreadyDownloaded:
         """Download a file; not one's own, and (unless `force`: a second copy) not one
         already in the folder with the same content."""
+        from sfs.peer.download import verify_lookup  # the download engine: `get` only
+
         file_id = self._file_id(file_id)
         folder = out or self.config.download_dir
         self._refuse_own(file_id, None)
@@ -397,6 +404,8 @@ class Peer:
         folder: Path,
         progress: DownloadProgress | None,
     ) -> DownloadResult:
+        from sfs.peer.download import Downloader
+
         downloader = Downloader(
             self.identity,
             self.pins,
@@ -547,6 +556,14 @@ class Peer:
             self._serve(stop, on_ready)
 
     def _serve(self, stop: threading.Event, on_ready: Callable[[str], None] | None) -> None:
+        # The holder side, imported here: the other commands start faster without it.
+        from sfs.peer.reads import read_chunk
+        from sfs.peer.requesters import RequesterCheck
+        from sfs.peer.seeds import SeedKeeper
+        from sfs.peer.server import Heartbeat, PeerServer
+        from sfs.peer.transfer import HolderService
+
+        self.check_broker()
         device = session.DeviceSession(self.identity)
         # Fail early, and clearly, if the broker refuses this device.
         ttl = device.call(

@@ -7,6 +7,7 @@ import dataclasses
 import sys
 import time
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from rich.text import Text
 
@@ -14,12 +15,14 @@ from sfs.common.cli import print_json, printable, stdout
 from sfs.common.identity import format_fingerprint
 from sfs.common.protocol import SearchResult
 from sfs.peer import tables
-from sfs.peer.download import DownloadResult
 from sfs.peer.leftovers import Cleaned, Leftover
 from sfs.peer.node import AlreadyDownloaded
 from sfs.peer.pins import Pin
 from sfs.peer.registry import Share
 from sfs.peer.tables import Column
+
+if TYPE_CHECKING:
+    from sfs.peer.download import DownloadResult
 
 
 def size(count: int) -> str:

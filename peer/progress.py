@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from sfs.common.cli import stderr
-from sfs.peer.bars import Bar, holders_text, new_progress
-from sfs.peer.download import DownloadProgress
+
+if TYPE_CHECKING:
+    from sfs.peer.bars import Bar
+    from sfs.peer.download import DownloadProgress
 
 
 @contextlib.contextmanager
@@ -16,6 +19,8 @@ def progress(label: str, enabled: bool) -> Iterator[Bar | None]:
     if not enabled or not stderr.is_terminal:
         yield None
         return
+    from sfs.peer.bars import Bar, new_progress  # rich's progress: only for a terminal
+
     with new_progress(stderr) as bars:
         yield Bar(bars, label)
 
@@ -28,6 +33,8 @@ def download_progress(enabled: bool) -> Iterator[DownloadProgress | None]:
         if bar is None:
             yield None
             return
+        from sfs.peer.bars import holders_text
+
         bar.waiting_for("no holder answers yet")
         shown: list[str] | None = None
 

@@ -12,11 +12,9 @@ from sfs.common.cli import stderr
 from sfs.common.config import PeerConfig
 from sfs.common.errors import UsageError
 from sfs.common.identity import format_fingerprint
+from sfs.peer.cli_options import PASSPHRASE_ENV as PASSPHRASE_ENV
 from sfs.peer.output import pin_text
 from sfs.peer.pins import ConfirmReplace, Pin
-
-PASSPHRASE_ENV = "SFS_PASSPHRASE"  # noqa: S105 (the name of a variable, not a secret)
-
 
 CONFIRM_TRIES = 3  # a new password or passphrase typed twice that does not match
 

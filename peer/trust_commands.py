@@ -9,9 +9,10 @@ from typing import Annotated
 import typer
 
 from sfs.common.cli import ConfigOption, DebugOption, JsonOption, command
-from sfs.common.identity import parse_fingerprint
-from sfs.peer import cli_options, prompts, trust_output
+from sfs.peer import cli_options
 from sfs.peer.cli_options import WideOption
+
+# As in peer/cli.py, what a command needs is imported in its body (start-up time).
 
 
 @command
@@ -22,6 +23,8 @@ def peers(
     debug: DebugOption = False,
 ) -> None:
     """List pinned fingerprints, and which were verified with a safety code."""
+    from sfs.peer import trust_output
+
     with cli_options.open_peer(config) as peer:
         pins = peer.peers()
     trust_output.print_peers(pins, wide, json)
@@ -41,6 +44,8 @@ def verify(
     debug: DebugOption = False,
 ) -> None:
     """Show the safety code to compare with USER (in person, or on a call)."""
+    from sfs.peer import trust_output
+
     with cli_options.open_peer(config) as peer:
         done = peer.verify(username, confirm=confirm)
     trust_output.print_verification(done, username, confirm, json)
@@ -70,6 +75,9 @@ def trust(
     debug: DebugOption = False,
 ) -> None:
     """Pin USER to FINGERPRINT (after checking it with them another way)."""
+    from sfs.common.identity import parse_fingerprint
+    from sfs.peer import prompts, trust_output
+
     wanted = parse_fingerprint(fingerprint)
     # Asked only on a terminal: a script gets a refusal, never a prompt it cannot answer.
     ask = None if replace or json or not sys.stdin.isatty() else prompts.ask_to_replace(wanted)

@@ -9,7 +9,7 @@ import pytest
 from sfs.common import protocol
 from sfs.common.errors import ProtocolError, RemoteError
 from sfs.peer import client as client_module
-from sfs.peer.client import BrokerClient
+from sfs.peer.client import BrokerClient, BrokerVersionMismatch
 
 
 def scripted_client(monkeypatch: pytest.MonkeyPatch, answers: list[Any]) -> list[float]:
@@ -71,3 +71,54 @@ def test_resolve_refuses_ids_that_do_not_start_with_the_prefix(
         assert client.resolve("token", "abcdef01") == [fits]
         with pytest.raises(ProtocolError, match="do not start with it"):
             client.resolve("token", "abcdef01")
+
+
+# --- the broker's protocol version, checked before register, login and serve ----------
+
+
+def test_a_broker_of_this_version_passes_the_check_asked_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    scripted_client(monkeypatch, [protocol.PingResult(protocol.VERSION, 0)])
+    with BrokerClient("tcp://127.0.0.1:1", b"0" * 40) as client:
+        client.check_version()
+        client.check_version()  # no second ping (the script has no second answer)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        protocol.PingResult(protocol.VERSION + 1, 0),  # it answers ping in any version
+        protocol.VersionMismatch(protocol.VERSION + 1, 1),  # its reply in its own envelope
+        RemoteError(  # it read the ping as another version's request
+            "upgrade",
+            f"broker: upgrade sfs: this peer speaks version {protocol.VERSION + 1},"
+            f" you speak {protocol.VERSION}",
+        ),
+    ],
+    ids=["ping-result", "reply-envelope", "upgrade-error"],
+)
+def test_a_broker_of_another_version_is_refused_with_the_upgrade_line(
+    monkeypatch: pytest.MonkeyPatch, answer: Any
+) -> None:
+    scripted_client(monkeypatch, [answer])
+    with (
+        BrokerClient("tcp://127.0.0.1:1", b"0" * 40) as client,
+        pytest.raises(BrokerVersionMismatch) as caught,
+    ):
+        client.check_version()
+    message = str(caught.value)
+    assert message.startswith("upgrade sfs: the broker at tcp://127.0.0.1:1 speaks")
+    assert f"this peer speaks {protocol.VERSION}" in message
+    assert "\n" not in message
+
+
+def test_other_ping_errors_are_not_taken_for_another_version(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    scripted_client(monkeypatch, [RemoteError("internal", "broker: oops")])
+    with (
+        BrokerClient("tcp://127.0.0.1:1", b"0" * 40) as client,
+        pytest.raises(RemoteError, match="oops"),
+    ):
+        client.check_version()

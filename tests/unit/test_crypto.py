@@ -320,6 +320,25 @@ def test_private_key_truncated_pem_is_a_key_file_error(rsa_key: crypto.RsaPrivat
         crypto.private_key_from_pem(pem[: len(pem) // 2])
 
 
+def damaged(key: crypto.RsaPrivateKey, field: str) -> bytes:
+    """The PEM of `key` with one private number changed (built without OpenSSL's check)."""
+    numbers = key.private_numbers()
+    values = {name: getattr(numbers, name) for name in ("p", "q", "d", "dmp1", "dmq1", "iqmp")}
+    values[field] += 2  # stays odd where it was: only the arithmetic tells
+    changed = rsa.RSAPrivateNumbers(**values, public_numbers=numbers.public_numbers)
+    return changed.private_key(unsafe_skip_rsa_key_validation=True).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+@pytest.mark.parametrize("field", ["d", "dmp1", "dmq1", "iqmp"])  # p, q: cannot be built
+def test_a_damaged_private_key_is_refused(rsa_key: crypto.RsaPrivateKey, field: str) -> None:
+    # Our own key is loaded without OpenSSL's slow primality tests (start-up time): the
+    # numbers must still agree, or a signature made with them could leak the key.
+    with pytest.raises(KeyFileError, match="damaged"):
+        crypto.private_key_from_pem(damaged(rsa_key, field))
+
+
 def test_private_key_of_another_size_or_type_is_refused(
     rsa_2048: rsa.RSAPrivateKey, ec_key: ec.EllipticCurvePrivateKey
 ) -> None:
