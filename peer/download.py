@@ -43,7 +43,7 @@ from sfs.common.errors import (
 )
 from sfs.common.manifest import Manifest, file_id_of, verify_manifest
 from sfs.peer.channel import Channel
-from sfs.peer.connect import Connector, zmq_connector
+from sfs.peer.connect import Connector, DataDialer, ZmqDataDialer, zmq_connector
 from sfs.peer.hints import hints_of
 from sfs.peer.keys import Identity
 from sfs.peer.partial import PartialFile, safe_filename
@@ -205,11 +205,16 @@ class Downloader:
         hello_timeout: float = 2.0,
         connector: Connector | None = None,
         clock: Callable[[], float] = time.monotonic,
+        data_dialer: DataDialer | None = None,
     ) -> None:
         """`window`: chunk requests in flight per holder; `timeout`: the longest wait for
         a connection or any answer; `hello_timeout`: how long a holder may leave its
         hello unanswered while others deliver, before it is set aside. `connector`
-        turns holders into channels: by default direct zmq connections in `context`."""
+        turns holders into channels: by default direct zmq connections in `context`.
+        `data_dialer` opens the data connections offers name (by default zmq in
+        `context`); without one, chunks travel on the control channel."""
+        if data_dialer is None and context is not None:
+            data_dialer = ZmqDataDialer(context)
         if connector is None:
             if context is None:
                 raise ValueError("a Downloader needs a zmq context or a connector")
@@ -217,6 +222,7 @@ class Downloader:
         self._identity = identity
         self._pins = pins
         self._connector = connector
+        self._data_dialer = data_dialer
         self._window = window
         self._timeout = timeout
         self._hello_timeout = hello_timeout
@@ -381,20 +387,57 @@ class Downloader:
             session.expire(self._clock(), bool(download.sending))
 
         channel = self._connector.connect(holder, hints_of(holder), interrupt)
+        data: list[Channel] = []  # the data connection, once opened
+
+        def open_data() -> Channel:
+            """Where chunks travel: the data connection the offer named, or this one."""
+            opened = self._open_data(session, interrupt)
+            if opened is None:
+                return channel
+            data.append(opened)
+            return opened
+
         try:
             channel.send(session.connected(channel.address, self._clock()))
-            self._converse(channel, session, download)
+            self._converse(channel, session, download, open_data)
         finally:
             # Done or cancelled: either way the holder can forget the transfer.
             goodbye = session.finish()
             if goodbye is not None:
                 with contextlib.suppress(TransportError):
                     channel.send(goodbye)
+            for opened in data:
+                opened.close()
             channel.close()
 
-    def _converse(self, channel: Channel, session: ReceiverSession, download: _Download) -> None:
+    def _open_data(self, session: ReceiverSession, interrupt: Callable[[], None]) -> Channel | None:
+        """The data connection for the offered transfer, attached; None when the offer
+        named none or none opens (the chunks then come on the control connection)."""
+        if self._data_dialer is None:
+            return None
+        for endpoint in session.data_hints:
+            try:
+                opened = self._data_dialer.dial(endpoint, self._timeout, interrupt)
+            except TransportError as exc:
+                log.info("%s: no data connection (%s); chunks come the other way", endpoint, exc)
+                continue
+            try:
+                opened.send(session.attach())
+            except TransportError:
+                opened.close()
+                continue
+            return opened
+        return None
+
+    def _converse(
+        self,
+        channel: Channel,
+        session: ReceiverSession,
+        download: _Download,
+        open_data: Callable[[], Channel],
+    ) -> None:
         """Run `session` over `channel` until the download is complete or this holder
-        fails (an exception)."""
+        fails (an exception); once the offer is in, chunks travel on `open_data()`."""
         plan, name = download.plan, session.holder_name
         receiving = False
         try:
@@ -425,6 +468,7 @@ class Downloader:
                     download.store(name, event.index, event.plaintext)
                     session.stored(event.index)
                 elif isinstance(event, Offered):
+                    channel = open_data()
                     receiving = True
                     with download.lock:
                         download.sending.add(name)

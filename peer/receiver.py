@@ -206,6 +206,15 @@ class ReceiverSession:
         self.stage = Stage.RECEIVING
         return Offered()
 
+    @property
+    def data_hints(self) -> list[str]:
+        """Where the offer said to open the data connection; empty: use this one."""
+        return self._link.data_hints if self.stage is Stage.RECEIVING else []
+
+    def attach(self) -> list[bytes]:
+        """The first message on the data connection."""
+        return [protocol.encode("attach", self._link.attach())]
+
     def stored(self, index: int) -> None:
         """A chunk from `receive` passed the manifest and is written: its place frees."""
         self._mine.discard(index)
