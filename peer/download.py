@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,7 +50,7 @@ from sfs.peer.hints import hints_of
 from sfs.peer.keys import Identity
 from sfs.peer.partial import PartialFile, safe_filename
 from sfs.peer.pins import PinStore
-from sfs.peer.receiver import Chunk, Offered, ReceiverSession, SetAside
+from sfs.peer.receiver import Offered, ReceiverSession, Sealed, SetAside
 from sfs.peer.receiver import read_chunk as read_chunk  # re-exported: replies are read there
 from sfs.peer.receiver import read_reply as read_reply
 from sfs.peer.stamps import FileStamp
@@ -61,6 +63,11 @@ _POLL_SLICE = 0.1  # seconds: how soon a holder's thread notices that the downlo
 # How long a finished download waits for the holders' threads to close their channels:
 # they notice the stop within a poll slice. The caller may destroy the zmq context next.
 _JOIN_GRACE = 2.0
+# Threads that open, hash and write the chunks of a download, beside the holders'
+# threads that receive them: AES-GCM, SHA-256 and pwrite release the GIL (most of their
+# time), so both cores work. Two: this machine's cores; more did not pay (PERFORMANCE.md).
+CHUNK_WORKERS = 2
+_WRITE_SLICE = 0.002  # seconds: the wait for a reply while only writes are pending
 
 log = logging.getLogger("sfs.peer")
 
@@ -163,6 +170,7 @@ class _Download:
     stop: threading.Event = field(default_factory=threading.Event)
     complete: threading.Event = field(default_factory=threading.Event)  # last chunk verified
     errors: list[SfsError] = field(default_factory=list)
+    workers: ThreadPoolExecutor | None = None  # open, hash and write chunks
     delivered: dict[str, int] = field(default_factory=dict)  # holder -> chunks received
     sending: set[str] = field(default_factory=set)  # holders sending chunks right now
 
@@ -311,6 +319,7 @@ class Downloader:
         """Pull the missing chunks from every holder at once, one thread each; the
         survivors take over the chunks of a holder that fails. Returns as soon as the
         last chunk is verified, without waiting for holders that are still silent."""
+        download.workers = ThreadPoolExecutor(CHUNK_WORKERS, thread_name_prefix="chunks")
         threads = [
             threading.Thread(
                 target=self._holder_thread,
@@ -334,6 +343,9 @@ class Downloader:
             deadline = time.monotonic() + _JOIN_GRACE
             for thread in threads:
                 thread.join(max(0.0, deadline - time.monotonic()))
+            # Each holder's thread waited for its chunks' writes; none is left but those
+            # of a thread past its grace, which must not outlive the partial file.
+            download.workers.shutdown(wait=True)
         with download.lock:  # a thread past its grace may still record a failure
             complete, errors = download.plan.complete, list(download.errors)
         if not complete:
@@ -440,8 +452,25 @@ class Downloader:
         fails (an exception); once the offer is in, chunks travel on `open_data()`."""
         plan, name = download.plan, session.holder_name
         receiving = False
+        # Chunks handed to the workers, and their outcomes (index, the error if any).
+        writing = 0
+        written: queue.SimpleQueue[tuple[int, BaseException | None]] = queue.SimpleQueue()
+
+        def collect(block: bool) -> None:
+            nonlocal writing
+            while writing:
+                try:
+                    index, error = written.get(block=block)
+                except queue.Empty:
+                    return
+                writing -= 1
+                if error is not None:
+                    raise error
+                session.stored(index)
+
         try:
             while True:
+                collect(block=False)
                 now = self._clock()
                 if receiving:
                     with download.lock:
@@ -456,17 +485,20 @@ class Downloader:
                         continue
                 for frames in session.due(now):
                     channel.send(frames)
-                # In short slices, so that a stop is noticed soon.
-                reply = channel.receive(min(_POLL_SLICE, session.wait(now)))
+                # In short slices, so that a stop is noticed soon; shorter while all that
+                # is awaited is a write (its place in the window frees when it is done).
+                awaited = _WRITE_SLICE if writing >= len(session.mine) else _POLL_SLICE
+                reply = channel.receive(min(awaited, session.wait(now)))
                 if download.stop.is_set():
                     raise _Stopped
                 if reply is None:
                     session.expire(self._clock(), bool(download.sending))
                     continue
-                event = session.receive(reply, self._clock())
-                if isinstance(event, Chunk):
-                    download.store(name, event.index, event.plaintext)
-                    session.stored(event.index)
+                event = session.take(reply, self._clock())
+                if isinstance(event, Sealed):
+                    assert download.workers is not None
+                    writing += 1
+                    download.workers.submit(self._open_and_store, download, name, event, written)
                 elif isinstance(event, Offered):
                     channel = open_data()
                     receiving = True
@@ -475,10 +507,32 @@ class Downloader:
                         download.delivered.setdefault(name, 0)
                         download.report()
         finally:
+            # The chunks in the workers' hands are stored or refused before this holder's
+            # claims go back to the plan: another holder must not be sent for them too.
+            while writing:
+                index, error = written.get()
+                writing -= 1
+                if error is None:
+                    session.stored(index)
             if receiving:
                 with download.lock:
                     download.sending.discard(name)
                     download.report()
+
+    @staticmethod
+    def _open_and_store(
+        download: _Download,
+        name: str,
+        sealed: Sealed,
+        written: queue.SimpleQueue[tuple[int, BaseException | None]],
+    ) -> None:
+        """In a worker: open a chunk, check it against the manifest and write it."""
+        try:
+            download.store(name, sealed.index, sealed.open())
+        except BaseException as exc:  # the holder's thread raises it
+            written.put((sealed.index, exc))
+        else:
+            written.put((sealed.index, None))
 
     @staticmethod
     def _sleep(stop: threading.Event, seconds: float) -> None:

@@ -64,6 +64,20 @@ class Chunk:
     plaintext: bytes
 
 
+@dataclass(frozen=True)
+class Sealed:
+    """A chunk as it arrived, requested of this holder, not opened yet: `open` it in any
+    thread (the GCM tag is checked there)."""
+
+    index: int
+    header: protocol.ChunkHeader
+    ciphertext: bytes
+    link: ReceiverLink
+
+    def open(self) -> bytes:
+        return _open_chunk(self.link, self.header, self.ciphertext)
+
+
 @contextlib.contextmanager
 def _malformed_from(holder_name: str) -> Iterator[None]:
     """Name the holder in a decoding error: the user must learn who sent it."""
@@ -177,6 +191,13 @@ class ReceiverSession:
 
     def receive(self, frames: list[bytes], now: float) -> Offered | Chunk | None:
         """Take one reply. Returns `Offered`, a `Chunk`, or None (busy: wait for `due`)."""
+        event = self.take(frames, now)
+        if isinstance(event, Sealed):
+            return Chunk(event.index, event.open())
+        return event
+
+    def take(self, frames: list[bytes], now: float) -> Offered | Sealed | None:
+        """`receive`, leaving a chunk sealed, for the caller to open elsewhere."""
         name = self._link.holder_name
         if self.stage is Stage.RECEIVING:
             header, ciphertext = read_chunk(*read_reply(frames, name), name)
@@ -184,9 +205,8 @@ class ReceiverSession:
                 raise IntegrityError(
                     f"chunk {header.index} from {name} arrived without being requested"
                 )
-            plaintext = _open_chunk(self._link, header, ciphertext)
             self._deadline = now + self._timeout
-            return Chunk(header.index, plaintext)
+            return Sealed(header.index, header, ciphertext, self._link)
         if self.stage is Stage.CONNECTING:
             raise ProtocolError(f"{name} spoke before the hello")  # a caller's bug, really
         try:
