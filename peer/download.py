@@ -63,9 +63,9 @@ _POLL_SLICE = 0.1  # seconds: how soon a holder's thread notices that the downlo
 # How long a finished download waits for the holders' threads to close their channels:
 # they notice the stop within a poll slice. The caller may destroy the zmq context next.
 _JOIN_GRACE = 2.0
-# Threads that open, hash and write the chunks of a download, beside the holders'
-# threads that receive them: AES-GCM, SHA-256 and pwrite release the GIL (most of their
-# time), so both cores work. Two: this machine's cores; more did not pay (PERFORMANCE.md).
+# Threads that hash and write the chunks of a download, beside the holders' threads that
+# receive and open them: SHA-256 and pwrite release the GIL, so both cores work. Two:
+# the cores of the machine measured (docs/PERFORMANCE.md).
 CHUNK_WORKERS = 2
 _WRITE_SLICE = 0.002  # seconds: the wait for a reply while only writes are pending
 
@@ -170,7 +170,7 @@ class _Download:
     stop: threading.Event = field(default_factory=threading.Event)
     complete: threading.Event = field(default_factory=threading.Event)  # last chunk verified
     errors: list[SfsError] = field(default_factory=list)
-    workers: ThreadPoolExecutor | None = None  # open, hash and write chunks
+    workers: ThreadPoolExecutor | None = None  # hash and write chunks
     delivered: dict[str, int] = field(default_factory=dict)  # holder -> chunks received
     sending: set[str] = field(default_factory=set)  # holders sending chunks right now
 
@@ -497,8 +497,13 @@ class Downloader:
                 event = session.take(reply, self._clock())
                 if isinstance(event, Sealed):
                     assert download.workers is not None
+                    # Opened here: AES-GCM holds the GIL in this `cryptography` (and is
+                    # fast), and a forged chunk is named before anything after it.
+                    plaintext = event.open()
                     writing += 1
-                    download.workers.submit(self._open_and_store, download, name, event, written)
+                    download.workers.submit(
+                        self._store, download, name, event.index, plaintext, written
+                    )
                 elif isinstance(event, Offered):
                     channel = open_data()
                     receiving = True
@@ -520,19 +525,21 @@ class Downloader:
                     download.report()
 
     @staticmethod
-    def _open_and_store(
+    def _store(
         download: _Download,
         name: str,
-        sealed: Sealed,
+        index: int,
+        plaintext: bytes,
         written: queue.SimpleQueue[tuple[int, BaseException | None]],
     ) -> None:
-        """In a worker: open a chunk, check it against the manifest and write it."""
+        """In a worker: check a chunk against the manifest and write it (hashlib and
+        pwrite release the GIL); the outcome goes back to the holder's thread."""
         try:
-            download.store(name, sealed.index, sealed.open())
+            download.store(name, index, plaintext)
         except BaseException as exc:  # the holder's thread raises it
-            written.put((sealed.index, exc))
+            written.put((index, exc))
         else:
-            written.put((sealed.index, None))
+            written.put((index, None))
 
     @staticmethod
     def _sleep(stop: threading.Event, seconds: float) -> None:

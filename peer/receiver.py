@@ -142,6 +142,7 @@ class ReceiverSession:
         self._retry_at = now
         self._pause = _FIRST_PAUSE
         self._mine: set[int] = set()  # asked of this holder, not yet stored
+        self._arrived: set[int] = set()  # of those, the ones that came (being stored)
 
     @property
     def holder_name(self) -> str:
@@ -184,7 +185,7 @@ class ReceiverSession:
         """The requests for chunks the caller claimed (at most `room`)."""
         if self.stage is not Stage.RECEIVING or len(indexes) > self.room:
             raise ValueError(f"cannot ask for {len(indexes)} chunks now")  # a caller's bug
-        if indexes and not self._mine:
+        if indexes and not self._mine - self._arrived:
             self._deadline = now + self._timeout  # the wait for a chunk starts now
         self._mine.update(indexes)
         return [[protocol.encode("get", self._link.request(index))] for index in indexes]
@@ -201,11 +202,12 @@ class ReceiverSession:
         name = self._link.holder_name
         if self.stage is Stage.RECEIVING:
             header, ciphertext = read_chunk(*read_reply(frames, name), name)
-            if header.index not in self._mine:
+            if header.index not in self._mine or header.index in self._arrived:
                 raise IntegrityError(
                     f"chunk {header.index} from {name} arrived without being requested"
                 )
             self._deadline = now + self._timeout
+            self._arrived.add(header.index)
             return Sealed(header.index, header, ciphertext, self._link)
         if self.stage is Stage.CONNECTING:
             raise ProtocolError(f"{name} spoke before the hello")  # a caller's bug, really
@@ -238,6 +240,7 @@ class ReceiverSession:
     def stored(self, index: int) -> None:
         """A chunk from `receive` passed the manifest and is written: its place frees."""
         self._mine.discard(index)
+        self._arrived.discard(index)
 
     def expire(self, now: float, others_delivering: bool) -> None:
         """Nothing arrived: raises `SetAside`, or `TransportError` past the deadline."""
@@ -246,7 +249,7 @@ class ReceiverSession:
             raise SetAside
         if self.stage is Stage.HELLO:
             doing = "answer the request"
-        elif self.stage is Stage.RECEIVING and self._mine:
+        elif self.stage is Stage.RECEIVING and self._mine - self._arrived:
             doing = "send the next chunk"
         else:
             return
