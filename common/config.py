@@ -83,6 +83,10 @@ class PeerConfig:
     hello_timeout: int = 2  # a holder silent this long while others deliver is set aside
     seed: bool = True
     upload_rate: int = 0  # bytes/s for all chunks `serve` sends together; 0: no cap
+    # Where `serve` takes data connections (chunks outside CurveZMQ, sealed end to end):
+    # None for `listen`'s host on any free port, "off" for none (chunks then travel on
+    # the CurveZMQ connection). Offers name it with `advertise`'s host.
+    data_listen: str | None = None
     # Every broker of the deployment (`broker.endpoint`: one or a list); () means just
     # `broker_endpoint`. Clients spread over them and fail over on a timeout.
     broker_endpoints: tuple[str, ...] = ()
@@ -230,6 +234,7 @@ PEER_KEYS = (
     "hello_timeout",
     "seed",
     "upload_rate",
+    "data_listen",
 )
 PEER_BROKER_KEYS = ("endpoint", "public_key", "public_key_file")
 
@@ -323,6 +328,7 @@ def load_peer_config(path: Path) -> PeerConfig:
         hello_timeout=top.integer("hello_timeout", 2, 1, 3600),
         seed=top.boolean("seed", True),
         upload_rate=_upload_rate(top),
+        data_listen=_data_listen(top),
         broker_endpoints=brokers,
     )
     broker.finish()
@@ -333,6 +339,15 @@ def load_peer_config(path: Path) -> PeerConfig:
 # A downloader gives up on a holder after `timeout` (10 s by default) without a chunk, and
 # chunks are 1 MiB: a lower cap would starve even a lone download.
 MIN_UPLOAD_RATE = 128 * 1024
+
+
+def _data_listen(top: _Section) -> str | None:
+    value = top._raw("data_listen", None)
+    if value is None:
+        return None
+    if value is False or value == "off":  # YAML reads a bare `off` as false
+        return "off"
+    return top.endpoint("data_listen", bind=True)
 
 
 def _upload_rate(top: _Section) -> int:

@@ -5,6 +5,7 @@ returning a bool, and nonces are derived here, never passed in by callers.
 
 - RSA-3072: RSA-OAEP-SHA256 to wrap a transfer key, RSA-PSS-SHA256 to sign.
 - AES-256-GCM for file chunks: nonce = base nonce XOR chunk index.
+- BLAKE2b-256 keyed with the transfer key: the proof that attaches a data connection.
 - SHA-256 for content, bcrypt for passwords, random tokens stored as SHA-256 hashes.
 - Secrets at rest under a passphrase: PKCS#8 encryption for the RSA key, and
   Argon2id + XSalsa20-Poly1305 (libsodium's SecretBox) for the Curve25519 key.
@@ -19,6 +20,7 @@ import secrets
 from dataclasses import dataclass
 
 import bcrypt
+import msgpack
 import nacl.exceptions
 import nacl.pwhash
 import nacl.secret
@@ -56,6 +58,15 @@ def sha256(data: bytes) -> bytes:
 
 def new_sha256() -> hashlib._Hash:
     return hashlib.sha256()
+
+
+def attach_proof(transfer_key: bytes, transfer_id: bytes, data_ticket: bytes) -> bytes:
+    """What a requester shows to attach a data connection to its transfer: BLAKE2b-256
+    keyed with the transfer key over the transfer id and the offer's fresh ticket. Only
+    who unwrapped the transfer key can make it; it names one transfer, so it attaches
+    no other. Compare with `same_bytes`."""
+    message = msgpack.packb(["sfs-attach-v2", transfer_id, data_ticket], use_bin_type=True)
+    return hashlib.blake2b(message, key=transfer_key, digest_size=32).digest()
 
 
 def same_bytes(a: bytes, b: bytes) -> bool:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import reprlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Annotated, Any
 
@@ -97,7 +97,8 @@ MAX_MANIFEST_BYTES = 9 * 1024 * 1024
 MAX_BROKER_FRAME = 16 * 1024 * 1024
 MAX_ACCESS_LIST = 1000
 MAX_SEARCH_RESULTS = 500
-MAX_ID_MATCHES = 10  # files listed for an id prefix that is not unique
+MAX_ID_MATCHES = 10
+MAX_DATA_HINTS = 4  # files listed for an id prefix that is not unique
 
 
 class ErrorCode(StrEnum):
@@ -469,6 +470,19 @@ class Offer(Record):
     manifest_digest: Digest
     holder_fp: Fingerprint
     signature: Signature  # over offer_payload(), by the holder
+    # Where to open the data connection for this transfer's chunks (docs/PROTOCOL-v2.md
+    # section 4), best first, and the fresh ticket its `attach` proof covers. An offer
+    # without them (an older holder) serves chunks on the control connection.
+    data: Annotated[list[Endpoint], MaxLen(MAX_DATA_HINTS)] = field(default_factory=list)
+    data_ticket: Annotated[bytes, MaxLen(32)] = b""
+
+
+@dataclass(frozen=True)
+class Attach(Record):
+    """The first message on a data connection: binds it to one transfer."""
+
+    transfer_id: TransferId
+    proof: Digest  # crypto.attach_proof(transfer key, transfer_id, data_ticket)
 
 
 @dataclass(frozen=True)
@@ -494,6 +508,11 @@ PEER_REQUESTS: dict[str, type[Record]] = {
     "hello": Hello,
     "get": ChunkRequest,
     "finish": Finish,
+}
+# What a data connection may carry: `attach` first, then chunk requests.
+DATA_REQUESTS: dict[str, type[Record]] = {
+    "attach": Attach,
+    "get": ChunkRequest,
 }
 
 
@@ -521,6 +540,9 @@ def offer_payload(offer: Offer) -> bytes:
             offer.requester_nonce,
             offer.manifest_digest,
             offer.holder_fp,
+            # Signed only when present, so that offers without a data connection keep
+            # the signature they had.
+            *([offer.data, offer.data_ticket] if offer.data or offer.data_ticket else []),
         ]
     )
 

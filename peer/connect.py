@@ -3,6 +3,9 @@
 A `Connector` tries the hints in order, each with a dialer for its kind and a connect
 timeout, and returns the first channel that opens; a hint of a kind it has no dialer for
 is skipped. `ZmqDirectDialer` opens a `ZmqChannel` to a `DirectHint`'s endpoint.
+
+`ZmqDataDialer` opens the second kind of channel, a transfer's data connection, to an
+endpoint the holder's signed offer named.
 """
 
 from __future__ import annotations
@@ -17,6 +20,13 @@ from sfs.common.errors import TransportError
 from sfs.peer.channel import Channel, Interrupt, ZmqChannel
 from sfs.peer.hints import DirectHint, Hint
 from sfs.peer.keys import Identity
+
+
+class DataDialer(Protocol):
+    def dial(self, endpoint: str, timeout: float, interrupt: Interrupt) -> Channel:
+        """A data channel to `endpoint`, open within `timeout` seconds, or
+        `TransportError`."""
+        ...
 
 
 class Dialer(Protocol):
@@ -76,6 +86,17 @@ class ZmqDirectDialer:
                 self._identity.curve_secret_z85,
             )
         return ZmqChannel.open(self._context, hint.endpoint, timeout, interrupt, curve)
+
+
+class ZmqDataDialer:
+    """Opens the data connection an offer names: a DEALER with the NULL mechanism (the
+    chunks on it are sealed end to end; `attach` binds it to the transfer)."""
+
+    def __init__(self, context: zmq.Context[zmq.Socket[bytes]]) -> None:
+        self._context = context
+
+    def dial(self, endpoint: str, timeout: float, interrupt: Interrupt) -> Channel:
+        return ZmqChannel.open(self._context, endpoint, timeout, interrupt, None)
 
 
 def zmq_connector(

@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,12 +45,12 @@ from sfs.common.errors import (
 )
 from sfs.common.manifest import Manifest, file_id_of, verify_manifest
 from sfs.peer.channel import Channel
-from sfs.peer.connect import Connector, zmq_connector
+from sfs.peer.connect import Connector, DataDialer, ZmqDataDialer, zmq_connector
 from sfs.peer.hints import hints_of
 from sfs.peer.keys import Identity
 from sfs.peer.partial import PartialFile, safe_filename
 from sfs.peer.pins import PinStore
-from sfs.peer.receiver import Chunk, Offered, ReceiverSession, SetAside
+from sfs.peer.receiver import Offered, ReceiverSession, Sealed, SetAside
 from sfs.peer.receiver import read_chunk as read_chunk  # re-exported: replies are read there
 from sfs.peer.receiver import read_reply as read_reply
 from sfs.peer.stamps import FileStamp
@@ -61,6 +63,11 @@ _POLL_SLICE = 0.1  # seconds: how soon a holder's thread notices that the downlo
 # How long a finished download waits for the holders' threads to close their channels:
 # they notice the stop within a poll slice. The caller may destroy the zmq context next.
 _JOIN_GRACE = 2.0
+# Threads that hash and write the chunks of a download, beside the holders' threads that
+# receive and open them: SHA-256 and pwrite release the GIL, so both cores work. Two:
+# the cores of the machine measured (docs/PERFORMANCE.md).
+CHUNK_WORKERS = 2
+_WRITE_SLICE = 0.002  # seconds: the wait for a reply while only writes are pending
 
 log = logging.getLogger("sfs.peer")
 
@@ -163,6 +170,7 @@ class _Download:
     stop: threading.Event = field(default_factory=threading.Event)
     complete: threading.Event = field(default_factory=threading.Event)  # last chunk verified
     errors: list[SfsError] = field(default_factory=list)
+    workers: ThreadPoolExecutor | None = None  # hash and write chunks
     delivered: dict[str, int] = field(default_factory=dict)  # holder -> chunks received
     sending: set[str] = field(default_factory=set)  # holders sending chunks right now
 
@@ -205,11 +213,16 @@ class Downloader:
         hello_timeout: float = 2.0,
         connector: Connector | None = None,
         clock: Callable[[], float] = time.monotonic,
+        data_dialer: DataDialer | None = None,
     ) -> None:
         """`window`: chunk requests in flight per holder; `timeout`: the longest wait for
         a connection or any answer; `hello_timeout`: how long a holder may leave its
         hello unanswered while others deliver, before it is set aside. `connector`
-        turns holders into channels: by default direct zmq connections in `context`."""
+        turns holders into channels: by default direct zmq connections in `context`.
+        `data_dialer` opens the data connections offers name (by default zmq in
+        `context`); without one, chunks travel on the control channel."""
+        if data_dialer is None and context is not None:
+            data_dialer = ZmqDataDialer(context)
         if connector is None:
             if context is None:
                 raise ValueError("a Downloader needs a zmq context or a connector")
@@ -217,6 +230,7 @@ class Downloader:
         self._identity = identity
         self._pins = pins
         self._connector = connector
+        self._data_dialer = data_dialer
         self._window = window
         self._timeout = timeout
         self._hello_timeout = hello_timeout
@@ -305,6 +319,7 @@ class Downloader:
         """Pull the missing chunks from every holder at once, one thread each; the
         survivors take over the chunks of a holder that fails. Returns as soon as the
         last chunk is verified, without waiting for holders that are still silent."""
+        download.workers = ThreadPoolExecutor(CHUNK_WORKERS, thread_name_prefix="chunks")
         threads = [
             threading.Thread(
                 target=self._holder_thread,
@@ -328,6 +343,9 @@ class Downloader:
             deadline = time.monotonic() + _JOIN_GRACE
             for thread in threads:
                 thread.join(max(0.0, deadline - time.monotonic()))
+            # Each holder's thread waited for its chunks' writes; none is left but those
+            # of a thread past its grace, which must not outlive the partial file.
+            download.workers.shutdown(wait=True)
         with download.lock:  # a thread past its grace may still record a failure
             complete, errors = download.plan.complete, list(download.errors)
         if not complete:
@@ -381,24 +399,78 @@ class Downloader:
             session.expire(self._clock(), bool(download.sending))
 
         channel = self._connector.connect(holder, hints_of(holder), interrupt)
+        data: list[Channel] = []  # the data connection, once opened
+
+        def open_data() -> Channel:
+            """Where chunks travel: the data connection the offer named, or this one."""
+            opened = self._open_data(session, interrupt)
+            if opened is None:
+                return channel
+            data.append(opened)
+            return opened
+
         try:
             channel.send(session.connected(channel.address, self._clock()))
-            self._converse(channel, session, download)
+            self._converse(channel, session, download, open_data)
         finally:
             # Done or cancelled: either way the holder can forget the transfer.
             goodbye = session.finish()
             if goodbye is not None:
                 with contextlib.suppress(TransportError):
                     channel.send(goodbye)
+            for opened in data:
+                opened.close()
             channel.close()
 
-    def _converse(self, channel: Channel, session: ReceiverSession, download: _Download) -> None:
+    def _open_data(self, session: ReceiverSession, interrupt: Callable[[], None]) -> Channel | None:
+        """The data connection for the offered transfer, attached; None when the offer
+        named none or none opens (the chunks then come on the control connection)."""
+        if self._data_dialer is None:
+            return None
+        for endpoint in session.data_hints:
+            try:
+                opened = self._data_dialer.dial(endpoint, self._timeout, interrupt)
+            except TransportError as exc:
+                log.info("%s: no data connection (%s); chunks come the other way", endpoint, exc)
+                continue
+            try:
+                opened.send(session.attach())
+            except TransportError:
+                opened.close()
+                continue
+            return opened
+        return None
+
+    def _converse(
+        self,
+        channel: Channel,
+        session: ReceiverSession,
+        download: _Download,
+        open_data: Callable[[], Channel],
+    ) -> None:
         """Run `session` over `channel` until the download is complete or this holder
-        fails (an exception)."""
+        fails (an exception); once the offer is in, chunks travel on `open_data()`."""
         plan, name = download.plan, session.holder_name
         receiving = False
+        # Chunks handed to the workers, and their outcomes (index, the error if any).
+        writing = 0
+        written: queue.SimpleQueue[tuple[int, BaseException | None]] = queue.SimpleQueue()
+
+        def collect(block: bool) -> None:
+            nonlocal writing
+            while writing:
+                try:
+                    index, error = written.get(block=block)
+                except queue.Empty:
+                    return
+                writing -= 1
+                if error is not None:
+                    raise error
+                session.stored(index)
+
         try:
             while True:
+                collect(block=False)
                 now = self._clock()
                 if receiving:
                     with download.lock:
@@ -413,28 +485,61 @@ class Downloader:
                         continue
                 for frames in session.due(now):
                     channel.send(frames)
-                # In short slices, so that a stop is noticed soon.
-                reply = channel.receive(min(_POLL_SLICE, session.wait(now)))
+                # In short slices, so that a stop is noticed soon; shorter while all that
+                # is awaited is a write (its place in the window frees when it is done).
+                awaited = _WRITE_SLICE if writing >= len(session.mine) else _POLL_SLICE
+                reply = channel.receive(min(awaited, session.wait(now)))
                 if download.stop.is_set():
                     raise _Stopped
                 if reply is None:
                     session.expire(self._clock(), bool(download.sending))
                     continue
-                event = session.receive(reply, self._clock())
-                if isinstance(event, Chunk):
-                    download.store(name, event.index, event.plaintext)
-                    session.stored(event.index)
+                event = session.take(reply, self._clock())
+                if isinstance(event, Sealed):
+                    assert download.workers is not None
+                    # Opened here: AES-GCM is about 1% of the work, and so a forged
+                    # chunk is named before any chunk after it arrives.
+                    plaintext = event.open()
+                    writing += 1
+                    download.workers.submit(
+                        self._store, download, name, event.index, plaintext, written
+                    )
                 elif isinstance(event, Offered):
+                    channel = open_data()
                     receiving = True
                     with download.lock:
                         download.sending.add(name)
                         download.delivered.setdefault(name, 0)
                         download.report()
         finally:
+            # The chunks in the workers' hands are stored or refused before this holder's
+            # claims go back to the plan: another holder must not be sent for them too.
+            while writing:
+                index, error = written.get()
+                writing -= 1
+                if error is None:
+                    session.stored(index)
             if receiving:
                 with download.lock:
                     download.sending.discard(name)
                     download.report()
+
+    @staticmethod
+    def _store(
+        download: _Download,
+        name: str,
+        index: int,
+        plaintext: bytes,
+        written: queue.SimpleQueue[tuple[int, BaseException | None]],
+    ) -> None:
+        """In a worker: check a chunk against the manifest and write it (hashlib and
+        pwrite release the GIL); the outcome goes back to the holder's thread."""
+        try:
+            download.store(name, index, plaintext)
+        except BaseException as exc:  # the holder's thread raises it
+            written.put((index, exc))
+        else:
+            written.put((index, None))
 
     @staticmethod
     def _sleep(stop: threading.Event, seconds: float) -> None:

@@ -599,6 +599,8 @@ class Peer:
                 listening,
                 upload_rate=self.config.upload_rate,
                 config=str(self.config.path),
+                data_listen=self.config.data_listen,
+                advertise=self.config.advertise,
             )
             heartbeat.start()  # its last act is to tell the broker this peer went offline
             server.serve(self._context)

@@ -64,6 +64,20 @@ class Chunk:
     plaintext: bytes
 
 
+@dataclass(frozen=True)
+class Sealed:
+    """A chunk as it arrived, requested of this holder, not opened yet: `open` it in any
+    thread (the GCM tag is checked there)."""
+
+    index: int
+    header: protocol.ChunkHeader
+    ciphertext: bytes
+    link: ReceiverLink
+
+    def open(self) -> bytes:
+        return _open_chunk(self.link, self.header, self.ciphertext)
+
+
 @contextlib.contextmanager
 def _malformed_from(holder_name: str) -> Iterator[None]:
     """Name the holder in a decoding error: the user must learn who sent it."""
@@ -128,6 +142,7 @@ class ReceiverSession:
         self._retry_at = now
         self._pause = _FIRST_PAUSE
         self._mine: set[int] = set()  # asked of this holder, not yet stored
+        self._arrived: set[int] = set()  # of those, the ones that came (being stored)
 
     @property
     def holder_name(self) -> str:
@@ -170,23 +185,30 @@ class ReceiverSession:
         """The requests for chunks the caller claimed (at most `room`)."""
         if self.stage is not Stage.RECEIVING or len(indexes) > self.room:
             raise ValueError(f"cannot ask for {len(indexes)} chunks now")  # a caller's bug
-        if indexes and not self._mine:
+        if indexes and not self._mine - self._arrived:
             self._deadline = now + self._timeout  # the wait for a chunk starts now
         self._mine.update(indexes)
         return [[protocol.encode("get", self._link.request(index))] for index in indexes]
 
     def receive(self, frames: list[bytes], now: float) -> Offered | Chunk | None:
         """Take one reply. Returns `Offered`, a `Chunk`, or None (busy: wait for `due`)."""
+        event = self.take(frames, now)
+        if isinstance(event, Sealed):
+            return Chunk(event.index, event.open())
+        return event
+
+    def take(self, frames: list[bytes], now: float) -> Offered | Sealed | None:
+        """`receive`, leaving a chunk sealed, for the caller to open elsewhere."""
         name = self._link.holder_name
         if self.stage is Stage.RECEIVING:
             header, ciphertext = read_chunk(*read_reply(frames, name), name)
-            if header.index not in self._mine:
+            if header.index not in self._mine or header.index in self._arrived:
                 raise IntegrityError(
                     f"chunk {header.index} from {name} arrived without being requested"
                 )
-            plaintext = _open_chunk(self._link, header, ciphertext)
             self._deadline = now + self._timeout
-            return Chunk(header.index, plaintext)
+            self._arrived.add(header.index)
+            return Sealed(header.index, header, ciphertext, self._link)
         if self.stage is Stage.CONNECTING:
             raise ProtocolError(f"{name} spoke before the hello")  # a caller's bug, really
         try:
@@ -206,9 +228,19 @@ class ReceiverSession:
         self.stage = Stage.RECEIVING
         return Offered()
 
+    @property
+    def data_hints(self) -> list[str]:
+        """Where the offer said to open the data connection; empty: use this one."""
+        return self._link.data_hints if self.stage is Stage.RECEIVING else []
+
+    def attach(self) -> list[bytes]:
+        """The first message on the data connection."""
+        return [protocol.encode("attach", self._link.attach())]
+
     def stored(self, index: int) -> None:
         """A chunk from `receive` passed the manifest and is written: its place frees."""
         self._mine.discard(index)
+        self._arrived.discard(index)
 
     def expire(self, now: float, others_delivering: bool) -> None:
         """Nothing arrived: raises `SetAside`, or `TransportError` past the deadline."""
@@ -217,7 +249,7 @@ class ReceiverSession:
             raise SetAside
         if self.stage is Stage.HELLO:
             doing = "answer the request"
-        elif self.stage is Stage.RECEIVING and self._mine:
+        elif self.stage is Stage.RECEIVING and self._mine - self._arrived:
             doing = "send the next chunk"
         else:
             return

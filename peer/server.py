@@ -25,11 +25,12 @@ from sfs.common.curve import client_key, start_authenticator
 from sfs.common.errors import ConfigError, InUse, RemoteError, SfsError
 from sfs.common.protocol import ErrorCode, encode_error
 from sfs.peer.client import BrokerClient
+from sfs.peer.data_port import DataPort, advertised, data_endpoint, routing_id_of
 from sfs.peer.keys import Identity
 from sfs.peer.pacing import UploadPacer
 from sfs.peer.reads import ReadLanes
 from sfs.peer.session import DeviceNotRegistered, DeviceSession
-from sfs.peer.transfer import ChunkJob, ChunkOutcome, HolderService
+from sfs.peer.transfer import Attached, AttachRefused, ChunkJob, ChunkOutcome, HolderService
 
 log = logging.getLogger("sfs.peer")
 
@@ -46,17 +47,18 @@ RECEIVE_QUEUE_LIMIT = 16
 # flight per holder; more are answered `busy` at once, without touching the disk.
 MAX_READS_PER_CONNECTION = SEND_QUEUE_LIMIT
 _POLL_MS = 500
+_DATA_POLL_MS = 200  # while data connections wait to attach: their deadline is checked
 
 
-def listen_error(endpoint: str, exc: zmq.ZMQError, config: str) -> SfsError:
-    """Why `listen` could not be bound, in words. Another `serve` of this data folder is
-    stopped earlier by its lock, so a taken address is another program's."""
+def listen_error(endpoint: str, exc: zmq.ZMQError, config: str, key: str = "listen") -> SfsError:
+    """Why `listen` (or `key`) could not be bound, in words. Another `serve` of this data
+    folder is stopped earlier by its lock, so a taken address is another program's."""
     if exc.errno == errno.EADDRINUSE:
         return InUse(
             f"cannot listen on {endpoint}: the address is in use by another program;"
-            f" change `listen` in {config}"
+            f" change `{key}` in {config}"
         )
-    return ConfigError(f"cannot listen on {endpoint}: {exc}; check `listen` in {config}")
+    return ConfigError(f"cannot listen on {endpoint}: {exc}; check `{key}` in {config}")
 
 
 class PeerServer:
@@ -70,9 +72,15 @@ class PeerServer:
         on_ready: Callable[[str], None] | None = None,
         upload_rate: int = 0,
         config: str = "the config",
+        data_listen: str | None = None,
+        advertise: str | None = None,
     ) -> None:
         """`upload_rate`: bytes a second for every chunk sent, together; 0 for no cap.
-        `config`: where `listen` was set, for the message when it cannot be bound."""
+        `config`: where `listen` was set, for the message when it cannot be bound.
+        `data_listen`: where data connections are taken (`data_port`), by default
+        `listen`'s host on any free port; offers name it with `advertise`'s host (by
+        default the bound `listen`'s). "off": no data port, chunks on the control
+        connection only."""
         self._service = service
         self._identity = identity
         self._listen = listen
@@ -81,6 +89,10 @@ class PeerServer:
         self._stop = stop or threading.Event()
         self._on_ready = on_ready
         self.endpoint = listen
+        self._data_listen = data_endpoint(listen) if data_listen is None else data_listen
+        self._advertise = advertise
+        self.data_endpoint = ""  # once bound
+        self._data: DataPort | None = None
         self._reading: dict[bytes, int] = {}  # connection -> chunk reads under way
         self._pacer = UploadPacer(upload_rate)
         # Chunks read, waiting for the upload cap; still counted in `_reading`, so each
@@ -111,23 +123,47 @@ class PeerServer:
             except zmq.ZMQError as exc:
                 raise listen_error(self._listen, exc, self._config) from exc
             self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+            if self._data_listen != "off":
+                self._open_data_port(context)
             if self._on_ready is not None:
                 self._on_ready(self.endpoint)
             self._loop(sock)
         finally:
             sock.close(linger=0)
+            if self._data is not None:
+                self._data.close()
             if authenticator is not None:
                 authenticator.stop()
+
+    def _open_data_port(self, context: zmq.Context[zmq.Socket[bytes]]) -> None:
+        try:
+            self._data = DataPort(context, self._data_listen, SEND_QUEUE_LIMIT, RECEIVE_QUEUE_LIMIT)
+        except zmq.ZMQError as exc:
+            raise listen_error(self._data_listen, exc, self._config, "data_listen") from exc
+        self.data_endpoint = self._data.endpoint
+        hint = advertised(self._advertise or self.endpoint, self.data_endpoint)
+        self._service.offer_data([hint])
 
     def _loop(self, sock: zmq.Socket[bytes]) -> None:
         lanes = ReadLanes(self._service.read)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(lanes.wakeup_fd, zmq.POLLIN)
+        data = self._data
+        if data is not None:
+            poller.register(data.sock, zmq.POLLIN)
+            assert data.monitor is not None
+            poller.register(data.monitor, zmq.POLLIN)
         try:
             while not self._stop.is_set():
-                ready = dict(poller.poll(self._poll_ms()))
+                ready = dict(poller.poll(self._poll_ms(data)))
                 self._send_paced(sock)
+                if data is not None:
+                    if data.monitor in ready:
+                        data.watch()
+                    if data.sock in ready:
+                        self._receive_data(data, lanes)
+                    data.sweep(self._service.transfer_alive)
                 if not ready:
                     self._service.expire_idle()
                     continue
@@ -143,10 +179,31 @@ class PeerServer:
         finally:
             lanes.close()
 
-    def _poll_ms(self) -> int:
+    def _poll_ms(self, data: DataPort | None) -> int:
+        longest = _POLL_MS if data is None or not data.unattached else _DATA_POLL_MS
         if not self._paced:
-            return _POLL_MS
-        return min(_POLL_MS, math.ceil(self._pacer.wait() * 1000))
+            return longest
+        return min(longest, math.ceil(self._pacer.wait() * 1000))
+
+    def _receive_data(self, data: DataPort, lanes: ReadLanes) -> None:
+        """One message on the data port: an attach, or a chunk request of the transfer
+        the connection is attached to."""
+        received = data.receive()
+        if received is None:
+            return
+        connection, payload, fd = received
+        try:
+            answer = self._service.receive_data(connection, payload)
+        except AttachRefused as exc:
+            log.info("closed a data connection: %s", exc)
+            data.close_connection(fd)
+            return
+        if isinstance(answer, Attached):
+            data.attached(fd, answer.transfer_id)
+            return
+        if isinstance(answer, ChunkJob):
+            answer = self._start_reading(answer, lanes)
+        self._send(data.sock, connection, answer)
 
     def _send_paced(self, sock: zmq.Socket[bytes]) -> None:
         """Send the chunks waiting for the upload cap whose turn has come, in order."""
@@ -192,8 +249,13 @@ class PeerServer:
             self._reading[connection] = left
 
     def _send(self, sock: zmq.Socket[bytes], connection: bytes, replies: list[bytes]) -> None:
+        """Send `replies` to `connection`: on the data port if it is a data connection."""
         if not replies:
             return
+        routing_id = routing_id_of(connection)
+        if routing_id is not None:
+            assert self._data is not None
+            sock, connection = self._data.sock, routing_id
         try:
             sock.send_multipart([connection, *replies], flags=zmq.NOBLOCK, copy=False)
         except zmq.ZMQError as exc:  # not reading (queue full) or gone

@@ -53,6 +53,8 @@ class ReceiverLink:
         self._nonce = crypto.random_bytes(32)
         self._cipher: crypto.ChunkCipher | None = None
         self.transfer_id = b""
+        self.data_hints: list[str] = []  # where the offer says to open the data connection
+        self._attach: protocol.Attach | None = None
 
     def hello(self) -> protocol.Hello:
         unsigned = protocol.Hello(
@@ -86,9 +88,21 @@ class ReceiverLink:
             raise IntegrityError(
                 f"the offer from {self.holder_name} is not for this request (replayed?)"
             )
-        secret = crypto.unwrap(self._identity.signing_key, offer.wrapped_secret)
-        self._cipher = crypto.ChunkCipher(crypto.TransferSecret.from_bytes(secret))
+        secret = crypto.TransferSecret.from_bytes(
+            crypto.unwrap(self._identity.signing_key, offer.wrapped_secret)
+        )
+        self._cipher = crypto.ChunkCipher(secret)
         self.transfer_id = offer.transfer_id
+        if offer.data and len(offer.data_ticket) == DATA_TICKET_SIZE:
+            self.data_hints = list(offer.data)
+            proof = crypto.attach_proof(secret.key, offer.transfer_id, offer.data_ticket)
+            self._attach = protocol.Attach(offer.transfer_id, proof)
+
+    def attach(self) -> protocol.Attach:
+        """The first message on the data connection the offer named."""
+        if self._attach is None:
+            raise ProtocolError(f"{self.holder_name} offered no data connection")
+        return self._attach
 
     def request(self, index: int) -> protocol.ChunkRequest:
         return protocol.ChunkRequest(self.transfer_id, index)
@@ -190,6 +204,7 @@ class ChunkPlan:
 TRANSFER_IDLE_TIMEOUT = 30.0
 MAX_TRANSFERS = 64
 MAX_TRANSFERS_PER_REQUESTER = 4  # per user, whatever number of connections they open
+DATA_TICKET_SIZE = 32
 
 
 @dataclass(frozen=True)
@@ -230,6 +245,20 @@ class _Outgoing:
     requester: str
     connection: bytes
     last_active: float
+    attach_proof: bytes = b""  # what `attach` must show; b"": no data connection offered
+    data_connection: bytes | None = None  # the one data connection attached to it
+
+
+@dataclass(frozen=True)
+class Attached:
+    """A data connection proved it belongs to `transfer_id` and is now bound to it."""
+
+    transfer_id: bytes
+
+
+class AttachRefused(SfsError):
+    """A data connection's first message was not a valid `attach`: it gets no reply
+    and its server closes it."""
 
 
 @dataclass(frozen=True)
@@ -290,6 +319,55 @@ class HolderService:
         self._clock = clock
         self._on_failed_read = on_failed_read
         self._transfers: dict[bytes, _Outgoing] = {}
+        self._data_hints: list[str] = []
+
+    def offer_data(self, hints: list[str]) -> None:
+        """Name the data endpoint(s) in offers from now on (the server calls it once it
+        listens there); with none, chunks travel on the control connection."""
+        self._data_hints = list(hints)
+
+    def transfer_alive(self, transfer_id: bytes) -> bool:
+        return transfer_id in self._transfers
+
+    def receive_data(self, connection: bytes, frame: bytes) -> list[bytes] | ChunkJob | Attached:
+        """One frame from a data connection. `connection` must not collide with control
+        connections' ids (the server prefixes it). Before it is attached, only a valid
+        `attach` is taken: anything else raises `AttachRefused` (no reply: the server
+        closes the connection). Once attached, chunk requests for its transfer become
+        `ChunkJob`s, as on the control connection."""
+        self.expire_idle()
+        attached = any(o.data_connection == connection for o in self._transfers.values())
+        try:
+            envelope = protocol.decode_envelope(frame)
+            request = protocol.decode_body(envelope, protocol.DATA_REQUESTS)
+        except ProtocolError as exc:
+            if not attached:
+                raise AttachRefused(f"not an attach ({exc})") from exc
+            return [protocol.encode_refusal(exc)]
+        if isinstance(request, protocol.Attach):
+            return self._attach_data(request, connection, attached)
+        if not attached:
+            raise AttachRefused("a chunk request before attach")
+        assert isinstance(request, protocol.ChunkRequest)
+        try:
+            return self._chunk(request, connection)
+        except Refused as exc:
+            return [protocol.encode_error(exc.code, str(exc))]
+
+    def _attach_data(self, request: protocol.Attach, connection: bytes, attached: bool) -> Attached:
+        outgoing = self._transfers.get(request.transfer_id)
+        if attached:
+            raise AttachRefused("a second attach on one connection")
+        if outgoing is None or not outgoing.attach_proof:
+            raise AttachRefused("attach to an unknown or expired transfer")
+        if not crypto.same_bytes(request.proof, outgoing.attach_proof):
+            raise AttachRefused("attach with a wrong proof")
+        if outgoing.data_connection is not None:  # a replay, seen on the wire
+            raise AttachRefused("attach to a transfer that has its data connection")
+        outgoing.data_connection = connection
+        outgoing.last_active = self._clock()
+        log.info("%s attached a data connection for %s", outgoing.requester, outgoing.share.name)
+        return Attached(request.transfer_id)
 
     @property
     def active_transfers(self) -> int:
@@ -358,8 +436,10 @@ class HolderService:
         self._make_room_for(hello.requester)
 
         secret = crypto.TransferSecret.generate()
+        transfer_id = crypto.random_bytes(16)
+        ticket = crypto.random_bytes(DATA_TICKET_SIZE) if self._data_hints else b""
         unsigned = protocol.Offer(
-            transfer_id=crypto.random_bytes(16),
+            transfer_id=transfer_id,
             file_id=hello.file_id,
             wrapped_secret=crypto.wrap(hello.bundle.rsa_key(), secret.to_bytes()),
             requester_fp=hello.bundle.fingerprint(),
@@ -367,6 +447,8 @@ class HolderService:
             manifest_digest=manifest_digest(share.manifest),
             holder_fp=self._identity.fingerprint,
             signature=b"",
+            data=list(self._data_hints),
+            data_ticket=ticket,
         )
         offer = dataclasses.replace(
             unsigned, signature=self._identity.sign(protocol.offer_payload(unsigned))
@@ -378,6 +460,7 @@ class HolderService:
             hello.requester,
             connection,
             self._clock(),
+            crypto.attach_proof(secret.key, transfer_id, ticket) if ticket else b"",
         )
         log.info("sending %s to %s", share.name, hello.requester)
         return offer
@@ -415,8 +498,9 @@ class HolderService:
 
     def _transfer(self, transfer_id: bytes, connection: bytes) -> _Outgoing:
         outgoing = self._transfers.get(transfer_id)
-        # A transfer belongs to the connection that said hello.
-        if outgoing is None or outgoing.connection != connection:
+        # A transfer belongs to the connection that said hello, and to the data
+        # connection attached to it.
+        if outgoing is None or connection not in (outgoing.connection, outgoing.data_connection):
             raise Refused(ErrorCode.NOT_FOUND, "unknown or expired transfer")
         outgoing.last_active = self._clock()
         return outgoing
@@ -495,7 +579,10 @@ class HolderService:
         """The reply to a chunk request once `read` is done. Nothing is sent for a
         transfer that ended meanwhile (finished, expired, evicted, or its file unshared)."""
         outgoing = self._transfers.get(job.transfer_id)
-        if outgoing is None or outgoing.connection != job.connection:
+        if outgoing is None or job.connection not in (
+            outgoing.connection,
+            outgoing.data_connection,
+        ):
             return [protocol.encode_error(ErrorCode.NOT_FOUND, "unknown or expired transfer")]
         if isinstance(outcome, ReadFailure):
             log.warning("%s", outcome.to_log)
@@ -509,8 +596,9 @@ class HolderService:
 
     def drop_connection(self, connection: bytes) -> None:
         """Forget the transfers of a requester that stopped reading or went away."""
-        for transfer_id in [t for t, o in self._transfers.items() if o.connection == connection]:
-            del self._transfers[transfer_id]
+        for transfer_id, outgoing in list(self._transfers.items()):
+            if connection in (outgoing.connection, outgoing.data_connection):
+                del self._transfers[transfer_id]
 
     def _finish(self, request: protocol.Finish, connection: bytes) -> None:
         outgoing = self._transfers.get(request.transfer_id)

@@ -6,6 +6,10 @@ messages, and lets a test rewrite that stream.
         proxy.start(holder_port)        # then relay to the holder's real port
         proxy.use(Swap(1, 2))           # every new connection gets this policy
 
+A holder's data connection (chunks, outside CurveZMQ) goes through a second proxy: its
+`data_listen` is on another loopback address at the proxy's port, so the offer's data
+hint (the `advertise` host, the data port) names the proxy.
+
 Only the NULL mechanism can be read (peer `transport_encryption: false`): with
 CurveZMQ every frame after the handshake is encrypted. Receiver -> holder bytes are
 relayed untouched. Holder -> receiver: the 64-byte greeting passes through, commands
@@ -229,6 +233,7 @@ class MitmProxy:
         self.port: int = self._listener.getsockname()[1]
         self.errors: list[str] = []  # what went wrong inside the proxy itself
         self._target = 0
+        self._target_host = "127.0.0.1"
         self._policy = Policy()
         self._refusing = False
         self._connections: list[_Connection] = []
@@ -241,9 +246,9 @@ class MitmProxy:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def start(self, target_port: int) -> None:
-        """Relay to the holder at 127.0.0.1:`target_port`."""
-        self._target = target_port
+    def start(self, target_port: int, target_host: str = "127.0.0.1") -> None:
+        """Relay to the holder at `target_host`:`target_port`."""
+        self._target, self._target_host = target_port, target_host
         threading.Thread(target=self._accept_loop, name="mitm-accept", daemon=True).start()
 
     def use(self, policy: Policy) -> Policy:
@@ -278,7 +283,7 @@ class MitmProxy:
     def _open(self, receiver: socket.socket, policy: Policy) -> None:
         receiver.settimeout(None)
         try:
-            holder = socket.create_connection(("127.0.0.1", self._target))
+            holder = socket.create_connection((self._target_host, self._target))
         except OSError as exc:
             self.errors.append(f"cannot reach the holder: {exc}")
             receiver.close()

@@ -58,6 +58,7 @@ ANOTHER_TRANSFER = "alice sent a chunk of another transfer"
 class World:
     cluster: Cluster
     proxy: MitmProxy
+    data_proxy: MitmProxy  # the data connection: the chunks
     alice: Peer
     bob: Peer
     hasty_bob: Peer  # bob with a short `timeout`, for the attacks that end in one
@@ -70,7 +71,8 @@ class World:
 
     def get(self, policy: Policy, *args: str, hasty: bool = False) -> Result:
         """bob downloads the file while `policy` rewrites what alice sends."""
-        self.proxy.use(policy)
+        self.proxy.use(policy)  # the offer passes here, then the chunks the other
+        self.data_proxy.use(policy)
         return (self.hasty_bob if hasty else self.bob).run("get", self.file_id, *args)
 
 
@@ -94,10 +96,19 @@ def _with_timeout(peer: Peer, seconds: int) -> Peer:
 
 @pytest.fixture(scope="module")
 def world() -> Iterator[World]:
-    with Cluster(transport_encryption=False) as cluster, MitmProxy() as proxy:
+    with (
+        Cluster(transport_encryption=False) as cluster,
+        MitmProxy() as proxy,
+        MitmProxy() as data_proxy,
+    ):
         cluster.start_broker()
-        alice = cluster.add_peer("alice", advertise=f"tcp://127.0.0.1:{proxy.port}")
+        alice = cluster.add_peer(
+            "alice",
+            advertise=f"tcp://127.0.0.1:{proxy.port}",
+            data_listen=f"tcp://127.0.0.2:{data_proxy.port}",
+        )
         proxy.start(_listen_port(alice.config))
+        data_proxy.start(data_proxy.port, "127.0.0.2")
         alice.serve()
         bob = cluster.add_peer("bob")
         content = os.urandom(SIZE)
@@ -107,8 +118,9 @@ def world() -> Iterator[World]:
         # First contact: alice answers `busy` until she has bob's key from the broker.
         # Past it, every test sees the same stream: an offer, then the chunks.
         bob.run("get", file_id, "--out", str(cluster.root / "first-contact")).check()
-        yield World(cluster, proxy, alice, bob, _with_timeout(bob, HASTY_TIMEOUT), file_id, content)
-        assert proxy.errors == []
+        hasty = _with_timeout(bob, HASTY_TIMEOUT)
+        yield World(cluster, proxy, data_proxy, alice, bob, hasty, file_id, content)
+        assert proxy.errors == data_proxy.errors == []
 
 
 # --- checks -----------------------------------------------------------------------------

@@ -28,7 +28,8 @@ from sfs.peer.node import AlreadyDownloaded, Peer
 from sfs.peer.registry import Share
 from sfs.peer.session import NotLoggedIn
 from sfs.peer.share import build_manifest
-from sfs.peer.transfer import HolderService
+from sfs.peer.transfer import Attached, HolderService
+from tests.harness import free_port
 from tests.integration.conftest import Network
 
 MiB = 1024 * 1024
@@ -501,3 +502,45 @@ def test_unusable_download_folder(network: Network, tmp_path: Path) -> None:
     with pytest.raises(StorageError, match="cannot write in"):
         bob.get(share.file_id, out=not_a_folder)
     assert not_a_folder.read_text() == "in the way"
+
+
+@pytest.mark.parametrize(
+    ("extra", "attaches"),
+    [({}, 1), ({"data_listen": "off"}, 0)],
+    ids=["data-connection", "data-listen-off"],
+)
+def test_chunks_travel_on_the_data_connection_unless_it_is_off(
+    network: Network,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    extra: dict[str, object],
+    attaches: int,
+) -> None:
+    attached: list[Attached] = []
+    original = HolderService.receive_data
+
+    def spy(self: HolderService, connection: bytes, frame: bytes) -> object:
+        answer = original(self, connection, frame)
+        if isinstance(answer, Attached):
+            attached.append(answer)
+        return answer
+
+    monkeypatch.setattr(HolderService, "receive_data", spy)
+    alice = network.add("alice", serve=True, **extra)
+    bob = network.add("bob")
+    data = write(tmp_path / "original.bin", 3 * MiB + 5)
+    share = alice.share(tmp_path / "original.bin")
+    assert bob.get(share.file_id).path.read_bytes() == data
+    assert len(attached) == attaches
+
+
+def test_a_data_endpoint_that_cannot_be_reached_leaves_chunks_on_control(
+    network: Network, tmp_path: Path
+) -> None:
+    """The offer names the data port at `advertise`'s host, where nothing listens (the
+    port is bound on another loopback address): the download goes on without it."""
+    alice = network.add("alice", serve=True, data_listen=f"tcp://127.0.0.2:{free_port()}")
+    bob = network.add("bob")
+    data = write(tmp_path / "original.bin", 2 * MiB)
+    share = alice.share(tmp_path / "original.bin")
+    assert bob.get(share.file_id).path.read_bytes() == data

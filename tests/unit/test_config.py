@@ -490,6 +490,7 @@ PEER_EXTRA = {
     "hello_timeout": "2",
     "seed": "false",
     "upload_rate": "0",
+    "data_listen": "tcp://*:7011",
 }
 
 
@@ -546,3 +547,12 @@ def test_shipped_configs_load_and_their_comments_agree_with_the_limits(tmp_path:
                 ConfigError, match="bcrypt_rounds: expected a whole number from 4 to 16"
             ):
                 load_broker_config(changed)
+
+
+def test_data_listen(tmp_path: Path) -> None:
+    assert peer(tmp_path / "a", peer_text({})).data_listen is None
+    assert peer(tmp_path / "b", peer_text({"data_listen": "off"})).data_listen == "off"
+    text = peer_text({"data_listen": "tcp://*:7011"})
+    assert peer(tmp_path / "c", text).data_listen == "tcp://*:7011"
+    with pytest.raises(ConfigError, match="data_listen: expected"):
+        peer(tmp_path / "d", peer_text({"data_listen": "7011"}))

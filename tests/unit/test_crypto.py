@@ -10,6 +10,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from sfs.common import crypto
+from sfs.common.codec import pack
 from sfs.common.crypto import ChunkCipher, TransferSecret
 from sfs.common.errors import IntegrityError, KeyFileError, UsageError
 
@@ -453,3 +454,18 @@ def test_token_digest_is_deterministic_and_distinguishes_tokens() -> None:
     assert crypto.token_digest("a") != crypto.token_digest("b")
     assert crypto.token_digest("token") != crypto.token_digest("token ")
     assert len(crypto.token_digest("")) == 32
+
+
+def test_attach_proof_binds_key_transfer_and_ticket() -> None:
+    key, transfer, ticket = b"k" * 32, b"t" * 16, b"x" * 32
+    proof = crypto.attach_proof(key, transfer, ticket)
+    assert len(proof) == 32 and proof == crypto.attach_proof(key, transfer, ticket)
+    others = {
+        crypto.attach_proof(b"K" * 32, transfer, ticket),
+        crypto.attach_proof(key, b"T" * 16, ticket),
+        crypto.attach_proof(key, transfer, b"X" * 32),
+    }
+    assert proof not in others and len(others) == 3
+    # Keyed BLAKE2b over the domain-separated triple, as docs/PROTOCOL-v2.md says.
+    message = pack(["sfs-attach-v2", transfer, ticket])
+    assert proof == hashlib.blake2b(message, key=key, digest_size=32).digest()

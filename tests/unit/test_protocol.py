@@ -558,3 +558,25 @@ def test_what_is_not_a_version_is_malformed(version: Any) -> None:
     with pytest.raises(ProtocolError, match="unsupported protocol version") as info:
         decode_envelope(frame(v=version))
     assert not isinstance(info.value, protocol.VersionMismatch)
+
+
+def test_an_offers_data_hints_and_ticket_are_signed_only_when_present() -> None:
+    plain = protocol.Offer(
+        b"t" * 16, "0" * 32, b"w", b"r" * 32, b"n" * 32, b"m" * 32, b"h" * 32, b""
+    )
+    with_data = dataclasses.replace(plain, data=["tcp://127.0.0.1:7001"], data_ticket=b"x" * 32)
+    # An offer without a data connection signs what a v1 offer signed.
+    assert unpack(protocol.offer_payload(plain))[0] == "sfs-offer-v1"
+    assert len(unpack(protocol.offer_payload(plain))) == 8
+    payloads = {
+        protocol.offer_payload(plain),
+        protocol.offer_payload(with_data),
+        protocol.offer_payload(dataclasses.replace(with_data, data=["tcp://10.0.0.1:7001"])),
+        protocol.offer_payload(dataclasses.replace(with_data, data_ticket=b"y" * 32)),
+    }
+    assert len(payloads) == 4
+    assert from_wire(protocol.Offer, to_wire(with_data)) == with_data
+    assert (
+        from_wire(protocol.Offer, {k: v for k, v in to_wire(plain).items() if "data" not in k})
+        == plain
+    )

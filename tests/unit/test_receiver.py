@@ -12,7 +12,7 @@ from sfs.common.errors import IntegrityError, ProtocolError, RemoteError, Transp
 from sfs.common.manifest import decode_manifest
 from sfs.common.protocol import ErrorCode, Refused
 from sfs.peer.keys import Identity
-from sfs.peer.receiver import Chunk, Offered, ReceiverSession, SetAside, Stage
+from sfs.peer.receiver import Chunk, Offered, ReceiverSession, Sealed, SetAside, Stage
 from sfs.peer.registry import Share
 from sfs.peer.transfer import ChunkPlan, HolderService, ReceiverLink
 from tests.unit.memory_holders import CHUNK, share_of
@@ -232,3 +232,31 @@ def test_asking_beyond_the_window_is_a_bug(alice: Identity, bob: Identity, share
     offered(session, Holder(alice, share))
     with pytest.raises(ValueError):
         session.ask([0, 1, 2], 100.0)
+
+
+def test_a_chunk_arriving_again_while_it_is_stored_is_refused(
+    alice: Identity, bob: Identity, share: Share
+) -> None:
+    """`take` leaves the chunk sealed for a worker: until `stored`, it is still asked of
+    this holder, yet a second copy (replayed on the wire) is not accepted."""
+    holder = Holder(alice, share)
+    session = session_for(bob, alice, share)
+    offered(session, holder)
+    (request,) = session.ask([0], 100.0)
+    reply = holder.answer(request)
+    sealed = session.take(reply, 100.0)
+    assert isinstance(sealed, Sealed) and sealed.open() == DATA[:CHUNK]
+    with pytest.raises(IntegrityError, match="chunk 0 from alice arrived without being requested"):
+        session.take(reply, 100.0)
+
+
+def test_no_timeout_while_every_chunk_asked_is_being_stored(
+    alice: Identity, bob: Identity, share: Share
+) -> None:
+    holder = Holder(alice, share)
+    session = session_for(bob, alice, share)
+    offered(session, holder)
+    (request,) = session.ask([0], 100.0)
+    session.take(holder.answer(request), 100.0)
+    session.expire(100.0 + 10 * TIMEOUT, others_delivering=False)  # a slow disk: no failure
+    assert session.mine == {0}

@@ -1,0 +1,178 @@
+"""The holder's data port: where requesters open the data connection of a transfer
+(docs/PROTOCOL-v2.md section 4), beside the CurveZMQ control port.
+
+It is a plain ROUTER (ZMTP, NULL mechanism): the chunks it carries are AES-GCM sealed end
+to end, so CurveZMQ would only encrypt them a second time. Anyone may connect, so the
+work before a connection proves it belongs to a transfer is bounded here:
+
+- frames are at most `MAX_DATA_REQUEST_FRAME` bytes (an attach or a chunk request);
+- a connection must attach within `ATTACH_DEADLINE` seconds of being accepted;
+- at most `MAX_UNATTACHED` connections may wait to attach; more are closed at once;
+- a connection whose first message is not a valid attach is closed, and so is one whose
+  transfer has ended.
+
+ZeroMQ does not let a ROUTER close one peer's connection, so the port watches its
+socket's monitor (accepted / disconnected, with the file descriptor), learns each
+message's descriptor (`ZMQ_SRCFD`), and shuts a connection down through its descriptor;
+ZeroMQ then sees it closed and forgets it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+log = logging.getLogger("sfs.peer")
+
+MAX_DATA_REQUEST_FRAME = 1024  # an attach is ~80 bytes, a chunk request ~40
+ATTACH_DEADLINE = 5.0  # seconds from accept to a valid attach
+MAX_UNATTACHED = 32
+# Data connections are told apart from control connections by this prefix of their
+# key: it is longer than any ZeroMQ routing id (255 bytes), so no control connection can
+# choose a routing id that names a data connection.
+DATA_KEY_PREFIX = b"\xffdata" + bytes(255)
+
+
+def data_key(routing_id: bytes) -> bytes:
+    return DATA_KEY_PREFIX + routing_id
+
+
+def routing_id_of(key: bytes) -> bytes | None:
+    """The data connection's routing id, or None for a control connection's key."""
+    if key.startswith(DATA_KEY_PREFIX):
+        return key[len(DATA_KEY_PREFIX) :]
+    return None
+
+
+def data_endpoint(listen: str) -> str:
+    """The default data endpoint: `listen`'s host, any free port."""
+    return listen.rsplit(":", 1)[0] + ":0"
+
+
+def advertised(advertise: str, bound: str) -> str:
+    """The data endpoint as requesters reach it: `advertise`'s host, the bound port."""
+    return advertise.rsplit(":", 1)[0] + ":" + bound.rsplit(":", 1)[1]
+
+
+@dataclass
+class _Connection:
+    accepted: float
+    transfer_id: bytes | None = None  # once attached
+
+
+class DataPort:
+    """The data ROUTER and its connections' bookkeeping; for one thread (the loop)."""
+
+    def __init__(
+        self,
+        context: zmq.Context[zmq.Socket[bytes]],
+        listen: str,
+        send_queue: int,
+        receive_queue: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._clock = clock
+        self._connections: dict[int, _Connection] = {}  # by file descriptor
+        self.sock = context.socket(zmq.ROUTER)
+        self.monitor: zmq.Socket[bytes] | None = None
+        try:
+            self.sock.linger = 0
+            self.sock.maxmsgsize = MAX_DATA_REQUEST_FRAME
+            self.sock.ipv6 = True
+            self.sock.sndhwm = send_queue
+            self.sock.rcvhwm = receive_queue
+            self.sock.router_mandatory = True
+            self.sock.handshake_ivl = round(ATTACH_DEADLINE * 1000)
+            self.monitor = self.sock.get_monitor_socket(
+                zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
+            )
+            self.sock.bind(listen)
+        except BaseException:
+            self.close()
+            raise
+        self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    @property
+    def unattached(self) -> int:
+        return sum(1 for c in self._connections.values() if c.transfer_id is None)
+
+    def watch(self) -> None:
+        """Take the monitor's news: connections accepted and gone. A connection beyond
+        `MAX_UNATTACHED` waiting is closed at once."""
+        assert self.monitor is not None
+        while self.monitor.poll(0):
+            event = recv_monitor_message(self.monitor)
+            fd = int(event["value"])
+            if event["event"] == zmq.EVENT_ACCEPTED:
+                if self.unattached >= MAX_UNATTACHED:
+                    log.info("closed a data connection: too many waiting to attach")
+                    _shut(fd)
+                self._connections[fd] = _Connection(self._clock())
+            else:
+                self._connections.pop(fd, None)
+
+    def receive(self) -> tuple[bytes, bytes, int] | None:
+        """One message: (connection key, payload, descriptor); None for a malformed
+        one (requesters are DEALERs sending one frame at a time)."""
+        frames = self.sock.recv_multipart(copy=False)
+        if len(frames) != 2:
+            self.close_connection(int(frames[-1].get(zmq.SRCFD)))
+            return None
+        routing_id, payload = frames
+        return data_key(routing_id.bytes), payload.bytes, int(payload.get(zmq.SRCFD))
+
+    def attached(self, fd: int, transfer_id: bytes) -> None:
+        connection = self._connections.setdefault(fd, _Connection(self._clock()))
+        connection.transfer_id = transfer_id
+
+    def close_connection(self, fd: int) -> None:
+        """Close the connection a message just came from (`fd` is still its own)."""
+        self._connections.pop(fd, None)
+        _shut(fd)
+
+    def sweep(self, alive: Callable[[bytes], bool]) -> None:
+        """Close connections that did not attach in time, and those whose transfer
+        ended (finished, expired, evicted or unshared)."""
+        self.watch()  # first: a descriptor may have been closed and reused meanwhile
+        too_old = self._clock() - ATTACH_DEADLINE
+        for fd, connection in list(self._connections.items()):
+            if connection.transfer_id is None:
+                if connection.accepted < too_old:
+                    self.close_connection(fd)
+            elif not alive(connection.transfer_id):
+                self.close_connection(fd)
+
+    def send(self, key: bytes, replies: list[bytes]) -> None:
+        routing_id = routing_id_of(key)
+        assert routing_id is not None
+        self.sock.send_multipart([routing_id, *replies], flags=zmq.NOBLOCK, copy=False)
+
+    def close(self) -> None:
+        if self.monitor is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                self.sock.disable_monitor()
+            self.monitor.close(linger=0)
+        self.sock.close(linger=0)
+
+
+def _shut(fd: int) -> None:
+    """Shut the TCP connection on `fd` down; ZeroMQ notices and closes it."""
+    try:
+        dup = os.dup(fd)
+    except OSError:
+        return
+    try:
+        sock = socket.socket(fileno=dup)
+    except OSError:
+        os.close(dup)
+        return
+    with sock, contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
