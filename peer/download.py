@@ -81,6 +81,8 @@ class DownloadResult:
     chunks_resumed: int
     seeding: bool = False  # this peer now serves its copy too
     stamp: FileStamp | None = None  # the file as linked into place (see `stamps`)
+    # holder -> the way its channel went (`tcp://...` direct, `relay tcp://...`)
+    paths: dict[str, str] = field(default_factory=dict)
 
 
 def verify_lookup(file_id: str, lookup: protocol.LookupResult, pins: PinStore) -> Manifest:
@@ -165,6 +167,7 @@ class _Download:
     errors: list[SfsError] = field(default_factory=list)
     delivered: dict[str, int] = field(default_factory=dict)  # holder -> chunks received
     sending: set[str] = field(default_factory=set)  # holders sending chunks right now
+    paths: dict[str, str] = field(default_factory=dict)  # holder -> its channel's address
 
     def report(self) -> None:
         if self.progress is not None:
@@ -272,6 +275,7 @@ class Downloader:
             plan.bytes_done - plan.bytes_resumed,
             plan.resumed,
             stamp=partial.stamp,
+            paths={n: a for n, a in download.paths.items() if download.delivered.get(n)},
         )
 
     def _usable_holders(
@@ -381,6 +385,8 @@ class Downloader:
             session.expire(self._clock(), bool(download.sending))
 
         channel = self._connector.connect(holder, hints_of(holder), interrupt)
+        with download.lock:
+            download.paths[holder.username] = channel.address
         try:
             channel.send(session.connected(channel.address, self._clock()))
             self._converse(channel, session, download)

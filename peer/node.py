@@ -33,12 +33,14 @@ from sfs.common.manifest import decode_manifest, file_id_of
 from sfs.common.protocol import ErrorCode
 from sfs.peer import file_ids, keys, leftovers, session
 from sfs.peer.client import BrokerClient
+from sfs.peer.connect import zmq_connector
 from sfs.peer.download import Downloader, DownloadProgress, DownloadResult, verify_lookup
 from sfs.peer.partial import partial_path
 from sfs.peer.pins import ConfirmReplace, Pin, PinConflict, PinStore, Trusted
 from sfs.peer.preflight import already_downloaded, check_free_space
 from sfs.peer.reads import read_chunk
 from sfs.peer.registry import Share, ShareRegistry
+from sfs.peer.relay_link import RelayState
 from sfs.peer.requesters import RequesterCheck
 from sfs.peer.seeds import SeedKeeper
 from sfs.peer.serve_lock import serve_lock
@@ -397,6 +399,12 @@ class Peer:
         folder: Path,
         progress: DownloadProgress | None,
     ) -> DownloadResult:
+        lock = threading.Lock()  # holders' threads share this peer's broker client
+
+        def tickets(holder: str) -> tuple[bytes, bytes]:
+            with lock, self._authenticated():
+                return self.broker.ticket(self._token(), file_id, holder)
+
         downloader = Downloader(
             self.identity,
             self.pins,
@@ -405,6 +413,13 @@ class Peer:
             self.config.timeout,
             self.config.transport_encryption,
             self.config.hello_timeout,
+            connector=zmq_connector(
+                self._context,
+                self.identity,
+                self.config.transport_encryption,
+                self.config.timeout,
+                tickets,
+            ),
         )
         result = downloader.fetch(file_id, lookup, folder, progress)
         if self.config.seed and lookup.owner != self.config.username:
@@ -548,10 +563,22 @@ class Peer:
 
     def _serve(self, stop: threading.Event, on_ready: Callable[[str], None] | None) -> None:
         device = session.DeviceSession(self.identity)
+        relay = None
+        if self.config.relay != "never":
+            relay = RelayState(self.config.relay, self.config.advertise)
         # Fail early, and clearly, if the broker refuses this device.
         ttl = device.call(
             self.broker, lambda token: self.broker.heartbeat(token, self.config.advertise)
         )
+        if relay is not None:
+            try:
+                grant = device.call(
+                    self.broker,
+                    lambda token: self.broker.relay_grant(token, [self.config.advertise]),
+                )
+                relay.set_grant(grant)
+            except RemoteError as exc:  # an older broker: direct only
+                log.info("no relay from the broker: %s", exc)
         checker = RequesterCheck(self.pins, self._new_broker_client, device)
         heartbeat = Heartbeat(
             self._new_broker_client,
@@ -559,6 +586,7 @@ class Peer:
             self.config.advertise,
             min(self.config.heartbeat_interval, max(1.0, ttl / 3)),
             on_session_lost=stop.set,
+            relay=relay,
         )
         keeper = SeedKeeper(
             self._open_registry, self._new_broker_client, device, self.config.heartbeat_interval
@@ -582,6 +610,7 @@ class Peer:
                 listening,
                 upload_rate=self.config.upload_rate,
                 config=str(self.config.path),
+                relay=relay,
             )
             heartbeat.start()  # its last act is to tell the broker this peer went offline
             server.serve(self._context)
