@@ -121,7 +121,7 @@ def relay(config: ConfigOption, debug: DebugOption = False) -> None:
     if settings.relay is None:
         raise ConfigError(f"{config}: no `relay:` section (bind, advertise) to run a relay from")
     make_private_dir(settings.data_dir)
-    ensure_relay_keys(settings)
+    ensure_relay_keys(settings, ticket_key=False)
     server = RelayServer(
         settings.relay.bind,
         relay_curve_keys(settings),

@@ -16,15 +16,16 @@ from sfs.common.errors import KeyFileError
 from sfs.common.files import locked, read_private_file, write_private_file
 
 
-def ensure_relay_keys(config: BrokerConfig) -> None:
+def ensure_relay_keys(config: BrokerConfig, *, ticket_key: bool = True) -> None:
     """Create whichever relay key is missing (under a lock: broker and relay may start
-    together)."""
+    together). `ticket_key`: the ticket signing pair too (the broker's; a relay never
+    makes one: run elsewhere, it is given the broker's public half)."""
     with locked(config.data_dir / "relay-keys"):
         if not config.relay_secret_key_file.exists():
             public, secret = zmq.curve_keypair()
             write_private_file(config.relay_secret_key_file, secret + b"\n")
             _write_public(config.relay_public_key_file, public + b"\n")
-        if not config.ticket_key_file.exists():
+        if ticket_key and not config.ticket_key_file.exists():
             private = crypto.generate_ticket_key()
             write_private_file(config.ticket_key_file, private.hex().encode() + b"\n")
             public_hex = crypto.ticket_public_key(private).hex()
@@ -60,6 +61,7 @@ def ticket_public_key(config: BrokerConfig) -> bytes:
     except OSError as exc:
         raise KeyFileError(
             f"cannot read {config.ticket_public_key_file}: run `sfs-broker init` first"
+            " (a relay on another machine needs a copy of the broker's)"
         ) from exc
     return _hex_key(data, str(config.ticket_public_key_file))
 
