@@ -9,16 +9,32 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
+import zmq
 
+from sfs.broker.relay import RelayServer
+from sfs.broker.relay_keys import relay_curve_keys, ticket_public_key
 from sfs.common import protocol
+from sfs.common.config import RelayLimits, load_broker_config
 from sfs.common.errors import RemoteError
 from sfs.peer.client import BrokerClient
-from tests.harness import Cluster, Peer, free_port, tcp_endpoint
+from tests.harness import (
+    Cluster,
+    Peer,
+    command_for,
+    free_port,
+    one_line_error,
+    tcp_endpoint,
+    wait_for_partial,
+)
 
 pytestmark = pytest.mark.harness
 
@@ -125,3 +141,101 @@ def test_relay_never_and_no_ticket_without_a_session() -> None:
                     "ticket", protocol.GetTicket("made-up", file_id, "alice"), protocol.TicketResult
                 )
             assert refused.value.code == "unauthorized"
+
+
+# --- hostile and failing relays -------------------------------------------------------------
+
+
+class BitFlippingRelay(RelayServer):
+    """A relay that flips one bit in every chunk it carries to the requester."""
+
+    def _from_holder(self, sock: zmq.Socket[bytes], holder: Any, frames: list[zmq.Frame]) -> None:
+        if len(frames) == 3 and len(frames[2]) > 1000:
+            data = bytearray(frames[2].bytes)
+            data[len(data) // 2] ^= 0x10
+            frames = [frames[0], frames[1], zmq.Frame(bytes(data))]
+        super()._from_holder(sock, holder, frames)
+
+
+@contextmanager
+def in_process_relay(server: RelayServer) -> Iterator[RelayServer]:
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    ready = threading.Event()
+    thread = threading.Thread(target=server.serve, args=(context, lambda _: ready.set()))
+    thread.start()
+    try:
+        assert ready.wait(10)
+        yield server
+    finally:
+        server.stop()
+        thread.join()
+        context.term()
+
+
+def test_a_relay_that_flips_bits_is_caught_by_the_chunk_checks() -> None:
+    with Cluster() as cluster:
+        port = free_port()
+        cluster.start_broker(relay=relay_section(cluster.host, port))
+        config = load_broker_config(cluster.broker_config)
+        evil = BitFlippingRelay(
+            tcp_endpoint(cluster.host, port),
+            relay_curve_keys(config),
+            ticket_public_key(config),
+            RelayLimits(),
+        )
+        with in_process_relay(evil):
+            alice = cluster.add_peer("alice", advertise=unreachable_endpoint(cluster))
+            alice.serve()
+            bob = cluster.add_peer("bob")
+            wait_for_relay_hint(cluster, "alice")
+            file_id, _ = share(alice, cluster.root)
+            error = one_line_error(bob.run("get", file_id))
+            assert "alice" in error
+            assert not list(bob.download_dir.glob("relayed.bin*"))  # nothing unverified kept
+
+
+def test_a_relay_that_dies_mid_transfer_the_download_resumes_through_another() -> None:
+    with Cluster() as cluster:
+        config_port, spare_port = free_port(), free_port()
+        spare_public, spare_secret = zmq.curve_keypair()
+        spare = tcp_endpoint(cluster.host, spare_port)
+        section = relay_section(cluster.host, config_port) + (
+            f"\n  relays: [{{endpoint: '{spare}', key: '{spare_public.decode()}'}}]"
+        )
+        cluster.start_broker(relay=section)
+        first = cluster.start_relay()
+        config = load_broker_config(cluster.broker_config)
+        other = RelayServer(
+            spare, (spare_public, spare_secret), ticket_public_key(config), RelayLimits()
+        )
+        with in_process_relay(other):
+            alice = cluster.add_peer(
+                "alice", advertise=unreachable_endpoint(cluster), upload_rate=1024 * 1024
+            )
+            alice.serve()
+            bob = cluster.add_peer("bob", timeout=3)
+            wait_for_relay_hint(cluster, "alice")
+            file_id, source = share(alice, cluster.root, size=8_000_000)
+            getting = subprocess.Popen(
+                [*command_for("sfs-peer"), "get", file_id, "--config", str(bob.config)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            try:
+                wait_for_partial(bob.download_dir, 1_000_000)
+                first.kill()  # mid-transfer
+                _, stderr = getting.communicate(timeout=60)
+            finally:
+                if getting.poll() is None:
+                    getting.kill()
+                    getting.wait()
+            assert getting.returncode != 0 and "to resume" in stderr
+            deadline = time.monotonic() + 40  # alice notices and moves to the other relay
+            while spare not in online_text(cluster, "alice"):
+                assert time.monotonic() < deadline, alice.server.output()  # type: ignore[union-attr]
+                time.sleep(0.2)
+            got = get(bob, file_id)
+            assert got["sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
+            assert got["chunks_resumed"] > 0
+            assert got["paths"]["alice"] == f"relay {spare}"
