@@ -14,7 +14,7 @@ from sfs.common import protocol
 from sfs.common.errors import TransportError
 from sfs.peer.channel import Channel, Interrupt, ZmqChannel, memory_pair
 from sfs.peer.connect import Connector
-from sfs.peer.hints import DirectHint, Hint, hints_of
+from sfs.peer.hints import DirectHint, Hint, RelayHint, hints_of
 from sfs.peer.keys import Identity, create_identity
 
 # --- in memory ------------------------------------------------------------------------
@@ -77,6 +77,39 @@ def holder_of(identity: Identity, endpoint: str = "tcp://127.0.0.1:4000") -> pro
 
 def test_a_holder_is_reached_at_its_endpoint(alice: Identity) -> None:
     assert hints_of(holder_of(alice)) == [DirectHint("tcp://127.0.0.1:4000")]
+
+
+def test_hints_come_direct_first_ipv6_before_ipv4_then_relays(alice: Identity) -> None:
+    listed = protocol.Holder(
+        "alice",
+        "tcp://10.0.0.2:4000",
+        alice.bundle,
+        [
+            protocol.ConnectionHint("relay", "tcp://relay:5602", b"\x01" * 32),
+            protocol.ConnectionHint("direct", "tcp://10.0.0.2:4000"),
+            protocol.ConnectionHint("direct", "tcp://[2001:db8::2]:4000"),
+            protocol.ConnectionHint("direct", "tcp://10.0.0.2:4000"),  # listed twice: once
+        ],
+    )
+    assert hints_of(listed) == [
+        DirectHint("tcp://[2001:db8::2]:4000"),
+        DirectHint("tcp://10.0.0.2:4000"),
+        RelayHint("tcp://relay:5602", b"\x01" * 32),
+    ]
+
+
+def test_a_direct_hint_before_a_relay_gets_a_short_timeout(alice: Identity) -> None:
+    direct, relay = Dialer(), Dialer("tcp://relay")
+    hints: list[Hint] = [DirectHint("tcp://home"), RelayHint("tcp://relay", b"\x01" * 32)]
+    connector = Connector({DirectHint: direct, RelayHint: relay}, 10)
+    channel = connector.connect(holder_of(alice), hints, never)
+    assert channel.address == "tcp://relay"
+    assert direct.tried == [("tcp://home", 3.0)] and relay.tried == [("tcp://relay", 10)]
+    # Without a relay to fall back to, the direct hint has the whole timeout.
+    direct.tried.clear()
+    with pytest.raises(TransportError):
+        Connector({DirectHint: direct}, 10).connect(holder_of(alice), hints[:1], never)
+    assert direct.tried == [("tcp://home", 10)]
 
 
 class Dialer:
