@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 import zmq
 
+from sfs.common import protocol
 from sfs.common.curve import client_key, start_authenticator
 from sfs.common.errors import ConfigError, InUse, RemoteError, SfsError
 from sfs.common.protocol import ErrorCode, encode_error
@@ -300,8 +301,9 @@ class Heartbeat(threading.Thread):
         if self._relay.mode != "never" and self._relay.grant_stale():
             try:
                 self._relay.set_grant(broker.relay_grant(token, [self._endpoint]))
-            except RemoteError as exc:
+            except RemoteError as exc:  # an older broker: ask again in a while, not each beat
                 log.debug("no relay grant: %s", exc)
+                self._relay.set_grant(protocol.RelayGrantResult([], b"", bytes(64)))
         return broker.heartbeat_hints(token, self._endpoint, self._relay.hints())
 
     def _beat_until_stopped(self, broker: BrokerClient) -> None:
