@@ -180,9 +180,9 @@ class RelayLink:
                 self._state.set_link(self._relay, result.reachable)
         except ProtocolError as exc:
             log.debug("odd message from the relay: %s", exc)
-        except RemoteError as exc:  # a refusal: say it; without an attach, start again
+        except RemoteError as exc:  # a refusal: say it; unless of a probe, attach again
             log.warning("%s", exc)
-            if not self._attached or envelope.rid == _ATTACH:
+            if envelope.rid != _PROBE:  # e.g. "attach first": a relay restarted meanwhile
                 self._drop(now)
 
     def send(self, connection: bytes, replies: list[bytes]) -> bool:

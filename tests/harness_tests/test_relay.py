@@ -239,3 +239,25 @@ def test_a_relay_that_dies_mid_transfer_the_download_resumes_through_another() -
             assert got["sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
             assert got["chunks_resumed"] > 0
             assert got["paths"]["alice"] == f"relay {spare}"
+
+
+def test_a_relay_restarted_at_once_gets_its_holders_back() -> None:
+    """A relay that comes back before its holders notice it was gone (systemd restarts it
+    in 2 s) knows none of them: their next keepalive is refused, and they attach again."""
+    with Cluster() as cluster:
+        cluster.start_broker(relay=relay_section(cluster.host, free_port()))
+        first = cluster.start_relay()
+        alice = cluster.add_peer("alice", advertise=unreachable_endpoint(cluster))
+        alice.serve()
+        bob = cluster.add_peer("bob")
+        wait_for_relay_hint(cluster, "alice")
+        file_id, source = share(alice, cluster.root, size=500_000)
+        first.kill()
+        again = cluster.start_relay(name="relay-again")
+        deadline = time.monotonic() + 30
+        while "alice attached" not in again.output():
+            assert time.monotonic() < deadline, alice.server.output()  # type: ignore[union-attr]
+            time.sleep(0.2)
+        got = get(bob, file_id)
+        assert got["sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
+        assert got["paths"]["alice"].startswith("relay ")
