@@ -205,11 +205,8 @@ class PeerServer:
         answer = self._service.receive(connection, key, payload)
         if isinstance(answer, ChunkJob):  # file I/O: never on this loop
             answer = self._start_reading(answer, lanes)
-        self._send(self._sock_for(connection), connection, answer)
-
-    def _sock_for(self, connection: bytes) -> zmq.Socket[bytes]:
-        assert self._sock is not None
-        return self._sock
+        assert self._sock is not None  # set before the loop starts
+        self._send(self._sock, connection, answer)  # a relayed one goes to the relay
 
     def _start_reading(self, job: ChunkJob, lanes: ReadLanes) -> list[bytes]:
         """Hand `job` to its lane; the replies to send now (none, unless refused)."""

@@ -120,6 +120,12 @@ def test_a_reachable_holder_is_listed_direct_only_and_fetched_directly() -> None
         file_id, _ = share(alice, cluster.root)
         got = get(bob, file_id)
         assert got["paths"]["alice"].startswith("tcp://")
+        # `relay: always` lists the relay too, yet a requester that can go direct does.
+        carol = cluster.add_peer("carol", relay="always")
+        carol.serve()
+        wait_for_relay_hint(cluster, "carol")
+        file_id, _ = share(carol, cluster.root, name="carols.bin")
+        assert get(bob, file_id)["paths"]["carol"].startswith("tcp://")
 
 
 def test_relay_never_and_no_ticket_without_a_session() -> None:
