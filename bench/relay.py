@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> str:
                 shared = peer.run("share", str(payload.path), "--json", timeout=3600)
                 ids[name] = shared.check().json()["file_id"]
             deadline = time.monotonic() + 60
-            while "relay+" not in _online(cluster, "dora"):
+            while "relay " not in _online(cluster, "dora"):
                 if time.monotonic() > deadline:
                     raise BenchError("dora was never listed with a relay hint")
                 time.sleep(0.2)
@@ -88,8 +88,8 @@ def run(args: argparse.Namespace) -> str:
 
 
 def _online(cluster: Cluster, name: str) -> str:
-    online = {p["username"]: p["endpoint"] for p in cluster.broker_status()["online"]}
-    return str(online.get(name, ""))
+    online = {p["username"]: p["hints"] for p in cluster.broker_status()["online"]}
+    return " ".join(online.get(name, []))
 
 
 def render(

@@ -16,6 +16,7 @@ from sfs.broker import users_cli
 from sfs.broker.backup import backup_sqlite
 from sfs.broker.migrate import copy_index
 from sfs.broker.postgres_store import PostgresStore, describe, is_postgres_url
+from sfs.broker.presence_hints import parse_hints_text
 from sfs.broker.relay import RelayServer
 from sfs.broker.relay_keys import (
     ensure_relay_keys,
@@ -170,8 +171,13 @@ def status(config: ConfigOption, json: JsonOption = False, debug: DebugOption = 
                 "users": [{"username": name, "online": online} for name, online in stats.users],
                 "files": stats.files,
                 "online": [
-                    {"username": name, "endpoint": endpoint, "online_until": until}
-                    for name, endpoint, until in stats.online
+                    {
+                        "username": name,
+                        "endpoint": parse_hints_text(text)[0],
+                        "hints": [_shown(hint) for hint in parse_hints_text(text)[1]],
+                        "online_until": until,
+                    }
+                    for name, text, until in stats.online
                 ],
             }
         )
@@ -181,10 +187,21 @@ def status(config: ConfigOption, json: JsonOption = False, debug: DebugOption = 
         f" (protocol version {protocol.VERSION})"
     )
     table = SafeTable("user", "online", "endpoint")
-    endpoints = {name: endpoint for name, endpoint, _ in stats.online}
+    endpoints = {name: _endpoints(text) for name, text, _ in stats.online}
     for name, online in stats.users:
         table.add_row(name, "yes" if online else "no", endpoints.get(name, ""))
     stdout.print(table)
+
+
+def _shown(hint: protocol.ConnectionHint) -> str:
+    return hint.endpoint if hint.kind == "direct" else f"relay {hint.endpoint}"
+
+
+def _endpoints(text: str) -> str:
+    """How a peer can be reached, for the table: its endpoint, and its relay if any."""
+    endpoint, hints = parse_hints_text(text)
+    relays = [_shown(hint) for hint in hints if hint.kind == "relay"]
+    return ", ".join([endpoint, *relays])
 
 
 @app.command()

@@ -51,13 +51,14 @@ def relay_section(host: str, port: int, **limits: int) -> str:
 
 
 def online_text(cluster: Cluster, name: str) -> str:
-    online = {p["username"]: p["endpoint"] for p in cluster.broker_status()["online"]}
-    return str(online.get(name, ""))
+    """How `status --json` lists `name`'s hints, joined (relays as `relay tcp://...`)."""
+    online = {p["username"]: p["hints"] for p in cluster.broker_status()["online"]}
+    return " ".join(online.get(name, []))
 
 
 def wait_for_relay_hint(cluster: Cluster, name: str, present: bool = True) -> None:
     deadline = time.monotonic() + 30
-    while ("relay+" in online_text(cluster, name)) != present:
+    while ("relay " in online_text(cluster, name)) != present:
         if time.monotonic() > deadline:
             peer = cluster.peers[name]
             out = peer.server.output() if peer.server else ""
@@ -116,7 +117,7 @@ def test_a_reachable_holder_is_listed_direct_only_and_fetched_directly() -> None
             assert time.monotonic() < deadline, alice.server.output()  # type: ignore[union-attr]
             time.sleep(0.2)
         assert "not reachable" not in alice.server.output()  # type: ignore[union-attr]
-        assert "relay+" not in online_text(cluster, "alice")
+        assert "relay " not in online_text(cluster, "alice")
         file_id, _ = share(alice, cluster.root)
         got = get(bob, file_id)
         assert got["paths"]["alice"].startswith("tcp://")
@@ -137,7 +138,7 @@ def test_relay_never_and_no_ticket_without_a_session() -> None:
         bob = cluster.add_peer("bob", timeout=3)
         file_id, _ = share(alice, cluster.root)
         time.sleep(2)
-        assert "relay+" not in online_text(cluster, "alice")
+        assert "relay " not in online_text(cluster, "alice")
         failed = bob.run("get", file_id)
         assert failed.returncode != 0
         # The broker hands tickets only to a session.
