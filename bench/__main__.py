@@ -4,7 +4,7 @@
 
 Runs the transfer comparison against scp and magic-wormhole (bench/transfer.py), then
 each other section whose module is present: folders (bench/folders.py),
-bench/broker_load.py and bench/search.py. A
+bench/broker_load.py, bench/search.py and bench/relay.py. A
 section is a module with `run(args: argparse.Namespace) -> str` that returns markdown.
 results.md is rewritten after each section, so a failure keeps the sections done before
 it.
@@ -30,6 +30,7 @@ SECTIONS = {
     "folders": "bench.folders",
     "broker": "bench.broker_load",
     "search": "bench.search",
+    "relay": "bench.relay",
 }
 RESULTS = Path(__file__).with_name("results.md")
 

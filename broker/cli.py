@@ -10,13 +10,22 @@ from typing import Annotated
 
 import typer
 import zmq
+import zmq.utils.z85
 
 from sfs.broker import users_cli
 from sfs.broker.backup import backup_sqlite
 from sfs.broker.migrate import copy_index
 from sfs.broker.postgres_store import PostgresStore, describe, is_postgres_url
+from sfs.broker.presence_hints import parse_hints_text
+from sfs.broker.relay import RelayServer
+from sfs.broker.relay_keys import (
+    ensure_relay_keys,
+    relay_curve_keys,
+    ticket_private_key,
+    ticket_public_key,
+)
 from sfs.broker.server import BrokerServer
-from sfs.broker.service import BrokerService, BrokerSettings
+from sfs.broker.service import BrokerService, BrokerSettings, RelayDirectory
 from sfs.broker.stores import open_store, where
 from sfs.common import protocol
 from sfs.common.cli import (
@@ -56,6 +65,9 @@ def init(config: ConfigOption, debug: DebugOption = False) -> None:
         stdout.print(f"initialised broker in {settings.data_dir}")
     stdout.print(f"public key: {public.decode()}")
     stdout.print(f"written to: {settings.public_key_file}")
+    if settings.relay is not None:
+        ensure_relay_keys(settings)
+        stdout.print(f"relay keys in {settings.data_dir}")
 
 
 @app.command()
@@ -84,6 +96,7 @@ def serve(config: ConfigOption, debug: DebugOption = False) -> None:
                 quota_files=settings.quota_files,
                 quota_manifest_mib=settings.quota_manifest_mib,
             ),
+            relays=_relay_directory(settings),
         )
         server = BrokerServer(service, settings.bind, secret, public, settings.workers)
         install_signal_handlers(server.stop)
@@ -96,6 +109,49 @@ def serve(config: ConfigOption, debug: DebugOption = False) -> None:
         log.info("stopped")
     finally:
         store.close()
+
+
+@app.command()
+@command
+def relay(config: ConfigOption, debug: DebugOption = False) -> None:
+    """Run the relay of the config's `relay:` section in the foreground (its own process:
+    relays carry bulk data, the index must not share its CPU)."""
+    settings = load_broker_config(config)
+    if not debug:
+        logging.getLogger("sfs").setLevel(logging.INFO)
+    if settings.relay is None:
+        raise ConfigError(f"{config}: no `relay:` section (bind, advertise) to run a relay from")
+    make_private_dir(settings.data_dir)
+    ensure_relay_keys(settings, ticket_key=False)
+    server = RelayServer(
+        settings.relay.bind,
+        relay_curve_keys(settings),
+        ticket_public_key(settings),
+        settings.relay.limits,
+    )
+    install_signal_handlers(server.stop)
+    log = logging.getLogger("sfs.relay")
+    with zmq.Context() as context:
+        server.serve(
+            context,
+            lambda endpoint: log.info(
+                "relay listening on %s, advertised as %s",
+                endpoint,
+                settings.relay.advertise,  # type: ignore[union-attr]
+            ),
+        )
+    log.info("stopped")
+
+
+def _relay_directory(settings: BrokerConfig) -> RelayDirectory | None:
+    if settings.relay is None:
+        return None
+    ensure_relay_keys(settings)
+    own = protocol.RelayInfo(
+        settings.relay.advertise, zmq.utils.z85.decode(relay_curve_keys(settings)[0])
+    )
+    others = [protocol.RelayInfo(e, zmq.utils.z85.decode(k)) for e, k in settings.relay.others]
+    return RelayDirectory((own, *others), ticket_private_key(settings), settings.relay.ticket_ttl)
 
 
 @app.command()
@@ -115,8 +171,13 @@ def status(config: ConfigOption, json: JsonOption = False, debug: DebugOption = 
                 "users": [{"username": name, "online": online} for name, online in stats.users],
                 "files": stats.files,
                 "online": [
-                    {"username": name, "endpoint": endpoint, "online_until": until}
-                    for name, endpoint, until in stats.online
+                    {
+                        "username": name,
+                        "endpoint": parse_hints_text(text)[0],
+                        "hints": [_shown(hint) for hint in parse_hints_text(text)[1]],
+                        "online_until": until,
+                    }
+                    for name, text, until in stats.online
                 ],
             }
         )
@@ -126,10 +187,21 @@ def status(config: ConfigOption, json: JsonOption = False, debug: DebugOption = 
         f" (protocol version {protocol.VERSION})"
     )
     table = SafeTable("user", "online", "endpoint")
-    endpoints = {name: endpoint for name, endpoint, _ in stats.online}
+    endpoints = {name: _endpoints(text) for name, text, _ in stats.online}
     for name, online in stats.users:
         table.add_row(name, "yes" if online else "no", endpoints.get(name, ""))
     stdout.print(table)
+
+
+def _shown(hint: protocol.ConnectionHint) -> str:
+    return hint.endpoint if hint.kind == "direct" else f"relay {hint.endpoint}"
+
+
+def _endpoints(text: str) -> str:
+    """How a peer can be reached, for the table: its endpoint, and its relay if any."""
+    endpoint, hints = parse_hints_text(text)
+    relays = [_shown(hint) for hint in hints if hint.kind == "relay"]
+    return ", ".join([endpoint, *relays])
 
 
 @app.command()

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from sfs.broker.presence_hints import hints_text, parse_hints_text
 from sfs.broker.store_contract import FileEntry, Quota, QuotaExceeded, Store, User, UsernameTaken
 from sfs.broker.throttle import (
     BcryptSlots,
@@ -23,7 +24,7 @@ from sfs.broker.throttle import (
     LoginThrottle,
     RegistrationLimit,
 )
-from sfs.common import crypto, protocol
+from sfs.common import crypto, protocol, relay_protocol
 from sfs.common.codec import Record
 from sfs.common.errors import IntegrityError, ProtocolError, SfsError, UsageError
 from sfs.common.manifest import file_id_of, verify_manifest
@@ -53,6 +54,17 @@ class BrokerSettings:
 
 
 @dataclass(frozen=True)
+class RelayDirectory:
+    """The relays this broker hands out (its own first), and the Ed25519 key it signs
+    their tickets with."""
+
+    relays: tuple[protocol.RelayInfo, ...]
+    ticket_key: bytes  # Ed25519 private key, raw
+    ticket_ttl: int = 120  # seconds a circuit ticket is good for
+    attach_ttl: int = 600  # seconds an attach ticket is good for (a holder renews it)
+
+
+@dataclass(frozen=True)
 class Caller:
     """Who sent a request, as the transport saw it."""
 
@@ -67,10 +79,12 @@ class BrokerService:
         settings: BrokerSettings,
         clock: Callable[[], float] = time.time,
         limits: LimitState | None = None,
+        relays: RelayDirectory | None = None,
     ) -> None:
         """`limits`: where throttle counts and pending challenges live (None: where the
-        store keeps them)."""
+        store keeps them). `relays`: None when this broker hands out no relay."""
         self.store = store
+        self._relays = relays
         self.settings = settings
         self._clock = clock
         state = limits or store.limit_state()
@@ -103,6 +117,8 @@ class BrokerService:
             protocol.Hold: self._hold,
             protocol.Release: self._release,
             protocol.GetBundle: self._bundle,
+            protocol.RelayGrant: self._relay_grant,
+            protocol.GetTicket: self._ticket,
         }
 
     def _now(self) -> int:
@@ -268,7 +284,13 @@ class BrokerService:
     def _heartbeat(self, request: protocol.Heartbeat, caller: Caller) -> Record:
         user = self._session(request.token, caller)
         ttl = self.settings.presence_ttl
-        self.store.set_online(user.id, request.endpoint, self._now() + ttl)
+        for hint in request.hints:
+            if hint.kind == "relay" and not self._known_relay(hint):
+                raise Refused(
+                    ErrorCode.BAD_REQUEST, f"{hint.endpoint} is not a relay of this broker"
+                )
+        text = hints_text(request.endpoint, request.hints)
+        self.store.set_online(user.id, text, self._now() + ttl)
         return protocol.HeartbeatResult(ttl)
 
     def _offline(self, request: protocol.GoOffline, caller: Caller) -> Record:
@@ -366,10 +388,10 @@ class BrokerService:
         owner = self.store.get_user(entry.owner)
         if owner is None:  # the owner was removed between the two reads
             raise Refused(ErrorCode.NOT_FOUND, f"no file {request.file_id} is shared with you")
-        holders = [
-            protocol.Holder(p.username, p.endpoint, p.bundle)
-            for p in self.store.online_holders(entry.file_id, self._now())
-        ]
+        holders = []
+        for p in self.store.online_holders(entry.file_id, self._now()):
+            endpoint, hints = parse_hints_text(p.endpoint)
+            holders.append(protocol.Holder(p.username, endpoint, p.bundle, hints))
         return protocol.LookupResult(
             entry.file_id,
             entry.owner,
@@ -408,6 +430,64 @@ class BrokerService:
         if not self.store.remove_holder(request.file_id, user.id):
             raise Refused(ErrorCode.NOT_FOUND, f"you hold no copy of file {request.file_id}")
         return protocol.Empty()
+
+    # --- relays --------------------------------------------------------------------------
+
+    def _known_relay(self, hint: protocol.ConnectionHint) -> bool:
+        if self._relays is None:
+            return False
+        return any(
+            r.endpoint == hint.endpoint and r.key == hint.relay_key for r in self._relays.relays
+        )
+
+    def _relay_grant(self, request: protocol.RelayGrant, caller: Caller) -> Record:
+        """The relays, and a ticket that lets this peer attach to them as itself."""
+        user = self._session(request.token, caller)
+        if self._relays is None:
+            return protocol.RelayGrantResult([], b"", bytes(64))
+        ticket = relay_protocol.AttachTicket(
+            relay_protocol.ATTACH_DOMAIN,
+            user.username,
+            user.bundle.curve_public,
+            list(request.endpoints),
+            self._now() + self._relays.attach_ttl,
+            crypto.random_bytes(16),
+        )
+        data, signature = relay_protocol.sign_ticket(self._relays.ticket_key, ticket)
+        return protocol.RelayGrantResult(list(self._relays.relays), data, signature)
+
+    def _ticket(self, request: protocol.GetTicket, caller: Caller) -> Record:
+        """A ticket for one circuit: this requester, to a holder online with the file."""
+        user = self._session(request.token, caller)
+        if self._relays is None:
+            raise Refused(ErrorCode.NOT_FOUND, "this broker runs no relay")
+        entry = self.store.visible_file(request.file_id, user.id)
+        if entry is None:
+            raise Refused(ErrorCode.NOT_FOUND, f"no file {request.file_id} is shared with you")
+        holder = next(
+            (
+                p
+                for p in self.store.online_holders(entry.file_id, self._now())
+                if p.username == request.holder
+            ),
+            None,
+        )
+        if holder is None:
+            raise Refused(
+                ErrorCode.NOT_FOUND, f"{request.holder} does not serve {request.file_id} now"
+            )
+        ticket = relay_protocol.CircuitTicket(
+            relay_protocol.CIRCUIT_DOMAIN,
+            user.username,
+            user.bundle.curve_public,
+            holder.username,
+            holder.bundle.curve_public,
+            entry.file_id,
+            self._now() + self._relays.ticket_ttl,
+            crypto.random_bytes(16),
+        )
+        data, signature = relay_protocol.sign_ticket(self._relays.ticket_key, ticket)
+        return protocol.TicketResult(data, signature)
 
     def _bundle(self, request: protocol.GetBundle, caller: Caller) -> Record:
         self._session(request.token, caller)

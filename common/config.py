@@ -34,6 +34,31 @@ def _is_wildcard(endpoint: str) -> bool:
 
 
 @dataclass(frozen=True)
+class RelayLimits:
+    """What one relay allows; defaults a small team can run as they are."""
+
+    user_rate: int = 50 * 1024 * 1024  # bytes a second relayed for one requester
+    user_circuits: int = 8  # circuits one requester may hold open at once
+    circuits: int = 256  # circuits at once, all users together
+    circuits_per_minute: int = 120  # circuits one requester may open a minute
+    idle: int = 60  # seconds a circuit may carry nothing before it is closed
+    max_duration: int = 6 * 3600  # seconds a circuit may live
+    global_rate: int = 0  # bytes a second for every circuit together; 0 for no cap
+
+
+@dataclass(frozen=True)
+class RelaySettings:
+    """The broker config's `relay:` section: the relay this broker runs (`bind`,
+    `advertise`), the relays it hands out (its own first), and their limits."""
+
+    bind: str
+    advertise: str
+    others: tuple[tuple[str, bytes], ...] = ()  # (endpoint, z85 key) of relays run elsewhere
+    limits: RelayLimits = field(default_factory=RelayLimits)
+    ticket_ttl: int = 120  # seconds a circuit ticket may be used
+
+
+@dataclass(frozen=True)
 class BrokerConfig:
     path: Path
     bind: str
@@ -51,6 +76,26 @@ class BrokerConfig:
     database_file: Path | None = None  # SQLite; None: broker.db in data_dir
     # A postgresql:// URL instead of SQLite. It may hold a password: kept out of repr.
     database_url: str | None = field(default=None, repr=False)
+    relay: RelaySettings | None = None  # None: this broker hands out no relay
+
+    @property
+    def relay_secret_key_file(self) -> Path:
+        """The relay's CurveZMQ secret key (z85)."""
+        return self.data_dir / "relay.key"
+
+    @property
+    def relay_public_key_file(self) -> Path:
+        return self.data_dir / "relay.pub"
+
+    @property
+    def ticket_key_file(self) -> Path:
+        """The Ed25519 key the broker signs relay tickets with (raw; 0600)."""
+        return self.data_dir / "relay-ticket.key"
+
+    @property
+    def ticket_public_key_file(self) -> Path:
+        """Its public half, hex: what relays are given."""
+        return self.data_dir / "relay-ticket.pub"
 
     @property
     def database(self) -> Path:
@@ -90,6 +135,9 @@ class PeerConfig:
     # Every broker of the deployment (`broker.endpoint`: one or a list); () means just
     # `broker_endpoint`. Clients spread over them and fail over on a timeout.
     broker_endpoints: tuple[str, ...] = ()
+    # `auto`: `serve` uses a relay only if the broker's relay cannot reach it back;
+    # `always`: it also keeps a relay connection; `never`: direct only.
+    relay: str = "auto"
 
     @property
     def brokers(self) -> tuple[str, ...]:
@@ -219,6 +267,17 @@ BROKER_KEYS = (
     "quota_files",
     "quota_manifest_mib",
     "database",
+    "relay",
+)
+RELAY_KEYS = ("bind", "advertise", "relays", "limits", "ticket_ttl")
+RELAY_LIMIT_KEYS = (
+    "user_rate",
+    "user_circuits",
+    "circuits",
+    "circuits_per_minute",
+    "idle",
+    "max_duration",
+    "global_rate",
 )
 PEER_KEYS = (
     "username",
@@ -235,6 +294,7 @@ PEER_KEYS = (
     "seed",
     "upload_rate",
     "data_listen",
+    "relay",
 )
 PEER_BROKER_KEYS = ("endpoint", "public_key", "public_key_file")
 
@@ -256,10 +316,45 @@ def load_broker_config(path: Path) -> BrokerConfig:
         registrations_per_address=top.integer("registrations_per_address", 200, 1, 100_000),
         quota_files=top.integer("quota_files", 100_000, 1, 100_000_000),
         quota_manifest_mib=top.integer("quota_manifest_mib", 1024, 1, 1024 * 1024),
+        relay=_relay(top) if "relay" in top.data else None,
         **_database(top, path),
     )
     top.finish()
     return config
+
+
+def _relay(top: _Section) -> RelaySettings:
+    section = top.section("relay", RELAY_KEYS)
+    bind = section.endpoint("bind", bind=True)
+    advertise = section.endpoint("advertise", bind if not _is_wildcard(bind) else None)
+    others: list[tuple[str, bytes]] = []
+    listed = section._raw("relays", [])
+    if not isinstance(listed, list) or len(listed) > 7:
+        raise ConfigError(f"{section._name('relays')}: expected a list of 0 to 7 relays")
+    for number, item in enumerate(listed, 1):
+        other = _Section(
+            item, f"{section._name('relays')} #{number}", top.base, ("endpoint", "key")
+        )
+        endpoint = other.endpoint("endpoint")
+        others.append((endpoint, parse_z85_key(other.string("key"), other._name("key"))))
+    limits = RelayLimits()
+    if "limits" in section.data:
+        given = section.section("limits", RELAY_LIMIT_KEYS)
+        limits = RelayLimits(
+            user_rate=given.integer("user_rate", limits.user_rate, 64 * 1024, 10**12),
+            user_circuits=given.integer("user_circuits", limits.user_circuits, 1, 10_000),
+            circuits=given.integer("circuits", limits.circuits, 1, 100_000),
+            circuits_per_minute=given.integer(
+                "circuits_per_minute", limits.circuits_per_minute, 1, 100_000
+            ),
+            idle=given.integer("idle", limits.idle, 5, 24 * 3600),
+            max_duration=given.integer("max_duration", limits.max_duration, 10, 7 * 24 * 3600),
+            global_rate=given.integer("global_rate", 0, 0, 10**12),
+        )
+        given.finish()
+    ttl = section.integer("ticket_ttl", 120, 10, 3600)
+    section.finish()
+    return RelaySettings(bind, advertise, tuple(others), limits, ttl)
 
 
 def _database(top: _Section, path: Path) -> dict[str, Any]:
@@ -330,6 +425,7 @@ def load_peer_config(path: Path) -> PeerConfig:
         upload_rate=_upload_rate(top),
         data_listen=_data_listen(top),
         broker_endpoints=brokers,
+        relay=_relay_mode(top),
     )
     broker.finish()
     top.finish()
@@ -348,6 +444,16 @@ def _data_listen(top: _Section) -> str | None:
     if value is False or value == "off":  # YAML reads a bare `off` as false
         return "off"
     return top.endpoint("data_listen", bind=True)
+
+
+RELAY_MODES = ("auto", "always", "never")
+
+
+def _relay_mode(top: _Section) -> str:
+    mode = top.string("relay", "auto")
+    if mode not in RELAY_MODES:
+        raise ConfigError(f"{top.where}: relay: expected auto, always or never, got {mode!r}")
+    return mode
 
 
 def _upload_rate(top: _Section) -> int:

@@ -6,6 +6,7 @@ returning a bool, and nonces are derived here, never passed in by callers.
 - RSA-3072: RSA-OAEP-SHA256 to wrap a transfer key, RSA-PSS-SHA256 to sign.
 - AES-256-GCM for file chunks: nonce = base nonce XOR chunk index.
 - BLAKE2b-256 keyed with the transfer key: the proof that attaches a data connection.
+- Ed25519 for the broker's relay tickets (relays hold only its public half).
 - SHA-256 for content, bcrypt for passwords, random tokens stored as SHA-256 hashes.
 - Secrets at rest under a passphrase: PKCS#8 encryption for the RSA key, and
   Argon2id + XSalsa20-Poly1305 (libsodium's SecretBox) for the Curve25519 key.
@@ -27,7 +28,7 @@ import nacl.secret
 import nacl.utils
 from cryptography.exceptions import InvalidSignature, InvalidTag, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from sfs.common.errors import IntegrityError, KeyFileError, UsageError
@@ -72,6 +73,33 @@ def attach_proof(transfer_key: bytes, transfer_id: bytes, data_ticket: bytes) ->
 def same_bytes(a: bytes, b: bytes) -> bool:
     """Constant-time equality for digests, tokens and fingerprints."""
     return hmac.compare_digest(a, b)
+
+
+# --- Ed25519: the broker's relay tickets ------------------------------------------------
+
+ED25519_KEY_SIZE = 32
+
+
+def generate_ticket_key() -> bytes:
+    """A new Ed25519 private key, as its 32 raw bytes."""
+    return ed25519.Ed25519PrivateKey.generate().private_bytes_raw()
+
+
+def ticket_public_key(private: bytes) -> bytes:
+    key = ed25519.Ed25519PrivateKey.from_private_bytes(private)
+    return key.public_key().public_bytes_raw()
+
+
+def ticket_sign(private: bytes, data: bytes) -> bytes:
+    return ed25519.Ed25519PrivateKey.from_private_bytes(private).sign(data)
+
+
+def ticket_verify(public: bytes, signature: bytes, data: bytes, what: str) -> None:
+    """Raises `IntegrityError` unless `signature` is the key's over `data`."""
+    try:
+        ed25519.Ed25519PublicKey.from_public_bytes(public).verify(signature, data)
+    except (InvalidSignature, ValueError) as exc:
+        raise IntegrityError(f"bad signature on the {what}") from exc
 
 
 # --- RSA: keys, signatures, key wrap -------------------------------------------------

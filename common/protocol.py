@@ -264,10 +264,26 @@ class Logout(Record):
     token: Token
 
 
+MAX_HINTS = 8
+
+
+@dataclass(frozen=True)
+class ConnectionHint(Record):
+    """One way to reach a holder (docs/PROTOCOL.md, Connection hints): `direct` at
+    `endpoint`, or `relay`: through the relay at `endpoint` whose CurveZMQ key is
+    `relay_key`."""
+
+    kind: Annotated[str, MaxLen(8), Pattern(r"direct|relay")]
+    endpoint: Endpoint
+    relay_key: Annotated[bytes, Size(32)] | None = None
+
+
 @dataclass(frozen=True)
 class Heartbeat(Record):
     token: Token
     endpoint: Endpoint
+    # Every way to reach this peer, best first; absent (an older peer): `endpoint` only.
+    hints: Annotated[list[ConnectionHint], MaxLen(MAX_HINTS)] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -360,6 +376,7 @@ class Holder(Record):
     username: Username
     endpoint: Endpoint
     bundle: KeyBundle
+    hints: Annotated[list[ConnectionHint], MaxLen(MAX_HINTS)] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -403,6 +420,46 @@ class BundleResult(Record):
 
 
 @dataclass(frozen=True)
+class RelayInfo(Record):
+    endpoint: Endpoint
+    key: Annotated[bytes, Size(32)]  # the relay's CurveZMQ public key
+
+
+RelayTicketBytes = Annotated[bytes, MaxLen(2048)]
+Ed25519Signature = Annotated[bytes, Size(64)]
+
+
+@dataclass(frozen=True)
+class RelayGrant(Record):
+    """A holder asks for the broker's relays and a pass to attach to them."""
+
+    token: Token
+    endpoints: Annotated[list[Endpoint], MaxLen(MAX_HINTS)]  # its own direct endpoints
+
+
+@dataclass(frozen=True)
+class RelayGrantResult(Record):
+    relays: Annotated[list[RelayInfo], MaxLen(MAX_HINTS)]  # empty: this broker has none
+    ticket: RelayTicketBytes  # attach_ticket_payload(), signed by the broker's relay key
+    signature: Ed25519Signature
+
+
+@dataclass(frozen=True)
+class GetTicket(Record):
+    """A requester asks for a ticket to reach `holder` for `file_id` through a relay."""
+
+    token: Token
+    file_id: FileId
+    holder: Username
+
+
+@dataclass(frozen=True)
+class TicketResult(Record):
+    ticket: RelayTicketBytes  # circuit_ticket_payload()
+    signature: Ed25519Signature
+
+
+@dataclass(frozen=True)
 class Empty(Record):
     """The result of requests that only succeed or fail."""
 
@@ -424,6 +481,8 @@ BROKER_REQUESTS: dict[str, type[Record]] = {
     "hold": Hold,
     "release": Release,
     "bundle": GetBundle,
+    "relay_grant": RelayGrant,
+    "ticket": GetTicket,
 }
 
 

@@ -17,9 +17,9 @@ from typing import Protocol
 
 import zmq
 
-from sfs.common.errors import TransportError
+from sfs.common import protocol, relay_protocol
+from sfs.common.errors import ProtocolError, RemoteError, TransportError
 from sfs.common.manifest import MAX_CHUNK_SIZE
-from sfs.common.protocol import is_ipv6_literal
 from sfs.peer.zmq_events import next_event
 
 # Called between the slices of a wait; raises to abandon it (the download stopped, or
@@ -73,7 +73,7 @@ class ZmqChannel:
         sock = context.socket(zmq.DEALER)
         sock.linger = 0
         sock.maxmsgsize = _MAX_PEER_FRAME
-        sock.ipv6 = is_ipv6_literal(endpoint)  # names stay IPv4, as `is_ipv6_literal` says
+        sock.ipv6 = protocol.is_ipv6_literal(endpoint)  # names stay IPv4, as `is_ipv6_literal` says
         if curve is not None:
             sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = curve
         try:
@@ -104,6 +104,49 @@ class ZmqChannel:
 
     def close(self) -> None:
         self._sock.close(linger=_CLOSE_LINGER_MS)
+
+
+class RelayChannel(ZmqChannel):
+    """A DEALER to a relay, carrying one circuit to a holder once the relay took the
+    ticket. What goes through it is what goes over a direct connection; the relay link is
+    CurveZMQ with the relay's key, and the chunks are sealed end to end as always."""
+
+    @classmethod
+    def open(  # type: ignore[override]
+        cls,
+        context: zmq.Context[zmq.Socket[bytes]],
+        endpoint: str,
+        timeout: float,
+        interrupt: Interrupt,
+        curve: tuple[bytes, bytes, bytes],
+        ticket: bytes,
+        signature: bytes,
+    ) -> RelayChannel:
+        """Connect to the relay at `endpoint` and open the circuit the ticket names,
+        within `timeout` seconds; `TransportError` with the relay's reason if refused."""
+        deadline = time.monotonic() + timeout
+        plain = ZmqChannel.open(context, endpoint, timeout, interrupt, curve)
+        channel = cls(plain._sock, f"relay {endpoint}")
+        try:
+            channel.send([protocol.encode("open", relay_protocol.Open(ticket, signature))])
+            while True:
+                reply = channel.receive(min(_SLICE, max(0.0, deadline - time.monotonic())))
+                if reply is not None:
+                    break
+                interrupt()
+                if time.monotonic() >= deadline:
+                    raise TransportError(f"relay {endpoint} did not answer within {timeout:g} s")
+            try:
+                envelope = protocol.decode_envelope(reply[0]) if len(reply) == 1 else None
+                if envelope is None:
+                    raise ProtocolError("not an answer to open")
+                protocol.raise_for_error(envelope, f"relay {endpoint}")
+            except (ProtocolError, RemoteError) as exc:
+                raise TransportError(str(exc)) from exc
+        except BaseException:
+            channel.close()
+            raise
+        return channel
 
 
 def _connect(sock: zmq.Socket[bytes], endpoint: str, timeout: float, interrupt: Interrupt) -> None:

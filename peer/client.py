@@ -269,6 +269,23 @@ class BrokerClient:
         )
         return result.ttl
 
+    def heartbeat_hints(
+        self, token: str, endpoint: str, hints: list[protocol.ConnectionHint]
+    ) -> int:
+        request = protocol.Heartbeat(token, endpoint, hints)
+        return self.call("heartbeat", request, protocol.HeartbeatResult).ttl
+
+    def relay_grant(self, token: str, endpoints: list[str]) -> protocol.RelayGrantResult:
+        request = protocol.RelayGrant(token, endpoints)
+        return self.call("relay_grant", request, protocol.RelayGrantResult)
+
+    def ticket(self, token: str, file_id: str, holder: str) -> tuple[bytes, bytes]:
+        """A ticket (and the broker's signature) for a relay circuit to `holder`."""
+        result = self.call(
+            "ticket", protocol.GetTicket(token, file_id, holder), protocol.TicketResult
+        )
+        return result.ticket, result.signature
+
     def offline(self, token: str) -> None:
         self.call("offline", protocol.GoOffline(token), protocol.Empty)
 

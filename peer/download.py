@@ -44,7 +44,7 @@ from sfs.common.errors import (
     TrustError,
 )
 from sfs.common.manifest import Manifest, file_id_of, verify_manifest
-from sfs.peer.channel import Channel
+from sfs.peer.channel import Channel, RelayChannel
 from sfs.peer.connect import Connector, DataDialer, ZmqDataDialer, zmq_connector
 from sfs.peer.hints import hints_of
 from sfs.peer.keys import Identity
@@ -88,6 +88,8 @@ class DownloadResult:
     chunks_resumed: int
     seeding: bool = False  # this peer now serves its copy too
     stamp: FileStamp | None = None  # the file as linked into place (see `stamps`)
+    # holder -> the way its channel went (`tcp://...` direct, `relay tcp://...`)
+    paths: dict[str, str] = field(default_factory=dict)
 
 
 def verify_lookup(file_id: str, lookup: protocol.LookupResult, pins: PinStore) -> Manifest:
@@ -173,6 +175,7 @@ class _Download:
     workers: ThreadPoolExecutor | None = None  # hash and write chunks
     delivered: dict[str, int] = field(default_factory=dict)  # holder -> chunks received
     sending: set[str] = field(default_factory=set)  # holders sending chunks right now
+    paths: dict[str, str] = field(default_factory=dict)  # holder -> its channel's address
 
     def report(self) -> None:
         if self.progress is not None:
@@ -286,6 +289,7 @@ class Downloader:
             plan.bytes_done - plan.bytes_resumed,
             plan.resumed,
             stamp=partial.stamp,
+            paths={n: a for n, a in download.paths.items() if download.delivered.get(n)},
         )
 
     def _usable_holders(
@@ -399,11 +403,16 @@ class Downloader:
             session.expire(self._clock(), bool(download.sending))
 
         channel = self._connector.connect(holder, hints_of(holder), interrupt)
+        with download.lock:
+            download.paths[holder.username] = channel.address
         data: list[Channel] = []  # the data connection, once opened
+        # A relay carries the control connection only, so far: the offer's data endpoint
+        # is the holder's own address, which a holder behind a NAT cannot be reached at.
+        relayed = isinstance(channel, RelayChannel)
 
         def open_data() -> Channel:
             """Where chunks travel: the data connection the offer named, or this one."""
-            opened = self._open_data(session, interrupt)
+            opened = None if relayed else self._open_data(session, interrupt)
             if opened is None:
                 return channel
             data.append(opened)

@@ -404,7 +404,14 @@ class Peer:
         folder: Path,
         progress: DownloadProgress | None,
     ) -> DownloadResult:
+        from sfs.peer.connect import zmq_connector
         from sfs.peer.download import Downloader
+
+        lock = threading.Lock()  # holders' threads share this peer's broker client
+
+        def tickets(holder: str) -> tuple[bytes, bytes]:
+            with lock, self._authenticated():
+                return self.broker.ticket(self._token(), file_id, holder)
 
         downloader = Downloader(
             self.identity,
@@ -414,6 +421,13 @@ class Peer:
             self.config.timeout,
             self.config.transport_encryption,
             self.config.hello_timeout,
+            connector=zmq_connector(
+                self._context,
+                self.identity,
+                self.config.transport_encryption,
+                self.config.timeout,
+                tickets,
+            ),
         )
         result = downloader.fetch(file_id, lookup, folder, progress)
         if self.config.seed and lookup.owner != self.config.username:
@@ -558,6 +572,7 @@ class Peer:
     def _serve(self, stop: threading.Event, on_ready: Callable[[str], None] | None) -> None:
         # The holder side, imported here: the other commands start faster without it.
         from sfs.peer.reads import read_chunk
+        from sfs.peer.relay_link import RelayState
         from sfs.peer.requesters import RequesterCheck
         from sfs.peer.seeds import SeedKeeper
         from sfs.peer.server import Heartbeat, PeerServer
@@ -565,10 +580,22 @@ class Peer:
 
         self.check_broker()
         device = session.DeviceSession(self.identity)
+        relay = None
+        if self.config.relay != "never":
+            relay = RelayState(self.config.relay, self.config.advertise)
         # Fail early, and clearly, if the broker refuses this device.
         ttl = device.call(
             self.broker, lambda token: self.broker.heartbeat(token, self.config.advertise)
         )
+        if relay is not None:
+            try:
+                grant = device.call(
+                    self.broker,
+                    lambda token: self.broker.relay_grant(token, [self.config.advertise]),
+                )
+                relay.set_grant(grant)
+            except RemoteError as exc:  # an older broker: direct only
+                log.info("no relay from the broker: %s", exc)
         checker = RequesterCheck(self.pins, self._new_broker_client, device)
         heartbeat = Heartbeat(
             self._new_broker_client,
@@ -576,6 +603,7 @@ class Peer:
             self.config.advertise,
             min(self.config.heartbeat_interval, max(1.0, ttl / 3)),
             on_session_lost=stop.set,
+            relay=relay,
         )
         keeper = SeedKeeper(
             self._open_registry, self._new_broker_client, device, self.config.heartbeat_interval
@@ -601,6 +629,7 @@ class Peer:
                 config=str(self.config.path),
                 data_listen=self.config.data_listen,
                 advertise=self.config.advertise,
+                relay=relay,
             )
             heartbeat.start()  # its last act is to tell the broker this peer went offline
             server.serve(self._context)

@@ -256,6 +256,7 @@ def print_download(result: DownloadResult | AlreadyDownloaded, json: bool) -> No
                 "seconds": round(result.seconds, 3),
                 "bytes": result.bytes_fetched,
                 "holders": result.holders,
+                "paths": result.paths,
                 "chunks_resumed": result.chunks_resumed,
                 "seeding": result.seeding,
                 "already_downloaded": False,

@@ -16,11 +16,13 @@ import errno
 import logging
 import math
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 
 import zmq
 
+from sfs.common import protocol
 from sfs.common.curve import client_key, start_authenticator
 from sfs.common.errors import ConfigError, InUse, RemoteError, SfsError
 from sfs.common.protocol import ErrorCode, encode_error
@@ -29,6 +31,7 @@ from sfs.peer.data_port import DataPort, advertised, data_endpoint, routing_id_o
 from sfs.peer.keys import Identity
 from sfs.peer.pacing import UploadPacer
 from sfs.peer.reads import ReadLanes
+from sfs.peer.relay_link import RelayLink, RelayState, is_relayed
 from sfs.peer.session import DeviceNotRegistered, DeviceSession
 from sfs.peer.transfer import Attached, AttachRefused, ChunkJob, ChunkOutcome, HolderService
 
@@ -74,13 +77,15 @@ class PeerServer:
         config: str = "the config",
         data_listen: str | None = None,
         advertise: str | None = None,
+        relay: RelayState | None = None,
     ) -> None:
         """`upload_rate`: bytes a second for every chunk sent, together; 0 for no cap.
         `config`: where `listen` was set, for the message when it cannot be bound.
         `data_listen`: where data connections are taken (`data_port`), by default
         `listen`'s host on any free port; offers name it with `advertise`'s host (by
         default the bound `listen`'s). "off": no data port, chunks on the control
-        connection only."""
+        connection only.
+        `relay`: keep a connection to a relay as it says (None: direct only)."""
         self._service = service
         self._identity = identity
         self._listen = listen
@@ -98,6 +103,9 @@ class PeerServer:
         # Chunks read, waiting for the upload cap; still counted in `_reading`, so each
         # connection has at most MAX_READS_PER_CONNECTION here.
         self._paced: deque[tuple[ChunkJob, ChunkOutcome]] = deque()
+        self._relay_state = relay
+        self._link: RelayLink | None = None
+        self._sock: zmq.Socket[bytes] | None = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -125,10 +133,15 @@ class PeerServer:
             self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
             if self._data_listen != "off":
                 self._open_data_port(context)
+            self._sock = sock
+            if self._relay_state is not None:
+                self._link = RelayLink(context, self._identity, self._relay_state)
             if self._on_ready is not None:
                 self._on_ready(self.endpoint)
             self._loop(sock)
         finally:
+            if self._link is not None:
+                self._link.close()
             sock.close(linger=0)
             if self._data is not None:
                 self._data.close()
@@ -154,8 +167,17 @@ class PeerServer:
             poller.register(data.sock, zmq.POLLIN)
             assert data.monitor is not None
             poller.register(data.monitor, zmq.POLLIN)
+        polled_link: zmq.Socket[bytes] | None = None
         try:
             while not self._stop.is_set():
+                if self._link is not None:
+                    self._link.tick(time.monotonic())
+                    if self._link.sock is not polled_link:  # it (re)connected or dropped
+                        if polled_link is not None:
+                            poller.unregister(polled_link)
+                        polled_link = self._link.sock
+                        if polled_link is not None:
+                            poller.register(polled_link, zmq.POLLIN)
                 ready = dict(poller.poll(self._poll_ms(data)))
                 self._send_paced(sock)
                 if data is not None:
@@ -164,6 +186,9 @@ class PeerServer:
                     if data.sock in ready:
                         self._receive_data(data, lanes)
                     data.sweep(self._service.transfer_alive)
+                if polled_link is not None and polled_link in ready and self._link is not None:
+                    for connection, key, payload in self._link.receive():
+                        self._answer(connection, key, payload, lanes)
                 if not ready:
                     self._service.expire_idle()
                     continue
@@ -227,10 +252,18 @@ class PeerServer:
             return
         connection, payload = frames
         key = client_key(payload) if self._encrypt else None
-        answer = self._service.receive(connection.bytes, key, payload.bytes)
+        self._answer(connection.bytes, key, payload.bytes, lanes)
+
+    def _answer(
+        self, connection: bytes, key: bytes | None, payload: bytes, lanes: ReadLanes
+    ) -> None:
+        """`key`: the requester's transport key, as its connection (or the relay, which
+        checked it against the broker's ticket) says."""
+        answer = self._service.receive(connection, key, payload)
         if isinstance(answer, ChunkJob):  # file I/O: never on this loop
             answer = self._start_reading(answer, lanes)
-        self._send(sock, connection.bytes, answer)
+        assert self._sock is not None  # set before the loop starts
+        self._send(self._sock, connection, answer)  # a relayed one goes to the relay
 
     def _start_reading(self, job: ChunkJob, lanes: ReadLanes) -> list[bytes]:
         """Hand `job` to its lane; the replies to send now (none, unless refused)."""
@@ -251,6 +284,11 @@ class PeerServer:
     def _send(self, sock: zmq.Socket[bytes], connection: bytes, replies: list[bytes]) -> None:
         """Send `replies` to `connection`: on the data port if it is a data connection."""
         if not replies:
+            return
+        if is_relayed(connection):
+            if self._link is None or not self._link.send(connection, replies):
+                log.info("dropped a relayed requester (the relay is not taking more)")
+                self._service.drop_connection(connection)
             return
         routing_id = routing_id_of(connection)
         if routing_id is not None:
@@ -279,9 +317,13 @@ class Heartbeat(threading.Thread):
         endpoint: str,
         interval: float,
         on_session_lost: Callable[[], None],
+        relay: RelayState | None = None,
     ) -> None:
+        """`relay`: its hints go into every beat (a change beats at once), and its
+        grant is renewed from here."""
         super().__init__(name="heartbeat", daemon=True)
         self._connect, self._session, self._endpoint = connect, session, endpoint
+        self._relay = relay
         self._interval = interval
         self._on_session_lost = on_session_lost
         self._halt = threading.Event()
@@ -300,14 +342,35 @@ class Heartbeat(threading.Thread):
                 except SfsError as exc:
                     log.debug("could not tell the broker we go offline: %s", exc)
 
+    def _wait(self, seconds: float) -> bool:
+        """Whether to stop, after `seconds` or sooner if the relay hints changed."""
+        if self._relay is None:
+            return self._halt.wait(seconds)
+        deadline = time.monotonic() + seconds
+        while not self._halt.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0 or self._relay.changed.wait(min(left, 0.2)):
+                self._relay.changed.clear()
+                return self._halt.is_set()
+        return True
+
+    def _beat(self, broker: BrokerClient, token: str) -> int:
+        if self._relay is None:
+            return broker.heartbeat(token, self._endpoint)
+        if self._relay.mode != "never" and self._relay.grant_stale():
+            try:
+                self._relay.set_grant(broker.relay_grant(token, [self._endpoint]))
+            except RemoteError as exc:  # an older broker: ask again in a while, not each beat
+                log.debug("no relay grant: %s", exc)
+                self._relay.set_grant(protocol.RelayGrantResult([], b"", bytes(64)))
+        return broker.heartbeat_hints(token, self._endpoint, self._relay.hints())
+
     def _beat_until_stopped(self, broker: BrokerClient) -> None:
         interval, failing = self._interval, False
         refused = ""  # said once: a disabled account is refused at every beat
-        while not self._halt.wait(interval):
+        while not self._wait(interval):
             try:
-                ttl = self._session.call(
-                    broker, lambda token: broker.heartbeat(token, self._endpoint)
-                )
+                ttl = self._session.call(broker, lambda token: self._beat(broker, token))
             except DeviceNotRegistered as exc:
                 log.error("%s", exc)
                 self.session_lost = exc

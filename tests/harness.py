@@ -350,6 +350,27 @@ class Cluster:
         self.wait_for_broker()
         return self.broker
 
+    def start_relay(self, name: str = "relay", netns: str | None = None) -> Process:
+        """`sfs-broker relay` with the broker's config (which must have a `relay:`
+        section); waits for its "relay listening" log line."""
+        relay = self.start(
+            name,
+            [
+                *command_for("sfs-broker"),
+                "relay",
+                "--config",
+                str(self.broker_config),
+                *self.debug_flag,
+            ],
+            netns=netns,
+        )
+        deadline = time.monotonic() + START_TIMEOUT
+        while "relay listening" not in relay.output():
+            if time.monotonic() > deadline or not relay.alive():
+                raise RuntimeError(f"the relay did not start:\n{relay.output()}")
+            time.sleep(0.05)
+        return relay
+
     def broker_public_key(self) -> bytes:
         config = load_broker_config(self.broker_config)
         return config.public_key_file.read_bytes().strip()

@@ -19,7 +19,7 @@ from sfs.common import crypto, protocol
 from sfs.common.errors import TransportError
 from sfs.common.manifest import MIN_CHUNK_SIZE, Manifest, file_id_of
 from sfs.peer.channel import Channel, Interrupt, MemoryChannel, memory_pair
-from sfs.peer.hints import DirectHint, Hint
+from sfs.peer.hints import DirectHint, Hint, RelayHint
 from sfs.peer.keys import Identity
 from sfs.peer.registry import Share
 from sfs.peer.transfer import ChunkJob, HolderService
@@ -190,7 +190,7 @@ class MemoryDialer:
     def dial(
         self, holder: protocol.Holder, hint: Hint, timeout: float, interrupt: Interrupt
     ) -> Channel:
-        assert isinstance(hint, DirectHint)
+        assert isinstance(hint, (DirectHint, RelayHint))  # a relay is one more hop, in memory
         self.dialed.append(hint.endpoint)
         gate = self.gates.get(hint.endpoint)
         while gate is not None and not gate.wait(0.05):

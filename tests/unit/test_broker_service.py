@@ -851,7 +851,9 @@ def test_heartbeat_puts_the_owner_online_in_search_and_lookup(
     assert broker.heartbeat(alice, tokens["alice"]) == SETTINGS.presence_ttl
     assert [h.online for h in broker.search(bob, tokens["bob"])] == [True]
     assert broker.lookup(bob, tokens["bob"], file_id).holders == [
-        protocol.Holder("alice", ENDPOINT, alice.bundle)
+        protocol.Holder(
+            "alice", ENDPOINT, alice.bundle, [protocol.ConnectionHint("direct", ENDPOINT)]
+        )
     ]
 
 

@@ -5,6 +5,7 @@ and a silent port on loopback."""
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -12,9 +13,9 @@ import zmq
 
 from sfs.common import protocol
 from sfs.common.errors import TransportError
-from sfs.peer.channel import Channel, Interrupt, ZmqChannel, memory_pair
+from sfs.peer.channel import Channel, Interrupt, MemoryChannel, ZmqChannel, memory_pair
 from sfs.peer.connect import Connector
-from sfs.peer.hints import DirectHint, Hint, hints_of
+from sfs.peer.hints import DirectHint, Hint, RelayHint, hints_of
 from sfs.peer.keys import Identity, create_identity
 
 # --- in memory ------------------------------------------------------------------------
@@ -77,6 +78,39 @@ def holder_of(identity: Identity, endpoint: str = "tcp://127.0.0.1:4000") -> pro
 
 def test_a_holder_is_reached_at_its_endpoint(alice: Identity) -> None:
     assert hints_of(holder_of(alice)) == [DirectHint("tcp://127.0.0.1:4000")]
+
+
+def test_hints_come_direct_first_ipv6_before_ipv4_then_relays(alice: Identity) -> None:
+    listed = protocol.Holder(
+        "alice",
+        "tcp://10.0.0.2:4000",
+        alice.bundle,
+        [
+            protocol.ConnectionHint("relay", "tcp://relay:5602", b"\x01" * 32),
+            protocol.ConnectionHint("direct", "tcp://10.0.0.2:4000"),
+            protocol.ConnectionHint("direct", "tcp://[2001:db8::2]:4000"),
+            protocol.ConnectionHint("direct", "tcp://10.0.0.2:4000"),  # listed twice: once
+        ],
+    )
+    assert hints_of(listed) == [
+        DirectHint("tcp://[2001:db8::2]:4000"),
+        DirectHint("tcp://10.0.0.2:4000"),
+        RelayHint("tcp://relay:5602", b"\x01" * 32),
+    ]
+
+
+def test_a_direct_hint_before_a_relay_gets_a_short_timeout(alice: Identity) -> None:
+    direct, relay = Dialer(), Dialer("tcp://relay")
+    hints: list[Hint] = [DirectHint("tcp://home"), RelayHint("tcp://relay", b"\x01" * 32)]
+    connector = Connector({DirectHint: direct, RelayHint: relay}, 10)
+    channel = connector.connect(holder_of(alice), hints, never)
+    assert channel.address == "tcp://relay"
+    assert direct.tried == [("tcp://home", 3.0)] and relay.tried == [("tcp://relay", 10)]
+    # Without a relay to fall back to, the direct hint has the whole timeout.
+    direct.tried.clear()
+    with pytest.raises(TransportError):
+        Connector({DirectHint: direct}, 10).connect(holder_of(alice), hints[:1], never)
+    assert direct.tried == [("tcp://home", 10)]
 
 
 class Dialer:
@@ -154,6 +188,91 @@ def test_an_interrupt_while_dialing_is_not_a_failure(alice: Identity) -> None:
             holder_of(alice), [DirectHint("tcp://a"), DirectHint("tcp://b")], stop
         )
     assert dialer.tried == [("tcp://a", 3)]
+
+
+class SlowDialer:
+    """Opens `endpoint` after `delays[endpoint]` seconds (never, if absent: it waits out
+    its timeout), calling `interrupt` as a real connection attempt does."""
+
+    def __init__(self, delays: dict[str, float]) -> None:
+        self.delays = delays
+        self.started: dict[str, float] = {}
+        self.called_off: list[str] = []
+        self.opened: list[MemoryChannel] = []
+
+    def dial(
+        self, holder: protocol.Holder, hint: Hint, timeout: float, interrupt: Interrupt
+    ) -> Channel:
+        self.started[hint.endpoint] = time.monotonic()
+        deadline = time.monotonic() + min(timeout, self.delays.get(hint.endpoint, timeout))
+        while time.monotonic() < deadline:
+            try:
+                interrupt()
+            except BaseException:
+                self.called_off.append(hint.endpoint)
+                raise
+            time.sleep(0.01)
+        if hint.endpoint not in self.delays:
+            raise TransportError(f"no answer from {hint.endpoint} within {timeout:g} s")
+        channel = memory_pair(hint.endpoint)[0]
+        self.opened.append(channel)
+        return channel
+
+
+def test_staggered_the_relay_starts_while_direct_still_waits_and_wins(alice: Identity) -> None:
+    dialer = SlowDialer({"tcp://relay": 0.05})
+    hints: list[Hint] = [DirectHint("tcp://home"), RelayHint("tcp://relay", b"\x01" * 32)]
+    connector = Connector({DirectHint: dialer, RelayHint: dialer}, 10, stagger=0.2)
+    started = time.monotonic()
+    channel = connector.connect(holder_of(alice), hints, never)
+    assert channel.address == "tcp://relay"
+    assert time.monotonic() - started < 1.5  # not the direct hint's 3 s
+    assert dialer.started["tcp://relay"] - dialer.started["tcp://home"] >= 0.19
+    deadline = time.monotonic() + 2
+    while "tcp://home" not in dialer.called_off:  # the loser is called off
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def test_staggered_a_fast_first_hint_never_starts_the_next(alice: Identity) -> None:
+    dialer = SlowDialer({"tcp://home": 0.0, "tcp://relay": 0.0})
+    hints: list[Hint] = [DirectHint("tcp://home"), RelayHint("tcp://relay", b"\x01" * 32)]
+    connector = Connector({DirectHint: dialer, RelayHint: dialer}, 10, stagger=0.5)
+    assert connector.connect(holder_of(alice), hints, never).address == "tcp://home"
+    assert list(dialer.started) == ["tcp://home"]
+
+
+def test_staggered_a_failure_starts_the_next_at_once_and_all_are_named(alice: Identity) -> None:
+    dialer = Dialer()  # fails at once
+    hints: list[Hint] = [DirectHint("tcp://a"), DirectHint("tcp://b"), DirectHint("tcp://c")]
+    connector = Connector({DirectHint: dialer}, 3, stagger=10)
+    started = time.monotonic()
+    with pytest.raises(TransportError, match=r"^cannot reach alice: no answer from tcp://a"):
+        connector.connect(holder_of(alice), hints, never)
+    assert time.monotonic() - started < 2  # never waited out a 10 s stagger
+    assert sorted(endpoint for endpoint, _ in dialer.tried) == ["tcp://a", "tcp://b", "tcp://c"]
+
+
+def test_staggered_the_caller_s_interrupt_calls_every_attempt_off(alice: Identity) -> None:
+    class Stop(Exception):
+        pass
+
+    stops = iter([False] * 10 + [True] * 1000)
+
+    def stop_soon() -> None:
+        if next(stops):
+            raise Stop
+
+    dialer = SlowDialer({})
+    hints: list[Hint] = [DirectHint("tcp://a"), DirectHint("tcp://b")]
+    with pytest.raises(Stop):
+        Connector({DirectHint: dialer}, 30, stagger=0.05).connect(
+            holder_of(alice), hints, stop_soon
+        )
+    deadline = time.monotonic() + 2
+    while sorted(dialer.called_off) != ["tcp://a", "tcp://b"]:
+        assert time.monotonic() < deadline, dialer.called_off
+        time.sleep(0.01)
 
 
 # --- zmq ------------------------------------------------------------------------------

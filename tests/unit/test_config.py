@@ -481,6 +481,7 @@ BROKER_EXTRA = {
     "quota_files": 10,
     "quota_manifest_mib": 10,
     "database": "other.db",
+    "relay": "{bind: 'tcp://*:5602', advertise: 'tcp://relay.example:5602'}",
 }
 PEER_EXTRA = {
     "transport_encryption": "true",
@@ -491,6 +492,7 @@ PEER_EXTRA = {
     "seed": "false",
     "upload_rate": "0",
     "data_listen": "tcp://*:7011",
+    "relay": "always",
 }
 
 
@@ -556,3 +558,45 @@ def test_data_listen(tmp_path: Path) -> None:
     assert peer(tmp_path / "c", text).data_listen == "tcp://*:7011"
     with pytest.raises(ConfigError, match="data_listen: expected"):
         peer(tmp_path / "d", peer_text({"data_listen": "7011"}))
+
+
+# --- the relay ----------------------------------------------------------------------------
+
+
+def test_relay_section_defaults_and_limits(tmp_path: Path) -> None:
+    assert broker(tmp_path / "none", BROKER).relay is None
+    config = broker(tmp_path / "a", BROKER + "relay:\n  bind: tcp://10.0.0.1:5602\n")
+    assert config.relay is not None
+    assert config.relay.advertise == "tcp://10.0.0.1:5602"  # a concrete bind is its own
+    assert config.relay.limits.user_circuits == 8 and config.relay.limits.global_rate == 0
+    text = (
+        BROKER + "relay:\n  bind: tcp://*:5602\n  advertise: tcp://[2001:db8::1]:5602\n"
+        "  limits: {user_circuits: 2, idle: 30}\n"
+        "  relays: [{endpoint: 'tcp://r2.example:5602', key: '" + "0" * 40 + "'}]\n"
+    )
+    config = broker(tmp_path / "b", text)
+    assert config.relay is not None
+    assert config.relay.limits.user_circuits == 2 and config.relay.limits.idle == 30
+    assert config.relay.others == (("tcp://r2.example:5602", b"0" * 40),)
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ("relay:\n  bind: tcp://*:5602\n", "relay: advertise: missing (required)"),
+        ("relay:\n  bind: tcp://[::1:5602\n", "relay: bind: expected"),
+        ("relay:\n  bind: tcp://a:1\n  limits: {idle: 1}\n", "limits: idle: expected"),
+        ("relay:\n  bind: tcp://a:1\n  limit: {}\n", "unknown key (did you mean limits?)"),
+        ("relay:\n  bind: tcp://a:1\n  relays: [{endpoint: 'tcp://b:1', key: x}]\n", "key: not"),
+    ],
+)
+def test_relay_section_errors_are_one_line(tmp_path: Path, section: str, message: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        broker(tmp_path, BROKER + section)
+    assert message in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_peer_relay_mode(tmp_path: Path) -> None:
+    assert peer(tmp_path / "a", peer_text({})).relay == "auto"
+    with pytest.raises(ConfigError, match="relay: expected auto, always or never"):
+        peer(tmp_path / "b", peer_text({"relay": "sometimes"}))

@@ -5,6 +5,7 @@ nothing asserts how long anything took."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import threading
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from sfs.common import protocol
 from sfs.common.errors import IntegrityError, RemoteError, TransportError
 from sfs.common.protocol import ErrorCode, Refused
 from sfs.peer.connect import Connector
@@ -22,7 +24,7 @@ from sfs.peer.download import (
     DownloadProgress,
     DownloadResult,
 )
-from sfs.peer.hints import DirectHint
+from sfs.peer.hints import DirectHint, RelayHint
 from sfs.peer.keys import Identity
 from sfs.peer.pins import PinStore
 from sfs.peer.registry import Share
@@ -319,3 +321,50 @@ def _no_stray_threads() -> Iterator[None]:
     yield
     left = [t.name for t in threading.enumerate() if t.name.startswith("download-")]
     assert not [name for name in left if name not in before], left
+
+
+# --- hints: direct first, then the relay --------------------------------------------------
+
+
+def test_an_unreachable_holder_is_fetched_through_its_relay_hint(
+    alice: Identity, bob: Identity, carol: Identity, share: Share, tmp_path: Path
+) -> None:
+    """alice (behind a NAT) is reached through the relay after her direct hint fails,
+    with a short connect timeout; carol, reachable, is fetched directly in the same
+    download; `paths` says which way each came."""
+    relay = "tcp://relay.example:5602"
+    from_alice, from_carol = MemoryHolder(alice, share, DATA), MemoryHolder(carol, share, DATA)
+    direct = MemoryDialer(from_carol)  # alice's direct endpoint cannot be reached
+    through_relay = MemoryDialer()
+    through_relay.holders = {relay: from_alice}
+    both_started = threading.Barrier(2, timeout=20)
+    for holder in (from_alice, from_carol):  # both deliver: the download mixes the paths
+
+        def first_waits(sent: int) -> None:
+            if sent == 0:
+                both_started.wait()
+
+        holder.before_chunk = first_waits
+    listed = [
+        dataclasses.replace(
+            from_alice.holder,
+            hints=[
+                protocol.ConnectionHint("direct", from_alice.endpoint),
+                protocol.ConnectionHint("relay", relay, b"\x01" * 32),
+            ],
+        ),
+        from_carol.holder,
+    ]
+    connector = Connector({DirectHint: direct, RelayHint: through_relay}, 60)
+    downloader = Downloader(bob, PinStore(tmp_path / "pins.json"), None, window=1,
+                            timeout=60, hello_timeout=60, connector=connector)  # fmt: skip
+    try:
+        result = downloader.fetch(
+            share.file_id, lookup_of(alice, share, listed), tmp_path / "in", None
+        )
+    finally:
+        direct.join()
+        through_relay.join()
+    assert result.path.read_bytes() == DATA
+    assert result.paths == {"alice": relay, "carol": from_carol.endpoint}
+    assert from_alice.endpoint in direct.dialed and through_relay.dialed == [relay]

@@ -63,6 +63,8 @@ BROKER_SAMPLES: dict[str, Record] = {
     "hold": protocol.Hold(TOKEN, FILE_ID),
     "release": protocol.Release(TOKEN, FILE_ID),
     "bundle": protocol.GetBundle(TOKEN, "bob"),
+    "relay_grant": protocol.RelayGrant(TOKEN, ["tcp://host.example:7000", "tcp://[::1]:7000"]),
+    "ticket": protocol.GetTicket(TOKEN, FILE_ID, "bob"),
 }
 
 PEER_SAMPLES: dict[str, Record] = {
@@ -88,6 +90,20 @@ RESULT_SAMPLES: list[Record] = [
     protocol.LookupResult(FILE_ID, "bob", BUNDLE, b"manifest", b"s" * 384, [], None, b"g"),
     protocol.BundleResult("bob", BUNDLE),
     protocol.Empty(),
+    protocol.Heartbeat(
+        TOKEN,
+        "tcp://10.0.0.2:7000",
+        [
+            protocol.ConnectionHint("direct", "tcp://[2001:db8::2]:7000"),
+            protocol.ConnectionHint("direct", "tcp://10.0.0.2:7000"),
+            protocol.ConnectionHint("relay", "tcp://relay.example:5602", b"\x01" * 32),
+        ],
+    ),
+    protocol.RelayGrantResult(
+        [protocol.RelayInfo("tcp://relay.example:5602", b"\x01" * 32)], b"t" * 200, b"s" * 64
+    ),
+    protocol.RelayGrantResult([], b"", b"\x00" * 64),
+    protocol.TicketResult(b"t" * 200, b"s" * 64),
     protocol.Offer(
         b"\x06" * 16,
         FILE_ID,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-UNITS = ["sfs-broker.service", "sfs-peer-serve@.service"]
+UNITS = ["sfs-broker.service", "sfs-peer-serve@.service", "sfs-relay.service"]
 
 
 def settings(unit: str) -> dict[str, list[str]]:
@@ -36,7 +36,8 @@ def test_units_are_hardened_and_restart_on_failure(unit: str) -> None:
         assert found[key] == [value], key
     assert found["StateDirectoryMode"] == ["0700"]
     serve = found["ExecStart"][0].split()
-    assert serve[1] == "serve" and "--config" in serve
+    assert serve[1] == ("relay" if unit == "sfs-relay.service" else "serve")
+    assert "--config" in serve
 
 
 @pytest.mark.parametrize("unit", UNITS)

@@ -1,0 +1,137 @@
+"""Relayed against direct sfs downloads, side by side on loopback, and the relay's CPU.
+
+    .venv/bin/python -m bench --only relay --size 256MiB --rounds 3
+    .venv/bin/python -m bench.relay --size 256MiB --rounds 3
+
+One cluster: a broker with a `relay:` section, `sfs-broker relay` in its own process,
+alice serving where bob can reach her (fetched direct), and dora advertising an endpoint
+where nothing listens (so the relay's probe finds her unreachable and bob fetches through
+the relay). Both share the same random file; the rounds alternate between the two. Each
+received copy is checked against the source and deleted. The relay's CPU (user + system,
+from /proc) is read around the relayed rounds, per GiB carried. The issue's target:
+relayed >= 60% of direct.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import BenchError, check_and_remove, format_size, parse_size, progress
+from bench.procs import run_timed
+from bench.transfer import Payload, make_payload
+from tests.harness import Cluster, Peer, command_for, free_port, tcp_endpoint
+
+GiB = 1 << 30
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def fetch(bob: Peer, file_id: str, payload: Payload, folder: Path) -> tuple[float, str]:
+    argv = [*command_for("sfs-peer"), "get", file_id, "--json", "--config", str(bob.config)]
+    timed = run_timed(argv, folder / "get")
+    if timed.returncode != 0:
+        raise BenchError(f"sfs-peer get failed: {timed.last_error_line()}")
+    result = json.loads(timed.stdout)
+    check_and_remove(Path(result["path"]), payload.size, payload.sha256)
+    return timed.seconds, str(result["paths"].get(result["holders"][0], "?"))
+
+
+def run(args: argparse.Namespace) -> str:
+    with tempfile.TemporaryDirectory(prefix="sfs-bench-relay-") as tmp:
+        root = Path(tmp)
+        payload = make_payload(root, args.size)
+        (root / "cluster").mkdir()
+        cluster = Cluster(root / "cluster")
+        with cluster:
+            relay_port = free_port()
+            cluster.start_broker(relay=f"\n  bind: {tcp_endpoint(cluster.host, relay_port)}")
+            relay = cluster.start_relay()
+            alice = cluster.add_peer("alice", serve=True)
+            nowhere = tcp_endpoint(cluster.host, free_port())
+            dora = cluster.add_peer("dora", advertise=nowhere)
+            dora.serve()
+            bob = cluster.add_peer("bob", seed="false", timeout=30)
+            ids = {}
+            for name, peer in (("direct", alice), ("relayed", dora)):
+                shared = peer.run("share", str(payload.path), "--json", timeout=3600)
+                ids[name] = shared.check().json()["file_id"]
+            deadline = time.monotonic() + 60
+            while "relay " not in _online(cluster, "dora"):
+                if time.monotonic() > deadline:
+                    raise BenchError("dora was never listed with a relay hint")
+                time.sleep(0.2)
+            seconds: dict[str, list[float]] = {"direct": [], "relayed": []}
+            relay_cpu = 0.0
+            for number in range(args.rounds):
+                for name in ("direct", "relayed"):
+                    progress(f"relay bench: round {number + 1}, {name}")
+                    before = cpu_seconds(relay.popen.pid)
+                    took, path = fetch(bob, ids[name], payload, root)
+                    if name == "relayed":
+                        relay_cpu += cpu_seconds(relay.popen.pid) - before
+                        if not path.startswith("relay "):
+                            raise BenchError(f"the relayed round went {path}")
+                    elif path.startswith("relay "):
+                        raise BenchError("the direct round went through the relay")
+                    seconds[name].append(took)
+    return render(args, payload, seconds, relay_cpu)
+
+
+def _online(cluster: Cluster, name: str) -> str:
+    online = {p["username"]: p["hints"] for p in cluster.broker_status()["online"]}
+    return " ".join(online.get(name, []))
+
+
+def render(
+    args: argparse.Namespace, payload: Payload, seconds: dict[str, list[float]], cpu: float
+) -> str:
+    mib = payload.size / (1 << 20)
+    medians = {name: statistics.median(values) for name, values in seconds.items()}
+    rates = {name: mib / value for name, value in medians.items()}
+    carried = payload.size * len(seconds["relayed"]) / GiB
+    lines = [
+        "## Relayed and direct downloads",
+        "",
+        f"`python -m bench --only relay --size {args.size} --rounds {args.rounds}`:"
+        f" one {format_size(payload.size)} file, loopback, rounds alternating; wall time of"
+        " `sfs-peer get` (connecting included), median of the rounds.",
+        "",
+        "| path | median s | MiB/s | of direct |",
+        "|---|---|---|---|",
+    ]
+    for name in ("direct", "relayed"):
+        share = rates[name] / rates["direct"]
+        lines.append(f"| {name} | {medians[name]:.2f} | {rates[name]:.0f} | {share:.0%} |")
+    lines += [
+        "",
+        f"Relay CPU (user + system): {cpu / carried:.2f} s per GiB carried. Target: relayed"
+        " at least 60% of direct.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=parse_size, default="256MiB")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    try:
+        print(run(args))
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

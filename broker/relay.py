@@ -1,0 +1,485 @@
+"""`sfs-broker relay`: forwards frames between requesters and holders that others cannot
+reach, in its own process (docs/PROTOCOL.md, The relay).
+
+One CurveZMQ ROUTER takes both ends. A holder attaches with a broker-signed
+`AttachTicket` naming its username and transport key; a requester opens a circuit with a
+`CircuitTicket` for one holder and file. After that, every message of the requester's
+connection goes to the holder as [circuit id, requester key, frame], and every
+[circuit id, frames...] from the holder goes back to that requester. Frames are moved as
+zmq frames (`copy=False`): the relay's Python does per-message bookkeeping, never
+per-byte work, and it never decrypts anything: chunks are sealed end to end with a key
+only the requester can unwrap. Limits are checked when a circuit opens (refusals say why
+and when to retry) and while it runs (byte rates pace the requester's requests; idle and
+too-old circuits are closed).
+
+The reachability probe (`probe`): the relay connects back to an attached holder's
+advertised endpoint, only if that endpoint's host is the address the holder's own
+connection comes from, at most once a `PROBE_INTERVAL` per holder and `MAX_PROBES` at
+once, and only runs the CurveZMQ handshake with the holder's key: it cannot be pointed
+at anyone else, and sends no sfs message.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import zmq
+import zmq.utils.z85
+from zmq.utils.monitor import recv_monitor_message
+
+from sfs.broker.server import peer_address
+from sfs.common import crypto, protocol, relay_protocol
+from sfs.common.codec import Record
+from sfs.common.config import RelayLimits
+from sfs.common.curve import client_key, start_authenticator
+from sfs.common.errors import IntegrityError, ProtocolError
+from sfs.common.manifest import MAX_CHUNK_SIZE
+from sfs.common.protocol import ErrorCode, Refused
+
+log = logging.getLogger("sfs.relay")
+
+MAX_FRAME = MAX_CHUNK_SIZE + 64 * 1024
+PROBE_INTERVAL = 30.0  # seconds between two probes of one holder
+PROBE_TIMEOUT = 3.0
+MAX_PROBES = 4  # probes under way at once
+QUEUED_PER_CIRCUIT = 64  # requests held back by a rate limit, at most, per circuit
+SEND_QUEUE = 1000
+_POLL_MS = 100
+_RETRY_BUSY = 10
+_RETRY_ABSENT = 5
+
+
+@dataclass
+class _Holder:
+    username: str
+    connection: bytes
+    key: bytes
+    endpoints: list[str]
+    address: str
+    last_probe: float = -PROBE_INTERVAL
+
+
+@dataclass
+class _Circuit:
+    circuit_id: bytes
+    requester: str
+    requester_key: bytes
+    connection: bytes  # the requester's
+    holder: _Holder
+    opened: float
+    last: float
+    held: deque[zmq.Frame] = field(default_factory=deque)  # requests a rate limit held back
+
+
+class _Bucket:
+    """A byte budget refilled at `rate` a second, up to one second's worth; it may go
+    into debt (a chunk is counted whole), and then requests wait."""
+
+    def __init__(self, rate: int, now: float) -> None:
+        self.rate, self.level, self.at = rate, float(rate), now
+
+    def spend(self, size: int) -> None:
+        self.level -= size
+
+    def open(self, now: float) -> bool:
+        if not self.rate:
+            return True
+        self.level = min(float(self.rate), self.level + (now - self.at) * self.rate)
+        self.at = now
+        return self.level >= 0
+
+
+class RelayServer:
+    def __init__(
+        self,
+        bind: str,
+        curve: tuple[bytes, bytes],
+        ticket_key: bytes,
+        limits: RelayLimits,
+        stop: threading.Event | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """`curve`: the relay's (public, secret) CurveZMQ keys, z85; `ticket_key`: the
+        broker's Ed25519 public key."""
+        self._bind = bind
+        self._public, self._secret = curve
+        self._ticket_key = ticket_key
+        self._limits = limits
+        self._stop = stop or threading.Event()
+        self._clock = clock
+        self.endpoint = bind
+        self._holders: dict[str, _Holder] = {}
+        self._holder_by_connection: dict[bytes, _Holder] = {}
+        self._circuits: dict[bytes, _Circuit] = {}  # by circuit id
+        self._by_requester: dict[bytes, _Circuit] = {}  # by the requester's connection
+        self._used_nonces: dict[bytes, int] = {}  # nonce -> the ticket's expiry
+        self._opened: dict[str, deque[float]] = {}  # requester -> when its circuits opened
+        self._rates: dict[str, _Bucket] = {}
+        self._global = _Bucket(limits.global_rate, time.monotonic())
+        self._probes: queue.SimpleQueue[tuple[bytes, bytes]] = queue.SimpleQueue()
+        self._probing = 0
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def serve(
+        self,
+        context: zmq.Context[zmq.Socket[bytes]],
+        on_ready: Callable[[str], None] | None = None,
+    ) -> None:
+        authenticator = start_authenticator(context, "sfs.relay.zap")
+        sock = context.socket(zmq.ROUTER)
+        try:
+            sock.linger = 0
+            sock.ipv6 = True
+            sock.maxmsgsize = MAX_FRAME
+            sock.sndhwm = SEND_QUEUE
+            sock.router_mandatory = True
+            sock.curve_server = True
+            sock.curve_secretkey = self._secret
+            sock.curve_publickey = self._public
+            sock.bind(self._bind)
+            self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+            if on_ready is not None:
+                on_ready(self.endpoint)
+            while not self._stop.is_set():
+                timeout = 10 if any(c.held for c in self._circuits.values()) else _POLL_MS
+                if sock.poll(timeout):
+                    for _ in range(256):  # a burst, then the housekeeping below
+                        try:
+                            frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._receive(sock, frames)
+                self._release_held(sock)
+                self._answer_probes(sock)
+                self._expire(sock)
+        finally:
+            sock.close(linger=0)
+            authenticator.stop()
+
+    # --- messages ------------------------------------------------------------------------
+
+    def _receive(self, sock: zmq.Socket[bytes], frames: list[zmq.Frame]) -> None:
+        if len(frames) < 2:
+            return
+        connection = frames[0].bytes
+        circuit = self._by_requester.get(connection)
+        if circuit is not None:
+            self._from_requester(sock, circuit, frames[1:])
+            return
+        holder = self._holder_by_connection.get(connection)
+        if holder is not None and len(frames) >= 3:
+            self._from_holder(sock, holder, frames[1:])
+            return
+        if len(frames) != 2 or len(frames[1]) > 4096:
+            return  # not a control message: dropped unread
+        reply = self._control(connection, frames[1], holder)
+        if reply is not None:
+            self._send(sock, [connection, reply])
+
+    def _from_requester(
+        self, sock: zmq.Socket[bytes], circuit: _Circuit, frames: list[zmq.Frame]
+    ) -> None:
+        if len(frames) != 1:  # requesters send one frame at a time
+            return
+        circuit.last = time.monotonic()
+        if circuit.held or not self._may_send(circuit):
+            if len(circuit.held) >= QUEUED_PER_CIRCUIT:
+                self._close(sock, circuit, "the requester sends faster than its rate limit")
+                return
+            circuit.held.append(frames[0])
+            return
+        self._to_holder(sock, circuit, frames[0])
+
+    def _to_holder(self, sock: zmq.Socket[bytes], circuit: _Circuit, frame: zmq.Frame) -> None:
+        holder = circuit.holder
+        message: list[zmq.Frame | bytes] = [
+            holder.connection,
+            circuit.circuit_id,
+            circuit.requester_key,
+            frame,
+        ]
+        if not self._send(sock, message):
+            self._close(sock, circuit, f"{holder.username} is not reading")
+
+    def _from_holder(
+        self, sock: zmq.Socket[bytes], holder: _Holder, frames: list[zmq.Frame]
+    ) -> None:
+        circuit = self._circuits.get(frames[0].bytes)
+        if circuit is None or circuit.holder is not holder:
+            return  # a circuit that closed meanwhile
+        now = time.monotonic()
+        circuit.last = now
+        size = sum(len(f) for f in frames[1:])
+        self._rate(circuit.requester, now).spend(size)
+        self._global.spend(size)
+        if not self._send(sock, [circuit.connection, *frames[1:]]):
+            self._close(sock, circuit, None)
+
+    def _send(self, sock: zmq.Socket[bytes], frames: list[zmq.Frame | bytes]) -> bool:
+        try:
+            sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError:  # gone, or not reading: its queue is full
+            return False
+        return True
+
+    def _control(self, connection: bytes, frame: zmq.Frame, holder: _Holder | None) -> bytes | None:
+        rid = 0
+        try:
+            envelope = protocol.decode_envelope(frame.bytes)
+            rid = envelope.rid
+            request = protocol.decode_body(envelope, relay_protocol.RELAY_REQUESTS)
+            key = client_key(frame)
+            if key is None:
+                raise Refused(ErrorCode.UNAUTHORIZED, "no transport key")
+            result = self._handle(connection, key, peer_address(frame), request, holder, rid)
+            return None if result is None else protocol.encode("result", result, rid)
+        except ProtocolError as exc:
+            return protocol.encode_refusal(exc, rid)
+        except Refused as exc:
+            return protocol.encode_error(exc.code, str(exc), rid)
+
+    def _handle(
+        self,
+        connection: bytes,
+        key: bytes,
+        address: str,
+        request: Record,
+        holder: _Holder | None,
+        rid: int,
+    ) -> Record | None:
+        if isinstance(request, relay_protocol.Attach):
+            return self._attach(connection, key, address, request)
+        if isinstance(request, relay_protocol.Open):
+            return self._open(connection, key, request)
+        if holder is None:
+            raise Refused(ErrorCode.UNAUTHORIZED, "attach first")
+        if isinstance(request, relay_protocol.KeepAlive):
+            return protocol.Empty()
+        if isinstance(request, relay_protocol.Probe):
+            return self._probe(connection, holder, rid)
+        raise Refused(ErrorCode.BAD_REQUEST, "not a relay request")
+
+    # --- holders -------------------------------------------------------------------------
+
+    def _attach(
+        self, connection: bytes, key: bytes, address: str, request: relay_protocol.Attach
+    ) -> Record:
+        ticket = self._verified(relay_protocol.AttachTicket, request.ticket, request.signature)
+        if not crypto.same_bytes(key, ticket.curve_key):
+            raise Refused(ErrorCode.FORBIDDEN, "this connection's key is not the ticket's")
+        old = self._holders.get(ticket.username)
+        if old is not None:  # it reconnected: circuits through the old connection are gone
+            self._holder_by_connection.pop(old.connection, None)
+            for circuit in [c for c in self._circuits.values() if c.holder is old]:
+                self._forget(circuit)
+        holder = _Holder(ticket.username, connection, key, ticket.endpoints, address)
+        if old is not None:
+            holder.last_probe = old.last_probe
+        self._holders[ticket.username] = holder
+        self._holder_by_connection[connection] = holder
+        log.info("%s attached", ticket.username)
+        return protocol.Empty()
+
+    def _probe(self, connection: bytes, holder: _Holder, rid: int) -> Record | None:
+        now = time.monotonic()
+        wait = holder.last_probe + PROBE_INTERVAL - now
+        if wait > 0:
+            raise Refused(
+                ErrorCode.THROTTLED, f"{relay_protocol.RATE_LIMITED}: retry in {wait:.0f} s"
+            )
+        if self._probing >= MAX_PROBES:
+            raise Refused(ErrorCode.BUSY, f"{relay_protocol.RELAY_BUSY}: retry in {_RETRY_BUSY} s")
+        holder.last_probe = now
+        target = next((e for e in holder.endpoints if _same_host(e, holder.address)), None)
+        if target is None:  # it advertises an address it does not come from: a NAT
+            shown = holder.endpoints[0] if holder.endpoints else ""
+            return relay_protocol.ProbeResult(shown, False)
+        self._probing += 1
+        log.debug("probing %s for %s", target, holder.username)
+        curve = (zmq.utils.z85.encode(holder.key), self._public, self._secret)
+        threading.Thread(
+            target=self._run_probe, args=(connection, target, curve, rid), daemon=True
+        ).start()
+        return None  # answered by `_answer_probes` when done
+
+    def _run_probe(
+        self, connection: bytes, endpoint: str, curve: tuple[bytes, bytes, bytes], rid: int
+    ) -> None:
+        context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        reachable = handshake_succeeds(context, endpoint, curve, PROBE_TIMEOUT)
+        result = relay_protocol.ProbeResult(endpoint, reachable)
+        log.debug("probed %s: %s", endpoint, "reachable" if reachable else "not reachable")
+        self._probes.put((connection, protocol.encode("result", result, rid)))
+
+    def _answer_probes(self, sock: zmq.Socket[bytes]) -> None:
+        while True:
+            try:
+                connection, reply = self._probes.get_nowait()
+            except queue.Empty:
+                return
+            self._probing -= 1
+            self._send(sock, [connection, reply])
+
+    # --- circuits ------------------------------------------------------------------------
+
+    def _open(self, connection: bytes, key: bytes, request: relay_protocol.Open) -> Record:
+        ticket = self._verified(relay_protocol.CircuitTicket, request.ticket, request.signature)
+        if not crypto.same_bytes(key, ticket.requester_key):
+            raise Refused(ErrorCode.FORBIDDEN, "this connection's key is not the ticket's")
+        if ticket.nonce in self._used_nonces:
+            raise Refused(ErrorCode.UNAUTHORIZED, "ticket already used: ask the broker for another")
+        if connection in self._by_requester or connection in self._holder_by_connection:
+            raise Refused(ErrorCode.BAD_REQUEST, "this connection already carries a circuit")
+        holder = self._holders.get(ticket.holder)
+        if holder is None or not crypto.same_bytes(holder.key, ticket.holder_key):
+            raise Refused(
+                ErrorCode.NOT_FOUND,
+                f"{ticket.holder} is not connected to this relay: retry in {_RETRY_ABSENT} s",
+            )
+        now = time.monotonic()
+        limits = self._limits
+        if len(self._circuits) >= limits.circuits:
+            raise Refused(ErrorCode.BUSY, f"{relay_protocol.RELAY_BUSY}: retry in {_RETRY_BUSY} s")
+        mine = sum(1 for c in self._circuits.values() if c.requester == ticket.requester)
+        if mine >= limits.user_circuits:
+            raise Refused(
+                ErrorCode.BUSY,
+                f"{relay_protocol.RELAY_BUSY}: {mine} circuits of yours are open;"
+                f" retry in {_RETRY_BUSY} s",
+            )
+        opened = self._opened.setdefault(ticket.requester, deque())
+        while opened and opened[0] <= now - 60:
+            opened.popleft()
+        if len(opened) >= limits.circuits_per_minute:
+            wait = opened[0] + 60 - now
+            raise Refused(
+                ErrorCode.THROTTLED, f"{relay_protocol.RATE_LIMITED}: retry in {wait:.0f} s"
+            )
+        opened.append(now)
+        self._used_nonces[ticket.nonce] = ticket.expires
+        circuit = _Circuit(
+            crypto.random_bytes(relay_protocol.CIRCUIT_ID_SIZE),
+            ticket.requester,
+            key,
+            connection,
+            holder,
+            now,
+            now,
+        )
+        self._circuits[circuit.circuit_id] = circuit
+        self._by_requester[connection] = circuit
+        log.info("circuit %s -> %s for %s", ticket.requester, ticket.holder, ticket.file_id)
+        return protocol.Empty()
+
+    def _verified(
+        self, cls: type[relay_protocol.T], data: bytes, signature: bytes
+    ) -> relay_protocol.T:
+        try:
+            ticket = relay_protocol.open_ticket(cls, self._ticket_key, data, signature)
+        except IntegrityError as exc:
+            raise Refused(
+                ErrorCode.UNAUTHORIZED, f"not a ticket of this relay's broker ({exc})"
+            ) from exc
+        if ticket.expires <= self._clock():
+            raise Refused(
+                ErrorCode.UNAUTHORIZED,
+                f"{relay_protocol.TICKET_EXPIRED}: ask the broker for another; retry in 0 s",
+            )
+        return ticket
+
+    def _may_send(self, circuit: _Circuit) -> bool:
+        now = time.monotonic()
+        return self._rate(circuit.requester, now).open(now) and self._global.open(now)
+
+    def _rate(self, requester: str, now: float) -> _Bucket:
+        bucket = self._rates.get(requester)
+        if bucket is None:
+            bucket = self._rates[requester] = _Bucket(self._limits.user_rate, now)
+        return bucket
+
+    def _release_held(self, sock: zmq.Socket[bytes]) -> None:
+        for circuit in [c for c in self._circuits.values() if c.held]:
+            while circuit.held and self._may_send(circuit):
+                self._to_holder(sock, circuit, circuit.held.popleft())
+                if circuit.circuit_id not in self._circuits:
+                    break
+
+    def _expire(self, sock: zmq.Socket[bytes]) -> None:
+        now = time.monotonic()
+        limits = self._limits
+        for circuit in list(self._circuits.values()):
+            if now - circuit.opened > limits.max_duration:
+                self._close(
+                    sock, circuit, "the circuit reached the relay's max duration; retry in 0 s"
+                )
+            elif now - circuit.last > limits.idle:
+                self._close(sock, circuit, None)
+        wall = self._clock()
+        for nonce in [n for n, expires in self._used_nonces.items() if expires <= wall]:
+            del self._used_nonces[nonce]
+        for name in [n for n, b in self._rates.items() if b.open(now) and b.level >= b.rate]:
+            if not any(c.requester == name for c in self._circuits.values()):
+                del self._rates[name]
+
+    def _close(self, sock: zmq.Socket[bytes], circuit: _Circuit, why: str | None) -> None:
+        """End `circuit`; tell the requester `why`, if given."""
+        self._forget(circuit)
+        if why is not None:
+            self._send(sock, [circuit.connection, protocol.encode_error(ErrorCode.BUSY, why)])
+
+    def _forget(self, circuit: _Circuit) -> None:
+        self._circuits.pop(circuit.circuit_id, None)
+        if self._by_requester.get(circuit.connection) is circuit:
+            del self._by_requester[circuit.connection]
+
+
+def _same_host(endpoint: str, address: str) -> bool:
+    """Whether `endpoint` names the host `address` (a literal IP, IPv4-mapped or not)."""
+    host = endpoint.removeprefix("tcp://").rsplit(":", 1)[0].strip("[]")
+    try:
+        a, b = ipaddress.ip_address(host), ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped is not None:
+        a = a.ipv4_mapped
+    if isinstance(b, ipaddress.IPv6Address) and b.ipv4_mapped is not None:
+        b = b.ipv4_mapped
+    return a == b
+
+
+def handshake_succeeds(
+    context: zmq.Context[zmq.Socket[bytes]],
+    endpoint: str,
+    curve: tuple[bytes, bytes, bytes],
+    timeout: float,
+) -> bool:
+    """Whether a CurveZMQ handshake with `endpoint` (server key `curve[0]`) completes
+    within `timeout` seconds. Nothing is sent after it."""
+    sock = context.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.ipv6 = protocol.is_ipv6_literal(endpoint)
+    sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = curve
+    monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    try:
+        sock.connect(endpoint)
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            polled = monitor.poll(max(1, round(left * 1000)))
+            if polled and recv_monitor_message(monitor)["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                return True
+        return False
+    except zmq.ZMQError:
+        return False
+    finally:
+        sock.disable_monitor()
+        monitor.close(linger=0)
+        sock.close(linger=0)

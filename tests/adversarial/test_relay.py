@@ -1,0 +1,234 @@
+"""The relay against hostile or careless clients, over real CurveZMQ sockets on the
+loopback: tickets it must refuse (none, forged, expired, reused, someone else's), a
+holder that is not attached, the limits (each refusal says why and when to retry), and
+frames forwarded both ways untouched, with the requester's key as the relay saw it."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+import zmq
+import zmq.utils.z85
+
+from sfs.broker.relay import RelayServer
+from sfs.common import crypto, protocol, relay_protocol
+from sfs.common.codec import from_wire
+from sfs.common.config import RelayLimits
+from sfs.common.protocol import ErrorBody
+from tests.harness import free_port
+
+TICKET_KEY = crypto.generate_ticket_key()
+FILE_ID = "ab" * 16
+
+
+@dataclass
+class Relay:
+    endpoint: str
+    public: bytes  # z85
+    context: zmq.Context[zmq.Socket[bytes]]
+    sockets: list[zmq.Socket[bytes]]
+
+
+@dataclass
+class Client:
+    sock: zmq.Socket[bytes]
+    key: bytes  # raw public key
+
+    def send(self, op: str, body: relay_protocol.Record, rid: int = 1) -> None:
+        self.sock.send(protocol.encode(op, body, rid))
+
+    def reply(self) -> protocol.Envelope:
+        assert self.sock.poll(5000), "the relay did not answer"
+        (frame,) = self.sock.recv_multipart()
+        return protocol.decode_envelope(frame)
+
+    def refusal(self) -> ErrorBody:
+        envelope = self.reply()
+        assert envelope.op == "error", envelope.body
+        return from_wire(ErrorBody, envelope.body)
+
+
+def serve_relay(limits: RelayLimits) -> Iterator[Relay]:
+    public, secret = zmq.curve_keypair()
+    stop = threading.Event()
+    server = RelayServer(
+        f"tcp://127.0.0.1:{free_port()}",
+        (public, secret),
+        crypto.ticket_public_key(TICKET_KEY),
+        limits,
+        stop,
+    )
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    ready = threading.Event()
+    thread = threading.Thread(target=server.serve, args=(context, lambda _: ready.set()))
+    thread.start()
+    assert ready.wait(5)
+    try:
+        relay = Relay(server.endpoint, public, context, [])
+        yield relay
+    finally:
+        stop.set()
+        thread.join()
+        for sock in relay.sockets:
+            sock.close(linger=0)
+        context.term()
+
+
+@pytest.fixture
+def relay() -> Iterator[Relay]:
+    yield from serve_relay(RelayLimits(user_circuits=2, circuits_per_minute=3))
+
+
+def client(relay: Relay) -> Client:
+    public, secret = zmq.curve_keypair()
+    sock = relay.context.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = relay.public, public, secret
+    sock.connect(relay.endpoint)
+    relay.sockets.append(sock)
+    return Client(sock, zmq.utils.z85.decode(public))
+
+
+def attach(relay: Relay, username: str = "alice") -> Client:
+    holder = client(relay)
+    ticket = relay_protocol.AttachTicket(
+        relay_protocol.ATTACH_DOMAIN,
+        username,
+        holder.key,
+        ["tcp://192.0.2.1:7000"],  # not where it connects from: probed as unreachable
+        int(time.time()) + 60,
+        crypto.random_bytes(16),
+    )
+    holder.send("attach", relay_protocol.Attach(*relay_protocol.sign_ticket(TICKET_KEY, ticket)))
+    assert holder.reply().op == "result"
+    return holder
+
+
+def circuit_ticket(
+    requester: Client, holder: Client, expires_in: int = 60, key: bytes = TICKET_KEY
+) -> relay_protocol.Open:
+    ticket = relay_protocol.CircuitTicket(
+        relay_protocol.CIRCUIT_DOMAIN,
+        "bob",
+        requester.key,
+        "alice",
+        holder.key,
+        FILE_ID,
+        int(time.time()) + expires_in,
+        crypto.random_bytes(16),
+    )
+    return relay_protocol.Open(*relay_protocol.sign_ticket(key, ticket))
+
+
+def test_frames_go_both_ways_untouched_with_the_requester_key(relay: Relay) -> None:
+    alice, bob = attach(relay), client(relay)
+    bob.send("open", circuit_ticket(bob, alice))
+    assert bob.reply().op == "result"
+    bob.sock.send(b"hello, opaque to the relay")
+    assert alice.sock.poll(5000)
+    circuit, key, frame = alice.sock.recv_multipart()
+    assert len(circuit) == 16 and key == bob.key and frame == b"hello, opaque to the relay"
+    alice.sock.send_multipart([circuit, b"envelope", b"\x00" * 1_000_000])
+    assert bob.sock.poll(5000)
+    assert bob.sock.recv_multipart() == [b"envelope", b"\x00" * 1_000_000]
+
+
+def test_no_ticket_a_forged_one_or_a_stolen_one_is_refused(relay: Relay) -> None:
+    alice, bob, mallory = attach(relay), client(relay), client(relay)
+    mallory.send("open", relay_protocol.Open(b"\x00" * 100, b"\x00" * 64))
+    refused = mallory.refusal()
+    assert (
+        refused.code == "unauthorized" and "not a ticket of this relay's broker" in refused.message
+    )
+    forged = circuit_ticket(mallory, alice, key=crypto.generate_ticket_key())
+    mallory.send("open", forged)
+    assert "not a ticket of this relay's broker" in mallory.refusal().message
+    stolen = circuit_ticket(bob, alice)  # bob's ticket, presented on mallory's connection
+    mallory.send("open", stolen)
+    refused = mallory.refusal()
+    assert refused.code == "forbidden" and "not the ticket's" in refused.message
+    mallory.sock.send(b"anything")  # no circuit: nothing reaches alice
+    assert not alice.sock.poll(300)
+
+
+def test_an_expired_or_reused_ticket_is_refused_with_a_retry(relay: Relay) -> None:
+    alice, bob = attach(relay), client(relay)
+    bob.send("open", circuit_ticket(bob, alice, expires_in=-1))
+    refused = bob.refusal()
+    assert refused.message.startswith("ticket expired") and "retry in" in refused.message
+    ticket = circuit_ticket(bob, alice)
+    bob.send("open", ticket)
+    assert bob.reply().op == "result"
+    replay = client(relay)
+    replay.send("open", ticket)  # a replay from another connection: the key differs
+    assert replay.refusal().code in ("forbidden", "unauthorized")
+
+
+def test_a_holder_that_is_not_attached_and_a_forged_attach(relay: Relay) -> None:
+    bob, alice = client(relay), client(relay)  # alice never attached
+    bob.send("open", circuit_ticket(bob, alice))
+    refused = bob.refusal()
+    assert refused.code == "not_found" and "retry in 5 s" in refused.message
+    mallory = client(relay)
+    ticket = relay_protocol.AttachTicket(
+        relay_protocol.ATTACH_DOMAIN, "alice", alice.key, [], int(time.time()) + 60, b"n" * 16
+    )
+    mallory.send("attach", relay_protocol.Attach(*relay_protocol.sign_ticket(TICKET_KEY, ticket)))
+    assert mallory.refusal().code == "forbidden"  # alice's ticket, mallory's key
+    mallory.send("probe", relay_protocol.Probe())
+    assert "attach first" in mallory.refusal().message
+
+
+def test_limits_say_why_and_when_to_retry(relay: Relay) -> None:
+    alice = attach(relay)
+    opened = []
+    for _ in range(2):
+        bob = client(relay)
+        bob.send("open", circuit_ticket(bob, alice))
+        assert bob.reply().op == "result"
+        opened.append(bob)
+    third = client(relay)
+    third.send("open", circuit_ticket(third, alice))
+    refused = third.refusal()
+    assert refused.code == "busy" and refused.message.startswith("relay busy")
+    assert "retry in 10 s" in refused.message
+
+
+def test_circuits_opened_a_minute_are_limited() -> None:
+    for relay in serve_relay(RelayLimits(circuits_per_minute=2)):
+        alice = attach(relay)
+        for _ in range(2):
+            bob = client(relay)
+            bob.send("open", circuit_ticket(bob, alice))
+            assert bob.reply().op == "result"
+        bob = client(relay)
+        bob.send("open", circuit_ticket(bob, alice))
+        refused = bob.refusal()
+        assert refused.code == "throttled" and refused.message.startswith("rate limited: retry in")
+
+
+def test_the_probe_never_leaves_the_holder_s_own_address(relay: Relay) -> None:
+    alice = attach(relay)  # advertises 192.0.2.1, connects from 127.0.0.1
+    started = time.monotonic()
+    alice.send("probe", relay_protocol.Probe(), rid=2)
+    reply = alice.reply()
+    assert reply.rid == 2 and reply.op == "result"
+    result = from_wire(relay_protocol.ProbeResult, reply.body)
+    assert not result.reachable
+    assert time.monotonic() - started < 1  # answered without trying to connect anywhere
+    alice.send("probe", relay_protocol.Probe(), rid=2)  # at most once per 30 s
+    assert alice.refusal().message.startswith("rate limited: retry in")
+
+
+def test_an_idle_circuit_is_closed() -> None:
+    for relay in serve_relay(RelayLimits(idle=5)):
+        alice, bob = attach(relay), client(relay)
+        bob.send("open", circuit_ticket(bob, alice))
+        assert bob.reply().op == "result"
+        time.sleep(5.5)
+        bob.sock.send(b"late")
+        assert not alice.sock.poll(500)
