@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from sfs.broker.cache import BrokerCache
 from sfs.broker.store_contract import FileEntry, Quota, QuotaExceeded, Store, User, UsernameTaken
 from sfs.broker.throttle import (
     BcryptSlots,
@@ -24,7 +25,7 @@ from sfs.broker.throttle import (
     RegistrationLimit,
 )
 from sfs.common import crypto, protocol
-from sfs.common.codec import Record
+from sfs.common.codec import Record, pack, to_wire
 from sfs.common.errors import IntegrityError, ProtocolError, SfsError, UsageError
 from sfs.common.manifest import file_id_of, verify_manifest
 from sfs.common.protocol import ErrorCode, Refused
@@ -58,6 +59,14 @@ class Caller:
 
     key: bytes | None  # the CurveZMQ public key
     address: str | None = None  # the source IP address (ZeroMQ's Peer-Address)
+    generation: int = -1  # the store's generation, read after the request arrived
+
+
+@dataclass(frozen=True)
+class Packed:
+    """A result already packed (`pack(to_wire(record))`), as the cache keeps it."""
+
+    body: bytes
 
 
 class BrokerService:
@@ -81,12 +90,14 @@ class BrokerService:
         self._throttle = LoginThrottle(
             state, clock, settings.login_attempts, settings.login_lockout
         )
+        # Trusted for a tenth of the session's lifetime at most (the store's slide step).
+        self.cache = BrokerCache(session_step=min(300, max(1, settings.session_ttl // 10)))
         self._quota = Quota(settings.quota_files, settings.quota_manifest_mib * MiB)
         self._bcrypt = BcryptSlots(settings.bcrypt_slots)
         # Unknown users are checked against this hash so they cost as much as known ones.
         self._dummy_hash = crypto.hash_password("not a real password", settings.bcrypt_rounds)
         # Each handler takes the request record its key names.
-        self._handlers: dict[type[Record], Callable[[Any, Caller], Record]] = {
+        self._handlers: dict[type[Record], Callable[[Any, Caller], Record | Packed]] = {
             protocol.Ping: self._ping,
             protocol.GetChallenge: self._challenge,
             protocol.Register: self._register,
@@ -110,15 +121,34 @@ class BrokerService:
 
     # --- dispatch ------------------------------------------------------------------------
 
-    def handle(self, frame: bytes, client_key: bytes | None, address: str | None = None) -> bytes:
+    def generation(self) -> int:
+        """The store's generation, read now: a request that arrived before this call may
+        use the cache with it (`sfs.broker.cache`)."""
+        generation = self.store.generation()
+        self.cache.saw(generation)
+        return generation
+
+    def handle(
+        self,
+        frame: bytes,
+        client_key: bytes | None,
+        address: str | None = None,
+        generation: int | None = None,
+    ) -> bytes:
         """Answer one request frame. `client_key`: the CurveZMQ key of the sender;
-        `address`: its source IP address (None: unknown, counted as one address)."""
+        `address`: its source IP address (None: unknown, counted as one address);
+        `generation`: the store's, read after the frame arrived (None: read it here)."""
         rid = 0
         try:
             envelope = protocol.decode_envelope(frame)
             rid = envelope.rid
             request = protocol.decode_body(envelope, protocol.BROKER_REQUESTS)
-            result = self._handlers[type(request)](request, Caller(client_key, address))
+            if generation is None:
+                generation = self.generation()
+            caller = Caller(client_key, address, generation)
+            result = self._handlers[type(request)](request, caller)
+            if isinstance(result, Packed):
+                return protocol.encode_packed("result", result.body, rid)
             return protocol.encode("result", result, rid)
         except ProtocolError as exc:
             return protocol.encode_refusal(exc, rid)
@@ -133,11 +163,38 @@ class BrokerService:
                 ErrorCode.INTERNAL, "the broker hit an internal error", rid
             )
 
+    def answer_from_cache(
+        self, frame: bytes, client_key: bytes | None, generation: int
+    ) -> bytes | None:
+        """The answer to a lookup whose session, visibility and file are all cached for
+        `generation` (read after the frame arrived), else None: then `handle` it."""
+        try:
+            envelope = protocol.decode_envelope(frame)
+            if envelope.op != "lookup":
+                return None
+            request = protocol.decode_body(envelope, protocol.BROKER_REQUESTS)
+        except ProtocolError:
+            return None  # `handle` says what is wrong with it
+        assert isinstance(request, protocol.Lookup)
+        now = self._now()
+        user = self.cache.session(crypto.token_digest(request.token), generation, now)
+        if user is None or client_key is None or client_key != user.bundle.curve_public:
+            return None
+        if self.cache.visibility(user.id, request.file_id, generation, now) is not True:
+            return None
+        body = self.cache.answer(request.file_id, generation, now)
+        if body is None:
+            return None
+        return protocol.encode_packed("result", body, envelope.rid)
+
     def _session(self, token: str, caller: Caller) -> User:
         now = self._now()
-        user = self.store.session_user(
-            crypto.token_digest(token), now, now + self.settings.session_ttl
-        )
+        digest = crypto.token_digest(token)
+        user = self.cache.session(digest, caller.generation, now)
+        if user is None:
+            user = self.store.session_user(digest, now, now + self.settings.session_ttl)
+            if user is not None:
+                self.cache.keep_session(digest, user, caller.generation, now)
         # A session is only valid from the device whose transport key it was made on.
         if user is None or caller.key is None or caller.key != user.bundle.curve_public:
             raise Refused(ErrorCode.UNAUTHORIZED, "not logged in (or the session expired)")
@@ -358,28 +415,44 @@ class BrokerService:
             hits.partial,
         )
 
-    def _lookup(self, request: protocol.Lookup, caller: Caller) -> Record:
+    def _lookup(self, request: protocol.Lookup, caller: Caller) -> Record | Packed:
         user = self._session(request.token, caller)
-        entry = self.store.visible_file(request.file_id, user.id)
-        if entry is None:
-            raise Refused(ErrorCode.NOT_FOUND, f"no file {request.file_id} is shared with you")
-        owner = self.store.get_user(entry.owner)
-        if owner is None:  # the owner was removed between the two reads
-            raise Refused(ErrorCode.NOT_FOUND, f"no file {request.file_id} is shared with you")
-        holders = [
-            protocol.Holder(p.username, p.endpoint, p.bundle)
-            for p in self.store.online_holders(entry.file_id, self._now())
-        ]
-        return protocol.LookupResult(
-            entry.file_id,
-            entry.owner,
-            owner.bundle,
-            entry.manifest,
-            entry.signature,
-            holders,
-            self.store.signed_access(entry.file_id),
-            entry.grant,
-        )
+        file_id, generation, now = request.file_id, caller.generation, self._now()
+        refused = Refused(ErrorCode.NOT_FOUND, f"no file {file_id} is shared with you")
+        entry = None
+        visible = self.cache.visibility(user.id, file_id, generation, now)
+        if visible is None:
+            entry = self.store.visible_file(file_id, user.id)
+            visible = entry is not None
+            self.cache.keep_visibility(user.id, file_id, visible, generation, now)
+        if not visible:
+            raise refused
+        body = self.cache.answer(file_id, generation, now)
+        if body is None:
+            entry = entry or self.store.visible_file(file_id, user.id)
+            if entry is None:
+                raise refused
+            owner = self.store.get_user(entry.owner)
+            if owner is None:  # the owner was removed between the two reads
+                raise refused
+            holders = [
+                protocol.Holder(p.username, p.endpoint, p.bundle)
+                for p in self.store.online_holders(entry.file_id, now)
+            ]
+            result = protocol.LookupResult(
+                entry.file_id,
+                entry.owner,
+                owner.bundle,
+                entry.manifest,
+                entry.signature,
+                holders,
+                self.store.signed_access(entry.file_id),
+                entry.grant,
+            )
+            # The same for everyone who may see the file: kept once, packed.
+            body = pack(to_wire(result))
+            self.cache.keep_answer(file_id, body, generation, now)
+        return Packed(body)
 
     def _resolve(self, request: protocol.Resolve, caller: Caller) -> Record:
         user = self._session(request.token, caller)

@@ -88,7 +88,7 @@ __all__ = [
 ]
 
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 _EXPIRY_STEP = 300  # seconds
 _MIN_SQLITE = (3, 34, 0)  # the FTS5 trigram tokenizer
 
@@ -221,6 +221,41 @@ _MIGRATIONS: dict[int, str] = {
     5: """
     -- An operator's `sfs-broker user disable`: refused and unlisted, nothing deleted.
     ALTER TABLE users ADD COLUMN disabled INTEGER NOT NULL DEFAULT 0;
+    """,
+    6: """
+    -- The caches' generation (sfs.broker.cache): every change that a cached session or
+    -- lookup depends on adds one, in the writer's transaction, whoever writes (any broker,
+    -- `sfs-broker user ...`). Presence counts when a user appears, goes or moves: a
+    -- heartbeat that only renews does not.
+    CREATE TABLE generation (n INTEGER NOT NULL);
+    INSERT INTO generation (n) VALUES (0);
+    CREATE TRIGGER generation_sessions AFTER DELETE ON sessions BEGIN
+        UPDATE generation SET n = n + 1; END;
+    CREATE TRIGGER generation_users_update AFTER UPDATE ON users BEGIN
+        UPDATE generation SET n = n + 1; END;
+    CREATE TRIGGER generation_users_delete AFTER DELETE ON users BEGIN
+        UPDATE generation SET n = n + 1; END;
+    CREATE TRIGGER generation_files_insert AFTER INSERT ON files BEGIN
+        UPDATE generation SET n = n + 1; END;
+    CREATE TRIGGER generation_files_update AFTER UPDATE ON files BEGIN
+        UPDATE generation SET n = n + 1; END;
+    CREATE TRIGGER generation_files_delete AFTER DELETE ON files BEGIN
+        UPDATE generation SET n = n + 1; END;
+    CREATE TRIGGER generation_access_insert AFTER INSERT ON access BEGIN
+        UPDATE generation SET n = n + 1; END;
+    CREATE TRIGGER generation_access_delete AFTER DELETE ON access BEGIN
+        UPDATE generation SET n = n + 1; END;
+    CREATE TRIGGER generation_holders_insert AFTER INSERT ON holders BEGIN
+        UPDATE generation SET n = n + 1; END;
+    CREATE TRIGGER generation_holders_delete AFTER DELETE ON holders BEGIN
+        UPDATE generation SET n = n + 1; END;
+    CREATE TRIGGER generation_presence_insert AFTER INSERT ON presence BEGIN
+        UPDATE generation SET n = n + 1; END;
+    CREATE TRIGGER generation_presence_delete AFTER DELETE ON presence BEGIN
+        UPDATE generation SET n = n + 1; END;
+    CREATE TRIGGER generation_presence_move AFTER UPDATE ON presence
+        WHEN old.endpoint IS NOT new.endpoint BEGIN
+        UPDATE generation SET n = n + 1; END;
     """,
 }
 
@@ -433,6 +468,9 @@ class SqliteStore:
                     (extend_to, token_hash),
                 )
         return _user(rows[0])
+
+    def generation(self) -> int:
+        return int(self._query("SELECT n FROM generation")[0][0])
 
     def delete_session(self, token_hash: bytes) -> None:
         with self._transaction() as db:

@@ -176,6 +176,13 @@ class Store(Protocol):
         towards `extend_to` in coarse steps (at most a tenth of the lifetime left, and
         at most 300 s short of it), so that most calls need no write."""
 
+    def generation(self) -> int:
+        """A number that grows with every committed change that a cached session or
+        lookup answer depends on (sessions ended, users changed or removed, files, access
+        lists, holders; presence that appears, goes or moves, not a renewal), made by any
+        writer. Read after a request arrived, it tells whether what a broker cached
+        before still holds."""
+
     def delete_session(self, token_hash: bytes) -> None:
         """End a session; ending one that does not exist is no error."""
 

@@ -148,6 +148,14 @@ def encode(op: str, body: Record | None = None, rid: int = 0) -> bytes:
     return pack({"v": VERSION, "op": op, "rid": rid, "body": to_wire(body) if body else {}})
 
 
+def encode_packed(op: str, body: bytes, rid: int = 0) -> bytes:
+    """As `encode`, with the body already packed (`pack(to_wire(record))`): a broker keeps
+    answers packed and adds the envelope around them."""
+    head = pack({"v": VERSION, "op": op, "rid": rid})
+    assert head[0] == 0x83  # msgpack's fixmap of 3 entries: make it 4, then add "body"
+    return b"\x84" + head[1:] + pack("body") + body
+
+
 def decode_envelope(frame: bytes) -> Envelope:
     """The envelope of a frame. One of another protocol version raises `VersionMismatch`,
     unless it is an error: errors read the same in every version."""
