@@ -299,7 +299,10 @@ def percentile(values: list[float], p: float) -> float:
 
 
 def render(args: argparse.Namespace, runs: list[Measured], setup: dict[str, str]) -> str:
-    echo = runs[-1]
+    # Each row against the echo of its block: the one measured right after it.
+    echoes: list[Measured] = []
+    for run in reversed(runs):
+        echoes.insert(0, run if run.label == "echo" or not echoes else echoes[0])
     lines = [
         "## Broker under load",
         "",
@@ -307,12 +310,13 @@ def render(args: argparse.Namespace, runs: list[Measured], setup: dict[str, str]
         f" {args.processes} client processes; {args.seconds:g} s measured after {WARMUP:g} s"
         " of warm-up. Latency is from sending a request to its reply, in ms. CPU is the"
         " share of one core used during the measured window: the broker processes (all their"
-        " threads, ZeroMQ's included) together, and the client processes together.",
+        " threads, ZeroMQ's included) together, and the client processes together. Each"
+        " database's rows are compared with the echo server measured right after them.",
         "",
         "| target | requests/s | p50 | p99 | vs echo | errors | broker CPU | clients CPU |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for run in runs:
+    for run, echo in zip(runs, echoes, strict=True):
         lines.append(
             f"| {run.label} | {run.rate:,.0f} | {percentile(run.latencies, 50) * 1000:.2f}"
             f" | {percentile(run.latencies, 99) * 1000:.2f} | {run.rate / echo.rate:.0%}"
@@ -374,9 +378,10 @@ def start_more_brokers(cluster: Cluster, count: int) -> list[tuple[str, int]]:
 
 def measure_database(
     database: str, args: argparse.Namespace, workers: int | None
-) -> tuple[list[Measured], tuple[bytes, bytes, list[Client]]]:
-    """Lookups and searches with 1, then more brokers over one database of that kind;
-    and what the echo server needs (its key pair, the lookup clients)."""
+) -> list[Measured]:
+    """Lookups and searches with 1, then more brokers over one database of that kind,
+    then the echo server with the same clients (last: the machine is shared, so each
+    block has its own echo to compare with)."""
     runs = []
     with database_url(database) as url, Cluster() as cluster:
         progress(f"{database}: starting a broker, registering users, sharing files")
@@ -401,7 +406,23 @@ def measure_database(
                 measure(f"{name}: search", pids, endpoints, key, searches, args),
             ]
         secret = load_broker_config(cluster.broker_config).secret_key_file.read_bytes().strip()
-    return runs, (key, secret, lookups)
+        runs.append(measure_echo(key, secret, lookups, args))
+    return runs
+
+
+def measure_echo(
+    key: bytes, secret: bytes, lookups: list[Client], args: argparse.Namespace
+) -> Measured:
+    echo_endpoint = f"tcp://127.0.0.1:{free_port()}"
+    spawn = multiprocessing.get_context("spawn")
+    echo = spawn.Process(target=serve_echo, args=(echo_endpoint, secret, key), daemon=True)
+    echo.start()
+    try:
+        assert echo.pid is not None
+        return measure("echo", [echo.pid], [echo_endpoint], key, lookups, args)
+    finally:
+        echo.terminate()
+        echo.join(10)
 
 
 def run(args: argparse.Namespace) -> str:
@@ -417,18 +438,7 @@ def run(args: argparse.Namespace) -> str:
     load = os.getloadavg()
     runs: list[Measured] = []
     for database in args.database:
-        measured, (key, secret, lookups) = measure_database(database, args, workers)
-        runs += measured
-    echo_endpoint = f"tcp://127.0.0.1:{free_port()}"
-    spawn = multiprocessing.get_context("spawn")
-    echo = spawn.Process(target=serve_echo, args=(echo_endpoint, secret, key), daemon=True)
-    echo.start()
-    try:
-        assert echo.pid is not None
-        runs.append(measure("echo", [echo.pid], [echo_endpoint], key, lookups, args))
-    finally:
-        echo.terminate()
-        echo.join(10)
+        runs += measure_database(database, args, workers)
     setup = {
         "broker": f"`sfs-broker serve`, {workers or 'default (4)'} workers, bcrypt rounds 4;"
         f" {len(USERS)} users, {FILES} files shared by alice, who is online; with several"

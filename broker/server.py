@@ -213,12 +213,19 @@ class BrokerServer:
             generation: int | None = self._service.generation()
         except SfsError:  # the workers' `handle` says so to each client
             generation = None
+        except Exception:
+            log.exception("bug while reading the store's generation")
+            generation = None
         for_workers = []
         for route, frame in arrived:
             key = client_key(frame) or b""
             payload = frame.bytes
             if generation is not None:
-                reply = self._service.answer_from_cache(payload, key or None, generation)
+                try:
+                    reply = self._service.answer_from_cache(payload, key or None, generation)
+                except Exception:  # a bug: the worker's `handle` answers it
+                    log.exception("bug while answering from the cache")
+                    reply = None
                 if reply is not None:
                     frontend.send_multipart([*route, reply])
                     continue

@@ -8,7 +8,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgpack
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from sfs.broker import cache
 from sfs.broker.service import BrokerService
@@ -160,3 +163,64 @@ def test_a_holder_back_online_at_the_same_endpoint_is_listed_within_the_refresh(
     a.heartbeat(alice, alice_token)  # back, same endpoint: a renewal of the row
     b.clock.advance(cache.PRESENCE_REFRESH)
     assert [h.username for h in b.lookup(bob, bob_token, file_id).holders] == ["alice"]
+
+
+@pytest.fixture
+def cached(
+    pair: tuple[Broker, Broker, SqliteStore],
+    people: dict[str, Identity],  # noqa: F811
+) -> tuple[Broker, Identity, str, str]:
+    """Broker B with bob's session and a file's lookup cached."""
+    a, b, _ = pair
+    alice, bob = people["alice"], people["bob"]
+    file_id = a.publish(alice, a.register(alice).token)
+    token = b.register(bob).token
+    b.lookup(bob, token, file_id)
+    return b, bob, token, file_id
+
+
+VALUES = st.sampled_from([1, 7, True, 1.0, -1, 2**63, 2, "1", b"1", None, [], {}])
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_the_fast_lane_answers_a_crafted_frame_as_handle_would_or_not_at_all(
+    cached: tuple[Broker, Identity, str, str], data: st.DataObject
+) -> None:
+    """Frames near a cached lookup (each part of the envelope and body swapped for other
+    types and values, keys added or dropped): the socket thread's answer, when it gives
+    one, is byte for byte the full decoder's and handler's."""
+    broker, bob, token, file_id = cached
+    texts = st.sampled_from(
+        [token, file_id, token + "x", token[:-1], file_id.upper(), file_id + "\0", "lookup", ""]
+    )
+    parts = st.one_of(VALUES, texts)
+    envelope: dict[object, object] = {"v": 1, "op": "lookup", "rid": 7}
+    body: dict[object, object] = {"token": token, "file_id": file_id}
+    for target in (envelope, body):
+        for key in data.draw(st.lists(st.sampled_from([*target, "extra"]), max_size=2)):
+            if data.draw(st.booleans()):
+                target.pop(key, None)
+            else:
+                target[key] = data.draw(parts)
+    envelope["body"] = data.draw(st.sampled_from([body, body, [body], token]))
+    frame = msgpack.packb(envelope, use_bin_type=True)
+    if data.draw(st.booleans()):  # sometimes bytes cut or changed as well
+        at = data.draw(st.integers(0, len(frame) - 1))
+        frame = frame[:at] + data.draw(st.binary(max_size=3)) + frame[at + 1 :]
+    key = bob.bundle.curve_public
+    service = broker.service
+    generation = service.generation()
+    fast_reply = service.answer_from_cache(frame, key, generation)
+    if fast_reply is not None:
+        assert fast_reply == service.handle(frame, key, None, generation)
+
+
+@given(frame=st.binary(max_size=600))
+@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_the_fast_lane_answers_no_random_bytes(
+    cached: tuple[Broker, Identity, str, str], frame: bytes
+) -> None:
+    broker, bob, _, _ = cached
+    service = broker.service
+    assert service.answer_from_cache(frame, bob.bundle.curve_public, service.generation()) is None
