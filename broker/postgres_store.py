@@ -36,6 +36,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool
 
+from sfs.broker.generation_reads import GenerationReads
 from sfs.broker.postgres_limits import PostgresLimits
 from sfs.broker.store_contract import (
     MAX_HOLDERS,
@@ -455,6 +456,11 @@ class PostgresStore:
                 (extend_to, token_hash),
             )
         return _user(rows[0])
+
+    def generation_reads(self) -> GenerationReads:
+        """Reads of `generation` for a broker's socket thread, on connections of their
+        own, that never block it (`sfs.broker.generation_reads`)."""
+        return GenerationReads(self._url, connect_timeout=CONNECT_TIMEOUT)
 
     def generation(self) -> int:
         return int(self._query("SELECT n FROM generation", prepare=True)[0][0])

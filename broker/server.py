@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 import zmq
 
+from sfs.broker.generation_reads import GenerationReads
 from sfs.broker.service import BrokerService
 from sfs.common.curve import client_key, start_authenticator
 from sfs.common.errors import ConfigError, InUse, SfsError
@@ -142,96 +143,12 @@ class BrokerServer:
         return sock
 
     def _route(self, frontend: zmq.Socket[bytes], backend: zmq.Socket[bytes]) -> None:
-        ready: deque[bytes] = deque()
-        routes: dict[bytes, list[bytes]] = {}
-        waiting: deque[list[bytes]] = deque()  # requests for the workers: [tag, key, ...]
-        waiting_bytes = 0
-        sequence = 0
-        poller = zmq.Poller()
-        poller.register(backend, zmq.POLLIN)
-        while not self._stop.is_set():
-            # Read clients while few requests wait for a worker; others queue in ZeroMQ.
-            if len(waiting) < WAITING_LIMIT and waiting_bytes < WAITING_BYTES:
-                poller.register(frontend, zmq.POLLIN)
-            else:
-                with contextlib.suppress(KeyError):
-                    poller.unregister(frontend)
-            events = dict(poller.poll(_POLL_MS))
-            if backend in events:
-                self._replies(frontend, backend, ready, routes)
-            if frontend in events:
-                for route, payload in self._batch(frontend):
-                    sequence += 1
-                    tag = sequence.to_bytes(8, "big")
-                    routes[tag] = route
-                    payload[0] = tag
-                    waiting.append(payload)
-                    waiting_bytes += len(payload[3])
-            while ready and waiting:
-                payload = waiting.popleft()
-                waiting_bytes -= len(payload[3])
-                backend.send_multipart([ready.popleft(), *payload])
-
-    def _replies(
-        self,
-        frontend: zmq.Socket[bytes],
-        backend: zmq.Socket[bytes],
-        ready: deque[bytes],
-        routes: dict[bytes, list[bytes]],
-    ) -> None:
-        """Every worker message that has arrived: READY, or a reply to route back."""
-        while True:
-            try:
-                worker, *rest = backend.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            ready.append(worker)
-            if len(rest) == 2:
-                route = routes.pop(rest[0], None)
-                if route is not None:
-                    frontend.send_multipart([*route, rest[1]])
-
-    def _batch(self, frontend: zmq.Socket[bytes]) -> list[tuple[list[bytes], list[bytes]]]:
-        """Read the requests that have arrived (at most BATCH), read the store's
-        generation once for them all, answer those the cache can, and return the others
-        as (route, [placeholder for the tag, client key, address, payload, generation])."""
-        arrived: list[tuple[list[bytes], zmq.Frame]] = []
-        for _ in range(BATCH):
-            try:
-                frames = frontend.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                break
-            # DEALER clients send [payload]; REQ clients add an empty delimiter.
-            prefix = frames[1:-1]
-            if len(prefix) > 1 or (prefix and prefix[0].bytes):
-                log.debug("dropped a request with an unexpected frame layout")
-                continue
-            arrived.append(([frames[0].bytes, *(f.bytes for f in prefix)], frames[-1]))
-        if not arrived:
-            return []
+        reads = self._service.generation_reads()
         try:
-            generation: int | None = self._service.generation()
-        except SfsError:  # the workers' `handle` says so to each client
-            generation = None
-        except Exception:
-            log.exception("bug while reading the store's generation")
-            generation = None
-        for_workers = []
-        for route, frame in arrived:
-            key = client_key(frame) or b""
-            payload = frame.bytes
-            if generation is not None:
-                try:
-                    reply = self._service.answer_from_cache(payload, key or None, generation)
-                except Exception:  # a bug: the worker's `handle` answers it
-                    log.exception("bug while answering from the cache")
-                    reply = None
-                if reply is not None:
-                    frontend.send_multipart([*route, reply])
-                    continue
-            given = b"" if generation is None else generation.to_bytes(8, "big")
-            for_workers.append((route, [b"", key, peer_address(frame).encode(), payload, given]))
-        return for_workers
+            _Router(self, frontend, backend, reads).run()
+        finally:
+            if reads is not None:
+                reads.close()
 
     def _work(self, context: zmq.Context[zmq.Socket[bytes]]) -> None:
         sock = context.socket(zmq.DEALER)
@@ -252,3 +169,147 @@ class BrokerServer:
                 sock.send_multipart([tag, reply])
         finally:
             sock.close(linger=0)
+
+
+Arrived = tuple[list[bytes], zmq.Frame]  # a request's route (client identity, ...) and frame
+
+
+class _Router:
+    """The socket thread's loop (see the module's docstring): requests are read in
+    batches, each batch waits for a read of the store's generation made after it arrived,
+    then the cache answers what it can and the workers the rest. With `reads`
+    (PostgreSQL), several batches' reads are in flight at once and the loop never waits
+    for one; without, each batch's read is made at once (SQLite: microseconds)."""
+
+    def __init__(
+        self,
+        server: BrokerServer,
+        frontend: zmq.Socket[bytes],
+        backend: zmq.Socket[bytes],
+        reads: GenerationReads | None,
+    ) -> None:
+        self._server = server
+        self._service = server._service
+        self._frontend, self._backend, self._reads = frontend, backend, reads
+        self._ready: deque[bytes] = deque()  # idle workers
+        self._routes: dict[bytes, list[bytes]] = {}  # by tag: where a worker's reply goes
+        self._waiting: deque[list[bytes]] = deque()  # for a worker: [tag, key, ...]
+        self._waiting_bytes = 0
+        self._arrived: list[Arrived] = []  # no generation read started for them yet
+        self._reading: dict[int, list[Arrived]] = {}  # by ticket: read in flight
+        self._held = 0  # requests read and not yet answered or handed to a worker
+        self._sequence = 0
+        self._poller = zmq.Poller()
+        self._poller.register(backend, zmq.POLLIN)
+        self._polled: set[int] = set()
+
+    def run(self) -> None:
+        while not self._server._stop.is_set():
+            # Read clients while few requests are held; others queue in ZeroMQ.
+            if self._held < WAITING_LIMIT and self._waiting_bytes < WAITING_BYTES:
+                self._poller.register(self._frontend, zmq.POLLIN)
+            else:
+                with contextlib.suppress(KeyError):
+                    self._poller.unregister(self._frontend)
+            self._poll_reads()
+            events = dict(self._poller.poll(_POLL_MS))
+            if self._backend in events:
+                self._replies()
+            if self._frontend in events:
+                self._read_clients()
+            if self._reads is not None:
+                for sock in self._reads.sockets():
+                    if sock in events:
+                        done = self._reads.receive(sock)
+                        if done is not None:
+                            ticket, generation = done
+                            self._answer(self._reading.pop(ticket), generation)
+            if self._arrived:
+                self._start_read()
+            while self._ready and self._waiting:
+                payload = self._waiting.popleft()
+                self._waiting_bytes -= len(payload[3])
+                self._held -= 1
+                self._backend.send_multipart([self._ready.popleft(), *payload])
+
+    def _poll_reads(self) -> None:
+        if self._reads is None:
+            return
+        socks = set(self._reads.sockets())
+        for sock in self._polled - socks:
+            self._poller.unregister(sock)
+        for sock in socks - self._polled:
+            self._poller.register(sock, zmq.POLLIN)
+        self._polled = socks
+
+    def _replies(self) -> None:
+        """Every worker message that has arrived: READY, or a reply to route back."""
+        while True:
+            try:
+                worker, *rest = self._backend.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._ready.append(worker)
+            if len(rest) == 2:
+                route = self._routes.pop(rest[0], None)
+                if route is not None:
+                    self._frontend.send_multipart([*route, rest[1]])
+
+    def _read_clients(self) -> None:
+        for _ in range(BATCH):
+            try:
+                frames = self._frontend.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            # DEALER clients send [payload]; REQ clients add an empty delimiter.
+            prefix = frames[1:-1]
+            if len(prefix) > 1 or (prefix and prefix[0].bytes):
+                log.debug("dropped a request with an unexpected frame layout")
+                continue
+            self._arrived.append(([frames[0].bytes, *(f.bytes for f in prefix)], frames[-1]))
+            self._held += 1
+
+    def _start_read(self) -> None:
+        batch, self._arrived = self._arrived, []
+        if self._reads is None:
+            try:
+                generation: int | None = self._service.generation()
+            except SfsError:  # the workers' `handle` says so to each client
+                generation = None
+            except Exception:
+                log.exception("bug while reading the store's generation")
+                generation = None
+            self._answer(batch, generation)
+            return
+        self._sequence += 1
+        if self._reads.send(self._sequence):
+            self._reading[self._sequence] = batch
+        elif self._reads.in_flight():
+            self._arrived = batch  # sent with the next read, once one is free
+        else:  # no connection: the workers read the generation themselves
+            self._answer(batch, None)
+
+    def _answer(self, batch: list[Arrived], generation: int | None) -> None:
+        """Answer from the cache what it can for `generation` (None: nothing), and queue
+        the rest for the workers, with the generation."""
+        if generation is not None:
+            self._service.cache.saw(generation)
+        given = b"" if generation is None else generation.to_bytes(8, "big")
+        for route, frame in batch:
+            key = client_key(frame) or b""
+            payload = frame.bytes
+            if generation is not None:
+                try:
+                    reply = self._service.answer_from_cache(payload, key or None, generation)
+                except Exception:  # a bug: the worker's `handle` answers it
+                    log.exception("bug while answering from the cache")
+                    reply = None
+                if reply is not None:
+                    self._held -= 1
+                    self._frontend.send_multipart([*route, reply])
+                    continue
+            self._sequence += 1
+            tag = self._sequence.to_bytes(8, "big")
+            self._routes[tag] = route
+            self._waiting.append([tag, key, peer_address(frame).encode(), payload, given])
+            self._waiting_bytes += len(payload)

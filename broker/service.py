@@ -13,9 +13,10 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from sfs.broker.cache import BrokerCache
+from sfs.broker.generation_reads import GenerationReads
 from sfs.broker.store_contract import FileEntry, Quota, QuotaExceeded, Store, User, UsernameTaken
 from sfs.broker.throttle import (
     BcryptSlots,
@@ -127,6 +128,12 @@ class BrokerService:
         generation = self.store.generation()
         self.cache.saw(generation)
         return generation
+
+    def generation_reads(self) -> GenerationReads | None:
+        """Reads of the generation that do not block the socket thread, if the store
+        has them (PostgreSQL), on connections of their own."""
+        opener = getattr(self.store, "generation_reads", None)
+        return None if opener is None else cast(GenerationReads, opener())
 
     def handle(
         self,

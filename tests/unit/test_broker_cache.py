@@ -182,7 +182,9 @@ def cached(
 VALUES = st.sampled_from([1, 7, True, 1.0, -1, 2**63, 2, "1", b"1", None, [], {}])
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(data=st.data())
 def test_the_fast_lane_answers_a_crafted_frame_as_handle_would_or_not_at_all(
     cached: tuple[Broker, Identity, str, str], data: st.DataObject
@@ -217,7 +219,9 @@ def test_the_fast_lane_answers_a_crafted_frame_as_handle_would_or_not_at_all(
 
 
 @given(frame=st.binary(max_size=600))
-@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 def test_the_fast_lane_answers_no_random_bytes(
     cached: tuple[Broker, Identity, str, str], frame: bytes
 ) -> None:
