@@ -9,6 +9,15 @@ generation in the writer's transaction (database triggers), so the next request
 anywhere misses and reads the database again. One generation read serves a whole batch
 of requests that had all arrived before it (`BrokerServer`).
 
+On PostgreSQL a read is a round trip, so a broker there also uses a read that started at
+most `LEASE` seconds before a request arrived, and pays for it on the writing side: a
+broker holds the reply to a request that moved the generation for `LEASE` seconds after
+its commit, and `sfs-broker user disable|delete` waits as long before it returns. A
+request sent after such a reply (or command) reaches any broker more than `LEASE` after
+the commit, so a read that started less than `LEASE` before it arrived started after the
+commit, and saw it. Only durations on one machine are compared: brokers on several
+machines need no common clock.
+
 Two things are not in the generation, and have their own bound:
 - a session's sliding expiry: an entry is trusted for at most `session_step` seconds,
   then the store is asked again (and slides the expiry, as without a cache);
@@ -25,6 +34,7 @@ from typing import Generic, TypeVar
 from sfs.broker.store_contract import User
 
 PRESENCE_REFRESH = 1.0  # seconds a file's packed lookup answer is kept at most
+LEASE = 0.05  # seconds; PostgreSQL only (see above)
 MAX_BODY = 1024 * 1024  # larger answers (huge manifests) are not kept
 MAX_BODY_BYTES = 128 * 1024 * 1024  # all kept answers together
 MAX_ENTRIES = 200_000  # per table; a full table starts again empty

@@ -34,7 +34,8 @@ class GenerationReads:
         self._width = width
         self._connect_timeout = connect_timeout
         self._free: list[psycopg.Connection[tuple[object, ...]]] = []
-        self._busy: dict[int, tuple[psycopg.Connection[tuple[object, ...]], int]] = {}
+        # By socket: the connection, the ticket, and when the read was sent (monotonic).
+        self._busy: dict[int, tuple[psycopg.Connection[tuple[object, ...]], int, float]] = {}
         self._values: dict[int, int | None] = {}  # by socket: the read's value so far
         # From the connecting thread: a new connection, or None for a failed attempt.
         self._fresh: queue.SimpleQueue[psycopg.Connection[tuple[object, ...]] | None] = (
@@ -56,12 +57,17 @@ class GenerationReads:
     def in_flight(self) -> int:
         return len(self._busy)
 
+    def newest_start(self) -> float | None:
+        """When the most recent read in flight was sent (None: none in flight)."""
+        return max((started for _, _, started in self._busy.values()), default=None)
+
     def send(self, ticket: int) -> bool:
         """Start a read for `ticket`; False if no connection is free (try again later)."""
         self._take_fresh()
         while self._free:
             db = self._free.pop()
             pg = db.pgconn
+            started = time.monotonic()  # before sending: the snapshot is taken after it
             try:
                 pg.send_query(_QUERY)
                 while pg.flush():  # a tiny query: the socket buffer takes it at once
@@ -69,17 +75,17 @@ class GenerationReads:
             except psycopg.Error as exc:
                 self._drop(db, exc)
                 continue
-            self._busy[pg.socket] = (db, ticket)
+            self._busy[pg.socket] = (db, ticket, started)
             self._values[pg.socket] = None
             return True
         if self._missing:
             self._replace()
         return False
 
-    def receive(self, sock: int) -> tuple[int, int | None] | None:
-        """After `sock` polled readable: (ticket, generation) once its read is complete;
-        generation None if the read failed."""
-        db, ticket = self._busy[sock]
+    def receive(self, sock: int) -> tuple[int, int | None, float] | None:
+        """After `sock` polled readable: (ticket, generation, when it was sent) once its
+        read is complete; generation None if the read failed."""
+        db, ticket, started = self._busy[sock]
         pg = db.pgconn
         try:
             pg.consume_input()
@@ -88,7 +94,7 @@ class GenerationReads:
                 if result is None:  # the query is complete
                     del self._busy[sock]
                     self._free.append(db)
-                    return ticket, self._values.pop(sock)
+                    return ticket, self._values.pop(sock), started
                 if result.status == pq.ExecStatus.TUPLES_OK and result.ntuples == 1:
                     value = result.get_value(0, 0)
                     self._values[sock] = int(value) if value is not None else None
@@ -98,13 +104,13 @@ class GenerationReads:
             del self._busy[sock]
             self._values.pop(sock, None)
             self._drop(db, exc)
-            return ticket, None
+            return ticket, None, started
         return None
 
     def close(self) -> None:
         self._closed = True
         self._take_fresh()
-        for db in [*self._free, *(db for db, _ in self._busy.values())]:
+        for db in [*self._free, *(db for db, _, _ in self._busy.values())]:
             db.close()
         self._free.clear()
         self._busy.clear()

@@ -26,6 +26,7 @@ The database URL may hold a password: it is never logged nor put in a message
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -36,6 +37,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool
 
+from sfs.broker.cache import LEASE
 from sfs.broker.generation_reads import GenerationReads
 from sfs.broker.postgres_limits import PostgresLimits
 from sfs.broker.store_contract import (
@@ -713,10 +715,12 @@ class PostgresStore:
             if disabled:  # every broker reads sessions from here: refused from now on
                 db.execute("DELETE FROM sessions WHERE user_id = %s", (found[0],))
                 db.execute("DELETE FROM presence WHERE user_id = %s", (found[0],))
+        time.sleep(LEASE)  # an operator's change: every broker's cache holds it on return
         return True
 
     def delete_user(self, username: str) -> bool:
         # Sessions, presence, files (with their access lists and holders), its place on
         # access lists and its copies go with it: ON DELETE CASCADE.
         rows = self._query("DELETE FROM users WHERE username = %s RETURNING 1", (username,))
+        time.sleep(LEASE)  # as in set_disabled
         return bool(rows)

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import heapq
 import logging
+import math
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 
@@ -150,6 +153,18 @@ class BrokerServer:
             if reads is not None:
                 reads.close()
 
+    def _moved(self, generation: int | None) -> bool:
+        """Whether the generation moved since `generation` was read (so the reply is
+        held for the lease; see `sfs.broker.cache`). Never, without a lease."""
+        if not self._service.lease:
+            return False
+        if generation is None:
+            return True
+        try:
+            return self._service.store.generation() != generation
+        except Exception:  # cannot tell: hold it
+            return True
+
     def _work(self, context: zmq.Context[zmq.Socket[bytes]]) -> None:
         sock = context.socket(zmq.DEALER)
         sock.linger = 0
@@ -160,13 +175,9 @@ class BrokerServer:
                 if not sock.poll(_POLL_MS):
                     continue
                 tag, key, address, payload, generation = sock.recv_multipart()
-                reply = self._service.handle(
-                    payload,
-                    key or None,
-                    address.decode() or None,
-                    int.from_bytes(generation, "big") if generation else None,
-                )
-                sock.send_multipart([tag, reply])
+                given = int.from_bytes(generation, "big") if generation else None
+                reply = self._service.handle(payload, key or None, address.decode() or None, given)
+                sock.send_multipart([tag, reply, b"\x01" if self._moved(given) else b""])
         finally:
             sock.close(linger=0)
 
@@ -176,10 +187,12 @@ Arrived = tuple[list[bytes], zmq.Frame]  # a request's route (client identity, .
 
 class _Router:
     """The socket thread's loop (see the module's docstring): requests are read in
-    batches, each batch waits for a read of the store's generation made after it arrived,
-    then the cache answers what it can and the workers the rest. With `reads`
-    (PostgreSQL), several batches' reads are in flight at once and the loop never waits
-    for one; without, each batch's read is made at once (SQLite: microseconds)."""
+    batches; a batch is answered with a read of the store's generation that started after
+    it arrived (SQLite: one read per batch, made at once, in microseconds), or with
+    PostgreSQL at most `lease` seconds before (`sfs.broker.cache`). Such reads run on
+    connections of their own (`reads`), several in flight, and the loop never waits for
+    one. Then the cache answers what it can, and the workers the rest; a worker's reply
+    to a request that moved the generation is held for `lease` seconds."""
 
     def __init__(
         self,
@@ -191,12 +204,16 @@ class _Router:
         self._server = server
         self._service = server._service
         self._frontend, self._backend, self._reads = frontend, backend, reads
+        self._lease = self._service.lease if reads is not None else 0.0
         self._ready: deque[bytes] = deque()  # idle workers
         self._routes: dict[bytes, list[bytes]] = {}  # by tag: where a worker's reply goes
         self._waiting: deque[list[bytes]] = deque()  # for a worker: [tag, key, ...]
         self._waiting_bytes = 0
-        self._arrived: list[Arrived] = []  # no generation read started for them yet
-        self._reading: dict[int, list[Arrived]] = {}  # by ticket: read in flight
+        self._arrived: list[Arrived] = []  # read from clients in this turn of the loop
+        self._pending: list[tuple[float, list[Arrived]]] = []  # (read at, batch): for a read
+        self._latest: tuple[float, int] | None = None  # (sent at, generation): newest read
+        self._last_request = 0.0
+        self._held_replies: list[tuple[float, int, list[bytes]]] = []  # a heap, by release
         self._held = 0  # requests read and not yet answered or handed to a worker
         self._sequence = 0
         self._poller = zmq.Poller()
@@ -212,25 +229,95 @@ class _Router:
                 with contextlib.suppress(KeyError):
                     self._poller.unregister(self._frontend)
             self._poll_reads()
-            events = dict(self._poller.poll(_POLL_MS))
+            events = dict(self._poller.poll(self._timeout_ms()))
             if self._backend in events:
                 self._replies()
+            self._release_held()
             if self._frontend in events:
                 self._read_clients()
             if self._reads is not None:
                 for sock in self._reads.sockets():
                     if sock in events:
-                        done = self._reads.receive(sock)
-                        if done is not None:
-                            ticket, generation = done
-                            self._answer(self._reading.pop(ticket), generation)
+                        self._read_done(self._reads.receive(sock))
             if self._arrived:
-                self._start_read()
+                self._new_batch()
+            if self._reads is not None:
+                self._keep_reading()
             while self._ready and self._waiting:
                 payload = self._waiting.popleft()
                 self._waiting_bytes -= len(payload[3])
                 self._held -= 1
                 self._backend.send_multipart([self._ready.popleft(), *payload])
+
+    def _timeout_ms(self) -> int:
+        timeout = float(_POLL_MS)
+        if self._held_replies:
+            timeout = min(timeout, (self._held_replies[0][0] - time.monotonic()) * 1000)
+        if self._reads is not None and time.monotonic() - self._last_request < 1:
+            timeout = min(timeout, self._lease * 500)  # refresh the read while busy
+        return max(0, math.ceil(timeout))
+
+    def _new_batch(self) -> None:
+        batch, self._arrived = self._arrived, []
+        now = time.monotonic()  # after the requests were read: later than they arrived
+        self._last_request = now
+        if self._reads is None:
+            try:
+                generation: int | None = self._service.generation()
+            except SfsError:  # the workers' `handle` says so to each client
+                generation = None
+            except Exception:
+                log.exception("bug while reading the store's generation")
+                generation = None
+            self._answer(batch, generation)
+        elif self._latest is not None and self._latest[0] > now - self._lease:
+            self._answer(batch, self._latest[1])
+        else:
+            self._pending.append((now, batch))
+
+    def _read_done(self, done: tuple[int, int | None, float] | None) -> None:
+        if done is None:
+            return
+        _, generation, started = done
+        if generation is None or (self._latest is not None and started <= self._latest[0]):
+            return
+        self._latest = (started, generation)
+        self._service.cache.saw(generation)
+        still = []
+        for read_at, batch in self._pending:
+            if started > read_at - self._lease:
+                self._answer(batch, generation)
+            else:
+                still.append((read_at, batch))
+        self._pending = still
+
+    def _keep_reading(self) -> None:
+        """A read for the pending batches, if none in flight started late enough; and,
+        while clients are busy, a fresh one whenever the newest is half a lease old."""
+        assert self._reads is not None
+        now = time.monotonic()
+        newest = self._reads.newest_start()
+        if self._pending:
+            latest_batch = max(read_at for read_at, _ in self._pending)
+            if newest is None or newest <= latest_batch - self._lease:
+                self._sequence += 1
+                if not self._reads.send(self._sequence) and not self._reads.in_flight():
+                    for _, batch in self._pending:  # no database connection: the workers
+                        self._answer(batch, None)  # read it themselves, or say why not
+                    self._pending = []
+        elif (
+            newest is None
+            and now - self._last_request < 1
+            and (self._latest is None or now - self._latest[0] > self._lease / 2)
+        ):
+            self._sequence += 1
+            self._reads.send(self._sequence)
+
+    def _release_held(self) -> None:
+        now = time.monotonic()
+        while self._held_replies and self._held_replies[0][0] <= now:
+            _, _, frames = heapq.heappop(self._held_replies)
+            self._frontend.send_multipart(frames)
 
     def _poll_reads(self) -> None:
         if self._reads is None:
@@ -250,10 +337,17 @@ class _Router:
             except zmq.Again:
                 return
             self._ready.append(worker)
-            if len(rest) == 2:
-                route = self._routes.pop(rest[0], None)
-                if route is not None:
-                    self._frontend.send_multipart([*route, rest[1]])
+            if len(rest) == 3:
+                tag, reply, hold = rest
+                route = self._routes.pop(tag, None)
+                if route is None:
+                    continue
+                if hold == b"\x01":  # it moved the generation: after the lease, from now
+                    self._sequence += 1
+                    release = time.monotonic() + self._lease
+                    heapq.heappush(self._held_replies, (release, self._sequence, [*route, reply]))
+                else:
+                    self._frontend.send_multipart([*route, reply])
 
     def _read_clients(self) -> None:
         for _ in range(BATCH):
@@ -268,26 +362,6 @@ class _Router:
                 continue
             self._arrived.append(([frames[0].bytes, *(f.bytes for f in prefix)], frames[-1]))
             self._held += 1
-
-    def _start_read(self) -> None:
-        batch, self._arrived = self._arrived, []
-        if self._reads is None:
-            try:
-                generation: int | None = self._service.generation()
-            except SfsError:  # the workers' `handle` says so to each client
-                generation = None
-            except Exception:
-                log.exception("bug while reading the store's generation")
-                generation = None
-            self._answer(batch, generation)
-            return
-        self._sequence += 1
-        if self._reads.send(self._sequence):
-            self._reading[self._sequence] = batch
-        elif self._reads.in_flight():
-            self._arrived = batch  # sent with the next read, once one is free
-        else:  # no connection: the workers read the generation themselves
-            self._answer(batch, None)
 
     def _answer(self, batch: list[Arrived], generation: int | None) -> None:
         """Answer from the cache what it can for `generation` (None: nothing), and queue

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sfs.broker.cache import BrokerCache
+from sfs.broker.cache import LEASE, BrokerCache
 from sfs.broker.generation_reads import GenerationReads
 from sfs.broker.store_contract import FileEntry, Quota, QuotaExceeded, Store, User, UsernameTaken
 from sfs.broker.throttle import (
@@ -93,6 +93,9 @@ class BrokerService:
         )
         # Trusted for a tenth of the session's lifetime at most (the store's slide step).
         self.cache = BrokerCache(session_step=min(300, max(1, settings.session_ttl // 10)))
+        # Where a generation read is a round trip (PostgreSQL), one that started up to this
+        # long before a request may answer it (`sfs.broker.cache`).
+        self.lease = LEASE if hasattr(store, "generation_reads") else 0.0
         self._quota = Quota(settings.quota_files, settings.quota_manifest_mib * MiB)
         self._bcrypt = BcryptSlots(settings.bcrypt_slots)
         # Unknown users are checked against this hash so they cost as much as known ones.
