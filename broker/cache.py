@@ -33,7 +33,9 @@ from typing import Generic, TypeVar
 
 from sfs.broker.store_contract import User
 
-PRESENCE_REFRESH = 1.0  # seconds a file's packed lookup answer is kept at most
+# Seconds a file's packed lookup answer is kept at most. Refilling one costs a few queries,
+# and on a busy broker every request for that file meanwhile misses too: not too often.
+PRESENCE_REFRESH = 5.0
 LEASE = 0.05  # seconds; PostgreSQL only (see above)
 MAX_BODY = 1024 * 1024  # larger answers (huge manifests) are not kept
 MAX_BODY_BYTES = 128 * 1024 * 1024  # all kept answers together

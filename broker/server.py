@@ -254,7 +254,7 @@ class _Router:
         if self._held_replies:
             timeout = min(timeout, (self._held_replies[0][0] - time.monotonic()) * 1000)
         if self._reads is not None and time.monotonic() - self._last_request < 1:
-            timeout = min(timeout, self._lease * 500)  # refresh the read while busy
+            timeout = min(timeout, self._lease * 250)  # refresh the read while busy
         return max(0, math.ceil(timeout))
 
     def _new_batch(self) -> None:
@@ -293,7 +293,7 @@ class _Router:
 
     def _keep_reading(self) -> None:
         """A read for the pending batches, if none in flight started late enough; and,
-        while clients are busy, a fresh one whenever the newest is half a lease old."""
+        while clients are busy, a fresh one whenever the newest is a quarter lease old."""
         assert self._reads is not None
         now = time.monotonic()
         newest = self._reads.newest_start()
@@ -305,13 +305,11 @@ class _Router:
                     for _, batch in self._pending:  # no database connection: the workers
                         self._answer(batch, None)  # read it themselves, or say why not
                     self._pending = []
-        elif (
-            newest is None
-            and now - self._last_request < 1
-            and (self._latest is None or now - self._latest[0] > self._lease / 2)
-        ):
-            self._sequence += 1
-            self._reads.send(self._sequence)
+        elif now - self._last_request < 1:
+            sent = max(newest or 0.0, self._latest[0] if self._latest else 0.0)
+            if now - sent > self._lease / 4:  # staggered: one lagging read leaves no gap
+                self._sequence += 1
+                self._reads.send(self._sequence)
 
     def _release_held(self) -> None:
         now = time.monotonic()
