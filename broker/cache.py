@@ -21,9 +21,10 @@ machines need no common clock.
 Two things are not in the generation, and have their own bound:
 - a session's sliding expiry: an entry is trusted for at most `session_step` seconds,
   then the store is asked again (and slides the expiry, as without a cache);
-- presence renewals: a heartbeat that only renews does not count, so a file's answer is
-  rebuilt at least every `PRESENCE_REFRESH` seconds to pick up holders whose presence
-  lapsed or came back at the same endpoint (presence is soft state anyway).
+- presence renewals: a heartbeat that only renews does not count. A file's answer is
+  dropped when the first holder it lists lapses (unless renewed meanwhile: then it is
+  rebuilt for nothing), and at least every `PRESENCE_REFRESH` seconds, to pick up a holder
+  that came back at the same endpoint after its presence lapsed (presence is soft state).
 """
 
 from __future__ import annotations
@@ -116,11 +117,15 @@ class BrokerCache:
         entry = self.answers.get(file_id, generation, now)
         return None if entry is None else entry.value
 
-    def keep_answer(self, file_id: str, body: bytes, generation: int, now: float) -> None:
+    def keep_answer(
+        self, file_id: str, body: bytes, generation: int, now: float, lapses: float | None = None
+    ) -> None:
+        """`lapses`: when the first holder it lists goes offline unless renewed."""
         if len(body) > MAX_BODY:
             return
         self._answer_bytes += len(body)
         if self._answer_bytes > MAX_BODY_BYTES:
             self.answers.clear()
             self._answer_bytes = len(body)
-        self.answers.put(file_id, body, generation, now + PRESENCE_REFRESH)
+        until = now + PRESENCE_REFRESH
+        self.answers.put(file_id, body, generation, until if lapses is None else min(until, lapses))

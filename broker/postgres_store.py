@@ -647,7 +647,7 @@ class PostgresStore:
             {"file_id": file_id, "now": now, "limit": MAX_HOLDERS},
         )
         return [
-            Presence(row[1], row[2], KeyBundle(bytes(row[3]), bytes(row[4])))
+            Presence(row[1], row[2], KeyBundle(bytes(row[3]), bytes(row[4])), int(row[5]))
             for row in rows[:MAX_HOLDERS]
         ]
 

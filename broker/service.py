@@ -442,10 +442,8 @@ class BrokerService:
             owner = self.store.get_user(entry.owner)
             if owner is None:  # the owner was removed between the two reads
                 raise refused
-            holders = [
-                protocol.Holder(p.username, p.endpoint, p.bundle)
-                for p in self.store.online_holders(entry.file_id, now)
-            ]
+            online = self.store.online_holders(entry.file_id, now)
+            holders = [protocol.Holder(p.username, p.endpoint, p.bundle) for p in online]
             result = protocol.LookupResult(
                 entry.file_id,
                 entry.owner,
@@ -458,7 +456,9 @@ class BrokerService:
             )
             # The same for everyone who may see the file: kept once, packed.
             body = pack(to_wire(result))
-            self.cache.keep_answer(file_id, body, generation, now)
+            # Kept until the first listed holder's presence lapses, if that comes sooner.
+            lapses = min((p.online_until for p in online if p.online_until), default=None)
+            self.cache.keep_answer(file_id, body, generation, now, lapses)
         return Packed(body)
 
     def _resolve(self, request: protocol.Resolve, caller: Caller) -> Record:

@@ -674,7 +674,7 @@ class SqliteStore:
     def online_holders(self, file_id: str, now: int) -> list[Presence]:
         """The owner, if online, then the online seeders: at most `MAX_HOLDERS`."""
         online = "JOIN presence p ON p.user_id = u.id AND p.online_until > :now AND u.disabled = 0"
-        columns = "u.username, p.endpoint, u.rsa_public, u.curve_public"
+        columns = "u.username, p.endpoint, u.rsa_public, u.curve_public, p.online_until"
         owner = self._query(
             f"SELECT {columns} FROM files f JOIN users u ON u.id = f.owner_id {online}"
             " WHERE f.file_id = :file_id",
@@ -685,7 +685,9 @@ class SqliteStore:
             " WHERE h.file_id = :file_id ORDER BY p.online_until DESC LIMIT :limit",
             {"file_id": file_id, "now": now, "limit": MAX_HOLDERS - len(owner)},
         )
-        return [Presence(row[0], row[1], KeyBundle(row[2], row[3])) for row in owner + seeders]
+        return [
+            Presence(row[0], row[1], KeyBundle(row[2], row[3]), row[4]) for row in owner + seeders
+        ]
 
     def signed_access(self, file_id: str) -> list[str] | None:
         """The access list as the owner signed it; None for every user."""

@@ -47,7 +47,7 @@ holds at most `budget` files never answers `partial`.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from sfs.broker.throttle import LimitState
@@ -99,6 +99,8 @@ class Presence:
     username: str
     endpoint: str
     bundle: KeyBundle
+    # Online while now < this (0: not said). Not compared: the same presence, renewed.
+    online_until: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True)
