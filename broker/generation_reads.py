@@ -26,6 +26,7 @@ log = logging.getLogger("sfs.broker")
 
 _QUERY = b"SELECT n FROM generation"
 _RECONNECT_EVERY = 2.0  # seconds between attempts while connections are missing
+READ_TIMEOUT = 5.0  # seconds: a read still unanswered is given up (its connection too)
 
 
 class GenerationReads:
@@ -56,6 +57,16 @@ class GenerationReads:
 
     def in_flight(self) -> int:
         return len(self._busy)
+
+    def give_up_slow(self) -> None:
+        """Drop the reads in flight for longer than READ_TIMEOUT (a database that stopped
+        answering), with their connections; their batches wait for another read."""
+        now = time.monotonic()
+        for sock, (db, _, started) in list(self._busy.items()):
+            if now - started > READ_TIMEOUT:
+                del self._busy[sock]
+                self._values.pop(sock, None)
+                self._drop(db, TimeoutError(f"no answer in {READ_TIMEOUT:g} s"))
 
     def newest_start(self) -> float | None:
         """When the most recent read in flight was sent (None: none in flight)."""

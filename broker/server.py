@@ -296,6 +296,7 @@ class _Router:
         while clients are busy, a fresh one whenever the newest is a quarter lease old."""
         assert self._reads is not None
         now = time.monotonic()
+        self._reads.give_up_slow()
         newest = self._reads.newest_start()
         if self._pending:
             latest_batch = max(read_at for read_at, _ in self._pending)

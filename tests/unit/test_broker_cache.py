@@ -5,6 +5,8 @@ cache is really used (the store is not asked again)."""
 
 from __future__ import annotations
 
+import select
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,10 +16,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sfs.broker import cache
+from sfs.broker.generation_reads import GenerationReads
+from sfs.broker.postgres_store import PostgresStore
 from sfs.broker.service import BrokerService
 from sfs.broker.store import SqliteStore
 from sfs.common import protocol
 from sfs.common.codec import from_wire
+from sfs.common.identity import KeyBundle
 from sfs.common.manifest import file_id_of
 from sfs.peer.keys import Identity
 from tests.unit.test_broker_service import SETTINGS, Broker, Clock, people  # noqa: F401
@@ -228,3 +233,36 @@ def test_the_fast_lane_answers_no_random_bytes(
     broker, bob, _, _ = cached
     service = broker.service
     assert service.answer_from_cache(frame, bob.bundle.curve_public, service.generation()) is None
+
+
+def read_now(reads: GenerationReads, ticket: int) -> tuple[int, int | None, float]:
+    """Send a read and wait for it as the socket thread would: poll its socket."""
+    assert reads.send(ticket)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        for sock in reads.sockets():
+            readable, _, _ = select.select([sock], [], [], 0.1)
+            if readable and (done := reads.receive(sock)) is not None:
+                return done
+    raise AssertionError("no answer to a generation read")
+
+
+def test_postgres_generation_reads_see_what_another_store_committed(postgres_url: str) -> None:
+    store = PostgresStore(postgres_url)
+    reads = store.generation_reads()
+    try:
+        before = time.monotonic()
+        ticket, generation, started = read_now(reads, 1)
+        assert (ticket, generation) == (1, store.generation())
+        assert before <= started <= time.monotonic()
+        store.add_user("alice", b"hash", KeyBundle(b"rsa", b"k" * 32), now=1)
+        store.set_disabled("alice", True)  # a change a cache depends on
+        assert generation is not None
+        assert read_now(reads, 2)[:2] == (2, generation + 1)
+        # Several in flight at once, on connections of their own.
+        for ticket in (3, 4):
+            assert reads.send(ticket)
+        assert reads.in_flight() == 2
+    finally:
+        reads.close()
+        store.close()
