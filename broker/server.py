@@ -49,6 +49,10 @@ BATCH = 64
 # Requests read and waiting for a worker (bcrypt, SQL): beyond this, clients wait in
 # ZeroMQ's queues, which push back on their connections.
 WAITING_LIMIT = 64
+# Requests of one connection being answered at once: its replies then come at most this
+# many in a burst, well under REPLY_QUEUE_LIMIT (a full send queue drops a reply). Its
+# further requests wait their turn here, counted in WAITING_LIMIT.
+PER_CLIENT = 4
 WAITING_BYTES = 64 * 1024 * 1024
 
 
@@ -208,13 +212,15 @@ class _Router:
         self._ready: deque[bytes] = deque()  # idle workers
         self._routes: dict[bytes, list[bytes]] = {}  # by tag: where a worker's reply goes
         self._waiting: deque[list[bytes]] = deque()  # for a worker: [tag, key, ...]
-        self._waiting_bytes = 0
+        self._held_bytes = 0  # their frames' sizes
         self._arrived: list[Arrived] = []  # read from clients in this turn of the loop
         self._pending: list[tuple[float, list[Arrived]]] = []  # (read at, batch): for a read
         self._latest: tuple[float, int] | None = None  # (sent at, generation): newest read
         self._last_request = 0.0
         self._held_replies: list[tuple[float, int, list[bytes]]] = []  # a heap, by release
         self._held = 0  # requests read and not yet answered or handed to a worker
+        self._busy_clients: dict[bytes, int] = {}  # by connection: requests being answered
+        self._deferred: dict[bytes, deque[Arrived]] = {}  # by connection: over PER_CLIENT
         self._sequence = 0
         self._poller = zmq.Poller()
         self._poller.register(backend, zmq.POLLIN)
@@ -223,7 +229,7 @@ class _Router:
     def run(self) -> None:
         while not self._server._stop.is_set():
             # Read clients while few requests are held; others queue in ZeroMQ.
-            if self._held < WAITING_LIMIT and self._waiting_bytes < WAITING_BYTES:
+            if self._held < WAITING_LIMIT and self._held_bytes < WAITING_BYTES:
                 self._poller.register(self._frontend, zmq.POLLIN)
             else:
                 with contextlib.suppress(KeyError):
@@ -245,11 +251,13 @@ class _Router:
                 self._keep_reading()
             while self._ready and self._waiting:
                 payload = self._waiting.popleft()
-                self._waiting_bytes -= len(payload[3])
+                self._held_bytes -= len(payload[3])
                 self._held -= 1
                 self._backend.send_multipart([self._ready.popleft(), *payload])
 
     def _timeout_ms(self) -> int:
+        if self._arrived:  # a deferred request was let in: answer it now
+            return 0
         timeout = float(_POLL_MS)
         if self._held_replies:
             timeout = min(timeout, (self._held_replies[0][0] - time.monotonic()) * 1000)
@@ -316,7 +324,23 @@ class _Router:
         now = time.monotonic()
         while self._held_replies and self._held_replies[0][0] <= now:
             _, _, frames = heapq.heappop(self._held_replies)
-            self._frontend.send_multipart(frames)
+            self._send(frames[:-1], frames[-1])
+
+    def _send(self, route: list[bytes], reply: bytes) -> None:
+        """Send a reply; let the connection's next deferred request in, if any."""
+        self._frontend.send_multipart([*route, reply])
+        client = route[0]
+        deferred = self._deferred.get(client)
+        if deferred:
+            self._arrived.append(deferred.popleft())
+            if not deferred:
+                del self._deferred[client]
+            return  # the same number of its requests are being answered
+        busy = self._busy_clients.get(client, 0) - 1
+        if busy > 0:
+            self._busy_clients[client] = busy
+        else:
+            self._busy_clients.pop(client, None)
 
     def _poll_reads(self) -> None:
         if self._reads is None:
@@ -346,10 +370,12 @@ class _Router:
                     release = time.monotonic() + self._lease
                     heapq.heappush(self._held_replies, (release, self._sequence, [*route, reply]))
                 else:
-                    self._frontend.send_multipart([*route, reply])
+                    self._send(route, reply)
 
     def _read_clients(self) -> None:
         for _ in range(BATCH):
+            if self._held >= WAITING_LIMIT or self._held_bytes >= WAITING_BYTES:
+                return
             try:
                 frames = self._frontend.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
@@ -359,8 +385,15 @@ class _Router:
             if len(prefix) > 1 or (prefix and prefix[0].bytes):
                 log.debug("dropped a request with an unexpected frame layout")
                 continue
-            self._arrived.append(([frames[0].bytes, *(f.bytes for f in prefix)], frames[-1]))
+            route = [frames[0].bytes, *(f.bytes for f in prefix)]
             self._held += 1
+            self._held_bytes += len(frames[-1])
+            busy = self._busy_clients.get(route[0], 0)
+            if busy >= PER_CLIENT:
+                self._deferred.setdefault(route[0], deque()).append((route, frames[-1]))
+            else:
+                self._busy_clients[route[0]] = busy + 1
+                self._arrived.append((route, frames[-1]))
 
     def _answer(self, batch: list[Arrived], generation: int | None) -> None:
         """Answer from the cache what it can for `generation` (None: nothing), and queue
@@ -379,10 +412,10 @@ class _Router:
                     reply = None
                 if reply is not None:
                     self._held -= 1
-                    self._frontend.send_multipart([*route, reply])
+                    self._held_bytes -= len(payload)
+                    self._send(route, reply)
                     continue
             self._sequence += 1
             tag = self._sequence.to_bytes(8, "big")
             self._routes[tag] = route
             self._waiting.append([tag, key, peer_address(frame).encode(), payload, given])
-            self._waiting_bytes += len(payload)
