@@ -41,8 +41,10 @@ _POLL_MS = 200
 REQUEST_QUEUE_LIMIT = 2
 # A full send queue drops the reply, so a client that asks for large replies (a lookup
 # carries a manifest of up to 9 MiB) and never reads them cannot pile them up here.
-# Clients keep one request in flight; 8 leaves room for a little pipelining.
-REPLY_QUEUE_LIMIT = 8
+# Clients keep one request in flight; 16 leaves room for pipelining: a pipelining client's
+# requests wait their turn in the broker (PER_CLIENT), so its replies come at the
+# workers' pace, which ZeroMQ's I/O thread may trail on a loaded machine.
+REPLY_QUEUE_LIMIT = 16
 # Requests read in one go, which one read of the store's generation serves (the cache's
 # answers need one read after the requests arrived; see sfs.broker.cache).
 BATCH = 64
@@ -52,7 +54,7 @@ WAITING_LIMIT = 64
 # Requests of one connection being answered at once: its replies then come at most this
 # many in a burst, well under REPLY_QUEUE_LIMIT (a full send queue drops a reply). Its
 # further requests wait their turn here, counted in WAITING_LIMIT.
-PER_CLIENT = 4
+PER_CLIENT = 2
 WAITING_BYTES = 64 * 1024 * 1024
 
 
