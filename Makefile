@@ -41,3 +41,9 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache .mypy-root var
+
+# The broker's section alone: lookups and searches against the echo server, SQLite and
+# PostgreSQL, one and two brokers (`make bench-broker BENCH_ARGS='--seconds 5'`).
+.PHONY: bench-broker
+bench-broker: $(STAMP)
+	$(PY) -m bench.broker_load $(BENCH_ARGS)

@@ -26,6 +26,7 @@ The database URL may hold a password: it is never logged nor put in a message
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -36,6 +37,8 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool
 
+from sfs.broker.cache import LEASE
+from sfs.broker.generation_reads import GenerationReads
 from sfs.broker.postgres_limits import PostgresLimits
 from sfs.broker.store_contract import (
     MAX_HOLDERS,
@@ -55,7 +58,7 @@ from sfs.broker.store_contract import (
 from sfs.common.errors import StorageError
 from sfs.common.identity import KeyBundle
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 CONNECT_TIMEOUT = 10  # seconds to reach the server, and to wait for a pooled connection
 _EXPIRY_STEP = 300  # seconds; as in the SQLite store
 _MIGRATION_LOCK = 0x5F5_0001  # pg_advisory_xact_lock key: one broker migrates at a time
@@ -161,6 +164,42 @@ _MIGRATIONS: dict[int, str] = {
     3: """
     -- An operator's `sfs-broker user disable`: refused and unlisted, nothing deleted.
     ALTER TABLE users ADD COLUMN disabled BOOLEAN NOT NULL DEFAULT false;
+    """,
+    4: """
+    -- The caches' generation (sfs.broker.cache): as in the SQLite store, every change a
+    -- cached session or lookup depends on adds one in the writer's transaction. A row, not
+    -- a sequence: nextval() is seen before the change commits.
+    CREATE TABLE generation (n BIGINT NOT NULL);
+    INSERT INTO generation (n) VALUES (0);
+    CREATE FUNCTION sfs_next_generation() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        UPDATE generation SET n = n + 1;
+        RETURN NULL;
+    END $$;
+    -- Every login deletes the expired sessions: only a deletion of some counts.
+    CREATE FUNCTION sfs_next_generation_if_gone() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF EXISTS (SELECT 1 FROM gone) THEN
+            UPDATE generation SET n = n + 1;
+        END IF;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER generation_sessions AFTER DELETE ON sessions
+        REFERENCING OLD TABLE AS gone
+        FOR EACH STATEMENT EXECUTE FUNCTION sfs_next_generation_if_gone();
+    CREATE TRIGGER generation_users AFTER UPDATE OR DELETE ON users
+        FOR EACH STATEMENT EXECUTE FUNCTION sfs_next_generation();
+    CREATE TRIGGER generation_files AFTER INSERT OR UPDATE OR DELETE ON files
+        FOR EACH STATEMENT EXECUTE FUNCTION sfs_next_generation();
+    CREATE TRIGGER generation_access AFTER INSERT OR UPDATE OR DELETE ON access
+        FOR EACH STATEMENT EXECUTE FUNCTION sfs_next_generation();
+    CREATE TRIGGER generation_holders AFTER INSERT OR UPDATE OR DELETE ON holders
+        FOR EACH STATEMENT EXECUTE FUNCTION sfs_next_generation();
+    CREATE TRIGGER generation_presence_change AFTER INSERT OR DELETE ON presence
+        FOR EACH ROW EXECUTE FUNCTION sfs_next_generation();
+    CREATE TRIGGER generation_presence_move AFTER UPDATE ON presence
+        FOR EACH ROW WHEN (OLD.endpoint IS DISTINCT FROM NEW.endpoint)
+        EXECUTE FUNCTION sfs_next_generation();
     """,
 }
 
@@ -420,6 +459,14 @@ class PostgresStore:
             )
         return _user(rows[0])
 
+    def generation_reads(self) -> GenerationReads:
+        """Reads of `generation` for a broker's socket thread, on connections of their
+        own, that never block it (`sfs.broker.generation_reads`)."""
+        return GenerationReads(self._url, connect_timeout=CONNECT_TIMEOUT)
+
+    def generation(self) -> int:
+        return int(self._query("SELECT n FROM generation", prepare=True)[0][0])
+
     def delete_session(self, token_hash: bytes) -> None:
         self._query("DELETE FROM sessions WHERE token_hash = %s RETURNING 1", (token_hash,))
 
@@ -600,7 +647,7 @@ class PostgresStore:
             {"file_id": file_id, "now": now, "limit": MAX_HOLDERS},
         )
         return [
-            Presence(row[1], row[2], KeyBundle(bytes(row[3]), bytes(row[4])))
+            Presence(row[1], row[2], KeyBundle(bytes(row[3]), bytes(row[4])), int(row[5]))
             for row in rows[:MAX_HOLDERS]
         ]
 
@@ -668,10 +715,12 @@ class PostgresStore:
             if disabled:  # every broker reads sessions from here: refused from now on
                 db.execute("DELETE FROM sessions WHERE user_id = %s", (found[0],))
                 db.execute("DELETE FROM presence WHERE user_id = %s", (found[0],))
+        time.sleep(LEASE)  # an operator's change: every broker's cache holds it on return
         return True
 
     def delete_user(self, username: str) -> bool:
         # Sessions, presence, files (with their access lists and holders), its place on
         # access lists and its copies go with it: ON DELETE CASCADE.
         rows = self._query("DELETE FROM users WHERE username = %s RETURNING 1", (username,))
+        time.sleep(LEASE)  # as in set_disabled
         return bool(rows)

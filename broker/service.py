@@ -13,8 +13,10 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
+from sfs.broker.cache import LEASE, BrokerCache
+from sfs.broker.generation_reads import GenerationReads
 from sfs.broker.presence_hints import hints_text, parse_hints_text
 from sfs.broker.store_contract import FileEntry, Quota, QuotaExceeded, Store, User, UsernameTaken
 from sfs.broker.throttle import (
@@ -25,7 +27,7 @@ from sfs.broker.throttle import (
     RegistrationLimit,
 )
 from sfs.common import crypto, protocol, relay_protocol
-from sfs.common.codec import Record
+from sfs.common.codec import Record, pack, to_wire
 from sfs.common.errors import IntegrityError, ProtocolError, SfsError, UsageError
 from sfs.common.manifest import file_id_of, verify_manifest
 from sfs.common.protocol import ErrorCode, Refused
@@ -70,6 +72,14 @@ class Caller:
 
     key: bytes | None  # the CurveZMQ public key
     address: str | None = None  # the source IP address (ZeroMQ's Peer-Address)
+    generation: int = -1  # the store's generation, read after the request arrived
+
+
+@dataclass(frozen=True)
+class Packed:
+    """A result already packed (`pack(to_wire(record))`), as the cache keeps it."""
+
+    body: bytes
 
 
 class BrokerService:
@@ -95,12 +105,17 @@ class BrokerService:
         self._throttle = LoginThrottle(
             state, clock, settings.login_attempts, settings.login_lockout
         )
+        # Trusted for a tenth of the session's lifetime at most (the store's slide step).
+        self.cache = BrokerCache(session_step=min(300, max(1, settings.session_ttl // 10)))
+        # Where a generation read is a round trip (PostgreSQL), one that started up to this
+        # long before a request may answer it (`sfs.broker.cache`).
+        self.lease = LEASE if hasattr(store, "generation_reads") else 0.0
         self._quota = Quota(settings.quota_files, settings.quota_manifest_mib * MiB)
         self._bcrypt = BcryptSlots(settings.bcrypt_slots)
         # Unknown users are checked against this hash so they cost as much as known ones.
         self._dummy_hash = crypto.hash_password("not a real password", settings.bcrypt_rounds)
         # Each handler takes the request record its key names.
-        self._handlers: dict[type[Record], Callable[[Any, Caller], Record]] = {
+        self._handlers: dict[type[Record], Callable[[Any, Caller], Record | Packed]] = {
             protocol.Ping: self._ping,
             protocol.GetChallenge: self._challenge,
             protocol.Register: self._register,
@@ -126,15 +141,40 @@ class BrokerService:
 
     # --- dispatch ------------------------------------------------------------------------
 
-    def handle(self, frame: bytes, client_key: bytes | None, address: str | None = None) -> bytes:
+    def generation(self) -> int:
+        """The store's generation, read now: a request that arrived before this call may
+        use the cache with it (`sfs.broker.cache`)."""
+        generation = self.store.generation()
+        self.cache.saw(generation)
+        return generation
+
+    def generation_reads(self) -> GenerationReads | None:
+        """Reads of the generation that do not block the socket thread, if the store
+        has them (PostgreSQL), on connections of their own."""
+        opener = getattr(self.store, "generation_reads", None)
+        return None if opener is None else cast(GenerationReads, opener())
+
+    def handle(
+        self,
+        frame: bytes,
+        client_key: bytes | None,
+        address: str | None = None,
+        generation: int | None = None,
+    ) -> bytes:
         """Answer one request frame. `client_key`: the CurveZMQ key of the sender;
-        `address`: its source IP address (None: unknown, counted as one address)."""
+        `address`: its source IP address (None: unknown, counted as one address);
+        `generation`: the store's, read after the frame arrived (None: read it here)."""
         rid = 0
         try:
             envelope = protocol.decode_envelope(frame)
             rid = envelope.rid
             request = protocol.decode_body(envelope, protocol.BROKER_REQUESTS)
-            result = self._handlers[type(request)](request, Caller(client_key, address))
+            if generation is None:
+                generation = self.generation()
+            caller = Caller(client_key, address, generation)
+            result = self._handlers[type(request)](request, caller)
+            if isinstance(result, Packed):
+                return protocol.encode_packed("result", result.body, rid)
             return protocol.encode("result", result, rid)
         except ProtocolError as exc:
             return protocol.encode_refusal(exc, rid)
@@ -149,11 +189,35 @@ class BrokerService:
                 ErrorCode.INTERNAL, "the broker hit an internal error", rid
             )
 
+    def answer_from_cache(
+        self, frame: bytes, client_key: bytes | None, generation: int
+    ) -> bytes | None:
+        """The answer to a lookup whose session, visibility and file are all cached for
+        `generation` (read after the frame arrived), else None: then `handle` it. The
+        frame is only peeked at: what the full checks would refuse was never cached."""
+        peeked = protocol.peek_lookup(frame)
+        if peeked is None or client_key is None:
+            return None
+        rid, token, file_id = peeked
+        now = self._now()
+        user = self.cache.session(crypto.token_digest(token), generation, now)
+        if user is None or client_key != user.bundle.curve_public:
+            return None
+        if self.cache.visibility(user.id, file_id, generation, now) is not True:
+            return None
+        body = self.cache.answer(file_id, generation, now)
+        if body is None:
+            return None
+        return protocol.encode_packed("result", body, rid)
+
     def _session(self, token: str, caller: Caller) -> User:
         now = self._now()
-        user = self.store.session_user(
-            crypto.token_digest(token), now, now + self.settings.session_ttl
-        )
+        digest = crypto.token_digest(token)
+        user = self.cache.session(digest, caller.generation, now)
+        if user is None:
+            user = self.store.session_user(digest, now, now + self.settings.session_ttl)
+            if user is not None:
+                self.cache.keep_session(digest, user, caller.generation, now)
         # A session is only valid from the device whose transport key it was made on.
         if user is None or caller.key is None or caller.key != user.bundle.curve_public:
             raise Refused(ErrorCode.UNAUTHORIZED, "not logged in (or the session expired)")
@@ -380,28 +444,47 @@ class BrokerService:
             hits.partial,
         )
 
-    def _lookup(self, request: protocol.Lookup, caller: Caller) -> Record:
+    def _lookup(self, request: protocol.Lookup, caller: Caller) -> Record | Packed:
         user = self._session(request.token, caller)
-        entry = self.store.visible_file(request.file_id, user.id)
-        if entry is None:
-            raise Refused(ErrorCode.NOT_FOUND, f"no file {request.file_id} is shared with you")
-        owner = self.store.get_user(entry.owner)
-        if owner is None:  # the owner was removed between the two reads
-            raise Refused(ErrorCode.NOT_FOUND, f"no file {request.file_id} is shared with you")
-        holders = []
-        for p in self.store.online_holders(entry.file_id, self._now()):
-            endpoint, hints = parse_hints_text(p.endpoint)
-            holders.append(protocol.Holder(p.username, endpoint, p.bundle, hints))
-        return protocol.LookupResult(
-            entry.file_id,
-            entry.owner,
-            owner.bundle,
-            entry.manifest,
-            entry.signature,
-            holders,
-            self.store.signed_access(entry.file_id),
-            entry.grant,
-        )
+        file_id, generation, now = request.file_id, caller.generation, self._now()
+        refused = Refused(ErrorCode.NOT_FOUND, f"no file {file_id} is shared with you")
+        entry = None
+        visible = self.cache.visibility(user.id, file_id, generation, now)
+        if visible is None:
+            entry = self.store.visible_file(file_id, user.id)
+            visible = entry is not None
+            self.cache.keep_visibility(user.id, file_id, visible, generation, now)
+        if not visible:
+            raise refused
+        body = self.cache.answer(file_id, generation, now)
+        if body is None:
+            entry = entry or self.store.visible_file(file_id, user.id)
+            if entry is None:
+                raise refused
+            owner = self.store.get_user(entry.owner)
+            if owner is None:  # the owner was removed between the two reads
+                raise refused
+            online = self.store.online_holders(entry.file_id, now)
+            holders = []
+            for p in online:
+                endpoint, hints = parse_hints_text(p.endpoint)
+                holders.append(protocol.Holder(p.username, endpoint, p.bundle, hints))
+            result = protocol.LookupResult(
+                entry.file_id,
+                entry.owner,
+                owner.bundle,
+                entry.manifest,
+                entry.signature,
+                holders,
+                self.store.signed_access(entry.file_id),
+                entry.grant,
+            )
+            # The same for everyone who may see the file: kept once, packed.
+            body = pack(to_wire(result))
+            # Kept until the first listed holder's presence lapses, if that comes sooner.
+            lapses = min((p.online_until for p in online if p.online_until), default=None)
+            self.cache.keep_answer(file_id, body, generation, now, lapses)
+        return Packed(body)
 
     def _resolve(self, request: protocol.Resolve, caller: Caller) -> Record:
         user = self._session(request.token, caller)

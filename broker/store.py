@@ -88,7 +88,7 @@ __all__ = [
 ]
 
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 _EXPIRY_STEP = 300  # seconds
 _MIN_SQLITE = (3, 34, 0)  # the FTS5 trigram tokenizer
 
@@ -221,6 +221,41 @@ _MIGRATIONS: dict[int, str] = {
     5: """
     -- An operator's `sfs-broker user disable`: refused and unlisted, nothing deleted.
     ALTER TABLE users ADD COLUMN disabled INTEGER NOT NULL DEFAULT 0;
+    """,
+    6: """
+    -- The caches' generation (sfs.broker.cache): every change that a cached session or
+    -- lookup depends on adds one, in the writer's transaction, whoever writes (any broker,
+    -- `sfs-broker user ...`). Presence counts when a user appears, goes or moves: a
+    -- heartbeat that only renews does not.
+    CREATE TABLE generation (n INTEGER NOT NULL);
+    INSERT INTO generation (n) VALUES (0);
+    CREATE TRIGGER generation_sessions AFTER DELETE ON sessions BEGIN
+        UPDATE generation SET n = n + 1; END;
+    CREATE TRIGGER generation_users_update AFTER UPDATE ON users BEGIN
+        UPDATE generation SET n = n + 1; END;
+    CREATE TRIGGER generation_users_delete AFTER DELETE ON users BEGIN
+        UPDATE generation SET n = n + 1; END;
+    CREATE TRIGGER generation_files_insert AFTER INSERT ON files BEGIN
+        UPDATE generation SET n = n + 1; END;
+    CREATE TRIGGER generation_files_update AFTER UPDATE ON files BEGIN
+        UPDATE generation SET n = n + 1; END;
+    CREATE TRIGGER generation_files_delete AFTER DELETE ON files BEGIN
+        UPDATE generation SET n = n + 1; END;
+    CREATE TRIGGER generation_access_insert AFTER INSERT ON access BEGIN
+        UPDATE generation SET n = n + 1; END;
+    CREATE TRIGGER generation_access_delete AFTER DELETE ON access BEGIN
+        UPDATE generation SET n = n + 1; END;
+    CREATE TRIGGER generation_holders_insert AFTER INSERT ON holders BEGIN
+        UPDATE generation SET n = n + 1; END;
+    CREATE TRIGGER generation_holders_delete AFTER DELETE ON holders BEGIN
+        UPDATE generation SET n = n + 1; END;
+    CREATE TRIGGER generation_presence_insert AFTER INSERT ON presence BEGIN
+        UPDATE generation SET n = n + 1; END;
+    CREATE TRIGGER generation_presence_delete AFTER DELETE ON presence BEGIN
+        UPDATE generation SET n = n + 1; END;
+    CREATE TRIGGER generation_presence_move AFTER UPDATE ON presence
+        WHEN old.endpoint IS NOT new.endpoint BEGIN
+        UPDATE generation SET n = n + 1; END;
     """,
 }
 
@@ -434,6 +469,9 @@ class SqliteStore:
                 )
         return _user(rows[0])
 
+    def generation(self) -> int:
+        return int(self._query("SELECT n FROM generation")[0][0])
+
     def delete_session(self, token_hash: bytes) -> None:
         with self._transaction() as db:
             db.execute("DELETE FROM sessions WHERE token_hash = ?", (token_hash,))
@@ -636,7 +674,7 @@ class SqliteStore:
     def online_holders(self, file_id: str, now: int) -> list[Presence]:
         """The owner, if online, then the online seeders: at most `MAX_HOLDERS`."""
         online = "JOIN presence p ON p.user_id = u.id AND p.online_until > :now AND u.disabled = 0"
-        columns = "u.username, p.endpoint, u.rsa_public, u.curve_public"
+        columns = "u.username, p.endpoint, u.rsa_public, u.curve_public, p.online_until"
         owner = self._query(
             f"SELECT {columns} FROM files f JOIN users u ON u.id = f.owner_id {online}"
             " WHERE f.file_id = :file_id",
@@ -647,7 +685,9 @@ class SqliteStore:
             " WHERE h.file_id = :file_id ORDER BY p.online_until DESC LIMIT :limit",
             {"file_id": file_id, "now": now, "limit": MAX_HOLDERS - len(owner)},
         )
-        return [Presence(row[0], row[1], KeyBundle(row[2], row[3])) for row in owner + seeders]
+        return [
+            Presence(row[0], row[1], KeyBundle(row[2], row[3]), row[4]) for row in owner + seeders
+        ]
 
     def signed_access(self, file_id: str) -> list[str] | None:
         """The access list as the owner signed it; None for every user."""

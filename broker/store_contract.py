@@ -47,7 +47,7 @@ holds at most `budget` files never answers `partial`.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from sfs.broker.throttle import LimitState
@@ -99,6 +99,8 @@ class Presence:
     username: str
     endpoint: str
     bundle: KeyBundle
+    # Online while now < this (0: not said). Not compared: the same presence, renewed.
+    online_until: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True)
@@ -175,6 +177,13 @@ class Store(Protocol):
         """The user of a session that expires after `now`, else None. Its expiry slides
         towards `extend_to` in coarse steps (at most a tenth of the lifetime left, and
         at most 300 s short of it), so that most calls need no write."""
+
+    def generation(self) -> int:
+        """A number that grows with every committed change that a cached session or
+        lookup answer depends on (sessions ended, users changed or removed, files, access
+        lists, holders; presence that appears, goes or moves, not a renewal), made by any
+        writer. Read after a request arrived, it tells whether what a broker cached
+        before still holds."""
 
     def delete_session(self, token_hash: bytes) -> None:
         """End a session; ending one that does not exist is no error."""

@@ -3,6 +3,7 @@ signed messages decide who a client is), and the key it saw on each frame."""
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import zmq
@@ -26,4 +27,11 @@ def client_key(frame: zmq.Frame) -> bytes | None:
         user_id = frame.get("User-Id")
     except zmq.ZMQError:
         return None
-    return zmq.utils.z85.decode(str(user_id)) if user_id else None
+    return _z85_key(str(user_id)) if user_id else None
+
+
+@functools.lru_cache(maxsize=4096)
+def _z85_key(user_id: str) -> bytes:
+    """Decoded once per client (z85 is decoded in Python): a broker sees the same
+    keys again and again."""
+    return bytes(zmq.utils.z85.decode(user_id))

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Annotated, Any
 
+import msgpack
+
 from sfs.common.codec import MaxLen, Pattern, Range, Record, Size, from_wire, pack, to_wire, unpack
 from sfs.common.errors import ProtocolError, RemoteError, SfsError
 from sfs.common.identity import KeyBundle
@@ -147,6 +149,41 @@ MAX_VERSION = 2**16  # a larger `v` is garbage, not a version
 
 def encode(op: str, body: Record | None = None, rid: int = 0) -> bytes:
     return pack({"v": VERSION, "op": op, "rid": rid, "body": to_wire(body) if body else {}})
+
+
+def encode_packed(op: str, body: bytes, rid: int = 0) -> bytes:
+    """As `encode`, with the body already packed (`pack(to_wire(record))`): a broker keeps
+    answers packed and adds the envelope around them."""
+    head = pack({"v": VERSION, "op": op, "rid": rid})
+    assert head[0] == 0x83  # msgpack's fixmap of 3 entries: make it 4, then add "body"
+    return b"\x84" + head[1:] + pack("body") + body
+
+
+PEEK_LIMIT = 512  # bytes: a lookup frame is about 120
+
+
+def peek_lookup(frame: bytes) -> tuple[int, str, str] | None:
+    """(rid, token, file id) of a small lookup frame of this version, checked for shape
+    and types only, else None. Cheaper than `decode_envelope` and `decode_body`: for a
+    cache whose keys were made from requests that those checked in full, so that a
+    value they would refuse can only miss."""
+    if len(frame) > PEEK_LIMIT:
+        return None
+    try:
+        value = msgpack.unpackb(frame, raw=False, strict_map_key=True)
+    except Exception:  # any malformed frame: the full decoder says what is wrong
+        return None
+    if type(value) is not dict or len(value) != 4 or value.get("op") != "lookup":
+        return None
+    version, rid, body = value.get("v"), value.get("rid"), value.get("body")
+    if type(version) is not int or version != VERSION or type(rid) is not int:
+        return None
+    if not 0 <= rid < 2**63 or type(body) is not dict or len(body) != 2:
+        return None
+    token, file_id = body.get("token"), body.get("file_id")
+    if type(token) is not str or type(file_id) is not str:
+        return None
+    return rid, token, file_id
 
 
 def decode_envelope(frame: bytes) -> Envelope:

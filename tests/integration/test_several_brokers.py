@@ -190,8 +190,14 @@ def test_logout_unshare_and_access_changes_hold_on_every_broker(
         peer.register(f"{peer.config.username}-password")
     (tmp_path / "plan.txt").write_text("the plan\n")
     share = alice.share(tmp_path / "plan.txt", keywords=["plan"], to=["bob"])
+    (tmp_path / "open.txt").write_text("for everyone\n")
+    public = alice.share(tmp_path / "open.txt")
     assert [hit.file_id for hit in bob.search("plan")] == [share.file_id]
     assert carol.search("plan") == []
+    # Broker B caches bob's session and the lookup (the second is answered from memory).
+    bob_token = load_session(bob.config.data_dir, "bob").token
+    for _ in range(2):
+        assert bob.broker.lookup(bob_token, share.file_id).access == ["bob"]
 
     # An access change through broker A: the same file, now for carol instead of bob.
     token = load_session(alice.config.data_dir, "alice").token
@@ -200,17 +206,26 @@ def test_logout_unshare_and_access_changes_hold_on_every_broker(
     alice.broker.publish(token, share.manifest, share.signature, access, grant)
     assert bob.search("plan") == []
     with pytest.raises(RemoteError, match="no file"):
-        bob.broker.lookup(load_session(bob.config.data_dir, "bob").token, share.file_id)
+        bob.broker.lookup(bob_token, share.file_id)
     assert [hit.file_id for hit in carol.search("plan")] == [share.file_id]
+    carol_token = load_session(carol.config.data_dir, "carol").token
+    for _ in range(2):
+        assert carol.broker.lookup(carol_token, share.file_id).access == ["carol"]
 
     # An unshare through A.
     alice.unshare(share.file_id)
     assert carol.search("plan") == []
+    with pytest.raises(RemoteError, match="no file"):
+        carol.broker.lookup(carol_token, share.file_id)
 
     # A logout through A ends the session on B at once: the same token, the next request.
     with BrokerClient(b, deployment.public, alice.identity.transport_key) as on_b:
-        assert on_b.search(token, "") == []
+        assert [hit.file_id for hit in on_b.search(token, "")] == [public.file_id]
+        for _ in range(2):
+            assert on_b.lookup(token, public.file_id).file_id == public.file_id
         alice.logout()
+        with pytest.raises(RemoteError, match="not logged in"):
+            on_b.lookup(token, public.file_id)
         with pytest.raises(RemoteError, match="not logged in"):
             on_b.search(token, "")
     with pytest.raises(NotLoggedIn):

@@ -638,3 +638,45 @@ def test_search_answers_as_the_model(
     finally:
         for shared in latest.values():
             assert store.remove_file(shared.file_id, ids[shared.owner])
+
+
+def test_generation_grows_with_every_change_a_cache_depends_on(opener: Opener) -> None:
+    """What one store (broker) writes moves the generation that another one reads, and
+    what no cache depends on leaves it alone (a presence renewal, a new session, a read)."""
+    reader, writer = opener(), opener()
+    try:
+        alice = writer.add_user("alice", HASH, bundle_for(1), now=1)
+        bob = writer.add_user("bob", HASH, bundle_for(2), now=1)
+        writer.add_session(b"t" * 32, bob.id, expires_at=1000, now=1)
+        writer.set_online(alice.id, "tcp://a:1", until=100)
+        steps: list[tuple[str, Callable[[], object]]] = [
+            ("share", lambda: writer.add_file(alice.id, entry(fid(1)), ["bob"])),
+            ("access change", lambda: writer.add_file(alice.id, entry(fid(1)), ["carol"])),
+            ("hold", lambda: writer.add_holder(fid(1), bob.id)),
+            ("release", lambda: writer.remove_holder(fid(1), bob.id)),
+            ("unshare", lambda: writer.remove_file(fid(1), alice.id)),
+            ("presence moves", lambda: writer.set_online(alice.id, "tcp://a:2", until=200)),
+            ("offline", lambda: writer.set_offline(alice.id)),
+            ("online", lambda: writer.set_online(alice.id, "tcp://a:2", until=300)),
+            ("logout", lambda: writer.delete_session(b"t" * 32)),
+            ("disable", lambda: writer.set_disabled("bob", True)),
+            ("enable", lambda: writer.set_disabled("bob", False)),
+            ("delete user", lambda: writer.delete_user("bob")),
+        ]
+        for what, step in steps:
+            before = reader.generation()
+            step()
+            assert reader.generation() > before, f"{what} did not move the generation"
+        quiet: list[tuple[str, Callable[[], object]]] = [
+            ("renewal", lambda: writer.set_online(alice.id, "tcp://a:2", until=400)),
+            ("login", lambda: writer.add_session(b"u" * 32, alice.id, expires_at=900, now=2)),
+            ("session slide", lambda: writer.session_user(b"u" * 32, now=800, extend_to=1800)),
+            ("lookup", lambda: writer.visible_file(fid(1), alice.id)),
+        ]
+        for what, step in quiet:
+            before = reader.generation()
+            step()
+            assert reader.generation() == before, f"{what} moved the generation"
+    finally:
+        reader.close()
+        writer.close()
