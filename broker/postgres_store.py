@@ -55,10 +55,18 @@ from sfs.broker.store_contract import (
 from sfs.common.errors import StorageError
 from sfs.common.identity import KeyBundle
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 CONNECT_TIMEOUT = 10  # seconds to reach the server, and to wait for a pooled connection
 _EXPIRY_STEP = 300  # seconds; as in the SQLite store
 _MIGRATION_LOCK = 0x5F5_0001  # pg_advisory_xact_lock key: one broker migrates at a time
+
+# `f` a file, `u` its owner: who may see it (`files.readers`). Kept by every write that
+# changes what it depends on: add_file, set_disabled, delete_user, load.
+_READERS = """CASE WHEN u.disabled THEN '{}'::bigint[] ELSE
+    (CASE WHEN f.public THEN ARRAY[0::bigint] ELSE '{}'::bigint[] END) || f.owner_id
+    || ARRAY(SELECT a.user_id FROM access a WHERE a.file_id = f.file_id ORDER BY a.user_id)
+    END"""
+_PUBLIC = 0  # in `readers`: every user
 
 _MIGRATIONS: dict[int, str] = {
     1: """
@@ -161,6 +169,14 @@ _MIGRATIONS: dict[int, str] = {
     3: """
     -- An operator's `sfs-broker user disable`: refused and unlisted, nothing deleted.
     ALTER TABLE users ADD COLUMN disabled BOOLEAN NOT NULL DEFAULT false;
+    """,
+    4: f"""
+    -- Who may see each file (`_READERS`), so that search reads only what its caller may
+    -- see, through a GIN index: 0 for every user, the owner, the users on the access list;
+    -- none while the owner is disabled.
+    ALTER TABLE files ADD COLUMN readers BIGINT[] NOT NULL DEFAULT '{{}}';
+    UPDATE files f SET readers = {_READERS} FROM users u WHERE u.id = f.owner_id;
+    CREATE INDEX files_readers ON files USING gin (readers);
     """,
 }
 
@@ -347,6 +363,7 @@ class PostgresStore:
                 "SELECT setval(pg_get_serial_sequence('users', 'id'), coalesce(max(id), 1),"
                 " max(id) IS NOT NULL) FROM users"
             )
+            self._set_readers(db, "true", ())
         with self._error_context("error in"), self._pool.connection() as db:
             db.execute("ANALYZE")  # statistics for the planner, which knows no rows yet
 
@@ -488,6 +505,16 @@ class PostgresStore:
                     " WHERE username = ANY(%s) ON CONFLICT DO NOTHING",
                     (entry.file_id, list(access)),
                 )
+            self._set_readers(db, "f.file_id = %s", (entry.file_id,))
+
+    @staticmethod
+    def _set_readers(db: Connection, which: str, params: Sequence[object]) -> None:
+        """Compute `files.readers` again for the files `which` (a condition on `f`)."""
+        db.execute(
+            f"UPDATE files f SET readers = {_READERS} FROM users u"
+            f" WHERE u.id = f.owner_id AND {which}",
+            params,
+        )
 
     @staticmethod
     def _check_quota(db: Connection, owner_id: int, entry: FileEntry, quota: Quota) -> None:
@@ -528,10 +555,12 @@ class PostgresStore:
         budget: int = SEARCH_BUDGET,
     ) -> Found:
         params: dict[str, object] = {"me": user_id, "now": now, "limit": limit, "budget": budget}
-        # The candidates: files of the owner that hold every term of 3 characters or more
-        # (which the trigram index can look up), newest first, at most `budget`. Shorter
-        # terms and visibility are checked on each candidate.
-        chosen, where = ["true"], [_VISIBLE]
+        params["readers"] = [_PUBLIC, user_id]
+        # The candidates: files the user sees (of the owner) that hold every term of 3
+        # characters or more (which the trigram index can look up), newest first, at most
+        # `budget`. Shorter terms are checked on each candidate; the rule of visibility
+        # itself on the hits, to be sure (`readers` decides).
+        chosen, where = ["f.readers && %(readers)s::bigint[]"], [_VISIBLE]
         for i, term in enumerate(_fold(term) for term in terms):
             params[f"t{i}"] = _like_pattern(term)
             (chosen if len(term) >= 3 else where).append(
@@ -668,10 +697,21 @@ class PostgresStore:
             if disabled:  # every broker reads sessions from here: refused from now on
                 db.execute("DELETE FROM sessions WHERE user_id = %s", (found[0],))
                 db.execute("DELETE FROM presence WHERE user_id = %s", (found[0],))
+            self._set_readers(db, "f.owner_id = %s", (found[0],))
         return True
 
     def delete_user(self, username: str) -> bool:
         # Sessions, presence, files (with their access lists and holders), its place on
         # access lists and its copies go with it: ON DELETE CASCADE.
-        rows = self._query("DELETE FROM users WHERE username = %s RETURNING 1", (username,))
-        return bool(rows)
+        with self._transaction() as db:
+            found = db.execute(
+                "DELETE FROM users WHERE username = %s RETURNING id", (username,)
+            ).fetchone()
+            if found is None:
+                return False
+            db.execute(  # off the readers of the files whose access lists named it
+                "UPDATE files SET readers = array_remove(readers, %s)"
+                " WHERE readers @> ARRAY[%s::bigint]",
+                (found[0], found[0]),
+            )
+        return True
