@@ -10,10 +10,11 @@ folded name and keywords beside the originals, and a term is looked for with LIK
 them. PostgreSQL's `lower()` folds by the database's locale and differs from Python's,
 so it is never used. pg_trgm GIN indexes on the folded columns let LIKE '%term%' skip
 files without the term's trigrams (terms of 3 characters or more); LIKE itself then
-decides, so the index changes speed only, never answers. A search's candidates are the
-files that hold every term of 3 characters or more, newest first, at most the search's
-budget (`SEARCH_BUDGET`, a subquery with LIMIT); shorter terms and visibility are checked
-on each of them.
+decides, so the index changes speed only, never answers. `files.readers` lists who may
+see a file (0 for every user; empty while the owner is disabled), with a GIN index: a
+search's candidates are the files whose readers include the caller or 0 and that hold
+every term of 3 characters or more, newest first, at most the search's budget
+(`SEARCH_BUDGET`, a subquery with LIMIT); shorter terms are checked on each of them.
 
 Presence is an UNLOGGED table: heartbeats write it all the time, and a database crash
 may empty it, which heartbeats repair within one presence lifetime. Everything else is

@@ -5,34 +5,29 @@ implements `Store`, whose meaning `sfs.broker.store_contract` states. The schema
 created and versioned here; `SCHEMA_VERSION` grows with each migration in
 `_MIGRATIONS`.
 
-Search (schema 2) uses `file_search`, an FTS5 trigram index of each file's name and
-keywords lowercased by Python's `str.lower`, and of its owner. `str.lower` is how the
-LIKE search of schema 1 folded case (FTS5's own folding differs: it leaves İ as it is
-and turns a final sigma into a sigma), so search answers as before. The index's rowid
-is the file's `sort_key`: `shared_at` in the high bits, a counter for the files of the
-same second in the low ones. FTS5 hands out matches in rowid order, so a search reads
-them newest first and stops once it has `limit` visible hits (and the rest of that
-second, for the tie order by file id) rather than sorting every match. Triggers keep
-the keys and the index in step with `files`.
+Search uses `file_search`, an FTS5 trigram index of each file's name and keywords
+lowercased by Python's `str.lower` (FTS5's own folding differs: it leaves İ as it is and
+turns a final sigma into a sigma), of its owner, and of its readers (schema 6): a code
+per user who may see it, and one for every user when it is public, none while its owner
+is disabled. A code is exactly one trigram (three CJK ideographs between separators), so
+the index answers "visible to me" exactly, and a search reads only the files its caller
+may see: the budget counts no others, and a user who sees few of many files costs little.
+Triggers on `files`, `access` and `users` keep the codes in step.
+
+The index's rowid is the file's `sort_key`: `shared_at` in the high bits, a counter for
+the files of the same second in the low ones. FTS5 hands out matches in rowid order, so a
+search reads them newest first and stops once it has `limit` hits or `budget`
+candidates, a whole second at a time (the counter is the order of sharing, while search
+order within a second is by file id: the last second the budget reaches is cut by id).
 
 The index records which column holds a trigram, not where (`detail = column`): that
 makes it smaller and its intersections about three times faster than with positions,
 but it cannot match phrases. A term of 3 or more characters asks the index for the files
 that hold every third of its trigrams and its last one, and `instr` on the lowercased
-text then keeps those that hold the term itself.
-
-Terms of 1 or 2 characters have no trigram of their own. The indexed text ends with two
-padding characters, so that each of its characters starts a trigram, and the table
-`search_trigrams` lists every trigram indexed so far: a short term stands for the
-trigrams it starts, in one FTS5 query with the rest. If it starts more than
-`_MAX_EXPANSION`, it is a common term: it is checked with `instr` on each row the index
-hands out (every file, newest first, when nothing else narrows the search), and such a
-term soon finds its hits. The worst case is a short term that starts many trigrams but
-is in few files, or a user who can see few files: the scan would read the whole index
-(about 0.5 s for a million files), but it stops after the search's budget of candidates
-(`SEARCH_BUDGET`): the rows the index hands out, newest first, read in a subquery with
-`LIMIT :budget`. Fewer hits than asked for, and one more candidate past the budget, make
-the answer partial.
+text then keeps those that hold the term itself, before they count as candidates. Terms
+of 1 or 2 characters are checked with `instr` on each candidate. (Schemas 2 to 5 also
+looked short terms up in a table of every trigram; schema 6 drops it: which trigrams
+exist depends on files a caller may not see.)
 
 The table `usage` (schema 4) holds each user's number of files and bytes of manifests,
 kept by triggers, so that `add_file` checks a `Quota` by reading one row in the same
