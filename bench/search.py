@@ -185,12 +185,14 @@ def fill(
             if len(corpus.names) < 50_000:
                 corpus.names.append(name)
         db.execute("BEGIN IMMEDIATE")
+        # As add_file: the access lists first, so that each file is indexed once.
+        db.execute("PRAGMA defer_foreign_keys = ON")
+        db.executemany("INSERT INTO access (file_id, user_id) VALUES (?, ?)", access)
         db.executemany(
             "INSERT INTO files (file_id, owner_id, name, size, keywords, manifest, signature,"
             " public, shared_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             rows,
         )
-        db.executemany("INSERT INTO access (file_id, user_id) VALUES (?, ?)", access)
         db.execute("COMMIT")
         done += count
         progress(f"filled {done:,} / {files:,} files")

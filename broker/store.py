@@ -546,6 +546,15 @@ class SqliteStore:
             # Not INSERT OR REPLACE: the rows it replaces would bypass the delete trigger.
             # The old access list goes with the old row (ON DELETE CASCADE).
             db.execute("DELETE FROM files WHERE file_id = ?", (entry.file_id,))
+            # The access list before the file (its foreign key checked at COMMIT), so that
+            # the insert trigger indexes the file with all its readers at once.
+            db.execute("PRAGMA defer_foreign_keys = ON")
+            for username in access or ():
+                db.execute(
+                    "INSERT OR IGNORE INTO access (file_id, user_id)"
+                    " SELECT ?, id FROM users WHERE username = ?",
+                    (entry.file_id, username),
+                )
             db.execute(
                 "INSERT INTO files (file_id, owner_id, name, size, keywords, manifest,"
                 " signature, public, shared_at, grant_signature, signed_access)"
@@ -564,12 +573,6 @@ class SqliteStore:
                     None if access is None else json.dumps(list(access)),
                 ),
             )
-            for username in access or ():
-                db.execute(
-                    "INSERT OR IGNORE INTO access (file_id, user_id)"
-                    " SELECT ?, id FROM users WHERE username = ?",
-                    (entry.file_id, username),
-                )
 
     @staticmethod
     def _check_quota(db: sqlite3.Connection, owner_id: int, entry: FileEntry, quota: Quota) -> None:
