@@ -181,6 +181,16 @@ _MIGRATIONS: dict[int, str] = {
     """,
 }
 
+# The secondary indexes of `files` as the migrations made them: `load` drops them while
+# it copies, and builds them again.
+_FILE_INDEXES = {
+    "files_newest": "(shared_at DESC, file_id)",
+    "files_by_owner": "(owner_id, shared_at DESC, file_id)",
+    "files_name_trgm": "USING gin (folded_name gin_trgm_ops)",
+    "files_keywords_trgm": "USING gin (folded_keywords gin_trgm_ops)",
+    "files_readers": "USING gin (readers)",
+}
+
 _FILE_COLUMNS = (
     "f.file_id, u.username, f.name, f.size, f.keywords, f.manifest, f.signature, f.shared_at,"
     " f.grant_signature"
@@ -349,6 +359,11 @@ class PostgresStore:
         given without the folded columns: they are computed here, as `add_file` does.
         Users keep their ids; new ones are numbered after the highest."""
         with self._transaction() as db:
+            # Indexes built once at the end are many times faster than kept row by row
+            # (GIN above all): a million files in minutes rather than an hour.
+            db.execute("SET LOCAL maintenance_work_mem = '256MB'")
+            for name in _FILE_INDEXES:
+                db.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(name)))
             for table, columns, rows in tables:
                 names = list(columns)
                 if table == "files":
@@ -365,6 +380,8 @@ class PostgresStore:
                 " max(id) IS NOT NULL) FROM users"
             )
             self._set_readers(db, "true", ())
+            for name, definition in _FILE_INDEXES.items():
+                db.execute(f"CREATE INDEX {name} ON files {definition}")
         with self._error_context("error in"), self._pool.connection() as db:
             db.execute("ANALYZE")  # statistics for the planner, which knows no rows yet
 
