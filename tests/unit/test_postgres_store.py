@@ -238,6 +238,7 @@ def test_load_builds_the_file_indexes_again_and_the_readers(
         ]
     )  # fmt: skip
     assert indexes() == made_by_migrations
+    assert [(a.username, a.files) for a in store.accounts(0)] == [("alice", 2), ("bob", 0)]
     readers = sql(postgres_url, "SELECT name, readers FROM files ORDER BY name")
     assert readers == [("public.txt", [0, 7]), ("shared.txt", [7, 9])]
     assert [h.file.name for h in store.search(9, ["txt"], None, 10, 0)] == [
