@@ -185,12 +185,14 @@ def fill(
             if len(corpus.names) < 50_000:
                 corpus.names.append(name)
         db.execute("BEGIN IMMEDIATE")
+        # As add_file: the access lists first, so that each file is indexed once.
+        db.execute("PRAGMA defer_foreign_keys = ON")
+        db.executemany("INSERT INTO access (file_id, user_id) VALUES (?, ?)", access)
         db.executemany(
             "INSERT INTO files (file_id, owner_id, name, size, keywords, manifest, signature,"
             " public, shared_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             rows,
         )
-        db.executemany("INSERT INTO access (file_id, user_id) VALUES (?, ?)", access)
         db.execute("COMMIT")
         done += count
         progress(f"filled {done:,} / {files:,} files")
@@ -312,8 +314,9 @@ def render(
         " `BrokerService.handle` (decode, session, search, encode); `partial`: the searches"
         f" that stopped at the budget of {SEARCH_BUDGET:,} files examined.",
         "",
-        "| kind | n | store p50 | store p99 | handle p50 | handle p99 | hits (median) | partial |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| kind | n | store p50 | store p99 | store max | handle p50 | handle p99 | handle max"
+        " | hits (median) | partial |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     everything: tuple[list[float], list[float]] = ([], [])
     for kind in sorted(timings.store, key=lambda k: -percentile(timings.store[k], 99)):
@@ -322,15 +325,17 @@ def render(
         everything[1].extend(service)
         lines.append(
             f"| {kind} | {len(store)} | {ms(percentile(store, 50))} | {ms(percentile(store, 99))}"
-            f" | {ms(percentile(service, 50))} | {ms(percentile(service, 99))}"
+            f" | {ms(max(store))} | {ms(percentile(service, 50))} | {ms(percentile(service, 99))}"
+            f" | {ms(max(service))}"
             f" | {percentile([float(h) for h in timings.hits[kind]], 50):.0f}"
             f" | {sum(timings.partial[kind])} |"
         )
     store_all, service_all = everything
     lines.append(
         f"| **all** | {len(store_all)} | {ms(percentile(store_all, 50))}"
-        f" | **{ms(percentile(store_all, 99))}** | {ms(percentile(service_all, 50))}"
-        f" | **{ms(percentile(service_all, 99))}** | |"
+        f" | **{ms(percentile(store_all, 99))}** | **{ms(max(store_all))}**"
+        f" | {ms(percentile(service_all, 50))} | **{ms(percentile(service_all, 99))}**"
+        f" | **{ms(max(service_all))}** | |"
         f" {sum(sum(p) for p in timings.partial.values())} |"
     )
     lines += ["", *(f"- {key}: {value}" for key, value in setup.items() if key != "database")]
@@ -455,12 +460,13 @@ def run_blind(seed: int, postgres: bool = False) -> str:
         "",
         f"{BLIND_FILES:,} files of {USERS - 1} users, every one private (an access list of"
         " up to 5 of the others), searched by a user on none of the lists who owns nothing:"
-        f" each search looks at {SEARCH_BUDGET:,} files (its budget) and answers nothing,"
-        f" partial. {BLIND_REPEATS} searches of each kind, alternating, after a warm-up."
-        " Times in ms, columns as above.",
+        " the index of readers has no file for it, so each search reads none and answers"
+        f" nothing, not partial. {BLIND_REPEATS} searches of each kind, alternating, after a"
+        " warm-up. Times in ms, columns as above.",
         "",
-        "| store | query | n | store p50 | store p99 | handle p50 | handle p99 | hits | partial |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| store | query | n | store p50 | store p99 | store max | handle p50 | handle p99"
+        " | handle max | hits | partial |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for store_class, timings in results.items():
         for query in kinds:
@@ -468,7 +474,8 @@ def run_blind(seed: int, postgres: bool = False) -> str:
             lines.append(
                 f"| {store_class} | {query.kind} | {len(store_times)}"
                 f" | {ms(percentile(store_times, 50))} | {ms(percentile(store_times, 99))}"
-                f" | {ms(percentile(served, 50))} | {ms(percentile(served, 99))} | 0"
+                f" | {ms(max(store_times))} | {ms(percentile(served, 50))}"
+                f" | {ms(percentile(served, 99))} | {ms(max(served))} | 0"
                 f" | {sum(timings.partial[query.kind])} |"
             )
     lines += ["", f"- load average before / after: {fmt_load(load)} / {fmt_load(os.getloadavg())}"]

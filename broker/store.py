@@ -5,34 +5,29 @@ implements `Store`, whose meaning `sfs.broker.store_contract` states. The schema
 created and versioned here; `SCHEMA_VERSION` grows with each migration in
 `_MIGRATIONS`.
 
-Search (schema 2) uses `file_search`, an FTS5 trigram index of each file's name and
-keywords lowercased by Python's `str.lower`, and of its owner. `str.lower` is how the
-LIKE search of schema 1 folded case (FTS5's own folding differs: it leaves İ as it is
-and turns a final sigma into a sigma), so search answers as before. The index's rowid
-is the file's `sort_key`: `shared_at` in the high bits, a counter for the files of the
-same second in the low ones. FTS5 hands out matches in rowid order, so a search reads
-them newest first and stops once it has `limit` visible hits (and the rest of that
-second, for the tie order by file id) rather than sorting every match. Triggers keep
-the keys and the index in step with `files`.
+Search uses `file_search`, an FTS5 trigram index of each file's name and keywords
+lowercased by Python's `str.lower` (FTS5's own folding differs: it leaves İ as it is and
+turns a final sigma into a sigma), of its owner, and of its readers (schema 6): a code
+per user who may see it, and one for every user when it is public, none while its owner
+is disabled. A code is exactly one trigram (three CJK ideographs between separators), so
+the index answers "visible to me" exactly, and a search reads only the files its caller
+may see: the budget counts no others, and a user who sees few of many files costs little.
+Triggers on `files`, `access` and `users` keep the codes in step.
+
+The index's rowid is the file's `sort_key`: `shared_at` in the high bits, a counter for
+the files of the same second in the low ones. FTS5 hands out matches in rowid order, so a
+search reads them newest first and stops once it has `limit` hits or `budget`
+candidates, a whole second at a time (the counter is the order of sharing, while search
+order within a second is by file id: the last second the budget reaches is cut by id).
 
 The index records which column holds a trigram, not where (`detail = column`): that
 makes it smaller and its intersections about three times faster than with positions,
 but it cannot match phrases. A term of 3 or more characters asks the index for the files
 that hold every third of its trigrams and its last one, and `instr` on the lowercased
-text then keeps those that hold the term itself.
-
-Terms of 1 or 2 characters have no trigram of their own. The indexed text ends with two
-padding characters, so that each of its characters starts a trigram, and the table
-`search_trigrams` lists every trigram indexed so far: a short term stands for the
-trigrams it starts, in one FTS5 query with the rest. If it starts more than
-`_MAX_EXPANSION`, it is a common term: it is checked with `instr` on each row the index
-hands out (every file, newest first, when nothing else narrows the search), and such a
-term soon finds its hits. The worst case is a short term that starts many trigrams but
-is in few files, or a user who can see few files: the scan would read the whole index
-(about 0.5 s for a million files), but it stops after the search's budget of candidates
-(`SEARCH_BUDGET`): the rows the index hands out, newest first, read in a subquery with
-`LIMIT :budget`. Fewer hits than asked for, and one more candidate past the budget, make
-the answer partial.
+text then keeps those that hold the term itself, before they count as candidates. Terms
+of 1 or 2 characters are checked with `instr` on each candidate. (Schemas 2 to 5 also
+looked short terms up in a table of every trigram; schema 6 drops it: which trigrams
+exist depends on files a caller may not see.)
 
 The table `usage` (schema 4) holds each user's number of files and bytes of manifests,
 kept by triggers, so that `add_file` checks a `Quota` by reading one row in the same
@@ -98,7 +93,17 @@ _MAX_SECOND = (1 << 40) - 1  # keeps sort_key below 2**62
 # Indexed text ends with two of these, so that every character of it starts a trigram.
 # Whitespace to str.split, so never in a term from the service (it splits the query).
 _PAD = "\x1f"
-_MAX_EXPANSION = 64  # trigrams a short term may stand for (each costs ~0.06 ms in FTS5)
+# Who may see a file, in the index's `readers` column: `_PUBLIC` for every user, and the
+# code of each reader (`_reader`). A code is 3 characters between separators, so that it
+# is exactly one trigram of the index and no trigram across two codes looks like one.
+_PUBLIC = "\x1epub\x1e"
+_CODE_BASE, _CODE_FIRST = 0x5000, 0x4E00  # CJK ideographs: never "pub"
+# `f` a file, `u` its owner: the readers' codes, none while the owner is disabled.
+_READERS = f"""CASE WHEN u.disabled THEN '' ELSE
+    (CASE WHEN f.public THEN '{_PUBLIC}' ELSE '' END) || sfs_reader(f.owner_id)
+    || coalesce((SELECT group_concat(sfs_reader(a.user_id), '') FROM access a
+        WHERE a.file_id = f.file_id), '')
+    END"""
 
 _MIGRATIONS: dict[int, str] = {
     1: """
@@ -257,6 +262,65 @@ _MIGRATIONS: dict[int, str] = {
         WHEN old.endpoint IS NOT new.endpoint BEGIN
         UPDATE generation SET n = n + 1; END;
     """,
+    7: f"""
+    -- Search reads only what its caller may see: the index gets a column of each file's
+    -- readers (FTS5 cannot add one: it is built again), kept by triggers on files, access
+    -- and users. The owner column holds the owner's reader code, so a filter is exact.
+    -- Short terms no longer stand for trigrams: their table goes.
+    DROP TRIGGER file_search_insert;
+    DROP TRIGGER file_search_delete;
+    DROP TABLE file_search;
+    DROP TABLE search_trigrams;
+    CREATE VIRTUAL TABLE file_search USING fts5(
+        name, keywords, owner, readers,
+        tokenize = 'trigram case_sensitive 1', detail = column, columnsize = 0
+    );
+    INSERT INTO file_search (rowid, name, keywords, owner, readers)
+        SELECT f.sort_key, sfs_search_text(f.name), sfs_search_text(f.keywords),
+            sfs_reader(f.owner_id), {_READERS}
+        FROM files f JOIN users u ON u.id = f.owner_id;
+    -- Rows of `files` are never updated, only inserted and deleted (add_file replaces).
+    CREATE TRIGGER file_search_insert AFTER INSERT ON files BEGIN
+        UPDATE files SET sort_key = (
+            SELECT coalesce(
+                (SELECT f.sort_key + 1 FROM files f
+                    WHERE f.sort_key BETWEEN s.first AND s.first + {(1 << _SEQ_BITS) - 1}
+                    ORDER BY f.sort_key DESC LIMIT 1),
+                s.first)
+            FROM (SELECT min(max(new.shared_at, 0), {_MAX_SECOND}) << {_SEQ_BITS} AS first) s
+        ) WHERE rowid = new.rowid;
+        SELECT RAISE(ABORT, 'too many files shared in the same second')
+            FROM files WHERE rowid = new.rowid
+            AND sort_key >> {_SEQ_BITS} != min(max(new.shared_at, 0), {_MAX_SECOND});
+        INSERT INTO file_search (rowid, name, keywords, owner, readers)
+            SELECT f.sort_key, sfs_search_text(f.name), sfs_search_text(f.keywords),
+                sfs_reader(f.owner_id), {_READERS}
+            FROM files f JOIN users u ON u.id = f.owner_id WHERE f.rowid = new.rowid;
+    END;
+    CREATE TRIGGER file_search_delete AFTER DELETE ON files BEGIN
+        DELETE FROM file_search WHERE rowid = old.sort_key;
+    END;
+    -- An access row added or removed (a user deleted), an owner disabled or enabled:
+    -- the file's readers again. A file deleted takes its access rows after its index row.
+    CREATE TRIGGER readers_access_insert AFTER INSERT ON access BEGIN
+        UPDATE file_search SET readers = (
+            SELECT {_READERS} FROM files f JOIN users u ON u.id = f.owner_id
+            WHERE f.sort_key = file_search.rowid
+        ) WHERE rowid = (SELECT sort_key FROM files WHERE file_id = new.file_id);
+    END;
+    CREATE TRIGGER readers_access_delete AFTER DELETE ON access BEGIN
+        UPDATE file_search SET readers = (
+            SELECT {_READERS} FROM files f JOIN users u ON u.id = f.owner_id
+            WHERE f.sort_key = file_search.rowid
+        ) WHERE rowid = (SELECT sort_key FROM files WHERE file_id = old.file_id);
+    END;
+    CREATE TRIGGER readers_owner_disabled AFTER UPDATE OF disabled ON users BEGIN
+        UPDATE file_search SET readers = (
+            SELECT {_READERS} FROM files f JOIN users u ON u.id = f.owner_id
+            WHERE f.sort_key = file_search.rowid
+        ) WHERE rowid IN (SELECT sort_key FROM files WHERE owner_id = new.id);
+    END;
+    """,
 }
 
 _FILE_COLUMNS = (
@@ -278,10 +342,6 @@ def _statements(script: str) -> Iterator[str]:
             if pending.strip(" \n;"):
                 yield pending
             pending = ""
-
-
-def _like_escape(term: str) -> str:
-    return "%" + term.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
 def _cover(text: str) -> list[str]:
@@ -310,6 +370,14 @@ def _trigrams(*texts: str | None) -> str:
     return json.dumps(sorted(found))
 
 
+def _reader(user_id: int) -> str:
+    """A user's code in the index's `readers` and `owner` columns (see `_PUBLIC`)."""
+    if not 0 <= user_id < _CODE_BASE**3:
+        raise ValueError(f"user id {user_id} is out of the search index's range")
+    digits = (user_id // _CODE_BASE**2, user_id // _CODE_BASE % _CODE_BASE, user_id % _CODE_BASE)
+    return "\x1e" + "".join(chr(_CODE_FIRST + d) for d in digits) + "\x1e"
+
+
 def _file_entry(row: sqlite3.Row) -> FileEntry:
     keywords = [k for k in row[4].split("\n") if k]
     return FileEntry(row[0], row[1], row[2], row[3], keywords, row[5], row[6], row[7], row[8])
@@ -325,7 +393,8 @@ def add_sql_functions(db: sqlite3.Connection) -> None:
     # SQLite's lower() and LIKE fold ASCII only; search folds like Python does.
     db.create_function("sfs_lower", 1, _sql_lower, deterministic=True)
     db.create_function("sfs_search_text", 1, _search_text, deterministic=True)
-    db.create_function("sfs_trigrams", 2, _trigrams, deterministic=True)
+    db.create_function("sfs_trigrams", 2, _trigrams, deterministic=True)  # schema 2 to 5
+    db.create_function("sfs_reader", 1, _reader, deterministic=True)
 
 
 class SqliteStore:
@@ -515,6 +584,15 @@ class SqliteStore:
             # Not INSERT OR REPLACE: the rows it replaces would bypass the delete trigger.
             # The old access list goes with the old row (ON DELETE CASCADE).
             db.execute("DELETE FROM files WHERE file_id = ?", (entry.file_id,))
+            # The access list before the file (its foreign key checked at COMMIT), so that
+            # the insert trigger indexes the file with all its readers at once.
+            db.execute("PRAGMA defer_foreign_keys = ON")
+            for username in access or ():
+                db.execute(
+                    "INSERT OR IGNORE INTO access (file_id, user_id)"
+                    " SELECT ?, id FROM users WHERE username = ?",
+                    (entry.file_id, username),
+                )
             db.execute(
                 "INSERT INTO files (file_id, owner_id, name, size, keywords, manifest,"
                 " signature, public, shared_at, grant_signature, signed_access)"
@@ -533,12 +611,6 @@ class SqliteStore:
                     None if access is None else json.dumps(list(access)),
                 ),
             )
-            for username in access or ():
-                db.execute(
-                    "INSERT OR IGNORE INTO access (file_id, user_id)"
-                    " SELECT ?, id FROM users WHERE username = ?",
-                    (entry.file_id, username),
-                )
 
     @staticmethod
     def _check_quota(db: sqlite3.Connection, owner_id: int, entry: FileEntry, quota: Quota) -> None:
@@ -571,86 +643,96 @@ class SqliteStore:
         now: int,
         budget: int = SEARCH_BUDGET,
     ) -> Found:
-        params: dict[str, object] = {"me": user_id, "now": now, "budget": budget}
-        where, match = [_VISIBLE], []  # `match`: FTS5 query parts, all of which must match
+        params: dict[str, object] = {"now": now, "budget": budget, "me": user_id}
+        # `match`: FTS5 query parts, all of which must match; `exact`: checks of each row
+        # the index hands out, before it counts as a candidate; `short`: checks of each
+        # candidate (terms of 1 or 2 characters, which no index narrows).
+        match = [_fts_match("readers", [_PUBLIC[1:-1], _reader(user_id)[1:-1]], "OR")]
+        exact, short = [], []
         for i, term in enumerate(term.lower() for term in terms):
             params[f"t{i}"] = term
-            in_text = f"(instr(s.name, :t{i}) OR instr(s.keywords, :t{i}))"
+            name, keywords = "s.name", "s.keywords"
             if _PAD in term:  # never in a term from the service, which splits on whitespace
-                params[f"t{i}"] = _like_escape(term)
-                like = f"LIKE :t{i} ESCAPE '\\'"
-                where.append(f"(sfs_lower(f.name) {like} OR sfs_lower(f.keywords) {like})")
-            elif len(term) >= 3:
-                # Files that hold the term hold these trigrams; instr drops those that hold
-                # them elsewhere than side by side.
+                name, keywords = (f"substr({c}, 1, length({c}) - 2)" for c in (name, keywords))
+            holds = f"(instr({name}, :t{i}) OR instr({keywords}, :t{i}))"
+            if len(term) < 3:
+                short.append(holds)
+                continue
+            if _PAD not in term:
+                # Files that hold the term hold these trigrams; instr drops those that
+                # hold them elsewhere than side by side.
                 match.append(_fts_match("{name keywords}", _cover(term), "AND"))
-                if len(term) > 3:
-                    where.append(in_text)
-            elif (trigrams := self._trigrams_starting(term)) is None:  # a common short term
-                where.append(in_text)
-            elif not trigrams:
-                return Found()  # no file holds the term
-            else:
-                match.append(_fts_match("{name keywords}", trigrams, "OR"))
+            if len(term) > 3 or _PAD in term:
+                exact.append(holds)
         if owner is not None:
             found = self._query("SELECT id FROM users WHERE username = ?", (owner,))
             if not found:
                 return Found()
-            params["owner"] = found[0][0]
-            # By the trigrams of "<id>", which other ids can hold too: "<12" and "23>" are
-            # those of 123 and of 1223.
-            match.append(_fts_match("owner", _cover(f"<{found[0][0]}>"), "AND"))
-            where.append("f.owner_id = :owner")
-        # The candidates: the files the index hands out, newest first, at most `budget`.
-        candidates = "SELECT rowid AS k, name, keywords FROM file_search"
-        if match:
-            candidates += " WHERE file_search MATCH :match"
-            params["match"] = " AND ".join(match)
-        candidates += " ORDER BY rowid DESC"
-        rows = self._newest(
-            f"SELECT {_FILE_COLUMNS}, EXISTS (SELECT 1 FROM presence p"
-            " WHERE p.user_id = f.owner_id AND p.online_until > :now), f.sort_key"
-            # CROSS JOIN keeps the candidates (a co-routine) as the outer loop: rows come
-            # out in their order. No ORDER BY: SQLite would sort all `budget` of them.
-            f" FROM ({candidates} LIMIT :budget) s CROSS JOIN files f ON f.sort_key = s.k"
-            f" JOIN users u ON u.id = f.owner_id WHERE {' AND '.join(where)}",
-            params,
-            limit,
+            match.append(_fts_match("owner", [_reader(found[0][0])[1:-1]], "AND"))
+        # The candidates: the visible files that hold every long term, newest first.
+        params["match"] = " AND ".join(match)
+        candidates = (
+            "SELECT rowid AS k, name, keywords FROM file_search s WHERE file_search MATCH :match"
+            + "".join(f" AND {check}" for check in exact)
+            + " ORDER BY rowid DESC"
         )
-        hits = [Hit(_file_entry(row), bool(row[9])) for row in rows]
-        # Fewer hits than asked: were there candidates past the budget?
-        partial = len(hits) < limit and bool(
-            self._query(f"{candidates} LIMIT 1 OFFSET :budget", params)
+        hold_short = " AND ".join(short) or "1"
+        keys, partial = self._examine(
+            f"SELECT s.k, {hold_short} FROM ({candidates}) s", params, limit, budget
         )
-        return Found(hits, partial)
-
-    def _trigrams_starting(self, term: str) -> list[str] | None:
-        """The indexed trigrams that start with `term` (1 or 2 characters), one of which
-        every file that holds the term holds, thanks to the padding; None if there are
-        too many to ask for."""
         rows = self._query(
-            "SELECT trigram FROM search_trigrams WHERE trigram >= ? ORDER BY trigram LIMIT ?",
-            (term, _MAX_EXPANSION + 1),
+            f"SELECT {_FILE_COLUMNS}, EXISTS (SELECT 1 FROM presence p"
+            " WHERE p.user_id = f.owner_id AND p.online_until > :now)"
+            " FROM files f JOIN users u ON u.id = f.owner_id"
+            " WHERE f.sort_key IN (SELECT value FROM json_each(:keys))"
+            # The index's readers decide; the rule itself, on the hits, to be sure.
+            f" AND {_VISIBLE}",
+            {"keys": json.dumps(keys), "me": user_id, "now": now},
         )
-        found = list(itertools.takewhile(lambda t: t.startswith(term), (r[0] for r in rows)))
-        return None if len(found) > _MAX_EXPANSION else found
+        rows.sort(key=lambda row: (-row[7], row[0]))
+        return Found([Hit(_file_entry(row), bool(row[9])) for row in rows[:limit]], partial)
 
-    def _newest(self, sql: str, params: dict[str, object], limit: int) -> list[sqlite3.Row]:
-        """The first `limit` rows of a search query, which hands them out by sort key (its
-        last column), newest first; in search order: shared_at newest first, then file id."""
-        rows: list[sqlite3.Row] = []
+    def _examine(
+        self, sql: str, params: dict[str, object], limit: int, budget: int
+    ) -> tuple[list[int], bool]:
+        """Read the candidates (`sql`: sort key, whether the file holds the short terms;
+        newest first) one second at a time, until `limit` hits or `budget` candidates;
+        the sort keys of the hits, and whether the budget stopped it (`partial`). Within
+        a second the index hands out files as they were shared, while the budget takes
+        them by file id: so it reads whole seconds, and cuts the last one by file id."""
+        hits: list[int] = []
+        examined = 0
         try:
             cursor = self._connection().execute(sql, params)
-            # Stop at the first row from an older second than the limit-th row's.
-            for row in cursor:
-                if len(rows) >= limit and row[-1] >> _SEQ_BITS != rows[limit - 1][-1] >> _SEQ_BITS:
-                    break
-                rows.append(row)
-            cursor.close()
+            try:
+                for _, group in itertools.groupby(cursor, key=lambda row: row[0] >> _SEQ_BITS):
+                    if len(hits) >= limit:
+                        return hits, False
+                    if examined >= budget:
+                        return hits, True  # a candidate past the budget
+                    second = list(group)
+                    if examined + len(second) > budget:
+                        second = self._first_in_order(second, budget - examined)
+                        hits += [row[0] for row in second if row[1]]
+                        return hits, len(hits) < limit  # the rest of the second is past it
+                    examined += len(second)
+                    hits += [row[0] for row in second if row[1]]
+            finally:
+                cursor.close()
         except sqlite3.Error as exc:
             raise StorageError(f"database error: {exc}") from exc
-        rows.sort(key=lambda row: (-row[7], row[0]))
-        return rows[:limit]
+        return hits, False
+
+    def _first_in_order(self, rows: list[sqlite3.Row], count: int) -> list[sqlite3.Row]:
+        """The first `count` rows (sort key first) in search order: by file id, after
+        `shared_at` for the times before 1970 that share the key's second 0."""
+        by_key = {row[0]: row for row in rows}
+        ids = self._query(
+            "SELECT file_id, sort_key FROM files WHERE sort_key IN"
+            " (SELECT value FROM json_each(?)) ORDER BY shared_at DESC, file_id LIMIT ?",
+            (json.dumps(list(by_key)), count),
+        )
+        return [by_key[key] for _, key in ids]
 
     def visible_file(self, file_id: str, user_id: int) -> FileEntry | None:
         rows = self._query(

@@ -32,16 +32,17 @@ Search (`Store.search`) means exactly this, whatever the backend's index:
 `model_search` in the contract tests is this definition as a few lines of Python.
 
 The work of a search is bounded in rows, not in time (so that the answer is the same on
-a loaded machine): a search examines candidate files newest first, each against the
-visibility rule and every term, and stops once it has examined `budget` of them
-(`SEARCH_BUDGET` unless a caller asks for fewer). Candidates are counted before the
-visibility check, on both backends: a file the user cannot see costs as much as one they
-can, so a user who sees few of many files cannot make a search read them all. Which files
-are candidates is the backend's choice (those its index cannot rule out, at most every
-file, at least every visible file that matches). If the budget runs out with fewer than
-`limit` hits while candidates remain, the answer is `partial`: each of its hits matches
-and is visible, newest first, but older files may match too ("add a word"). A store that
-holds at most `budget` files never answers `partial`.
+a loaded machine), and only what the user may see decides the answer. The candidates of
+a search are the files visible to the user (of `owner`, if given) that hold every term
+of 3 characters or more, in the order of hits (newest first, ties by file id); terms of
+1 or 2 characters are checked on each candidate. A search examines at most `budget`
+candidates (`SEARCH_BUDGET` unless a caller asks for fewer); if that leaves it with fewer
+than `limit` hits while more candidates remain, the answer is `partial`: its hits are
+exactly those among the examined candidates, but older files may match too ("add a
+word"). Files the user cannot see are never candidates: whether they exist, and what
+they hold, changes neither the hits nor `partial` (backends reach the visible files
+through an index, so that a user who sees few of many files does not make a search read
+the others). A store whose visible files are at most `budget` never answers `partial`.
 """
 
 from __future__ import annotations
@@ -55,9 +56,8 @@ from sfs.common.errors import StorageError
 from sfs.common.identity import KeyBundle
 
 MAX_HOLDERS = 64  # listed per lookup: the owner first, then seeders
-# Candidate files a search examines at most (see the module docstring): 3-5 µs each
-# (the file's row, its owner, its access list), so under 10 ms of SQLite's or
-# PostgreSQL's work on the machine of docs/PERFORMANCE.md.
+# Candidate files a search examines at most (see the module docstring): a few µs each,
+# so a few ms of SQLite's or PostgreSQL's work on the machine of docs/PERFORMANCE.md.
 SEARCH_BUDGET = 2_000
 
 
@@ -229,8 +229,8 @@ class Store(Protocol):
         budget: int = SEARCH_BUDGET,
     ) -> Found:
         """The files visible to the user that match every term, examining at most
-        `budget` candidates (1 or more): see this module's docstring for the exact
-        meaning."""
+        `budget` candidates (1 or more; only visible files are candidates): see this
+        module's docstring for the exact meaning."""
 
     def visible_file(self, file_id: str, user_id: int) -> FileEntry | None:
         """The file, if the user may see it."""

@@ -1281,7 +1281,9 @@ def test_a_search_past_the_stores_budget_says_partial(
         broker.publish(alice, tokens["alice"], name, access=[])
     request, key = protocol.Search(tokens["bob"]), bob.bundle.curve_public
     found = broker.ok("search", request, key, protocol.SearchResult)
-    assert (found.hits, found.partial) == ([], True)
+    # Alice's private files are not bob's candidates: they neither hide old.txt nor
+    # make the answer partial.
+    assert ([h.name for h in found.hits], found.partial) == (["old.txt"], False)
     key = alice.bundle.curve_public
     found = broker.ok("search", protocol.Search(tokens["alice"]), key, protocol.SearchResult)
     assert (len(found.hits), found.partial) == (2, True)  # old.txt is past the budget

@@ -3,18 +3,14 @@ index, the file); test_store_contract.py holds what every backend must do."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sqlite3
 import stat
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from sfs.broker import store as store_module
 from sfs.broker.store import (
@@ -27,13 +23,9 @@ from sfs.broker.store import (
 from sfs.common.errors import StorageError
 from tests.unit.test_store_contract import (
     HASH,
-    Shared,
-    _search,
-    _shared,
     bundle_for,
     entry,
     fid,
-    model_search,
 )
 
 
@@ -325,8 +317,6 @@ def test_short_terms_are_found_anywhere_in_names_and_keywords(
         ("本", ["日本"]), ("日本", ["日本"]), ("ba", []), ("qx", []), ("本日", []),
     ]:  # fmt: skip
         assert names(store, bob, [term]) == expected, term
-    trigrams = {r[0] for r in rows(db_path, "SELECT trigram FROM search_trigrams")}
-    assert {"ab\x1f", "b\x1f\x1f", "de\n", "\nf\x1f"} <= trigrams
 
 
 def test_a_term_with_the_padding_character_is_matched_as_before(
@@ -358,42 +348,6 @@ def test_owner_filter_is_exact_whatever_the_user_ids(store: SqliteStore, db_path
         assert names(store, User(1, "x", HASH, bundle_for(1)), [], f"u{user_id}") == [
             f"of-{user_id}"
         ]
-
-
-@pytest.mark.parametrize("max_expansion", [0, 3], ids=["scan", "few"])
-@settings(
-    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
-@given(files=st.lists(_shared, max_size=25), searches=st.lists(_search, min_size=1, max_size=8))
-def test_search_answers_as_the_like_search_did(
-    monkeypatch: pytest.MonkeyPatch,
-    max_expansion: int,
-    files: list[Shared],
-    searches: list[tuple[str, list[str], str | None, int]],
-) -> None:
-    # Short terms stand for the trigrams they start, or when there are more than
-    # `max_expansion` of those, are checked row by row: both ways give the same answers
-    # (the contract suite checks the default).
-    monkeypatch.setattr(store_module, "_MAX_EXPANSION", max_expansion)
-    with tempfile.TemporaryDirectory() as tmp:
-        store = SqliteStore(Path(tmp) / "broker.db")
-        try:
-            ids = {
-                name: store.add_user(name, HASH, bundle_for(i), now=1).id
-                for i, name in enumerate(["alice", "bob", "carol"], start=1)
-            }
-            latest: dict[str, Shared] = {}
-            for shared in files:  # a file id shared again replaces the earlier file
-                item = entry(shared.file_id, shared.owner, shared.name, shared.keywords)
-                item = dataclasses.replace(item, shared_at=shared.shared_at)
-                store.add_file(ids[shared.owner], item, shared.access)
-                latest[shared.file_id] = shared
-            for user, terms, owner, limit in searches:
-                hits = store.search(ids[user], terms, owner, limit, 0)
-                expected = model_search(list(latest.values()), user, terms, owner, limit)
-                assert [h.file.file_id for h in hits] == expected
-        finally:
-            store.close()
 
 
 # --- migration from schema 1 -------------------------------------------------------------------

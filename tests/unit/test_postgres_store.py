@@ -212,3 +212,36 @@ def test_brokers_share_the_login_throttle_and_the_challenges(postgres_url: str) 
     finally:
         for broker in brokers:
             broker.close()
+
+
+def test_load_builds_the_file_indexes_again_and_the_readers(
+    store: PostgresStore, postgres_url: str
+) -> None:
+    def indexes() -> list[tuple[str, str]]:
+        return sql(
+            postgres_url,
+            "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'files' ORDER BY 1",
+        )
+
+    made_by_migrations = indexes()
+    store.load(
+        [
+            ("users", ("id", "username", "password_hash", "rsa_public", "curve_public",
+                       "created_at", "disabled"),
+             [(7, "alice", HASH, b"r", b"a" * 32, 1, False),
+              (9, "bob", HASH, b"r", b"b" * 32, 1, False)]),
+            ("files", ("file_id", "owner_id", "name", "size", "keywords", "manifest",
+                       "signature", "public", "shared_at", "grant_signature", "signed_access"),
+             [(f"{1:032x}", 7, "shared.txt", 1, "", b"m", b"s", 0, 5, b"", '["bob"]'),
+              (f"{2:032x}", 7, "public.txt", 1, "", b"m", b"s", 1, 6, b"", None)]),
+            ("access", ("file_id", "user_id"), [(f"{1:032x}", 9)]),
+        ]
+    )  # fmt: skip
+    assert indexes() == made_by_migrations
+    assert [(a.username, a.files) for a in store.accounts(0)] == [("alice", 2), ("bob", 0)]
+    readers = sql(postgres_url, "SELECT name, readers FROM files ORDER BY name")
+    assert readers == [("public.txt", [0, 7]), ("shared.txt", [7, 9])]
+    assert [h.file.name for h in store.search(9, ["txt"], None, 10, 0)] == [
+        "public.txt",
+        "shared.txt",
+    ]

@@ -430,28 +430,68 @@ def test_a_search_past_its_budget_says_partial(store: Store, users: dict[str, Us
     for n in range(2, 8):  # newer, and every other one private to alice
         store.add_file(alice, entry(fid(n), name=f"report-{n}", shared_at=n), [] if n % 2 else None)
     for terms in ([], ["report"], ["re"], ["r", "e"]):
-        # Candidates 7, 6, 5, 4 (newest first), of which bob sees 6 and 4.
-        found = store.search(bob, terms, None, 10, 0, budget=4)
+        # Bob's candidates are the files he sees, newest first: 6, 4, 2 and his own 1.
+        found = store.search(bob, terms, None, 10, 0, budget=2)
         assert ([h.file.file_id for h in found], found.partial) == ([fid(6), fid(4)], True)
-        found = store.search(bob, terms, None, 10, 0, budget=7)
+        found = store.search(bob, terms, None, 10, 0, budget=4)
         assert [h.file.file_id for h in found] == [fid(6), fid(4), fid(2), fid(1)]
         assert not found.partial
         # `limit` hits within the budget: complete, whatever lies past it.
-        found = store.search(bob, terms, None, 2, 0, budget=4)
+        found = store.search(bob, terms, None, 2, 0, budget=2)
         assert ([h.file.file_id for h in found], found.partial) == ([fid(6), fid(4)], False)
 
 
-def test_a_user_who_sees_nothing_costs_at_most_the_budget(
+def test_a_user_who_sees_nothing_finds_nothing_and_nothing_partial(
     store: Store, users: dict[str, User]
 ) -> None:
     alice, carol = users["alice"].id, users["carol"].id
     for n in range(1, 6):
         store.add_file(alice, entry(fid(n), name=f"private-{n}", shared_at=n), [])
     for terms in ([], ["private"], ["p"]):
-        found = store.search(carol, terms, None, 10, 0, budget=3)
-        assert (found, found.partial) == ([], True)
-        found = store.search(carol, terms, None, 10, 0, budget=5)
-        assert (found, found.partial) == ([], False)
+        for budget in (1, 3, 5):
+            found = store.search(carol, terms, None, 10, 0, budget=budget)
+            assert (found, found.partial) == ([], False)
+
+
+def test_private_files_of_others_change_nothing_in_a_search(
+    store: Store, users: dict[str, User]
+) -> None:
+    # The budget counts only files the caller sees: what bob finds, and whether it is
+    # partial, must not tell him whether private files he cannot see hold his terms.
+    alice, bob, carol = users["alice"].id, users["bob"].id, users["carol"].id
+    store.add_file(alice, entry(fid(1), name="report-a", shared_at=1), None)
+    store.add_file(carol, entry(fid(2), name="report-c", keywords=["draft"], shared_at=2), ["bob"])
+    store.add_file(bob, entry(fid(3), "bob", "report-b", shared_at=3), [])
+    store.add_file(alice, entry(fid(4), name="notes", shared_at=4), None)
+    searches = [
+        (terms, owner, limit, budget)
+        for terms in ([], ["report"], ["rep", "ort"], ["re"], ["r", "e"], ["draft"], ["zz"])
+        for owner in (None, "alice", "carol")
+        for limit in (1, 2, 10)
+        for budget in (1, 2, 3, 10)
+    ]
+
+    def answers() -> list[tuple[list[str], bool]]:
+        found = [store.search(bob, t, o, lim, 0, budget=b) for t, o, lim, b in searches]
+        return [([h.file.file_id for h in f], f.partial) for f in found]
+
+    before = answers()
+    # Newer and older private files of alice and carol that hold every term, one
+    # shared with alice only; and a file of a user who is then disabled.
+    for n in range(10, 30):
+        owner = alice if n % 2 else carol
+        access = ["alice"] if n % 3 == 0 else []
+        shared_at = n if n < 20 else -n
+        name = f"report-zz-draft-{n}"
+        store.add_file(owner, entry(fid(n), "x", name, ["notes"], shared_at=shared_at), access)
+    dave = store.add_user("dave", HASH, bundle_for(9), now=1)
+    for n in range(40, 45):
+        store.add_file(dave.id, entry(fid(n), "dave", f"report-zz-{n}", shared_at=n), None)
+    assert store.set_disabled("dave", True)
+    assert answers() == before
+    # Alice and carol see their own files, which now change their answers.
+    assert store.search(alice, ["zz"], None, 10, 0).partial is False
+    assert len(store.search(alice, ["zz"], None, 100, 0)) == 10 + 3
 
 
 def test_a_term_is_found_only_where_its_trigrams_are_side_by_side(
@@ -587,16 +627,31 @@ _search = st.tuples(
 def model_search(
     files: list[Shared], user: str, terms: list[str], owner: str | None, limit: int
 ) -> list[str]:
+    return model_search_within(files, user, terms, owner, limit, len(files) + 1)[0]
+
+
+def model_search_within(
+    files: list[Shared], user: str, terms: list[str], owner: str | None, limit: int, budget: int
+) -> tuple[list[str], bool]:
+    """The hits and `partial`: the candidates are the files the user sees (of `owner`)
+    that hold every term of 3 characters or more, newest first, at most `budget`."""
+
     def visible(f: Shared) -> bool:
         return f.access is None or f.owner == user or user in f.access
 
-    def matches(f: Shared) -> bool:
-        keywords = "\n".join(f.keywords).lower()
-        return all(t.lower() in f.name.lower() or t.lower() in keywords for t in terms)
+    def holds(f: Shared, term: str) -> bool:
+        return term.lower() in f.name.lower() or term.lower() in "\n".join(f.keywords).lower()
 
-    found = [f for f in files if visible(f) and matches(f) and owner in (None, f.owner)]
-    found.sort(key=lambda f: (-f.shared_at, f.file_id))
-    return [f.file_id for f in found[:limit]]
+    long_terms = [t for t in terms if len(t.lower()) >= 3]
+    candidates = [
+        f
+        for f in files
+        if visible(f) and owner in (None, f.owner) and all(holds(f, t) for t in long_terms)
+    ]
+    candidates.sort(key=lambda f: (-f.shared_at, f.file_id))
+    examined = candidates[:budget]
+    hits = [f.file_id for f in examined if all(holds(f, t) for t in terms)][:limit]
+    return hits, len(hits) < limit and len(candidates) > budget
 
 
 @settings(
@@ -626,15 +681,13 @@ def test_search_answers_as_the_model(
             # A store of exactly `budget` files is within it.
             tight = store.search(ids[user], terms, owner, limit, 0, budget=max(1, len(latest)))
             assert ([h.file.file_id for h in tight], tight.partial) == (expected, False)
-            # Past the budget: a correct subset, in order; exact if it ran out of candidates.
-            everything = model_search(list(latest.values()), user, terms, owner, len(latest))
+            # Past the budget: exactly the model's answer within that budget.
             for budget in (1, 3):
                 some = store.search(ids[user], terms, owner, limit, 0, budget)
-                found = [h.file.file_id for h in some]
-                assert len(found) <= limit
-                assert found == [file_id for file_id in everything if file_id in found]
-                if not some.partial and len(found) < limit:
-                    assert found == expected
+                model = model_search_within(
+                    list(latest.values()), user, terms, owner, limit, budget
+                )
+                assert ([h.file.file_id for h in some], some.partial) == model
     finally:
         for shared in latest.values():
             assert store.remove_file(shared.file_id, ids[shared.owner])
