@@ -59,7 +59,7 @@ from sfs.broker.store_contract import (
 from sfs.common.errors import StorageError
 from sfs.common.identity import KeyBundle
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 CONNECT_TIMEOUT = 10  # seconds to reach the server, and to wait for a pooled connection
 _EXPIRY_STEP = 300  # seconds; as in the SQLite store
 _MIGRATION_LOCK = 0x5F5_0001  # pg_advisory_xact_lock key: one broker migrates at a time

@@ -83,7 +83,7 @@ __all__ = [
 ]
 
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 _EXPIRY_STEP = 300  # seconds
 _MIN_SQLITE = (3, 34, 0)  # the FTS5 trigram tokenizer
 

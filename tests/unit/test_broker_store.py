@@ -439,3 +439,13 @@ def test_an_old_sqlite_is_refused_with_a_clear_message(
     monkeypatch.setattr(sqlite3, "sqlite_version", "3.31.1")
     with pytest.raises(StorageError, match=r"SQLite 3\.34 or newer.*3\.31\.1"):
         SqliteStore(db_path)
+
+
+def test_each_store_s_schema_version_is_its_newest_migration() -> None:
+    """Two branches that each added a migration once left a store a version short."""
+    from sfs.broker import postgres_store, store
+
+    for module in (store, postgres_store):
+        migrations = module._MIGRATIONS  # type: ignore[attr-defined]
+        assert sorted(migrations) == list(range(1, len(migrations) + 1)), module.__name__
+        assert module.SCHEMA_VERSION == max(migrations), module.__name__
