@@ -29,8 +29,10 @@ from sfs.common.errors import (
     UsageError,
 )
 from sfs.common.identity import format_fingerprint, safety_code
-from sfs.common.manifest import decode_manifest, file_id_of
+from sfs.common.manifest import file_id_of
 from sfs.common.protocol import ErrorCode
+from sfs.common.tree import decode_header
+from sfs.common.tree_index import TreeIndex, pack_pages, pages_of
 from sfs.peer import file_ids, keys, leftovers, session
 from sfs.peer.client import BrokerClient
 from sfs.peer.download import Downloader, DownloadProgress, DownloadResult, verify_lookup
@@ -45,12 +47,12 @@ from sfs.peer.serve_lock import serve_lock
 from sfs.peer.server import Heartbeat, PeerServer
 from sfs.peer.share import (
     Progress,
-    build_stamped_manifest,
     check_usernames,
     normalise_keywords,
     shareable_file,
 )
 from sfs.peer.transfer import HolderService
+from sfs.peer.tree_scan import build_tree
 
 log = logging.getLogger("sfs.peer")
 
@@ -73,7 +75,7 @@ class AlreadyDownloaded:
     file_id: str
     path: Path
     size: int
-    sha256: str
+    chunks: int  # each checked against its BLAKE3 hash in the owner-signed tree
 
 
 @dataclass(frozen=True)
@@ -251,9 +253,8 @@ class Peer:
         words = normalise_keywords(keywords or [])
         access = check_usernames(to) if to else None
         token = self._token()
-        manifest, stamp = build_stamped_manifest(source, self.identity, words, progress)
-        manifest_bytes = manifest.encode()
-        signature = self.identity.sign(manifest_bytes)
+        built = build_tree(source, self.identity, words, progress=progress)
+        manifest, manifest_bytes, signature = built.header, built.header_bytes, built.signature
         expected_id = file_id_of(manifest_bytes)
         access = protocol.normalise_access(access, self.config.username)
         grant = self.identity.sign(protocol.grant_payload(expected_id, access))
@@ -271,7 +272,8 @@ class Peer:
             access,
             words,
             int(time.time()),
-            stamp=stamp,
+            stamp=built.stamps[0] if len(built.stamps) == 1 else None,
+            pages=pack_pages(pages_of(built.entry_pages, built.hash_pages)),
         )
         self.registry.add(share)
         return share
@@ -341,15 +343,17 @@ class Peer:
         self._refuse_own(file_id, None)
         with self._authenticated():
             lookup = self.broker.lookup(self._token(), file_id)
-        manifest = verify_lookup(file_id, lookup, self.pins)
-        self._refuse_own(file_id, manifest.owner)  # signed: a broker cannot make it up
+        header = verify_lookup(file_id, lookup, self.pins)
+        self._refuse_own(file_id, header.owner)  # signed: a broker cannot make it up
+        downloader = self._downloader()
+        tree = downloader.fetch_index(file_id, lookup)
         if not force:
-            present = already_downloaded(folder, file_id, manifest)
+            present = already_downloaded(folder, file_id, tree)
             if present is not None:
-                return AlreadyDownloaded(file_id, present, manifest.size, manifest.sha256.hex())
-        check_free_space(folder, file_id, manifest)
+                return AlreadyDownloaded(file_id, present, tree.size, tree.chunk_count)
+        check_free_space(folder, file_id, tree)
         try:
-            return self._download(file_id, lookup, folder, progress)
+            return self._download(downloader, file_id, lookup, tree, folder, progress)
         except KeyboardInterrupt:
             part = partial_path(folder, file_id)
             if not part.exists():
@@ -390,14 +394,8 @@ class Peer:
             where = f" (shared from {share.path})" if share is not None else ""
             raise UsageError(f"{file_id} is your own file{where}; there is nothing to download")
 
-    def _download(
-        self,
-        file_id: str,
-        lookup: protocol.LookupResult,
-        folder: Path,
-        progress: DownloadProgress | None,
-    ) -> DownloadResult:
-        downloader = Downloader(
+    def _downloader(self) -> Downloader:
+        return Downloader(
             self.identity,
             self.pins,
             self._context,
@@ -406,12 +404,22 @@ class Peer:
             self.config.transport_encryption,
             self.config.hello_timeout,
         )
-        result = downloader.fetch(file_id, lookup, folder, progress)
+
+    def _download(
+        self,
+        downloader: Downloader,
+        file_id: str,
+        lookup: protocol.LookupResult,
+        tree: TreeIndex,
+        folder: Path,
+        progress: DownloadProgress | None,
+    ) -> DownloadResult:
+        result = downloader.fetch(file_id, lookup, folder, progress, tree)
         if self.config.seed and lookup.owner != self.config.username:
-            result = dataclasses.replace(result, seeding=self._seed(lookup, result))
+            result = dataclasses.replace(result, seeding=self._seed(lookup, tree, result))
         return result
 
-    def _seed(self, lookup: protocol.LookupResult, result: DownloadResult) -> bool:
+    def _seed(self, lookup: protocol.LookupResult, tree: TreeIndex, result: DownloadResult) -> bool:
         """Serve the downloaded copy too, to those the owner's signed grant allows.
         Best effort: the download itself is done whatever happens here."""
         try:
@@ -421,7 +429,9 @@ class Peer:
                 protocol.grant_payload(lookup.file_id, lookup.access),
                 f"access grant of {lookup.owner}",
             )
-            manifest = decode_manifest(lookup.manifest)
+            manifest = decode_header(lookup.manifest)
+            if tree.pages is None:
+                raise SfsError("the index pages were not kept")
             self.registry.add(
                 Share(
                     lookup.file_id,
@@ -436,6 +446,7 @@ class Peer:
                     owner=lookup.owner,
                     grant=lookup.grant,
                     stamp=result.stamp,
+                    pages=pack_pages(tree.pages),
                 )
             )
             with self._authenticated():

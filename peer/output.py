@@ -249,7 +249,7 @@ def print_download(result: DownloadResult | AlreadyDownloaded, json: bool) -> No
                 "file_id": result.file_id,
                 "path": str(result.path),
                 "size": result.size,
-                "sha256": result.sha256,
+                "chunks": result.chunks,
                 "seconds": round(result.seconds, 3),
                 "bytes": result.bytes_fetched,
                 "holders": result.holders,
@@ -265,9 +265,7 @@ def print_download(result: DownloadResult | AlreadyDownloaded, json: bool) -> No
     stdout.print(
         f"saved {result.path} ({size(result.size)} {sources}, {size(int(rate))}/s{resumed})"
     )
-    # The owner's signed whole-file hash: each chunk was checked against the same signed
-    # manifest, but the whole file is not hashed again (that pass repeated those checks).
-    stdout.print(f"sha256: {result.sha256} (owner-signed; every chunk verified)")
+    stdout.print(f"verified: {result.chunks} chunks, each against the owner-signed tree")
     if result.seeding:
         stdout.print("seeding: `sfs-peer serve` serves this copy too (`unshare` stops it)")
 
@@ -278,4 +276,7 @@ def _already_downloaded(present: AlreadyDownloaded, json: bool) -> None:
         print_json({**document, "already_downloaded": True})
         return
     stdout.print(f"already downloaded: {present.path}")
-    stdout.print(f"sha256: {present.sha256} (verified; --force downloads a second copy)")
+    stdout.print(
+        f"verified: {present.chunks} chunks match the owner-signed tree"
+        " (--force downloads a second copy)"
+    )

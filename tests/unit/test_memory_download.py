@@ -153,7 +153,8 @@ def test_busy_then_served(alice: Identity, bob: Identity, share: Share, tmp_path
     result = fetch(bob, tmp_path, share, alice, dialer, [from_alice])
     assert result.path.read_bytes() == DATA
     assert refusals == 0
-    assert dialer.dialed == [from_alice.endpoint]  # the same channel, hello after hello
+    # One channel for the index, one for the chunks: each keeps its channel, hello after hello.
+    assert dialer.dialed == [from_alice.endpoint] * 2
 
 
 def test_busy_for_longer_than_the_timeout(
