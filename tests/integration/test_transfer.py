@@ -12,20 +12,23 @@ from pathlib import Path
 
 import pytest
 
+from sfs.broker import service
 from sfs.common import crypto, protocol
 from sfs.common.errors import (
     IntegrityError,
+    ProtocolError,
     RemoteError,
     StorageError,
     TransportError,
     TrustError,
     UsageError,
 )
-from sfs.common.manifest import DEFAULT_CHUNK_SIZE, file_id_of
+from sfs.common.manifest import DEFAULT_CHUNK_SIZE, file_id_of, verify_manifest
 from sfs.peer.download import DownloadInterrupted, DownloadResult, OwnerOffline
 from sfs.peer.node import AlreadyDownloaded, Peer
 from sfs.peer.registry import Share
 from sfs.peer.session import NotLoggedIn
+from sfs.peer.share import build_manifest
 from sfs.peer.transfer import HolderService
 from sfs.peer.tree_scan import build_tree
 from tests.integration.conftest import Network
@@ -272,6 +275,29 @@ def test_forged_manifest_signature_refused_before_contacting_holder(
 
     with pytest.raises(IntegrityError, match="tree header signature does not verify"):
         bob.get(share.file_id)
+    assert frames == []
+    assert leftovers(bob.config.download_dir) == []
+
+
+def test_a_share_from_before_the_tree_manifest_is_refused_with_one_line(
+    network: Network, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A version 1 manifest left in a broker's database by an older sfs: refused before
+    any holder is contacted, with what to do."""
+    alice = network.add("alice", serve=True)
+    bob = network.add("bob")
+    write(tmp_path / "old.bin", 1000)
+    old = build_manifest(tmp_path / "old.bin", alice.identity, []).encode()
+    grant = alice.identity.sign(protocol.grant_payload(file_id_of(old), None))
+    with monkeypatch.context() as before_the_upgrade:  # the broker as version 1 had it
+        before_the_upgrade.setattr(service, "verify_header", verify_manifest)
+        file_id = alice.broker.publish(alice._token(), old, alice.identity.sign(old), None, grant)
+    frames = count_holder_frames(monkeypatch)
+    with pytest.raises(ProtocolError) as refused:
+        bob.get(file_id)
+    assert str(refused.value) == (
+        f"{file_id} was shared with an older sfs: its owner must share it again"
+    )
     assert frames == []
     assert leftovers(bob.config.download_dir) == []
 

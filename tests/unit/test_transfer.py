@@ -19,7 +19,7 @@ from sfs.common.errors import IntegrityError, ProtocolError, TrustError
 from sfs.common.identity import KeyBundle
 from sfs.common.manifest import MIN_CHUNK_SIZE, file_id_of, manifest_digest
 from sfs.common.protocol import ErrorCode, Refused
-from sfs.common.tree_index import TreeIndex
+from sfs.common.tree_index import IndexReader, TreeIndex
 from sfs.peer import transfer
 from sfs.peer.keys import Identity, create_identity
 from sfs.peer.partial import PartialFile
@@ -314,6 +314,76 @@ def test_an_interrupted_transfer_resumes_where_it_stopped(
     assert plan.bytes_done - plan.bytes_resumed == len(DATA) - 2 * CHUNK
     assert partial.finish("data.bin").read_bytes() == DATA
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.bin"]
+
+
+# --- index pages ---------------------------------------------------------------------------
+
+
+def as_page(frames: list[bytes]) -> tuple[protocol.PageHeader, bytes]:
+    assert len(frames) == 2
+    envelope = protocol.decode_envelope(frames[0])
+    assert envelope.op == "page", envelope
+    return from_wire(protocol.PageHeader, envelope.body, "page"), frames[1]
+
+
+def test_the_index_pages_come_sealed_and_check_against_the_header(
+    rig: Rig, shared: Shared, bob: Identity, alice: Identity
+) -> None:
+    link = link_for(bob, alice.bundle, shared)
+    connect(rig, link)
+    reader = IndexReader(shared.manifest.header)
+    for kind, index in reader.wanted():
+        header, sealed = as_page(rig.send("page", link.page_request(kind, index)))
+        assert sealed != shared.manifest.pages.page(kind, index)  # not in the clear
+        reader.add(kind, index, link.open_page(header, sealed))
+    tree = reader.finish()
+    assert [entry.path for entry in tree.entries] == ["data.bin"]
+    assert tree.chunk_hashes == shared.manifest.chunk_hashes
+
+
+def test_a_page_out_of_range_or_of_no_transfer_is_refused(
+    rig: Rig, shared: Shared, bob: Identity, alice: Identity
+) -> None:
+    link = link_for(bob, alice.bundle, shared)
+    assert "unknown or expired" in as_error(
+        rig.send("page", protocol.PageRequest(b"\x00" * 16, "entries", 0)), ErrorCode.NOT_FOUND
+    )
+    connect(rig, link)
+    message = as_error(rig.send("page", link.page_request("hashes", 1)), ErrorCode.BAD_REQUEST)
+    assert message == "hashes page 1 is out of range"
+
+
+def test_a_page_sealed_for_another_index_fails_authentication(
+    rig: Rig, shared: Shared, bob: Identity, alice: Identity
+) -> None:
+    link = link_for(bob, alice.bundle, shared)
+    connect(rig, link)
+    header, sealed = as_page(rig.send("page", link.page_request("hashes", 0)))
+    moved = dataclasses.replace(header, kind="entries")
+    with pytest.raises(IntegrityError, match="entries page 0 from alice failed authentication"):
+        link.open_page(moved, sealed)
+
+
+def test_a_page_that_is_not_the_signed_one_is_refused(shared: Shared) -> None:
+    reader = IndexReader(shared.manifest.header)
+    page = shared.manifest.pages.page("hashes", 0)
+    assert page is not None
+    with pytest.raises(IntegrityError, match="hashes page 0 does not match the signed tree header"):
+        reader.add("hashes", 0, flip(page))
+    with pytest.raises(IntegrityError, match="index is incomplete"):
+        reader.finish()
+
+
+def test_a_share_from_before_the_tree_manifest_is_not_served(
+    alice: Identity, bob: Identity
+) -> None:
+    old = share_of(alice, DATA)
+    old = dataclasses.replace(old, share=dataclasses.replace(old.share, pages=b""))
+    rig = Rig(alice, {"data.bin": DATA}, [old])
+    message = as_error(
+        rig.send("hello", link_for(bob, alice.bundle, old).hello()), ErrorCode.NOT_FOUND
+    )
+    assert message == "data.bin was shared with an older sfs: share it again"
 
 
 def test_empty_file_needs_no_chunks(alice: Identity, bob: Identity) -> None:
