@@ -26,7 +26,7 @@ from sfs.peer import cli_options, output, prompts, trust_commands, trust_output
 from sfs.peer.cli_options import FolderOption, PasswordStdin, WideOption
 from sfs.peer.progress import download_progress, progress
 from sfs.peer.prompts import PASSPHRASE_ENV
-from sfs.peer.share import shareable_file
+from sfs.peer.share import shareable
 
 app = new_app("An sfs peer: share files, find them, and download them directly from their owners.")
 
@@ -134,7 +134,9 @@ def share(
     paths: Annotated[
         list[Path],
         typer.Argument(
-            metavar="PATH...", help="The files to share (one id each).", show_default=False
+            metavar="PATH...",
+            help="The files and folders to share (one id each; a folder is one share).",
+            show_default=False,
         ),
     ],
     keyword: Annotated[
@@ -147,20 +149,24 @@ def share(
             "--to", metavar="USER", help="Share only with this user (repeat); default: everyone."
         ),
     ] = None,
+    skip_unsafe: Annotated[
+        bool,
+        typer.Option("--skip-unsafe", help="Leave out links that point outside a shared folder."),
+    ] = False,
     json: JsonOption = False,
     debug: DebugOption = False,
 ) -> None:
-    """Share files with everyone, or only with --to users; one file id each.
+    """Share files and folders with everyone, or only with --to users; one id each.
 
     Each file's manifest is signed and registered at the broker. Every PATH is checked
     before any is shared. With --json: one object for one PATH, a list for several."""
     with cli_options.open_peer(config) as peer:
         me = peer.config.username
-        sources = [shareable_file(path) for path in paths]  # all checked before any is shared
+        sources = [shareable(path) for path in paths]  # all checked before any is shared
         documents = []
         for source in sources:
             with progress("hashing", not json) as bar:
-                shared = peer.share(source, keyword or [], to or [], bar)
+                shared = peer.share(source, keyword or [], to or [], bar, skip_unsafe)
             if json:
                 documents.append(output.share_json(shared, me))
                 continue

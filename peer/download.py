@@ -43,7 +43,7 @@ from sfs.common.errors import (
     TrustError,
 )
 from sfs.common.manifest import file_id_of
-from sfs.common.tree import TreeHeader, verify_header
+from sfs.common.tree import FOLDER, TreeHeader, verify_header
 from sfs.common.tree_index import IndexReader, TreeIndex
 from sfs.peer.channel import Channel
 from sfs.peer.connect import Connector, zmq_connector
@@ -56,6 +56,7 @@ from sfs.peer.receiver import read_chunk as read_chunk  # re-exported: replies a
 from sfs.peer.receiver import read_reply as read_reply
 from sfs.peer.stamps import FileStamp
 from sfs.peer.transfer import ChunkPlan, ReceiverLink
+from sfs.peer.tree_write import build_tree_from
 
 # (bytes done, total, the names of the holders sending chunks now)
 DownloadProgress = Callable[[int, int, list[str]], None]
@@ -83,6 +84,7 @@ class DownloadResult:
     bytes_fetched: int  # over the network; the rest was resumed from an earlier attempt
     chunks_resumed: int
     seeding: bool = False  # this peer now serves its copy too
+    files: int = 1  # files in the share (a folder share holds many)
     stamp: FileStamp | None = None  # the file as linked into place (see `stamps`)
 
 
@@ -356,7 +358,12 @@ class Downloader:
             partial.discard()
             raise
         try:
-            path = partial.finish(safe_filename(manifest.name, fallback=file_id))
+            if manifest.kind == FOLDER:
+                path = partial.finish_tree(
+                    lambda fd: build_tree_from(fd, manifest, folder, file_id)
+                )
+            else:
+                path = partial.finish(safe_filename(manifest.name, fallback=file_id))
         except KeyboardInterrupt:  # every chunk is verified
             partial.keep()
             raise
@@ -376,6 +383,7 @@ class Downloader:
             plan.bytes_done - plan.bytes_resumed,
             plan.resumed,
             stamp=partial.stamp,
+            files=manifest.header.files,
         )
 
     def _usable_holders(

@@ -31,7 +31,7 @@ from sfs.common.errors import (
 from sfs.common.identity import format_fingerprint, safety_code
 from sfs.common.manifest import file_id_of
 from sfs.common.protocol import ErrorCode
-from sfs.common.tree import decode_header
+from sfs.common.tree import FILE, FOLDER, decode_header
 from sfs.common.tree_index import TreeIndex, pack_pages, pages_of
 from sfs.peer import file_ids, keys, leftovers, session
 from sfs.peer.client import BrokerClient
@@ -49,10 +49,11 @@ from sfs.peer.share import (
     Progress,
     check_usernames,
     normalise_keywords,
-    shareable_file,
+    shareable,
 )
 from sfs.peer.transfer import HolderService
 from sfs.peer.tree_scan import build_tree
+from sfs.peer.tree_write import tree_on_disk
 
 log = logging.getLogger("sfs.peer")
 
@@ -248,12 +249,22 @@ class Peer:
         keywords: list[str] | None = None,
         to: list[str] | None = None,
         progress: Progress | None = None,
+        skip_unsafe: bool = False,
     ) -> Share:
-        source = shareable_file(path)
+        """Share a file, or a folder as one share (a tree of many entries)."""
+        source = shareable(path)
         words = normalise_keywords(keywords or [])
         access = check_usernames(to) if to else None
         token = self._token()
-        built = build_tree(source, self.identity, words, progress=progress)
+        built = build_tree(source, self.identity, words, skip_unsafe, progress)
+        left_out = built.scan.special_skipped + built.scan.unsafe_skipped
+        if left_out:
+            log.warning(
+                "left out of %s (not files, folders or links inside it): %s",
+                source,
+                ", ".join(left_out[:20])
+                + (f" and {len(left_out) - 20} more" if len(left_out) > 20 else ""),
+            )
         manifest, manifest_bytes, signature = built.header, built.header_bytes, built.signature
         expected_id = file_id_of(manifest_bytes)
         access = protocol.normalise_access(access, self.config.username)
@@ -272,7 +283,7 @@ class Peer:
             access,
             words,
             int(time.time()),
-            stamp=built.stamps[0] if len(built.stamps) == 1 else None,
+            stamp=built.stamps[0] if manifest.kind == FILE else None,
             pages=pack_pages(pages_of(built.entry_pages, built.hash_pages)),
         )
         self.registry.add(share)
@@ -348,7 +359,11 @@ class Peer:
         downloader = self._downloader()
         tree = downloader.fetch_index(file_id, lookup)
         if not force:
-            present = already_downloaded(folder, file_id, tree)
+            present = (
+                tree_on_disk(folder, tree, file_id)
+                if tree.kind == FOLDER
+                else already_downloaded(folder, file_id, tree)
+            )
             if present is not None:
                 return AlreadyDownloaded(file_id, present, tree.size, tree.chunk_count)
         check_free_space(folder, file_id, tree)

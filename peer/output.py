@@ -250,6 +250,7 @@ def print_download(result: DownloadResult | AlreadyDownloaded, json: bool) -> No
                 "path": str(result.path),
                 "size": result.size,
                 "chunks": result.chunks,
+                "files": result.files,
                 "seconds": round(result.seconds, 3),
                 "bytes": result.bytes_fetched,
                 "holders": result.holders,

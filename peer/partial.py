@@ -328,6 +328,19 @@ class PartialFile:
             _fsync_dir(self.folder)
         return target
 
+    def finish_tree(self, build: Callable[[int], Path]) -> Path:
+        """For a folder share: check that the stream is complete, hand its descriptor to
+        `build` (which makes and names the tree), then remove the stream."""
+        if not self.complete:
+            raise IntegrityError("the download finished with chunks missing")
+        try:
+            os.ftruncate(self._fd, self._manifest.size)
+            target = build(self._fd)
+        except OSError as exc:
+            raise _storage_error(exc, self.folder) from exc
+        self.discard()
+        return target
+
     def keep(self) -> None:
         """Stop, keeping the verified chunks for the next attempt."""
         self._close()

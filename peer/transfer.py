@@ -24,7 +24,7 @@ from sfs.common.errors import IntegrityError, ProtocolError, SfsError, TrustErro
 from sfs.common.identity import KeyBundle
 from sfs.common.manifest import manifest_digest
 from sfs.common.protocol import ErrorCode, Refused
-from sfs.common.tree import TreeHeader
+from sfs.common.tree import FOLDER, TreeHeader
 from sfs.common.tree_hash import blake3_256
 from sfs.common.tree_index import Pages, TreeIndex, index_of, unpack_pages
 from sfs.peer.keys import Identity
@@ -273,6 +273,8 @@ class ChunkJob:
     chunk_hash: bytes
     associated: bytes
     cipher: crypto.ChunkCipher
+    # A folder share: (path in the tree, offset, length) of each file's part of the chunk.
+    pieces: tuple[tuple[str, int, int], ...] = ()
 
     @property
     def lane(self) -> str:
@@ -513,6 +515,12 @@ class HolderService:
         if request.index >= manifest.chunk_count:
             raise Refused(ErrorCode.BAD_REQUEST, f"chunk {request.index} is out of range")
         share = self._still_shared(request.transfer_id, outgoing)
+        pieces: tuple[tuple[str, int, int], ...] = ()
+        if manifest.kind == FOLDER:
+            pieces = tuple(
+                (manifest.files[piece.file].path, piece.offset, piece.length)
+                for piece in manifest.chunks.pieces(request.index)
+            )
         return ChunkJob(
             connection,
             request.transfer_id,
@@ -525,6 +533,7 @@ class HolderService:
                 request.transfer_id, share.file_id, request.index, manifest.chunk_count
             ),
             outgoing.cipher,
+            pieces,
         )
 
     def read(self, job: ChunkJob) -> ChunkOutcome:
@@ -540,7 +549,11 @@ class HolderService:
             changed=True,
         )
         try:
-            read = self._read_chunk(job.share, job.offset, job.length)
+            read = (
+                self._read_pieces(job)
+                if job.pieces
+                else self._read_chunk(job.share, job.offset, job.length)
+            )
         except ChangedSinceShared:
             return changed
         except NotRegularFile as exc:
@@ -561,6 +574,16 @@ class HolderService:
         if len(data) != job.length or not crypto.same_bytes(blake3_256(data), job.chunk_hash):
             return changed
         return job.cipher.seal(job.index, data, job.associated)
+
+    def _read_pieces(self, job: ChunkJob) -> bytes:
+        """A folder share's chunk: the pieces of each file it spans, from the files under
+        the share's folder (each opened without following a link; the hash decides)."""
+        parts = []
+        for path, offset, length in job.pieces:
+            one = dataclasses.replace(job.share, path=job.share.path / path, stamp=None)
+            read = self._read_chunk(one, offset, length)
+            parts.append(read.data if isinstance(read, Unchanged) else read)
+        return b"".join(parts)
 
     def complete(self, job: ChunkJob, outcome: ChunkOutcome) -> list[bytes]:
         """The reply to a chunk request once `read` is done. Nothing is sent for a

@@ -498,3 +498,65 @@ def test_unusable_download_folder(network: Network, tmp_path: Path) -> None:
     with pytest.raises(StorageError, match="cannot write in"):
         bob.get(share.file_id, out=not_a_folder)
     assert not_a_folder.read_text() == "in the way"
+
+
+# --- folders ----------------------------------------------------------------------------
+
+
+def make_folder(root: Path) -> Path:
+    """Nested folders, an empty one, an executable, a relative link, non-ASCII names,
+    an empty file, and a file over a chunk long."""
+    tree = root / "course"
+    (tree / "week 1" / "slides").mkdir(parents=True)
+    (tree / "empty").mkdir()
+    (tree / "week 1" / "notes.txt").write_text("notes\n")
+    (tree / "week 1" / "slides" / "çàfé ☕.pdf").write_bytes(os.urandom(DEFAULT_CHUNK_SIZE + 7))
+    (tree / "run.sh").write_text("#!/bin/sh\necho hi\n")
+    (tree / "run.sh").chmod(0o755)
+    (tree / "zero").write_bytes(b"")
+    (tree / "latest").symlink_to("week 1/notes.txt")
+    return tree
+
+
+def snapshot_tree(root: Path) -> dict[str, tuple[str, int, bytes | str]]:
+    found: dict[str, tuple[str, int, bytes | str]] = {}
+    for path in sorted(root.rglob("*")):
+        info = path.lstat()
+        rel = str(path.relative_to(root))
+        if path.is_symlink():
+            found[rel] = ("link", 0, os.readlink(path))
+        elif path.is_dir():
+            found[rel] = ("folder", info.st_mode & 0o777, "")
+        else:
+            found[rel] = ("file", info.st_mode & 0o777, path.read_bytes())
+    return found
+
+
+def test_a_folder_round_trip_byte_for_byte(network: Network, tmp_path: Path) -> None:
+    alice = network.add("alice", serve=True)
+    bob = network.add("bob")
+    source = make_folder(tmp_path)
+    share = alice.share(source)
+    assert share.name == "course"
+
+    result = bob.get(share.file_id)
+
+    assert isinstance(result, DownloadResult)
+    assert result.path == bob.config.download_dir / "course"
+    assert snapshot_tree(result.path) == snapshot_tree(source)
+    mtime = (source / "week 1" / "notes.txt").stat().st_mtime_ns
+    assert (result.path / "week 1" / "notes.txt").stat().st_mtime_ns == mtime
+    assert leftovers(bob.config.download_dir) == ["course"]  # no staging, no .part
+    assert result.files == 4
+
+    # The same tree there already: said, nothing fetched.
+    again = bob.get(share.file_id)
+    assert isinstance(again, AlreadyDownloaded)
+    assert again.path == result.path
+
+    # Another folder of that name: the tree goes to "course (1)".
+    (result.path / "zero").write_bytes(b"changed")
+    third = bob.get(share.file_id)
+    assert isinstance(third, DownloadResult)
+    assert third.path == bob.config.download_dir / "course (1)"
+    assert snapshot_tree(third.path) == snapshot_tree(source)
