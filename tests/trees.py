@@ -104,3 +104,43 @@ def largest_header(owner: str, owner_fp: bytes, name: str = "big") -> bytes:
         hash_pages=crypto.random_bytes(MAX_CHUNKS // HASHES_PER_PAGE * TREE_HASH_SIZE),
     )
     return header.encode()
+
+
+def crafted_tree(
+    entries: list[Entry],
+    data: bytes,
+    *,
+    name: str = "tree",
+    owner: str = "alice",
+    owner_fp: bytes = b"\x01" * 32,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    counts: tuple[int, int, int] | None = None,
+) -> FileTree:
+    """A folder share of `entries` whose files' bytes, in order, are `data`, as a hostile
+    owner may sign it: nothing here checks the path rules. `counts` (files, folders,
+    links) replaces the true ones, for a header that lies."""
+    entry_pages = entry_pages_of(entries)
+    hashes = b"".join(blake3_256(data[i : i + chunk_size]) for i in range(0, len(data), chunk_size))
+    hash_pages = hash_pages_of(hashes)
+    kinds = [entry.kind for entry in entries]
+    files, folders, links = counts or (kinds.count(FILE), kinds.count(FOLDER), kinds.count("link"))
+    header = TreeHeader(
+        version=TREE_VERSION,
+        share_id=crypto.random_bytes(16),
+        kind=FOLDER,
+        name=name,
+        owner=owner,
+        owner_fp=owner_fp,
+        keywords=[],
+        created=1_700_000_000,
+        files=files,
+        folders=folders,
+        links=links,
+        size=len(data),
+        chunk_size=chunk_size,
+        chunk_count=chunk_count_of(len(data), chunk_size),
+        entry_pages=page_hashes_of(ENTRY_PAGES, entry_pages),
+        hash_pages=page_hashes_of(HASH_PAGES, hash_pages),
+    )
+    pages = Pages(entry_pages, hash_pages)
+    return FileTree(header, header.encode(), pages, TreeIndex(header, entries, hashes, pages))
