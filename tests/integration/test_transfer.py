@@ -560,3 +560,47 @@ def test_a_folder_round_trip_byte_for_byte(network: Network, tmp_path: Path) -> 
     assert isinstance(third, DownloadResult)
     assert third.path == bob.config.download_dir / "course (1)"
     assert snapshot_tree(third.path) == snapshot_tree(source)
+
+
+def test_an_interrupted_folder_get_keeps_verified_chunks_across_files(
+    network: Network, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alice = network.add("alice", serve=True)
+    bob = network.add("bob")
+    source = tmp_path / "data"
+    source.mkdir()
+    for number in range(6):  # 6 files of 0.6 MiB: 4 chunks, most spanning two files
+        (source / f"part-{number}.bin").write_bytes(os.urandom(600_000))
+    share = alice.share(source)
+    original = HolderService._chunk
+
+    def vanish_after_chunk_one(self: HolderService, request, connection):  # type: ignore[no-untyped-def]
+        return original(self, request, connection) if request.index < 2 else []
+
+    monkeypatch.setattr(HolderService, "_chunk", vanish_after_chunk_one)
+    with pytest.raises(DownloadInterrupted):
+        bob.get(share.file_id)
+    assert leftovers(bob.config.download_dir) == [f".sfs-{share.file_id}.part"]
+
+    monkeypatch.setattr(HolderService, "_chunk", original)
+    result = bob.get(share.file_id)
+    assert isinstance(result, DownloadResult)
+    assert (result.chunks_resumed, result.bytes_fetched) == (2, 3_600_000 - 2 * MiB)
+    assert snapshot_tree(result.path) == snapshot_tree(source)
+    assert leftovers(bob.config.download_dir) == ["data"]
+
+
+def test_a_folder_comes_from_the_owner_and_a_seeder_at_once(
+    network: Network, tmp_path: Path
+) -> None:
+    alice = network.add("alice", serve=True)
+    source = make_folder(tmp_path)
+    share = alice.share(source)
+    bob = network.add("bob", serve=True)
+    seeded = bob.get(share.file_id)
+    assert isinstance(seeded, DownloadResult) and seeded.seeding
+    carol = network.add("carol", window=1)
+    result = carol.get(share.file_id)
+    assert isinstance(result, DownloadResult)
+    assert snapshot_tree(result.path) == snapshot_tree(source)
+    assert set(result.holders) <= {"alice", "bob"}
