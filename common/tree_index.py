@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 
 import msgpack
 
@@ -24,6 +25,7 @@ from sfs.common.errors import IntegrityError, ProtocolError
 from sfs.common.tree import (
     ENTRY_PAGES,
     FILE,
+    FOLDER,
     HASH_PAGES,
     Entry,
     TreeHeader,
@@ -111,6 +113,40 @@ class TreeIndex:
 
     def chunk_length(self, index: int) -> int:
         return min(self.chunk_size, self.size - index * self.chunk_size)
+
+    def matching(self, globs: list[str]) -> set[int]:
+        """The entry numbers a `get --include` chooses: paths matching a glob (`*`
+        crosses `/`, as in fnmatch), everything inside a folder that matches, and the
+        folders on the way to each."""
+        chosen: set[int] = set()
+        numbers = {entry.path: number for number, entry in enumerate(self.entries)}
+        matched_folder = ""  # index order: a folder's contents follow it directly
+        for number, entry in enumerate(self.entries):
+            if matched_folder and entry.path.startswith(matched_folder + "/"):
+                chosen.add(number)
+                continue
+            matched_folder = ""
+            if any(fnmatchcase(entry.path, glob) for glob in globs):
+                chosen.add(number)
+                if entry.kind == FOLDER:
+                    matched_folder = entry.path
+        for number in list(chosen):
+            parent = self.entries[number].path.rpartition("/")[0]
+            while parent and numbers[parent] not in chosen:
+                chosen.add(numbers[parent])
+                parent = parent.rpartition("/")[0]
+        return chosen
+
+    def chunks_of_entries(self, entries: set[int]) -> set[int]:
+        """The chunks holding a byte of any chosen file."""
+        files: list[int] = []
+        file_number = 0
+        for number, entry in enumerate(self.entries):
+            if entry.kind == FILE:
+                if number in entries:
+                    files.append(file_number)
+                file_number += 1
+        return set(self.chunks.chunks_for(files))
 
 
 class IndexReader:

@@ -281,10 +281,19 @@ def get(
             "--force", help="Download even if the folder holds the file already (a second copy)."
         ),
     ] = False,
+    include: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--include",
+            metavar="GLOB",
+            help="Of a folder share, fetch only the paths matching GLOB, or inside a "
+            "folder matching it (repeat).",
+        ),
+    ] = None,
     json: JsonOption = False,
     debug: DebugOption = False,
 ) -> None:
-    """Download a file from its owner and seeders, verifying every chunk.
+    """Download a file or folder from its owner and seeders, verifying every chunk.
 
     Every chunk is checked against the owner's signed manifest. Chunks come from
     every online holder at once: the owner, and the seeders (peers that downloaded
@@ -301,7 +310,7 @@ def get(
     """
     with cli_options.open_peer(config) as peer, download_progress(not json) as bar:
         known = {pin.username for pin in peer.peers()}
-        result = peer.get(file_id, out, bar, force=force)
+        result = peer.get(file_id, out, bar, force=force, include=include or [])
         first_contact = [pin for pin in peer.peers() if pin.username not in known]
     trust_output.first_contact(first_contact)
     output.print_download(result, json)

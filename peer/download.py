@@ -43,7 +43,7 @@ from sfs.common.errors import (
     TrustError,
 )
 from sfs.common.manifest import file_id_of
-from sfs.common.tree import FOLDER, TreeHeader, verify_header
+from sfs.common.tree import FILE, FOLDER, TreeHeader, verify_header
 from sfs.common.tree_index import IndexReader, TreeIndex
 from sfs.peer.channel import Channel
 from sfs.peer.connect import Connector, zmq_connector
@@ -184,10 +184,12 @@ class _Download:
     errors: list[SfsError] = field(default_factory=list)
     delivered: dict[str, int] = field(default_factory=dict)  # holder -> chunks received
     sending: set[str] = field(default_factory=set)  # holders sending chunks right now
+    total: int = -1  # bytes of the chunks wanted; -1: all of them
 
     def report(self) -> None:
         if self.progress is not None:
-            self.progress(self.plan.bytes_done, self.manifest.size, sorted(self.sending))
+            total = self.manifest.size if self.total < 0 else self.total
+            self.progress(self.plan.bytes_done, total, sorted(self.sending))
 
     def store(self, holder_name: str, index: int, plaintext: bytes) -> None:
         """Check a chunk against the owner's signed manifest and write it. The hash and
@@ -331,16 +333,27 @@ class Downloader:
         folder: Path,
         progress: DownloadProgress | None = None,
         tree: TreeIndex | None = None,
+        chosen: set[int] | None = None,
     ) -> DownloadResult:
-        """Download the share into `folder`; `tree`: its index, if fetched already."""
+        """Download the share into `folder`; `tree`: its index, if fetched already;
+        `chosen`: of a folder share, only these entries (`TreeIndex.matching`)."""
         started = time.monotonic()
         if tree is None:
             tree = self.fetch_index(file_id, lookup)
         manifest = tree
         holders = self._usable_holders(lookup, manifest.header)
         partial = PartialFile(folder, file_id, manifest)
-        plan = ChunkPlan(manifest, self._window)
+        wanted = None if chosen is None else manifest.chunks_of_entries(chosen)
+        excluded = frozenset(() if wanted is None else set(range(manifest.chunk_count)) - wanted)
+        plan = ChunkPlan(manifest, self._window, excluded=excluded)
         download = _Download(file_id, lookup, manifest, plan, partial, progress)
+        if wanted is not None:
+            download.total = sum(manifest.chunk_length(index) for index in wanted)
+        chosen_files = [
+            entry
+            for number, entry in enumerate(manifest.entries)
+            if entry.kind == FILE and (chosen is None or number in chosen)
+        ]
         try:
             for index in partial.resume():
                 plan.adopt(index)
@@ -360,7 +373,7 @@ class Downloader:
         try:
             if manifest.kind == FOLDER:
                 path = partial.finish_tree(
-                    lambda fd: build_tree_from(fd, manifest, folder, file_id)
+                    lambda fd: build_tree_from(fd, manifest, folder, file_id, chosen), wanted
                 )
             else:
                 path = partial.finish(safe_filename(manifest.name, fallback=file_id))
@@ -376,14 +389,14 @@ class Downloader:
         return DownloadResult(
             file_id,
             path,
-            manifest.size,
-            manifest.chunk_count,
+            sum(entry.size for entry in chosen_files),
+            manifest.chunk_count - len(excluded),
             time.monotonic() - started,
             [name for name, chunks in download.delivered.items() if chunks],
             plan.bytes_done - plan.bytes_resumed,
             plan.resumed,
             stamp=partial.stamp,
-            files=manifest.header.files,
+            files=len(chosen_files),
         )
 
     def _usable_holders(

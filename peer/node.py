@@ -346,6 +346,7 @@ class Peer:
         progress: DownloadProgress | None = None,
         *,
         force: bool = False,
+        include: list[str] | None = None,
     ) -> DownloadResult | AlreadyDownloaded:
         """Download a file; not one's own, and (unless `force`: a second copy) not one
         already in the folder with the same content."""
@@ -358,7 +359,14 @@ class Peer:
         self._refuse_own(file_id, header.owner)  # signed: a broker cannot make it up
         downloader = self._downloader()
         tree = downloader.fetch_index(file_id, lookup)
-        if not force:
+        chosen = None
+        if include:
+            if tree.kind != FOLDER:
+                raise UsageError("--include chooses paths in a folder share; this is a file")
+            chosen = tree.matching(include)
+            if not chosen:
+                raise UsageError(f"nothing in {tree.name} matches {', '.join(include)}")
+        if not force and chosen is None:
             present = (
                 tree_on_disk(folder, tree, file_id)
                 if tree.kind == FOLDER
@@ -368,7 +376,7 @@ class Peer:
                 return AlreadyDownloaded(file_id, present, tree.size, tree.chunk_count)
         check_free_space(folder, file_id, tree)
         try:
-            return self._download(downloader, file_id, lookup, tree, folder, progress)
+            return self._download(downloader, file_id, lookup, tree, folder, progress, chosen)
         except KeyboardInterrupt:
             part = partial_path(folder, file_id)
             if not part.exists():
@@ -428,9 +436,11 @@ class Peer:
         tree: TreeIndex,
         folder: Path,
         progress: DownloadProgress | None,
+        chosen: set[int] | None = None,
     ) -> DownloadResult:
-        result = downloader.fetch(file_id, lookup, folder, progress, tree)
-        if self.config.seed and lookup.owner != self.config.username:
+        result = downloader.fetch(file_id, lookup, folder, progress, tree, chosen)
+        whole = chosen is None  # only a whole copy is seeded
+        if whole and self.config.seed and lookup.owner != self.config.username:
             result = dataclasses.replace(result, seeding=self._seed(lookup, tree, result))
         return result
 

@@ -328,10 +328,13 @@ class PartialFile:
             _fsync_dir(self.folder)
         return target
 
-    def finish_tree(self, build: Callable[[int], Path]) -> Path:
-        """For a folder share: check that the stream is complete, hand its descriptor to
-        `build` (which makes and names the tree), then remove the stream."""
-        if not self.complete:
+    def finish_tree(self, build: Callable[[int], Path], required: set[int] | None = None) -> Path:
+        """For a folder share: check that the stream is complete (or holds every chunk
+        in `required`), hand its descriptor to `build` (which makes and names the
+        tree), then remove the stream."""
+        with self._lock:
+            missing = (required or set(range(self._manifest.chunk_count))) - self._verified
+        if missing:
             raise IntegrityError("the download finished with chunks missing")
         try:
             os.ftruncate(self._fd, self._manifest.size)

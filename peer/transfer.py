@@ -144,15 +144,18 @@ class ChunkPlan:
     bytes_done: int = 0
     resumed: int = 0  # chunks found verified from an earlier attempt
     bytes_resumed: int = 0
+    excluded: frozenset[int] = frozenset()  # not wanted (`get --include`)
     _next: int = 0
     _released: list[int] = field(default_factory=list)  # to claim again, lowest first
 
     @property
     def complete(self) -> bool:
-        return len(self.have) == self.manifest.chunk_count
+        return len(self.have) == self.manifest.chunk_count - len(self.excluded)
 
     def adopt(self, index: int) -> None:
         """A chunk already on disk and verified there: never ask for it."""
+        if index in self.excluded:
+            return
         self.in_flight.discard(index)
         if index in self._released:
             self._released.remove(index)
@@ -173,7 +176,7 @@ class ChunkPlan:
         while len(wanted) < count and self._released:
             wanted.append(self._released.pop(0))
         while len(wanted) < count and self._next < chunks:
-            if self._next not in self.have:
+            if self._next not in self.have and self._next not in self.excluded:
                 wanted.append(self._next)
             self._next += 1
         self.in_flight.update(wanted)

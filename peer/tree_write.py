@@ -103,6 +103,7 @@ class _Builder:
         self.tree = tree
         self.folders: dict[str, int] = {"": root_fd}  # open descriptors of made folders
         self.file_number = 0
+        self.made_files: list[tuple[int, str]] = []  # (folder descriptor, name)
 
     def folder_fd(self, parent: str) -> int:
         return self.folders[parent]
@@ -128,6 +129,7 @@ class _Builder:
             finally:
                 os.close(fd)
             self.file_number += 1
+            self.made_files.append((where, name))
 
     def close(self) -> None:
         for path, fd in self.folders.items():
@@ -152,9 +154,14 @@ def _copy(source: int, target: int, offset: int, length: int) -> None:
         written += done
 
 
-def _finish_metadata(builder: _Builder, tree: TreeIndex, umask: int) -> None:
+def _finish_metadata(
+    builder: _Builder, tree: TreeIndex, umask: int, chosen: set[int] | None
+) -> None:
     """Modes and mtimes, deepest first: making a child changes its folder's mtime."""
-    for entry in reversed(tree.entries):
+    for number in reversed(range(len(tree.entries))):
+        if chosen is not None and number not in chosen:
+            continue
+        entry = tree.entries[number]
         parent, _, name = entry.path.rpartition("/")
         where = builder.folder_fd(parent)
         if entry.kind != LINK:
@@ -164,17 +171,15 @@ def _finish_metadata(builder: _Builder, tree: TreeIndex, umask: int) -> None:
     os.fchmod(builder.root_fd, 0o777 & ~umask)
 
 
-def _sync(builder: _Builder, tree: TreeIndex) -> None:
+def _sync(builder: _Builder) -> None:
     if _syncfs(builder.root_fd):
         return
-    for entry in tree.entries:  # no syncfs: each file, then each folder
-        if entry.kind == FILE:
-            parent, _, name = entry.path.rpartition("/")
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=builder.folder_fd(parent))
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+    for where, name in builder.made_files:  # no syncfs: each file made, then each folder
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=where)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     for fd in builder.folders.values():
         os.fsync(fd)
 
@@ -185,19 +190,25 @@ def _umask() -> int:
     return mask
 
 
-def build_tree_from(part_fd: int, tree: TreeIndex, folder: Path, file_id: str) -> Path:
-    """Cut the verified stream open as `part_fd` into the tree's files, make them durable
-    and give them their name in `folder` (never an existing one: `name (1)`...)."""
+def build_tree_from(
+    part_fd: int, tree: TreeIndex, folder: Path, file_id: str, chosen: set[int] | None = None
+) -> Path:
+    """Cut the verified stream open as `part_fd` into the tree's files (only the
+    entries `chosen`, if given), make them durable and give them their name in
+    `folder` (never an existing one: `name (1)`...)."""
     staging = staging_path(folder, file_id)
     _remove_staging(folder, staging)
     staging.mkdir(0o700)
     root_fd = os.open(staging, _DIR_FLAGS)
     builder = _Builder(root_fd, part_fd, tree)
     try:
-        for entry in tree.entries:
-            builder.add(entry.path, entry.kind, entry.target)
-        _finish_metadata(builder, tree, _umask())
-        _sync(builder, tree)
+        for number, entry in enumerate(tree.entries):
+            if chosen is None or number in chosen:
+                builder.add(entry.path, entry.kind, entry.target)
+            elif entry.kind == FILE:
+                builder.file_number += 1
+        _finish_metadata(builder, tree, _umask(), chosen)
+        _sync(builder)
         built = os.fstat(root_fd)
         target = _name_unused(folder, staging, safe_filename(tree.name, fallback=file_id))
         named = os.lstat(target)

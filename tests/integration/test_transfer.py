@@ -604,3 +604,23 @@ def test_a_folder_comes_from_the_owner_and_a_seeder_at_once(
     assert isinstance(result, DownloadResult)
     assert snapshot_tree(result.path) == snapshot_tree(source)
     assert set(result.holders) <= {"alice", "bob"}
+
+
+def test_get_include_fetches_only_the_chosen_paths(network: Network, tmp_path: Path) -> None:
+    alice = network.add("alice", serve=True)
+    bob = network.add("bob")
+    source = make_folder(tmp_path)
+    share = alice.share(source)
+
+    result = bob.get(share.file_id, include=["week 1/slides", "*.sh"])
+
+    assert isinstance(result, DownloadResult)
+    got = snapshot_tree(result.path)
+    assert set(got) == {"run.sh", "week 1", "week 1/slides", "week 1/slides/çàfé ☕.pdf"}
+    whole = snapshot_tree(source)
+    assert all(got[path] == whole[path] for path in got if got[path][0] == "file")
+    assert result.files == 2
+    assert result.bytes_fetched < DEFAULT_CHUNK_SIZE * 3  # not the whole stream
+    assert not result.seeding
+    with pytest.raises(UsageError, match="nothing in course matches nothing-here"):
+        bob.get(share.file_id, include=["nothing-here"])
