@@ -11,8 +11,10 @@ from datetime import UTC, datetime
 from rich.text import Text
 
 from sfs.common.cli import print_json, printable, stdout
+from sfs.common.errors import ProtocolError
 from sfs.common.identity import format_fingerprint
 from sfs.common.protocol import SearchResult
+from sfs.common.tree import decode_header
 from sfs.peer import tables
 from sfs.peer.download import DownloadResult
 from sfs.peer.leftovers import Cleaned, Leftover
@@ -75,10 +77,27 @@ def warn(message: str) -> None:
     print(f"warning: {printable(message)}", file=sys.stderr)
 
 
+def _kind(share: Share) -> tuple[str, int]:
+    """Whether a share is a file or a folder, and its number of files."""
+    try:
+        header = decode_header(share.manifest)
+    except ProtocolError:  # shared before the tree manifest
+        return "file", 1
+    return header.kind, header.files
+
+
+def _kind_text(share: Share) -> str:
+    kind, files = _kind(share)
+    return "file" if kind == "file" else f"folder, {files:,} files"
+
+
 def share_json(share: Share, me: str) -> dict[str, object]:
+    kind, files = _kind(share)
     return {
         "file_id": share.file_id,
         "name": share.name,
+        "kind": kind,
+        "files": files,
         "size": share.size,
         "path": str(share.path),
         "access": share.access,
@@ -89,7 +108,9 @@ def share_json(share: Share, me: str) -> dict[str, object]:
 
 
 def print_shared(shared: Share) -> None:
-    stdout.print(f"shared {shared.name} ({size(shared.size)}) with {_audience(shared)}")
+    kind, files = _kind(shared)
+    what = f"{size(shared.size)}" if kind == "file" else f"{files:,} files, {size(shared.size)}"
+    stdout.print(f"shared {shared.name} ({what}) with {_audience(shared)}")
     stdout.print(f"file id: {shared.file_id}")
 
 
@@ -109,6 +130,7 @@ def print_shares(
     columns = [
         Column("file id"),
         Column("name", wraps=True, least=28),
+        Column("kind", keep=5),
         Column("size", right=True),
         Column("owner", keep=2),
         Column("shared with", keep=1, wraps=True),
@@ -119,6 +141,7 @@ def print_shares(
         [
             ids[s.file_id],
             s.name,
+            _kind_text(s),
             size(s.size),
             s.owner or "me",
             ", ".join(s.access) if s.access is not None else "everyone",

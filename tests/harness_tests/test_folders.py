@@ -61,6 +61,9 @@ def test_a_real_tree_round_trip_through_the_cli(cluster: Cluster) -> None:
     assert listing(Path(got["path"])) == listing(source)
     again = bob.run("get", file_id).check()
     assert "already downloaded" in again.stdout
+    [listed] = [s for s in alice.run("list", "--json").check().json() if s["file_id"] == file_id]
+    assert (listed["kind"], listed["files"], listed["name"]) == ("folder", 4, "projet été")
+    assert "folder, 4 files" in alice.run("list", "--wide").check().stdout
 
 
 def test_a_link_out_of_the_folder_is_refused_unless_skipped(cluster: Cluster) -> None:
