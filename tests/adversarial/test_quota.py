@@ -48,7 +48,20 @@ def test_sharing_past_the_file_limit_is_refused_with_the_numbers(cluster: Cluste
     alice.share(files[FILES])
 
 
-def test_manifests_past_the_byte_limit_are_refused_with_the_numbers(cluster: Cluster) -> None:
+@pytest.fixture(scope="module")
+def many_files_cluster() -> Iterator[Cluster]:
+    """A broker whose file limit is out of the way: tree headers are at most 70 KB, so
+    reaching 1 MiB takes 16 of them."""
+    with Cluster() as running:
+        running.start_broker(quota_files=100, quota_manifest_mib=MANIFEST_MIB)
+        running.add_peer("bob")
+        yield running
+
+
+def test_manifests_past_the_byte_limit_are_refused_with_the_numbers(
+    many_files_cluster: Cluster,
+) -> None:
+    cluster = many_files_cluster
     """bob publishes crafted manifests directly: 9 MiB each would be as easy."""
     bob = cluster.peers["bob"]
     identity = load_identity(bob.data_dir, "bob")
