@@ -54,7 +54,9 @@ def check_free_space(folder: Path, file_id: str, manifest: TreeIndex) -> None:
         kept = partial_path(folder, file_id).lstat().st_blocks * 512
     except OSError:
         kept = 0
-    needed = max(0, manifest.size - kept)
+    # A folder is written twice: its stream (`.part`), then its files (`tree_write`).
+    copies = 2 if manifest.kind == "folder" else 1
+    needed = max(0, copies * manifest.size - kept)
     existing = folder
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent  # the download creates the folder
