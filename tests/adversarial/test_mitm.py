@@ -69,8 +69,9 @@ class World:
         return hashlib.sha256(self.content).hexdigest()
 
     def get(self, policy: Policy, *args: str, hasty: bool = False) -> Result:
-        """bob downloads the file while `policy` rewrites what alice sends."""
-        self.proxy.use(policy)
+        """bob downloads the file while `policy` rewrites what alice sends on the chunks'
+        connection (the first connection of a `get` fetches the index pages)."""
+        self.proxy.use(policy, skip=1)
         return (self.hasty_bob if hasty else self.bob).run("get", self.file_id, *args)
 
 
