@@ -29,8 +29,9 @@ from sfs.broker.throttle import (
 from sfs.common import crypto, protocol, relay_protocol
 from sfs.common.codec import Record, pack, to_wire
 from sfs.common.errors import IntegrityError, ProtocolError, SfsError, UsageError
-from sfs.common.manifest import file_id_of, verify_manifest
+from sfs.common.manifest import file_id_of
 from sfs.common.protocol import ErrorCode, Refused
+from sfs.common.tree import verify_header
 
 log = logging.getLogger("sfs.broker")
 
@@ -367,7 +368,7 @@ class BrokerService:
     def _publish(self, request: protocol.Publish, caller: Caller) -> Record:
         user = self._session(request.token, caller)
         try:
-            manifest = verify_manifest(request.manifest, request.signature, user.bundle)
+            manifest = verify_header(request.manifest, request.signature, user.bundle)
         except IntegrityError as exc:
             raise Refused(ErrorCode.BAD_REQUEST, f"manifest refused: {exc}") from exc
         if manifest.owner != user.username:

@@ -1,8 +1,8 @@
-"""The sfs wire protocol, version 1: every message broker, peer and tests exchange.
+"""The sfs wire protocol, version 2: every message broker, peer and tests exchange.
 
 Every control frame is one msgpack map, the envelope:
 
-    {"v": 1, "op": <str>, "rid": <int>, "body": <map>}
+    {"v": 2, "op": <str>, "rid": <int>, "body": <map>}
 
 `op` names the record type of `body`; `rid` lets a client match a reply to its
 request (peers use 0). Broker replies use op "result" (body: the request's result
@@ -29,7 +29,7 @@ from sfs.common.codec import MaxLen, Pattern, Range, Record, Size, from_wire, pa
 from sfs.common.errors import ProtocolError, RemoteError, SfsError
 from sfs.common.identity import KeyBundle
 
-VERSION = 1
+VERSION = 2  # 2: shares are tree manifests (header + index pages), BLAKE3 chunks
 
 USERNAME_PATTERN = r"[a-z0-9][a-z0-9._-]{0,31}"
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -593,6 +593,27 @@ class ChunkHeader(Record):
     index: Annotated[int, Range(0, 2**32)]
 
 
+PageKind = Annotated[str, MaxLen(7), Pattern("entries|hashes")]
+
+
+@dataclass(frozen=True)
+class PageRequest(Record):
+    """One page of the share's index (docs/PROTOCOL.md, the tree manifest)."""
+
+    transfer_id: TransferId
+    kind: PageKind
+    index: Annotated[int, Range(0, 2**16)]
+
+
+@dataclass(frozen=True)
+class PageHeader(Record):
+    """Before the sealed page bytes, as a chunk header before a chunk."""
+
+    transfer_id: TransferId
+    kind: PageKind
+    index: Annotated[int, Range(0, 2**16)]
+
+
 @dataclass(frozen=True)
 class Finish(Record):
     """The requester is done with a transfer (finished or cancelled); no reply."""
@@ -603,6 +624,7 @@ class Finish(Record):
 PEER_REQUESTS: dict[str, type[Record]] = {
     "hello": Hello,
     "get": ChunkRequest,
+    "page": PageRequest,
     "finish": Finish,
 }
 # What a data connection may carry: `attach` first, then chunk requests.
@@ -645,3 +667,16 @@ def offer_payload(offer: Offer) -> bytes:
 
 def chunk_associated_data(transfer_id: bytes, file_id: str, index: int, chunk_count: int) -> bytes:
     return pack(["sfs-chunk-v1", transfer_id, file_id, index, chunk_count])
+
+
+# Pages are sealed under the transfer key with nonces apart from every chunk's (chunk
+# indexes stay below 2**32): entry page i uses 2**33 + i, hash page i 2**34 + i.
+_PAGE_NONCE_BASE = {"entries": 2**33, "hashes": 2**34}
+
+
+def page_nonce_index(kind: str, index: int) -> int:
+    return _PAGE_NONCE_BASE[kind] + index
+
+
+def page_associated_data(transfer_id: bytes, file_id: str, kind: str, index: int) -> bytes:
+    return pack(["sfs-page-v2", transfer_id, file_id, kind, index])

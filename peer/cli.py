@@ -142,7 +142,9 @@ def share(
     paths: Annotated[
         list[Path],
         typer.Argument(
-            metavar="PATH...", help="The files to share (one id each).", show_default=False
+            metavar="PATH...",
+            help="The files and folders to share (one id each; a folder is one share).",
+            show_default=False,
         ),
     ],
     keyword: Annotated[
@@ -155,24 +157,28 @@ def share(
             "--to", metavar="USER", help="Share only with this user (repeat); default: everyone."
         ),
     ] = None,
+    skip_unsafe: Annotated[
+        bool,
+        typer.Option("--skip-unsafe", help="Leave out links that point outside a shared folder."),
+    ] = False,
     json: JsonOption = False,
     debug: DebugOption = False,
 ) -> None:
-    """Share files with everyone, or only with --to users; one file id each.
+    """Share files and folders with everyone, or only with --to users; one id each.
 
     Each file's manifest is signed and registered at the broker. Every PATH is checked
     before any is shared. With --json: one object for one PATH, a list for several."""
     from sfs.peer import output
     from sfs.peer.progress import progress
-    from sfs.peer.share import shareable_file
+    from sfs.peer.share import shareable
 
     with cli_options.open_peer(config) as peer:
         me = peer.config.username
-        sources = [shareable_file(path) for path in paths]  # all checked before any is shared
+        sources = [shareable(path) for path in paths]  # all checked before any is shared
         documents = []
         for source in sources:
             with progress("hashing", not json) as bar:
-                shared = peer.share(source, keyword or [], to or [], bar)
+                shared = peer.share(source, keyword or [], to or [], bar, skip_unsafe)
             if json:
                 documents.append(output.share_json(shared, me))
                 continue
@@ -295,10 +301,19 @@ def get(
             "--force", help="Download even if the folder holds the file already (a second copy)."
         ),
     ] = False,
+    include: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--include",
+            metavar="GLOB",
+            help="Of a folder share, fetch only the paths matching GLOB, or inside a "
+            "folder matching it (repeat).",
+        ),
+    ] = None,
     json: JsonOption = False,
     debug: DebugOption = False,
 ) -> None:
-    """Download a file from its owner and seeders, verifying every chunk.
+    """Download a file or folder from its owner and seeders, verifying every chunk.
 
     Every chunk is checked against the owner's signed manifest. Chunks come from
     every online holder at once: the owner, and the seeders (peers that downloaded
@@ -318,7 +333,7 @@ def get(
 
     with cli_options.open_peer(config) as peer, download_progress(not json) as bar:
         known = {pin.username for pin in peer.peers()}
-        result = peer.get(file_id, out, bar, force=force)
+        result = peer.get(file_id, out, bar, force=force, include=include or [])
         first_contact = [pin for pin in peer.peers() if pin.username not in known]
     trust_output.first_contact(first_contact)
     output.print_download(result, json)

@@ -34,6 +34,7 @@ from pathlib import Path
 import zmq
 
 from sfs.common import crypto, protocol
+from sfs.common.codec import from_wire, unpack
 from sfs.common.errors import (
     IntegrityError,
     ProtocolError,
@@ -43,18 +44,21 @@ from sfs.common.errors import (
     TransportError,
     TrustError,
 )
-from sfs.common.manifest import Manifest, file_id_of, verify_manifest
+from sfs.common.manifest import file_id_of
+from sfs.common.tree import FILE, FOLDER, TreeHeader, verify_header
+from sfs.common.tree_index import IndexReader, TreeIndex
 from sfs.peer.channel import Channel, RelayChannel
 from sfs.peer.connect import Connector, DataDialer, ZmqDataDialer, zmq_connector
 from sfs.peer.hints import hints_of
 from sfs.peer.keys import Identity
 from sfs.peer.partial import PartialFile, safe_filename
 from sfs.peer.pins import PinStore
-from sfs.peer.receiver import Offered, ReceiverSession, Sealed, SetAside
+from sfs.peer.receiver import Offered, ReceiverSession, Sealed, SetAside, malformed_from
 from sfs.peer.receiver import read_chunk as read_chunk  # re-exported: replies are read there
 from sfs.peer.receiver import read_reply as read_reply
 from sfs.peer.stamps import FileStamp
 from sfs.peer.transfer import ChunkPlan, ReceiverLink
+from sfs.peer.tree_write import build_tree_from
 
 # (bytes done, total, the names of the holders sending chunks now)
 DownloadProgress = Callable[[int, int, list[str]], None]
@@ -81,29 +85,44 @@ class DownloadResult:
     file_id: str
     path: Path
     size: int
-    sha256: str
+    chunks: int  # each checked against its BLAKE3 hash in the owner-signed tree
     seconds: float
     holders: list[str]  # those that sent chunks
     bytes_fetched: int  # over the network; the rest was resumed from an earlier attempt
     chunks_resumed: int
     seeding: bool = False  # this peer now serves its copy too
+    files: int = 1  # files in the share (a folder share holds many)
     stamp: FileStamp | None = None  # the file as linked into place (see `stamps`)
     # holder -> the way its channel went (`tcp://...` direct, `relay tcp://...`)
     paths: dict[str, str] = field(default_factory=dict)
 
 
-def verify_lookup(file_id: str, lookup: protocol.LookupResult, pins: PinStore) -> Manifest:
-    """Everything checked before a holder is contacted: that the manifest is the file
-    id's, the owner's key against its pin, and the owner's signature over the manifest.
+OLDER_SHARE = "{} was shared with an older sfs: its owner must share it again"
+
+
+def verify_lookup(file_id: str, lookup: protocol.LookupResult, pins: PinStore) -> TreeHeader:
+    """Everything checked before a holder is contacted: that the tree header is the file
+    id's, the owner's key against its pin, and the owner's signature over the header.
     A first-seen key is pinned only once everything holds."""
     if lookup.file_id != file_id or file_id_of(lookup.manifest) != file_id:
         raise IntegrityError(f"the broker returned a manifest that is not file {file_id}")
     pins.check(lookup.owner, lookup.owner_bundle, pin_new=False)
-    manifest = verify_manifest(lookup.manifest, lookup.signature, lookup.owner_bundle)
-    if manifest.owner != lookup.owner:
+    if _is_version_1(lookup.manifest):
+        raise ProtocolError(OLDER_SHARE.format(file_id))
+    header = verify_header(lookup.manifest, lookup.signature, lookup.owner_bundle)
+    if header.owner != lookup.owner:
         raise IntegrityError("the manifest names a different owner than the broker reported")
     pins.check(lookup.owner, lookup.owner_bundle)
-    return manifest
+    return header
+
+
+def _is_version_1(manifest: bytes) -> bool:
+    """A version 1 file manifest (brokers keep those from before the upgrade)."""
+    try:
+        value = unpack(manifest)
+    except ProtocolError:
+        return False
+    return isinstance(value, dict) and value.get("version") == 1
 
 
 class DownloadInterrupted(SfsError):
@@ -164,7 +183,7 @@ class _Download:
 
     file_id: str
     lookup: protocol.LookupResult
-    manifest: Manifest
+    manifest: TreeIndex
     plan: ChunkPlan
     partial: PartialFile
     progress: DownloadProgress | None
@@ -176,10 +195,12 @@ class _Download:
     delivered: dict[str, int] = field(default_factory=dict)  # holder -> chunks received
     sending: set[str] = field(default_factory=set)  # holders sending chunks right now
     paths: dict[str, str] = field(default_factory=dict)  # holder -> its channel's address
+    total: int = -1  # bytes of the chunks wanted; -1: all of them
 
     def report(self) -> None:
         if self.progress is not None:
-            self.progress(self.plan.bytes_done, self.manifest.size, sorted(self.sending))
+            total = self.manifest.size if self.total < 0 else self.total
+            self.progress(self.plan.bytes_done, total, sorted(self.sending))
 
     def store(self, holder_name: str, index: int, plaintext: bytes) -> None:
         """Check a chunk against the owner's signed manifest and write it. The hash and
@@ -239,19 +260,117 @@ class Downloader:
         self._hello_timeout = hello_timeout
         self._clock = clock
 
+    def fetch_index(self, file_id: str, lookup: protocol.LookupResult) -> TreeIndex:
+        """The share's index from the first holder that serves it whole, each page checked
+        against the signed header and the whole tree against the path rules before it is
+        returned. A holder whose pages do not check out is not asked again."""
+        header = verify_lookup(file_id, lookup, self._pins)
+        errors: list[SfsError] = []
+        for holder in self._usable_holders(lookup, header):
+            try:
+                return self._index_from(holder, file_id, lookup, header)
+            except IntegrityError as exc:
+                if str(exc).startswith("unsafe tree"):  # the owner's own tree: nobody can help
+                    raise
+                errors.append(exc)
+            except (TrustError, ProtocolError, RemoteError, TransportError) as exc:
+                errors.append(exc)
+        raise _most_telling(errors)
+
+    def _index_from(
+        self,
+        holder: protocol.Holder,
+        file_id: str,
+        lookup: protocol.LookupResult,
+        header: TreeHeader,
+    ) -> TreeIndex:
+        link = ReceiverLink(
+            self._identity, file_id, header, lookup.manifest, holder.username, holder.bundle
+        )
+        session = ReceiverSession(link, self._window, self._timeout, self._timeout, self._clock())
+        reader = IndexReader(header)
+
+        def interrupt() -> None:
+            session.expire(self._clock(), False)
+
+        channel = self._connector.connect(holder, hints_of(holder), interrupt)
+        try:
+            channel.send(session.connected(channel.address, self._clock()))
+            while session.room == 0:  # until the offer
+                now = self._clock()
+                for frames in session.due(now):
+                    channel.send(frames)
+                reply = channel.receive(session.wait(now))
+                if reply is None:
+                    session.expire(self._clock(), False)
+                    continue
+                session.receive(reply, self._clock())
+            wanted = reader.wanted()
+            ahead = 0  # pages asked for and not yet received
+            for kind, index in wanted[: self._window]:
+                channel.send([protocol.encode("page", link.page_request(kind, index))])
+                ahead += 1
+            asked = ahead
+            while ahead:
+                reply = channel.receive(self._timeout)
+                if reply is None:
+                    raise TransportError(
+                        f"{holder.username} did not send the share's index within "
+                        f"{self._timeout:g} s"
+                    )
+                envelope, payload = read_reply(reply, holder.username)
+                if envelope.op != "page" or payload is None:
+                    raise ProtocolError(f"{holder.username} sent a malformed index page")
+                with malformed_from(holder.username):
+                    page_header = from_wire(protocol.PageHeader, envelope.body, "page")
+                page = link.open_page(page_header, payload)
+                if (page_header.kind, page_header.index) not in wanted:
+                    raise IntegrityError(f"{holder.username} sent a page nobody asked for")
+                try:
+                    reader.add(page_header.kind, page_header.index, page)
+                except IntegrityError as exc:
+                    raise IntegrityError(f"{holder.username}: {exc}") from exc
+                ahead -= 1
+                if asked < len(wanted):
+                    kind, index = wanted[asked]
+                    channel.send([protocol.encode("page", link.page_request(kind, index))])
+                    asked, ahead = asked + 1, ahead + 1
+        finally:
+            goodbye = session.finish()
+            if goodbye is not None:
+                with contextlib.suppress(TransportError):
+                    channel.send(goodbye)
+            channel.close()
+        return reader.finish()
+
     def fetch(
         self,
         file_id: str,
         lookup: protocol.LookupResult,
         folder: Path,
         progress: DownloadProgress | None = None,
+        tree: TreeIndex | None = None,
+        chosen: set[int] | None = None,
     ) -> DownloadResult:
+        """Download the share into `folder`; `tree`: its index, if fetched already;
+        `chosen`: of a folder share, only these entries (`TreeIndex.matching`)."""
         started = time.monotonic()
-        manifest = verify_lookup(file_id, lookup, self._pins)
-        holders = self._usable_holders(lookup, manifest)
+        if tree is None:
+            tree = self.fetch_index(file_id, lookup)
+        manifest = tree
+        holders = self._usable_holders(lookup, manifest.header)
         partial = PartialFile(folder, file_id, manifest)
-        plan = ChunkPlan(manifest, self._window)
+        wanted = None if chosen is None else manifest.chunks_of_entries(chosen)
+        excluded = frozenset(() if wanted is None else set(range(manifest.chunk_count)) - wanted)
+        plan = ChunkPlan(manifest, self._window, excluded=excluded)
         download = _Download(file_id, lookup, manifest, plan, partial, progress)
+        if wanted is not None:
+            download.total = sum(manifest.chunk_length(index) for index in wanted)
+        chosen_files = [
+            entry
+            for number, entry in enumerate(manifest.entries)
+            if entry.kind == FILE and (chosen is None or number in chosen)
+        ]
         try:
             for index in partial.resume():
                 plan.adopt(index)
@@ -269,7 +388,12 @@ class Downloader:
             partial.discard()
             raise
         try:
-            path = partial.finish(safe_filename(manifest.name, fallback=file_id))
+            if manifest.kind == FOLDER:
+                path = partial.finish_tree(
+                    lambda fd: build_tree_from(fd, manifest, folder, file_id, chosen), wanted
+                )
+            else:
+                path = partial.finish(safe_filename(manifest.name, fallback=file_id))
         except KeyboardInterrupt:  # every chunk is verified
             partial.keep()
             raise
@@ -282,18 +406,19 @@ class Downloader:
         return DownloadResult(
             file_id,
             path,
-            manifest.size,
-            manifest.sha256.hex(),
+            sum(entry.size for entry in chosen_files),
+            manifest.chunk_count - len(excluded),
             time.monotonic() - started,
             [name for name, chunks in download.delivered.items() if chunks],
             plan.bytes_done - plan.bytes_resumed,
             plan.resumed,
             stamp=partial.stamp,
             paths={n: a for n, a in download.paths.items() if download.delivered.get(n)},
+            files=len(chosen_files),
         )
 
     def _usable_holders(
-        self, lookup: protocol.LookupResult, manifest: Manifest
+        self, lookup: protocol.LookupResult, manifest: TreeHeader
     ) -> list[protocol.Holder]:
         """The online holders whose keys pass their pins (pinning new ones); not us."""
         usable, refused = [], []
@@ -365,7 +490,7 @@ class Downloader:
             link = ReceiverLink(
                 self._identity,
                 download.file_id,
-                download.manifest,
+                download.manifest.header,
                 download.lookup.manifest,
                 holder.username,
                 holder.bundle,

@@ -30,8 +30,10 @@ from sfs.common.errors import (
     UsageError,
 )
 from sfs.common.identity import format_fingerprint, safety_code
-from sfs.common.manifest import decode_manifest, file_id_of
+from sfs.common.manifest import file_id_of
 from sfs.common.protocol import ErrorCode
+from sfs.common.tree import FILE, FOLDER, decode_header
+from sfs.common.tree_index import TreeIndex, pack_pages, pages_of
 from sfs.peer import file_ids, keys, leftovers, session
 from sfs.peer.client import BrokerClient
 from sfs.peer.partial import partial_path
@@ -41,14 +43,15 @@ from sfs.peer.registry import Share, ShareRegistry
 from sfs.peer.serve_lock import serve_lock
 from sfs.peer.share import (
     Progress,
-    build_stamped_manifest,
     check_usernames,
     normalise_keywords,
-    shareable_file,
+    shareable,
 )
+from sfs.peer.tree_scan import build_tree
+from sfs.peer.tree_write import tree_on_disk
 
 if TYPE_CHECKING:
-    from sfs.peer.download import DownloadProgress, DownloadResult
+    from sfs.peer.download import Downloader, DownloadProgress, DownloadResult
 
 log = logging.getLogger("sfs.peer")
 
@@ -71,7 +74,7 @@ class AlreadyDownloaded:
     file_id: str
     path: Path
     size: int
-    sha256: str
+    chunks: int  # each checked against its BLAKE3 hash in the owner-signed tree
 
 
 @dataclass(frozen=True)
@@ -251,14 +254,23 @@ class Peer:
         keywords: list[str] | None = None,
         to: list[str] | None = None,
         progress: Progress | None = None,
+        skip_unsafe: bool = False,
     ) -> Share:
-        source = shareable_file(path)
+        """Share a file, or a folder as one share (a tree of many entries)."""
+        source = shareable(path)
         words = normalise_keywords(keywords or [])
         access = check_usernames(to) if to else None
         token = self._token()
-        manifest, stamp = build_stamped_manifest(source, self.identity, words, progress)
-        manifest_bytes = manifest.encode()
-        signature = self.identity.sign(manifest_bytes)
+        built = build_tree(source, self.identity, words, skip_unsafe, progress)
+        left_out = built.scan.special_skipped + built.scan.unsafe_skipped
+        if left_out:
+            log.warning(
+                "left out of %s (not files, folders or links inside it): %s",
+                source,
+                ", ".join(left_out[:20])
+                + (f" and {len(left_out) - 20} more" if len(left_out) > 20 else ""),
+            )
+        manifest, manifest_bytes, signature = built.header, built.header_bytes, built.signature
         expected_id = file_id_of(manifest_bytes)
         access = protocol.normalise_access(access, self.config.username)
         grant = self.identity.sign(protocol.grant_payload(expected_id, access))
@@ -276,7 +288,8 @@ class Peer:
             access,
             words,
             int(time.time()),
-            stamp=stamp,
+            stamp=built.stamps[0] if manifest.kind == FILE else None,
+            pages=pack_pages(pages_of(built.entry_pages, built.hash_pages)),
         )
         self.registry.add(share)
         return share
@@ -338,6 +351,7 @@ class Peer:
         progress: DownloadProgress | None = None,
         *,
         force: bool = False,
+        include: list[str] | None = None,
     ) -> DownloadResult | AlreadyDownloaded:
         """Download a file; not one's own, and (unless `force`: a second copy) not one
         already in the folder with the same content."""
@@ -348,15 +362,28 @@ class Peer:
         self._refuse_own(file_id, None)
         with self._authenticated():
             lookup = self.broker.lookup(self._token(), file_id)
-        manifest = verify_lookup(file_id, lookup, self.pins)
-        self._refuse_own(file_id, manifest.owner)  # signed: a broker cannot make it up
-        if not force:
-            present = already_downloaded(folder, file_id, manifest)
+        header = verify_lookup(file_id, lookup, self.pins)
+        self._refuse_own(file_id, header.owner)  # signed: a broker cannot make it up
+        downloader = self._downloader(file_id)
+        tree = downloader.fetch_index(file_id, lookup)
+        chosen = None
+        if include:
+            if tree.kind != FOLDER:
+                raise UsageError("--include chooses paths in a folder share; this is a file")
+            chosen = tree.matching(include)
+            if not chosen:
+                raise UsageError(f"nothing in {tree.name} matches {', '.join(include)}")
+        if not force and chosen is None:
+            present = (
+                tree_on_disk(folder, tree, file_id)
+                if tree.kind == FOLDER
+                else already_downloaded(folder, file_id, tree)
+            )
             if present is not None:
-                return AlreadyDownloaded(file_id, present, manifest.size, manifest.sha256.hex())
-        check_free_space(folder, file_id, manifest)
+                return AlreadyDownloaded(file_id, present, tree.size, tree.chunk_count)
+        check_free_space(folder, file_id, tree)
         try:
-            return self._download(file_id, lookup, folder, progress)
+            return self._download(downloader, file_id, lookup, tree, folder, progress, chosen)
         except KeyboardInterrupt:
             part = partial_path(folder, file_id)
             if not part.exists():
@@ -397,23 +424,18 @@ class Peer:
             where = f" (shared from {share.path})" if share is not None else ""
             raise UsageError(f"{file_id} is your own file{where}; there is nothing to download")
 
-    def _download(
-        self,
-        file_id: str,
-        lookup: protocol.LookupResult,
-        folder: Path,
-        progress: DownloadProgress | None,
-    ) -> DownloadResult:
+    def _downloader(self, file_id: str) -> Downloader:
         from sfs.peer.connect import zmq_connector
         from sfs.peer.download import Downloader
 
         lock = threading.Lock()  # holders' threads share this peer's broker client
 
         def tickets(holder: str) -> tuple[bytes, bytes]:
+            """A relay ticket for `holder` and this file, from the broker."""
             with lock, self._authenticated():
                 return self.broker.ticket(self._token(), file_id, holder)
 
-        downloader = Downloader(
+        return Downloader(
             self.identity,
             self.pins,
             self._context,
@@ -429,12 +451,24 @@ class Peer:
                 tickets,
             ),
         )
-        result = downloader.fetch(file_id, lookup, folder, progress)
-        if self.config.seed and lookup.owner != self.config.username:
-            result = dataclasses.replace(result, seeding=self._seed(lookup, result))
+
+    def _download(
+        self,
+        downloader: Downloader,
+        file_id: str,
+        lookup: protocol.LookupResult,
+        tree: TreeIndex,
+        folder: Path,
+        progress: DownloadProgress | None,
+        chosen: set[int] | None = None,
+    ) -> DownloadResult:
+        result = downloader.fetch(file_id, lookup, folder, progress, tree, chosen)
+        whole = chosen is None  # only a whole copy is seeded
+        if whole and self.config.seed and lookup.owner != self.config.username:
+            result = dataclasses.replace(result, seeding=self._seed(lookup, tree, result))
         return result
 
-    def _seed(self, lookup: protocol.LookupResult, result: DownloadResult) -> bool:
+    def _seed(self, lookup: protocol.LookupResult, tree: TreeIndex, result: DownloadResult) -> bool:
         """Serve the downloaded copy too, to those the owner's signed grant allows.
         Best effort: the download itself is done whatever happens here."""
         try:
@@ -444,7 +478,9 @@ class Peer:
                 protocol.grant_payload(lookup.file_id, lookup.access),
                 f"access grant of {lookup.owner}",
             )
-            manifest = decode_manifest(lookup.manifest)
+            manifest = decode_header(lookup.manifest)
+            if tree.pages is None:
+                raise SfsError("the index pages were not kept")
             self.registry.add(
                 Share(
                     lookup.file_id,
@@ -459,6 +495,7 @@ class Peer:
                     owner=lookup.owner,
                     grant=lookup.grant,
                     stamp=result.stamp,
+                    pages=pack_pages(tree.pages),
                 )
             )
             with self._authenticated():

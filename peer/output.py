@@ -12,8 +12,10 @@ from typing import TYPE_CHECKING
 from rich.text import Text
 
 from sfs.common.cli import print_json, printable, stdout
+from sfs.common.errors import ProtocolError
 from sfs.common.identity import format_fingerprint
 from sfs.common.protocol import SearchResult
+from sfs.common.tree import decode_header
 from sfs.peer import tables
 from sfs.peer.leftovers import Cleaned, Leftover
 from sfs.peer.node import AlreadyDownloaded
@@ -78,10 +80,27 @@ def warn(message: str) -> None:
     print(f"warning: {printable(message)}", file=sys.stderr)
 
 
+def _kind(share: Share) -> tuple[str, int]:
+    """Whether a share is a file or a folder, and its number of files."""
+    try:
+        header = decode_header(share.manifest)
+    except ProtocolError:  # shared before the tree manifest
+        return "file", 1
+    return header.kind, header.files
+
+
+def _kind_text(share: Share) -> str:
+    kind, files = _kind(share)
+    return "file" if kind == "file" else f"folder, {files:,} files"
+
+
 def share_json(share: Share, me: str) -> dict[str, object]:
+    kind, files = _kind(share)
     return {
         "file_id": share.file_id,
         "name": share.name,
+        "kind": kind,
+        "files": files,
         "size": share.size,
         "path": str(share.path),
         "access": share.access,
@@ -92,7 +111,9 @@ def share_json(share: Share, me: str) -> dict[str, object]:
 
 
 def print_shared(shared: Share) -> None:
-    stdout.print(f"shared {shared.name} ({size(shared.size)}) with {_audience(shared)}")
+    kind, files = _kind(shared)
+    what = f"{size(shared.size)}" if kind == "file" else f"{files:,} files, {size(shared.size)}"
+    stdout.print(f"shared {shared.name} ({what}) with {_audience(shared)}")
     stdout.print(f"file id: {shared.file_id}")
 
 
@@ -112,6 +133,7 @@ def print_shares(
     columns = [
         Column("file id"),
         Column("name", wraps=True, least=28),
+        Column("kind", keep=5),
         Column("size", right=True),
         Column("owner", keep=2),
         Column("shared with", keep=1, wraps=True),
@@ -122,6 +144,7 @@ def print_shares(
         [
             ids[s.file_id],
             s.name,
+            _kind_text(s),
             size(s.size),
             s.owner or "me",
             ", ".join(s.access) if s.access is not None else "everyone",
@@ -252,7 +275,8 @@ def print_download(result: DownloadResult | AlreadyDownloaded, json: bool) -> No
                 "file_id": result.file_id,
                 "path": str(result.path),
                 "size": result.size,
-                "sha256": result.sha256,
+                "chunks": result.chunks,
+                "files": result.files,
                 "seconds": round(result.seconds, 3),
                 "bytes": result.bytes_fetched,
                 "holders": result.holders,
@@ -269,9 +293,7 @@ def print_download(result: DownloadResult | AlreadyDownloaded, json: bool) -> No
     stdout.print(
         f"saved {result.path} ({size(result.size)} {sources}, {size(int(rate))}/s{resumed})"
     )
-    # The owner's signed whole-file hash: each chunk was checked against the same signed
-    # manifest, but the whole file is not hashed again (that pass repeated those checks).
-    stdout.print(f"sha256: {result.sha256} (owner-signed; every chunk verified)")
+    stdout.print(f"verified: {result.chunks} chunks, each against the owner-signed tree")
     if result.seeding:
         stdout.print("seeding: `sfs-peer serve` serves this copy too (`unshare` stops it)")
 
@@ -282,4 +304,7 @@ def _already_downloaded(present: AlreadyDownloaded, json: bool) -> None:
         print_json({**document, "already_downloaded": True})
         return
     stdout.print(f"already downloaded: {present.path}")
-    stdout.print(f"sha256: {present.sha256} (verified; --force downloads a second copy)")
+    stdout.print(
+        f"verified: {present.chunks} chunks match the owner-signed tree"
+        " (--force downloads a second copy)"
+    )

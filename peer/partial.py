@@ -2,7 +2,7 @@
 chunk at each chunk's offset, then checked, fsynced and linked into place.
 
 The final path never holds unverified bytes: `write` takes only a chunk that matches its
-SHA-256 and length in the owner's signed manifest, and `finish` refuses the file unless
+BLAKE3 hash and length in the owner's signed manifest, and `finish` refuses the file unless
 every chunk index was verified exactly once, so the file is the manifest's byte for byte
 without a second, whole-file hash. Until then the data lives only in
 `.sfs-<file id>.part`. The final name is given to the
@@ -12,7 +12,7 @@ never straight from the network, and never replaces an existing file.
 
 Resume: the temporary file's name depends only on the file id, so a download that was
 interrupted (Ctrl-C, a holder gone, the process killed) finds its bytes again. They are
-trusted only chunk by chunk, by their SHA-256 in the owner's signed manifest, so no
+trusted only chunk by chunk, by their BLAKE3 hash in the owner's signed manifest, so no
 record of what was written is needed and nothing a crash left half-written is kept.
 Each download holds an exclusive `flock` on the file: two downloads of one file into
 one folder cannot mix.
@@ -32,7 +32,8 @@ from pathlib import Path
 
 from sfs.common import crypto
 from sfs.common.errors import IntegrityError, StorageError
-from sfs.common.manifest import Manifest
+from sfs.common.tree_hash import blake3_256
+from sfs.common.tree_index import TreeIndex
 from sfs.peer.stamps import FileStamp, stamp_of
 
 MAX_NAME_BYTES = 255
@@ -218,7 +219,7 @@ def _same_file(path: Path, fd: int) -> bool:
 
 
 class PartialFile:
-    def __init__(self, folder: Path, file_id: str, manifest: Manifest) -> None:
+    def __init__(self, folder: Path, file_id: str, manifest: TreeIndex) -> None:
         self.folder = folder
         self.path = partial_path(folder, file_id)
         self._manifest = manifest
@@ -279,7 +280,7 @@ class PartialFile:
         return (
             0 <= index < manifest.chunk_count
             and len(data) == manifest.chunk_length(index)
-            and crypto.same_bytes(crypto.sha256(data), manifest.chunk_hash(index))
+            and crypto.same_bytes(blake3_256(data), manifest.chunk_hash(index))
         )
 
     def write(self, index: int, data: bytes) -> None:
@@ -325,6 +326,22 @@ class PartialFile:
         self._close()
         with contextlib.suppress(OSError):  # the file is complete; this only hurries the disk
             _fsync_dir(self.folder)
+        return target
+
+    def finish_tree(self, build: Callable[[int], Path], required: set[int] | None = None) -> Path:
+        """For a folder share: check that the stream is complete (or holds every chunk
+        in `required`), hand its descriptor to `build` (which makes and names the
+        tree), then remove the stream."""
+        with self._lock:
+            missing = (required or set(range(self._manifest.chunk_count))) - self._verified
+        if missing:
+            raise IntegrityError("the download finished with chunks missing")
+        try:
+            os.ftruncate(self._fd, self._manifest.size)
+            target = build(self._fd)
+        except OSError as exc:
+            raise _storage_error(exc, self.folder) from exc
+        self.discard()
         return target
 
     def keep(self) -> None:

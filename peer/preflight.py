@@ -2,8 +2,8 @@
 folder, and is there room for it.
 
 Only local paths are read: the file name comes from `safe_filename` over the owner-signed
-manifest (checked before this runs), and a file counts as already downloaded only if
-its size and SHA-256 match that manifest.
+tree (checked before this runs), and a file counts as already downloaded only if its
+size and every chunk's BLAKE3 hash match that tree's index.
 """
 
 from __future__ import annotations
@@ -15,13 +15,12 @@ from pathlib import Path
 
 from sfs.common import crypto
 from sfs.common.errors import StorageError
-from sfs.common.manifest import Manifest
+from sfs.common.tree_hash import blake3_256
+from sfs.common.tree_index import TreeIndex
 from sfs.peer.partial import partial_path, safe_filename
 
-_READ_SIZE = 1 << 20
 
-
-def already_downloaded(folder: Path, file_id: str, manifest: Manifest) -> Path | None:
+def already_downloaded(folder: Path, file_id: str, manifest: TreeIndex) -> Path | None:
     """The file in `folder` under the name a download would take, if it holds exactly
     the manifest's content; else None (missing, another file, unreadable)."""
     path = folder / safe_filename(manifest.name, fallback=file_id)
@@ -34,24 +33,30 @@ def already_downloaded(folder: Path, file_id: str, manifest: Manifest) -> Path |
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode) or info.st_size != manifest.size:
             return None
-        digest = crypto.new_sha256()
-        while block := os.read(fd, _READ_SIZE):
-            digest.update(block)
+        for index in range(manifest.chunk_count):
+            length = manifest.chunk_length(index)
+            block = os.pread(fd, length, index * manifest.chunk_size)
+            if len(block) != length or not crypto.same_bytes(
+                blake3_256(block), manifest.chunk_hash(index)
+            ):
+                return None
     except OSError:
         return None
     finally:
         os.close(fd)
-    return path if crypto.same_bytes(digest.digest(), manifest.sha256) else None
+    return path
 
 
-def check_free_space(folder: Path, file_id: str, manifest: Manifest) -> None:
+def check_free_space(folder: Path, file_id: str, manifest: TreeIndex) -> None:
     """Refuse to start a download that cannot fit: the file's size, less what an earlier
     try already wrote into its temporary file, must be free in `folder`."""
     try:
         kept = partial_path(folder, file_id).lstat().st_blocks * 512
     except OSError:
         kept = 0
-    needed = max(0, manifest.size - kept)
+    # A folder is written twice: its stream (`.part`), then its files (`tree_write`).
+    copies = 2 if manifest.kind == "folder" else 1
+    needed = max(0, copies * manifest.size - kept)
     existing = folder
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent  # the download creates the folder

@@ -79,7 +79,7 @@ class Sealed:
 
 
 @contextlib.contextmanager
-def _malformed_from(holder_name: str) -> Iterator[None]:
+def malformed_from(holder_name: str) -> Iterator[None]:
     """Name the holder in a decoding error: the user must learn who sent it."""
     try:
         yield
@@ -92,7 +92,7 @@ def read_reply(frames: list[bytes], holder_name: str) -> tuple[protocol.Envelope
     `RemoteError` for an error reply and `ProtocolError` for anything malformed."""
     if not frames or len(frames) > 2:
         raise ProtocolError(f"{holder_name} sent a frame of unexpected shape")
-    with _malformed_from(holder_name):
+    with malformed_from(holder_name):
         envelope = protocol.decode_envelope(frames[0])
         protocol.raise_for_error(envelope, holder_name)
     return envelope, frames[1] if len(frames) == 2 else None
@@ -103,7 +103,7 @@ def read_chunk(
 ) -> tuple[protocol.ChunkHeader, bytes]:
     if envelope.op != "chunk" or payload is None:
         raise ProtocolError(f"{holder_name} sent a malformed chunk")
-    with _malformed_from(holder_name):
+    with malformed_from(holder_name):
         return from_wire(protocol.ChunkHeader, envelope.body, "chunk"), payload
 
 
@@ -222,7 +222,7 @@ class ReceiverSession:
             return None
         if envelope.op != "offer":
             raise ProtocolError(f"{name} sent {envelope.op[:40]!r}, not an offer")
-        with _malformed_from(name):
+        with malformed_from(name):
             offer = from_wire(protocol.Offer, envelope.body, "offer")
         self._link.accept_offer(offer)
         self.stage = Stage.RECEIVING

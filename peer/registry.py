@@ -33,6 +33,7 @@ class Share:
     owner: str | None = None  # None: this user's own file; else a copy this peer seeds
     grant: bytes = b""  # the owner's signature over the access list (seeded copies)
     stamp: FileStamp | None = None  # the file as hashed; None: hash every chunk served
+    pages: bytes = b""  # the index pages the owner signed (`tree_index.pack_pages`)
 
     def allows(self, username: str) -> bool:
         return self.access is None or username in self.access or username == self.owner
@@ -51,7 +52,8 @@ CREATE TABLE IF NOT EXISTS shares (
     shared_at INTEGER NOT NULL,
     owner TEXT,  -- NULL for this user's own files; the owner of a seeded copy
     grant_signature BLOB NOT NULL DEFAULT x'',
-    stamp TEXT  -- JSON [device, inode, size, mtime_ns, ctime_ns]; NULL: none recorded
+    stamp TEXT,  -- JSON [device, inode, size, mtime_ns, ctime_ns]; NULL: none recorded
+    pages BLOB NOT NULL DEFAULT x''  -- the tree's index pages; empty for version 1 shares
 )
 """
 # Columns added since the first release, for registries made before them.
@@ -59,10 +61,11 @@ _ADDED_COLUMNS = {
     "owner": "ALTER TABLE shares ADD COLUMN owner TEXT",
     "grant_signature": "ALTER TABLE shares ADD COLUMN grant_signature BLOB NOT NULL DEFAULT x''",
     "stamp": "ALTER TABLE shares ADD COLUMN stamp TEXT",  # rows from before: NULL, hashed
+    "pages": "ALTER TABLE shares ADD COLUMN pages BLOB NOT NULL DEFAULT x''",
 }
 _COLUMNS = (
     "file_id, path, name, size, manifest, signature, access, keywords, shared_at, owner, "
-    "grant_signature, stamp"
+    "grant_signature, stamp, pages"
 )
 _PLACES = ", ".join("?" for _ in _COLUMNS.split(","))
 
@@ -114,6 +117,7 @@ class ShareRegistry:
                 share.owner,
                 share.grant,
                 None if share.stamp is None else share.stamp.encode(),
+                share.pages,
             ),
         )
 
@@ -160,6 +164,7 @@ def _share(row: Any) -> Share:
         owner,
         grant,
         stamp,
+        pages,
     ) = row
     return Share(
         file_id,
@@ -174,4 +179,5 @@ def _share(row: Any) -> Share:
         owner,
         bytes(grant),
         decode_stamp(stamp),
+        bytes(pages),
     )

@@ -43,6 +43,22 @@ def check_usernames(usernames: list[str]) -> list[str]:
     return sorted(set(usernames))
 
 
+def shareable(path: Path) -> Path:
+    """The absolute path of a regular, readable file or of a folder, or a clear error
+    (a folder's contents are checked when it is scanned: `tree_scan`)."""
+    try:
+        resolved = path.expanduser().resolve(strict=True)
+        if resolved.is_dir():
+            if len(resolved.name.encode()) > MAX_NAME_BYTES or not resolved.name:
+                raise UsageError(f"the folder name must be 1 to {MAX_NAME_BYTES} bytes: {path}")
+            return resolved
+    except FileNotFoundError as exc:
+        raise UsageError(f"no such file or folder: {path}") from exc
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from exc
+    return shareable_file(path)
+
+
 def shareable_file(path: Path) -> Path:
     """The absolute path of a regular, readable file, or a clear error."""
     try:

@@ -1,14 +1,14 @@
 """The transfer protocol's two roles, free of sockets and files (DESIGN section 5).
 
 Receiver: `ReceiverLink` speaks to one holder: it makes the signed hello, checks the
-signed offer, unwraps the transfer key and opens each chunk. `ChunkPlan` decides which
-chunks to ask for next (several in flight) and checks every chunk against the owner's
-signed manifest, whichever holder sent it.
+signed offer, unwraps the transfer key and opens each index page and chunk. `ChunkPlan`
+decides which chunks to ask for next (several in flight) and checks every chunk against
+the owner's signed tree (its BLAKE3 hash in the checked index), whichever holder sent it.
 
-Holder: `HolderService` answers hellos with signed offers and chunk requests with
-sealed chunks, for the files in the local share registry and only to users on their
-access list. It reads file bytes through an injected function, so tests can run it
-without a disk or a socket.
+Holder: `HolderService` answers hellos with signed offers, page requests with sealed
+index pages and chunk requests with sealed chunks, for the shares in the local share
+registry and only to users on their access list. It reads file bytes through an
+injected function, so tests can run it without a disk or a socket.
 """
 
 from __future__ import annotations
@@ -22,8 +22,11 @@ from dataclasses import dataclass, field
 from sfs.common import crypto, protocol
 from sfs.common.errors import IntegrityError, ProtocolError, SfsError, TrustError
 from sfs.common.identity import KeyBundle
-from sfs.common.manifest import Manifest, decode_manifest, manifest_digest
+from sfs.common.manifest import manifest_digest
 from sfs.common.protocol import ErrorCode, Refused
+from sfs.common.tree import FOLDER, TreeHeader
+from sfs.common.tree_hash import blake3_256
+from sfs.common.tree_index import Pages, TreeIndex, index_of, unpack_pages
 from sfs.peer.keys import Identity
 from sfs.peer.registry import Share
 
@@ -39,14 +42,14 @@ class ReceiverLink:
         self,
         identity: Identity,
         file_id: str,
-        manifest: Manifest,
+        header: TreeHeader,
         manifest_bytes: bytes,
         holder_name: str,
         holder_bundle: KeyBundle,
     ) -> None:
         self._identity = identity
         self._file_id = file_id
-        self._manifest = manifest
+        self._header = header
         self._digest = manifest_digest(manifest_bytes)
         self.holder_name = holder_name
         self._holder_bundle = holder_bundle
@@ -114,9 +117,30 @@ class ReceiverLink:
         if not crypto.same_bytes(header.transfer_id, self.transfer_id):
             raise IntegrityError(f"{self.holder_name} sent a chunk of another transfer")
         associated = protocol.chunk_associated_data(
-            self.transfer_id, self._file_id, header.index, self._manifest.chunk_count
+            self.transfer_id, self._file_id, header.index, self._header.chunk_count
         )
         return self._cipher.open(header.index, ciphertext, associated)
+
+    def page_request(self, kind: str, index: int) -> protocol.PageRequest:
+        return protocol.PageRequest(self.transfer_id, kind, index)
+
+    def open_page(self, header: protocol.PageHeader, ciphertext: bytes) -> bytes:
+        """Decrypt an index page; checking it against the signed header is the caller's."""
+        if self._cipher is None:
+            raise ProtocolError(f"{self.holder_name} sent a page before any offer")
+        if not crypto.same_bytes(header.transfer_id, self.transfer_id):
+            raise IntegrityError(f"{self.holder_name} sent a page of another transfer")
+        associated = protocol.page_associated_data(
+            self.transfer_id, self._file_id, header.kind, header.index
+        )
+        nonce_index = protocol.page_nonce_index(header.kind, header.index)
+        try:
+            return self._cipher.open(nonce_index, ciphertext, associated)
+        except IntegrityError as exc:
+            raise IntegrityError(
+                f"{header.kind} page {header.index} from {self.holder_name} failed "
+                "authentication (tampered?)"
+            ) from exc
 
 
 @dataclass
@@ -127,22 +151,25 @@ class ChunkPlan:
     and a holder that fails releases its claims for the others. Not thread-safe: the
     caller serialises access."""
 
-    manifest: Manifest
+    manifest: TreeIndex
     window: int
     have: set[int] = field(default_factory=set)
     in_flight: set[int] = field(default_factory=set)
     bytes_done: int = 0
     resumed: int = 0  # chunks found verified from an earlier attempt
     bytes_resumed: int = 0
+    excluded: frozenset[int] = frozenset()  # not wanted (`get --include`)
     _next: int = 0
     _released: list[int] = field(default_factory=list)  # to claim again, lowest first
 
     @property
     def complete(self) -> bool:
-        return len(self.have) == self.manifest.chunk_count
+        return len(self.have) == self.manifest.chunk_count - len(self.excluded)
 
     def adopt(self, index: int) -> None:
         """A chunk already on disk and verified there: never ask for it."""
+        if index in self.excluded:
+            return
         self.in_flight.discard(index)
         if index in self._released:
             self._released.remove(index)
@@ -163,7 +190,7 @@ class ChunkPlan:
         while len(wanted) < count and self._released:
             wanted.append(self._released.pop(0))
         while len(wanted) < count and self._next < chunks:
-            if self._next not in self.have:
+            if self._next not in self.have and self._next not in self.excluded:
                 wanted.append(self._next)
             self._next += 1
         self.in_flight.update(wanted)
@@ -176,12 +203,12 @@ class ChunkPlan:
         self._released = sorted({*self._released, *returned})
 
     def check(self, index: int, plaintext: bytes) -> None:
-        """Check a decrypted chunk against the signed manifest; raises `IntegrityError`."""
+        """Check a decrypted chunk against the signed tree; raises `IntegrityError`."""
         if index not in self.in_flight:
             raise IntegrityError(f"chunk {index} arrived without being requested")
         expected = self.manifest.chunk_hash(index)
         if len(plaintext) != self.manifest.chunk_length(index) or not crypto.same_bytes(
-            crypto.sha256(plaintext), expected
+            blake3_256(plaintext), expected
         ):
             raise IntegrityError(f"chunk {index} does not match the owner's signed manifest")
 
@@ -205,6 +232,7 @@ TRANSFER_IDLE_TIMEOUT = 30.0
 MAX_TRANSFERS = 64
 MAX_TRANSFERS_PER_REQUESTER = 4  # per user, whatever number of connections they open
 DATA_TICKET_SIZE = 32
+_INDEXES_KEPT = 16  # checked indexes of shares served lately
 
 
 @dataclass(frozen=True)
@@ -240,7 +268,8 @@ class ChangedSinceShared(SfsError):
 @dataclass
 class _Outgoing:
     share: Share
-    manifest: Manifest
+    manifest: TreeIndex
+    pages: Pages
     cipher: crypto.ChunkCipher
     requester: str
     connection: bytes
@@ -276,6 +305,8 @@ class ChunkJob:
     chunk_hash: bytes
     associated: bytes
     cipher: crypto.ChunkCipher
+    # A folder share: (path in the tree, offset, length) of each file's part of the chunk.
+    pieces: tuple[tuple[str, int, int], ...] = ()
 
     @property
     def lane(self) -> str:
@@ -320,6 +351,7 @@ class HolderService:
         self._on_failed_read = on_failed_read
         self._transfers: dict[bytes, _Outgoing] = {}
         self._data_hints: list[str] = []
+        self._indexes: dict[str, tuple[TreeIndex, Pages]] = {}  # file id -> checked index
 
     def offer_data(self, hints: list[str]) -> None:
         """Name the data endpoint(s) in offers from now on (the server calls it once it
@@ -394,6 +426,8 @@ class HolderService:
                 return [protocol.encode("offer", self._hello(request, connection, client_key))]
             if isinstance(request, protocol.ChunkRequest):
                 return self._chunk(request, connection)
+            if isinstance(request, protocol.PageRequest):
+                return self._page(request, connection)
             if isinstance(request, protocol.Finish):
                 self._finish(request, connection)
             return []
@@ -433,6 +467,7 @@ class HolderService:
         if not share.allows(hello.requester):
             log.info("refused %s: %s is not shared with them", hello.requester, hello.file_id)
             raise Refused(ErrorCode.FORBIDDEN, f"file {hello.file_id} is not shared with you")
+        tree, pages = self._index_of(share)
         self._make_room_for(hello.requester)
 
         secret = crypto.TransferSecret.generate()
@@ -455,7 +490,8 @@ class HolderService:
         )
         self._transfers[offer.transfer_id] = _Outgoing(
             share,
-            decode_manifest(share.manifest),
+            tree,
+            pages,
             crypto.ChunkCipher(secret),
             hello.requester,
             connection,
@@ -464,6 +500,48 @@ class HolderService:
         )
         log.info("sending %s to %s", share.name, hello.requester)
         return offer
+
+    def _index_of(self, share: Share) -> tuple[TreeIndex, Pages]:
+        """The share's index, checked once (a damaged registry row is refused here, not
+        served), and kept for the next transfers of it."""
+        cached = self._indexes.get(share.file_id)
+        if cached is None:
+            if not share.pages:
+                log.error(
+                    "cannot serve %s: it was shared with an older sfs; share it again", share.path
+                )
+                raise Refused(
+                    ErrorCode.NOT_FOUND,
+                    f"{share.name} was shared with an older sfs: share it again",
+                )
+            try:
+                pages = unpack_pages(share.pages)
+                # Pages checked against the header; the path rules were checked when the
+                # share was made (or downloaded), and would take seconds at 100,000 files.
+                cached = (index_of(share.manifest, pages, check_rules=False), pages)
+            except (ProtocolError, IntegrityError) as exc:
+                log.error("cannot serve %s: its index is damaged (%s)", share.name, exc)
+                raise Refused(ErrorCode.INTERNAL, "the holder cannot serve this share") from None
+            if len(self._indexes) >= _INDEXES_KEPT:
+                self._indexes.pop(next(iter(self._indexes)))
+            self._indexes[share.file_id] = cached
+        return cached
+
+    def _page(self, request: protocol.PageRequest, connection: bytes) -> list[bytes]:
+        outgoing = self._transfer(request.transfer_id, connection)
+        page = outgoing.pages.page(request.kind, request.index)
+        if page is None:
+            raise Refused(
+                ErrorCode.BAD_REQUEST, f"{request.kind} page {request.index} is out of range"
+            )
+        self._still_shared(request.transfer_id, outgoing)
+        associated = protocol.page_associated_data(
+            request.transfer_id, outgoing.share.file_id, request.kind, request.index
+        )
+        nonce_index = protocol.page_nonce_index(request.kind, request.index)
+        sealed = outgoing.cipher.seal(nonce_index, page, associated)
+        header = protocol.PageHeader(request.transfer_id, request.kind, request.index)
+        return [protocol.encode("page", header), sealed]
 
     def _make_room_for(self, requester: str) -> None:
         """Free a slot for `requester`'s new transfer, fairly, or refuse with `busy`.
@@ -526,6 +604,12 @@ class HolderService:
         if request.index >= manifest.chunk_count:
             raise Refused(ErrorCode.BAD_REQUEST, f"chunk {request.index} is out of range")
         share = self._still_shared(request.transfer_id, outgoing)
+        pieces: tuple[tuple[str, int, int], ...] = ()
+        if manifest.kind == FOLDER:
+            pieces = tuple(
+                (manifest.files[piece.file].path, piece.offset, piece.length)
+                for piece in manifest.chunks.pieces(request.index)
+            )
         return ChunkJob(
             connection,
             request.transfer_id,
@@ -538,6 +622,7 @@ class HolderService:
                 request.transfer_id, share.file_id, request.index, manifest.chunk_count
             ),
             outgoing.cipher,
+            pieces,
         )
 
     def read(self, job: ChunkJob) -> ChunkOutcome:
@@ -553,7 +638,11 @@ class HolderService:
             changed=True,
         )
         try:
-            read = self._read_chunk(job.share, job.offset, job.length)
+            read = (
+                self._read_pieces(job)
+                if job.pieces
+                else self._read_chunk(job.share, job.offset, job.length)
+            )
         except ChangedSinceShared:
             return changed
         except NotRegularFile as exc:
@@ -571,9 +660,19 @@ class HolderService:
         # through a shared mmap can change bytes without touching mtime or ctime until
         # writeback, so the stamp only catches most changes early.
         data = read.data if isinstance(read, Unchanged) else read
-        if len(data) != job.length or not crypto.same_bytes(crypto.sha256(data), job.chunk_hash):
+        if len(data) != job.length or not crypto.same_bytes(blake3_256(data), job.chunk_hash):
             return changed
         return job.cipher.seal(job.index, data, job.associated)
+
+    def _read_pieces(self, job: ChunkJob) -> bytes:
+        """A folder share's chunk: the pieces of each file it spans, from the files under
+        the share's folder (each opened without following a link; the hash decides)."""
+        parts = []
+        for path, offset, length in job.pieces:
+            one = dataclasses.replace(job.share, path=job.share.path / path, stamp=None)
+            read = self._read_chunk(one, offset, length)
+            parts.append(read.data if isinstance(read, Unchanged) else read)
+        return b"".join(parts)
 
     def complete(self, job: ChunkJob, outcome: ChunkOutcome) -> list[bytes]:
         """The reply to a chunk request once `read` is done. Nothing is sent for a

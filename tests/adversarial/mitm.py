@@ -235,6 +235,7 @@ class MitmProxy:
         self._target = 0
         self._target_host = "127.0.0.1"
         self._policy = Policy()
+        self._skip = 0
         self._refusing = False
         self._connections: list[_Connection] = []
         self._lock = threading.Lock()
@@ -251,10 +252,11 @@ class MitmProxy:
         self._target, self._target_host = target_port, target_host
         threading.Thread(target=self._accept_loop, name="mitm-accept", daemon=True).start()
 
-    def use(self, policy: Policy) -> Policy:
-        """The policy for connections made from now on; also accept connections again."""
+    def use(self, policy: Policy, skip: int = 0) -> Policy:
+        """The policy for connections made from now on, after the next `skip` (which
+        get none); also accept connections again."""
         with self._lock:
-            self._policy, self._refusing = policy, False
+            self._policy, self._refusing, self._skip = policy, False, skip
         return policy
 
     def close(self) -> None:
@@ -275,6 +277,9 @@ class MitmProxy:
                 return  # closed
             with self._lock:
                 refusing, policy = self._refusing, self._policy
+                if self._skip and not refusing:
+                    self._skip -= 1
+                    policy = Policy()
             if refusing:
                 receiver.close()
                 continue

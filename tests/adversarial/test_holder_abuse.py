@@ -24,19 +24,21 @@ import zmq
 from sfs.common import protocol
 from sfs.common.codec import from_wire, to_wire
 from sfs.common.config import load_peer_config
-from sfs.common.manifest import decode_manifest, file_id_of
+from sfs.common.manifest import file_id_of
+from sfs.common.tree import decode_header
+from sfs.common.tree_index import pack_pages, pages_of
 from sfs.peer import keys, session
 from sfs.peer.client import BrokerClient
 from sfs.peer.node import Peer as LocalPeer
 from sfs.peer.registry import Share
 from sfs.peer.server import MAX_READS_PER_CONNECTION, PeerServer
-from sfs.peer.share import build_manifest
 from sfs.peer.transfer import (
     MAX_TRANSFERS,
     MAX_TRANSFERS_PER_REQUESTER,
     HolderService,
     ReceiverLink,
 )
+from sfs.peer.tree_scan import build_tree
 from tests.adversarial.test_hostile_peer import Requester
 from tests.harness import Cluster, Peer, one_line_error
 
@@ -231,7 +233,8 @@ def hanging(tmp_path: Path) -> Iterator[HangingHolder]:
         path = tmp_path / name
         contents[name] = os.urandom(200_000)
         path.write_bytes(contents[name])
-        manifest_bytes = build_manifest(path, alice, []).encode()
+        built = build_tree(path, alice, [])
+        manifest_bytes = built.header_bytes
         share = Share(
             file_id_of(manifest_bytes),
             path,
@@ -242,6 +245,7 @@ def hanging(tmp_path: Path) -> Iterator[HangingHolder]:
             None,
             [],
             0,
+            pages=pack_pages(pages_of(built.entry_pages, built.hash_pages)),
         )
         shares[share.file_id] = share
     release = threading.Event()
@@ -267,8 +271,8 @@ def hanging(tmp_path: Path) -> Iterator[HangingHolder]:
         sock.connect(server.endpoint)
         links = []
         for share in shares.values():
-            manifest = decode_manifest(share.manifest)
-            link = ReceiverLink(bob, share.file_id, manifest, share.manifest, "alice", alice.bundle)
+            header = decode_header(share.manifest)
+            link = ReceiverLink(bob, share.file_id, header, share.manifest, "alice", alice.bundle)
             sock.send(protocol.encode("hello", link.hello()))
             assert sock.poll(10_000)
             envelope = protocol.decode_envelope(sock.recv_multipart()[0])

@@ -8,7 +8,6 @@ stay up with no traceback in its log, and bob must still be able to download.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import time
 from collections.abc import Iterator
@@ -308,7 +307,6 @@ def test_bob_still_downloads_afterwards(world: World) -> None:
     alice_still_serves(world)
     got = world.bob.run("get", world.public_id, "--json").check().json()
     assert Path(got["path"]).read_bytes() == world.public
-    assert got["sha256"] == hashlib.sha256(world.public).hexdigest()
     carol_dir = world.cluster.peers["carol"].data_dir
     token = session.load_session(carol_dir, "carol").token
     endpoint, key = world.cluster.broker_endpoint, world.cluster.broker_public_key()

@@ -70,8 +70,10 @@ class World:
         return hashlib.sha256(self.content).hexdigest()
 
     def get(self, policy: Policy, *args: str, hasty: bool = False) -> Result:
-        """bob downloads the file while `policy` rewrites what alice sends."""
-        self.proxy.use(policy)  # the offer passes here, then the chunks the other
+        """bob downloads the file while `policy` rewrites what alice sends: on the control
+        connection (after the first connection of a `get`, which fetches the index pages)
+        and on the data connection, where the chunks come."""
+        self.proxy.use(policy, skip=1)
         self.data_proxy.use(policy)
         return (self.hasty_bob if hasty else self.bob).run("get", self.file_id, *args)
 
@@ -130,7 +132,6 @@ def assert_still_serving(world: World, folder: Path) -> None:
     """Broker and holder are up, and a clean `get` gives the original bytes."""
     result = world.get(Policy(), "--out", str(folder), "--json").check()
     got = result.json()
-    assert got["sha256"] == world.sha256
     assert Path(got["path"]).read_bytes() == world.content
     assert world.alice.server is not None and world.alice.server.alive()
     assert "Traceback" not in world.alice.server.output()
@@ -316,9 +317,8 @@ def test_two_chunks_swapped_still_give_the_exact_file(world: World, tmp_path: Pa
     file is complete and every chunk verified before the rename), and nothing else in the folder."""
     out = tmp_path / "reordered"
     swap = Swap(1, 2)
-    result = world.get(swap, "--out", str(out), "--json").check()
+    world.get(swap, "--out", str(out), "--json").check()
     assert swap.fired == 1
-    assert result.json()["sha256"] == world.sha256
     assert snapshot(out) == {NAME: world.sha256}
     assert_still_serving(world, tmp_path / "clean")
 

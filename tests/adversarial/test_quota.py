@@ -3,23 +3,22 @@ number of files shared and on the bytes of their manifests, against a real broke
 
 from __future__ import annotations
 
-import os
-import time
 from collections.abc import Iterator
 
 import pytest
 
 from sfs.common import protocol
 from sfs.common.errors import RemoteError
-from sfs.common.manifest import DEFAULT_CHUNK_SIZE, HASH_SIZE, Manifest, file_id_of
+from sfs.common.manifest import file_id_of
 from sfs.peer.client import BrokerClient
 from sfs.peer.keys import load_identity
 from sfs.peer.session import load_session
 from tests.harness import Cluster, one_line_error
+from tests.trees import largest_header
 
 FILES = 3
 MANIFEST_MIB = 1
-CHUNKS = 20_000  # about 0.6 MiB of chunk hashes: two such manifests pass the 1 MiB limit
+HEADER = 69_873  # bytes of the largest tree header: 16 of them pass the 1 MiB limit
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +48,20 @@ def test_sharing_past_the_file_limit_is_refused_with_the_numbers(cluster: Cluste
     alice.share(files[FILES])
 
 
-def test_manifests_past_the_byte_limit_are_refused_with_the_numbers(cluster: Cluster) -> None:
+@pytest.fixture(scope="module")
+def many_files_cluster() -> Iterator[Cluster]:
+    """A broker whose file limit is out of the way: tree headers are at most 70 KB, so
+    reaching 1 MiB takes 16 of them."""
+    with Cluster() as running:
+        running.start_broker(quota_files=100, quota_manifest_mib=MANIFEST_MIB)
+        running.add_peer("bob")
+        yield running
+
+
+def test_manifests_past_the_byte_limit_are_refused_with_the_numbers(
+    many_files_cluster: Cluster,
+) -> None:
+    cluster = many_files_cluster
     """bob publishes crafted manifests directly: 9 MiB each would be as easy."""
     bob = cluster.peers["bob"]
     identity = load_identity(bob.data_dir, "bob")
@@ -57,29 +69,19 @@ def test_manifests_past_the_byte_limit_are_refused_with_the_numbers(cluster: Clu
     key = cluster.broker_public_key()
 
     def publish_big() -> str:
-        manifest = Manifest(
-            1,
-            os.urandom(16),
-            "big.bin",
-            CHUNKS * DEFAULT_CHUNK_SIZE,
-            DEFAULT_CHUNK_SIZE,
-            os.urandom(CHUNKS * HASH_SIZE),
-            os.urandom(32),
-            "bob",
-            identity.fingerprint,
-            [],
-            int(time.time()),
-        ).encode()
+        manifest = largest_header("bob", identity.fingerprint)
+        assert len(manifest) == HEADER
         grant = identity.sign(protocol.grant_payload(file_id_of(manifest), None))
         return broker.publish(token, manifest, identity.sign(manifest), None, grant)
 
     with BrokerClient(cluster.broker_endpoint, key, identity.transport_key) as broker:
-        publish_big()
+        for _ in range((1 << 20) // HEADER):
+            publish_big()
         with pytest.raises(RemoteError) as refused:
             publish_big()
     assert refused.value.code == "forbidden"
     message = str(refused.value)
     assert message == (
-        "broker: share refused: with this manifest (0.6 MiB), yours would take 1.2 MiB at"
+        "broker: share refused: with this manifest (0.1 MiB), yours would take 1.1 MiB at"
         " the broker, over its 1 MiB per user (quota_manifest_mib); unshare some first"
     )

@@ -26,7 +26,7 @@ import zmq
 
 from sfs.common import codec, protocol
 from sfs.common.errors import TransportError
-from sfs.common.manifest import HASH_SIZE, Manifest, file_id_of
+from sfs.common.manifest import file_id_of
 from sfs.peer.client import BrokerClient
 from sfs.peer.keys import load_identity
 from sfs.peer.server import MAX_REQUEST_FRAME
@@ -41,6 +41,7 @@ from tests.adversarial.test_fuzz import (
     receive,
 )
 from tests.harness import Cluster, Process, one_line_error
+from tests.trees import largest_header
 
 pytestmark = pytest.mark.harness
 
@@ -177,17 +178,13 @@ def test_holder_queues_at_most_a_few_requests_per_connection(
 
 
 def test_broker_drops_large_replies_that_are_never_read(setup: Setup, attacker: Attacker) -> None:
-    """mallory publishes a manifest of 2 MiB (a 64 GiB file), asks for it 150 times and
+    """mallory publishes the largest tree header (70 KB), asks for it 600 times and
     reads nothing: the replies are dropped once a few wait, not kept in the broker."""
-    flood = 150
+    flood = 600  # replies of 70 KB: the buffers on the way hold about 50
     mallory = setup.cluster.add_peer("mallory")
     identity = load_identity(mallory.data_dir, "mallory")
     token = load_session(mallory.data_dir, "mallory").token
-    chunks = 64 * 1024
-    manifest = Manifest(
-        1, os.urandom(16), "big.bin", chunks * MiB, MiB, bytes(chunks * HASH_SIZE), bytes(32),
-        "mallory", identity.fingerprint, [], 0,
-    ).encode()  # fmt: skip
+    manifest = largest_header("mallory", identity.fingerprint)  # the most a lookup sends
     key = setup.cluster.broker_public_key()
     with BrokerClient(setup.cluster.broker_endpoint, key, identity.transport_key) as client:
         grant = identity.sign(protocol.grant_payload(file_id_of(manifest), []))
@@ -203,7 +200,7 @@ def test_broker_drops_large_replies_that_are_never_read(setup: Setup, attacker: 
     while sock.poll(1000):
         assert check_reply(setup.broker, sock.recv_multipart(), "lookup").op == "result"
         received += 1
-    print(f"broker, {flood} lookups of 2 MiB never read: {memory}, {received} replies kept")
+    print(f"broker, {flood} lookups of 70 KB never read: {memory}, {received} replies kept")
     assert memory.growth < REPLY_FLOOD_BOUND, str(memory)
     # What the broker's queue, the kernel's socket buffers and this socket's queue hold.
     assert 0 < received < flood // 4, received

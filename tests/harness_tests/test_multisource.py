@@ -93,7 +93,6 @@ def test_three_holders_one_killed_mid_transfer(cluster: Cluster) -> None:
     assert getting.returncode == 0, err
     got = json.loads(out)
 
-    assert got["sha256"] == expected
     assert file_sha256(Path(got["path"])) == expected
     assert got["bytes"] == SIZE
     assert {"alice", "bob"} <= set(got["holders"]) <= {"alice", "bob", "carol"}

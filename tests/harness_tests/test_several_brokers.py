@@ -240,7 +240,6 @@ def test_a_hundred_peers_through_three_brokers_one_killed(
                     result = peer.get(file_id)
                     assert isinstance(result, DownloadResult), (name, result)
                     filename, digest = expected[file_id]
-                    assert result.sha256 == digest
                     content = (peer.config.download_dir / filename).read_bytes()
                     assert hashlib.sha256(content).hexdigest() == digest
                 if SERVING + len(named) <= number < SERVING + len(named) + LATE_SHARERS:

@@ -18,20 +18,21 @@ from sfs.peer.client import BrokerClient
 from sfs.peer.server import MAX_REQUEST_FRAME
 from tests.integration.conftest import Network, RunningBroker
 
+V = protocol.VERSION
 GARBAGE = [
     b"",
     b"\x00",
     os.urandom(200),
     b"\xc1",  # never used in msgpack
     msgpack.packb([1, 2, 3]),
-    msgpack.packb({"v": 1, "op": "ping"}),  # envelope without rid and body
-    msgpack.packb({"v": 2, "op": "ping", "rid": 1, "body": {}}),  # answered `upgrade`
-    msgpack.packb({"v": 1, "op": "nonsense", "rid": 1, "body": {}}),
-    msgpack.packb({"v": 1, "op": "login", "rid": 1, "body": {"username": 7, "password": b""}}),
-    msgpack.packb({"v": 1, "op": "hello", "rid": 1, "body": {"file_id": "../../etc/passwd"}}),
-    msgpack.packb({"v": 1, "op": "get", "rid": 1, "body": {"transfer_id": b"x", "index": -1}}),
+    msgpack.packb({"v": V, "op": "ping"}),  # envelope without rid and body
+    msgpack.packb({"v": V + 1, "op": "ping", "rid": 1, "body": {}}),  # `upgrade`
+    msgpack.packb({"v": V, "op": "nonsense", "rid": 1, "body": {}}),
+    msgpack.packb({"v": V, "op": "login", "rid": 1, "body": {"username": 7, "password": b""}}),
+    msgpack.packb({"v": V, "op": "hello", "rid": 1, "body": {"file_id": "../../etc/passwd"}}),
+    msgpack.packb({"v": V, "op": "get", "rid": 1, "body": {"transfer_id": b"x", "index": -1}}),
     b"\x91" * 100_000 + b"\xc0",  # nested far too deep
-    msgpack.packb({"v": 1, "op": "ping", "rid": 1, "body": {}}) + b"trailing",
+    msgpack.packb({"v": V, "op": "ping", "rid": 1, "body": {}}) + b"trailing",
 ]
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import hashlib
 import os
 import re
 import threading
@@ -13,22 +12,25 @@ from pathlib import Path
 
 import pytest
 
+from sfs.broker import service
 from sfs.common import crypto, protocol
 from sfs.common.errors import (
     IntegrityError,
+    ProtocolError,
     RemoteError,
     StorageError,
     TransportError,
     TrustError,
     UsageError,
 )
-from sfs.common.manifest import DEFAULT_CHUNK_SIZE, file_id_of
+from sfs.common.manifest import DEFAULT_CHUNK_SIZE, file_id_of, verify_manifest
 from sfs.peer.download import DownloadInterrupted, DownloadResult, OwnerOffline
 from sfs.peer.node import AlreadyDownloaded, Peer
 from sfs.peer.registry import Share
 from sfs.peer.session import NotLoggedIn
 from sfs.peer.share import build_manifest
 from sfs.peer.transfer import Attached, HolderService
+from sfs.peer.tree_scan import build_tree
 from tests.harness import free_port
 from tests.integration.conftest import Network
 
@@ -81,7 +83,6 @@ def test_round_trip(network: Network, tmp_path: Path, size: int) -> None:
 
     assert result.path == bob.config.download_dir / "original.bin"
     assert result.path.read_bytes() == data
-    assert result.sha256 == hashlib.sha256(data).hexdigest()
     assert result.holders == (["alice"] if size else [])  # an empty file has no chunks
     assert (result.bytes_fetched, result.chunks_resumed) == (size, 0)
     assert leftovers(bob.config.download_dir) == ["original.bin"]  # no .part file left
@@ -273,8 +274,31 @@ def test_forged_manifest_signature_refused_before_contacting_holder(
     )
     frames = count_holder_frames(monkeypatch)
 
-    with pytest.raises(IntegrityError, match="manifest signature does not verify"):
+    with pytest.raises(IntegrityError, match="tree header signature does not verify"):
         bob.get(share.file_id)
+    assert frames == []
+    assert leftovers(bob.config.download_dir) == []
+
+
+def test_a_share_from_before_the_tree_manifest_is_refused_with_one_line(
+    network: Network, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A version 1 manifest left in a broker's database by an older sfs: refused before
+    any holder is contacted, with what to do."""
+    alice = network.add("alice", serve=True)
+    bob = network.add("bob")
+    write(tmp_path / "old.bin", 1000)
+    old = build_manifest(tmp_path / "old.bin", alice.identity, []).encode()
+    grant = alice.identity.sign(protocol.grant_payload(file_id_of(old), None))
+    with monkeypatch.context() as before_the_upgrade:  # the broker as version 1 had it
+        before_the_upgrade.setattr(service, "verify_header", verify_manifest)
+        file_id = alice.broker.publish(alice._token(), old, alice.identity.sign(old), None, grant)
+    frames = count_holder_frames(monkeypatch)
+    with pytest.raises(ProtocolError) as refused:
+        bob.get(file_id)
+    assert str(refused.value) == (
+        f"{file_id} was shared with an older sfs: its owner must share it again"
+    )
     assert frames == []
     assert leftovers(bob.config.download_dir) == []
 
@@ -405,45 +429,18 @@ def test_unknown_file_id(network: Network) -> None:
 # --- hostile file names ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("hostile", "saved_as"),
-    [("../../escape.txt", "escape.txt"), ("/etc/passwd", "passwd"), ("..", None)],
-)
-def test_hostile_name_in_manifest_stays_in_download_folder(
-    network: Network, tmp_path: Path, hostile: str, saved_as: str | None
-) -> None:
+@pytest.mark.parametrize("hostile", ["../../escape.txt", "/etc/passwd", "..", "a/b"])
+def test_hostile_share_name_is_refused(network: Network, tmp_path: Path, hostile: str) -> None:
+    """An owner who signs a tree header named with a path: the broker refuses it (and a
+    requester would too: `decode_header` is shared), so nothing is ever written."""
     alice = network.add("alice", serve=True)
-    bob = network.add("bob")
-    data = write(tmp_path / "payload.bin", 300)
-    # alice (the owner, so the signature is valid) names her file with a path.
-    manifest = dataclasses.replace(
-        build_manifest(tmp_path / "payload.bin", alice.identity, []), name=hostile
-    )
-    manifest_bytes = manifest.encode()
-    signature = alice.identity.sign(manifest_bytes)
-    grant = alice.identity.sign(protocol.grant_payload(file_id_of(manifest_bytes), None))
-    file_id = alice.broker.publish(alice._token(), manifest_bytes, signature, None, grant)
-    alice.registry.add(
-        Share(
-            file_id, tmp_path / "payload.bin", hostile, 300, manifest_bytes, signature, None, [], 0
-        )
-    )
-    before = sorted(p for p in tmp_path.rglob("*") if p.is_file())
-
-    result = bob.get(file_id)
-
-    assert result.path.parent == bob.config.download_dir
-    assert result.path.name == (saved_as or file_id)
-    assert result.path.read_bytes() == data
-    after = sorted(p for p in tmp_path.rglob("*") if p.is_file())
-    state = (alice.config.data_dir, bob.config.data_dir)  # pins written on first contact
-
-    def outside_state(path: Path) -> bool:
-        return path.is_relative_to(bob.config.download_dir) or not any(
-            path.is_relative_to(folder) for folder in state
-        )
-
-    assert {p for p in set(after) - set(before) if outside_state(p)} == {result.path}
+    write(tmp_path / "payload.bin", 300)
+    built = build_tree(tmp_path / "payload.bin", alice.identity, [])
+    header_bytes = dataclasses.replace(built.header, name=hostile).encode()
+    signature = alice.identity.sign(header_bytes)
+    grant = alice.identity.sign(protocol.grant_payload(file_id_of(header_bytes), None))
+    with pytest.raises(RemoteError, match="invalid share name"):
+        alice.broker.publish(alice._token(), header_bytes, signature, None, grant)
 
 
 # --- the requester's side fails: vanishing holders, full or unusable disks ---------------
@@ -544,3 +541,129 @@ def test_a_data_endpoint_that_cannot_be_reached_leaves_chunks_on_control(
     data = write(tmp_path / "original.bin", 2 * MiB)
     share = alice.share(tmp_path / "original.bin")
     assert bob.get(share.file_id).path.read_bytes() == data
+
+
+# --- folders ----------------------------------------------------------------------------
+
+
+def make_folder(root: Path) -> Path:
+    """Nested folders, an empty one, an executable, a relative link, non-ASCII names,
+    an empty file, and a file over a chunk long."""
+    tree = root / "course"
+    (tree / "week 1" / "slides").mkdir(parents=True)
+    (tree / "empty").mkdir()
+    (tree / "week 1" / "notes.txt").write_text("notes\n")
+    (tree / "week 1" / "slides" / "çàfé ☕.pdf").write_bytes(os.urandom(DEFAULT_CHUNK_SIZE + 7))
+    (tree / "run.sh").write_text("#!/bin/sh\necho hi\n")
+    (tree / "run.sh").chmod(0o755)
+    (tree / "zero").write_bytes(b"")
+    (tree / "latest").symlink_to("week 1/notes.txt")
+    return tree
+
+
+def snapshot_tree(root: Path) -> dict[str, tuple[str, int, bytes | str]]:
+    found: dict[str, tuple[str, int, bytes | str]] = {}
+    for path in sorted(root.rglob("*")):
+        info = path.lstat()
+        rel = str(path.relative_to(root))
+        if path.is_symlink():
+            found[rel] = ("link", 0, os.readlink(path))
+        elif path.is_dir():
+            found[rel] = ("folder", info.st_mode & 0o777, "")
+        else:
+            found[rel] = ("file", info.st_mode & 0o777, path.read_bytes())
+    return found
+
+
+def test_a_folder_round_trip_byte_for_byte(network: Network, tmp_path: Path) -> None:
+    alice = network.add("alice", serve=True)
+    bob = network.add("bob")
+    source = make_folder(tmp_path)
+    share = alice.share(source)
+    assert share.name == "course"
+
+    result = bob.get(share.file_id)
+
+    assert isinstance(result, DownloadResult)
+    assert result.path == bob.config.download_dir / "course"
+    assert snapshot_tree(result.path) == snapshot_tree(source)
+    mtime = (source / "week 1" / "notes.txt").stat().st_mtime_ns
+    assert (result.path / "week 1" / "notes.txt").stat().st_mtime_ns == mtime
+    assert leftovers(bob.config.download_dir) == ["course"]  # no staging, no .part
+    assert result.files == 4
+
+    # The same tree there already: said, nothing fetched.
+    again = bob.get(share.file_id)
+    assert isinstance(again, AlreadyDownloaded)
+    assert again.path == result.path
+
+    # Another folder of that name: the tree goes to "course (1)".
+    (result.path / "zero").write_bytes(b"changed")
+    third = bob.get(share.file_id)
+    assert isinstance(third, DownloadResult)
+    assert third.path == bob.config.download_dir / "course (1)"
+    assert snapshot_tree(third.path) == snapshot_tree(source)
+
+
+def test_an_interrupted_folder_get_keeps_verified_chunks_across_files(
+    network: Network, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alice = network.add("alice", serve=True)
+    bob = network.add("bob")
+    source = tmp_path / "data"
+    source.mkdir()
+    for number in range(6):  # 6 files of 0.6 MiB: 4 chunks, most spanning two files
+        (source / f"part-{number}.bin").write_bytes(os.urandom(600_000))
+    share = alice.share(source)
+    original = HolderService._chunk
+
+    def vanish_after_chunk_one(self: HolderService, request, connection):  # type: ignore[no-untyped-def]
+        return original(self, request, connection) if request.index < 2 else []
+
+    monkeypatch.setattr(HolderService, "_chunk", vanish_after_chunk_one)
+    with pytest.raises(DownloadInterrupted):
+        bob.get(share.file_id)
+    assert leftovers(bob.config.download_dir) == [f".sfs-{share.file_id}.part"]
+
+    monkeypatch.setattr(HolderService, "_chunk", original)
+    result = bob.get(share.file_id)
+    assert isinstance(result, DownloadResult)
+    assert (result.chunks_resumed, result.bytes_fetched) == (2, 3_600_000 - 2 * MiB)
+    assert snapshot_tree(result.path) == snapshot_tree(source)
+    assert leftovers(bob.config.download_dir) == ["data"]
+
+
+def test_a_folder_comes_from_the_owner_and_a_seeder_at_once(
+    network: Network, tmp_path: Path
+) -> None:
+    alice = network.add("alice", serve=True)
+    source = make_folder(tmp_path)
+    share = alice.share(source)
+    bob = network.add("bob", serve=True)
+    seeded = bob.get(share.file_id)
+    assert isinstance(seeded, DownloadResult) and seeded.seeding
+    carol = network.add("carol", window=1)
+    result = carol.get(share.file_id)
+    assert isinstance(result, DownloadResult)
+    assert snapshot_tree(result.path) == snapshot_tree(source)
+    assert set(result.holders) <= {"alice", "bob"}
+
+
+def test_get_include_fetches_only_the_chosen_paths(network: Network, tmp_path: Path) -> None:
+    alice = network.add("alice", serve=True)
+    bob = network.add("bob")
+    source = make_folder(tmp_path)
+    share = alice.share(source)
+
+    result = bob.get(share.file_id, include=["week 1/slides", "*.sh"])
+
+    assert isinstance(result, DownloadResult)
+    got = snapshot_tree(result.path)
+    assert set(got) == {"run.sh", "week 1", "week 1/slides", "week 1/slides/çàfé ☕.pdf"}
+    whole = snapshot_tree(source)
+    assert all(got[path] == whole[path] for path in got if got[path][0] == "file")
+    assert result.files == 2
+    assert result.bytes_fetched < DEFAULT_CHUNK_SIZE * 3  # not the whole stream
+    assert not result.seeding
+    with pytest.raises(UsageError, match="nothing in course matches nothing-here"):
+        bob.get(share.file_id, include=["nothing-here"])

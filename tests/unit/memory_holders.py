@@ -9,20 +9,21 @@ silent, to hang up, or to forge chunks, from a given chunk on.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from sfs.common import crypto, protocol
+from sfs.common import protocol
 from sfs.common.errors import TransportError
-from sfs.common.manifest import MIN_CHUNK_SIZE, Manifest, file_id_of
+from sfs.common.manifest import MIN_CHUNK_SIZE, file_id_of
+from sfs.common.tree_hash import blake3_256
 from sfs.peer.channel import Channel, Interrupt, MemoryChannel, memory_pair
 from sfs.peer.hints import DirectHint, Hint, RelayHint
 from sfs.peer.keys import Identity
 from sfs.peer.registry import Share
 from sfs.peer.transfer import ChunkJob, HolderService
+from tests.trees import file_tree
 
 CHUNK = MIN_CHUNK_SIZE
 _HANG_UP: list[bytes] = []  # a reply, by identity: close the connection instead
@@ -30,22 +31,8 @@ _HANG_UP: list[bytes] = []  # a reply, by identity: close the connection instead
 
 def share_of(owner: Identity, data: bytes) -> Share:
     """`data`, shared by `owner` with everyone, in chunks of `CHUNK`."""
-    manifest = Manifest(
-        version=1,
-        share_id=crypto.random_bytes(16),
-        name="data.bin",
-        size=len(data),
-        chunk_size=CHUNK,
-        chunk_hashes=b"".join(
-            hashlib.sha256(data[i : i + CHUNK]).digest() for i in range(0, len(data), CHUNK)
-        ),
-        sha256=hashlib.sha256(data).digest(),
-        owner=owner.username,
-        owner_fp=owner.fingerprint,
-        keywords=[],
-        created=1_700_000_000,
-    )
-    encoded = manifest.encode()
+    tree = file_tree(data, CHUNK, owner=owner.username, owner_fp=owner.fingerprint)
+    encoded, pages = tree.header_bytes, tree.packed_pages
     return Share(
         file_id_of(encoded),
         Path("/nonexistent"),  # never read: the holders read `data` from memory
@@ -56,6 +43,7 @@ def share_of(owner: Identity, data: bytes) -> Share:
         None,
         [],
         0,
+        pages=pages,
     )
 
 
@@ -83,7 +71,7 @@ class MemoryHolder:
     the connection instead; chunks whose index is in `forge` are other bytes sealed under
     the real transfer key. `before_chunk(n)` runs before the n-th chunk reply.
     `let_down` is set when it first withholds a chunk or hangs up; `closed`, when a
-    connection it served has ended."""
+    connection it served chunks on has ended (not the one that only sent the index)."""
 
     def __init__(
         self,
@@ -128,6 +116,7 @@ class MemoryHolder:
 
     def serve(self, channel: MemoryChannel, connection: bytes) -> None:
         """Answer what arrives on `channel` until the other end closes it."""
+        chunks_before = self.chunks_sent
         try:
             while True:
                 frames = channel.receive(60)
@@ -144,7 +133,8 @@ class MemoryHolder:
         except TransportError:  # the download closed its end
             pass
         finally:
-            self.closed.set()
+            if self.chunks_sent != chunks_before or self.let_down.is_set():
+                self.closed.set()
 
     def _answer(self, connection: bytes, frame: bytes) -> list[bytes] | None:
         with self._lock:
@@ -164,7 +154,7 @@ class MemoryHolder:
                 forged = bytes([real[0] ^ 1]) + real[1:]
                 self._forged[answer.index] = forged
                 # The service seals only what matches its manifest: let it match the forgery.
-                answer = dataclasses.replace(answer, chunk_hash=crypto.sha256(forged))
+                answer = dataclasses.replace(answer, chunk_hash=blake3_256(forged))
             self.chunks_sent += 1
         if self.before_chunk is not None:
             self.before_chunk(sent)

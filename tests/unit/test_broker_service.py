@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import hashlib
 import logging
+import os
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,10 +32,11 @@ from sfs.common import crypto, protocol
 from sfs.common.codec import Record, from_wire, pack
 from sfs.common.errors import StorageError
 from sfs.common.identity import KeyBundle
-from sfs.common.manifest import Manifest, file_id_of
+from sfs.common.manifest import DEFAULT_CHUNK_SIZE, file_id_of
 from sfs.common.protocol import Envelope, ErrorBody, ErrorCode
+from sfs.common.tree import MAX_ENTRIES, MAX_PAGES, TreeHeader
 from sfs.peer.keys import Identity, create_identity
-from sfs.peer.share import build_manifest
+from tests.trees import file_tree
 
 R = TypeVar("R", bound=Record)
 
@@ -141,13 +143,18 @@ class Broker:
 
     # files
 
-    def manifest(self, who: Identity, name: str, keywords: list[str], content: bytes) -> Manifest:
-        self._shares += 1
-        folder = self.files / str(self._shares)
-        folder.mkdir(parents=True)
-        path = folder / name
-        path.write_bytes(content)
-        return build_manifest(path, who, keywords)
+    def manifest(self, who: Identity, name: str, keywords: list[str], content: bytes) -> TreeHeader:
+        """A file share's signed header; the broker checks only the header (a name a
+        requester's path rules refuse, such as a backslash, is the requester's to refuse)."""
+        tree = file_tree(
+            content,
+            DEFAULT_CHUNK_SIZE,
+            name=name,
+            owner=who.username,
+            owner_fp=who.fingerprint,
+            keywords=keywords,
+        )
+        return tree.header
 
     def publish_bytes(
         self,
@@ -271,7 +278,9 @@ def db_rows(tmp_path: Path, sql: str) -> list[tuple[Any, ...]]:
 def test_ping_reports_protocol_version_and_broker_time(broker: Broker) -> None:
     envelope = broker.send("ping", protocol.Ping(), None, rid=77)
     assert envelope.op == "result"
-    assert from_wire(protocol.PingResult, envelope.body) == protocol.PingResult(1, T0)
+    assert from_wire(protocol.PingResult, envelope.body) == protocol.PingResult(
+        protocol.VERSION, T0
+    )
     broker.clock.advance(5)
     assert broker.ok("ping", protocol.Ping(), b"\x09" * 32, protocol.PingResult).time == T0 + 5
 
@@ -1067,19 +1076,28 @@ def test_publishing_past_the_manifest_bytes_quota_is_refused_with_the_numbers(
 ) -> None:
     broker = limited_broker(store, clock, tmp_path, quota_manifest_mib=1)
     token = broker.register(alice).token
-    # 150,000 chunk hashes, crafted as a hostile client may: a manifest of 4.6 MiB.
-    small = broker.manifest(alice, "big.bin", [], b"x" * 1024)
-    hashes = bytes(32) * 150_000
-    manifest = dataclasses.replace(
-        small, size=150_000 * small.chunk_size, chunk_hashes=hashes
-    ).encode()
-    error = from_wire(
-        ErrorBody, broker.publish_bytes(alice, token, manifest, alice.sign(manifest)).body
+    # The largest header there is, crafted as a hostile client may: 2,048 entry pages.
+    MiB = 1 << 20
+    small = broker.manifest(alice, "big", [], b"x" * 1024)
+    largest = dataclasses.replace(
+        small, kind="folder", files=MAX_ENTRIES, size=0, chunk_count=0, hash_pages=b""
     )
+    used = 0
+    for _ in range(100):
+        header = dataclasses.replace(
+            largest, share_id=os.urandom(16), entry_pages=os.urandom(32 * MAX_PAGES)
+        ).encode()
+        envelope = broker.publish_bytes(alice, token, header, alice.sign(header))
+        if envelope.op == "error":
+            break
+        used += len(header)
+    error = from_wire(ErrorBody, envelope.body)
     assert error.code == "forbidden"
+    assert used <= MiB < used + len(header)
     assert error.message == (
-        "share refused: with this manifest (4.6 MiB), yours would take 4.6 MiB at the broker,"
-        " over its 1 MiB per user (quota_manifest_mib); unshare some first"
+        f"share refused: with this manifest ({len(header) / MiB:,.1f} MiB), yours would take"
+        f" {(used + len(header)) / MiB:,.1f} MiB at the broker, over its 1 MiB per user"
+        " (quota_manifest_mib); unshare some first"
     )
     broker.publish(alice, token, "small.txt")
 
@@ -1432,7 +1450,7 @@ def test_unpublish_of_a_missing_file_is_not_found(
 
 
 def envelope_frame(
-    op: Any = "ping", body: Any = None, rid: Any = 5, v: Any = 1, **extra: Any
+    op: Any = "ping", body: Any = None, rid: Any = 5, v: Any = protocol.VERSION, **extra: Any
 ) -> bytes:
     return pack({"v": v, "op": op, "rid": rid, "body": {} if body is None else body, **extra})
 
@@ -1449,21 +1467,21 @@ GOOD_REGISTER = {
 MALFORMED_FRAMES: dict[str, bytes] = {
     "empty": b"",
     "never-used-byte": b"\xc1",
-    "truncated-map": pack({"v": 1, "op": "ping", "rid": 1, "body": {}})[:-3],
+    "truncated-map": pack({"v": protocol.VERSION, "op": "ping", "rid": 1, "body": {}})[:-3],
     "trailing-bytes": envelope_frame() + b"\x00",
     "text": b"GET / HTTP/1.1\r\n\r\n",
     "int": pack(1),
     "list": pack([1, "ping", 0, {}]),
     "string": pack("ping"),
     "nil": pack(None),
-    "partial-envelope": pack({"v": 1, "op": "ping"}),
+    "partial-envelope": pack({"v": protocol.VERSION, "op": "ping"}),
     "extra-key": envelope_frame(extra=1),
     "ext-type": msgpack.packb(msgpack.ExtType(1, b"x")),
-    "int-key": pack({1: 1, "v": 1, "op": "ping", "rid": 0, "body": {}}),
-    "invalid-utf8": b"\x84\xa1v\x01\xa2op\xa4pi\xffg\xa3rid\x00\xa4body\x80",
+    "int-key": pack({1: 1, "v": protocol.VERSION, "op": "ping", "rid": 0, "body": {}}),
+    "invalid-utf8": b"\x84\xa1v\x02\xa2op\xa4pi\xffg\xa3rid\x00\xa4body\x80",
     "version-0": envelope_frame(v=0),
     "version-true": envelope_frame(v=True),
-    "version-float": envelope_frame(v=1.0),
+    "version-float": envelope_frame(v=float(protocol.VERSION)),
     "version-str": envelope_frame(v="1"),
     "version-nested": envelope_frame(v=[[[[1]]]]),
     "rid-negative": envelope_frame(rid=-1),
@@ -1473,7 +1491,7 @@ MALFORMED_FRAMES: dict[str, bytes] = {
     "op-int": envelope_frame(op=3),
     "op-bytes": envelope_frame(op=b"ping"),
     "body-list": envelope_frame(body=[]),
-    "body-nil": pack({"v": 1, "op": "ping", "rid": 0, "body": None}),
+    "body-nil": pack({"v": protocol.VERSION, "op": "ping", "rid": 0, "body": None}),
     "unknown-op": envelope_frame(op="delete_everything"),
     "op-result": envelope_frame(op="result"),
     "op-error": envelope_frame(op="error", body={"code": "x", "message": "y"}),
@@ -1563,13 +1581,13 @@ def test_unknown_operation_is_named_in_the_error(broker: Broker) -> None:
 def test_another_protocol_version_is_told_to_upgrade_in_its_own_envelope(
     broker: Broker,
 ) -> None:
-    """The error envelope reads the same in every version, so a client of version 2
-    learns that this broker speaks 1 (and the reply carries its request id)."""
-    raw = msgpack.unpackb(broker.service.handle(envelope_frame(v=2, rid=7), None))
-    assert (raw["v"], raw["op"], raw["rid"]) == (2, "error", 7)
+    """The error envelope reads the same in every version, so a client of version 1
+    learns that this broker speaks 2 (and the reply carries its request id)."""
+    raw = msgpack.unpackb(broker.service.handle(envelope_frame(v=1, rid=7), None))
+    assert (raw["v"], raw["op"], raw["rid"]) == (1, "error", 7)
     assert raw["body"] == {
         "code": "upgrade",
-        "message": "upgrade sfs: this peer speaks version 1, you speak 2",
+        "message": "upgrade sfs: this peer speaks version 2, you speak 1",
     }
 
 

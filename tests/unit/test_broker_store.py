@@ -448,4 +448,4 @@ def test_each_store_s_schema_version_is_its_newest_migration() -> None:
     for module in (store, postgres_store):
         migrations = module._MIGRATIONS  # type: ignore[attr-defined]
         assert sorted(migrations) == list(range(1, len(migrations) + 1)), module.__name__
-        assert module.SCHEMA_VERSION == max(migrations), module.__name__
+        assert max(migrations) == module.SCHEMA_VERSION, module.__name__

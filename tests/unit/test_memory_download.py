@@ -17,6 +17,7 @@ import pytest
 from sfs.common import protocol
 from sfs.common.errors import IntegrityError, RemoteError, TransportError
 from sfs.common.protocol import ErrorCode, Refused
+from sfs.common.tree_index import Pages, TreeIndex
 from sfs.peer.connect import Connector
 from sfs.peer.download import (
     Downloader,
@@ -155,7 +156,8 @@ def test_busy_then_served(alice: Identity, bob: Identity, share: Share, tmp_path
     result = fetch(bob, tmp_path, share, alice, dialer, [from_alice])
     assert result.path.read_bytes() == DATA
     assert refusals == 0
-    assert dialer.dialed == [from_alice.endpoint]  # the same channel, hello after hello
+    # One channel for the index, one for the chunks: each keeps its channel, hello after hello.
+    assert dialer.dialed == [from_alice.endpoint] * 2
 
 
 def test_busy_for_longer_than_the_timeout(
@@ -311,6 +313,36 @@ def test_a_bad_chunk_from_the_last_holder_keeps_the_verified_ones(
     again = MemoryHolder(alice, share, DATA)
     result = fetch(bob, tmp_path, share, alice, MemoryDialer(again), [again])
     assert (result.chunks_resumed, result.bytes_fetched) == (4, len(DATA) - 4 * CHUNK)
+    assert result.path.read_bytes() == DATA
+
+
+def lying_about_pages(holder: MemoryHolder) -> None:
+    """`holder` serves a hash page that is not the one the owner signed (sealed under
+    the real transfer key, so only the signed header shows it)."""
+    real = holder.service._index_of
+
+    def forged(share: Share) -> tuple[TreeIndex, Pages]:
+        tree, pages = real(share)
+        return tree, Pages(pages.entries, [bytes(len(pages.hashes[0])), *pages.hashes[1:]])
+
+    holder.service._index_of = forged  # type: ignore[method-assign]
+
+
+def test_a_holder_lying_about_the_index_is_refused_before_a_byte_is_written(
+    alice: Identity, bob: Identity, carol: Identity, share: Share, tmp_path: Path
+) -> None:
+    from_carol = MemoryHolder(carol, share, DATA)
+    lying_about_pages(from_carol)
+    with pytest.raises(IntegrityError, match=r"^carol: hashes page 0 does not match the signed"):
+        fetch(bob, tmp_path, share, alice, MemoryDialer(from_carol), [from_carol])
+    assert not (tmp_path / "in").exists() or list((tmp_path / "in").iterdir()) == []
+    assert from_carol.chunks_sent == 0
+
+    # With an honest holder listed too, the index comes from it.
+    from_alice, from_carol = MemoryHolder(alice, share, DATA), MemoryHolder(carol, share, DATA)
+    lying_about_pages(from_carol)
+    dialer = MemoryDialer(from_carol, from_alice)
+    result = fetch(bob, tmp_path, share, alice, dialer, [from_carol, from_alice])
     assert result.path.read_bytes() == DATA
 
 

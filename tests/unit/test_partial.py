@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import os
 import random
 import resource
@@ -21,9 +20,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sfs.common.errors import IntegrityError, StorageError
-from sfs.common.manifest import Manifest
+from sfs.common.tree_index import TreeIndex
 from sfs.peer.partial import MAX_NAME_BYTES, PartialFile, partial_path, safe_filename
 from sfs.peer.stamps import stamp_of
+from tests.trees import file_tree
 
 # Small chunks keep the tests fast: these manifests are never encoded, so the protocol's
 # MIN_CHUNK_SIZE does not apply. 4096 is also the usual file system block, so a chunk
@@ -38,20 +38,8 @@ def chunks(data: bytes = DATA) -> list[bytes]:
     return [data[i : i + CHUNK] for i in range(0, len(data), CHUNK)]
 
 
-def manifest_of(data: bytes = DATA) -> Manifest:
-    return Manifest(
-        version=1,
-        share_id=b"\x00" * 16,
-        name="data.bin",
-        size=len(data),
-        chunk_size=CHUNK,
-        chunk_hashes=b"".join(hashlib.sha256(chunk).digest() for chunk in chunks(data)),
-        sha256=hashlib.sha256(data).digest(),
-        owner="alice",
-        owner_fp=b"\x01" * 32,
-        keywords=[],
-        created=1_700_000_000,
-    )
+def manifest_of(data: bytes = DATA) -> TreeIndex:
+    return file_tree(data, CHUNK).index
 
 
 def mode_of(path: Path) -> int:

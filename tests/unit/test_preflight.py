@@ -13,13 +13,18 @@ from pathlib import Path
 import pytest
 
 from sfs.common.errors import InUse, StorageError
+from sfs.common.tree_index import TreeIndex
 from sfs.peer.partial import partial_path
 from sfs.peer.preflight import already_downloaded, check_free_space, human_size
 from sfs.peer.serve_lock import serve_lock
-from tests.unit.test_manifest import make_manifest
+from tests.trees import file_tree
 
 FILE_ID = "ab" * 16
-CONTENT = b"the signed content\n" * 100
+CONTENT = b"the signed content\n" * 1000  # 5 chunks of 4 KiB
+
+
+def make_manifest(content: bytes, name: str = "report.pdf") -> TreeIndex:
+    return file_tree(content, 4096, name=name).index
 
 
 def test_the_same_content_under_the_download_name_is_already_there(tmp_path: Path) -> None:
@@ -65,7 +70,7 @@ def test_a_fifo_under_the_name_does_not_block(tmp_path: Path) -> None:
     code = (
         "import sys; from pathlib import Path;"
         "from sfs.peer.preflight import already_downloaded;"
-        "from tests.unit.test_manifest import make_manifest;"
+        "from tests.unit.test_preflight import make_manifest;"
         f"print(already_downloaded(Path(sys.argv[1]), {FILE_ID!r}, make_manifest(b'x')))"
     )
     done = subprocess.run(

@@ -32,7 +32,7 @@ OTHER_BUNDLE = KeyBundle(b"\x30" * 420, b"\x02" * 32)
 
 def frame(**fields: Any) -> bytes:
     """A raw envelope: a valid ping unless fields say otherwise (... removes a key)."""
-    value: dict[str, Any] = {"v": 1, "op": "ping", "rid": 0, "body": {}}
+    value: dict[str, Any] = {"v": protocol.VERSION, "op": "ping", "rid": 0, "body": {}}
     for key, item in fields.items():
         if item is ...:
             del value[key]
@@ -70,6 +70,7 @@ BROKER_SAMPLES: dict[str, Record] = {
 PEER_SAMPLES: dict[str, Record] = {
     "hello": protocol.Hello(FILE_ID, "alice", BUNDLE, b"\x04" * 32, b"\x05" * 32, b"s" * 384),
     "get": protocol.ChunkRequest(b"\x06" * 16, 7),
+    "page": protocol.PageRequest(b"\x06" * 16, "hashes", 3),
     "finish": protocol.Finish(b"\x06" * 16),
 }
 
@@ -149,12 +150,12 @@ def test_result_record_round_trip(record: Record) -> None:
 
 def test_encode_is_the_documented_envelope() -> None:
     assert unpack(encode("login", protocol.Login("alice", "pw"), rid=9)) == {
-        "v": 1,
+        "v": protocol.VERSION,
         "op": "login",
         "rid": 9,
         "body": {"username": "alice", "password": "pw"},
     }
-    assert unpack(encode("ping")) == {"v": 1, "op": "ping", "rid": 0, "body": {}}
+    assert unpack(encode("ping")) == {"v": protocol.VERSION, "op": "ping", "rid": 0, "body": {}}
 
 
 def test_search_defaults() -> None:
@@ -191,15 +192,17 @@ def test_publish_access_none_means_everyone_and_is_kept_apart_from_empty() -> No
         pytest.param(frame(rid=...), id="no-rid"),
         pytest.param(frame(body=...), id="no-body"),
         pytest.param(frame(extra=1), id="extra-key"),
-        pytest.param(pack({b"v": 1, "op": "ping", "rid": 0, "body": {}}), id="bytes-key"),
+        pytest.param(
+            pack({b"v": protocol.VERSION, "op": "ping", "rid": 0, "body": {}}), id="bytes-key"
+        ),
         pytest.param(frame(v=0), id="v0"),
-        pytest.param(frame(v=2), id="v2"),
+        pytest.param(frame(v=protocol.VERSION + 1), id="v-next"),
         pytest.param(frame(v=-1), id="v-1"),
         pytest.param(frame(v=True), id="v-true"),
-        pytest.param(frame(v=1.0), id="v-float"),
-        pytest.param(frame(v="1"), id="v-str"),
+        pytest.param(frame(v=float(protocol.VERSION)), id="v-float"),
+        pytest.param(frame(v=str(protocol.VERSION)), id="v-str"),
         pytest.param(frame(v=None), id="v-nil"),
-        pytest.param(frame(v=[1]), id="v-list"),
+        pytest.param(frame(v=[protocol.VERSION]), id="v-list"),
         pytest.param(frame(v=msgpack.Timestamp(1, 0)), id="v-timestamp"),
         pytest.param(frame(op=b"ping"), id="op-bytes"),
         pytest.param(frame(op=1), id="op-int"),
@@ -333,7 +336,9 @@ def body(op: str, **changes: Any) -> dict[str, Any]:
 )
 def test_request_field_validation(op: str, changes: dict[str, Any]) -> None:
     registry = BROKER_REQUESTS if op in BROKER_REQUESTS else PEER_REQUESTS
-    envelope = decode_envelope(pack({"v": 1, "op": op, "rid": 0, "body": body(op, **changes)}))
+    envelope = decode_envelope(
+        pack({"v": protocol.VERSION, "op": op, "rid": 0, "body": body(op, **changes)})
+    )
     with pytest.raises(ProtocolError):
         decode_body(envelope, registry)
 
@@ -554,22 +559,22 @@ def test_a_signed_hello_verifies_only_unchanged(rsa_key: crypto.RsaPrivateKey) -
 
 def test_another_version_is_a_version_mismatch_with_its_request_id() -> None:
     with pytest.raises(protocol.VersionMismatch) as info:
-        decode_envelope(frame(v=2, rid=9))
-    assert (info.value.version, info.value.rid) == (2, 9)
-    assert str(info.value) == "upgrade sfs: this peer speaks version 1, you speak 2"
+        decode_envelope(frame(v=1, rid=9))
+    assert (info.value.version, info.value.rid) == (1, 9)
+    assert str(info.value) == "upgrade sfs: this peer speaks version 2, you speak 1"
 
 
 def test_an_error_of_another_version_still_reads() -> None:
     """The error envelope is frozen: a reply from a server of another version that
     refuses this one is shown, not a decoding failure."""
-    reply = protocol.encode_error(ErrorCode.UPGRADE, "upgrade sfs: ...", rid=4, version=2)
+    reply = protocol.encode_error(ErrorCode.UPGRADE, "upgrade sfs: ...", rid=4, version=1)
     envelope = decode_envelope(reply)
     assert (envelope.op, envelope.rid) == ("error", 4)
     with pytest.raises(RemoteError, match="broker: upgrade sfs"):
         protocol.raise_for_error(envelope, "broker")
 
 
-@pytest.mark.parametrize("version", [0, -1, 2**16, True, 1.0, "2"])
+@pytest.mark.parametrize("version", [0, -1, 2**16, True, 2.0, "2"])
 def test_what_is_not_a_version_is_malformed(version: Any) -> None:
     with pytest.raises(ProtocolError, match="unsupported protocol version") as info:
         decode_envelope(frame(v=version))

@@ -9,8 +9,9 @@ import pytest
 
 from sfs.common import protocol
 from sfs.common.errors import IntegrityError, ProtocolError, RemoteError, TransportError
-from sfs.common.manifest import decode_manifest
 from sfs.common.protocol import ErrorCode, Refused
+from sfs.common.tree import decode_header
+from sfs.common.tree_index import index_of, unpack_pages
 from sfs.peer.keys import Identity
 from sfs.peer.receiver import Chunk, Offered, ReceiverSession, Sealed, SetAside, Stage
 from sfs.peer.registry import Share
@@ -53,7 +54,7 @@ class Holder:
 
 def session_for(bob: Identity, alice: Identity, share: Share, window: int = 2) -> ReceiverSession:
     link = ReceiverLink(
-        bob, share.file_id, decode_manifest(share.manifest), share.manifest, "alice", alice.bundle
+        bob, share.file_id, decode_header(share.manifest), share.manifest, "alice", alice.bundle
     )
     return ReceiverSession(link, window, TIMEOUT, HELLO_TIMEOUT, now=100.0)
 
@@ -69,7 +70,7 @@ def test_a_whole_file_through_a_session(alice: Identity, bob: Identity, share: S
     session = session_for(bob, alice, share, window=2)
     assert session.room == 0  # nothing may be asked before the offer
     offered(session, holder)
-    plan = ChunkPlan(decode_manifest(share.manifest), 2)
+    plan = ChunkPlan(index_of(share.manifest, unpack_pages(share.pages)), 2)
     received: dict[int, bytes] = {}
     while not plan.complete:
         requests = session.ask(plan.claim(session.room), 100.0)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from sfs.common import crypto
+from sfs.common.tree_hash import blake3_256
 from sfs.peer.reads import read_chunk
 from sfs.peer.registry import Share, ShareRegistry
 from sfs.peer.stamps import FileStamp, decode_stamp, stamp_of
@@ -111,7 +112,7 @@ def holder_read(share: Share, reader: object) -> tuple[object, list[tuple[Share,
         share,
         0,
         4096,
-        crypto.sha256(CONTENT[:4096]),
+        blake3_256(CONTENT[:4096]),
         b"ad",
         crypto.ChunkCipher(crypto.TransferSecret.generate()),
     )

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -18,13 +17,15 @@ from sfs.common import crypto, protocol
 from sfs.common.codec import Record, from_wire, pack, to_wire, unpack
 from sfs.common.errors import IntegrityError, ProtocolError, TrustError
 from sfs.common.identity import KeyBundle
-from sfs.common.manifest import MIN_CHUNK_SIZE, Manifest, file_id_of, manifest_digest
+from sfs.common.manifest import MIN_CHUNK_SIZE, file_id_of, manifest_digest
 from sfs.common.protocol import ErrorCode, Refused
+from sfs.common.tree_index import IndexReader, TreeIndex
 from sfs.peer import transfer
 from sfs.peer.keys import Identity, create_identity
 from sfs.peer.partial import PartialFile
 from sfs.peer.registry import Share
 from sfs.peer.transfer import ChunkPlan, HolderService, ReceiverLink
+from tests.trees import FileTree, file_tree
 
 CHUNK = MIN_CHUNK_SIZE
 CONN = b"connection-1"
@@ -58,27 +59,13 @@ def mallory(tmp_path_factory: pytest.TempPathFactory) -> Identity:
 # --- helpers ------------------------------------------------------------------------------
 
 
-def make_manifest(owner: Identity, data: bytes, name: str = "data.bin") -> Manifest:
-    return Manifest(
-        version=1,
-        share_id=crypto.random_bytes(16),
-        name=name,
-        size=len(data),
-        chunk_size=CHUNK,
-        chunk_hashes=b"".join(
-            hashlib.sha256(data[i : i + CHUNK]).digest() for i in range(0, len(data), CHUNK)
-        ),
-        sha256=hashlib.sha256(data).digest(),
-        owner=owner.username,
-        owner_fp=owner.fingerprint,
-        keywords=[],
-        created=1_700_000_000,
-    )
+def make_manifest(owner: Identity, data: bytes, name: str = "data.bin") -> FileTree:
+    return file_tree(data, CHUNK, name=name, owner=owner.username, owner_fp=owner.fingerprint)
 
 
 @dataclasses.dataclass
 class Shared:
-    manifest: Manifest
+    manifest: TreeIndex
     manifest_bytes: bytes
     share: Share
 
@@ -90,8 +77,8 @@ class Shared:
 def share_of(
     owner: Identity, data: bytes, access: list[str] | None = None, name: str = "data.bin"
 ) -> Shared:
-    manifest = make_manifest(owner, data, name)
-    manifest_bytes = manifest.encode()
+    tree = make_manifest(owner, data, name)
+    manifest_bytes = tree.header_bytes
     share = Share(
         file_id=file_id_of(manifest_bytes),
         path=Path("/nonexistent") / name,  # never read: read_chunk is injected
@@ -102,8 +89,9 @@ def share_of(
         access=access,
         keywords=[],
         shared_at=1_700_000_000,
+        pages=tree.packed_pages,
     )
-    return Shared(manifest, manifest_bytes, share)
+    return Shared(tree.index, manifest_bytes, share)
 
 
 class Clock:
@@ -161,7 +149,7 @@ def link_for(
     return ReceiverLink(
         requester,
         file_id or shared.file_id,
-        shared.manifest,
+        shared.manifest.header,
         shared.manifest_bytes,
         "alice",
         holder_bundle,
@@ -326,6 +314,76 @@ def test_an_interrupted_transfer_resumes_where_it_stopped(
     assert plan.bytes_done - plan.bytes_resumed == len(DATA) - 2 * CHUNK
     assert partial.finish("data.bin").read_bytes() == DATA
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.bin"]
+
+
+# --- index pages ---------------------------------------------------------------------------
+
+
+def as_page(frames: list[bytes]) -> tuple[protocol.PageHeader, bytes]:
+    assert len(frames) == 2
+    envelope = protocol.decode_envelope(frames[0])
+    assert envelope.op == "page", envelope
+    return from_wire(protocol.PageHeader, envelope.body, "page"), frames[1]
+
+
+def test_the_index_pages_come_sealed_and_check_against_the_header(
+    rig: Rig, shared: Shared, bob: Identity, alice: Identity
+) -> None:
+    link = link_for(bob, alice.bundle, shared)
+    connect(rig, link)
+    reader = IndexReader(shared.manifest.header)
+    for kind, index in reader.wanted():
+        header, sealed = as_page(rig.send("page", link.page_request(kind, index)))
+        assert sealed != shared.manifest.pages.page(kind, index)  # not in the clear
+        reader.add(kind, index, link.open_page(header, sealed))
+    tree = reader.finish()
+    assert [entry.path for entry in tree.entries] == ["data.bin"]
+    assert tree.chunk_hashes == shared.manifest.chunk_hashes
+
+
+def test_a_page_out_of_range_or_of_no_transfer_is_refused(
+    rig: Rig, shared: Shared, bob: Identity, alice: Identity
+) -> None:
+    link = link_for(bob, alice.bundle, shared)
+    assert "unknown or expired" in as_error(
+        rig.send("page", protocol.PageRequest(b"\x00" * 16, "entries", 0)), ErrorCode.NOT_FOUND
+    )
+    connect(rig, link)
+    message = as_error(rig.send("page", link.page_request("hashes", 1)), ErrorCode.BAD_REQUEST)
+    assert message == "hashes page 1 is out of range"
+
+
+def test_a_page_sealed_for_another_index_fails_authentication(
+    rig: Rig, shared: Shared, bob: Identity, alice: Identity
+) -> None:
+    link = link_for(bob, alice.bundle, shared)
+    connect(rig, link)
+    header, sealed = as_page(rig.send("page", link.page_request("hashes", 0)))
+    moved = dataclasses.replace(header, kind="entries")
+    with pytest.raises(IntegrityError, match="entries page 0 from alice failed authentication"):
+        link.open_page(moved, sealed)
+
+
+def test_a_page_that_is_not_the_signed_one_is_refused(shared: Shared) -> None:
+    reader = IndexReader(shared.manifest.header)
+    page = shared.manifest.pages.page("hashes", 0)
+    assert page is not None
+    with pytest.raises(IntegrityError, match="hashes page 0 does not match the signed tree header"):
+        reader.add("hashes", 0, flip(page))
+    with pytest.raises(IntegrityError, match="index is incomplete"):
+        reader.finish()
+
+
+def test_a_share_from_before_the_tree_manifest_is_not_served(
+    alice: Identity, bob: Identity
+) -> None:
+    old = share_of(alice, DATA)
+    old = dataclasses.replace(old, share=dataclasses.replace(old.share, pages=b""))
+    rig = Rig(alice, {"data.bin": DATA}, [old])
+    message = as_error(
+        rig.send("hello", link_for(bob, alice.bundle, old).hello()), ErrorCode.NOT_FOUND
+    )
+    assert message == "data.bin was shared with an older sfs: share it again"
 
 
 def test_empty_file_needs_no_chunks(alice: Identity, bob: Identity) -> None:
@@ -931,7 +989,9 @@ def test_offer_for_the_same_file_id_but_another_manifest_is_refused(
     """A receiver that holds another manifest than the holder serves (a broker swapping
     manifests) refuses the holder's offer."""
     swapped = make_manifest(alice, DATA)
-    link = ReceiverLink(bob, shared.file_id, swapped, swapped.encode(), "alice", alice.bundle)
+    link = ReceiverLink(
+        bob, shared.file_id, swapped.header, swapped.header_bytes, "alice", alice.bundle
+    )
     offer = as_offer(rig.send("hello", link.hello()))
     with pytest.raises(IntegrityError, match="not for this request"):
         link.accept_offer(offer)
@@ -1044,27 +1104,12 @@ def test_receiver_refuses_authentic_chunks_that_do_not_match_the_manifest(
 # --- ChunkPlan ------------------------------------------------------------------------------
 
 
-def zero_manifest(chunks: int, last: int = CHUNK) -> Manifest:
-    """A manifest whose chunks are all zero bytes (the last one `last` long)."""
-    size = (chunks - 1) * CHUNK + last
-    hashes = [hashlib.sha256(bytes(CHUNK)).digest()] * (chunks - 1)
-    hashes.append(hashlib.sha256(bytes(last)).digest())
-    return Manifest(
-        version=1,
-        share_id=b"\x00" * 16,
-        name="zeros",
-        size=size,
-        chunk_size=CHUNK,
-        chunk_hashes=b"".join(hashes),
-        sha256=hashlib.sha256(bytes(size)).digest(),
-        owner="alice",
-        owner_fp=b"\x01" * 32,
-        keywords=[],
-        created=0,
-    )
+def zero_manifest(chunks: int, last: int = CHUNK) -> TreeIndex:
+    """A tree whose chunks are all zero bytes (the last one `last` long)."""
+    return file_tree(bytes((chunks - 1) * CHUNK + last), CHUNK, name="zeros").index
 
 
-def chunk_of(manifest: Manifest, index: int) -> bytes:
+def chunk_of(manifest: TreeIndex, index: int) -> bytes:
     return bytes(manifest.chunk_length(index))
 
 
@@ -1304,7 +1349,7 @@ def test_holders_sharing_a_plan_deliver_every_chunk_exactly_once(
 # --- malformed frames never break the holder ------------------------------------------------
 
 
-def envelope(op: Any = "get", body: Any = None, v: Any = 1, rid: Any = 0) -> bytes:
+def envelope(op: Any = "get", body: Any = None, v: Any = protocol.VERSION, rid: Any = 0) -> bytes:
     return pack({"v": v, "op": op, "rid": rid, "body": {} if body is None else body})
 
 
@@ -1318,8 +1363,8 @@ TID = b"\x11" * 16
         b"\xc1",  # never used in msgpack
         b"\x92\x01",  # truncated array
         pack([1, 2, 3]),
-        pack({"v": 1, "op": "get", "rid": 0}),  # no body
-        pack({"v": 1, "op": "get", "rid": 0, "body": {}, "extra": 1}),
+        pack({"v": protocol.VERSION, "op": "get", "rid": 0}),  # no body
+        pack({"v": protocol.VERSION, "op": "get", "rid": 0, "body": {}, "extra": 1}),
         envelope(v=True, body={"transfer_id": TID, "index": 0}),
         envelope(v=0, body={"transfer_id": TID, "index": 0}),
         envelope(v=2**16, body={"transfer_id": TID, "index": 0}),
@@ -1370,14 +1415,14 @@ def test_malformed_frames_get_one_bad_request_reply(rig: Rig, frame: bytes) -> N
 
 
 def test_another_protocol_version_is_told_to_upgrade_in_its_own_envelope(rig: Rig) -> None:
-    """The error envelope reads the same in every version: a requester of version 2
-    learns that this holder speaks 1, rather than failing to decode the reply."""
-    (reply,) = rig.service.handle(CONN, None, envelope(v=2, body={"transfer_id": TID, "index": 0}))
+    """The error envelope reads the same in every version: a requester of version 1
+    learns that this holder speaks 2, rather than failing to decode the reply."""
+    (reply,) = rig.service.handle(CONN, None, envelope(v=1, body={"transfer_id": TID, "index": 0}))
     raw = unpack(reply)
-    assert (raw["v"], raw["op"]) == (2, "error")
+    assert (raw["v"], raw["op"]) == (1, "error")
     assert raw["body"] == {
         "code": "upgrade",
-        "message": "upgrade sfs: this peer speaks version 1, you speak 2",
+        "message": "upgrade sfs: this peer speaks version 2, you speak 1",
     }
 
 
@@ -1386,7 +1431,7 @@ def test_hello_with_wrong_types_inside_a_valid_hello(
 ) -> None:
     body = to_wire(link_for(bob, alice.bundle, shared).hello())
     for key, bad in [("nonce", 5), ("holder_fp", "x" * 32), ("requester", "Bob!"), ("bundle", {})]:
-        frame = pack({"v": 1, "op": "hello", "rid": 0, "body": {**body, key: bad}})
+        frame = pack({"v": protocol.VERSION, "op": "hello", "rid": 0, "body": {**body, key: bad}})
         as_error(rig.service.handle(CONN, None, frame), ErrorCode.BAD_REQUEST)
     assert rig.service.active_transfers == 0
 

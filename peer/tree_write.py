@@ -1,0 +1,289 @@
+"""Where a folder share lands: built in a hidden staging folder, renamed into place.
+
+The chunks of a folder share arrive, are verified and resumed exactly as a file's do:
+into one `.part` file holding the tree's stream (`partial.PartialFile`). Once every
+chunk is verified, `build_tree_from` cuts the stream into the tree's files inside
+`.sfs-<file id>.tree/` (mode 0700), made with the entries' modes (masked to 0o777),
+mtimes, empty folders and relative links, all through folder descriptors and
+`O_NOFOLLOW`/`O_EXCL`, so nothing there is ever followed or overwritten. The index has
+passed the path rules (`tree_rules`) before any of this runs. Then one `syncfs` (or an
+fsync of every file and folder), a rename that never replaces an existing name, an
+fsync of the parent, and a check that the name holds the staging folder (same inode).
+
+Costs, as measured in the report: the stream is written twice (`.part`, then the files;
+`copy_file_range` keeps the copy in the kernel) and needs the tree's size twice while
+the tree is built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import shutil
+import stat
+from pathlib import Path
+
+from sfs.common import crypto
+from sfs.common.errors import IntegrityError, StorageError
+from sfs.common.tree import FILE, FOLDER, LINK
+from sfs.common.tree_hash import blake3_256
+from sfs.common.tree_index import TreeIndex
+from sfs.peer.partial import MAX_NAME_BYTES, safe_filename
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_RENAME_NOREPLACE = 1
+_COPY_STEP = 16 << 20
+
+
+def staging_path(folder: Path, file_id: str) -> Path:
+    return folder / f".sfs-{file_id}.tree"
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+def _syncfs(fd: int) -> bool:
+    libc = _libc()
+    if libc is None or not hasattr(libc, "syncfs"):
+        return False
+    return bool(libc.syncfs(fd) == 0)
+
+
+def _rename_noreplace(folder_fd: int, source: str, target: str) -> None:
+    """Rename without ever replacing `target` (`FileExistsError` if it exists)."""
+    libc = _libc()
+    renameat2 = getattr(libc, "renameat2", None) if libc is not None else None
+    if renameat2 is not None:
+        result = renameat2(
+            folder_fd, source.encode(), folder_fd, target.encode(), _RENAME_NOREPLACE
+        )
+        if result == 0:
+            return
+        code = ctypes.get_errno()
+        if code not in (errno.EINVAL, errno.ENOSYS):  # else: no RENAME_NOREPLACE here
+            raise OSError(code, os.strerror(code), target)
+    try:  # checked, then renamed: only a name made in the instant between is at risk
+        os.lstat(target, dir_fd=folder_fd)
+    except FileNotFoundError:
+        os.rename(source, target, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
+        return
+    raise FileExistsError(errno.EEXIST, "exists", target)
+
+
+def _numbered(name: str, number: int) -> str:
+    tail = f" ({number})"
+    while name and len((name + tail).encode()) > MAX_NAME_BYTES:
+        name = name[:-1]
+    return name + tail
+
+
+def _remove_staging(folder: Path, path: Path) -> None:
+    """Remove what an earlier attempt left at our staging name: only a folder of ours."""
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        raise StorageError(f"{path} is in the way and is not a download of this user")
+    shutil.rmtree(path)
+
+
+class _Builder:
+    """Writes the entries, in index order, under the staging folder's descriptor."""
+
+    def __init__(self, root_fd: int, part_fd: int, tree: TreeIndex) -> None:
+        self.root_fd = root_fd
+        self.part_fd = part_fd
+        self.tree = tree
+        self.folders: dict[str, int] = {"": root_fd}  # open descriptors of made folders
+        self.file_number = 0
+        self.made_files: list[tuple[int, str]] = []  # (folder descriptor, name)
+
+    def folder_fd(self, parent: str) -> int:
+        return self.folders[parent]
+
+    def add(self, path: str, kind: str, target: str | None) -> None:
+        parent, _, name = path.rpartition("/")
+        where = self.folder_fd(parent)
+        if kind == FOLDER:
+            os.mkdir(name, 0o700, dir_fd=where)
+            self.folders[path] = os.open(name, _DIR_FLAGS, dir_fd=where)
+        elif kind == LINK:
+            os.symlink(target or "", name, dir_fd=where)
+        else:
+            fd = os.open(
+                name,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600,
+                dir_fd=where,
+            )
+            try:
+                start, end = self.tree.chunks.file_range(self.file_number)
+                _copy(self.part_fd, fd, start, end - start)
+            finally:
+                os.close(fd)
+            self.file_number += 1
+            self.made_files.append((where, name))
+
+    def close(self) -> None:
+        for path, fd in self.folders.items():
+            if path:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+
+def _copy(source: int, target: int, offset: int, length: int) -> None:
+    written = 0
+    while written < length:
+        step = min(_COPY_STEP, length - written)
+        try:
+            done = os.copy_file_range(source, target, step, offset + written, written)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            data = os.pread(source, step, offset + written)
+            done = os.pwrite(target, data, written)
+        if done <= 0:
+            raise OSError(errno.EIO, "the stream ended early")
+        written += done
+
+
+def _finish_metadata(
+    builder: _Builder, tree: TreeIndex, umask: int, chosen: set[int] | None
+) -> None:
+    """Modes and mtimes, deepest first: making a child changes its folder's mtime."""
+    for number in reversed(range(len(tree.entries))):
+        if chosen is not None and number not in chosen:
+            continue
+        entry = tree.entries[number]
+        parent, _, name = entry.path.rpartition("/")
+        where = builder.folder_fd(parent)
+        if entry.kind != LINK:
+            os.chmod(name, entry.mode & 0o777, dir_fd=where, follow_symlinks=False)
+        with contextlib.suppress(NotImplementedError, OSError):  # links: not everywhere
+            os.utime(name, ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=where, follow_symlinks=False)
+    os.fchmod(builder.root_fd, 0o777 & ~umask)
+
+
+def _sync(builder: _Builder) -> None:
+    if _syncfs(builder.root_fd):
+        return
+    for where, name in builder.made_files:  # no syncfs: each file made, then each folder
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=where)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    for fd in builder.folders.values():
+        os.fsync(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def build_tree_from(
+    part_fd: int, tree: TreeIndex, folder: Path, file_id: str, chosen: set[int] | None = None
+) -> Path:
+    """Cut the verified stream open as `part_fd` into the tree's files (only the
+    entries `chosen`, if given), make them durable and give them their name in
+    `folder` (never an existing one: `name (1)`...)."""
+    staging = staging_path(folder, file_id)
+    _remove_staging(folder, staging)
+    staging.mkdir(0o700)
+    root_fd = os.open(staging, _DIR_FLAGS)
+    builder = _Builder(root_fd, part_fd, tree)
+    try:
+        for number, entry in enumerate(tree.entries):
+            if chosen is None or number in chosen:
+                builder.add(entry.path, entry.kind, entry.target)
+            elif entry.kind == FILE:
+                builder.file_number += 1
+        _finish_metadata(builder, tree, _umask(), chosen)
+        _sync(builder)
+        built = os.fstat(root_fd)
+        target = _name_unused(folder, staging, safe_filename(tree.name, fallback=file_id))
+        named = os.lstat(target)
+        if (named.st_dev, named.st_ino) != (built.st_dev, built.st_ino):
+            raise IntegrityError(
+                f"{target} does not hold the folder just built (others can rename entries "
+                "in this folder); nothing else was changed"
+            )
+        return target
+    except BaseException:
+        with contextlib.suppress(OSError):
+            if staging.exists():
+                shutil.rmtree(staging)
+        raise
+    finally:
+        builder.close()
+        os.close(root_fd)
+
+
+def _name_unused(folder: Path, staging: Path, name: str) -> Path:
+    folder_fd = os.open(folder, _DIR_FLAGS & ~os.O_NOFOLLOW)
+    try:
+        number = 0
+        while True:
+            candidate = _numbered(name, number) if number else name
+            try:
+                _rename_noreplace(folder_fd, staging.name, candidate)
+            except FileExistsError:
+                number += 1
+                continue
+            with contextlib.suppress(OSError):
+                os.fsync(folder_fd)
+            return folder / candidate
+    finally:
+        os.close(folder_fd)
+
+
+def tree_on_disk(folder: Path, tree: TreeIndex, file_id: str) -> Path | None:
+    """The folder a download would be named, if it already holds exactly this tree: the
+    same entries (nothing more), kinds, sizes, link targets, and every chunk's hash."""
+    root = folder / safe_filename(tree.name, fallback=file_id)
+    try:
+        if not stat.S_ISDIR(root.lstat().st_mode):
+            return None
+        listed = {entry.path for entry in tree.entries}
+        for path in root.rglob("*"):
+            if str(path.relative_to(root)) not in listed:
+                return None
+        for entry in tree.entries:
+            info = (root / entry.path).lstat()
+            kind_ok = {
+                FOLDER: stat.S_ISDIR(info.st_mode),
+                LINK: stat.S_ISLNK(info.st_mode),
+                FILE: stat.S_ISREG(info.st_mode) and info.st_size == entry.size,
+            }[entry.kind]
+            if not kind_ok:
+                return None
+            target = os.readlink(root / entry.path) if entry.kind == LINK else None  # noqa: PTH115
+            if target != entry.target:
+                return None
+        return root if _chunks_match(root, tree) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _chunks_match(root: Path, tree: TreeIndex) -> bool:
+    for index in range(tree.chunk_count):
+        data = bytearray()
+        for piece in tree.chunks.pieces(index):
+            path = root / tree.files[piece.file].path
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            try:
+                data += os.pread(fd, piece.length, piece.offset)
+            finally:
+                os.close(fd)
+        if not crypto.same_bytes(blake3_256(bytes(data)), tree.chunk_hash(index)):
+            return False
+    return True
