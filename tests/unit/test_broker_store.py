@@ -21,6 +21,7 @@ from sfs.broker.store import (
     User,
 )
 from sfs.common.errors import StorageError
+from tests.unit import test_store_contract as contract
 from tests.unit.test_store_contract import (
     HASH,
     bundle_for,
@@ -348,6 +349,31 @@ def test_owner_filter_is_exact_whatever_the_user_ids(store: SqliteStore, db_path
         assert names(store, User(1, "x", HASH, bundle_for(1)), [], f"u{user_id}") == [
             f"of-{user_id}"
         ]
+
+
+@pytest.mark.parametrize("cap", [0, 1, 4, 10**9], ids=["phrase", "cap1", "cap4", "scan"])
+@pytest.mark.parametrize(
+    "contract_test",
+    [
+        contract.test_private_files_of_others_change_nothing_in_a_search,
+        contract.test_a_search_past_its_budget_says_partial,
+        contract.test_a_user_who_sees_nothing_finds_nothing_and_nothing_partial,
+        contract.test_search_answers_as_the_model,
+    ],
+    ids=["private", "partial", "sees-nothing", "model"],
+)
+def test_both_ways_to_the_visible_files_answer_as_the_contract(
+    monkeypatch: pytest.MonkeyPatch,
+    store: SqliteStore,
+    users: dict[str, User],
+    cap: int,
+    contract_test: Any,
+) -> None:
+    # A search reads the index by its terms and checks each row's readers for at most
+    # `_SCAN_CAP` rows, then asks the index for the caller's readers: both ways, and a
+    # switch from one to the other part way, give the contract's answers.
+    monkeypatch.setattr(store_module, "_SCAN_CAP", cap)
+    contract_test(store=store, users=users)
 
 
 # --- migration from schema 1 -------------------------------------------------------------------
