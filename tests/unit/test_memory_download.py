@@ -399,4 +399,5 @@ def test_an_unreachable_holder_is_fetched_through_its_relay_hint(
         through_relay.join()
     assert result.path.read_bytes() == DATA
     assert result.paths == {"alice": relay, "carol": from_carol.endpoint}
-    assert from_alice.endpoint in direct.dialed and through_relay.dialed == [relay]
+    # The index is fetched first, on a connection of its own: the relay may be dialed twice.
+    assert from_alice.endpoint in direct.dialed and set(through_relay.dialed) == {relay}
