@@ -39,12 +39,13 @@ _POLL_MS = 200
 # connection (TCP pushes back), so a flood of requests waits in the sender's memory.
 # Not 1: with a ZAP handler, libzmq 4.3.5 delivers nothing to a ROUTER with rcvhwm 1.
 REQUEST_QUEUE_LIMIT = 2
-# A full send queue drops the reply, so a client that asks for large replies (a lookup
-# carries a manifest of up to 9 MiB) and never reads them cannot pile them up here.
-# Clients keep one request in flight; 16 leaves room for pipelining: a pipelining client's
-# requests wait their turn in the broker (PER_CLIENT), so its replies come at the
-# workers' pace, which ZeroMQ's I/O thread may trail on a loaded machine.
-REPLY_QUEUE_LIMIT = 16
+# A full send queue drops the reply, so a client that asks for large replies and never
+# reads them cannot pile them up here: at most this many, each at most a lookup's tree
+# header (MAX_MANIFEST_BYTES) and its holders, about 40 MiB a connection. Clients keep one
+# request in flight; a pipelining one's requests wait their turn (PER_CLIENT), but on a
+# loaded machine ZeroMQ's I/O thread can trail the socket thread by dozens of cheap
+# replies (16 lost replies of a 100-request pipeline so): the room is for that lag.
+REPLY_QUEUE_LIMIT = 128
 # Requests read in one go, which one read of the store's generation serves (the cache's
 # answers need one read after the requests arrived; see sfs.broker.cache).
 BATCH = 64

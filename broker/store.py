@@ -86,7 +86,7 @@ __all__ = [
 ]
 
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 _EXPIRY_STEP = 300  # seconds
 _MIN_SQLITE = (3, 34, 0)  # the FTS5 trigram tokenizer
 
@@ -322,6 +322,16 @@ _MIGRATIONS: dict[int, str] = {
             SELECT {_READERS} FROM files f JOIN users u ON u.id = f.owner_id
             WHERE f.sort_key = file_search.rowid
         ) WHERE rowid IN (SELECT sort_key FROM files WHERE owner_id = new.id);
+    END;
+    """,
+    8: f"""
+    -- A file row whose public flag changes in place (nothing in sfs does so today, but a
+    -- restore or an operator may): its readers again, so the index never disagrees.
+    CREATE TRIGGER readers_file_public AFTER UPDATE OF public ON files BEGIN
+        UPDATE file_search SET readers = (
+            SELECT {_READERS} FROM files f JOIN users u ON u.id = f.owner_id
+            WHERE f.sort_key = file_search.rowid
+        ) WHERE rowid = new.sort_key;
     END;
     """,
 }

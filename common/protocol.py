@@ -95,7 +95,7 @@ TransferId = Annotated[bytes, Size(16)]
 # Printable text only: stores keep keywords one per line, and terminals show them.
 Keyword = Annotated[str, MaxLen(64), Pattern(r"[^\x00-\x1f\x7f]+")]
 
-MAX_MANIFEST_BYTES = 9 * 1024 * 1024
+MAX_MANIFEST_BYTES = 256 * 1024  # a version-2 tree header is at most about 132 KiB
 MAX_BROKER_FRAME = 16 * 1024 * 1024
 MAX_ACCESS_LIST = 1000
 MAX_SEARCH_RESULTS = 500

@@ -480,9 +480,10 @@ def test_hypothesis_frames_are_answered_or_dropped(
             return
         reply = check_reply(target, receive(sock, repr(frame[:80])), repr(frame[:80]))
         try:
-            rid = protocol.decode_envelope(frame).rid if name == "broker" else 0
-        except protocol.VersionMismatch as mismatch:  # answered `upgrade`, in its own rid
-            rid = mismatch.rid if name == "broker" else 0
+            envelope = protocol.decode_envelope(frame)
+            rid = envelope.rid if name == "broker" else 0  # holders answer with rid 0
+        except protocol.VersionMismatch as mismatch:  # both answer `upgrade`, in its rid
+            rid = mismatch.rid
         except SfsError:
             rid = 0
         assert reply.rid == rid
