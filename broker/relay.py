@@ -12,6 +12,16 @@ only the requester can unwrap. Limits are checked when a circuit opens (refusals
 and when to retry) and while it runs (byte rates pace the requester's requests; idle and
 too-old circuits are closed).
 
+Data legs: the answers to `attach` and `open` carry a one-use data ticket (`DataLeg`)
+for the relay's second ROUTER, the data port (NULL mechanism, as the holder's own data
+port: chunks are AES-GCM sealed end to end, so nothing is encrypted twice). Each end
+connects there and sends its ticket first; after that [frame] from a requester's leg
+goes to its holder's leg as [circuit id, frame], and [circuit id, frames...] from the
+holder's leg back to that requester's leg, with the circuit's limits. The transfer's
+attach proof travels end to end inside, so the holder still binds the leg to the
+transfer. Before a ticket, a data connection gets one refusal per bad frame, nothing
+else.
+
 The reachability probe (`probe`): the relay connects back to an attached holder's
 advertised endpoint, only if that endpoint's host is the address the holder's own
 connection comes from, at most once a `PROBE_INTERVAL` per holder and `MAX_PROBES` at
@@ -64,6 +74,8 @@ class _Holder:
     endpoints: list[str]
     address: str
     last_probe: float = -PROBE_INTERVAL
+    data: bytes | None = None  # its data leg's connection, once it gave its ticket
+    data_ticket: bytes = b""
 
 
 @dataclass
@@ -76,6 +88,9 @@ class _Circuit:
     opened: float
     last: float
     held: deque[zmq.Frame] = field(default_factory=deque)  # requests a rate limit held back
+    data: bytes | None = None  # the requester's data leg, once it gave its ticket
+    data_ticket: bytes = b""
+    data_held: deque[zmq.Frame] = field(default_factory=deque)
 
 
 class _Bucket:
@@ -125,6 +140,12 @@ class RelayServer:
         self._global = _Bucket(limits.global_rate, time.monotonic())
         self._probes: queue.SimpleQueue[tuple[bytes, bytes]] = queue.SimpleQueue()
         self._probing = 0
+        self._data_tickets: dict[bytes, _Holder | _Circuit] = {}  # not yet used
+        self._data_ends: dict[bytes, _Holder | _Circuit] = {}  # by data connection
+        self._data_port = 0
+        self.data_endpoint = ""
+        self._data: zmq.Socket[bytes]  # both set by `serve`
+        self._control_sock: zmq.Socket[bytes]
 
     def stop(self) -> None:
         self._stop.set()
@@ -136,6 +157,7 @@ class RelayServer:
     ) -> None:
         authenticator = start_authenticator(context, "sfs.relay.zap")
         sock = context.socket(zmq.ROUTER)
+        data = context.socket(zmq.ROUTER)
         try:
             sock.linger = 0
             sock.ipv6 = True
@@ -147,21 +169,44 @@ class RelayServer:
             sock.curve_publickey = self._public
             sock.bind(self._bind)
             self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+            # The data port: after the control port, so it cannot take a port given in
+            # the config; any free one on the same host (the answers name it).
+            data.linger = 0
+            data.ipv6 = True
+            data.maxmsgsize = MAX_FRAME
+            data.sndhwm = SEND_QUEUE
+            data.router_mandatory = True
+            data.bind(self.endpoint.rsplit(":", 1)[0] + ":0")
+            self.data_endpoint = data.getsockopt_string(zmq.LAST_ENDPOINT)
+            self._data_port = int(self.data_endpoint.rsplit(":", 1)[1])
+            poller = zmq.Poller()
+            poller.register(sock, zmq.POLLIN)
+            poller.register(data, zmq.POLLIN)
+            self._data, self._control_sock = data, sock
             if on_ready is not None:
                 on_ready(self.endpoint)
             while not self._stop.is_set():
-                timeout = 10 if any(c.held for c in self._circuits.values()) else _POLL_MS
-                if sock.poll(timeout):
+                held = any(c.held or c.data_held for c in self._circuits.values())
+                ready = dict(poller.poll(10 if held else _POLL_MS))
+                if sock in ready:
                     for _ in range(256):  # a burst, then the housekeeping below
                         try:
                             frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
                         except zmq.Again:
                             break
                         self._receive(sock, frames)
+                if data in ready:
+                    for _ in range(256):
+                        try:
+                            frames = data.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._receive_data(data, frames)
                 self._release_held(sock)
                 self._answer_probes(sock)
                 self._expire(sock)
         finally:
+            data.close(linger=0)
             sock.close(linger=0)
             authenticator.stop()
 
@@ -268,6 +313,84 @@ class RelayServer:
             return self._probe(connection, holder, rid)
         raise Refused(ErrorCode.BAD_REQUEST, "not a relay request")
 
+    # --- data legs -----------------------------------------------------------------------
+
+    def _data_leg(self, end: _Holder | _Circuit) -> relay_protocol.DataLeg:
+        """A fresh one-use ticket for `end`'s data leg."""
+        ticket = crypto.random_bytes(relay_protocol.DATA_TICKET_SIZE)
+        self._data_tickets[ticket] = end
+        end.data_ticket = ticket
+        return relay_protocol.DataLeg(self._data_port, ticket)
+
+    def _receive_data(self, data: zmq.Socket[bytes], frames: list[zmq.Frame]) -> None:
+        if len(frames) < 2:
+            return
+        connection = frames[0].bytes
+        end = self._data_ends.get(connection)
+        if isinstance(end, _Circuit):
+            if len(frames) == 2:  # requesters send one frame at a time
+                self._from_requester_data(data, end, frames[1])
+        elif isinstance(end, _Holder):
+            if len(frames) >= 3:
+                self._from_holder_data(data, end, frames[1:])
+        else:
+            self._redeem(data, connection, frames)
+
+    def _redeem(self, data: zmq.Socket[bytes], connection: bytes, frames: list[zmq.Frame]) -> None:
+        """A data connection's first frame must be a ticket this relay handed out; a
+        random 32-byte ticket is the dict key (no secret compare to time)."""
+        ticket = frames[1].bytes if len(frames) == 2 else b""
+        end = self._data_tickets.pop(ticket, None)
+        if end is None:
+            refusal = "not a data ticket of this relay: open a circuit first"
+            self._send(data, [connection, protocol.encode_error(ErrorCode.UNAUTHORIZED, refusal)])
+            return
+        if isinstance(end, _Circuit):
+            if end.circuit_id not in self._circuits:
+                return
+            if end.holder.data is None or self._holders.get(end.holder.username) is not end.holder:
+                refusal = f"{end.holder.username} has no data leg here; use the circuit"
+                self._send(data, [connection, protocol.encode_error(ErrorCode.NOT_FOUND, refusal)])
+                return
+        elif self._holders.get(end.username) is not end:
+            return  # it attached again since
+        end.data = connection
+        self._data_ends[connection] = end
+        self._send(data, [connection, protocol.encode("result", protocol.Empty())])
+
+    def _from_requester_data(
+        self, data: zmq.Socket[bytes], circuit: _Circuit, frame: zmq.Frame
+    ) -> None:
+        circuit.last = time.monotonic()
+        if circuit.data_held or not self._may_send(circuit):
+            if len(circuit.data_held) >= QUEUED_PER_CIRCUIT:
+                self._close(
+                    self._control_sock, circuit, "the requester sends faster than its rate limit"
+                )
+                return
+            circuit.data_held.append(frame)
+            return
+        self._to_holder_data(data, circuit, frame)
+
+    def _to_holder_data(self, data: zmq.Socket[bytes], circuit: _Circuit, frame: zmq.Frame) -> None:
+        leg = circuit.holder.data
+        if leg is None or not self._send(data, [leg, circuit.circuit_id, frame]):
+            self._close(self._control_sock, circuit, f"{circuit.holder.username} is not reading")
+
+    def _from_holder_data(
+        self, data: zmq.Socket[bytes], holder: _Holder, frames: list[zmq.Frame]
+    ) -> None:
+        circuit = self._circuits.get(frames[0].bytes)
+        if circuit is None or circuit.holder is not holder or circuit.data is None:
+            return  # a circuit that closed meanwhile
+        now = time.monotonic()
+        circuit.last = now
+        size = sum(len(f) for f in frames[1:])
+        self._rate(circuit.requester, now).spend(size)
+        self._global.spend(size)
+        if not self._send(data, [circuit.data, *frames[1:]]):
+            self._close(self._control_sock, circuit, None)
+
     # --- holders -------------------------------------------------------------------------
 
     def _attach(
@@ -279,6 +402,7 @@ class RelayServer:
         old = self._holders.get(ticket.username)
         if old is not None:  # it reconnected: circuits through the old connection are gone
             self._holder_by_connection.pop(old.connection, None)
+            self._drop_data_leg(old)
             for circuit in [c for c in self._circuits.values() if c.holder is old]:
                 self._forget(circuit)
         holder = _Holder(ticket.username, connection, key, ticket.endpoints, address)
@@ -287,7 +411,7 @@ class RelayServer:
         self._holders[ticket.username] = holder
         self._holder_by_connection[connection] = holder
         log.info("%s attached", ticket.username)
-        return protocol.Empty()
+        return self._data_leg(holder)
 
     def _probe(self, connection: bytes, holder: _Holder, rid: int) -> Record | None:
         now = time.monotonic()
@@ -378,7 +502,7 @@ class RelayServer:
         self._circuits[circuit.circuit_id] = circuit
         self._by_requester[connection] = circuit
         log.info("circuit %s -> %s for %s", ticket.requester, ticket.holder, ticket.file_id)
-        return protocol.Empty()
+        return self._data_leg(circuit)
 
     def _verified(
         self, cls: type[relay_protocol.T], data: bytes, signature: bytes
@@ -412,6 +536,11 @@ class RelayServer:
                 self._to_holder(sock, circuit, circuit.held.popleft())
                 if circuit.circuit_id not in self._circuits:
                     break
+        for circuit in [c for c in self._circuits.values() if c.data_held]:
+            while circuit.data_held and self._may_send(circuit):
+                self._to_holder_data(self._data, circuit, circuit.data_held.popleft())
+                if circuit.circuit_id not in self._circuits:
+                    break
 
     def _expire(self, sock: zmq.Socket[bytes]) -> None:
         now = time.monotonic()
@@ -440,6 +569,14 @@ class RelayServer:
         self._circuits.pop(circuit.circuit_id, None)
         if self._by_requester.get(circuit.connection) is circuit:
             del self._by_requester[circuit.connection]
+        self._drop_data_leg(circuit)
+
+    def _drop_data_leg(self, end: _Holder | _Circuit) -> None:
+        """Forget `end`'s data ticket and leg (its connection stays open, unheard)."""
+        self._data_tickets.pop(end.data_ticket, None)
+        if end.data is not None and self._data_ends.get(end.data) is end:
+            del self._data_ends[end.data]
+        end.data = None
 
 
 def _same_host(endpoint: str, address: str) -> bool:

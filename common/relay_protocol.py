@@ -102,6 +102,25 @@ class Open(Record):
     signature: Ed25519Signature
 
 
+DATA_TICKET_SIZE = 32
+
+
+@dataclass(frozen=True)
+class DataLeg(Record):
+    """The relay's answer to `attach` and `open`: this end's data leg connects to the
+    relay's data port (on the host of its control endpoint), NULL mechanism, and sends
+    `ticket` (one use) as its first frame. Chunks then cross the relay sealed end to end
+    only, as on a direct data connection."""
+
+    port: Annotated[int, Range(1, 65535)]
+    ticket: Annotated[bytes, Size(DATA_TICKET_SIZE)]
+
+
+def data_leg_endpoint(relay_endpoint: str, port: int) -> str:
+    """`relay_endpoint`'s host with the data leg's `port`."""
+    return relay_endpoint.rsplit(":", 1)[0] + f":{port}"
+
+
 @dataclass(frozen=True)
 class KeepAlive(Record):
     """From a holder, now and then: the relay answers, so a lost relay is noticed."""

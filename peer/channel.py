@@ -10,6 +10,7 @@ sockets (and, later, for channels built on other channels, such as a relay's).
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import time
 from collections.abc import Callable, Sequence
@@ -18,6 +19,7 @@ from typing import Protocol
 import zmq
 
 from sfs.common import protocol, relay_protocol
+from sfs.common.codec import from_wire
 from sfs.common.errors import ProtocolError, RemoteError, TransportError
 from sfs.common.manifest import MAX_CHUNK_SIZE
 from sfs.peer.zmq_events import next_event
@@ -109,7 +111,11 @@ class ZmqChannel:
 class RelayChannel(ZmqChannel):
     """A DEALER to a relay, carrying one circuit to a holder once the relay took the
     ticket. What goes through it is what goes over a direct connection; the relay link is
-    CurveZMQ with the relay's key, and the chunks are sealed end to end as always."""
+    CurveZMQ with the relay's key, and the chunks are sealed end to end as always.
+    `data_leg`: where the transfer's data connection opens through the relay (endpoint,
+    one-use ticket), if the relay offered one."""
+
+    data_leg: tuple[str, bytes] | None = None
 
     @classmethod
     def open(  # type: ignore[override]
@@ -143,6 +149,10 @@ class RelayChannel(ZmqChannel):
                 protocol.raise_for_error(envelope, f"relay {endpoint}")
             except (ProtocolError, RemoteError) as exc:
                 raise TransportError(str(exc)) from exc
+            with contextlib.suppress(ProtocolError):  # an older relay: no data leg
+                leg = from_wire(relay_protocol.DataLeg, envelope.body, "open")
+                data = relay_protocol.data_leg_endpoint(endpoint, leg.port)
+                channel.data_leg = (data, leg.ticket)
         except BaseException:
             channel.close()
             raise

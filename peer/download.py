@@ -531,13 +531,15 @@ class Downloader:
         with download.lock:
             download.paths[holder.username] = channel.address
         data: list[Channel] = []  # the data connection, once opened
-        # A relay carries the control connection only, so far: the offer's data endpoint
-        # is the holder's own address, which a holder behind a NAT cannot be reached at.
-        relayed = isinstance(channel, RelayChannel)
 
         def open_data() -> Channel:
-            """Where chunks travel: the data connection the offer named, or this one."""
-            opened = None if relayed else self._open_data(session, interrupt)
+            """Where chunks travel: the data connection the offer named (through the
+            relay's data port for a relayed holder: the offer's endpoint is the holder's
+            own address, unreachable behind its NAT), or this one."""
+            if isinstance(channel, RelayChannel):
+                opened = self._open_relay_data(channel, session, interrupt)
+            else:
+                opened = self._open_data(session, interrupt)
             if opened is None:
                 return channel
             data.append(opened)
@@ -574,6 +576,37 @@ class Downloader:
                 continue
             return opened
         return None
+
+    def _open_relay_data(
+        self, channel: RelayChannel, session: ReceiverSession, interrupt: Callable[[], None]
+    ) -> Channel | None:
+        """The data connection through the relay's data port: its ticket first (the relay
+        answers), then the transfer's attach, end to end to the holder. None if the relay
+        offered none or refused it (the chunks then come on the circuit)."""
+        if self._data_dialer is None or channel.data_leg is None or not session.data_hints:
+            return None
+        endpoint, ticket = channel.data_leg
+        try:
+            opened = self._data_dialer.dial(endpoint, self._timeout, interrupt)
+        except TransportError as exc:
+            log.info("%s: no data leg (%s); chunks come on the circuit", endpoint, exc)
+            return None
+        try:
+            opened.send([ticket])
+            deadline = self._clock() + self._timeout
+            while (reply := opened.receive(0.2)) is None:
+                interrupt()
+                if self._clock() > deadline:
+                    raise TransportError(f"relay {endpoint} did not answer the data ticket")
+            if len(reply) != 1:
+                raise ProtocolError("not an answer to a data ticket")
+            protocol.raise_for_error(protocol.decode_envelope(reply[0]), f"relay {endpoint}")
+            opened.send(session.attach())
+        except (TransportError, ProtocolError, RemoteError) as exc:
+            log.info("%s: no data leg (%s); chunks come on the circuit", endpoint, exc)
+            opened.close()
+            return None
+        return opened
 
     def _converse(
         self,

@@ -8,6 +8,13 @@ keepalive every `KEEPALIVE` seconds. A relay silent for `LOST_AFTER` seconds is 
 and the link reconnects (the next relay in the grant, if any); while it is down the
 heartbeats carry no relay hint. Circuits arrive as [circuit id, requester key, frame]
 and are answered as [circuit id, frames...].
+
+The attach answer names the relay's data port and a one-use ticket (`DataLeg`): the link
+then keeps a second DEALER there (NULL mechanism, like the holder's own data port), its
+data leg, where requesters' data connections arrive as [circuit id, frame] (an attach
+with the transfer's proof first, then chunk requests) and are answered as
+[circuit id, frames...]. A relay without a data port (an older one) leaves chunks on the
+circuits.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from sfs.common import protocol, relay_protocol
 from sfs.common.codec import Record, from_wire
 from sfs.common.errors import ProtocolError, RemoteError
 from sfs.common.manifest import MAX_CHUNK_SIZE
+from sfs.peer.data_port import DATA_KEY_PREFIX
 from sfs.peer.keys import Identity
 
 log = logging.getLogger("sfs.peer")
@@ -34,6 +42,7 @@ RETRY_AFTER = 5.0  # seconds before connecting again after a refusal or a loss
 GRANT_REFRESH = 240.0  # seconds; attach tickets last 600
 _ATTACH, _PROBE, _KEEPALIVE = 1, 2, 3  # request ids
 CIRCUIT_PREFIX = b"relay:"  # connection ids of relayed requesters, in `HolderService`
+DATA_CIRCUIT_PREFIX = DATA_KEY_PREFIX + CIRCUIT_PREFIX  # their data connections' ids
 
 
 class RelayState:
@@ -89,6 +98,7 @@ class RelayLink:
         self._identity = identity
         self._state = state
         self.sock: zmq.Socket[bytes] | None = None
+        self.data_sock: zmq.Socket[bytes] | None = None  # the data leg, once offered
         self._relay: protocol.RelayInfo | None = None
         self._next = 0  # which relay of the grant to try next
         self._attached = False
@@ -132,6 +142,7 @@ class RelayLink:
     def _drop(self, now: float) -> None:
         if self.sock is not None:
             self.sock.close(linger=0)
+        self._close_data()
         self.sock, self._attached = None, False
         self._retry_at = now + RETRY_AFTER
         self._state.set_link(None, self._state.reachable)
@@ -170,6 +181,7 @@ class RelayLink:
             if envelope.rid == _ATTACH:
                 self._attached = True
                 log.info("serving through the relay %s too", self._where())
+                self._open_data(envelope.body)
                 self._state.set_link(self._relay, self._state.reachable)
                 if self._state.mode == "auto" and self._state.reachable is None:
                     self._control("probe", relay_protocol.Probe(), _PROBE)
@@ -185,6 +197,59 @@ class RelayLink:
             if envelope.rid != _PROBE:  # e.g. "attach first": a relay restarted meanwhile
                 self._drop(now)
 
+    def _open_data(self, body: object) -> None:
+        """Connect the data leg the attach answer offers, if it offers one."""
+        self._close_data()
+        try:
+            leg = from_wire(relay_protocol.DataLeg, body, "attach")
+        except ProtocolError:
+            return  # an older relay: chunks stay on the circuits
+        assert self._relay is not None
+        sock = self._context.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.maxmsgsize = 1024  # requests only; chunks go the other way
+        sock.ipv6 = protocol.is_ipv6_literal(self._relay.endpoint)
+        sock.sndhwm = 1000
+        sock.connect(relay_protocol.data_leg_endpoint(self._relay.endpoint, leg.port))
+        sock.send(leg.ticket)
+        self.data_sock = sock
+
+    def _close_data(self) -> None:
+        if self.data_sock is not None:
+            self.data_sock.close(linger=0)
+            self.data_sock = None
+
+    def receive_data(self) -> list[tuple[bytes, bytes]]:
+        """What came on the data leg: (data connection, frame)."""
+        received: list[tuple[bytes, bytes]] = []
+        while self.data_sock is not None:
+            try:
+                frames = self.data_sock.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if len(frames) == 2 and len(frames[0]) == relay_protocol.CIRCUIT_ID_SIZE:
+                received.append((DATA_CIRCUIT_PREFIX + frames[0], frames[1]))
+            elif len(frames) == 1:  # the relay's answer to the ticket
+                try:
+                    protocol.raise_for_error(protocol.decode_envelope(frames[0]), "relay")
+                    log.debug("the relay's data leg is open")
+                except (ProtocolError, RemoteError) as exc:
+                    log.warning("no data leg at the relay: %s", exc)
+                    self._close_data()
+        return received
+
+    def send_data(self, connection: bytes, replies: list[bytes]) -> bool:
+        """Answer a relayed requester's data connection; False when the relay cannot take
+        it."""
+        if self.data_sock is None:
+            return False
+        circuit = connection[len(DATA_CIRCUIT_PREFIX) :]
+        try:
+            self.data_sock.send_multipart([circuit, *replies], flags=zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError:
+            return False
+        return True
+
     def send(self, connection: bytes, replies: list[bytes]) -> bool:
         """Answer a relayed requester; False when the relay cannot take it."""
         if self.sock is None:
@@ -197,6 +262,7 @@ class RelayLink:
         return True
 
     def close(self) -> None:
+        self._close_data()
         if self.sock is not None:
             self.sock.close(linger=0)
             self.sock = None
@@ -204,3 +270,7 @@ class RelayLink:
 
 def is_relayed(connection: bytes) -> bool:
     return connection.startswith(CIRCUIT_PREFIX)
+
+
+def is_relayed_data(connection: bytes) -> bool:
+    return connection.startswith(DATA_CIRCUIT_PREFIX)

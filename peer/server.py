@@ -31,7 +31,7 @@ from sfs.peer.data_port import DataPort, advertised, data_endpoint, routing_id_o
 from sfs.peer.keys import Identity
 from sfs.peer.pacing import UploadPacer
 from sfs.peer.reads import ReadLanes
-from sfs.peer.relay_link import RelayLink, RelayState, is_relayed
+from sfs.peer.relay_link import RelayLink, RelayState, is_relayed, is_relayed_data
 from sfs.peer.session import DeviceNotRegistered, DeviceSession
 from sfs.peer.transfer import Attached, AttachRefused, ChunkJob, ChunkOutcome, HolderService
 
@@ -168,6 +168,7 @@ class PeerServer:
             assert data.monitor is not None
             poller.register(data.monitor, zmq.POLLIN)
         polled_link: zmq.Socket[bytes] | None = None
+        polled_leg: zmq.Socket[bytes] | None = None  # the relay's data leg
         try:
             while not self._stop.is_set():
                 if self._link is not None:
@@ -178,6 +179,12 @@ class PeerServer:
                         polled_link = self._link.sock
                         if polled_link is not None:
                             poller.register(polled_link, zmq.POLLIN)
+                    if self._link.data_sock is not polled_leg:
+                        if polled_leg is not None:
+                            poller.unregister(polled_leg)
+                        polled_leg = self._link.data_sock
+                        if polled_leg is not None:
+                            poller.register(polled_leg, zmq.POLLIN)
                 ready = dict(poller.poll(self._poll_ms(data)))
                 self._send_paced(sock)
                 if data is not None:
@@ -189,6 +196,9 @@ class PeerServer:
                 if polled_link is not None and polled_link in ready and self._link is not None:
                     for connection, key, payload in self._link.receive():
                         self._answer(connection, key, payload, lanes)
+                if polled_leg is not None and polled_leg in ready and self._link is not None:
+                    for connection, payload in self._link.receive_data():
+                        self._answer_relayed_data(connection, payload, lanes)
                 if not ready:
                     self._service.expire_idle()
                     continue
@@ -229,6 +239,21 @@ class PeerServer:
         if isinstance(answer, ChunkJob):
             answer = self._start_reading(answer, lanes)
         self._send(data.sock, connection, answer)
+
+    def _answer_relayed_data(self, connection: bytes, payload: bytes, lanes: ReadLanes) -> None:
+        """One message of a requester's data connection through the relay (its leg
+        is not ours to close: a refused one is only forgotten)."""
+        try:
+            answer = self._service.receive_data(connection, payload)
+        except AttachRefused as exc:
+            log.info("ignored a relayed data connection: %s", exc)
+            return
+        if isinstance(answer, Attached):
+            return
+        if isinstance(answer, ChunkJob):
+            answer = self._start_reading(answer, lanes)
+        assert self._sock is not None
+        self._send(self._sock, connection, answer)
 
     def _send_paced(self, sock: zmq.Socket[bytes]) -> None:
         """Send the chunks waiting for the upload cap whose turn has come, in order."""
@@ -284,6 +309,11 @@ class PeerServer:
     def _send(self, sock: zmq.Socket[bytes], connection: bytes, replies: list[bytes]) -> None:
         """Send `replies` to `connection`: on the data port if it is a data connection."""
         if not replies:
+            return
+        if is_relayed_data(connection):
+            if self._link is None or not self._link.send_data(connection, replies):
+                log.info("dropped a relayed data connection (the relay is not taking more)")
+                self._service.drop_connection(connection)
             return
         if is_relayed(connection):
             if self._link is None or not self._link.send(connection, replies):

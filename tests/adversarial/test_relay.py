@@ -1,7 +1,8 @@
 """The relay against hostile or careless clients, over real CurveZMQ sockets on the
 loopback: tickets it must refuse (none, forged, expired, reused, someone else's), a
 holder that is not attached, the limits (each refusal says why and when to retry), and
-frames forwarded both ways untouched, with the requester's key as the relay saw it."""
+frames forwarded both ways untouched, with the requester's key as the relay saw it; and
+the data legs (NULL mechanism): only a ticket the relay handed out opens one."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ FILE_ID = "ab" * 16
 @dataclass
 class Relay:
     endpoint: str
+    data_endpoint: str
     public: bytes  # z85
     context: zmq.Context[zmq.Socket[bytes]]
     sockets: list[zmq.Socket[bytes]]
@@ -68,7 +70,7 @@ def serve_relay(limits: RelayLimits) -> Iterator[Relay]:
     thread.start()
     assert ready.wait(5)
     try:
-        relay = Relay(server.endpoint, public, context, [])
+        relay = Relay(server.endpoint, server.data_endpoint, public, context, [])
         yield relay
     finally:
         stop.set()
@@ -232,3 +234,113 @@ def test_an_idle_circuit_is_closed() -> None:
         time.sleep(5.5)
         bob.sock.send(b"late")
         assert not alice.sock.poll(500)
+
+
+# --- data legs ------------------------------------------------------------------------
+
+
+def data_leg(relay: Relay, reply: protocol.Envelope | None = None) -> zmq.Socket[bytes]:
+    """A NULL-mechanism DEALER to the relay's data port; it sends the ticket in `reply`
+    (an answer to attach or open), if given, and expects it taken."""
+    sock = relay.context.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(relay.data_endpoint)
+    relay.sockets.append(sock)
+    if reply is not None:
+        leg = from_wire(relay_protocol.DataLeg, reply.body)
+        assert relay.data_endpoint.endswith(f":{leg.port}")
+        sock.send(leg.ticket)
+        assert sock.poll(5000)
+        assert protocol.decode_envelope(sock.recv()).op == "result"
+    return sock
+
+
+def refusal_on(sock: zmq.Socket[bytes]) -> ErrorBody:
+    assert sock.poll(5000), "the relay did not answer"
+    envelope = protocol.decode_envelope(sock.recv())
+    assert envelope.op == "error"
+    return from_wire(ErrorBody, envelope.body)
+
+
+def attach_with_leg(relay: Relay) -> tuple[Client, zmq.Socket[bytes]]:
+    alice = client(relay)
+    ticket = relay_protocol.AttachTicket(
+        relay_protocol.ATTACH_DOMAIN, "alice", alice.key, [], int(time.time()) + 60, b"a" * 16
+    )
+    alice.send("attach", relay_protocol.Attach(*relay_protocol.sign_ticket(TICKET_KEY, ticket)))
+    return alice, data_leg(relay, alice.reply())
+
+
+def test_data_legs_carry_frames_both_ways_untouched(relay: Relay) -> None:
+    alice, alice_leg = attach_with_leg(relay)
+    bob = client(relay)
+    bob.send("open", circuit_ticket(bob, alice))
+    bob_leg = data_leg(relay, bob.reply())
+    bob_leg.send(b"attach, opaque to the relay")
+    assert alice_leg.poll(5000)
+    circuit, frame = alice_leg.recv_multipart()
+    assert len(circuit) == 16 and frame == b"attach, opaque to the relay"
+    alice_leg.send_multipart([circuit, b"envelope", b"\x00" * 1_000_000])
+    assert bob_leg.poll(5000)
+    assert bob_leg.recv_multipart() == [b"envelope", b"\x00" * 1_000_000]
+    assert not bob.sock.poll(100)  # nothing on the CurveZMQ circuit
+
+
+def test_a_forged_absent_or_reused_data_ticket_is_refused(relay: Relay) -> None:
+    alice, alice_leg = attach_with_leg(relay)
+    bob = client(relay)
+    bob.send("open", circuit_ticket(bob, alice))
+    opened = bob.reply()
+    mallory = data_leg(relay)
+    mallory.send(crypto.random_bytes(relay_protocol.DATA_TICKET_SIZE))  # forged
+    refused = refusal_on(mallory)
+    assert refused.code == "unauthorized" and "not a data ticket" in refused.message
+    mallory.send(b"an attach, no ticket first")  # absent
+    assert "not a data ticket" in refusal_on(mallory).message
+    mallory.send_multipart([b"x" * 16, b"two frames"])
+    assert "not a data ticket" in refusal_on(mallory).message
+    assert not alice_leg.poll(300)  # nothing reached the holder
+    data_leg(relay, opened)  # bob's, used once
+    ticket = from_wire(relay_protocol.DataLeg, opened.body).ticket
+    mallory.send(ticket)  # seen on the wire, replayed: used already
+    assert "not a data ticket" in refusal_on(mallory).message
+
+
+def test_a_data_leg_to_a_holder_without_one_is_refused(relay: Relay) -> None:
+    alice = attach(relay)  # never opens its data leg
+    bob = client(relay)
+    bob.send("open", circuit_ticket(bob, alice))
+    leg = from_wire(relay_protocol.DataLeg, bob.reply().body)
+    sock = data_leg(relay)
+    sock.send(leg.ticket)
+    refused = refusal_on(sock)
+    assert refused.code == "not_found" and "use the circuit" in refused.message
+
+
+def test_a_closed_circuit_closes_its_data_leg() -> None:
+    for relay in serve_relay(RelayLimits(idle=5)):
+        alice, alice_leg = attach_with_leg(relay)
+        bob = client(relay)
+        bob.send("open", circuit_ticket(bob, alice))
+        bob_leg = data_leg(relay, bob.reply())
+        time.sleep(5.5)
+        bob_leg.send(b"late")
+        assert not alice_leg.poll(500)
+
+
+def test_data_legs_share_the_circuit_s_rate_limit() -> None:
+    for relay in serve_relay(RelayLimits(user_rate=1_000_000)):
+        alice, alice_leg = attach_with_leg(relay)
+        bob = client(relay)
+        bob.send("open", circuit_ticket(bob, alice))
+        bob_leg = data_leg(relay, bob.reply())
+        bob_leg.send(b"first")
+        assert alice_leg.poll(5000)
+        circuit, _ = alice_leg.recv_multipart()
+        alice_leg.send_multipart([circuit, b"chunk", b"\x00" * 3_000_000])  # 3 s of budget
+        assert bob_leg.poll(5000)
+        bob_leg.recv_multipart()
+        started = time.monotonic()
+        bob_leg.send(b"second")  # held until the budget is back above zero
+        assert alice_leg.poll(10_000)
+        assert time.monotonic() - started > 1.5

@@ -100,7 +100,10 @@ def test_an_unreachable_holder_serves_through_the_relay_in_auto_mode() -> None:
         assert "not reachable from outside" in alice.server.output()  # type: ignore[union-attr]
         file_id, source = share(alice, cluster.root)
         got = get(bob, file_id)
-        assert got["sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
+        assert (
+            hashlib.sha256(Path(got["path"]).read_bytes()).hexdigest()
+            == hashlib.sha256(source.read_bytes()).hexdigest()
+        )
         assert Path(got["path"]).read_bytes() == source.read_bytes()
         assert got["holders"] == ["alice"]
         assert got["paths"]["alice"].startswith("relay tcp://")
@@ -153,15 +156,44 @@ def test_relay_never_and_no_ticket_without_a_session() -> None:
 # --- hostile and failing relays -------------------------------------------------------------
 
 
+def flipped(frames: list[zmq.Frame]) -> list[zmq.Frame]:
+    """[circuit id, reply, chunk] with one bit of the chunk flipped."""
+    if len(frames) == 3 and len(frames[2]) > 1000:
+        data = bytearray(frames[2].bytes)
+        data[len(data) // 2] ^= 0x10
+        return [frames[0], frames[1], zmq.Frame(bytes(data))]
+    return frames
+
+
 class BitFlippingRelay(RelayServer):
-    """A relay that flips one bit in every chunk it carries to the requester."""
+    """A relay that flips one bit in every chunk it carries to the requester, on
+    circuits and data legs alike."""
 
     def _from_holder(self, sock: zmq.Socket[bytes], holder: Any, frames: list[zmq.Frame]) -> None:
-        if len(frames) == 3 and len(frames[2]) > 1000:
-            data = bytearray(frames[2].bytes)
-            data[len(data) // 2] ^= 0x10
-            frames = [frames[0], frames[1], zmq.Frame(bytes(data))]
+        super()._from_holder(sock, holder, flipped(frames))
+
+    def _from_holder_data(
+        self, sock: zmq.Socket[bytes], holder: Any, frames: list[zmq.Frame]
+    ) -> None:
+        super()._from_holder_data(sock, holder, flipped(frames))
+
+
+class CountingRelay(RelayServer):
+    """A relay that counts the bytes holders send back, on circuits and on data legs."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.circuit_bytes = self.data_bytes = 0
+
+    def _from_holder(self, sock: zmq.Socket[bytes], holder: Any, frames: list[zmq.Frame]) -> None:
+        self.circuit_bytes += sum(len(f) for f in frames[1:])
         super()._from_holder(sock, holder, frames)
+
+    def _from_holder_data(
+        self, sock: zmq.Socket[bytes], holder: Any, frames: list[zmq.Frame]
+    ) -> None:
+        self.data_bytes += sum(len(f) for f in frames[1:])
+        super()._from_holder_data(sock, holder, frames)
 
 
 @contextmanager
@@ -199,6 +231,30 @@ def test_a_relay_that_flips_bits_is_caught_by_the_chunk_checks() -> None:
             error = one_line_error(bob.run("get", file_id))
             assert "alice" in error
             assert not list(bob.download_dir.glob("relayed.bin*"))  # nothing unverified kept
+
+
+def test_a_relayed_get_moves_its_chunks_on_the_data_leg_not_the_circuit() -> None:
+    with Cluster() as cluster:
+        port = free_port()
+        cluster.start_broker(relay=relay_section(cluster.host, port))
+        config = load_broker_config(cluster.broker_config)
+        counting = CountingRelay(
+            tcp_endpoint(cluster.host, port),
+            relay_curve_keys(config),
+            ticket_public_key(config),
+            RelayLimits(),
+        )
+        with in_process_relay(counting):
+            alice = cluster.add_peer("alice", advertise=unreachable_endpoint(cluster))
+            alice.serve()
+            bob = cluster.add_peer("bob")
+            wait_for_relay_hint(cluster, "alice")
+            file_id, source = share(alice, cluster.root)
+            got = get(bob, file_id)
+            assert Path(got["path"]).read_bytes() == source.read_bytes()
+            assert got["paths"]["alice"].startswith("relay tcp://")
+        assert counting.data_bytes >= SIZE  # every chunk on the data leg (NULL mechanism)
+        assert counting.circuit_bytes < 64 * 1024  # the circuit: hello, offer, finish
 
 
 def test_a_relay_that_dies_mid_transfer_the_download_resumes_through_another() -> None:
@@ -243,7 +299,10 @@ def test_a_relay_that_dies_mid_transfer_the_download_resumes_through_another() -
                 assert time.monotonic() < deadline, alice.server.output()  # type: ignore[union-attr]
                 time.sleep(0.2)
             got = get(bob, file_id)
-            assert got["sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
+            assert (
+                hashlib.sha256(Path(got["path"]).read_bytes()).hexdigest()
+                == hashlib.sha256(source.read_bytes()).hexdigest()
+            )
             assert got["chunks_resumed"] > 0
             assert got["paths"]["alice"] == f"relay {spare}"
 
@@ -266,5 +325,8 @@ def test_a_relay_restarted_at_once_gets_its_holders_back() -> None:
             assert time.monotonic() < deadline, alice.server.output()  # type: ignore[union-attr]
             time.sleep(0.2)
         got = get(bob, file_id)
-        assert got["sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
+        assert (
+            hashlib.sha256(Path(got["path"]).read_bytes()).hexdigest()
+            == hashlib.sha256(source.read_bytes()).hexdigest()
+        )
         assert got["paths"]["alice"].startswith("relay ")
