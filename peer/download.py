@@ -397,10 +397,11 @@ class Downloader:
                 file_numbers.append(file_number)
             file_number += 1
         download.files = FilesDone(manifest.chunks, None if chosen is None else file_numbers)
+        empty = download.files.done  # whole without a chunk: not resumed
         try:
             for index in partial.resume():
                 download.verified(index, resumed=True)
-            files_resumed = download.files.done
+            files_resumed = download.files.done - empty
             download.report()
             if not plan.complete:
                 self._pull_from(holders, download)
