@@ -1,13 +1,15 @@
-"""Folders over loopback: `scp -r`, `tar -cf - | ssh tar -xf -` and magic-wormhole's
-directory mode, on two trees; the anchors for sfs folder transfers.
+"""Folders over loopback: sfs against `scp -r`, `tar -cf - | ssh tar -xf -` and
+magic-wormhole's directory mode, on two trees.
 
     .venv/bin/python -m bench --only folders --rounds 3
 
 The trees: this machine's Python standard library without site-packages (copied into the
 bench's temporary folder first), and 20,000 files of 4 KiB of random bytes, in 100
 folders of 200. Rounds alternate between the methods, as in the file transfer. Each
-method's time is its command, from start to exit, plus a `sync` (none of them makes the
-received tree durable; sfs fsyncs what it receives). For magic-wormhole it runs from the
+method's time is its command, from start to exit, plus a `sync` for the methods that do not
+make the received tree durable (all but sfs: `sfs-peer get` syncs the tree before it
+renames it into place). sfs: a throwaway broker, alice shares each tree once (untimed)
+and serves it, bob runs `sfs-peer get` each round. For magic-wormhole it runs from the
 sender's start, as the sender zips the folder before it offers it. Every received tree
 is compared with the source (relative names, sizes, SHA-256) and deleted.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import shlex
 import shutil
@@ -35,9 +38,11 @@ from bench.common import BenchError, progress
 from bench.procs import run_timed
 from bench.sshd import Sshd
 from bench.wormhole import NotRun, WormholeNet
+from tests.harness import Cluster, command_for
 
 CIPHER = "aes128-gcm@openssh.com"  # the fastest scp cipher here, for both ssh methods
 SMALL_FILES, SMALL_FOLDERS, SMALL_SIZE = 20_000, 100, 4096
+SHARE_TIMEOUT = 600.0  # seconds for `sfs-peer share` of one tree (scan, hash, sign, publish)
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,7 @@ class Tree:
 
 class FolderMethod(Protocol):
     label: str
+    durable: bool  # it makes the received tree durable itself: the bench adds no `sync`
 
     def transfer(self, tree: Tree, target: Path) -> float: ...
 
@@ -106,6 +112,8 @@ def durable() -> float:
 
 
 class ScpR:
+    durable = False
+
     def __init__(self, sshd: Sshd, logs: Path) -> None:
         self.sshd, self.logs = sshd, logs
         self.label = f"scp -r ({sshd.negotiated_cipher(CIPHER)})"
@@ -119,6 +127,8 @@ class ScpR:
 
 
 class TarSsh:
+    durable = False
+
     def __init__(self, sshd: Sshd, logs: Path) -> None:
         self.sshd, self.logs = sshd, logs
         self.label = f"tar -cf - | ssh tar -xf - ({sshd.negotiated_cipher(CIPHER)})"
@@ -135,12 +145,62 @@ class TarSsh:
 
 class WormholeDir:
     label = "magic-wormhole direct, directory mode"
+    durable = False
 
     def __init__(self, net: WormholeNet) -> None:
         self.net = net
 
     def transfer(self, tree: Tree, target: Path) -> float:
         return self.net.transfer(tree.path, target).total_seconds
+
+
+class SfsFolders:
+    """`with SfsFolders(folder, trees)`: a broker, alice sharing every tree (untimed) and
+    serving them, and bob, who fetches a tree with the real `sfs-peer get` each round."""
+
+    label = "sfs"
+    durable = True
+
+    def __init__(self, folder: Path, trees: Sequence[Tree]) -> None:
+        self.folder, self.trees = folder, trees
+        self.ids: dict[str, str] = {}
+        self.share_seconds: dict[str, float] = {}
+
+    def __enter__(self) -> SfsFolders:
+        self.folder.mkdir()
+        self.cluster = Cluster(self.folder)
+        try:
+            self.cluster.start_broker()
+            self.alice = self.cluster.add_peer("alice")
+            self.bob = self.cluster.add_peer("bob")
+            for tree in self.trees:
+                started = time.perf_counter()
+                shared = self.alice.run("share", str(tree.path), "--json", timeout=SHARE_TIMEOUT)
+                self.share_seconds[tree.name] = time.perf_counter() - started
+                self.ids[tree.name] = shared.check().json()["file_id"]
+            self.alice.serve()
+        except BaseException:
+            self.cluster.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cluster.close()
+
+    def transfer(self, tree: Tree, target: Path) -> float:
+        """Fetched into a folder beside `target`, then renamed to it (untimed), so that the
+        tree is checked where every method's is."""
+        out = target.parent / "sfs-out"
+        argv = [*command_for("sfs-peer"), "get", self.ids[tree.name], "--json"]
+        argv += ["--out", str(out), "--config", str(self.bob.config)]
+        timed = run_timed(argv, self.folder / "get")
+        try:
+            if timed.returncode != 0:
+                raise BenchError(f"sfs-peer get failed: {timed.last_error_line()}")
+            Path(json.loads(timed.stdout)["path"]).rename(target)
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+        return timed.seconds
 
 
 def run(args: argparse.Namespace) -> str:
@@ -160,11 +220,14 @@ def run(args: argparse.Namespace) -> str:
             methods.append(WormholeDir(stack.enter_context(WormholeNet(root / "wormhole"))))
         except (NotRun, BenchError, OSError) as exc:
             not_run[WormholeDir.label] = str(exc)
+        progress("starting an sfs broker and two peers; alice shares both trees")
+        sfs = stack.enter_context(SfsFolders(root / "sfs", trees))
+        methods.append(sfs)
         results = {
             tree.name: run_rounds(methods, tree, root / "in", args.rounds, not_run)
             for tree in trees
         }
-        return render(trees, results, not_run, args.rounds)
+        return render(trees, results, not_run, args.rounds, sfs.share_seconds)
 
 
 def run_rounds(
@@ -179,7 +242,7 @@ def run_rounds(
                 continue
             try:
                 seconds = method.transfer(tree, target)
-                synced = durable()
+                synced = 0.0 if method.durable else durable()
                 check_tree(tree, target)
             except BenchError as exc:
                 not_run[method.label] = f"failed on {tree.name}, round {number}: {exc}"
@@ -215,37 +278,58 @@ def render(
     results: dict[str, dict[str, list[tuple[float, float]]]],
     not_run: dict[str, str],
     count: int,
+    shares: dict[str, float],
 ) -> str:
     lines = [
-        "## Folders: scp -r, tar over ssh, magic-wormhole (anchors; sfs sends no folders yet)",
+        "## Folders: sfs against scp -r, tar over ssh, magic-wormhole",
         "",
         f"{count} round(s) of each method on each tree, alternating, over 127.0.0.1. Seconds"
-        " of wall time of the command, plus a `sync` after it (none of these methods makes"
-        " the received tree durable). magic-wormhole is timed from the sender's start, as it"
-        " zips the folder before offering it.",
+        " of wall time of the receiving command, plus a `sync` after it for the methods"
+        " that do not make the received tree durable (all but sfs, whose `get` syncs the"
+        " tree before it renames it into place). magic-wormhole is timed from the sender's"
+        " start, as it zips the folder before offering it.",
         "",
-        "| tree | method | seconds median | spread (min-max) | MB/s | files/s | sync (median) |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| tree | method | seconds median | spread (min-max) | vs scp -r | vs tar over ssh"
+        " | MB/s | files/s | sync (median) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for tree in trees:
+        medians = {
+            label: statistics.median(seconds + synced for seconds, synced in done)
+            for label, done in results[tree.name].items()
+            if done
+        }
+        scp = next((m for label, m in medians.items() if label.startswith("scp -r")), None)
+        tar = next((m for label, m in medians.items() if label.startswith("tar ")), None)
         for label, done in results[tree.name].items():
             if not done:
                 continue
             totals = [seconds + synced for seconds, synced in done]
-            median = statistics.median(totals)
-            synced = statistics.median(s for _, s in done)
+            median = medians[label]
+            synced = (
+                "own"
+                if label == SfsFolders.label
+                else f"{statistics.median(s for _, s in done):.2f} s"
+            )
             spread = f"{min(totals):.2f}-{max(totals):.2f}"
             lines.append(
                 f"| {tree.name} | {cell(label)} | {median:.2f} | {spread}"
-                f" | {tree.size / median / 1e6:.0f} | {tree.files / median:,.0f} | {synced:.2f} s |"
+                f" | {ratio(scp, median)} | {ratio(tar, median)}"
+                f" | {tree.size / median / 1e6:.0f} | {tree.files / median:,.0f} | {synced} |"
             )
     for label, reason in not_run.items():
-        lines.append(f"| | {cell(label)} | not run: {cell(reason)} | | | | |")
+        lines.append(f"| | {cell(label)} | not run: {cell(reason)} | | | | | | |")
     sizes = "; ".join(f"{t.name}: {t.files:,} files, {t.size / 1e6:,.0f} MB" for t in trees)
+    shared = "; ".join(f"{name}: {seconds:.1f} s" for name, seconds in shares.items())
     lines += [
         "",
+        "- vs scp -r, vs tar over ssh: how many times faster than that method (its median"
+        " seconds over this one's), in this run.",
         f"- Trees: {sizes}. The stdlib tree is copied from this interpreter's, without"
         " site-packages; its `__pycache__` folders are part of it.",
+        "- sfs: a throwaway broker and two peers (tests/harness.py), transport encryption"
+        " on; alice shares each tree once before the rounds and serves it; bob runs"
+        f" `sfs-peer get ID --json --out DIR`. The share, not timed above: {shared or 'none'}.",
         f"- ssh methods: cipher `{CIPHER}` against the throwaway sshd (bench/sshd.py);"
         " tar runs `tar -C SRC -cf - . | ssh ... 'mkdir -p DST && tar -C DST -xf -'`.",
         "- magic-wormhole: `wormhole send FOLDER`, `wormhole receive --accept-file -o DST`,"
@@ -254,3 +338,7 @@ def render(
         " writes: on a busy machine the sync column is an upper bound.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def ratio(anchor: float | None, median: float) -> str:
+    return "" if anchor is None else f"{anchor / median:.2f}x"

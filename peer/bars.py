@@ -44,6 +44,16 @@ class SizeColumn(ProgressColumn):
         return Text(f"{size_text(int(task.completed))} / {size_text(int(task.total))}")
 
 
+class FilesColumn(ProgressColumn):
+    """`120 / 20,000 files` whole so far, for a folder; nothing for a single file."""
+
+    def render(self, task: Task) -> Text:
+        files = task.fields.get("files")
+        if not isinstance(files, tuple) or files[1] <= 1:
+            return Text("")
+        return Text(f"{files[0]:,} / {files[1]:,} files")
+
+
 class RateColumn(ProgressColumn):
     def render(self, task: Task) -> Text:
         speed = task.finished_speed or task.speed
@@ -55,6 +65,7 @@ def new_progress(console: Console, clock: Clock = time.monotonic) -> Progress:
         StatusColumn(clock),
         BarColumn(),
         SizeColumn(),
+        FilesColumn(),
         RateColumn(),
         TimeRemainingColumn(),
         console=console,
@@ -63,8 +74,9 @@ def new_progress(console: Console, clock: Clock = time.monotonic) -> Progress:
 
 
 class Bar:
-    """One task of a `Progress`: call it with (done, total); `describe` relabels it, and
-    `waiting_for` says what the bar waits for when no bytes come."""
+    """One task of a `Progress`: call it with (done, total) bytes, and of a folder
+    (files whole, files wanted); `describe` relabels it, and `waiting_for` says what the
+    bar waits for when no bytes come."""
 
     def __init__(self, progress: Progress, label: str, clock: Clock = time.monotonic) -> None:
         self._progress = progress
@@ -72,11 +84,11 @@ class Bar:
         self._done = -1
         self._task = progress.add_task(label, total=None, changed=clock(), waiting=None)
 
-    def __call__(self, done: int, total: int) -> None:
+    def __call__(self, done: int, total: int, files: tuple[int, int] | None = None) -> None:
         if done != self._done:
             self._done = done
             self._progress.update(self._task, changed=self._clock())
-        self._progress.update(self._task, completed=done, total=total)
+        self._progress.update(self._task, completed=done, total=total, files=files)
 
     def describe(self, label: str) -> None:
         self._progress.update(self._task, description=label)

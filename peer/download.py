@@ -45,10 +45,11 @@ from sfs.common.errors import (
     TrustError,
 )
 from sfs.common.manifest import file_id_of
-from sfs.common.tree import FILE, FOLDER, TreeHeader, verify_header
+from sfs.common.tree import FILE, FOLDER, Entry, TreeHeader, verify_header
 from sfs.common.tree_index import IndexReader, TreeIndex
 from sfs.peer.channel import Channel, RelayChannel
 from sfs.peer.connect import Connector, DataDialer, ZmqDataDialer, zmq_connector
+from sfs.peer.files_done import FilesDone
 from sfs.peer.hints import hints_of
 from sfs.peer.keys import Identity
 from sfs.peer.partial import PartialFile, safe_filename
@@ -61,7 +62,8 @@ from sfs.peer.transfer import ChunkPlan, ReceiverLink
 from sfs.peer.tree_write import build_tree_from
 
 # (bytes done, total, the names of the holders sending chunks now)
-DownloadProgress = Callable[[int, int, list[str]], None]
+# (bytes done, bytes wanted, holders sending now, (files whole, files wanted))
+DownloadProgress = Callable[[int, int, list[str], tuple[int, int]], None]
 
 _POLL_SLICE = 0.1  # seconds: how soon a holder's thread notices that the download stopped
 # How long a finished download waits for the holders' threads to close their channels:
@@ -92,6 +94,7 @@ class DownloadResult:
     chunks_resumed: int
     seeding: bool = False  # this peer now serves its copy too
     files: int = 1  # files in the share (a folder share holds many)
+    files_resumed: int = 0  # files whole from an earlier attempt's chunks alone
     stamp: FileStamp | None = None  # the file as linked into place (see `stamps`)
     # holder -> the way its channel went (`tcp://...` direct, `relay tcp://...`)
     paths: dict[str, str] = field(default_factory=dict)
@@ -128,9 +131,12 @@ def _is_version_1(manifest: bytes) -> bool:
 class DownloadInterrupted(SfsError):
     """A download stopped part way; its verified chunks stay for the next `get`."""
 
-    def __init__(self, cause: SfsError, kept: int, total: int) -> None:
+    def __init__(
+        self, cause: SfsError, kept: int, total: int, files: FilesDone | None = None
+    ) -> None:
+        whole = f", {files.done:,} of {files.total:,} files whole" if files else ""
         super().__init__(
-            f"{cause} ({_mib(kept)} of {_mib(total)} kept: run the same get again to resume)"
+            f"{cause} ({_mib(kept)} of {_mib(total)} kept{whole}: run the same get again to resume)"
         )
         self.exit_code = cause.exit_code
         self.cause = cause
@@ -196,11 +202,25 @@ class _Download:
     sending: set[str] = field(default_factory=set)  # holders sending chunks right now
     paths: dict[str, str] = field(default_factory=dict)  # holder -> its channel's address
     total: int = -1  # bytes of the chunks wanted; -1: all of them
+    files: FilesDone | None = None
 
     def report(self) -> None:
         if self.progress is not None:
             total = self.manifest.size if self.total < 0 else self.total
-            self.progress(self.plan.bytes_done, total, sorted(self.sending))
+            files = (self.files.done, self.files.total) if self.files else (0, 0)
+            self.progress(self.plan.bytes_done, total, sorted(self.sending), files)
+
+    def verified(self, index: int, resumed: bool = False) -> None:
+        """A chunk verified on disk (written now, or `resumed` from an earlier attempt);
+        under `lock`, or before the holders' threads start."""
+        if index in self.plan.have or index in self.plan.excluded:
+            return
+        if self.files is not None:
+            self.files.chunk_done(index)
+        if resumed:
+            self.plan.adopt(index)
+        else:
+            self.plan.done(index)
 
     def store(self, holder_name: str, index: int, plaintext: bytes) -> None:
         """Check a chunk against the owner's signed manifest and write it. The hash and
@@ -220,7 +240,7 @@ class _Download:
                 "or be forged"
             ) from exc
         with self.lock:
-            self.plan.done(index)
+            self.verified(index)
             self.delivered[holder_name] += 1
             self.report()
 
@@ -366,21 +386,30 @@ class Downloader:
         download = _Download(file_id, lookup, manifest, plan, partial, progress)
         if wanted is not None:
             download.total = sum(manifest.chunk_length(index) for index in wanted)
-        chosen_files = [
-            entry
-            for number, entry in enumerate(manifest.entries)
-            if entry.kind == FILE and (chosen is None or number in chosen)
-        ]
+        chosen_files: list[Entry] = []
+        file_numbers: list[int] = []  # of the chosen files, among the share's files
+        file_number = 0
+        for number, entry in enumerate(manifest.entries):
+            if entry.kind != FILE:
+                continue
+            if chosen is None or number in chosen:
+                chosen_files.append(entry)
+                file_numbers.append(file_number)
+            file_number += 1
+        download.files = FilesDone(manifest.chunks, None if chosen is None else file_numbers)
+        empty = download.files.done  # whole without a chunk: not resumed
         try:
             for index in partial.resume():
-                plan.adopt(index)
+                download.verified(index, resumed=True)
+            files_resumed = download.files.done - empty
             download.report()
             if not plan.complete:
                 self._pull_from(holders, download)
         except _HOLDER_FAILURES as exc:  # no holder left: gone, convicted or refusing
             if not _keep_verified(partial, plan):
                 raise
-            raise DownloadInterrupted(exc, plan.bytes_done, manifest.size) from exc
+            files = download.files if manifest.kind == FOLDER else None
+            raise DownloadInterrupted(exc, plan.bytes_done, manifest.size, files) from exc
         except KeyboardInterrupt:  # perhaps while resume() reads what an earlier try kept
             _keep_verified(partial, plan)
             raise
@@ -415,6 +444,7 @@ class Downloader:
             stamp=partial.stamp,
             paths={n: a for n, a in download.paths.items() if download.delivered.get(n)},
             files=len(chosen_files),
+            files_resumed=files_resumed,
         )
 
     def _usable_holders(

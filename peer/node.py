@@ -262,7 +262,7 @@ class Peer:
         access = check_usernames(to) if to else None
         token = self._token()
         built = build_tree(source, self.identity, words, skip_unsafe, progress)
-        left_out = built.scan.special_skipped + built.scan.unsafe_skipped
+        left_out = built.left_out
         if left_out:
             log.warning(
                 "left out of %s (not files, folders or links inside it): %s",

@@ -277,6 +277,7 @@ def print_download(result: DownloadResult | AlreadyDownloaded, json: bool) -> No
                 "size": result.size,
                 "chunks": result.chunks,
                 "files": result.files,
+                "files_resumed": result.files_resumed,
                 "seconds": round(result.seconds, 3),
                 "bytes": result.bytes_fetched,
                 "holders": result.holders,

@@ -27,8 +27,8 @@ def progress(label: str, enabled: bool) -> Iterator[Bar | None]:
 
 @contextlib.contextmanager
 def download_progress(enabled: bool) -> Iterator[DownloadProgress | None]:
-    """The download's bar: bytes, rate, time left, how many holders are sending, and
-    who is waited for when nothing comes."""
+    """The download's bar: bytes, files whole (of a folder), rate, time left, how many
+    holders are sending, and who is waited for when nothing comes."""
     with progress("connecting to the holders", enabled) as bar:
         if bar is None:
             yield None
@@ -38,13 +38,13 @@ def download_progress(enabled: bool) -> Iterator[DownloadProgress | None]:
         bar.waiting_for("no holder answers yet")
         shown: list[str] | None = None
 
-        def update(done: int, total: int, holders: list[str]) -> None:
+        def update(done: int, total: int, holders: list[str], files: tuple[int, int]) -> None:
             nonlocal shown
             if holders != shown:
                 shown = holders
                 sending = holders_text(holders)
                 bar.describe(f"from {sending}" if holders else "connecting to the holders")
                 bar.waiting_for(f"waiting for {sending}" if holders else "no holder answers yet")
-            bar(done, total)
+            bar(done, total, files)
 
         yield update

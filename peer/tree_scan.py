@@ -12,7 +12,10 @@ tree is stored as a link with its relative target, and files are opened with
 Paths are stored in Unicode NFC (macOS writes NFD), modes masked to 0o777, mtimes in
 nanoseconds. The whole entry set then passes the requester's own rules
 (`tree_rules.check_entries`), so a share is never built that a requester would refuse.
-Hashing reads the files in entry order into one chunk buffer: constant memory.
+Hashing reads the files in entry order into one chunk buffer: constant memory. At
+100,000 files the entries dominate a share's memory, so nothing else is kept per file:
+the path to read a file from is kept only where it is not the root joined with the
+entry's path (a name that is not NFC on disk), and a folder keeps no per-file stamps.
 """
 
 from __future__ import annotations
@@ -57,20 +60,28 @@ _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY
 
 @dataclass
 class Scan:
-    """A tree as found on disk: entries in index order, and for each file entry (in the
-    same order) the path to read it from."""
+    """A tree as found on disk: entries in index order, and where to read each file."""
 
     root: Path
     kind: str  # "file" | "folder"
     name: str
     entries: list[Entry] = field(default_factory=list)
-    sources: list[str] = field(default_factory=list)
+    # entry path -> the path to read it from, where that is not `root/path`
+    odd_sources: dict[str, str] = field(default_factory=dict)
     special_skipped: list[str] = field(default_factory=list)
     unsafe_skipped: list[str] = field(default_factory=list)
 
     @property
     def size(self) -> int:
         return sum(entry.size for entry in self.entries if entry.kind == FILE)
+
+    def source(self, entry: Entry) -> str:
+        return self.odd_sources.get(entry.path) or f"{self.root}/{entry.path}"
+
+    @property
+    def sources(self) -> list[str]:
+        """For each file entry, in index order, the path to read it from."""
+        return [self.source(entry) for entry in self.entries if entry.kind == FILE]
 
 
 def _listing(paths: list[str]) -> str:
@@ -103,7 +114,7 @@ class _Walk:
         self.unreadable: list[str] = []
         self.unsafe: list[str] = []
         self.bad_names: list[str] = []
-        self.pairs: list[tuple[Entry, str | None]] = []
+        self.entries: list[Entry] = []
 
     def folder(self, rel: str, real: str) -> None:
         # Iterative, so a deep tree cannot reach Python's recursion limit.
@@ -134,12 +145,14 @@ class _Walk:
         """Record one entry; True if it is a folder to walk."""
         mode, mtime = info.st_mode & MODE_BITS, info.st_mtime_ns
         if stat.S_ISDIR(info.st_mode):
-            self.pairs.append((Entry(path, FOLDER, 0, mode, mtime), None))
+            self.entries.append(Entry(path, FOLDER, 0, mode, mtime))
             return True
         if stat.S_ISREG(info.st_mode):
             if not _readable(real):
                 self.unreadable.append(path)
-            self.pairs.append((Entry(path, FILE, info.st_size, mode, mtime), real))
+            self.entries.append(Entry(path, FILE, info.st_size, mode, mtime))
+            if self.scan.kind != FOLDER or real != f"{self.scan.root}/{path}":
+                self.scan.odd_sources[path] = real
         elif stat.S_ISLNK(info.st_mode):
             self.link(path, real, mode, mtime)
         else:  # FIFOs, sockets, devices: no bytes to share
@@ -161,7 +174,7 @@ class _Walk:
             else:
                 self.unsafe.append(f"{path} -> {raw}")
             return
-        self.pairs.append((Entry(path, LINK, 0, mode, mtime, target), None))
+        self.entries.append(Entry(path, LINK, 0, mode, mtime, target))
 
     def finish(self) -> None:
         root = self.scan.root
@@ -174,11 +187,10 @@ class _Walk:
             )
         if self.unreadable:
             raise StorageError(f"cannot read in {root}: {_listing(sorted(self.unreadable))}")
-        if len(self.pairs) > MAX_ENTRIES:
+        if len(self.entries) > MAX_ENTRIES:
             raise UsageError(f"{root} holds more than {MAX_ENTRIES:,} entries")
-        self.pairs.sort(key=lambda pair: order_key(pair[0].path))
-        self.scan.entries = [entry for entry, _ in self.pairs]
-        self.scan.sources = [real for _, real in self.pairs if real is not None]
+        self.entries.sort(key=lambda entry: order_key(entry.path))
+        self.scan.entries = self.entries
         try:
             check_entries(self.scan.entries)
         except IntegrityError as exc:  # e.g. two names equal after case folding
@@ -211,8 +223,9 @@ def scan_tree(root: Path, skip_unsafe: bool = False) -> Scan:
 def hash_chunks(
     scan: Scan, chunk_size: int, progress: Progress | None = None
 ) -> tuple[bytes, list[FileStamp]]:
-    """The BLAKE3 hash of every chunk of the tree's stream, and each file's stamp as
-    hashed. Files are read into one chunk buffer; a file that changed since the scan
+    """The BLAKE3 hash of every chunk of the tree's stream, and, of a file share, the
+    file's stamp as hashed (a folder's: none, see the module's docstring). Files are
+    read into one chunk buffer; a file that changed since the scan
     (size, mtime, or anything else between two fstat calls) is refused."""
     total = scan.size
     buffer = bytearray(chunk_size)
@@ -220,8 +233,10 @@ def hash_chunks(
     hashes = bytearray()
     stamps: list[FileStamp] = []
     filled = done = 0
-    files = [entry for entry in scan.entries if entry.kind == FILE]
-    for entry, source in zip(files, scan.sources, strict=True):
+    for entry in scan.entries:
+        if entry.kind != FILE:
+            continue
+        source = scan.source(entry)
         try:
             with os.fdopen(os.open(source, _OPEN_FLAGS), "rb", buffering=0) as handle:
                 before = os.fstat(handle.fileno())
@@ -244,7 +259,8 @@ def hash_chunks(
             raise StorageError(f"cannot read {source}: {exc.strerror}") from exc
         if stamp_of(after) != stamp_of(before):
             raise StorageError(f"{source} changed while it was hashed; try again")
-        stamps.append(stamp_of(after))
+        if scan.kind == FILE:
+            stamps.append(stamp_of(after))
     if filled:
         hashes += blake3_256(view[:filled])
     return bytes(hashes), stamps
@@ -252,15 +268,16 @@ def hash_chunks(
 
 @dataclass(frozen=True)
 class BuiltTree:
-    """A share ready to register: the signed header and the index pages to serve."""
+    """A share ready to register: the signed header and the index pages to serve (not
+    the entries: at 100,000 files they are tens of MB, and the pages hold them)."""
 
     header: TreeHeader
     header_bytes: bytes
     signature: bytes
     entry_pages: list[bytes]
     hash_pages: list[bytes]
-    scan: Scan
-    stamps: list[FileStamp]
+    left_out: list[str]  # special files and (with skip_unsafe) unsafe links
+    stamps: list[FileStamp]  # of a file share, the file's; of a folder, none
 
 
 def build_tree(
@@ -304,6 +321,6 @@ def build_tree(
         identity.sign(header_bytes),
         entry_pages,
         hash_pages,
-        scan,
+        scan.special_skipped + scan.unsafe_skipped,
         stamps,
     )

@@ -1,17 +1,20 @@
 """Folder shares with real processes, through the CLI: a tree with nested folders, an
 empty folder, an executable, a relative link, non-ASCII names and an empty file goes
 from `share` to `get` byte for byte, with modes and links; links that point outside are
-refused unless `--skip-unsafe`."""
+refused unless `--skip-unsafe`; Ctrl-C in the middle of a folder keeps its verified
+chunks, and the same `get` fetches only the rest."""
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.harness import Cluster, one_line_error
+from tests.harness import Cluster, command_for, one_line_error, snapshot, wait_for_partial
 
 pytestmark = pytest.mark.harness
 
@@ -57,7 +60,7 @@ def test_a_real_tree_round_trip_through_the_cli(cluster: Cluster) -> None:
     file_id = alice.share(source)
     got = bob.run("get", file_id, "--json").check().json()
     assert got["path"] == str(bob.download_dir / "projet été")
-    assert got["files"] == 4
+    assert (got["files"], got["files_resumed"]) == (4, 0)
     assert listing(Path(got["path"])) == listing(source)
     again = bob.run("get", file_id).check()
     assert "already downloaded" in again.stdout
@@ -76,3 +79,35 @@ def test_a_link_out_of_the_folder_is_refused_unless_skipped(cluster: Cluster) ->
     assert refused.returncode != 0
     assert one_line_error(refused).startswith(f"error: links in {tree} that point outside it")
     alice.share(tree, "--skip-unsafe")
+
+
+def test_ctrl_c_in_the_middle_of_a_folder_keeps_verified_chunks_and_resumes(
+    cluster: Cluster,
+) -> None:
+    owner = cluster.add_peer("olga", upload_rate=1 << 20)  # 1 MiB/s: time to interrupt
+    owner.serve()
+    bob = cluster.peers["bob"]
+    tree = cluster.root / "olga-files" / "dataset"
+    for folder in range(4):
+        (tree / f"part{folder}").mkdir(parents=True)
+        for number in range(50):
+            (tree / f"part{folder}" / f"{number:02}.bin").write_bytes(os.urandom(20_000))
+    size = 4 * 50 * 20_000
+    file_id = owner.share(tree)
+    argv = [*command_for("sfs-peer"), "get", file_id, "--json", "--config", str(bob.config)]
+    getting = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cluster.root
+    )
+    wait_for_partial(bob.download_dir, 1 << 20)
+    getting.send_signal(signal.SIGINT)
+    _, err = getting.communicate(timeout=60)
+    assert getting.returncode != 0
+    assert "Traceback" not in err
+    assert not (bob.download_dir / "dataset").exists()  # nothing named before it is whole
+    [part] = [name for name in snapshot(bob.download_dir) if name.endswith(".part")]
+
+    got = bob.run("get", file_id, "--json", timeout=120).check().json()
+    assert got["chunks_resumed"] > 0 and got["files_resumed"] > 0
+    assert 0 < got["bytes"] < size  # only the rest came over the network
+    assert listing(Path(got["path"])) == listing(tree)
+    assert part not in snapshot(bob.download_dir)

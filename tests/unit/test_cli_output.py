@@ -257,6 +257,16 @@ def test_the_bar_shows_its_label_literally_in_binary_units() -> None:
     assert " MB" not in shown
 
 
+def test_a_folder_bar_shows_the_files_whole_beside_the_bytes() -> None:
+    progress = bars.new_progress(Console(force_terminal=True))
+    bar = bars.Bar(progress, "from alice")
+    bar(3 << 20, 8 << 20, (1200, 20000))
+    shown = _render(progress)
+    assert "3.0 MiB / 8.0 MiB" in shown and "1,200 / 20,000 files" in shown
+    bar(4 << 20, 8 << 20, (0, 1))  # a single file: no file count
+    assert "files" not in _render(progress)
+
+
 def test_before_the_size_is_known_nothing_like_question_marks() -> None:
     progress = bars.new_progress(Console(force_terminal=True))
     bars.Bar(progress, "connecting to the holders")

@@ -125,7 +125,7 @@ def test_progress_names_the_holders_sending(
                 both_started.wait()
 
         holder.before_chunk = first_waits
-    reports: list[tuple[int, int, list[str]]] = []
+    reports: list[tuple[int, int, list[str], tuple[int, int]]] = []
     dialer = MemoryDialer(from_alice, from_carol)
     fetch(
         bob,
@@ -135,11 +135,14 @@ def test_progress_names_the_holders_sending(
         dialer,
         [from_alice, from_carol],
         window=1,
-        progress=lambda done, total, holders: reports.append((done, total, holders)),
+        progress=lambda done, total, holders, files: reports.append((done, total, holders, files)),
     )
-    assert ["alice", "carol"] in [holders for _, _, holders in reports]
-    assert all(total == len(DATA) for _, total, _ in reports)
-    assert max(done for done, _, _ in reports) == len(DATA)
+    assert ["alice", "carol"] in [holders for _, _, holders, _ in reports]
+    assert all(total == len(DATA) for _, total, _, _ in reports)
+    assert max(done for done, _, _, _ in reports) == len(DATA)
+    # files whole: the one file of this share, once its last chunk is in
+    assert reports[0][3] == (0, 1) and reports[-1][3] == (1, 1)
+    assert all(files == (0, 1) for done, _, _, files in reports if done < len(DATA))
 
 
 def test_busy_then_served(alice: Identity, bob: Identity, share: Share, tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from sfs.common.tree import (
 )
 from sfs.common.tree_rules import TreeChecker, check_totals
 from sfs.peer.keys import Identity, create_identity
+from sfs.peer.stamps import stamp_of
 from sfs.peer.tree_scan import build_tree, hash_chunks, scan_tree
 
 
@@ -204,7 +205,26 @@ def test_chunk_hashes_cover_the_stream_in_entry_order(tmp_path: Path) -> None:
         blake3(stream[i : i + chunk]).digest() for i in range(0, len(stream), chunk)
     )
     assert hashes == expected
-    assert [s.size for s in stamps] == [e.size for e in scan.entries]
+    assert stamps == []  # a folder keeps no stamp per file: memory at 100,000 files
+
+
+def test_a_file_share_keeps_its_stamp(tmp_path: Path) -> None:
+    path = tmp_path / "one"
+    path.write_bytes(b"x" * 100)
+    _, stamps = hash_chunks(scan_tree(path), 64)
+    assert stamps == [stamp_of(path.stat())]
+
+
+def test_a_folder_keeps_a_source_path_only_where_the_name_on_disk_differs(
+    tmp_path: Path,
+) -> None:
+    top = tmp_path / "t"
+    (top / "sub").mkdir(parents=True)
+    (top / "sub" / "plain").write_bytes(b"1")
+    (top / "cafe\u0301").write_bytes(b"2")  # NFD on disk, NFC in the tree
+    scan = scan_tree(top)
+    assert scan.odd_sources == {"caf\u00e9": str(top / "cafe\u0301")}
+    assert scan.sources == [str(top / "cafe\u0301"), str(top / "sub" / "plain")]
 
 
 def test_a_file_changed_after_the_scan_is_refused(tmp_path: Path) -> None:
