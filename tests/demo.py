@@ -1,7 +1,8 @@
 """`make demo`: a broker and three peers on loopback, run as real processes.
 
 alice shares one file with everyone and one only with bob; bob finds and downloads
-both and the SHA-256 matches; carol is refused the private one; fingerprints are shown.
+both and the SHA-256 matches; carol is refused the private one; alice shares a folder
+and bob gets the same tree; fingerprints are shown.
 """
 
 from __future__ import annotations
@@ -46,6 +47,30 @@ def sha256(path: Path) -> str:
         while chunk := handle.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def make_course(root: Path) -> Path:
+    """A small folder: nested folders, an empty one, an executable script, non-ASCII."""
+    course = root / "course"
+    (course / "week 1" / "slides").mkdir(parents=True)
+    (course / "week 2").mkdir()
+    (course / "week 1" / "notes.txt").write_text("read chapter 1\n")
+    (course / "week 1" / "slides" / "café.pdf").write_bytes(os.urandom(300_000))
+    run = course / "run.sh"
+    run.write_text("#!/bin/sh\necho hello\n")
+    run.chmod(0o755)
+    return course
+
+
+def tree_of(folder: Path) -> dict[str, tuple[str, int]]:
+    """Each path in a tree: its content's SHA-256 (files) and its permission bits."""
+    return {
+        str(path.relative_to(folder)): (
+            sha256(path) if path.is_file() else "folder",
+            path.stat().st_mode & 0o777,
+        )
+        for path in sorted(folder.rglob("*"))
+    }
 
 
 def main() -> int:
@@ -94,6 +119,18 @@ def main() -> int:
         refused = show(carol, "get", private_id)
         ok &= refused.returncode != 0 and not any(carol.download_dir.glob("budget*"))
         console.print(f"  refused with exit code {refused.returncode}; nothing written for carol")
+
+        step("alice shares a folder; bob gets the same tree")
+        course = make_course(cluster.root)
+        show(alice, "share", str(course)).check()
+        ids = {share["name"]: share["file_id"] for share in quietly(alice, "list")}
+        got = quietly(bob, "get", ids[course.name])
+        same = tree_of(course) == tree_of(Path(got["path"]))
+        ok &= same
+        console.print(
+            f"  saved {got['path']} ({got['files']} files); every file and mode "
+            + ("[green]matches the original[/]" if same else "[red]DOES NOT MATCH[/]")
+        )
 
         step("fingerprints bob pinned on first use")
         show(bob, "peers").check()
