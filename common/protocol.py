@@ -582,6 +582,14 @@ class Attach(Record):
 
 
 @dataclass(frozen=True)
+class DataAttached(Record):
+    """The holder's answer to a valid `attach`, on the data connection: the requester
+    sends chunk requests there only once it has it (else they go on the control one)."""
+
+    transfer_id: TransferId
+
+
+@dataclass(frozen=True)
 class ChunkRequest(Record):
     transfer_id: TransferId
     index: Annotated[int, Range(0, 2**32)]
@@ -631,6 +639,10 @@ PEER_REQUESTS: dict[str, type[Record]] = {
 DATA_REQUESTS: dict[str, type[Record]] = {
     "attach": Attach,
     "get": ChunkRequest,
+}
+# What the holder sends on a data connection besides chunks and errors.
+DATA_REPLIES: dict[str, type[Record]] = {
+    "attached": DataAttached,
 }
 
 

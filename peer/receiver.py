@@ -233,6 +233,17 @@ class ReceiverSession:
         """Where the offer said to open the data connection; empty: use this one."""
         return self._link.data_hints if self.stage is Stage.RECEIVING else []
 
+    @property
+    def transfer_id(self) -> bytes:
+        return self._link.transfer_id
+
+    def recall(self) -> frozenset[int]:
+        """Forget the chunks asked and not arrived (their connection failed), returning
+        them; the wait for a chunk starts again with the next `ask`."""
+        recalled = frozenset(self._mine - self._arrived)
+        self._mine -= recalled
+        return recalled
+
     def attach(self) -> list[bytes]:
         """The first message on the data connection."""
         return [protocol.encode("attach", self._link.attach())]
