@@ -579,6 +579,10 @@ class Attach(Record):
 
     transfer_id: TransferId
     proof: Digest  # crypto.attach_proof(transfer key, transfer_id, data_ticket)
+    # Asks the holder to answer `attached`. Off by default: requesters that predate it
+    # would take the answer for a malformed chunk (holders that predate it refuse such
+    # an attach; the requester then asks for the chunks on the control connection).
+    answer: bool = False
 
 
 @dataclass(frozen=True)

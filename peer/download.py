@@ -660,7 +660,7 @@ class Downloader:
             if len(reply) != 1:
                 raise ProtocolError("not an answer to a data ticket")
             protocol.raise_for_error(protocol.decode_envelope(reply[0]), f"relay {endpoint}")
-            opened.send(session.attach())
+            opened.send(session.attach(answer=False))
         except (TransportError, ProtocolError, RemoteError) as exc:
             log.info("%s: no data leg (%s); chunks come on the circuit", endpoint, exc)
             opened.close()

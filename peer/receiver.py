@@ -26,6 +26,7 @@ Every failure raises an `SfsError` naming the holder; `finish` is the goodbye.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -244,9 +245,11 @@ class ReceiverSession:
         self._mine -= recalled
         return recalled
 
-    def attach(self) -> list[bytes]:
-        """The first message on the data connection."""
-        return [protocol.encode("attach", self._link.attach())]
+    def attach(self, answer: bool = True) -> list[bytes]:
+        """The first message on the data connection; with `answer`, the holder says
+        `attached` (a data leg through a relay does without)."""
+        attach = dataclasses.replace(self._link.attach(), answer=answer)
+        return [protocol.encode("attach", attach)]
 
     def stored(self, index: int) -> None:
         """A chunk from `receive` passed the manifest and is written: its place frees."""

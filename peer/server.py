@@ -235,9 +235,9 @@ class PeerServer:
             return
         if isinstance(answer, Attached):
             data.attached(fd, answer.transfer_id)
-            # The requester asks for chunks here only once it has this answer.
-            ack = protocol.DataAttached(answer.transfer_id)
-            self._send(data.sock, connection, [protocol.encode("attached", ack)])
+            if answer.answer:  # the requester asks for chunks here once it has this
+                ack = protocol.DataAttached(answer.transfer_id)
+                self._send(data.sock, connection, [protocol.encode("attached", ack)])
             return
         if isinstance(answer, ChunkJob):
             answer = self._start_reading(answer, lanes)

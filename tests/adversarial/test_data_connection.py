@@ -113,8 +113,8 @@ def send(sock: zmq.Socket[bytes], op: str, record: protocol.Record) -> None:
 
 
 def attach_to(sock: zmq.Socket[bytes], transfer: Transfer) -> None:
-    """Attach `sock` to `transfer`; the holder answers `attached`."""
-    send(sock, "attach", protocol.Attach(transfer.offer.transfer_id, transfer.proof))
+    """Attach `sock` to `transfer`, asking for the holder's `attached` answer."""
+    send(sock, "attach", protocol.Attach(transfer.offer.transfer_id, transfer.proof, answer=True))
     assert sock.poll(WAIT_MS), "the holder did not answer the attach"
     (frame,) = sock.recv_multipart()
     envelope = protocol.decode_envelope(frame)
@@ -184,6 +184,20 @@ def test_attached_connection_carries_sealed_chunks_an_observer_cannot_read(world
         data.close(linger=0)
         transfer.requester.close()
     still_serves(world.alice)
+
+
+def test_an_attach_that_asks_no_answer_gets_none(world: World) -> None:
+    """Requesters from before `attached` do not ask for it: their first reply is a chunk."""
+    transfer = world.transfer()
+    data = world.data(transfer)
+    try:
+        send(data, "attach", protocol.Attach(transfer.offer.transfer_id, transfer.proof))
+        send(data, "get", protocol.ChunkRequest(transfer.offer.transfer_id, 0))
+        got = chunk(data)  # asserts that it is a chunk
+        assert got is not None and got[0].index == 0
+    finally:
+        data.close(linger=0)
+        transfer.requester.close()
 
 
 def test_attach_with_a_wrong_proof_gets_nothing(world: World) -> None:
