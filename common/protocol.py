@@ -579,6 +579,18 @@ class Attach(Record):
 
     transfer_id: TransferId
     proof: Digest  # crypto.attach_proof(transfer key, transfer_id, data_ticket)
+    # Asks the holder to answer `attached`. Off by default: requesters that predate it
+    # would take the answer for a malformed chunk (holders that predate it refuse such
+    # an attach; the requester then asks for the chunks on the control connection).
+    answer: bool = False
+
+
+@dataclass(frozen=True)
+class DataAttached(Record):
+    """The holder's answer to a valid `attach`, on the data connection: the requester
+    sends chunk requests there only once it has it (else they go on the control one)."""
+
+    transfer_id: TransferId
 
 
 @dataclass(frozen=True)
@@ -631,6 +643,10 @@ PEER_REQUESTS: dict[str, type[Record]] = {
 DATA_REQUESTS: dict[str, type[Record]] = {
     "attach": Attach,
     "get": ChunkRequest,
+}
+# What the holder sends on a data connection besides chunks and errors.
+DATA_REPLIES: dict[str, type[Record]] = {
+    "attached": DataAttached,
 }
 
 

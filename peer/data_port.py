@@ -7,14 +7,18 @@ work before a connection proves it belongs to a transfer is bounded here:
 
 - frames are at most `MAX_DATA_REQUEST_FRAME` bytes (an attach or a chunk request);
 - a connection must attach within `ATTACH_DEADLINE` seconds of being accepted;
-- at most `MAX_UNATTACHED` connections may wait to attach; more are closed at once;
+- at most `MAX_UNATTACHED` connections may wait to attach, and `MAX_UNATTACHED_PER_SOURCE`
+  from one address: a new connection beyond either evicts the oldest one waiting (an
+  honest requester attaches within a round trip, a squatter's connections age);
 - a connection whose first message is not a valid attach is closed, and so is one whose
   transfer has ended.
 
 ZeroMQ does not let a ROUTER close one peer's connection, so the port watches its
 socket's monitor (accepted / disconnected, with the file descriptor), learns each
 message's descriptor (`ZMQ_SRCFD`), and shuts a connection down through its descriptor;
-ZeroMQ then sees it closed and forgets it.
+ZeroMQ then sees it closed and forgets it. Only descriptors the monitor announced are
+shut, and only for the routing id first seen on them: a message read after its connection
+closed (its descriptor number since reused) cannot cut another connection.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ log = logging.getLogger("sfs.peer")
 MAX_DATA_REQUEST_FRAME = 1024  # an attach is ~80 bytes, a chunk request ~40
 ATTACH_DEADLINE = 5.0  # seconds from accept to a valid attach
 MAX_UNATTACHED = 32
+MAX_UNATTACHED_PER_SOURCE = 8
 # Data connections are told apart from control connections by this prefix of their
 # key: it is longer than any ZeroMQ routing id (255 bytes), so no control connection can
 # choose a routing id that names a data connection.
@@ -65,6 +70,8 @@ def advertised(advertise: str, bound: str) -> str:
 @dataclass
 class _Connection:
     accepted: float
+    source: str  # the peer's address, without the port
+    key: bytes | None = None  # the connection's key, from its first message
     transfer_id: bytes | None = None  # once attached
 
 
@@ -106,36 +113,65 @@ class DataPort:
 
     def watch(self) -> None:
         """Take the monitor's news: connections accepted and gone. A connection beyond
-        `MAX_UNATTACHED` waiting is closed at once."""
+        `MAX_UNATTACHED` waiting (or `MAX_UNATTACHED_PER_SOURCE` from its address)
+        evicts the oldest one waiting."""
         assert self.monitor is not None
         while self.monitor.poll(0):
             event = recv_monitor_message(self.monitor)
             fd = int(event["value"])
             if event["event"] == zmq.EVENT_ACCEPTED:
-                if self.unattached >= MAX_UNATTACHED:
-                    log.info("closed a data connection: too many waiting to attach")
-                    _shut(fd)
-                self._connections[fd] = _Connection(self._clock())
+                self.accepted(fd, _source_of(fd))
             else:
                 self._connections.pop(fd, None)
 
+    def accepted(self, fd: int, source: str) -> None:
+        """A new connection on `fd` from `source`: make room for it among those waiting."""
+        self._connections.pop(fd, None)  # its old connection's news was missed
+        waiting = sorted(
+            (c.accepted, other) for other, c in self._connections.items() if c.transfer_id is None
+        )
+        same = [item for item in waiting if self._connections[item[1]].source == source]
+        if len(same) >= MAX_UNATTACHED_PER_SOURCE:
+            log.info("closed a data connection: too many waiting to attach from one address")
+            self._close(same[0][1])
+        elif len(waiting) >= MAX_UNATTACHED:
+            log.info("closed a data connection: too many waiting to attach")
+            self._close(waiting[0][1])
+        self._connections[fd] = _Connection(self._clock(), source)
+
     def receive(self) -> tuple[bytes, bytes, int] | None:
         """One message: (connection key, payload, descriptor); None for a malformed
-        one (requesters are DEALERs sending one frame at a time)."""
+        one (requesters are DEALERs sending one frame at a time) or one whose
+        descriptor is not a connection the monitor announced."""
         frames = self.sock.recv_multipart(copy=False)
-        if len(frames) != 2:
-            self.close_connection(int(frames[-1].get(zmq.SRCFD)))
+        key, fd = data_key(frames[0].bytes), int(frames[-1].get(zmq.SRCFD))
+        self.watch()  # the monitor announced the connection before its first message
+        connection = self._connections.get(fd)
+        if connection is None:
             return None
-        routing_id, payload = frames
-        return data_key(routing_id.bytes), payload.bytes, int(payload.get(zmq.SRCFD))
+        if connection.key is None:
+            connection.key = key
+        if len(frames) != 2:
+            self.close_connection(fd, key)
+            return None
+        return key, frames[1].bytes, fd
 
     def attached(self, fd: int, transfer_id: bytes) -> None:
-        connection = self._connections.setdefault(fd, _Connection(self._clock()))
-        connection.transfer_id = transfer_id
+        connection = self._connections.get(fd)
+        if connection is not None:
+            connection.transfer_id = transfer_id
 
-    def close_connection(self, fd: int) -> None:
-        """Close the connection a message just came from (`fd` is still its own)."""
-        self._connections.pop(fd, None)
+    def close_connection(self, fd: int, key: bytes) -> None:
+        """Close the connection a message with `key` came from on `fd`; nothing if `fd`
+        is not in the table or belongs to another connection now."""
+        connection = self._connections.get(fd)
+        if connection is None or connection.key not in (None, key):
+            log.info("did not close a data connection: its descriptor is not its own")
+            return
+        self._close(fd)
+
+    def _close(self, fd: int) -> None:
+        del self._connections[fd]
         _shut(fd)
 
     def sweep(self, alive: Callable[[bytes], bool]) -> None:
@@ -146,9 +182,9 @@ class DataPort:
         for fd, connection in list(self._connections.items()):
             if connection.transfer_id is None:
                 if connection.accepted < too_old:
-                    self.close_connection(fd)
+                    self._close(fd)
             elif not alive(connection.transfer_id):
-                self.close_connection(fd)
+                self._close(fd)
 
     def send(self, key: bytes, replies: list[bytes]) -> None:
         routing_id = routing_id_of(key)
@@ -161,6 +197,25 @@ class DataPort:
                 self.sock.disable_monitor()
             self.monitor.close(linger=0)
         self.sock.close(linger=0)
+
+
+def _source_of(fd: int) -> str:
+    """The address at the other end of `fd`, without the port ("" if it is gone)."""
+    try:
+        dup = os.dup(fd)
+    except OSError:
+        return ""
+    try:
+        sock = socket.socket(fileno=dup)
+    except OSError:
+        os.close(dup)
+        return ""
+    with sock:
+        try:
+            address = sock.getpeername()
+        except OSError:
+            return ""
+    return str(address[0]) if isinstance(address, tuple) else str(address)
 
 
 def _shut(fd: int) -> None:

@@ -74,6 +74,9 @@ _JOIN_GRACE = 2.0
 # the cores of the machine measured (docs/PERFORMANCE.md).
 CHUNK_WORKERS = 2
 _WRITE_SLICE = 0.002  # seconds: the wait for a reply while only writes are pending
+# How long the holder has to answer a data connection's attach; a data port kept full
+# by others must not cost more than this before the chunks are asked on the control one.
+ATTACH_ANSWER_WAIT = 2.0
 
 log = logging.getLogger("sfs.peer")
 
@@ -601,11 +604,37 @@ class Downloader:
                 continue
             try:
                 opened.send(session.attach())
-            except TransportError:
+                self._await_attached(opened, session, interrupt)
+            except (TransportError, ProtocolError, RemoteError) as exc:
+                log.info(
+                    "%s: data connection not attached (%s); chunks come the other way",
+                    endpoint,
+                    exc,
+                )
                 opened.close()
                 continue
             return opened
         return None
+
+    def _await_attached(
+        self, opened: Channel, session: ReceiverSession, interrupt: Callable[[], None]
+    ) -> None:
+        """The holder's `attached` answer, within `ATTACH_ANSWER_WAIT`: without it (a
+        full or squatted data port, an older holder) the chunks are asked elsewhere."""
+        deadline = self._clock() + min(ATTACH_ANSWER_WAIT, self._timeout)
+        while (reply := opened.receive(0.1)) is None:
+            interrupt()
+            if self._clock() > deadline:
+                raise TransportError("no answer to the attach")
+        if len(reply) != 1:
+            raise ProtocolError("not an answer to an attach")
+        envelope = protocol.decode_envelope(reply[0])
+        protocol.raise_for_error(envelope, "the holder's data port")
+        if envelope.op != "attached":
+            raise ProtocolError(f"{envelope.op[:40]!r} instead of an answer to the attach")
+        answer = from_wire(protocol.DataAttached, envelope.body, "attached")
+        if answer.transfer_id != session.transfer_id:
+            raise ProtocolError("an answer to another transfer's attach")
 
     def _open_relay_data(
         self, channel: RelayChannel, session: ReceiverSession, interrupt: Callable[[], None]
@@ -631,7 +660,7 @@ class Downloader:
             if len(reply) != 1:
                 raise ProtocolError("not an answer to a data ticket")
             protocol.raise_for_error(protocol.decode_envelope(reply[0]), f"relay {endpoint}")
-            opened.send(session.attach())
+            opened.send(session.attach(answer=False))
         except (TransportError, ProtocolError, RemoteError) as exc:
             log.info("%s: no data leg (%s); chunks come on the circuit", endpoint, exc)
             opened.close()
@@ -648,7 +677,9 @@ class Downloader:
         """Run `session` over `channel` until the download is complete or this holder
         fails (an exception); once the offer is in, chunks travel on `open_data()`."""
         plan, name = download.plan, session.holder_name
+        control = channel
         receiving = False
+        chunk_came = False  # on the data connection: until then, it may yet fail
         # Chunks handed to the workers, and their outcomes (index, the error if any).
         writing = 0
         written: queue.SimpleQueue[tuple[int, BaseException | None]] = queue.SimpleQueue()
@@ -689,10 +720,21 @@ class Downloader:
                 if download.stop.is_set():
                     raise _Stopped
                 if reply is None:
-                    session.expire(self._clock(), bool(download.sending))
+                    try:
+                        session.expire(self._clock(), bool(download.sending))
+                    except TransportError as exc:
+                        if channel is control or chunk_came:
+                            raise
+                        # Attached, then silent or closed before its first chunk: those
+                        # asked go back to the plan, to be asked on the control connection.
+                        log.info("%s; chunks come on the control connection", exc)
+                        channel = control
+                        with download.lock:
+                            plan.release(set(session.recall()))
                     continue
                 event = session.take(reply, self._clock())
                 if isinstance(event, Sealed):
+                    chunk_came = True
                     assert download.workers is not None
                     # Opened here: AES-GCM is about 1% of the work, and so a forged
                     # chunk is named before any chunk after it arrives.

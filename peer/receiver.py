@@ -26,6 +26,7 @@ Every failure raises an `SfsError` naming the holder; `finish` is the goodbye.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -233,9 +234,22 @@ class ReceiverSession:
         """Where the offer said to open the data connection; empty: use this one."""
         return self._link.data_hints if self.stage is Stage.RECEIVING else []
 
-    def attach(self) -> list[bytes]:
-        """The first message on the data connection."""
-        return [protocol.encode("attach", self._link.attach())]
+    @property
+    def transfer_id(self) -> bytes:
+        return self._link.transfer_id
+
+    def recall(self) -> frozenset[int]:
+        """Forget the chunks asked and not arrived (their connection failed), returning
+        them; the wait for a chunk starts again with the next `ask`."""
+        recalled = frozenset(self._mine - self._arrived)
+        self._mine -= recalled
+        return recalled
+
+    def attach(self, answer: bool = True) -> list[bytes]:
+        """The first message on the data connection; with `answer`, the holder says
+        `attached` (a data leg through a relay does without)."""
+        attach = dataclasses.replace(self._link.attach(), answer=answer)
+        return [protocol.encode("attach", attach)]
 
     def stored(self, index: int) -> None:
         """A chunk from `receive` passed the manifest and is written: its place frees."""

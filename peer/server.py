@@ -231,10 +231,13 @@ class PeerServer:
             answer = self._service.receive_data(connection, payload)
         except AttachRefused as exc:
             log.info("closed a data connection: %s", exc)
-            data.close_connection(fd)
+            data.close_connection(fd, connection)
             return
         if isinstance(answer, Attached):
             data.attached(fd, answer.transfer_id)
+            if answer.answer:  # the requester asks for chunks here once it has this
+                ack = protocol.DataAttached(answer.transfer_id)
+                self._send(data.sock, connection, [protocol.encode("attached", ack)])
             return
         if isinstance(answer, ChunkJob):
             answer = self._start_reading(answer, lanes)

@@ -283,6 +283,7 @@ class Attached:
     """A data connection proved it belongs to `transfer_id` and is now bound to it."""
 
     transfer_id: bytes
+    answer: bool = False  # the requester asked for `attached`
 
 
 class AttachRefused(SfsError):
@@ -399,7 +400,7 @@ class HolderService:
         outgoing.data_connection = connection
         outgoing.last_active = self._clock()
         log.info("%s attached a data connection for %s", outgoing.requester, outgoing.share.name)
-        return Attached(request.transfer_id)
+        return Attached(request.transfer_id, request.answer)
 
     @property
     def active_transfers(self) -> int:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,7 +29,12 @@ from sfs.common.config import load_peer_config
 from sfs.common.errors import IntegrityError
 from sfs.peer import keys, session
 from sfs.peer.client import BrokerClient
-from sfs.peer.data_port import ATTACH_DEADLINE, MAX_DATA_REQUEST_FRAME, MAX_UNATTACHED
+from sfs.peer.data_port import (
+    ATTACH_DEADLINE,
+    MAX_DATA_REQUEST_FRAME,
+    MAX_UNATTACHED,
+    MAX_UNATTACHED_PER_SOURCE,
+)
 from sfs.peer.node import Peer as LocalPeer
 from sfs.peer.transfer import DATA_TICKET_SIZE
 from tests.adversarial.test_hostile_peer import Requester
@@ -105,6 +112,17 @@ def send(sock: zmq.Socket[bytes], op: str, record: protocol.Record) -> None:
     sock.send(protocol.encode(op, record))
 
 
+def attach_to(sock: zmq.Socket[bytes], transfer: Transfer) -> None:
+    """Attach `sock` to `transfer`, asking for the holder's `attached` answer."""
+    send(sock, "attach", protocol.Attach(transfer.offer.transfer_id, transfer.proof, answer=True))
+    assert sock.poll(WAIT_MS), "the holder did not answer the attach"
+    (frame,) = sock.recv_multipart()
+    envelope = protocol.decode_envelope(frame)
+    assert envelope.op == "attached", envelope
+    answer = from_wire(protocol.DataAttached, envelope.body)
+    assert answer.transfer_id == transfer.offer.transfer_id
+
+
 def chunk(sock: zmq.Socket[bytes]) -> tuple[protocol.ChunkHeader, bytes] | None:
     """The next chunk on `sock`, or None if nothing comes (or the holder hung up)."""
     if not sock.poll(WAIT_MS):
@@ -140,7 +158,7 @@ def test_attached_connection_carries_sealed_chunks_an_observer_cannot_read(world
     transfer = world.transfer()
     data = world.data(transfer)
     try:
-        send(data, "attach", protocol.Attach(transfer.offer.transfer_id, transfer.proof))
+        attach_to(data, transfer)
         send(data, "get", protocol.ChunkRequest(transfer.offer.transfer_id, 1))
         got = chunk(data)
         assert got is not None
@@ -166,6 +184,20 @@ def test_attached_connection_carries_sealed_chunks_an_observer_cannot_read(world
         data.close(linger=0)
         transfer.requester.close()
     still_serves(world.alice)
+
+
+def test_an_attach_that_asks_no_answer_gets_none(world: World) -> None:
+    """Requesters from before `attached` do not ask for it: their first reply is a chunk."""
+    transfer = world.transfer()
+    data = world.data(transfer)
+    try:
+        send(data, "attach", protocol.Attach(transfer.offer.transfer_id, transfer.proof))
+        send(data, "get", protocol.ChunkRequest(transfer.offer.transfer_id, 0))
+        got = chunk(data)  # asserts that it is a chunk
+        assert got is not None and got[0].index == 0
+    finally:
+        data.close(linger=0)
+        transfer.requester.close()
 
 
 def test_attach_with_a_wrong_proof_gets_nothing(world: World) -> None:
@@ -200,7 +232,7 @@ def test_an_attach_replayed_on_another_transfer_or_connection_is_refused(world: 
     mine, replay_other, replay_same = (world.data(transfer) for _ in range(3))
     try:
         attach = protocol.Attach(transfer.offer.transfer_id, transfer.proof)
-        send(mine, "attach", attach)
+        attach_to(mine, transfer)
         send(mine, "get", protocol.ChunkRequest(transfer.offer.transfer_id, 0))
         assert chunk(mine) is not None
         send(replay_other, "attach", protocol.Attach(other.offer.transfer_id, transfer.proof))
@@ -225,7 +257,7 @@ def test_finished_transfer_closes_its_data_connection(world: World) -> None:
     transfer = world.transfer()
     data = world.data(transfer)
     try:
-        send(data, "attach", protocol.Attach(transfer.offer.transfer_id, transfer.proof))
+        attach_to(data, transfer)
         send(data, "get", protocol.ChunkRequest(transfer.offer.transfer_id, 0))
         assert chunk(data) is not None
         transfer.requester.send("finish", to_wire(protocol.Finish(transfer.offer.transfer_id)))
@@ -305,3 +337,103 @@ def test_a_real_download_uses_the_data_connection(world: World, tmp_path: Path) 
     result = bob.run("get", world.file_id, "--out", str(tmp_path), "--json").check().json()
     assert Path(result["path"]).read_bytes() == world.content
     assert world.alice.server.output().count("bob attached a data connection") == attached + 1
+
+
+# --- squatters: connections that wait and never attach (issue 12) ---------------------
+
+
+def squat(endpoint: str, count: int) -> list[socket.socket]:
+    """`count` silent TCP connections to the data port (no ZMTP, no attach), from a few
+    loopback addresses in turn (the oldest first)."""
+    host, port = endpoint.removeprefix("tcp://").rsplit(":", 1)
+    made = []
+    for i in range(count):
+        sock = socket.socket()
+        sock.settimeout(WAIT_MS / 1000)
+        sock.bind((f"127.0.0.{10 + i % 9}", 0))
+        sock.connect((host, int(port)))
+        made.append(sock)
+    return made
+
+
+def shut_by_holder(sock: socket.socket) -> bool:
+    """Whether the holder closed this silent connection (reading its greeting first)."""
+    try:
+        while data := sock.recv(4096):
+            del data
+    except TimeoutError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def test_a_full_data_port_still_takes_an_honest_attach(world: World) -> None:
+    """MAX_UNATTACHED + 4 silent connections fill the waiting places: the requester who
+    comes next is not the one closed (the oldest waiting are), and its attach is answered."""
+    transfer = world.transfer()
+    squatters = squat(transfer.offer.data[0], MAX_UNATTACHED + 4)
+    time.sleep(0.5)  # accepted by the holder
+    data = world.data(transfer, reconnect=False)
+    try:
+        attach_to(data, transfer)
+        send(data, "get", protocol.ChunkRequest(transfer.offer.transfer_id, 0))
+        assert chunk(data) is not None
+        for sock in squatters[:4]:
+            sock.settimeout(1.0)
+        assert all(shut_by_holder(sock) for sock in squatters[:4])
+    finally:
+        data.close(linger=0)
+        for sock in squatters:
+            sock.close()
+        transfer.requester.close()
+    still_serves(world.alice)
+
+
+def test_one_address_waits_in_at_most_its_share_of_places(world: World) -> None:
+    transfer = world.transfer()
+    transfer.requester.close()
+    host, port = transfer.offer.data[0].removeprefix("tcp://").rsplit(":", 1)
+    squatters = []
+    try:
+        for _ in range(MAX_UNATTACHED_PER_SOURCE + 3):
+            sock = socket.create_connection((host, int(port)), timeout=1.0)
+            squatters.append(sock)
+        time.sleep(0.5)
+        assert [shut_by_holder(sock) for sock in squatters[:3]] == [True] * 3
+        for sock in squatters[3:]:  # all checked well within the attach deadline
+            sock.settimeout(0.2)
+        assert not any(shut_by_holder(sock) for sock in squatters[3:])
+    finally:
+        for sock in squatters:
+            sock.close()
+    still_serves(world.alice)
+
+
+def test_a_download_goes_on_while_the_data_port_is_squatted(world: World, tmp_path: Path) -> None:
+    """The reviewer's attack: MAX_UNATTACHED + 4 silent connections, renewed every 4 s,
+    must not make `sfs-peer get` fail (before the fix: "did not send the next chunk")."""
+    transfer = world.transfer()
+    transfer.requester.close()
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.is_set():
+            squatters = squat(transfer.offer.data[0], MAX_UNATTACHED + 4)
+            stop.wait(4.0)
+            for sock in squatters:
+                sock.close()
+
+    squatter = threading.Thread(target=renew, daemon=True)
+    squatter.start()
+    try:
+        time.sleep(1.0)
+        bob = world.cluster.peers["bob"]
+        for attempt in range(2):
+            out = tmp_path / str(attempt)
+            result = bob.run("get", world.file_id, "--out", str(out), "--json").check().json()
+            assert Path(result["path"]).read_bytes() == world.content
+    finally:
+        stop.set()
+        squatter.join()
+    still_serves(world.alice)

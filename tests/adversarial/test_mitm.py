@@ -213,11 +213,13 @@ def _header(change: Callable[[bytes], bytes]) -> Callable[[Message], Message]:
 
 
 def test_the_policies_see_what_they_expect(world: World, tmp_path: Path) -> None:
-    """The stream the attacks rely on: one offer, then chunks 0-4 in request order."""
+    """The stream the attacks rely on: one offer, the data connection's `attached`, then
+    chunks 0-4 in request order."""
     recorder = record_transfer(world, tmp_path)
     assert is_offer(recorder.messages[0])
-    assert [chunk_index(message) for message in recorder.messages[1:]] == [0, 1, 2, 3, 4]
-    assert all(len(message) == 2 for message in recorder.messages[1:])
+    assert envelope_of(recorder.messages[1]).op == "attached"
+    assert [chunk_index(message) for message in recorder.messages[2:]] == [0, 1, 2, 3, 4]
+    assert all(len(message) == 2 for message in recorder.messages[2:])
 
 
 # --- bit flips --------------------------------------------------------------------------
@@ -301,10 +303,39 @@ def test_a_dropped_chunk(world: World, tmp_path: Path) -> None:
 
 
 def test_a_stream_cut_mid_transfer(world: World, tmp_path: Path) -> None:
-    """The offer and chunks 0 and 1 get through, then the connection closes and new ones
-    are refused; as for a dropped chunk, the receive timeout ends the download."""
-    cut = Truncate(keep=3)
+    """The offer, `attached` and chunks 0 and 1 get through, then the connection closes
+    and new ones are refused; as for a dropped chunk, the receive timeout ends the download."""
+    cut = Truncate(keep=4)
     assert_cut_short(world, cut, _no_chunk_in_time(world))
+
+
+# --- a data connection that does not serve (issue 12) ----------------------------------
+
+
+def test_an_attach_left_unanswered_leaves_the_chunks_on_control(
+    world: World, tmp_path: Path
+) -> None:
+    """No `attached` (a full data port, an older holder): within ATTACH_ANSWER_WAIT the
+    requester asks for the chunks on the control connection instead."""
+    unanswered = Rewrite(lambda message: envelope_of(message).op == "attached", lambda _: None)
+    got = world.get(unanswered, "--out", str(tmp_path), "--json").check().json()
+    assert unanswered.fired == 1
+    assert Path(got["path"]).read_bytes() == world.content
+
+
+def test_a_data_connection_silent_after_attach_leaves_the_chunks_on_control(
+    world: World, tmp_path: Path
+) -> None:
+    """Attached, then no chunk (a holder that lost it, a cut link): the chunks asked
+    there go back to the plan and are asked on the control connection; the download
+    completes instead of failing with "did not send the next chunk"."""
+    silent = Rewrite(lambda message: chunk_index(message) is not None, lambda _: None)
+    world.proxy.use(Policy())
+    world.data_proxy.use(silent)
+    result = world.hasty_bob.run("get", world.file_id, "--out", str(tmp_path), "--json")
+    got = result.check().json()
+    assert silent.fired >= 1
+    assert Path(got["path"]).read_bytes() == world.content
 
 
 # --- reordering -------------------------------------------------------------------------
