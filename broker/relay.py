@@ -245,6 +245,9 @@ class RelayServer:
         if len(frames[0]) > MAX_REQUEST_FRAME:
             self._close(sock, circuit, _too_large(len(frames[0]), MAX_REQUEST_FRAME))
             return
+        if frames[0].bytes == relay_protocol.CLOSE_CIRCUIT:  # the requester is done
+            self._forget(circuit)
+            return
         circuit.last = time.monotonic()
         if circuit.held or not self._may_send(circuit):
             if len(circuit.held) >= QUEUED_PER_CIRCUIT:

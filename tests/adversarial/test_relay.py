@@ -401,3 +401,17 @@ def test_requests_to_a_holder_spend_the_requester_s_rate_and_are_bounded() -> No
         while alice.sock.poll(300):
             received += len(alice.sock.recv_multipart()[2])
         assert received <= 200_000  # about a second's budget, not the 6 MB sent
+
+
+def test_a_circuit_the_requester_closes_is_gone_at_once(relay: Relay) -> None:
+    """The relay's user_circuits is 2 here: closed circuits do not count, so a third
+    in a row opens; what a closed one's connection sends later is forwarded nowhere."""
+    alice = attach(relay)
+    for _ in range(3):
+        bob = client(relay)
+        bob.send("open", circuit_ticket(bob, alice))
+        assert bob.reply().op == "result"
+        bob.sock.send(relay_protocol.CLOSE_CIRCUIT)
+        assert not alice.sock.poll(100)  # the close is the relay's, not forwarded
+        bob.sock.send(b"after the close")
+        assert not alice.sock.poll(200)
