@@ -55,12 +55,19 @@ from sfs.common.protocol import ErrorCode, Refused
 
 log = logging.getLogger("sfs.relay")
 
-MAX_FRAME = MAX_CHUNK_SIZE + 64 * 1024
+MAX_FRAME = MAX_CHUNK_SIZE + 64 * 1024  # a chunk and its envelope: the most a holder sends
+# What a requester sends is small: a hello, chunk and page requests, a finish on the
+# circuit; an attach (with its proof) and chunk requests on a data leg. Anything bigger
+# closes the circuit, so a requester cannot make the relay hold chunk-sized frames.
+MAX_REQUEST_FRAME = 64 * 1024
+MAX_DATA_REQUEST_FRAME = 1024
 PROBE_INTERVAL = 30.0  # seconds between two probes of one holder
 PROBE_TIMEOUT = 3.0
 MAX_PROBES = 4  # probes under way at once
-QUEUED_PER_CIRCUIT = 64  # requests held back by a rate limit, at most, per circuit
-SEND_QUEUE = 1000
+QUEUED_PER_CIRCUIT = 32  # requests held back by a rate limit, at most, per circuit (a window)
+# Messages queued toward one connection, at most (as the holder's server): a requester's
+# window is at most 32 requests; a full queue means that end is not reading.
+SEND_QUEUE = 40
 _POLL_MS = 100
 _RETRY_BUSY = 10
 _RETRY_ABSENT = 5
@@ -235,6 +242,12 @@ class RelayServer:
     ) -> None:
         if len(frames) != 1:  # requesters send one frame at a time
             return
+        if len(frames[0]) > MAX_REQUEST_FRAME:
+            self._close(sock, circuit, _too_large(len(frames[0]), MAX_REQUEST_FRAME))
+            return
+        if frames[0].bytes == relay_protocol.CLOSE_CIRCUIT:  # the requester is done
+            self._forget(circuit)
+            return
         circuit.last = time.monotonic()
         if circuit.held or not self._may_send(circuit):
             if len(circuit.held) >= QUEUED_PER_CIRCUIT:
@@ -245,6 +258,7 @@ class RelayServer:
         self._to_holder(sock, circuit, frames[0])
 
     def _to_holder(self, sock: zmq.Socket[bytes], circuit: _Circuit, frame: zmq.Frame) -> None:
+        self._spend(circuit, len(frame))
         holder = circuit.holder
         message: list[zmq.Frame | bytes] = [
             holder.connection,
@@ -261,11 +275,12 @@ class RelayServer:
         circuit = self._circuits.get(frames[0].bytes)
         if circuit is None or circuit.holder is not holder:
             return  # a circuit that closed meanwhile
-        now = time.monotonic()
-        circuit.last = now
         size = sum(len(f) for f in frames[1:])
-        self._rate(circuit.requester, now).spend(size)
-        self._global.spend(size)
+        if size > MAX_FRAME:
+            self._close(sock, circuit, f"{holder.username} {_too_large(size, MAX_FRAME)}")
+            return
+        circuit.last = time.monotonic()
+        self._spend(circuit, size)
         if not self._send(sock, [circuit.connection, *frames[1:]]):
             self._close(sock, circuit, None)
 
@@ -361,6 +376,10 @@ class RelayServer:
     def _from_requester_data(
         self, data: zmq.Socket[bytes], circuit: _Circuit, frame: zmq.Frame
     ) -> None:
+        if len(frame) > MAX_DATA_REQUEST_FRAME:
+            why = _too_large(len(frame), MAX_DATA_REQUEST_FRAME)
+            self._close(self._control_sock, circuit, why)
+            return
         circuit.last = time.monotonic()
         if circuit.data_held or not self._may_send(circuit):
             if len(circuit.data_held) >= QUEUED_PER_CIRCUIT:
@@ -373,6 +392,7 @@ class RelayServer:
         self._to_holder_data(data, circuit, frame)
 
     def _to_holder_data(self, data: zmq.Socket[bytes], circuit: _Circuit, frame: zmq.Frame) -> None:
+        self._spend(circuit, len(frame))
         leg = circuit.holder.data
         if leg is None or not self._send(data, [leg, circuit.circuit_id, frame]):
             self._close(self._control_sock, circuit, f"{circuit.holder.username} is not reading")
@@ -383,11 +403,13 @@ class RelayServer:
         circuit = self._circuits.get(frames[0].bytes)
         if circuit is None or circuit.holder is not holder or circuit.data is None:
             return  # a circuit that closed meanwhile
-        now = time.monotonic()
-        circuit.last = now
         size = sum(len(f) for f in frames[1:])
-        self._rate(circuit.requester, now).spend(size)
-        self._global.spend(size)
+        if size > MAX_FRAME:
+            why = f"{holder.username} {_too_large(size, MAX_FRAME)}"
+            self._close(self._control_sock, circuit, why)
+            return
+        circuit.last = time.monotonic()
+        self._spend(circuit, size)
         if not self._send(data, [circuit.data, *frames[1:]]):
             self._close(self._control_sock, circuit, None)
 
@@ -524,6 +546,11 @@ class RelayServer:
         now = time.monotonic()
         return self._rate(circuit.requester, now).open(now) and self._global.open(now)
 
+    def _spend(self, circuit: _Circuit, size: int) -> None:
+        """Count `size` bytes relayed for `circuit`, whichever way, against its buckets."""
+        self._rate(circuit.requester, time.monotonic()).spend(size)
+        self._global.spend(size)
+
     def _rate(self, requester: str, now: float) -> _Bucket:
         bucket = self._rates.get(requester)
         if bucket is None:
@@ -577,6 +604,10 @@ class RelayServer:
         if end.data is not None and self._data_ends.get(end.data) is end:
             del self._data_ends[end.data]
         end.data = None
+
+
+def _too_large(size: int, limit: int) -> str:
+    return f"sent a message too large for the relay ({size} bytes, at most {limit}); circuit closed"
 
 
 def _same_host(endpoint: str, address: str) -> bool:

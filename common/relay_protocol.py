@@ -137,3 +137,8 @@ RELAY_REQUESTS: dict[str, type[Record]] = {
 RELAY_BUSY = "relay busy"
 RATE_LIMITED = "rate limited"
 TICKET_EXPIRED = "ticket expired"
+
+# An empty frame from a requester on its circuit: "I am done", the relay closes the
+# circuit (and its data leg) at once instead of after `idle` seconds. Never forwarded;
+# a real request is never empty.
+CLOSE_CIRCUIT = b""

@@ -158,6 +158,13 @@ class RelayChannel(ZmqChannel):
             raise
         return channel
 
+    def close(self) -> None:
+        """Tell the relay the circuit is done (it closes it at once, so it no longer
+        counts against this user's circuits), then close."""
+        with contextlib.suppress(zmq.ZMQError):
+            self._sock.send(relay_protocol.CLOSE_CIRCUIT, flags=zmq.NOBLOCK)
+        super().close()
+
 
 def _connect(sock: zmq.Socket[bytes], endpoint: str, timeout: float, interrupt: Interrupt) -> None:
     """Connect, and return once the ZMTP (or CurveZMQ) handshake has succeeded. zmq

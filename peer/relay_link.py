@@ -41,7 +41,9 @@ LOST_AFTER = 15.0
 RETRY_AFTER = 5.0  # seconds before connecting again after a refusal or a loss
 GRANT_REFRESH = 240.0  # seconds; attach tickets last 600
 _ATTACH, _PROBE, _KEEPALIVE = 1, 2, 3  # request ids
-CIRCUIT_PREFIX = b"relay:"  # connection ids of relayed requesters, in `HolderService`
+# Connection ids of relayed requesters, in `HolderService`: longer than any ZMQ routing id
+# (at most 255 bytes), so a direct client cannot name itself like one.
+CIRCUIT_PREFIX = b"\xffrelay" + bytes(255)
 DATA_CIRCUIT_PREFIX = DATA_KEY_PREFIX + CIRCUIT_PREFIX  # their data connections' ids
 
 

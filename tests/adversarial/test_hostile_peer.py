@@ -38,10 +38,13 @@ class Requester:
         context: zmq.Context[zmq.Socket[bytes]],
         identity: keys.Identity,
         holder: protocol.Holder,
+        routing_id: bytes | None = None,
     ) -> None:
         self.identity, self.holder = identity, holder
         self.sock = context.socket(zmq.DEALER)
         self.sock.linger = 0
+        if routing_id is not None:
+            self.sock.routing_id = routing_id
         self.sock.curve_serverkey = holder.bundle.curve_z85()
         self.sock.curve_secretkey = identity.curve_secret_z85
         self.sock.curve_publickey = identity.curve_public_z85
@@ -301,6 +304,22 @@ def test_chunks_of_someone_elses_transfer_are_refused(world: World, carol: Reque
     out_of_range = to_wire(protocol.ChunkRequest(transfer_id, 10_000))
     assert carol.refused("get", out_of_range) == ("bad_request", "chunk 10000 is out of range")
     carol.send("finish", to_wire(protocol.Finish(transfer_id)))
+
+
+def test_a_routing_id_that_looks_relayed_is_still_answered_directly(world: World) -> None:
+    """Relayed requesters' keys on the holder cannot be chosen as a ZMQ routing id (at
+    most 255 bytes): a direct client naming itself like one is answered as itself."""
+    for routing_id in (
+        b"relay:" + os.urandom(16),
+        b"\xffrelay" + bytes(249),
+    ):  # 255 bytes, the most
+        requester = Requester(world.context, world.carol, world.holder, routing_id)
+        try:
+            envelope, _ = requester.ask("hello", requester.hello_body(world.public_id))
+            assert envelope.op == "offer", envelope
+        finally:
+            requester.close()
+    alice_still_serves(world)
 
 
 def test_bob_still_downloads_afterwards(world: World) -> None:

@@ -344,3 +344,74 @@ def test_data_legs_share_the_circuit_s_rate_limit() -> None:
         bob_leg.send(b"second")  # held until the budget is back above zero
         assert alice_leg.poll(10_000)
         assert time.monotonic() - started > 1.5
+
+
+# --- what one client can make the relay hold (issue 10) -------------------------------
+
+
+def opened_circuit(relay: Relay) -> tuple[Client, Client]:
+    alice, bob = attach(relay), client(relay)
+    bob.send("open", circuit_ticket(bob, alice))
+    assert bob.reply().op == "result"
+    return alice, bob
+
+
+def test_a_requester_frame_bigger_than_a_request_closes_the_circuit(relay: Relay) -> None:
+    alice, bob = opened_circuit(relay)
+    bob.sock.send(b"x" * (1024 * 1024))  # requests are a few kB; a chunk's worth is a flood
+    refused = bob.refusal()
+    assert refused.code == "busy" and "too large" in refused.message
+    assert not alice.sock.poll(300)  # nothing forwarded, nothing queued for it
+    bob.sock.send(b"after")  # the circuit is gone
+    assert not alice.sock.poll(300)
+
+
+def test_a_data_leg_frame_bigger_than_a_chunk_request_closes_the_circuit(relay: Relay) -> None:
+    alice, alice_leg = attach_with_leg(relay)
+    bob = client(relay)
+    bob.send("open", circuit_ticket(bob, alice))
+    bob_leg = data_leg(relay, bob.reply())
+    bob_leg.send(b"x" * (1024 * 1024))
+    refused = bob.refusal()
+    assert "too large" in refused.message
+    assert not alice_leg.poll(300)
+
+
+def test_a_holder_message_bigger_than_a_chunk_closes_the_circuit(relay: Relay) -> None:
+    alice, bob = opened_circuit(relay)
+    bob.sock.send(b"hello")
+    assert alice.sock.poll(5000)
+    circuit, _, _ = alice.sock.recv_multipart()
+    alice.sock.send_multipart([circuit, *([b"\x00" * (4 * 1024 * 1024)] * 5)])  # 20 MiB
+    refused = bob.refusal()
+    assert "too large" in refused.message
+    assert not bob.sock.poll(300)  # the flood itself never reached bob
+
+
+def test_requests_to_a_holder_spend_the_requester_s_rate_and_are_bounded() -> None:
+    """A requester pushing to a holder faster than its rate gets its frames held, a few;
+    past that the circuit closes: the relay holds a bounded amount for it."""
+    for relay in serve_relay(RelayLimits(user_rate=100_000)):
+        alice, bob = opened_circuit(relay)
+        for _ in range(100):  # 6 MB: a minute of budget
+            bob.sock.send(b"x" * 60_000)
+        refused = bob.refusal()
+        assert "faster than its rate limit" in refused.message
+        received = 0
+        while alice.sock.poll(300):
+            received += len(alice.sock.recv_multipart()[2])
+        assert received <= 200_000  # about a second's budget, not the 6 MB sent
+
+
+def test_a_circuit_the_requester_closes_is_gone_at_once(relay: Relay) -> None:
+    """The relay's user_circuits is 2 here: closed circuits do not count, so a third
+    in a row opens; what a closed one's connection sends later is forwarded nowhere."""
+    alice = attach(relay)
+    for _ in range(3):
+        bob = client(relay)
+        bob.send("open", circuit_ticket(bob, alice))
+        assert bob.reply().op == "result"
+        bob.sock.send(relay_protocol.CLOSE_CIRCUIT)
+        assert not alice.sock.poll(100)  # the close is the relay's, not forwarded
+        bob.sock.send(b"after the close")
+        assert not alice.sock.poll(200)

@@ -109,6 +109,23 @@ def test_an_unreachable_holder_serves_through_the_relay_in_auto_mode() -> None:
         assert got["paths"]["alice"].startswith("relay tcp://")
 
 
+def test_gets_in_a_row_close_their_circuits_so_the_user_limit_is_not_hit() -> None:
+    """Each get opens circuits (index, then chunks) and closes them when done: with
+    `user_circuits: 2`, three gets in a row all pass through the relay."""
+    with Cluster() as cluster:
+        cluster.start_broker(relay=relay_section(cluster.host, free_port(), user_circuits=2))
+        cluster.start_relay()
+        alice = cluster.add_peer("alice", advertise=unreachable_endpoint(cluster))
+        alice.serve()
+        bob = cluster.add_peer("bob")
+        wait_for_relay_hint(cluster, "alice")
+        file_id, source = share(alice, cluster.root, size=100_000)
+        for _ in range(3):
+            got = get(bob, file_id, "--force")
+            assert got["paths"]["alice"].startswith("relay tcp://")
+            assert Path(got["path"]).read_bytes() == source.read_bytes()
+
+
 def test_a_reachable_holder_is_listed_direct_only_and_fetched_directly() -> None:
     with Cluster() as cluster:
         cluster.start_broker(relay=relay_section(cluster.host, free_port()))
