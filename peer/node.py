@@ -47,7 +47,6 @@ from sfs.peer.share import (
     normalise_keywords,
     shareable,
 )
-from sfs.peer.tree_scan import build_tree
 from sfs.peer.tree_write import tree_on_disk
 
 if TYPE_CHECKING:
@@ -257,6 +256,8 @@ class Peer:
         skip_unsafe: bool = False,
     ) -> Share:
         """Share a file, or a folder as one share (a tree of many entries)."""
+        from sfs.peer.tree_scan import build_tree  # the scanner and hasher: `share` only
+
         source = shareable(path)
         words = normalise_keywords(keywords or [])
         access = check_usernames(to) if to else None

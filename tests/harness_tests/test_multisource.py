@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from sfs.broker.store import add_sql_functions
 from tests.harness import Cluster, Peer, command_for, one_line_error, snapshot, wait_for_partial
 
 pytestmark = pytest.mark.harness
@@ -113,6 +114,7 @@ def test_a_seeder_refuses_whom_the_owners_grant_leaves_out(cluster: Cluster) -> 
     owner.stop()  # now only fred's copy is online
 
     db = sqlite3.connect(cluster.root / "broker" / "broker.db", isolation_level=None)
+    add_sql_functions(db)  # the search index's triggers call them
     try:
         db.execute(
             "INSERT INTO access (file_id, user_id) SELECT ?, id FROM users WHERE username = ?",
