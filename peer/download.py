@@ -289,9 +289,19 @@ class Downloader:
         returned. A holder whose pages do not check out is not asked again."""
         header = verify_lookup(file_id, lookup, self._pins)
         errors: list[SfsError] = []
-        for holder in self._usable_holders(lookup, header):
+        holders = list(self._usable_holders(lookup, header))
+        for place, holder in enumerate(holders):
+            # A holder that does not answer its hello within `hello_timeout` is passed over
+            # while others are left to ask; the last one gets the whole `timeout`.
+            others_left = place < len(holders) - 1
             try:
-                return self._index_from(holder, file_id, lookup, header)
+                return self._index_from(holder, file_id, lookup, header, others_left)
+            except SetAside:
+                errors.append(
+                    TransportError(
+                        f"{holder.username} did not answer within {self._hello_timeout:g} s"
+                    )
+                )
             except IntegrityError as exc:
                 if str(exc).startswith("unsafe tree"):  # the owner's own tree: nobody can help
                     raise
@@ -306,15 +316,18 @@ class Downloader:
         file_id: str,
         lookup: protocol.LookupResult,
         header: TreeHeader,
+        others_left: bool,
     ) -> TreeIndex:
         link = ReceiverLink(
             self._identity, file_id, header, lookup.manifest, holder.username, holder.bundle
         )
-        session = ReceiverSession(link, self._window, self._timeout, self._timeout, self._clock())
+        session = ReceiverSession(
+            link, self._window, self._timeout, self._hello_timeout, self._clock()
+        )
         reader = IndexReader(header)
 
         def interrupt() -> None:
-            session.expire(self._clock(), False)
+            session.expire(self._clock(), others_left)
 
         channel = self._connector.connect(holder, hints_of(holder), interrupt)
         try:
@@ -325,7 +338,7 @@ class Downloader:
                     channel.send(frames)
                 reply = channel.receive(session.wait(now))
                 if reply is None:
-                    session.expire(self._clock(), False)
+                    session.expire(self._clock(), others_left)
                     continue
                 session.receive(reply, self._clock())
             wanted = reader.wanted()
