@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import zmq
@@ -228,50 +228,47 @@ def in_process_relay(server: RelayServer) -> Iterator[RelayServer]:
         context.term()
 
 
-def test_a_relay_that_flips_bits_is_caught_by_the_chunk_checks() -> None:
+Relay = TypeVar("Relay", bound=RelayServer)
+
+
+@contextmanager
+def through_relay(kind: type[Relay]) -> Iterator[tuple[Relay, Cluster, Peer, Peer]]:
+    """A broker whose relay is a `kind` run in this process; alice, unreachable, serves
+    through it (her relay hint listed), and bob is ready to get."""
     with Cluster() as cluster:
         port = free_port()
         cluster.start_broker(relay=relay_section(cluster.host, port))
         config = load_broker_config(cluster.broker_config)
-        evil = BitFlippingRelay(
+        relay = kind(
             tcp_endpoint(cluster.host, port),
             relay_curve_keys(config),
             ticket_public_key(config),
             RelayLimits(),
         )
-        with in_process_relay(evil):
+        with in_process_relay(relay):
             alice = cluster.add_peer("alice", advertise=unreachable_endpoint(cluster))
             alice.serve()
             bob = cluster.add_peer("bob")
             wait_for_relay_hint(cluster, "alice")
-            file_id, _ = share(alice, cluster.root)
-            error = one_line_error(bob.run("get", file_id))
-            assert "alice" in error
-            assert not list(bob.download_dir.glob("relayed.bin*"))  # nothing unverified kept
+            yield relay, cluster, alice, bob
+
+
+def test_a_relay_that_flips_bits_is_caught_by_the_chunk_checks() -> None:
+    with through_relay(BitFlippingRelay) as (_, cluster, alice, bob):
+        file_id, _ = share(alice, cluster.root)
+        error = one_line_error(bob.run("get", file_id))
+        assert "alice" in error
+        assert not list(bob.download_dir.glob("relayed.bin*"))  # nothing unverified kept
 
 
 def test_a_relayed_get_moves_its_chunks_on_the_data_leg_not_the_circuit() -> None:
-    with Cluster() as cluster:
-        port = free_port()
-        cluster.start_broker(relay=relay_section(cluster.host, port))
-        config = load_broker_config(cluster.broker_config)
-        counting = CountingRelay(
-            tcp_endpoint(cluster.host, port),
-            relay_curve_keys(config),
-            ticket_public_key(config),
-            RelayLimits(),
-        )
-        with in_process_relay(counting):
-            alice = cluster.add_peer("alice", advertise=unreachable_endpoint(cluster))
-            alice.serve()
-            bob = cluster.add_peer("bob")
-            wait_for_relay_hint(cluster, "alice")
-            file_id, source = share(alice, cluster.root)
-            got = get(bob, file_id)
-            assert Path(got["path"]).read_bytes() == source.read_bytes()
-            assert got["paths"]["alice"].startswith("relay tcp://")
-        assert counting.data_bytes >= SIZE  # every chunk on the data leg (NULL mechanism)
-        assert counting.circuit_bytes < 64 * 1024  # the circuit: hello, offer, finish
+    with through_relay(CountingRelay) as (counting, cluster, alice, bob):
+        file_id, source = share(alice, cluster.root)
+        got = get(bob, file_id)
+        assert Path(got["path"]).read_bytes() == source.read_bytes()
+        assert got["paths"]["alice"].startswith("relay tcp://")
+    assert counting.data_bytes >= SIZE  # every chunk on the data leg (NULL mechanism)
+    assert counting.circuit_bytes < 64 * 1024  # the circuit: hello, offer, finish
 
 
 def test_a_relay_that_dies_mid_transfer_the_download_resumes_through_another() -> None:
