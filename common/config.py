@@ -22,6 +22,7 @@ from sfs.common.protocol import USERNAME_PATTERN, valid_endpoint
 
 _FORM = "tcp://HOST:PORT or tcp://[IPV6]:PORT"
 MAX_BROKERS = 16  # endpoints in a peer's `broker.endpoint` list
+MAX_WINDOW = 32  # chunk requests in flight per holder, at most (the `window` setting)
 _WILDCARD_HOSTS = {"*", "0.0.0.0"}  # noqa: S104 (a value to recognise, not to bind)
 
 
@@ -417,7 +418,7 @@ def load_peer_config(path: Path) -> PeerConfig:
         broker_endpoint=brokers[0],
         broker_public_key=_broker_key(broker),
         transport_encryption=top.boolean("transport_encryption", True),
-        window=top.integer("window", 8, 1, 32),
+        window=top.integer("window", 8, 1, MAX_WINDOW),
         heartbeat_interval=top.integer("heartbeat_interval", 10, 1, 3600),
         timeout=top.integer("timeout", 10, 1, 3600),
         hello_timeout=top.integer("hello_timeout", 2, 1, 3600),

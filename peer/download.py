@@ -336,7 +336,7 @@ class Downloader:
                 now = self._clock()
                 for frames in session.due(now):
                     channel.send(frames)
-                reply = channel.receive(session.wait(now))
+                reply = channel.receive(session.wait(now, others_left))
                 if reply is None:
                     session.expire(self._clock(), others_left)
                     continue

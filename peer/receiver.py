@@ -39,6 +39,7 @@ from sfs.peer.transfer import ReceiverLink
 
 _FIRST_PAUSE = 0.05  # seconds before the first hello again, after `busy`
 _LONGEST_PAUSE = 1.0
+_SET_ASIDE_SLACK = 0.01  # past the hello timeout, so `expire` finds it passed
 
 
 class SetAside(Exception):
@@ -176,11 +177,17 @@ class ReceiverSession:
             return [self._say_hello(now)]
         return []
 
-    def wait(self, now: float) -> float:
-        """How long the caller may wait for a reply before calling `due` again."""
+    def wait(self, now: float, others_delivering: bool = False) -> float:
+        """How long the caller may wait for a reply before calling `due` (or `expire`)
+        again: with `others_delivering`, no later than when `expire` would set this
+        holder aside."""
         if self.stage is Stage.BACKOFF:
-            return max(0.0, self._retry_at - now)
-        return max(0.0, self._deadline - now)
+            until = self._retry_at
+        else:
+            until = self._deadline
+        if others_delivering and self.stage is not Stage.RECEIVING:
+            until = min(until, self._began + self._hello_timeout + _SET_ASIDE_SLACK)
+        return max(0.0, until - now)
 
     def ask(self, indexes: list[int], now: float) -> list[list[bytes]]:
         """The requests for chunks the caller claimed (at most `room`)."""

@@ -23,6 +23,7 @@ from collections.abc import Callable
 import zmq
 
 from sfs.common import protocol
+from sfs.common.config import MAX_WINDOW
 from sfs.common.curve import client_key, start_authenticator
 from sfs.common.errors import ConfigError, InUse, RemoteError, SfsError
 from sfs.common.protocol import ErrorCode, encode_error
@@ -38,17 +39,19 @@ from sfs.peer.transfer import Attached, AttachRefused, ChunkJob, ChunkOutcome, H
 log = logging.getLogger("sfs.peer")
 
 MAX_REQUEST_FRAME = 64 * 1024
-# Replies queued for one requester, at most; more than a window's worth means it is not
-# reading (a window is at most 32, see config), and its transfers are dropped.
-SEND_QUEUE_LIMIT = 40
+# Chunk reads under way for one requester connection, at most (reads run off the loop,
+# so ZeroMQ's queues no longer bound them). A download keeps at most a window in flight
+# per holder; more are answered `busy` at once, without touching the disk.
+MAX_READS_PER_CONNECTION = MAX_WINDOW
+# Replies queued for one requester, at most; past it the requester is not reading and
+# its transfers are dropped. Twice a window and some: libzmq tells the sending side what
+# was taken off a queue only every half queue, so a requester reading steadily can look
+# up to half a queue further behind than it is.
+SEND_QUEUE_LIMIT = 2 * (MAX_WINDOW + 8)
 # Requests queued per requester connection. `maxmsgsize` bounds a frame, this their number:
 # once it is reached ZeroMQ stops reading that connection (TCP pushes back), so a flood
 # waits in the sender's memory, not here. Nothing is lost; a window only waits its turn.
 RECEIVE_QUEUE_LIMIT = 16
-# Chunk reads under way for one requester connection, at most (reads run off the loop,
-# so ZeroMQ's queues no longer bound them). A download keeps at most a window (32) in
-# flight per holder; more are answered `busy` at once, without touching the disk.
-MAX_READS_PER_CONNECTION = SEND_QUEUE_LIMIT
 _POLL_MS = 500
 _DATA_POLL_MS = 200  # while data connections wait to attach: their deadline is checked
 
