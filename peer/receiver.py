@@ -181,10 +181,7 @@ class ReceiverSession:
         """How long the caller may wait for a reply before calling `due` (or `expire`)
         again: with `others_delivering`, no later than when `expire` would set this
         holder aside."""
-        if self.stage is Stage.BACKOFF:
-            until = self._retry_at
-        else:
-            until = self._deadline
+        until = self._retry_at if self.stage is Stage.BACKOFF else self._deadline
         if others_delivering and self.stage is not Stage.RECEIVING:
             until = min(until, self._began + self._hello_timeout + _SET_ASIDE_SLACK)
         return max(0.0, until - now)
