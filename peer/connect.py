@@ -205,6 +205,19 @@ class ZmqDataDialer:
         return ZmqChannel.open(self._context, endpoint, timeout, interrupt, None)
 
 
+def on_holder_host(control: str, offered: str) -> str | None:
+    """Where to open the data connection an offer names: the host the control connection
+    reached (`control`, `tcp://HOST:PORT`) with the offer's port, so a holder cannot point
+    requesters at another host (as an FTP bounce would). None if either is not tcp or the
+    port is not a port."""
+    if not (control.startswith("tcp://") and offered.startswith("tcp://")):
+        return None
+    port = offered.rsplit(":", 1)[-1]
+    if not (port.isascii() and port.isdigit() and len(port) <= 5 and 0 < int(port) < 65536):
+        return None
+    return control.rsplit(":", 1)[0] + ":" + port
+
+
 # A ticket for a circuit to the named holder: (ticket, signature), from the broker.
 TicketSource = Callable[[str], tuple[bytes, bytes]]
 

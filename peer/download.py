@@ -48,7 +48,13 @@ from sfs.common.manifest import file_id_of
 from sfs.common.tree import FILE, FOLDER, Entry, TreeHeader, verify_header
 from sfs.common.tree_index import IndexReader, TreeIndex
 from sfs.peer.channel import Channel, RelayChannel
-from sfs.peer.connect import Connector, DataDialer, ZmqDataDialer, zmq_connector
+from sfs.peer.connect import (
+    Connector,
+    DataDialer,
+    ZmqDataDialer,
+    on_holder_host,
+    zmq_connector,
+)
 from sfs.peer.files_done import FilesDone
 from sfs.peer.hints import hints_of
 from sfs.peer.keys import Identity
@@ -609,7 +615,10 @@ class Downloader:
         named none or none opens (the chunks then come on the control connection)."""
         if self._data_dialer is None:
             return None
-        for endpoint in session.data_hints:
+        for offered in session.data_hints:
+            endpoint = on_holder_host(session.address, offered)
+            if endpoint is None:
+                continue
             try:
                 opened = self._data_dialer.dial(endpoint, self._timeout, interrupt)
             except TransportError as exc:

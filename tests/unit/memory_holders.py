@@ -79,8 +79,10 @@ class MemoryHolder:
         share: Share,
         data: bytes,
         check_requester: Callable[[str, object], None] | None = None,
+        endpoint: str | None = None,
     ) -> None:
         self.identity = identity
+        self._endpoint = endpoint or f"memory://{identity.username}"
         self.share = share
         self.data = data
         self.silent_from: int | None = None
@@ -102,7 +104,7 @@ class MemoryHolder:
 
     @property
     def endpoint(self) -> str:
-        return f"memory://{self.identity.username}"
+        return self._endpoint
 
     @property
     def holder(self) -> protocol.Holder:

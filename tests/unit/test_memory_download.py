@@ -18,7 +18,8 @@ from sfs.common import protocol
 from sfs.common.errors import IntegrityError, RemoteError, TransportError
 from sfs.common.protocol import ErrorCode, Refused
 from sfs.common.tree_index import Pages, TreeIndex
-from sfs.peer.connect import Connector
+from sfs.peer.channel import Channel, Interrupt
+from sfs.peer.connect import Connector, DataDialer
 from sfs.peer.download import (
     Downloader,
     DownloadInterrupted,
@@ -53,6 +54,7 @@ def fetch(
     hello_timeout: float = 60,
     extra: list[str] | None = None,
     progress: DownloadProgress | None = None,
+    data_dialer: DataDialer | None = None,
 ) -> DownloadResult:
     """bob's download of `share` from `holders` (plus endpoints `extra`, as carol's)."""
     connector = Connector({DirectHint: dialer}, timeout)
@@ -64,6 +66,7 @@ def fetch(
         timeout=timeout,
         hello_timeout=hello_timeout,
         connector=connector,
+        data_dialer=data_dialer,
     )
     listed = [holder.holder for holder in holders]
     try:
@@ -404,3 +407,31 @@ def test_an_unreachable_holder_is_fetched_through_its_relay_hint(
     assert result.paths == {"alice": relay, "carol": from_carol.endpoint}
     # The index is fetched first, on a connection of its own: the relay may be dialed twice.
     assert from_alice.endpoint in direct.dialed and set(through_relay.dialed) == {relay}
+
+
+class RefusingDataDialer:
+    """Records where the download opens data connections, and opens none."""
+
+    def __init__(self) -> None:
+        self.dialed: list[str] = []
+
+    def dial(self, endpoint: str, timeout: float, interrupt: Interrupt) -> Channel:
+        self.dialed.append(endpoint)
+        raise TransportError(f"no answer from {endpoint}")
+
+
+def test_an_offer_cannot_send_the_data_connection_to_another_host(
+    alice: Identity, bob: Identity, share: Share, tmp_path: Path
+) -> None:
+    """A holder's offer names `tcp://10.9.8.7:6379` as its data endpoint (a service on
+    the requester's own network, as an FTP bounce would): the data connection goes to the
+    host the control connection reached, with only the offered port, and when it does not
+    open the chunks come on the control connection."""
+    from_alice = MemoryHolder(alice, share, DATA, endpoint="tcp://192.0.2.1:5601")
+    from_alice.service.offer_data(["tcp://10.9.8.7:6379", "tcp://[2001:db8::7]:6380"])
+    data_dialer = RefusingDataDialer()
+    result = fetch(
+        bob, tmp_path, share, alice, MemoryDialer(from_alice), [from_alice], data_dialer=data_dialer
+    )
+    assert result.path.read_bytes() == DATA
+    assert data_dialer.dialed == ["tcp://192.0.2.1:6379", "tcp://192.0.2.1:6380"]
