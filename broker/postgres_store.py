@@ -58,7 +58,7 @@ from sfs.broker.store_contract import (
 )
 from sfs.common.errors import StorageError
 from sfs.common.identity import KeyBundle
-from sfs.common.tree import kind_and_files
+from sfs.common.tree import FOLDER_MARK, kind_and_files
 
 SCHEMA_VERSION = 6
 CONNECT_TIMEOUT = 10  # seconds to reach the server, and to wait for a pooled connection
@@ -292,16 +292,20 @@ def _file_entry(row: Row) -> FileEntry:
 
 
 def _backfill_kinds(db: Connection) -> None:
-    """Schema 6: each existing share's kind and file count, read from its stored header
-    (streamed, so a large index is never held in memory at once)."""
+    """Schema 6: each existing share's kind and file count, read from its stored header.
+    A file header always says one file (the column default), so only the headers that may
+    be folders' are read, streamed: a large index is never held in memory at once."""
     with db.cursor(name="sfs_backfill_kinds") as rows, db.cursor() as updates:
-        rows.execute("SELECT file_id, manifest FROM files")
+        rows.execute(
+            "SELECT file_id, manifest FROM files WHERE position(%s::bytea in manifest) > 0",
+            (FOLDER_MARK,),
+        )
         while batch := rows.fetchmany(1000):
             changed = [
                 (kind, files, file_id)
                 for file_id, manifest in batch
                 for kind, files in [kind_and_files(bytes(manifest))]
-                if (kind, files) != ("file", 1)
+                if kind == "folder"
             ]
             if changed:
                 updates.executemany(

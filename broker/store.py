@@ -67,7 +67,7 @@ from sfs.broker.store_contract import (
 from sfs.broker.throttle import MemoryLimits
 from sfs.common.errors import StorageError
 from sfs.common.identity import KeyBundle
-from sfs.common.tree import kind_and_files
+from sfs.common.tree import FOLDER_MARK, kind_and_files
 
 # The contract's names, importable from here as before.
 __all__ = [
@@ -335,14 +335,14 @@ _MIGRATIONS: dict[int, str] = {
         ) WHERE rowid = new.sort_key;
     END;
     """,
-    9: """
+    9: f"""
     -- A share's kind and number of files, from its owner-signed tree header, for search.
-    -- Existing rows: read from their stored header (a manifest from before tree headers
-    -- is a single file).
+    -- Existing rows: read from their stored header (a file header always says one file; a
+    -- manifest from before tree headers is a file), decoding only those that may be folders.
     ALTER TABLE files ADD COLUMN kind TEXT NOT NULL DEFAULT 'file';
     ALTER TABLE files ADD COLUMN file_count INTEGER NOT NULL DEFAULT 1;
-    UPDATE files SET kind = sfs_header_kind(manifest), file_count = sfs_header_files(manifest)
-        WHERE sfs_header_kind(manifest) != 'file' OR sfs_header_files(manifest) != 1;
+    UPDATE files SET kind = 'folder', file_count = sfs_header_files(manifest)
+        WHERE instr(manifest, X'{FOLDER_MARK.hex()}') AND sfs_header_kind(manifest) = 'folder';
     """,
 }
 
