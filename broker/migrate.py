@@ -62,6 +62,8 @@ TABLES = (
             "shared_at",
             "grant_signature",
             "signed_access",
+            "kind",
+            "file_count",
         ),
         ("file_id",),
     ),

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -58,8 +58,9 @@ from sfs.broker.store_contract import (
 )
 from sfs.common.errors import StorageError
 from sfs.common.identity import KeyBundle
+from sfs.common.tree import FOLDER_MARK, kind_and_files
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 CONNECT_TIMEOUT = 10  # seconds to reach the server, and to wait for a pooled connection
 _EXPIRY_STEP = 300  # seconds; as in the SQLite store
 _MIGRATION_LOCK = 0x5F5_0001  # pg_advisory_xact_lock key: one broker migrates at a time
@@ -218,6 +219,12 @@ _MIGRATIONS: dict[int, str] = {
     UPDATE files f SET readers = {_READERS} FROM users u WHERE u.id = f.owner_id;
     CREATE INDEX files_readers ON files USING gin (readers);
     """,
+    6: """
+    -- A share's kind and number of files, from its owner-signed tree header, for search.
+    -- Existing rows get theirs from their stored header after this (`_BACKFILLS`).
+    ALTER TABLE files ADD COLUMN kind TEXT NOT NULL DEFAULT 'file';
+    ALTER TABLE files ADD COLUMN file_count BIGINT NOT NULL DEFAULT 1;
+    """,
 }
 
 # The secondary indexes of `files` as the migrations made them: `load` drops them while
@@ -232,7 +239,7 @@ _FILE_INDEXES = {
 
 _FILE_COLUMNS = (
     "f.file_id, u.username, f.name, f.size, f.keywords, f.manifest, f.signature, f.shared_at,"
-    " f.grant_signature"
+    " f.grant_signature, f.kind, f.file_count"
 )
 # `u` is the file's owner (every query that uses this joins it): a disabled one's files
 # are nobody's to see.
@@ -269,7 +276,45 @@ def _like_pattern(term: str) -> str:
 
 def _file_entry(row: Row) -> FileEntry:
     keywords = [k for k in row[4].split("\n") if k]
-    return FileEntry(row[0], row[1], row[2], row[3], keywords, row[5], row[6], row[7], row[8])
+    return FileEntry(
+        row[0],
+        row[1],
+        row[2],
+        int(row[3]),
+        keywords,
+        bytes(row[5]),
+        bytes(row[6]),
+        int(row[7]),
+        bytes(row[8]),
+        row[9],
+        int(row[10]),
+    )
+
+
+def _backfill_kinds(db: Connection) -> None:
+    """Schema 6: each existing share's kind and file count, read from its stored header.
+    A file header always says one file (the column default), so only the headers that may
+    be folders' are read, streamed: a large index is never held in memory at once."""
+    with db.cursor(name="sfs_backfill_kinds") as rows, db.cursor() as updates:
+        rows.execute(
+            "SELECT file_id, manifest FROM files WHERE position(%s::bytea in manifest) > 0",
+            (FOLDER_MARK,),
+        )
+        while batch := rows.fetchmany(1000):
+            changed = [
+                (kind, files, file_id)
+                for file_id, manifest in batch
+                for kind, files in [kind_and_files(bytes(manifest))]
+                if kind == "folder"
+            ]
+            if changed:
+                updates.executemany(
+                    "UPDATE files SET kind = %s, file_count = %s WHERE file_id = %s", changed
+                )
+
+
+# Python run after a migration's SQL, in its transaction.
+_BACKFILLS: dict[int, Callable[[Connection], None]] = {6: _backfill_kinds}
 
 
 def _user(row: Row, disabled: bool = False) -> User:
@@ -378,6 +423,8 @@ class PostgresStore:
                         " (the broker's role must own the database; pg_trgm must be"
                         " installed: CREATE EXTENSION pg_trgm)"
                     ) from exc
+                if target in _BACKFILLS:
+                    _BACKFILLS[target](db)
                 db.execute("DELETE FROM sfs_schema")
                 db.execute("INSERT INTO sfs_schema (version) VALUES (%s)", (target,))
 
@@ -556,8 +603,8 @@ class PostgresStore:
             db.execute(
                 "INSERT INTO files (file_id, owner_id, name, size, keywords, manifest,"
                 " signature, public, shared_at, grant_signature, signed_access,"
-                " folded_name, folded_keywords)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                " folded_name, folded_keywords, kind, file_count)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
                 (
                     entry.file_id,
                     owner_id,
@@ -572,6 +619,8 @@ class PostgresStore:
                     None if access is None else json.dumps(list(access)),
                     _fold(entry.name),
                     _fold(keywords),
+                    entry.kind,
+                    entry.files,
                 ),
             )
             if access:
@@ -662,7 +711,7 @@ class PostgresStore:
             # to read the newest files first or the trigram index.
             prepare=False,
         )
-        hits = [Hit(_file_entry(row), bool(row[9])) for row in rows]
+        hits = [Hit(_file_entry(row), bool(row[11])) for row in rows]
         # Fewer hits than asked: were there candidates past the budget?
         partial = len(hits) < limit and bool(
             self._query(f"{candidates} LIMIT 1 OFFSET %(budget)s", params, prepare=False)

@@ -398,6 +398,8 @@ class BrokerService:
             request.signature,
             self._now(),
             request.grant,
+            manifest.kind,
+            manifest.files,
         )
         try:
             self.store.add_file(user.id, entry, access, self._quota)
@@ -439,6 +441,8 @@ class BrokerService:
                     hit.file.keywords,
                     hit.file.shared_at,
                     hit.online,
+                    hit.file.kind,
+                    hit.file.files,
                 )
                 for hit in hits
             ],

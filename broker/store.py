@@ -67,6 +67,7 @@ from sfs.broker.store_contract import (
 from sfs.broker.throttle import MemoryLimits
 from sfs.common.errors import StorageError
 from sfs.common.identity import KeyBundle
+from sfs.common.tree import FOLDER_MARK, kind_and_files
 
 # The contract's names, importable from here as before.
 __all__ = [
@@ -86,7 +87,7 @@ __all__ = [
 ]
 
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 _EXPIRY_STEP = 300  # seconds
 _MIN_SQLITE = (3, 34, 0)  # the FTS5 trigram tokenizer
 
@@ -334,11 +335,20 @@ _MIGRATIONS: dict[int, str] = {
         ) WHERE rowid = new.sort_key;
     END;
     """,
+    9: f"""
+    -- A share's kind and number of files, from its owner-signed tree header, for search.
+    -- Existing rows: read from their stored header (a file header always says one file; a
+    -- manifest from before tree headers is a file), decoding only those that may be folders.
+    ALTER TABLE files ADD COLUMN kind TEXT NOT NULL DEFAULT 'file';
+    ALTER TABLE files ADD COLUMN file_count INTEGER NOT NULL DEFAULT 1;
+    UPDATE files SET kind = 'folder', file_count = sfs_header_files(manifest)
+        WHERE instr(manifest, X'{FOLDER_MARK.hex()}') AND sfs_header_kind(manifest) = 'folder';
+    """,
 }
 
 _FILE_COLUMNS = (
     "f.file_id, u.username, f.name, f.size, f.keywords, f.manifest, f.signature, f.shared_at,"
-    " f.grant_signature"
+    " f.grant_signature, f.kind, f.file_count"
 )
 # `u` is the file's owner (every query that uses this joins it): a disabled one's files
 # are nobody's to see.
@@ -400,9 +410,19 @@ def _reader(user_id: int) -> str:
     return "\x1e" + "".join(chr(_CODE_FIRST + d) for d in digits) + "\x1e"
 
 
+def _header_kind(manifest: bytes) -> str:
+    return kind_and_files(manifest)[0]
+
+
+def _header_files(manifest: bytes) -> int:
+    return kind_and_files(manifest)[1]
+
+
 def _file_entry(row: sqlite3.Row) -> FileEntry:
     keywords = [k for k in row[4].split("\n") if k]
-    return FileEntry(row[0], row[1], row[2], row[3], keywords, row[5], row[6], row[7], row[8])
+    return FileEntry(
+        row[0], row[1], row[2], row[3], keywords, row[5], row[6], row[7], row[8], row[9], row[10]
+    )
 
 
 def _user(row: sqlite3.Row, disabled: bool = False) -> User:
@@ -417,6 +437,8 @@ def add_sql_functions(db: sqlite3.Connection) -> None:
     db.create_function("sfs_search_text", 1, _search_text, deterministic=True)
     db.create_function("sfs_trigrams", 2, _trigrams, deterministic=True)  # schema 2 to 5
     db.create_function("sfs_reader", 1, _reader, deterministic=True)
+    db.create_function("sfs_header_kind", 1, _header_kind, deterministic=True)  # schema 9
+    db.create_function("sfs_header_files", 1, _header_files, deterministic=True)
 
 
 class SqliteStore:
@@ -617,8 +639,8 @@ class SqliteStore:
                 )
             db.execute(
                 "INSERT INTO files (file_id, owner_id, name, size, keywords, manifest,"
-                " signature, public, shared_at, grant_signature, signed_access)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " signature, public, shared_at, grant_signature, signed_access, kind,"
+                " file_count) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     entry.file_id,
                     owner_id,
@@ -631,6 +653,8 @@ class SqliteStore:
                     entry.shared_at,
                     entry.grant,
                     None if access is None else json.dumps(list(access)),
+                    entry.kind,
+                    entry.files,
                 ),
             )
 
@@ -726,7 +750,7 @@ class SqliteStore:
             {"keys": json.dumps(keys), "me": user_id, "now": now},
         )
         rows.sort(key=lambda row: (-row[7], row[0]))
-        return Found([Hit(_file_entry(row), bool(row[9])) for row in rows[:limit]], partial)
+        return Found([Hit(_file_entry(row), bool(row[11])) for row in rows[:limit]], partial)
 
     def _examine(
         self, sql: str, params: dict[str, object], limit: int, budget: int, cap: int | None

@@ -83,6 +83,10 @@ class Account:
 
 @dataclass(frozen=True)
 class FileEntry:
+    """A share as the broker keeps it. `name`, `size`, `keywords`, `kind` and `files` are
+    copies of what the owner-signed tree header in `manifest` says (the broker reads them
+    there at `publish`), kept so that search can show them without decoding headers."""
+
     file_id: str
     owner: str
     name: str
@@ -92,6 +96,8 @@ class FileEntry:
     signature: bytes
     shared_at: int
     grant: bytes = b""  # the owner's signature over the access list
+    kind: str = "file"  # "file" or "folder"
+    files: int = 1  # regular files in the share
 
 
 @dataclass(frozen=True)

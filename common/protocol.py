@@ -101,6 +101,7 @@ MAX_ACCESS_LIST = 1000
 MAX_SEARCH_RESULTS = 500
 MAX_ID_MATCHES = 10
 MAX_DATA_HINTS = 4  # files listed for an id prefix that is not unique
+MAX_TREE_FILES = 1 << 20  # sfs.common.tree.MAX_ENTRIES (which imports this module)
 
 
 class ErrorCode(StrEnum):
@@ -370,6 +371,9 @@ class SearchHit(Record):
     keywords: Annotated[list[Keyword], MaxLen(64)]
     shared_at: int
     online: bool
+    # From the owner-signed tree header. Absent (a broker before folders in search): a file.
+    kind: Annotated[str, MaxLen(6), Pattern("file|folder")] = "file"
+    files: Annotated[int, Range(0, MAX_TREE_FILES)] = 1  # regular files in the share
 
 
 @dataclass(frozen=True)

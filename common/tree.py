@@ -130,6 +130,21 @@ def decode_header(data: bytes) -> TreeHeader:
     return header
 
 
+# Bytes every encoded folder header holds: its `kind` key and value, side by side. Stores
+# look for them before decoding a header (a file header may hold them too, in keywords).
+FOLDER_MARK = pack("kind") + pack(FOLDER)
+
+
+def kind_and_files(manifest: bytes) -> tuple[str, int]:
+    """A stored share's kind ("file" or "folder") and number of files, from its header
+    (already verified when it was shared). A manifest from before tree headers is one file."""
+    try:
+        header = decode_header(manifest)
+    except ProtocolError:
+        return FILE, 1
+    return header.kind, header.files
+
+
 def verify_header(header_bytes: bytes, signature: bytes, owner_bundle: KeyBundle) -> TreeHeader:
     """Check the owner's signature over the exact bytes, then decode them.
 

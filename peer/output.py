@@ -12,10 +12,9 @@ from typing import TYPE_CHECKING
 from rich.text import Text
 
 from sfs.common.cli import print_json, printable, stdout
-from sfs.common.errors import ProtocolError
 from sfs.common.identity import format_fingerprint
 from sfs.common.protocol import SearchResult
-from sfs.common.tree import decode_header
+from sfs.common.tree import kind_and_files
 from sfs.peer import tables
 from sfs.peer.leftovers import Cleaned, Leftover
 from sfs.peer.node import AlreadyDownloaded
@@ -82,16 +81,27 @@ def warn(message: str) -> None:
 
 def _kind(share: Share) -> tuple[str, int]:
     """Whether a share is a file or a folder, and its number of files."""
-    try:
-        header = decode_header(share.manifest)
-    except ProtocolError:  # shared before the tree manifest
-        return "file", 1
-    return header.kind, header.files
+    return kind_and_files(share.manifest)
 
 
-def _kind_text(share: Share) -> str:
-    kind, files = _kind(share)
-    return "file" if kind == "file" else f"folder, {files:,} files"
+def _name_columns(any_folder: bool, files_keep: int) -> list[Column]:
+    """A share's name, kind and number of files, as `list` and `search` show them: on a
+    terminal a folder's name ends in `/` (as `ls -F` shows it) and a files column counts
+    its files (only when a folder is listed); piped, the exact name, the kind and the
+    count are fields of their own."""
+    return [
+        Column("name", wraps=True, least=28, in_pipe=False),
+        Column("name", on_terminal=False),
+        Column("kind", on_terminal=False),
+        Column("files", right=True, keep=files_keep, on_terminal=any_folder, in_pipe=False),
+        Column("files", on_terminal=False),
+    ]
+
+
+def _name_cells(name: str, kind: str, files: int) -> list[str]:
+    folder = kind == "folder"
+    shown = f"{name}/" if folder else name
+    return [shown, name, kind, f"{files:,}" if folder else "", str(files)]
 
 
 def share_json(share: Share, me: str) -> dict[str, object]:
@@ -130,10 +140,10 @@ def print_shares(
         print_json([share_json(s, me) for s in shares])
         return
     ids = _ids([s.file_id for s in shares], wide)
+    kinds = {s.file_id: _kind(s) for s in shares}
     columns = [
         Column("file id"),
-        Column("name", wraps=True, least=28),
-        Column("kind", keep=5),
+        *_name_columns(any(k == "folder" for k, _ in kinds.values()), files_keep=2),
         Column("size", right=True),
         Column("owner", keep=2),
         Column("shared with", keep=1, wraps=True),
@@ -143,8 +153,7 @@ def print_shares(
     rows = [
         [
             ids[s.file_id],
-            s.name,
-            _kind_text(s),
+            *_name_cells(s.name, *kinds[s.file_id]),
             size(s.size),
             s.owner or "me",
             ", ".join(s.access) if s.access is not None else "everyone",
@@ -241,7 +250,7 @@ def print_found(found: SearchResult, wide: bool, json: bool) -> None:
     ids = _ids([hit.file_id for hit in hits], wide)
     columns = [
         Column("file id"),
-        Column("name", wraps=True, least=28),
+        *_name_columns(any(hit.kind == "folder" for hit in hits), files_keep=2),
         Column("size", right=True),
         Column("owner", keep=1),
         Column("online", keep=1),
@@ -251,7 +260,7 @@ def print_found(found: SearchResult, wide: bool, json: bool) -> None:
     rows = [
         [
             ids[hit.file_id],
-            hit.name,
+            *_name_cells(hit.name, hit.kind, hit.files),
             size(hit.size),
             hit.owner,
             "yes" if hit.online else "no",

@@ -36,6 +36,10 @@ class Column:
     wraps: bool = False  # free text: may wrap; otherwise never cut
     right: bool = False
     least: int = MIN_WRAP  # free text: columns are left out before this one gets narrower
+    # Where the column appears: a terminal shows `photos/` and a count only for folders,
+    # while a pipe gets the exact name and a field for each fact.
+    on_terminal: bool = True
+    in_pipe: bool = True
 
 
 def size_text(size: int) -> str:
@@ -93,10 +97,19 @@ def wrap(text: str, width: int) -> list[str]:
     return lines
 
 
+def _only(
+    columns: Sequence[Column], rows: Sequence[Sequence[str]], keep: list[bool]
+) -> tuple[list[Column], list[list[str]]]:
+    return [c for c, k in zip(columns, keep, strict=True) if k], [
+        [cell for cell, k in zip(row, keep, strict=True) if k] for row in rows
+    ]
+
+
 def piped(columns: Sequence[Column], rows: Sequence[Sequence[str]]) -> list[str]:
     """A header, then one line per record, fields separated by tabs."""
+    columns, cells = _only(columns, rows, [c.in_pipe for c in columns])
     return ["\t".join(c.header for c in columns)] + [
-        "\t".join(printable(cell) for cell in row) for row in rows
+        "\t".join(printable(cell) for cell in row) for row in cells
     ]
 
 
@@ -105,6 +118,7 @@ def laid_out(
 ) -> tuple[list[Text], list[str]]:
     """The table's lines for a terminal `width` cells wide, and the headers of the
     columns left out to fit (none with `wide`)."""
+    columns, rows = _only(columns, rows, [c.on_terminal for c in columns])
     cells = [[printable(cell) for cell in row] for row in rows]
     natural = [
         max([cell_len(c.header)] + [cell_len(row[i]) for row in cells])

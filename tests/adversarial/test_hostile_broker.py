@@ -449,3 +449,26 @@ def test_forged_manifest_is_refused_before_contact(world: World, attack: Attack)
     assert result.returncode == 3
     assert snapshot(bob.download_dir) == before
     still_serving(world, bob, world.public_id)
+
+
+# --- what search shows ----------------------------------------------------------------------
+
+
+def test_a_lie_about_a_share_s_kind_is_shown_only_and_a_bad_kind_is_refused(
+    world: World,
+) -> None:
+    """A broker may call a file a folder of 9 files: search shows it, and nothing acts on
+    it (`get` reads the signed header and saves the file). A kind that is neither, or a
+    count out of range, is refused by the codec: one line, no traceback."""
+    bob = world.bob
+    with file_row_changed(world.cluster, world.public_id, kind="folder", file_count=9):
+        hits = bob.run("search", "--json").check().json()["hits"]
+        [hit] = [h for h in hits if h["file_id"] == world.public_id]
+        assert (hit["kind"], hit["files"]) == ("folder", 9)  # the lie reaches bob
+        still_serving(world, bob, world.public_id)
+    for field, lie in (("kind", {"kind": "link\x1b[2J"}), ("files", {"file_count": -1})):
+        with file_row_changed(world.cluster, world.public_id, **lie):
+            refused = bob.run("search")
+        assert one_line_error(refused).startswith(f"error: {field}: ")
+        assert "\x1b" not in refused.stderr
+    bob.run("search").check()

@@ -57,7 +57,7 @@ def listing(root: Path) -> dict[str, tuple[str, int, bytes | str]]:
 def test_a_real_tree_round_trip_through_the_cli(cluster: Cluster) -> None:
     alice, bob = cluster.peers["alice"], cluster.peers["bob"]
     source = make_tree(cluster.root / "alice-files")
-    file_id = alice.share(source)
+    file_id = alice.share(source, "-k", "vacances")
     got = bob.run("get", file_id, "--json").check().json()
     assert got["path"] == str(bob.download_dir / "projet été")
     assert (got["files"], got["files_resumed"]) == (4, 0)
@@ -66,7 +66,14 @@ def test_a_real_tree_round_trip_through_the_cli(cluster: Cluster) -> None:
     assert "already downloaded" in again.stdout
     [listed] = [s for s in alice.run("list", "--json").check().json() if s["file_id"] == file_id]
     assert (listed["kind"], listed["files"], listed["name"]) == ("folder", 4, "projet été")
-    assert "folder, 4 files" in alice.run("list", "--wide").check().stdout
+    piped = [line.split("\t") for line in alice.run("list").check().stdout.splitlines()]
+    assert [file_id, "projet été", "folder", "4"] in [fields[:4] for fields in piped]
+    # Search finds it, a folder of 4 files, by its name and by its keyword.
+    size = sum(len(data) for kind, _, data in listing(source).values() if kind == "file")
+    [hit] = bob.run("search", "projet", "--json").check().json()["hits"]
+    assert (hit["file_id"], hit["kind"], hit["files"], hit["size"]) == (file_id, "folder", 4, size)
+    found = bob.run("search", "vacances").check().stdout.splitlines()
+    assert [file_id, "projet été", "folder", "4"] in [line.split("\t")[:4] for line in found]
 
 
 def test_a_link_out_of_the_folder_is_refused_unless_skipped(cluster: Cluster) -> None:

@@ -26,6 +26,7 @@ require_tmux()
 LONG_NAME = "Quarterly report 2026 - final version (approved by the board).pdf"
 NO_SPACES = "holiday-photos_2025-08-lake-como-and-the-dolomites-full-resolution.tar.zst"
 NAMES = [LONG_NAME, NO_SPACES, "notes.txt"]
+FOLDER = "folder of shared files"
 
 
 def _words(text: str) -> set[str]:
@@ -38,11 +39,12 @@ def cluster() -> Iterator[Cluster]:
         running.start_broker()
         running.add_peer("alice", serve=True)
         running.add_peer("bob")
-        folder = running.root / "some" / "deeply" / "nested" / "folder of shared files"
+        folder = running.root / "some" / "deeply" / "nested" / FOLDER
         folder.mkdir(parents=True)
         for size, name in enumerate(NAMES, start=1):
             (folder / name).write_bytes(os.urandom(1000 * size**5))
             running.peers["alice"].share(folder / name, "-k", "report", "-k", "finance")
+        running.peers["alice"].share(folder, "-k", "report")  # a folder of the three files
         yield running
 
 
@@ -79,9 +81,12 @@ def _check_80_columns(screen: list[str], ids: dict[str, str]) -> None:
 def test_search_at_80_columns(terminal: Screens, cluster: Cluster) -> None:
     bob = cluster.peers["bob"]
     screen = terminal.run(_sfs(bob, "search"))
-    _check_80_columns(screen, _ids(bob))
-    assert screen[0].split()[:3] == ["file", "id", "name"]
-    assert len(screen) <= 1 + 3 * 3 + 1  # three files, not a line per character
+    ids = _ids(bob)
+    _check_80_columns(screen, ids)
+    assert screen[0].split()[:4] == ["file", "id", "name", "files"]
+    assert len(screen) <= 1 + 4 * 3 + 1  # three files and a folder, not a line per character
+    [folder] = [line for line in screen if line.startswith(ids[FOLDER][:8])]
+    assert f"{FOLDER}/" in folder and folder.split()[5] == "3"  # the folder's files
 
 
 def test_list_at_80_columns(terminal: Screens, cluster: Cluster) -> None:
@@ -125,6 +130,9 @@ def test_piped_into_cat_one_record_per_line(terminal: Screens, cluster: Cluster)
     assert len(records) == 1 + len(ids)
     fields = {line.split("\t")[0]: line.split("\t") for line in records[1:]}
     assert {ids[name]: name for name in ids} == {fid: f[1] for fid, f in fields.items()}
+    assert records[0].split("\t")[:4] == ["file id", "name", "kind", "files"]
+    assert fields[ids[FOLDER]][2:4] == ["folder", "3"]
+    assert fields[ids["notes.txt"]][2:4] == ["file", "1"]
 
 
 def test_unfinished_downloads_listed_and_cleaned(terminal: Screens, cluster: Cluster) -> None:

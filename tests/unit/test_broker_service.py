@@ -34,7 +34,7 @@ from sfs.common.errors import StorageError
 from sfs.common.identity import KeyBundle
 from sfs.common.manifest import DEFAULT_CHUNK_SIZE, file_id_of
 from sfs.common.protocol import Envelope, ErrorBody, ErrorCode
-from sfs.common.tree import MAX_ENTRIES, MAX_PAGES, TreeHeader
+from sfs.common.tree import ENTRIES_PER_PAGE, MAX_ENTRIES, MAX_PAGES, TreeHeader, pages_needed
 from sfs.peer.keys import Identity, create_identity
 from tests.trees import file_tree
 
@@ -946,6 +946,27 @@ def test_publish_returns_the_file_id_and_lookup_returns_the_signed_bytes(
     assert (found.manifest, found.signature) == (data, signature)
     [hit] = broker.search(bob, tokens["bob"])
     assert hit == protocol.SearchHit(file_id, "notes.txt", 1000, "alice", ["lecture"], T0, False)
+
+
+def test_search_shows_a_folder_with_its_kind_and_file_count_from_the_signed_header(
+    broker: Broker, tokens: dict[str, str], alice: Identity, bob: Identity
+) -> None:
+    file_share = broker.manifest(alice, "photos.txt", [], b"x" * 10)
+    folder = dataclasses.replace(  # a header only: the broker never sees the entries
+        broker.manifest(alice, "photos", ["holiday"], b"x" * 10),
+        kind="folder",
+        files=700,
+        folders=3,
+        entry_pages=os.urandom(32 * pages_needed(703, ENTRIES_PER_PAGE)),
+    )
+    for header in (file_share, folder):
+        data = header.encode()
+        assert broker.publish_bytes(alice, tokens["alice"], data, alice.sign(data)).op == "result"
+    hits = broker.search(bob, tokens["bob"], "photos")
+    assert sorted((h.name, h.kind, h.files) for h in hits) == [
+        ("photos", "folder", 700),
+        ("photos.txt", "file", 1),
+    ]
 
 
 def assert_publish_refused(

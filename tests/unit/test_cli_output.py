@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import typer
@@ -15,10 +16,12 @@ from typer.testing import CliRunner
 from sfs.common.cli import SafeTable, fail, printable, stdout
 from sfs.common.identity import format_fingerprint
 from sfs.common.protocol import SearchHit, SearchResult
-from sfs.peer import bars, cli_options, tables
+from sfs.peer import bars, cli_options, output, tables
 from sfs.peer import cli as peer_cli
 from sfs.peer.pins import Pin
+from sfs.peer.registry import Share
 from sfs.peer.tables import Column
+from tests.unit.tree_records import folder_manifest
 
 
 @pytest.mark.parametrize(
@@ -177,12 +180,18 @@ class _FakePeer:
         return self.pins
 
 
+FOLDER = "projet été"
+FOLDER_HIT = SearchHit(
+    "ef" * 16, FOLDER, 250 << 20, "bob", [], 1_790_000_000, False, "folder", 1234
+)
+
+
 @pytest.fixture
 def fake_peer(monkeypatch: pytest.MonkeyPatch) -> _FakePeer:
     hits = [
         SearchHit(f"{n:02x}" * 16, name, 3 << 20, "alice", ["report"], 1_790_000_000, True)
         for n, name in ((0xAB, LONG_NAME), (0xCD, NO_SPACES))
-    ]
+    ] + [FOLDER_HIT]
     pins = [
         Pin("alice", bytes(32), "first use", 1_790_000_000),
         Pin("carol", b"\xff" * 32, "trusted by hand", 1_790_000_000, verified_at=1_790_000_100),
@@ -200,20 +209,102 @@ def _run(*args: str) -> str:
 
 def test_search_piped_prints_full_ids_one_record_per_line(fake_peer: _FakePeer) -> None:
     lines = _run("search").splitlines()
-    assert lines[0].startswith("file id\tname\t")
-    assert lines[1].split("\t")[:3] == ["ab" * 16, LONG_NAME, "3.0 MiB"]
+    assert lines[0] == "file id\tname\tkind\tfiles\tsize\towner\tonline\tkeywords\tshared"
+    assert lines[1].split("\t")[:5] == ["ab" * 16, LONG_NAME, "file", "1", "3.0 MiB"]
     assert lines[2].split("\t")[1] == NO_SPACES
-    assert len(lines) == 3
+    assert lines[3].split("\t")[:5] == ["ef" * 16, FOLDER, "folder", "1234", "250.0 MiB"]
+    assert len(lines) == 4 and all(len(line.split("\t")) == 9 for line in lines)
+
+
+def test_search_json_says_kind_and_files(fake_peer: _FakePeer) -> None:
+    hits = json.loads(_run("search", "--json"))["hits"]
+    assert [(h["name"], h["kind"], h["files"]) for h in hits] == [
+        (LONG_NAME, "file", 1),
+        (NO_SPACES, "file", 1),
+        (FOLDER, "folder", 1234),
+    ]
+
+
+def _terminal(monkeypatch: pytest.MonkeyPatch, width: int = 80) -> Console:
+    console = Console(
+        force_terminal=True, width=width, color_system=None, record=True, highlight=False
+    )
+    monkeypatch.setattr(output, "stdout", console)
+    return console
+
+
+def _column(header: str, lines: list[str], starts: str) -> str:
+    """The cell under `header` (right-aligned to it) on the line that starts so."""
+    end = lines[0].index(header) + len(header)
+    line = next(line for line in lines if line.startswith(starts))
+    return line[:end].split("  ")[-1].strip()
+
+
+def test_search_at_80_columns_shows_a_folder_by_its_slash_and_file_count(
+    monkeypatch: pytest.MonkeyPatch, fake_peer: _FakePeer
+) -> None:
+    console = _terminal(monkeypatch)
+    output.print_found(SearchResult(fake_peer.hits), wide=False, json=False)
+    lines = console.export_text().splitlines()
+    assert all(cell_len(line) <= 80 for line in lines), lines
+    assert lines[0].split() == ["file", "id", "name", "files", "size", "owner", "online"]
+    folder = next(line for line in lines if line.startswith("efefefef"))
+    assert folder.split()[1:5] == ["projet", "été/", "1,234", "250.0"]
+    assert _column("files", lines, "abababab") == ""  # a file share: no count
+    assert _column("files", lines, "efefefef") == "1,234"
+    assert lines[-1] == "(--wide shows full ids, keywords, shared)"
+
+
+def test_a_search_without_folders_has_no_files_column(
+    monkeypatch: pytest.MonkeyPatch, fake_peer: _FakePeer
+) -> None:
+    console = _terminal(monkeypatch)
+    output.print_found(SearchResult(fake_peer.hits[:2]), wide=False, json=False)
+    lines = console.export_text().splitlines()
+    assert lines[0].split() == ["file", "id", "name", "size", "owner", "online", "shared"]
+    assert not any("/" in line for line in lines)
+
+
+def _shares() -> list[Share]:
+    path = Path("/data")
+    return [
+        Share("ab" * 16, path / "notes.txt", "notes.txt", 14, b"", b"", None, [], 0),
+        Share("ef" * 16, path / FOLDER, FOLDER, 250 << 20, folder_manifest(3, FOLDER), b"",
+              ["bob"], ["été"], 0),
+    ]  # fmt: skip
+
+
+def test_list_shows_folders_as_search_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    console = _terminal(monkeypatch)
+    output.print_shares(_shares(), "alice", [], wide=False, json=False)
+    lines = console.export_text().splitlines()
+    assert all(cell_len(line) <= 80 for line in lines), lines
+    assert lines[0].split()[:5] == ["file", "id", "name", "files", "size"]
+    assert lines[2].split()[1:4] == ["projet", "été/", "3"]
+    assert _column("files", lines, "abababab") == ""
+
+
+def test_list_piped_and_json_say_kind_and_files(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    output.print_shares(_shares(), "alice", [], wide=False, json=False)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split("\t")[:5] == ["file id", "name", "kind", "files", "size"]
+    assert lines[1].split("\t")[:5] == ["ab" * 16, "notes.txt", "file", "1", "14 B"]
+    assert lines[2].split("\t")[:5] == ["ef" * 16, FOLDER, "folder", "3", "250.0 MiB"]
+    output.print_shares(_shares(), "alice", [], wide=False, json=True)
+    documents = json.loads(capsys.readouterr().out)
+    assert [(d["kind"], d["files"]) for d in documents] == [("file", 1), ("folder", 3)]
 
 
 def test_a_partial_search_says_more_may_match(fake_peer: _FakePeer) -> None:
     assert json.loads(_run("search", "--json"))["partial"] is False
     fake_peer.partial = True
     document = json.loads(_run("search", "--json"))
-    assert (len(document["hits"]), document["partial"]) == (2, True)
+    assert (len(document["hits"]), document["partial"]) == (3, True)
     result = CliRunner().invoke(peer_cli.app, ["search", "--config", "unused.yaml"])
     assert result.exit_code == 0, result.output
-    assert len(result.stdout.splitlines()) == 3  # piped: the records alone
+    assert len(result.stdout.splitlines()) == 4  # piped: the records alone
     assert result.stderr == "more may match: add a word\n"
 
 

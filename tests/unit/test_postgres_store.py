@@ -3,6 +3,7 @@ database, and its errors. test_store_contract.py holds what every backend must d
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
@@ -12,13 +13,17 @@ from typing import Any
 import psycopg
 import pytest
 
+from sfs.broker import postgres_store
+from sfs.broker.migrate import copy_index
 from sfs.broker.postgres_store import SCHEMA_VERSION, PostgresStore, describe
+from sfs.broker.store import SqliteStore
 from sfs.broker.store_contract import FileEntry, Quota, QuotaExceeded
 from sfs.broker.throttle import Challenges, LoginThrottle
 from sfs.common.errors import StorageError
 from sfs.common.identity import KeyBundle
 from sfs.common.protocol import Refused
 from tests.postgres import REQUIRE, Cluster, unavailable
+from tests.unit.tree_records import file_manifest, folder_manifest
 
 HASH = b"$2b$04$" + b"h" * 53
 
@@ -244,4 +249,57 @@ def test_load_builds_the_file_indexes_again_and_the_readers(
     assert [h.file.name for h in store.search(9, ["txt"], None, 10, 0)] == [
         "public.txt",
         "shared.txt",
+    ]
+
+
+def test_schema_6_reads_each_share_s_kind_and_files_from_its_stored_header(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(postgres_store, "SCHEMA_VERSION", 5)
+    old = PostgresStore(postgres_url)
+    alice = old.add_user("alice", HASH, KeyBundle(b"r", b"a" * 32), now=1)
+    old.close()
+    looks_like_a_folder = file_manifest(keywords=["kind", "folder"])  # to fool a byte filter
+    manifests = [folder_manifest(600), b"a manifest from before tree headers", looks_like_a_folder]
+    for n, manifest in enumerate(manifests, start=1):
+        sql(
+            postgres_url,
+            "INSERT INTO files (file_id, owner_id, name, size, keywords, manifest, signature,"
+            " public, shared_at, grant_signature, folded_name, folded_keywords, readers)"
+            " VALUES (%s, %s, %s, 0, '', %s, '', true, %s, '', %s, '', ARRAY[0, %s::bigint])",
+            (f"{n:032x}", alice.id, f"share{n}", manifest, n, f"share{n}", alice.id),
+        )
+    monkeypatch.undo()
+    store = PostgresStore(postgres_url)
+    try:
+        found = [store.visible_file(f"{n:032x}", alice.id) for n in (1, 2, 3)]
+        assert [(f.kind, f.files) for f in found if f] == [
+            ("folder", 600),
+            ("file", 1),
+            ("file", 1),
+        ]
+        assert [(h.file.kind, h.file.files) for h in store.search(alice.id, [], None, 5, 9)] == [
+            ("file", 1),
+            ("file", 1),
+            ("folder", 600),
+        ]
+    finally:
+        store.close()
+    assert sql(postgres_url, "SELECT version FROM sfs_schema") == [(SCHEMA_VERSION,)]
+
+
+def test_migrate_copies_each_share_s_kind_and_files(
+    store: PostgresStore, postgres_url: str, tmp_path: Path
+) -> None:
+    source = SqliteStore(tmp_path / "broker.db")
+    alice = source.add_user("alice", HASH, KeyBundle(b"r", b"a" * 32), now=1)
+    folder = dataclasses.replace(entry(1, "photos"), kind="folder", files=600)
+    source.add_file(alice.id, folder, None)
+    source.add_file(alice.id, entry(2), None)
+    source.close()
+    copy_index(tmp_path / "broker.db", store)
+    assert store.visible_file(folder.file_id, alice.id) == folder
+    assert [(h.file.kind, h.file.files) for h in store.search(alice.id, [], None, 5, 9)] == [
+        ("folder", 600),
+        ("file", 1),
     ]

@@ -8,7 +8,7 @@ from typing import Any
 import msgpack
 import pytest
 
-from sfs.common import crypto, protocol
+from sfs.common import crypto, protocol, tree
 from sfs.common.codec import Record, from_wire, pack, to_wire, unpack
 from sfs.common.errors import IntegrityError, ProtocolError, RemoteError
 from sfs.common.identity import KeyBundle
@@ -83,6 +83,7 @@ RESULT_SAMPLES: list[Record] = [
     protocol.SearchResult([HIT, dataclasses.replace(HIT, online=False, keywords=[])]),
     protocol.SearchResult([]),
     protocol.SearchResult([HIT], partial=True),
+    protocol.SearchResult([dataclasses.replace(HIT, name="photos", kind="folder", files=7)]),
     protocol.ResolveResult([protocol.IdMatch(FILE_ID, "report.pdf", "bob")]),
     protocol.ResolveResult([]),
     protocol.LookupResult(
@@ -166,6 +167,27 @@ def test_search_defaults() -> None:
 def test_a_search_result_without_partial_is_complete() -> None:
     """As a broker from before the search budget sends it."""
     assert from_wire(protocol.SearchResult, {"hits": []}) == protocol.SearchResult([], False)
+
+
+def test_a_search_hit_without_kind_and_files_is_one_file() -> None:
+    """Absent fields decode to a file share (a hit from a broker before folders in search)."""
+    wire = to_wire(HIT)
+    del wire["kind"], wire["files"]
+    assert from_wire(protocol.SearchHit, wire) == HIT
+    assert (HIT.kind, HIT.files) == ("file", 1)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"kind": "link"}, {"kind": ""}, {"kind": 3}, {"files": -1}, {"files": 2**20 + 1}],
+)
+def test_a_search_hit_with_a_bad_kind_or_count_is_refused(changes: dict[str, Any]) -> None:
+    with pytest.raises(ProtocolError):
+        from_wire(protocol.SearchHit, {**to_wire(HIT), **changes})
+
+
+def test_a_search_hit_counts_at_most_the_files_of_a_tree() -> None:
+    assert protocol.MAX_TREE_FILES == tree.MAX_ENTRIES
 
 
 def test_publish_access_none_means_everyone_and_is_kept_apart_from_empty() -> None:

@@ -235,6 +235,19 @@ def test_public_file_is_visible_to_everyone(store: Store, users: dict[str, User]
     assert store.visible_file(fid(2), users["alice"].id) is None
 
 
+def test_a_folder_keeps_its_kind_and_file_count(store: Store, users: dict[str, User]) -> None:
+    alice, bob = users["alice"], users["bob"]
+    folder = dataclasses.replace(entry(fid(1), name="photos"), kind="folder", files=1234)
+    store.add_file(alice.id, folder, None)
+    store.add_file(alice.id, entry(fid(2), name="photos.txt", shared_at=50), None)
+    assert store.visible_file(fid(1), bob.id) == folder
+    hits = store.search(bob.id, ["photos"], None, 10, 0)
+    assert [(h.file.name, h.file.kind, h.file.files) for h in hits] == [
+        ("photos", "folder", 1234),
+        ("photos.txt", "file", 1),
+    ]
+
+
 def test_access_list_limits_who_sees_a_file(store: Store, users: dict[str, User]) -> None:
     alice, bob, carol = users["alice"], users["bob"], users["carol"]
     store.add_file(alice.id, entry(fid(1)), ["bob"])

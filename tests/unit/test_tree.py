@@ -16,12 +16,14 @@ from sfs.common.identity import KeyBundle
 from sfs.common.tree import (
     ENTRIES_PER_PAGE,
     ENTRY_PAGES,
+    FOLDER_MARK,
     HASH_PAGES,
     HASHES_PER_PAGE,
     MAX_PAGES,
     TREE_VERSION,
     Entry,
     decode_header,
+    kind_and_files,
     page_hash,
     verify_entry_page,
     verify_hash_page,
@@ -29,7 +31,7 @@ from sfs.common.tree import (
     verify_page,
 )
 from sfs.common.tree_rules import TreeChecker, check_totals
-from tests.unit.tree_records import CHUNK, make_header, make_tree
+from tests.unit.tree_records import CHUNK, file_manifest, folder_manifest, make_header, make_tree
 
 
 def files(count: int, size: int = 1) -> list[Entry]:
@@ -175,3 +177,11 @@ def test_index_of_100000_entries(capsys: pytest.CaptureFixture[str]) -> None:
     # Verifying keeps one page of entries and the open folders, not the tree: the
     # index itself (7 MB, held by the test) was allocated before tracing began.
     assert verify_peak < 4 * 2**20
+
+
+def test_kind_and_files_of_a_stored_manifest() -> None:
+    assert kind_and_files(folder_manifest(3)) == ("folder", 3)
+    assert kind_and_files(file_manifest()) == ("file", 1)
+    assert kind_and_files(b"a manifest from before tree headers") == ("file", 1)
+    # Stores filter on these bytes before decoding: every folder header holds them.
+    assert FOLDER_MARK in folder_manifest(0) and FOLDER_MARK not in file_manifest()

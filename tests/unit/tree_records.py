@@ -60,3 +60,18 @@ def make_tree(
         **changes,
     )
     return header, entry_pages, hash_pages
+
+
+def folder_manifest(files: int, name: str = "photos") -> bytes:
+    """The encoded header of a folder of `files` empty files, as a store keeps it."""
+    entries = [Entry(f"f{n:06}", "file", 0, 0o644, 0) for n in range(files)]
+    header, _, _ = make_tree(entries, b"", name=name)
+    return header.encode()
+
+
+def file_manifest(name: str = "notes.txt", keywords: list[str] | None = None) -> bytes:
+    """The encoded header of a file share (an empty file), as a store keeps it."""
+    header, _, _ = make_tree(
+        [Entry(name, "file", 0, 0o644, 0)], b"", kind="file", name=name, keywords=keywords or []
+    )
+    return header.encode()
