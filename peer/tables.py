@@ -2,9 +2,10 @@
 line when the output goes to a pipe or a file.
 
 On a terminal, fixed columns (ids, sizes, dates) are never cut; free text (names, paths)
-takes the room that is left and wraps at spaces and punctuation, never inside a word
-unless one word is wider than the whole column; columns that do not fit are left out,
-least useful first (`--wide` keeps them all). Piped, every record is one line of
+takes the room that is left and wraps at spaces (at punctuation only inside a run
+wider than a line), never inside a word unless one word is wider than the whole
+column; columns that do not fit are left out, least useful first (`--wide` keeps them
+all). Piped, every record is one line of
 tab-separated fields, never wrapped, so `grep`, `cut` and `tee` work.
 
 Every cell is made printable first: a name chosen by someone else cannot move the cursor,
@@ -26,6 +27,7 @@ from sfs.common.identity import format_fingerprint
 SHORT_ID = 8  # git's default: unique prefixes of at least this many characters
 GAP = "  "
 MIN_WRAP = 12  # free text is not squeezed below this (or its `least`)
+_WORDS = re.compile(r"\S+\s*|\s+")
 _PIECES = re.compile(r"[^\s\-_./,]*(?:[\-_./,]+|\s+|$)")
 
 
@@ -77,21 +79,36 @@ def short_fingerprint(fingerprint: bytes) -> str:
 
 
 def wrap(text: str, width: int) -> list[str]:
-    """`text` in lines of at most `width` cells, broken after spaces and punctuation; a
-    single word wider than `width` is the only thing ever cut."""
+    """`text` in lines of at most `width` cells, broken after spaces; a run without
+    spaces wider than a line is broken after its punctuation, and a piece of it still
+    wider than `width` is the only thing ever cut."""
     lines: list[str] = []
     line = ""
-    for piece in (p for p in _PIECES.findall(text) if p):
-        if cell_len((line + piece).rstrip()) <= width:
-            line += piece
-            continue
+
+    def end_line() -> None:
+        nonlocal line
         if line.strip():
             lines.append(line.rstrip())
-        line = piece.lstrip()
-        while cell_len(line.rstrip()) > width:
-            head, *_ = chop_cells(line, width)
-            lines.append(head)
-            line = line[len(head) :]
+        line = ""
+
+    for word in _WORDS.findall(text):
+        if cell_len((line + word).rstrip()) <= width:
+            line += word
+            continue
+        if cell_len(word.rstrip()) <= width:  # fits a line of its own: never broken
+            end_line()
+            line = word.lstrip()
+            continue
+        for piece in (p for p in _PIECES.findall(word) if p):
+            if cell_len((line + piece).rstrip()) > width:
+                end_line()
+                line = piece
+            else:
+                line += piece
+            while cell_len(line.rstrip()) > width:
+                head, *_ = chop_cells(line, width)
+                lines.append(head)
+                line = line[len(head) :]
     if line.strip() or not lines:
         lines.append(line.rstrip())
     return lines

@@ -105,6 +105,18 @@ def test_wrap_breaks_at_spaces_and_punctuation_only(width: int) -> None:
             assert words <= {w for line in lines for w in re.split(r"[\s\-_./,()]+", line)}
 
 
+@pytest.mark.parametrize("width", range(12, 41))
+def test_wrap_breaks_inside_a_space_free_run_only_when_it_is_wider_than_a_line(
+    width: int,
+) -> None:
+    """`board).pdf` stays whole: punctuation breaks only what cannot fit a line."""
+    lines = tables.wrap(LONG_NAME, width)
+    for token in LONG_NAME.split():
+        if cell_len(token) <= width:
+            assert any(token in line.split() for line in lines), (token, lines)
+    assert tables.wrap(NO_SPACES, 40)[0] == "holiday-photos_2025-08-lake-como-and-"
+
+
 def test_wrap_counts_wide_characters_by_cells() -> None:
     lines = tables.wrap("報告書 二〇二六年 最終版.pdf", 10)
     assert all(cell_len(line) <= 10 for line in lines)
