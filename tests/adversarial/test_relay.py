@@ -54,7 +54,7 @@ class Client:
         return from_wire(ErrorBody, envelope.body)
 
 
-def serve_relay(limits: RelayLimits) -> Iterator[Relay]:
+def serve_relay(limits: RelayLimits, **options: int) -> Iterator[Relay]:
     public, secret = zmq.curve_keypair()
     stop = threading.Event()
     server = RelayServer(
@@ -63,6 +63,7 @@ def serve_relay(limits: RelayLimits) -> Iterator[Relay]:
         crypto.ticket_public_key(TICKET_KEY),
         limits,
         stop,
+        **options,
     )
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     ready = threading.Event()
@@ -111,11 +112,15 @@ def attach(relay: Relay, username: str = "alice") -> Client:
 
 
 def circuit_ticket(
-    requester: Client, holder: Client, expires_in: int = 60, key: bytes = TICKET_KEY
+    requester: Client,
+    holder: Client,
+    expires_in: int = 60,
+    key: bytes = TICKET_KEY,
+    name: str = "bob",
 ) -> relay_protocol.Open:
     ticket = relay_protocol.CircuitTicket(
         relay_protocol.CIRCUIT_DOMAIN,
-        "bob",
+        name,
         requester.key,
         "alice",
         holder.key,
@@ -239,11 +244,17 @@ def test_an_idle_circuit_is_closed() -> None:
 # --- data legs ------------------------------------------------------------------------
 
 
-def data_leg(relay: Relay, reply: protocol.Envelope | None = None) -> zmq.Socket[bytes]:
+def data_leg(
+    relay: Relay, reply: protocol.Envelope | None = None, *, stalled: bool = False
+) -> zmq.Socket[bytes]:
     """A NULL-mechanism DEALER to the relay's data port; it sends the ticket in `reply`
-    (an answer to attach or open), if given, and expects it taken."""
+    (an answer to attach or open), if given, and expects it taken. `stalled`: its
+    libzmq and kernel take in as little as they can, for an end that stops reading."""
     sock = relay.context.socket(zmq.DEALER)
     sock.linger = 0
+    if stalled:
+        sock.rcvhwm = 1
+        sock.rcvbuf = 4096
     sock.connect(relay.data_endpoint)
     relay.sockets.append(sock)
     if reply is not None:
@@ -415,3 +426,84 @@ def test_a_circuit_the_requester_closes_is_gone_at_once(relay: Relay) -> None:
         assert not alice.sock.poll(100)  # the close is the relay's, not forwarded
         bob.sock.send(b"after the close")
         assert not alice.sock.poll(200)
+
+
+# --- replies toward a requester that does not read (issue 10) -------------------------
+
+MIB = 1024 * 1024
+
+
+def opened_leg(
+    relay: Relay, alice: Client, alice_leg: zmq.Socket[bytes], name: str, *, stalled: bool = False
+) -> tuple[Client, zmq.Socket[bytes], bytes]:
+    """A circuit for `name` to alice with its data leg, and its circuit id as alice sees it."""
+    requester = client(relay)
+    requester.send("open", circuit_ticket(requester, alice, name=name))
+    leg = data_leg(relay, requester.reply(), stalled=stalled)
+    leg.send(b"hello")
+    assert alice_leg.poll(5000)
+    circuit, frame = alice_leg.recv_multipart()
+    assert frame == b"hello"
+    return requester, leg, circuit
+
+
+def drain(sock: zmq.Socket[bytes], quiet_ms: int = 500) -> int:
+    """How many messages `sock` gets until it has been quiet `quiet_ms`."""
+    count = 0
+    while sock.poll(quiet_ms):
+        sock.recv_multipart()
+        count += 1
+    return count
+
+
+def test_requests_wait_while_the_requester_s_replies_are_not_read() -> None:
+    """bob gets one chunk of 1 MiB, then asks for 30 more and never reads: the relay
+    forwards his requests only while what it holds for him and what they may bring is
+    under its reply credit (4 MiB here), so alice is asked for a few, not 30; carol,
+    reading, is served meanwhile."""
+    for relay in serve_relay(RelayLimits(), reply_credit=4 * MIB):
+        alice, alice_leg = attach_with_leg(relay)
+        _bob, bob_leg, bob_circuit = opened_leg(relay, alice, alice_leg, "bob", stalled=True)
+        _carol, carol_leg, carol_circuit = opened_leg(relay, alice, alice_leg, "carol")
+        alice_leg.send_multipart([bob_circuit, b"chunk", b"\x00" * MIB])  # sizes the credit
+        assert bob_leg.poll(5000)
+        bob_leg.recv_multipart()
+        for i in range(30):
+            bob_leg.send(b"request %d" % i)
+        asked = 0
+        while alice_leg.poll(500):  # alice answers every request that reaches her
+            circuit, _ = alice_leg.recv_multipart()
+            assert circuit == bob_circuit
+            asked += 1
+            alice_leg.send_multipart([circuit, b"chunk", b"\x00" * MIB])
+        alice_leg.send_multipart([carol_circuit, b"for carol"])
+        assert carol_leg.poll(5000)
+        assert carol_leg.recv_multipart() == [b"for carol"]
+        # 4 MiB held by the relay, plus the kernel's buffers (4 MiB at most here) and a
+        # reply or two in bob's libzmq: well under the 30 asked for.
+        assert asked <= 16, asked
+        assert drain(bob_leg) == asked  # nothing was lost: bob gets what alice sent
+
+
+def test_a_holder_pushing_replies_to_a_requester_that_does_not_read_closes_it() -> None:
+    """Replies nobody asked for, to a requester that does not read: past twice the reply
+    credit the relay closes the circuit, refuses that requester new circuits while
+    they are unread, and goes on serving others."""
+    for relay in serve_relay(RelayLimits(), reply_credit=4 * MIB):
+        alice, alice_leg = attach_with_leg(relay)
+        bob, bob_leg, bob_circuit = opened_leg(relay, alice, alice_leg, "bob", stalled=True)
+        _carol, carol_leg, carol_circuit = opened_leg(relay, alice, alice_leg, "carol")
+        for _ in range(30):
+            alice_leg.send_multipart([bob_circuit, b"chunk", b"\x00" * MIB])
+        alice_leg.send_multipart([carol_circuit, b"for carol"])  # after bob's, in order
+        assert carol_leg.poll(5000)
+        assert carol_leg.recv_multipart() == [b"for carol"]
+        again = client(relay)
+        again.send("open", circuit_ticket(again, alice, name="bob"))
+        refused = again.refusal()
+        assert refused.code == "busy" and "not read" in refused.message
+        assert "retry in" in refused.message
+        refused = bob.refusal()
+        assert "does not read" in refused.message
+        # 8 MiB, the kernel's 4 MiB and a reply or two in bob's libzmq, not 30
+        assert drain(bob_leg) <= 16
