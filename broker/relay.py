@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import queue
 import threading
 import time
@@ -44,7 +45,9 @@ import zmq
 import zmq.utils.z85
 from zmq.utils.monitor import recv_monitor_message
 
+from sfs.broker.relay_failures import FAILED_PER_ADDRESS, FAILED_PER_KEY, FailureCounts
 from sfs.broker.server import peer_address
+from sfs.broker.throttle import address_group
 from sfs.common import crypto, protocol, relay_protocol
 from sfs.common.codec import Record
 from sfs.common.config import MAX_WINDOW, RelayLimits
@@ -181,6 +184,8 @@ class RelayServer:
         self._clock = clock
         self._reply_credit = reply_credit
         self._unread: dict[str, _Unread] = {}  # by requester
+        self._failed_keys = FailureCounts(FAILED_PER_KEY)
+        self._failed_addresses = FailureCounts(FAILED_PER_ADDRESS)
         self.endpoint = bind
         self._holders: dict[str, _Holder] = {}
         self._holder_by_connection: dict[bytes, _Holder] = {}
@@ -385,19 +390,45 @@ class RelayServer:
 
     def _control(self, connection: bytes, frame: zmq.Frame, holder: _Holder | None) -> bytes | None:
         rid = 0
+        key = client_key(frame)
+        address = peer_address(frame)
+        source = address_group(address)
         try:
             envelope = protocol.decode_envelope(frame.bytes)
             rid = envelope.rid
+            self._check_failures(key, source)
             request = protocol.decode_body(envelope, relay_protocol.RELAY_REQUESTS)
-            key = client_key(frame)
             if key is None:
                 raise Refused(ErrorCode.UNAUTHORIZED, "no transport key")
-            result = self._handle(connection, key, peer_address(frame), request, holder, rid)
+            result = self._handle(connection, key, address, request, holder, rid)
             return None if result is None else protocol.encode("result", result, rid)
         except ProtocolError as exc:
+            self._failed(key, source)
             return protocol.encode_refusal(exc, rid)
         except Refused as exc:
+            if exc.code not in (ErrorCode.BUSY, ErrorCode.THROTTLED):
+                self._failed(key, source)
             return protocol.encode_error(exc.code, str(exc), rid)
+
+    def _check_failures(self, key: bytes | None, source: str) -> None:
+        """Refuse a key or an address with too many recent failures, before any work on
+        its request (see sfs.broker.relay_failures)."""
+        waits = [
+            (self._failed_keys.wait(key) if key is not None else 0.0, "key"),
+            (self._failed_addresses.wait(source), "address"),
+        ]
+        for wait, whose in waits:
+            if wait > 0:
+                raise Refused(
+                    ErrorCode.THROTTLED,
+                    f"{relay_protocol.RATE_LIMITED}: too many failed requests from your"
+                    f" {whose}; retry in {math.ceil(wait)} s",
+                )
+
+    def _failed(self, key: bytes | None, source: str) -> None:
+        if key is not None:
+            self._failed_keys.add(key)
+        self._failed_addresses.add(source)
 
     def _handle(
         self,

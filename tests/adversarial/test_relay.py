@@ -16,6 +16,7 @@ import zmq
 import zmq.utils.z85
 
 from sfs.broker.relay import RelayServer
+from sfs.broker.relay_failures import FAILED_PER_ADDRESS, FAILED_PER_KEY
 from sfs.common import crypto, protocol, relay_protocol
 from sfs.common.codec import from_wire
 from sfs.common.config import RelayLimits
@@ -507,3 +508,42 @@ def test_a_holder_pushing_replies_to_a_requester_that_does_not_read_closes_it() 
         assert "does not read" in refused.message
         # 8 MiB, the kernel's 4 MiB and a reply or two in bob's libzmq, not 30
         assert drain(bob_leg) <= 16
+
+
+# --- failed opens are rate limited (issue 10) -----------------------------------------
+
+
+def client_from(relay: Relay, source: str) -> Client:
+    """A client whose connection comes from `source` (a loopback address)."""
+    public, secret = zmq.curve_keypair()
+    sock = relay.context.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = relay.public, public, secret
+    sock.connect(relay.endpoint.replace("tcp://", f"tcp://{source}:0;"))
+    relay.sockets.append(sock)
+    return Client(sock, zmq.utils.z85.decode(public))
+
+
+def test_failed_opens_are_rate_limited_per_key_then_per_address(relay: Relay) -> None:
+    alice = attach(relay)
+    mallory = client(relay)
+    for _ in range(FAILED_PER_KEY):
+        mallory.send("open", circuit_ticket(mallory, alice, expires_in=-1))
+        assert mallory.refusal().message.startswith("ticket expired")
+    mallory.send("open", circuit_ticket(mallory, alice))  # even a good ticket, now
+    refused = mallory.refusal()
+    assert refused.code == "throttled" and refused.message.startswith("rate limited")
+    assert "retry in" in refused.message
+    failed = FAILED_PER_KEY
+    while failed < FAILED_PER_ADDRESS:  # fresh keys, same address
+        other = client(relay)
+        other.send("open", relay_protocol.Open(b"\x00" * 100, b"\x00" * 64))
+        assert "not a ticket" in other.refusal().message
+        failed += 1
+    late = client(relay)
+    late.send("open", circuit_ticket(late, alice))
+    refused = late.refusal()
+    assert refused.code == "throttled" and "your address" in refused.message
+    bob = client_from(relay, "127.0.0.2")  # another address is not held up
+    bob.send("open", circuit_ticket(bob, alice))
+    assert bob.reply().op == "result"
