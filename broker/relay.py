@@ -45,6 +45,7 @@ import zmq
 import zmq.utils.z85
 from zmq.utils.monitor import recv_monitor_message
 
+from sfs.broker.relay_data_conns import TICKET_DEADLINE, DataConnections
 from sfs.broker.relay_failures import FAILED_PER_ADDRESS, FAILED_PER_KEY, FailureCounts
 from sfs.broker.server import peer_address
 from sfs.broker.throttle import address_group
@@ -92,6 +93,7 @@ class _Holder:
     address: str
     last_probe: float = -PROBE_INTERVAL
     data: bytes | None = None  # its data leg's connection, once it gave its ticket
+    data_fd: int = -1  # that connection's descriptor
     data_ticket: bytes = b""
 
 
@@ -106,6 +108,7 @@ class _Circuit:
     last: float
     held: deque[zmq.Frame] = field(default_factory=deque)  # requests a rate limit held back
     data: bytes | None = None  # the requester's data leg, once it gave its ticket
+    data_fd: int = -1
     data_ticket: bytes = b""
     data_held: deque[zmq.Frame] = field(default_factory=deque)
     pending: int = 0  # requests forwarded to the holder and not yet answered
@@ -173,9 +176,11 @@ class RelayServer:
         stop: threading.Event | None = None,
         clock: Callable[[], float] = time.time,
         reply_credit: int = REPLY_CREDIT,
+        data_deadline: float = TICKET_DEADLINE,
     ) -> None:
         """`curve`: the relay's (public, secret) CurveZMQ keys, z85; `ticket_key`: the
-        broker's Ed25519 public key; `reply_credit`: see `REPLY_CREDIT`."""
+        broker's Ed25519 public key; `reply_credit`: see `REPLY_CREDIT`;
+        `data_deadline`: seconds a data connection has to give its ticket."""
         self._bind = bind
         self._public, self._secret = curve
         self._ticket_key = ticket_key
@@ -183,6 +188,7 @@ class RelayServer:
         self._stop = stop or threading.Event()
         self._clock = clock
         self._reply_credit = reply_credit
+        self._data_deadline = data_deadline
         self._unread: dict[str, _Unread] = {}  # by requester
         self._failed_keys = FailureCounts(FAILED_PER_KEY)
         self._failed_addresses = FailureCounts(FAILED_PER_ADDRESS)
@@ -201,8 +207,9 @@ class RelayServer:
         self._data_ends: dict[bytes, _Holder | _Circuit] = {}  # by data connection
         self._data_port = 0
         self.data_endpoint = ""
-        self._data: zmq.Socket[bytes]  # both set by `serve`
+        self._data: zmq.Socket[bytes]  # all three set by `serve`
         self._control_sock: zmq.Socket[bytes]
+        self._data_conns: DataConnections
 
     def stop(self) -> None:
         self._stop.set()
@@ -215,6 +222,7 @@ class RelayServer:
         authenticator = start_authenticator(context, "sfs.relay.zap")
         sock = context.socket(zmq.ROUTER)
         data = context.socket(zmq.ROUTER)
+        data_conns: DataConnections | None = None
         try:
             sock.linger = 0
             sock.ipv6 = True
@@ -233,6 +241,7 @@ class RelayServer:
             data.maxmsgsize = MAX_FRAME
             data.sndhwm = SEND_QUEUE
             data.router_mandatory = True
+            data_conns = self._data_conns = DataConnections(data, self._data_deadline)
             data.bind(self.endpoint.rsplit(":", 1)[0] + ":0")
             self.data_endpoint = data.getsockopt_string(zmq.LAST_ENDPOINT)
             self._data_port = int(self.data_endpoint.rsplit(":", 1)[1])
@@ -262,7 +271,10 @@ class RelayServer:
                 self._release_held(sock)
                 self._answer_probes(sock)
                 self._expire(sock)
+                data_conns.sweep()
         finally:
+            if data_conns is not None:
+                data_conns.stop()
             data.close(linger=0)
             sock.close(linger=0)
             authenticator.stop()
@@ -461,9 +473,9 @@ class RelayServer:
         return relay_protocol.DataLeg(self._data_port, ticket)
 
     def _receive_data(self, data: zmq.Socket[bytes], frames: list[zmq.Frame]) -> None:
-        if len(frames) < 2:
+        connection, fd = frames[0].bytes, int(frames[-1].get(zmq.SRCFD))
+        if not self._data_conns.known(fd, connection) or len(frames) < 2:
             return
-        connection = frames[0].bytes
         end = self._data_ends.get(connection)
         if isinstance(end, _Circuit):
             if len(frames) == 2:  # requesters send one frame at a time
@@ -472,9 +484,11 @@ class RelayServer:
             if len(frames) >= 3:
                 self._from_holder_data(data, end, frames[1:])
         else:
-            self._redeem(data, connection, frames)
+            self._redeem(data, connection, fd, frames)
 
-    def _redeem(self, data: zmq.Socket[bytes], connection: bytes, frames: list[zmq.Frame]) -> None:
+    def _redeem(
+        self, data: zmq.Socket[bytes], connection: bytes, fd: int, frames: list[zmq.Frame]
+    ) -> None:
         """A data connection's first frame must be a ticket this relay handed out; a
         random 32-byte ticket is the dict key (no secret compare to time)."""
         ticket = frames[1].bytes if len(frames) == 2 else b""
@@ -492,8 +506,9 @@ class RelayServer:
                 return
         elif self._holders.get(end.username) is not end:
             return  # it attached again since
-        end.data = connection
+        end.data, end.data_fd = connection, fd
         self._data_ends[connection] = end
+        self._data_conns.ticketed(fd)
         self._send(data, [connection, protocol.encode("result", protocol.Empty())])
 
     def _from_requester_data(
@@ -747,10 +762,12 @@ class RelayServer:
         self._drop_data_leg(circuit)
 
     def _drop_data_leg(self, end: _Holder | _Circuit) -> None:
-        """Forget `end`'s data ticket and leg (its connection stays open, unheard)."""
+        """Forget `end`'s data ticket and leg, and close its connection (what was queued
+        for it goes too)."""
         self._data_tickets.pop(end.data_ticket, None)
         if end.data is not None and self._data_ends.get(end.data) is end:
             del self._data_ends[end.data]
+            self._data_conns.close(end.data_fd, end.data)
         end.data = None
 
 
