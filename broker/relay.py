@@ -22,6 +22,12 @@ attach proof travels end to end inside, so the holder still binds the leg to the
 transfer. Before a ticket, a data connection gets one refusal per bad frame, nothing
 else.
 
+What the relay holds for a requester is bounded by its reply credit (`REPLY_CREDIT`,
+`_Unread`): replies are tracked until libzmq lets go of them, requests wait while too
+much is unread, and a circuit closes past twice it. Failed requests are rate limited per
+key and address (sfs.broker.relay_failures); data connections that give no ticket are
+closed after a deadline and counted per address (sfs.broker.relay_data_conns).
+
 The reachability probe (`probe`): the relay connects back to an attached holder's
 advertised endpoint, only if that endpoint's host is the address the holder's own
 connection comes from, at most once a `PROBE_INTERVAL` per holder and `MAX_PROBES` at
@@ -78,7 +84,7 @@ SEND_QUEUE = 40
 # nobody asked for) its circuit closes. See `_Unread`.
 REPLY_CREDIT = 2 * MAX_WINDOW * DEFAULT_CHUNK_SIZE
 PENDING_FORGOTTEN = 2.0
-_TRACKED = 64 * 1024  # replies frames this large are tracked (smaller ones are copied)
+_TRACKED = 64 * 1024  # reply frames this large are tracked (smaller ones are copied)
 _POLL_MS = 100
 _RETRY_BUSY = 10
 _RETRY_ABSENT = 5
@@ -355,10 +361,10 @@ class RelayServer:
         frames: list[zmq.Frame],
         size: int,
     ) -> bool:
-        """Forward a holder's reply to `circuit`'s requester (`connection`: which of its
-        two, tagged), tracked; False if that connection cannot take it. Past twice the
-        reply credit unread, the circuit closes instead (the holder sends what was not
-        asked for, to a requester that does not read)."""
+        """Forward a holder's reply to `circuit`'s requester (`connection`: b"c" or b"d",
+        circuit or data leg, then its routing id), tracked; False if that connection
+        cannot take it. Past twice the reply credit unread, the circuit closes instead
+        (the holder sends what was not asked for, to a requester that does not read)."""
         circuit.pending = max(0, circuit.pending - 1)
         circuit.answered = time.monotonic()
         if size >= MIN_CHUNK_SIZE:
@@ -370,10 +376,10 @@ class RelayServer:
         trackers: list[zmq.MessageTracker] = []
         message: list[zmq.Frame | bytes] = [connection[1:]]
         for frame in frames:
-            if len(frame) >= _TRACKED:
+            if len(frame) >= _TRACKED:  # the same bytes, with a tracker
                 frame = zmq.Frame(frame.buffer, copy=False, track=True)
-                assert frame.tracker is not None
-                trackers.append(frame.tracker)
+                if frame.tracker is not None:
+                    trackers.append(frame.tracker)
             message.append(frame)
         if not self._send(sock, message):
             return False
