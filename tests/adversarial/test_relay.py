@@ -597,11 +597,11 @@ def test_a_data_connection_that_sends_no_ticket_is_closed_at_its_deadline() -> N
         bob = client(relay)
         bob.send("open", circuit_ticket(bob, alice))
         bob_leg = data_leg(relay, bob.reply())
-        _sock, monitor = watched(relay)
         started = time.monotonic()
+        raw = socket.create_connection(("127.0.0.1", int(relay.data_endpoint.rsplit(":", 1)[1])))
+        _sock, monitor = watched(relay)
         assert event_on(monitor, 10_000) == zmq.EVENT_DISCONNECTED
         assert time.monotonic() - started >= 0.5
-        raw = socket.create_connection(("127.0.0.1", int(relay.data_endpoint.rsplit(":", 1)[1])))
         with raw:  # not even ZeroMQ's greeting: closed by the handshake's deadline
             raw.settimeout(10)
             while raw.recv(4096):
