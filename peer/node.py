@@ -505,8 +505,12 @@ class Peer:
         deadline = time.monotonic() + PATH_CHANGE_WAIT
         while time.monotonic() < deadline:
             time.sleep(PATH_CHANGE_POLL)
-            with self._authenticated():
-                fresh = self.broker.lookup(self._token(), file_id)
+            try:
+                with self._authenticated():
+                    fresh = self.broker.lookup(self._token(), file_id)
+            except SfsError as exc:  # the broker is gone too: the interruption is the news
+                log.debug("no new path: %s", exc)
+                return None
             if fresh.manifest != lookup.manifest or fresh.signature != lookup.signature:
                 return None  # the file changed: a new get will say so
             hints = {
