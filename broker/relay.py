@@ -22,6 +22,12 @@ attach proof travels end to end inside, so the holder still binds the leg to the
 transfer. Before a ticket, a data connection gets one refusal per bad frame, nothing
 else.
 
+What the relay holds for a requester is bounded by its reply credit (`REPLY_CREDIT`,
+`_Unread`): replies are tracked until libzmq lets go of them, requests wait while too
+much is unread, and a circuit closes past twice it. Failed requests are rate limited per
+key and address (sfs.broker.relay_failures); data connections that give no ticket are
+closed after a deadline and counted per address (sfs.broker.relay_data_conns).
+
 The reachability probe (`probe`): the relay connects back to an attached holder's
 advertised endpoint, only if that endpoint's host is the address the holder's own
 connection comes from, at most once a `PROBE_INTERVAL` per holder and `MAX_PROBES` at
@@ -33,6 +39,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import queue
 import threading
 import time
@@ -44,13 +51,16 @@ import zmq
 import zmq.utils.z85
 from zmq.utils.monitor import recv_monitor_message
 
+from sfs.broker.relay_data_conns import TICKET_DEADLINE, DataConnections
+from sfs.broker.relay_failures import FAILED_PER_ADDRESS, FAILED_PER_KEY, FailureCounts
 from sfs.broker.server import peer_address
+from sfs.broker.throttle import address_group
 from sfs.common import crypto, protocol, relay_protocol
 from sfs.common.codec import Record
-from sfs.common.config import RelayLimits
+from sfs.common.config import MAX_WINDOW, RelayLimits
 from sfs.common.curve import client_key, start_authenticator
 from sfs.common.errors import IntegrityError, ProtocolError
-from sfs.common.manifest import MAX_CHUNK_SIZE
+from sfs.common.manifest import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 from sfs.common.protocol import ErrorCode, Refused
 
 log = logging.getLogger("sfs.relay")
@@ -68,6 +78,13 @@ QUEUED_PER_CIRCUIT = 32  # requests held back by a rate limit, at most, per circ
 # Messages queued toward one connection, at most (as the holder's server): a requester's
 # window is at most 32 requests; a full queue means that end is not reading.
 SEND_QUEUE = 40
+# Reply bytes one requester may have waiting at the relay (forwarded, not yet taken by
+# the kernel): two of the largest windows of default chunks. Past it its requests wait
+# (an honest requester on a slow link is slowed, not dropped); past twice it (replies
+# nobody asked for) its circuit closes. See `_Unread`.
+REPLY_CREDIT = 2 * MAX_WINDOW * DEFAULT_CHUNK_SIZE
+PENDING_FORGOTTEN = 2.0
+_TRACKED = 64 * 1024  # reply frames this large are tracked (smaller ones are copied)
 _POLL_MS = 100
 _RETRY_BUSY = 10
 _RETRY_ABSENT = 5
@@ -82,6 +99,7 @@ class _Holder:
     address: str
     last_probe: float = -PROBE_INTERVAL
     data: bytes | None = None  # its data leg's connection, once it gave its ticket
+    data_fd: int = -1  # that connection's descriptor
     data_ticket: bytes = b""
 
 
@@ -96,8 +114,44 @@ class _Circuit:
     last: float
     held: deque[zmq.Frame] = field(default_factory=deque)  # requests a rate limit held back
     data: bytes | None = None  # the requester's data leg, once it gave its ticket
+    data_fd: int = -1
     data_ticket: bytes = b""
     data_held: deque[zmq.Frame] = field(default_factory=deque)
+    pending: int = 0  # requests forwarded to the holder and not yet answered
+    answered: float = 0.0  # when the holder last sent something on it
+    largest: int = 0  # the largest chunk-sized reply seen: what a request may bring
+
+    def expected(self, now: float) -> int:
+        """The reply bytes the pending requests may bring. A count the holder has not
+        moved for `PENDING_FORGOTTEN` seconds is dropped: not every message is answered
+        (a `finish` is not), and a miscount must never stall a circuit."""
+        if self.pending and now - self.answered > PENDING_FORGOTTEN:
+            self.pending = 0
+        return min(self.pending, MAX_WINDOW) * self.largest
+
+
+class _Unread:
+    """The replies forwarded to one requester that libzmq still holds (queued, or not yet
+    written to the kernel), by connection: sent zero-copy with a tracker each, which
+    libzmq marks done when it lets go of the bytes. Per-message bookkeeping only."""
+
+    def __init__(self) -> None:
+        self.size = 0
+        self._queues: dict[bytes, deque[tuple[zmq.MessageTracker, int]]] = {}
+
+    def add(self, connection: bytes, tracker: zmq.MessageTracker, size: int) -> None:
+        self._queues.setdefault(connection, deque()).append((tracker, size))
+        self.size += size
+
+    def reap(self) -> int:
+        """Forget the replies libzmq is done with (in order, per connection); the bytes
+        still held."""
+        for connection, queue_ in list(self._queues.items()):
+            while queue_ and queue_[0][0].done:
+                self.size -= queue_.popleft()[1]
+            if not queue_:
+                del self._queues[connection]
+        return self.size
 
 
 class _Bucket:
@@ -127,15 +181,23 @@ class RelayServer:
         limits: RelayLimits,
         stop: threading.Event | None = None,
         clock: Callable[[], float] = time.time,
+        reply_credit: int = REPLY_CREDIT,
+        data_deadline: float = TICKET_DEADLINE,
     ) -> None:
         """`curve`: the relay's (public, secret) CurveZMQ keys, z85; `ticket_key`: the
-        broker's Ed25519 public key."""
+        broker's Ed25519 public key; `reply_credit`: see `REPLY_CREDIT`;
+        `data_deadline`: seconds a data connection has to give its ticket."""
         self._bind = bind
         self._public, self._secret = curve
         self._ticket_key = ticket_key
         self._limits = limits
         self._stop = stop or threading.Event()
         self._clock = clock
+        self._reply_credit = reply_credit
+        self._data_deadline = data_deadline
+        self._unread: dict[str, _Unread] = {}  # by requester
+        self._failed_keys = FailureCounts(FAILED_PER_KEY)
+        self._failed_addresses = FailureCounts(FAILED_PER_ADDRESS)
         self.endpoint = bind
         self._holders: dict[str, _Holder] = {}
         self._holder_by_connection: dict[bytes, _Holder] = {}
@@ -151,8 +213,9 @@ class RelayServer:
         self._data_ends: dict[bytes, _Holder | _Circuit] = {}  # by data connection
         self._data_port = 0
         self.data_endpoint = ""
-        self._data: zmq.Socket[bytes]  # both set by `serve`
+        self._data: zmq.Socket[bytes]  # all three set by `serve`
         self._control_sock: zmq.Socket[bytes]
+        self._data_conns: DataConnections
 
     def stop(self) -> None:
         self._stop.set()
@@ -165,6 +228,7 @@ class RelayServer:
         authenticator = start_authenticator(context, "sfs.relay.zap")
         sock = context.socket(zmq.ROUTER)
         data = context.socket(zmq.ROUTER)
+        data_conns: DataConnections | None = None
         try:
             sock.linger = 0
             sock.ipv6 = True
@@ -183,6 +247,7 @@ class RelayServer:
             data.maxmsgsize = MAX_FRAME
             data.sndhwm = SEND_QUEUE
             data.router_mandatory = True
+            data_conns = self._data_conns = DataConnections(data, self._data_deadline)
             data.bind(self.endpoint.rsplit(":", 1)[0] + ":0")
             self.data_endpoint = data.getsockopt_string(zmq.LAST_ENDPOINT)
             self._data_port = int(self.data_endpoint.rsplit(":", 1)[1])
@@ -212,7 +277,10 @@ class RelayServer:
                 self._release_held(sock)
                 self._answer_probes(sock)
                 self._expire(sock)
+                data_conns.sweep()
         finally:
+            if data_conns is not None:
+                data_conns.stop()
             data.close(linger=0)
             sock.close(linger=0)
             authenticator.stop()
@@ -251,7 +319,7 @@ class RelayServer:
         circuit.last = time.monotonic()
         if circuit.held or not self._may_send(circuit):
             if len(circuit.held) >= QUEUED_PER_CIRCUIT:
-                self._close(sock, circuit, "the requester sends faster than its rate limit")
+                self._close(sock, circuit, self._why_held(circuit))
                 return
             circuit.held.append(frames[0])
             return
@@ -259,6 +327,7 @@ class RelayServer:
 
     def _to_holder(self, sock: zmq.Socket[bytes], circuit: _Circuit, frame: zmq.Frame) -> None:
         self._spend(circuit, len(frame))
+        self._pending(circuit)
         holder = circuit.holder
         message: list[zmq.Frame | bytes] = [
             holder.connection,
@@ -281,8 +350,54 @@ class RelayServer:
             return
         circuit.last = time.monotonic()
         self._spend(circuit, size)
-        if not self._send(sock, [circuit.connection, *frames[1:]]):
+        if not self._to_requester(sock, b"c" + circuit.connection, circuit, frames[1:], size):
             self._close(sock, circuit, None)
+
+    def _to_requester(
+        self,
+        sock: zmq.Socket[bytes],
+        connection: bytes,
+        circuit: _Circuit,
+        frames: list[zmq.Frame],
+        size: int,
+    ) -> bool:
+        """Forward a holder's reply to `circuit`'s requester (`connection`: b"c" or b"d",
+        circuit or data leg, then its routing id), tracked; False if that connection
+        cannot take it. Past twice the reply credit unread, the circuit closes instead
+        (the holder sends what was not asked for, to a requester that does not read)."""
+        circuit.pending = max(0, circuit.pending - 1)
+        circuit.answered = time.monotonic()
+        if size >= MIN_CHUNK_SIZE:
+            circuit.largest = max(circuit.largest, size)
+        unread = self._unread_of(circuit.requester)
+        if unread.reap() >= 2 * self._reply_credit:
+            self._close(self._control_sock, circuit, _not_reading(unread.size))
+            return True
+        trackers: list[zmq.MessageTracker] = []
+        message: list[zmq.Frame | bytes] = [connection[1:]]
+        for frame in frames:
+            if len(frame) >= _TRACKED:  # the same bytes, with a tracker
+                frame = zmq.Frame(frame.buffer, copy=False, track=True)
+                if frame.tracker is not None:
+                    trackers.append(frame.tracker)
+            message.append(frame)
+        if not self._send(sock, message):
+            return False
+        if trackers:
+            unread.add(connection, zmq.MessageTracker(*trackers), size)
+        return True
+
+    @staticmethod
+    def _pending(circuit: _Circuit) -> None:
+        if not circuit.pending:
+            circuit.answered = time.monotonic()
+        circuit.pending += 1
+
+    def _unread_of(self, requester: str) -> _Unread:
+        unread = self._unread.get(requester)
+        if unread is None:
+            unread = self._unread[requester] = _Unread()
+        return unread
 
     def _send(self, sock: zmq.Socket[bytes], frames: list[zmq.Frame | bytes]) -> bool:
         try:
@@ -293,19 +408,45 @@ class RelayServer:
 
     def _control(self, connection: bytes, frame: zmq.Frame, holder: _Holder | None) -> bytes | None:
         rid = 0
+        key = client_key(frame)
+        address = peer_address(frame)
+        source = address_group(address)
         try:
             envelope = protocol.decode_envelope(frame.bytes)
             rid = envelope.rid
+            self._check_failures(key, source)
             request = protocol.decode_body(envelope, relay_protocol.RELAY_REQUESTS)
-            key = client_key(frame)
             if key is None:
                 raise Refused(ErrorCode.UNAUTHORIZED, "no transport key")
-            result = self._handle(connection, key, peer_address(frame), request, holder, rid)
+            result = self._handle(connection, key, address, request, holder, rid)
             return None if result is None else protocol.encode("result", result, rid)
         except ProtocolError as exc:
+            self._failed(key, source)
             return protocol.encode_refusal(exc, rid)
         except Refused as exc:
+            if exc.code not in (ErrorCode.BUSY, ErrorCode.THROTTLED):
+                self._failed(key, source)
             return protocol.encode_error(exc.code, str(exc), rid)
+
+    def _check_failures(self, key: bytes | None, source: str) -> None:
+        """Refuse a key or an address with too many recent failures, before any work on
+        its request (see sfs.broker.relay_failures)."""
+        waits = [
+            (self._failed_keys.wait(key) if key is not None else 0.0, "key"),
+            (self._failed_addresses.wait(source), "address"),
+        ]
+        for wait, whose in waits:
+            if wait > 0:
+                raise Refused(
+                    ErrorCode.THROTTLED,
+                    f"{relay_protocol.RATE_LIMITED}: too many failed requests from your"
+                    f" {whose}; retry in {math.ceil(wait)} s",
+                )
+
+    def _failed(self, key: bytes | None, source: str) -> None:
+        if key is not None:
+            self._failed_keys.add(key)
+        self._failed_addresses.add(source)
 
     def _handle(
         self,
@@ -338,9 +479,9 @@ class RelayServer:
         return relay_protocol.DataLeg(self._data_port, ticket)
 
     def _receive_data(self, data: zmq.Socket[bytes], frames: list[zmq.Frame]) -> None:
-        if len(frames) < 2:
+        connection, fd = frames[0].bytes, int(frames[-1].get(zmq.SRCFD))
+        if not self._data_conns.known(fd, connection) or len(frames) < 2:
             return
-        connection = frames[0].bytes
         end = self._data_ends.get(connection)
         if isinstance(end, _Circuit):
             if len(frames) == 2:  # requesters send one frame at a time
@@ -349,9 +490,11 @@ class RelayServer:
             if len(frames) >= 3:
                 self._from_holder_data(data, end, frames[1:])
         else:
-            self._redeem(data, connection, frames)
+            self._redeem(data, connection, fd, frames)
 
-    def _redeem(self, data: zmq.Socket[bytes], connection: bytes, frames: list[zmq.Frame]) -> None:
+    def _redeem(
+        self, data: zmq.Socket[bytes], connection: bytes, fd: int, frames: list[zmq.Frame]
+    ) -> None:
         """A data connection's first frame must be a ticket this relay handed out; a
         random 32-byte ticket is the dict key (no secret compare to time)."""
         ticket = frames[1].bytes if len(frames) == 2 else b""
@@ -369,8 +512,9 @@ class RelayServer:
                 return
         elif self._holders.get(end.username) is not end:
             return  # it attached again since
-        end.data = connection
+        end.data, end.data_fd = connection, fd
         self._data_ends[connection] = end
+        self._data_conns.ticketed(fd)
         self._send(data, [connection, protocol.encode("result", protocol.Empty())])
 
     def _from_requester_data(
@@ -383,9 +527,7 @@ class RelayServer:
         circuit.last = time.monotonic()
         if circuit.data_held or not self._may_send(circuit):
             if len(circuit.data_held) >= QUEUED_PER_CIRCUIT:
-                self._close(
-                    self._control_sock, circuit, "the requester sends faster than its rate limit"
-                )
+                self._close(self._control_sock, circuit, self._why_held(circuit))
                 return
             circuit.data_held.append(frame)
             return
@@ -393,6 +535,7 @@ class RelayServer:
 
     def _to_holder_data(self, data: zmq.Socket[bytes], circuit: _Circuit, frame: zmq.Frame) -> None:
         self._spend(circuit, len(frame))
+        self._pending(circuit)
         leg = circuit.holder.data
         if leg is None or not self._send(data, [leg, circuit.circuit_id, frame]):
             self._close(self._control_sock, circuit, f"{circuit.holder.username} is not reading")
@@ -410,7 +553,7 @@ class RelayServer:
             return
         circuit.last = time.monotonic()
         self._spend(circuit, size)
-        if not self._send(data, [circuit.data, *frames[1:]]):
+        if not self._to_requester(data, b"d" + circuit.data, circuit, frames[1:], size):
             self._close(self._control_sock, circuit, None)
 
     # --- holders -------------------------------------------------------------------------
@@ -502,6 +645,13 @@ class RelayServer:
                 f"{relay_protocol.RELAY_BUSY}: {mine} circuits of yours are open;"
                 f" retry in {_RETRY_BUSY} s",
             )
+        unread = self._unread.get(ticket.requester)
+        if unread is not None and unread.reap() >= self._reply_credit:
+            raise Refused(
+                ErrorCode.BUSY,
+                f"{relay_protocol.RELAY_BUSY}: {unread.size // 2**20} MiB of replies to you are"
+                f" not read yet; retry in {_RETRY_BUSY} s",
+            )
         opened = self._opened.setdefault(ticket.requester, deque())
         while opened and opened[0] <= now - 60:
             opened.popleft()
@@ -543,8 +693,24 @@ class RelayServer:
         return ticket
 
     def _may_send(self, circuit: _Circuit) -> bool:
+        """Whether a request of `circuit` may go to its holder now: within the rates, and
+        what it may bring back within the requester's reply credit."""
         now = time.monotonic()
-        return self._rate(circuit.requester, now).open(now) and self._global.open(now)
+        return (
+            self._rate(circuit.requester, now).open(now)
+            and self._global.open(now)
+            and self._credit_open(circuit)
+        )
+
+    def _credit_open(self, circuit: _Circuit) -> bool:
+        unread = self._unread_of(circuit.requester).reap()
+        return unread + circuit.expected(time.monotonic()) < self._reply_credit
+
+    def _why_held(self, circuit: _Circuit) -> str:
+        unread = self._unread_of(circuit.requester).reap()
+        if unread + circuit.expected(time.monotonic()) >= self._reply_credit:
+            return _not_reading(unread)
+        return "the requester sends faster than its rate limit"
 
     def _spend(self, circuit: _Circuit, size: int) -> None:
         """Count `size` bytes relayed for `circuit`, whichever way, against its buckets."""
@@ -585,6 +751,9 @@ class RelayServer:
         for name in [n for n, b in self._rates.items() if b.open(now) and b.level >= b.rate]:
             if not any(c.requester == name for c in self._circuits.values()):
                 del self._rates[name]
+        for name in [n for n, u in self._unread.items() if not u.reap()]:
+            if not any(c.requester == name for c in self._circuits.values()):
+                del self._unread[name]
 
     def _close(self, sock: zmq.Socket[bytes], circuit: _Circuit, why: str | None) -> None:
         """End `circuit`; tell the requester `why`, if given."""
@@ -599,11 +768,20 @@ class RelayServer:
         self._drop_data_leg(circuit)
 
     def _drop_data_leg(self, end: _Holder | _Circuit) -> None:
-        """Forget `end`'s data ticket and leg (its connection stays open, unheard)."""
+        """Forget `end`'s data ticket and leg, and close its connection (what was queued
+        for it goes too)."""
         self._data_tickets.pop(end.data_ticket, None)
         if end.data is not None and self._data_ends.get(end.data) is end:
             del self._data_ends[end.data]
+            self._data_conns.close(end.data_fd, end.data)
         end.data = None
+
+
+def _not_reading(unread: int) -> str:
+    return (
+        f"the requester does not read its replies ({unread // 2**20} MiB waiting at the"
+        " relay); circuit closed"
+    )
 
 
 def _too_large(size: int, limit: int) -> str:

@@ -54,6 +54,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sfs.peer")
 
+# A get whose relayed holders' path broke (a relay died) waits this long for one of them
+# to be listed with a new path, then carries on from the chunks it kept: a holder
+# notices a lost relay within 15 s, moves to the next one and heartbeats its new hint.
+PATH_CHANGE_WAIT = 40.0
+PATH_CHANGE_POLL = 1.0
+PATH_CHANGES = 3  # at most, per get
+
 _SESSION_GONE = "the broker no longer knows this session (expired?); run `sfs-peer login`"
 
 
@@ -463,11 +470,58 @@ class Peer:
         progress: DownloadProgress | None,
         chosen: set[int] | None = None,
     ) -> DownloadResult:
-        result = downloader.fetch(file_id, lookup, folder, progress, tree, chosen)
+        from sfs.peer.download import DownloadInterrupted
+
+        changes = 0
+        while True:
+            try:
+                result = downloader.fetch(file_id, lookup, folder, progress, tree, chosen)
+                break
+            except DownloadInterrupted as exc:
+                fresh = self._new_path(file_id, lookup) if changes < PATH_CHANGES else None
+                if fresh is None:
+                    raise
+                changes += 1
+                log.warning("%s; a holder has a new path: carrying on", exc.cause)
+                lookup = fresh
         whole = chosen is None  # only a whole copy is seeded
         if whole and self.config.seed and lookup.owner != self.config.username:
             result = dataclasses.replace(result, seeding=self._seed(lookup, tree, result))
         return result
+
+    def _new_path(
+        self, file_id: str, lookup: protocol.LookupResult
+    ) -> protocol.LookupResult | None:
+        """After a download through a relay stopped: a lookup of the same manifest in
+        which a holder has a hint it did not have (another relay, or direct), within
+        `PATH_CHANGE_WAIT` seconds; None if none comes, or if no holder was relayed."""
+        if not any(h.kind == "relay" for holder in lookup.holders for h in holder.hints):
+            return None
+        known = {
+            (holder.username, hint.kind, hint.endpoint)
+            for holder in lookup.holders
+            for hint in holder.hints
+        }
+        deadline = time.monotonic() + PATH_CHANGE_WAIT
+        while time.monotonic() < deadline:
+            time.sleep(PATH_CHANGE_POLL)
+            try:
+                with self._authenticated():
+                    fresh = self.broker.lookup(self._token(), file_id)
+            except SfsError as exc:  # the broker is gone too: the interruption is the news
+                log.debug("no new path: %s", exc)
+                return None
+            if fresh.manifest != lookup.manifest or fresh.signature != lookup.signature:
+                return None  # the file changed: a new get will say so
+            hints = {
+                (holder.username, hint.kind, hint.endpoint)
+                for holder in fresh.holders
+                if holder.username != self.config.username
+                for hint in holder.hints
+            }
+            if hints - known:
+                return fresh
+        return None
 
     def _seed(self, lookup: protocol.LookupResult, tree: TreeIndex, result: DownloadResult) -> bool:
         """Serve the downloaded copy too, to those the owner's signed grant allows.

@@ -6,6 +6,7 @@ the data legs (NULL mechanism): only a ticket the relay handed out opens one."""
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -14,8 +15,11 @@ from dataclasses import dataclass
 import pytest
 import zmq
 import zmq.utils.z85
+from zmq.utils.monitor import recv_monitor_message
 
 from sfs.broker.relay import RelayServer
+from sfs.broker.relay_data_conns import MAX_WAITING_PER_SOURCE
+from sfs.broker.relay_failures import FAILED_PER_ADDRESS, FAILED_PER_KEY
 from sfs.common import crypto, protocol, relay_protocol
 from sfs.common.codec import from_wire
 from sfs.common.config import RelayLimits
@@ -54,7 +58,7 @@ class Client:
         return from_wire(ErrorBody, envelope.body)
 
 
-def serve_relay(limits: RelayLimits) -> Iterator[Relay]:
+def serve_relay(limits: RelayLimits, **options: float) -> Iterator[Relay]:
     public, secret = zmq.curve_keypair()
     stop = threading.Event()
     server = RelayServer(
@@ -63,6 +67,7 @@ def serve_relay(limits: RelayLimits) -> Iterator[Relay]:
         crypto.ticket_public_key(TICKET_KEY),
         limits,
         stop,
+        **options,
     )
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     ready = threading.Event()
@@ -85,10 +90,14 @@ def relay() -> Iterator[Relay]:
     yield from serve_relay(RelayLimits(user_circuits=2, circuits_per_minute=3))
 
 
-def client(relay: Relay) -> Client:
+def client(relay: Relay, *, stalled: bool = False) -> Client:
+    """`stalled`: its libzmq and kernel take in as little as they can (see `data_leg`)."""
     public, secret = zmq.curve_keypair()
     sock = relay.context.socket(zmq.DEALER)
     sock.linger = 0
+    if stalled:
+        sock.rcvhwm = 1
+        sock.rcvbuf = 4096
     sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = relay.public, public, secret
     sock.connect(relay.endpoint)
     relay.sockets.append(sock)
@@ -111,11 +120,15 @@ def attach(relay: Relay, username: str = "alice") -> Client:
 
 
 def circuit_ticket(
-    requester: Client, holder: Client, expires_in: int = 60, key: bytes = TICKET_KEY
+    requester: Client,
+    holder: Client,
+    expires_in: int = 60,
+    key: bytes = TICKET_KEY,
+    name: str = "bob",
 ) -> relay_protocol.Open:
     ticket = relay_protocol.CircuitTicket(
         relay_protocol.CIRCUIT_DOMAIN,
-        "bob",
+        name,
         requester.key,
         "alice",
         holder.key,
@@ -239,11 +252,17 @@ def test_an_idle_circuit_is_closed() -> None:
 # --- data legs ------------------------------------------------------------------------
 
 
-def data_leg(relay: Relay, reply: protocol.Envelope | None = None) -> zmq.Socket[bytes]:
+def data_leg(
+    relay: Relay, reply: protocol.Envelope | None = None, *, stalled: bool = False
+) -> zmq.Socket[bytes]:
     """A NULL-mechanism DEALER to the relay's data port; it sends the ticket in `reply`
-    (an answer to attach or open), if given, and expects it taken."""
+    (an answer to attach or open), if given, and expects it taken. `stalled`: its
+    libzmq and kernel take in as little as they can, for an end that stops reading."""
     sock = relay.context.socket(zmq.DEALER)
     sock.linger = 0
+    if stalled:
+        sock.rcvhwm = 1
+        sock.rcvbuf = 4096
     sock.connect(relay.data_endpoint)
     relay.sockets.append(sock)
     if reply is not None:
@@ -415,3 +434,194 @@ def test_a_circuit_the_requester_closes_is_gone_at_once(relay: Relay) -> None:
         assert not alice.sock.poll(100)  # the close is the relay's, not forwarded
         bob.sock.send(b"after the close")
         assert not alice.sock.poll(200)
+
+
+# --- replies toward a requester that does not read (issue 10) -------------------------
+
+MIB = 1024 * 1024
+
+
+def opened_leg(
+    relay: Relay, alice: Client, alice_leg: zmq.Socket[bytes], name: str, *, stalled: bool = False
+) -> tuple[Client, zmq.Socket[bytes], bytes]:
+    """A circuit for `name` to alice with its data leg, and its circuit id as alice sees it."""
+    requester = client(relay)
+    requester.send("open", circuit_ticket(requester, alice, name=name))
+    leg = data_leg(relay, requester.reply(), stalled=stalled)
+    leg.send(b"hello")
+    assert alice_leg.poll(5000)
+    circuit, frame = alice_leg.recv_multipart()
+    assert frame == b"hello"
+    return requester, leg, circuit
+
+
+def drain(sock: zmq.Socket[bytes], quiet_ms: int = 500) -> int:
+    """How many messages `sock` gets until it has been quiet `quiet_ms`."""
+    count = 0
+    while sock.poll(quiet_ms):
+        sock.recv_multipart()
+        count += 1
+    return count
+
+
+def test_requests_wait_while_the_requester_s_replies_are_not_read() -> None:
+    """bob gets one chunk of 1 MiB, then asks for 30 more and never reads: the relay
+    forwards his requests only while what it holds for him and what they may bring is
+    under its reply credit (4 MiB here), so alice is asked for a few, not 30; carol,
+    reading, is served meanwhile."""
+    for relay in serve_relay(RelayLimits(), reply_credit=4 * MIB):
+        alice, alice_leg = attach_with_leg(relay)
+        _bob, bob_leg, bob_circuit = opened_leg(relay, alice, alice_leg, "bob", stalled=True)
+        _carol, carol_leg, carol_circuit = opened_leg(relay, alice, alice_leg, "carol")
+        alice_leg.send_multipart([bob_circuit, b"chunk", b"\x00" * MIB])  # sizes the credit
+        assert bob_leg.poll(5000)
+        bob_leg.recv_multipart()
+        for i in range(30):
+            bob_leg.send(b"request %d" % i)
+        asked = 0
+        while alice_leg.poll(500):  # alice answers every request that reaches her
+            circuit, _ = alice_leg.recv_multipart()
+            assert circuit == bob_circuit
+            asked += 1
+            alice_leg.send_multipart([circuit, b"chunk", b"\x00" * MIB])
+        alice_leg.send_multipart([carol_circuit, b"for carol"])
+        assert carol_leg.poll(5000)
+        assert carol_leg.recv_multipart() == [b"for carol"]
+        # 4 MiB held by the relay, plus the kernel's buffers (4 MiB at most here) and a
+        # reply or two in bob's libzmq: well under the 30 asked for.
+        assert asked <= 16, asked
+        assert drain(bob_leg) == asked  # nothing was lost: bob gets what alice sent
+
+
+def test_a_holder_pushing_replies_to_a_requester_that_does_not_read_closes_it() -> None:
+    """Replies nobody asked for, on the circuit, to a requester that does not read: past
+    twice the reply credit the relay closes the circuit, refuses that requester new
+    circuits while they are unread, and goes on serving others."""
+    for relay in serve_relay(RelayLimits(), reply_credit=4 * MIB):
+        alice = attach(relay)
+        bob, carol = client(relay, stalled=True), client(relay)
+        circuits = []
+        for requester, name in ((bob, "bob"), (carol, "carol")):
+            requester.send("open", circuit_ticket(requester, alice, name=name))
+            assert requester.reply().op == "result"
+            requester.sock.send(b"hello")
+            assert alice.sock.poll(5000)
+            circuits.append(alice.sock.recv_multipart()[0])
+        for _ in range(30):
+            alice.sock.send_multipart([circuits[0], b"chunk", b"\x00" * MIB])
+        alice.sock.send_multipart([circuits[1], b"for carol"])  # after bob's, in order
+        assert carol.sock.poll(5000)
+        assert carol.sock.recv_multipart() == [b"for carol"]
+        again = client(relay)
+        again.send("open", circuit_ticket(again, alice, name="bob"))
+        refused = again.refusal()
+        assert refused.code == "busy" and "not read" in refused.message
+        assert "retry in" in refused.message
+        # 8 MiB, the kernel's 4 MiB and a reply or two in bob's libzmq, not 30; then
+        # the reason
+        chunks = 0
+        while True:
+            assert bob.sock.poll(5000)
+            frames = bob.sock.recv_multipart()
+            if len(frames) == 1:
+                break
+            chunks += 1
+        assert chunks <= 16
+        assert "does not read" in protocol.decode_envelope(frames[0]).body["message"]
+
+
+# --- failed opens are rate limited (issue 10) -----------------------------------------
+
+
+def client_from(relay: Relay, source: str) -> Client:
+    """A client whose connection comes from `source` (a loopback address)."""
+    public, secret = zmq.curve_keypair()
+    sock = relay.context.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = relay.public, public, secret
+    sock.connect(relay.endpoint.replace("tcp://", f"tcp://{source}:0;"))
+    relay.sockets.append(sock)
+    return Client(sock, zmq.utils.z85.decode(public))
+
+
+def test_failed_opens_are_rate_limited_per_key_then_per_address(relay: Relay) -> None:
+    alice = attach(relay)
+    mallory = client(relay)
+    for _ in range(FAILED_PER_KEY):
+        mallory.send("open", circuit_ticket(mallory, alice, expires_in=-1))
+        assert mallory.refusal().message.startswith("ticket expired")
+    mallory.send("open", circuit_ticket(mallory, alice))  # even a good ticket, now
+    refused = mallory.refusal()
+    assert refused.code == "throttled" and refused.message.startswith("rate limited")
+    assert "retry in" in refused.message
+    failed = FAILED_PER_KEY
+    while failed < FAILED_PER_ADDRESS:  # fresh keys, same address
+        other = client(relay)
+        other.send("open", relay_protocol.Open(b"\x00" * 100, b"\x00" * 64))
+        assert "not a ticket" in other.refusal().message
+        failed += 1
+    late = client(relay)
+    late.send("open", circuit_ticket(late, alice))
+    refused = late.refusal()
+    assert refused.code == "throttled" and "your address" in refused.message
+    bob = client_from(relay, "127.0.0.2")  # another address is not held up
+    bob.send("open", circuit_ticket(bob, alice))
+    assert bob.reply().op == "result"
+
+
+# --- data-port connections that never give a ticket (issue 10) ------------------------
+
+
+def watched(relay: Relay, source: str = "127.0.0.1") -> tuple[zmq.Socket[bytes], zmq.Socket[bytes]]:
+    """A DEALER connected to the data port from `source` that sends nothing, and a
+    monitor of its connection's end."""
+    sock = relay.context.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.reconnect_ivl = -1  # a closed connection stays closed
+    monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+    sock.connect(relay.data_endpoint.replace("tcp://", f"tcp://{source}:0;"))
+    relay.sockets.extend([sock, monitor])
+    assert event_on(monitor, 5000) == zmq.EVENT_CONNECTED
+    return sock, monitor
+
+
+def event_on(monitor: zmq.Socket[bytes], timeout_ms: int) -> int | None:
+    if not monitor.poll(timeout_ms):
+        return None
+    return int(recv_monitor_message(monitor)["event"])
+
+
+def test_a_data_connection_that_sends_no_ticket_is_closed_at_its_deadline() -> None:
+    for relay in serve_relay(RelayLimits(), data_deadline=1):
+        alice, alice_leg = attach_with_leg(relay)  # legs that give their ticket stay
+        bob = client(relay)
+        bob.send("open", circuit_ticket(bob, alice))
+        bob_leg = data_leg(relay, bob.reply())
+        started = time.monotonic()
+        raw = socket.create_connection(("127.0.0.1", int(relay.data_endpoint.rsplit(":", 1)[1])))
+        _sock, monitor = watched(relay)
+        assert event_on(monitor, 10_000) == zmq.EVENT_DISCONNECTED
+        assert time.monotonic() - started >= 0.5
+        with raw:  # not even ZeroMQ's greeting: closed by the handshake's deadline
+            raw.settimeout(10)
+            while raw.recv(4096):
+                pass
+        bob_leg.send(b"still here")  # its legs are past the deadline, and open
+        assert alice_leg.poll(5000)
+        assert alice_leg.recv_multipart()[1] == b"still here"
+
+
+def test_data_connections_waiting_for_a_ticket_are_counted_per_address(relay: Relay) -> None:
+    _first, first_monitor = watched(relay)
+    for _ in range(MAX_WAITING_PER_SOURCE):
+        watched(relay)
+    # one too many from 127.0.0.1: the oldest waiting is closed
+    assert event_on(first_monitor, 5000) == zmq.EVENT_DISCONNECTED
+    _other, other_monitor = watched(relay, "127.0.0.2")  # another address is not affected
+    alice, alice_leg = attach_with_leg(relay)  # and a leg with a ticket opens
+    bob = client(relay)
+    bob.send("open", circuit_ticket(bob, alice))
+    bob_leg = data_leg(relay, bob.reply())
+    bob_leg.send(b"through")
+    assert alice_leg.poll(5000)
+    assert event_on(other_monitor, 100) is None
