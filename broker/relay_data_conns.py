@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +29,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from sfs.broker.throttle import address_group
+from sfs.common.socket_fds import peer_address, shut_down
 
 log = logging.getLogger("sfs.relay")
 
@@ -71,7 +70,7 @@ class DataConnections:
             event = recv_monitor_message(self.monitor)
             fd = int(event["value"])
             if event["event"] == zmq.EVENT_ACCEPTED:
-                self._accepted(fd, address_group(_source_of(fd)))
+                self._accepted(fd, address_group(peer_address(fd)))
             else:
                 self._connections.pop(fd, None)
 
@@ -121,43 +120,9 @@ class DataConnections:
 
     def _shut(self, fd: int) -> None:
         del self._connections[fd]
-        _shut(fd)
+        shut_down(fd)
 
     def stop(self) -> None:
         with contextlib.suppress(zmq.ZMQError):
             self._sock.disable_monitor()
         self.monitor.close(linger=0)
-
-
-def _source_of(fd: int) -> str:
-    """The address at the other end of `fd`, without the port ("" if it is gone)."""
-    try:
-        dup = os.dup(fd)
-    except OSError:
-        return ""
-    try:
-        sock = socket.socket(fileno=dup)
-    except OSError:
-        os.close(dup)
-        return ""
-    with sock:
-        try:
-            address = sock.getpeername()
-        except OSError:
-            return ""
-    return str(address[0]) if isinstance(address, tuple) else str(address)
-
-
-def _shut(fd: int) -> None:
-    """Shut the TCP connection on `fd` down; ZeroMQ notices and closes it."""
-    try:
-        dup = os.dup(fd)
-    except OSError:
-        return
-    try:
-        sock = socket.socket(fileno=dup)
-    except OSError:
-        os.close(dup)
-        return
-    with sock, contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_RDWR)

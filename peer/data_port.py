@@ -25,14 +25,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
+
+from sfs.common.socket_fds import peer_address, shut_down
 
 log = logging.getLogger("sfs.peer")
 
@@ -120,7 +120,7 @@ class DataPort:
             event = recv_monitor_message(self.monitor)
             fd = int(event["value"])
             if event["event"] == zmq.EVENT_ACCEPTED:
-                self.accepted(fd, _source_of(fd))
+                self.accepted(fd, peer_address(fd))
             else:
                 self._connections.pop(fd, None)
 
@@ -172,7 +172,7 @@ class DataPort:
 
     def _close(self, fd: int) -> None:
         del self._connections[fd]
-        _shut(fd)
+        shut_down(fd)
 
     def sweep(self, alive: Callable[[bytes], bool]) -> None:
         """Close connections that did not attach in time, and those whose transfer
@@ -197,37 +197,3 @@ class DataPort:
                 self.sock.disable_monitor()
             self.monitor.close(linger=0)
         self.sock.close(linger=0)
-
-
-def _source_of(fd: int) -> str:
-    """The address at the other end of `fd`, without the port ("" if it is gone)."""
-    try:
-        dup = os.dup(fd)
-    except OSError:
-        return ""
-    try:
-        sock = socket.socket(fileno=dup)
-    except OSError:
-        os.close(dup)
-        return ""
-    with sock:
-        try:
-            address = sock.getpeername()
-        except OSError:
-            return ""
-    return str(address[0]) if isinstance(address, tuple) else str(address)
-
-
-def _shut(fd: int) -> None:
-    """Shut the TCP connection on `fd` down; ZeroMQ notices and closes it."""
-    try:
-        dup = os.dup(fd)
-    except OSError:
-        return
-    try:
-        sock = socket.socket(fileno=dup)
-    except OSError:
-        os.close(dup)
-        return
-    with sock, contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_RDWR)
