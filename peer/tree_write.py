@@ -108,13 +108,17 @@ class _OpenFolder:
 
 
 class _Builder:
-    """Writes the entries, in index order, under the staging folder's descriptor.
+    """Writes the entries, in index order, under the staging folder's descriptor: every
+    folder first (`make_folder`), then the files and links (`add`). On ext4, creating
+    20,000 files in 100 folders took a quarter of the time when the folders were all
+    made first (0.6-1.1 s against 4.1-4.3 s, docs/PERFORMANCE.md).
 
     Each file gets its mode and mtime through its own descriptor as it is written. Index
     order lists a folder's contents directly after it, so only the folders on the
     current path are open (never more descriptors than the tree is deep), and a folder
-    the index has left is finished then: its mode and mtime, which making its children
-    would have changed. Without `syncfs`, each file and folder is fsynced as it is done.
+    the index has left in the second pass is finished then: its mode and mtime, which
+    making its children would have changed. Without `syncfs`, each file and folder is
+    fsynced as it is done.
     """
 
     def __init__(self, root_fd: int, part_fd: int, tree: TreeIndex, fsync_each: bool) -> None:
@@ -130,11 +134,17 @@ class _Builder:
             self._finish(self.open.pop())
         return self.open[-1].fd
 
+    def make_folder(self, entry: Entry) -> None:
+        parent, _, name = entry.path.rpartition("/")
+        where = self.folder_fd(parent)
+        os.mkdir(name, 0o700, dir_fd=where)
+        self.open.append(_OpenFolder(entry.path, os.open(name, _DIR_FLAGS, dir_fd=where), None))
+
     def add(self, entry: Entry) -> None:
+        """A file or link, or a folder made by `make_folder` (opened, to finish later)."""
         parent, _, name = entry.path.rpartition("/")
         where = self.folder_fd(parent)
         if entry.kind == FOLDER:
-            os.mkdir(name, 0o700, dir_fd=where)
             fd = os.open(name, _DIR_FLAGS, dir_fd=where)
             self.open.append(_OpenFolder(entry.path, fd, entry))
         elif entry.kind == LINK:
@@ -216,6 +226,10 @@ def build_tree_from(
     has_syncfs = _has_syncfs()
     builder = _Builder(root_fd, part_fd, tree, fsync_each=not has_syncfs)
     try:
+        for number, entry in enumerate(tree.entries):
+            if entry.kind == FOLDER and (chosen is None or number in chosen):
+                builder.make_folder(entry)
+        builder.finish()
         for number, entry in enumerate(tree.entries):
             if chosen is None or number in chosen:
                 builder.add(entry)
