@@ -111,7 +111,7 @@ class _Builder:
     """Writes the entries, in index order, under the staging folder's descriptor: every
     folder first (`make_folder`), then the files and links (`add`). On ext4, creating
     20,000 files in 100 folders took a quarter of the time when the folders were all
-    made first (0.6-1.1 s against 4.1-4.3 s, docs/PERFORMANCE.md).
+    made first (0.7-1.1 s against 4.1-4.3 s, docs/PERFORMANCE.md).
 
     Each file gets its mode and mtime through its own descriptor as it is written. Index
     order lists a folder's contents directly after it, so only the folders on the
