@@ -133,6 +133,28 @@ def test_without_syncfs_each_file_and_folder_is_fsynced(
     assert len(synced) >= made + 2  # every file and folder, the staging folder, its parent
 
 
+def test_a_build_that_fails_leaves_only_folders_it_can_remove(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entries = [
+        Entry("locked", FOLDER, 0, 0o500, MTIME_NS),
+        Entry("locked/a", FILE, 2, 0o644, MTIME_NS),
+        Entry("z", FILE, 4, 0o644, MTIME_NS),
+    ]
+    tree = crafted_tree(entries, b"aazzzz", name="shared").index
+    (tmp_path / "stream").write_bytes(b"aaz")  # the stream ends inside the last file
+    (tmp_path / "out").mkdir()
+    monkeypatch.setattr(tree_write.shutil, "rmtree", lambda path: None)  # to look at it
+    fd = os.open(tmp_path / "stream", os.O_RDONLY)
+    try:
+        with pytest.raises(OSError, match="the stream ended early"):
+            build_tree_from(fd, tree, tmp_path / "out", "f" * 32)
+    finally:
+        os.close(fd)
+    left = staging_path(tmp_path / "out", "f" * 32) / "locked"
+    assert left.stat().st_mode & 0o777 == 0o700  # the owner can still remove it all
+
+
 def test_a_symlink_planted_at_the_staging_name_is_never_followed(tmp_path: Path) -> None:
     (tmp_path / "out").mkdir()
     (tmp_path / "elsewhere").mkdir()
