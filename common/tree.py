@@ -213,9 +213,11 @@ def verify_page(header: TreeHeader, kind: str, index: int, page: bytes) -> None:
 
 def verify_entry_page(header: TreeHeader, index: int, page: bytes) -> list[Entry]:
     """The entries of a page, once its hash matches the signed header."""
+    from sfs.common.entry_page import decode_entries  # here: it imports this module
+
     verify_page(header, ENTRY_PAGES, index, page)
     try:
-        entries = from_wire(EntryPage, unpack(page), f"entry page {index}").entries
+        entries = decode_entries(unpack(page), f"entry page {index}")
     except ProtocolError as exc:
         raise IntegrityError(f"the signed entry page {index} is malformed ({exc})") from exc
     if len(entries) != _expected_items(header, ENTRY_PAGES, index):
