@@ -71,6 +71,11 @@ _READERS = """CASE WHEN u.disabled THEN '{}'::bigint[] ELSE
     || ARRAY(SELECT a.user_id FROM access a WHERE a.file_id = f.file_id ORDER BY a.user_id)
     END"""
 _PUBLIC = 0  # in `readers`: every user
+# How a search reaches its candidates (`PostgresStore.search`): a walk of the newest files
+# reads `_FIRST_WALK` rows, then further walks of at most `_MOST_WALK` rows each while
+# they look cheaper than the indexes.
+_FIRST_WALK = 2_000
+_MOST_WALK = 40_000
 
 _MIGRATIONS: dict[int, str] = {
     1: """
@@ -274,6 +279,47 @@ def _file_entry(row: Row) -> FileEntry:
 
 def _user(row: Row, disabled: bool = False) -> User:
     return User(row[0], row[1], bytes(row[2]), KeyBundle(bytes(row[3]), bytes(row[4])), disabled)
+
+
+class _Examined:
+    """The candidates of a search examined so far, in hit order: at most `budget`, until
+    `limit` hits (store_contract). `partial` is None until the answer is settled."""
+
+    def __init__(self, limit: int, budget: int) -> None:
+        self.limit, self.budget = limit, budget
+        self.count = 0
+        self.hits: list[str] = []
+        self.partial: bool | None = None
+
+    @property
+    def wanted(self) -> int:
+        """Candidates that may still decide the answer: the rest of the budget and one
+        past it (which makes the answer partial)."""
+        return self.budget + 1 - self.count
+
+    def feed(self, candidates: Iterable[tuple[str, bool]]) -> None:
+        """The next candidates (file id, whether it holds the short terms)."""
+        for file_id, holds in candidates:
+            if self.partial is not None:
+                return
+            if self.count == self.budget:  # a candidate past the budget
+                self.partial = True
+                return
+            self.count += 1
+            if holds:
+                self.hits.append(file_id)
+                if len(self.hits) == self.limit:
+                    self.partial = False
+
+
+def _after(params: dict[str, object]) -> list[str]:
+    """The condition for the files past those walked (hit order), if any were."""
+    if "after_at" not in params:
+        return []
+    return [
+        "f.shared_at <= %(after_at)s",
+        "(f.shared_at < %(after_at)s OR f.file_id > %(after_id)s)",
+    ]
 
 
 class PostgresStore:
@@ -629,45 +675,138 @@ class PostgresStore:
         now: int,
         budget: int = SEARCH_BUDGET,
     ) -> Found:
-        params: dict[str, object] = {"me": user_id, "now": now, "limit": limit, "budget": budget}
-        params["readers"] = [_PUBLIC, user_id]
-        # The candidates: files the user sees (of the owner) that hold every term of 3
-        # characters or more (which the trigram index can look up), newest first, at most
-        # `budget`. Shorter terms are checked on each candidate; the rule of visibility
-        # itself on the hits, to be sure (`readers` decides).
-        chosen, where = ["f.readers && %(readers)s::bigint[]"], [_VISIBLE]
+        # The candidates are the files the user sees (of the owner) that hold every term
+        # of 3 characters or more; shorter terms are checked on each (`holds`). The store
+        # picks the way to them itself, as a planner cannot see how common a term is
+        # among the files the user sees: first a walk of the newest files, checking each
+        # row; if that does not settle the answer, more of the walk while it finds
+        # candidates often enough to be cheaper, else the indexes (trigrams, readers,
+        # owner) for the files past the walk. Both hand out candidates in hit order.
+        params: dict[str, object] = {"readers": [_PUBLIC, user_id]}
+        chosen, short = ["f.readers && %(readers)s::bigint[]"], list[str]()
         for i, term in enumerate(_fold(term) for term in terms):
             params[f"t{i}"] = _like_pattern(term)
-            (chosen if len(term) >= 3 else where).append(
+            (chosen if len(term) >= 3 else short).append(
                 f"(f.folded_name LIKE %(t{i})s OR f.folded_keywords LIKE %(t{i})s)"
             )
+        scope: list[str] = []
         if owner is not None:
             found = self._query("SELECT id FROM users WHERE username = %s", (owner,))
             if not found:
                 return Found()
             params["owner"] = found[0][0]
-            chosen.append("f.owner_id = %(owner)s")
-        candidates = (
-            f"SELECT f.file_id, f.shared_at FROM files f WHERE {' AND '.join(chosen)}"
-            " ORDER BY f.shared_at DESC, f.file_id"
-        )
-        rows = self._query(
+            scope.append("f.owner_id = %(owner)s")
+        holds = " AND ".join(short) or "true"
+        examined = _Examined(limit, budget)
+        walked, rows = 0, _FIRST_WALK
+        while rows > 0 and examined.partial is None:
+            read = self._walk(examined, params, scope, chosen, holds, rows)
+            walked += read
+            if examined.partial is not None:
+                break
+            if read < rows:  # every file (of the owner) walked, no candidate past them
+                examined.partial = False
+            else:
+                rows = self._next_walk(examined, walked, params)
+        if examined.partial is None:
+            self._by_indexes(examined, params, scope, chosen, holds)
+        rows_found = self._query(
             f"SELECT {_FILE_COLUMNS}, EXISTS (SELECT 1 FROM presence p"
             " WHERE p.user_id = f.owner_id AND p.online_until > %(now)s)"
-            f" FROM ({candidates} LIMIT %(budget)s) c JOIN files f ON f.file_id = c.file_id"
-            f" JOIN users u ON u.id = f.owner_id WHERE {' AND '.join(where)}"
-            " ORDER BY c.shared_at DESC, c.file_id LIMIT %(limit)s",
-            params,
-            # A prepared (generic) plan cannot see how common the terms are: whether
-            # to read the newest files first or the trigram index.
-            prepare=False,
+            " FROM files f JOIN users u ON u.id = f.owner_id"
+            # `readers` decided; the rule of visibility itself on the hits, to be sure.
+            f" WHERE f.file_id = ANY(%(ids)s) AND {_VISIBLE}",
+            {"ids": examined.hits, "me": user_id, "now": now},
         )
-        hits = [Hit(_file_entry(row), bool(row[9])) for row in rows]
-        # Fewer hits than asked: were there candidates past the budget?
-        partial = len(hits) < limit and bool(
-            self._query(f"{candidates} LIMIT 1 OFFSET %(budget)s", params, prepare=False)
+        rows_found.sort(key=lambda row: (-row[7], row[0]))
+        return Found(
+            [Hit(_file_entry(row), bool(row[9])) for row in rows_found], bool(examined.partial)
         )
-        return Found(hits, partial)
+
+    def _walk(
+        self,
+        examined: _Examined,
+        params: dict[str, object],
+        scope: list[str],
+        chosen: list[str],
+        holds: str,
+        rows: int,
+    ) -> int:
+        """Read the next `rows` files (of the owner) newest first, past those walked
+        before; feed their candidates to `examined`. How many files it read."""
+        after = _after(params)
+        where = " AND ".join([*scope, *after]) or "true"
+        found = self._query(
+            "WITH w AS MATERIALIZED (SELECT f.file_id, f.shared_at, f.readers, f.folded_name,"
+            f" f.folded_keywords FROM files f WHERE {where}"
+            " ORDER BY f.shared_at DESC, f.file_id LIMIT %(rows)s),"
+            " l AS (SELECT file_id, shared_at FROM w ORDER BY shared_at, file_id DESC LIMIT 1)"
+            " SELECT (SELECT count(*) FROM w), l.shared_at, l.file_id, c.file_id, c.holds"
+            f" FROM l LEFT JOIN LATERAL (SELECT f.file_id, f.shared_at, {holds} AS holds"
+            f" FROM w f WHERE {' AND '.join(chosen)}"
+            " ORDER BY f.shared_at DESC, f.file_id LIMIT %(wanted)s) c ON true"
+            " ORDER BY c.shared_at DESC, c.file_id",
+            {**params, "rows": rows, "wanted": examined.wanted},
+            prepare=False,  # a generic plan may sort the whole table for a LIMIT it cannot see
+        )
+        if not found:  # no file (of the owner) left
+            return 0
+        params["after_at"], params["after_id"] = found[0][1], found[0][2]
+        examined.feed((row[3], bool(row[4])) for row in found if row[3] is not None)
+        return int(found[0][0])
+
+    def _next_walk(self, examined: _Examined, walked: int, params: dict[str, object]) -> int:
+        """How many more files to walk (at most `_MOST_WALK`), or 0 to ask the indexes:
+        the walk goes on while, at the rate it found candidates and hits so far, it
+        would settle the answer in fewer rows than the indexes would hand out for the
+        files left (about as many as the candidates among them)."""
+        if examined.count == 0 or _MOST_WALK <= 0:
+            return 0
+        rate = examined.count / walked
+        to_settle = examined.wanted / rate
+        if examined.hits:
+            to_settle = min(
+                to_settle, (examined.limit - len(examined.hits)) * walked / len(examined.hits)
+            )
+        if "owner" in params:
+            total = self._query("SELECT files FROM usage WHERE user_id = %(owner)s", params)
+        else:
+            total = self._query(
+                "SELECT reltuples::bigint FROM pg_class WHERE oid = 'files'::regclass"
+            )
+        left = int(total[0][0]) - walked if total and int(total[0][0]) >= 0 else 10**12
+        if to_settle > rate * left:
+            return 0
+        return min(_MOST_WALK, int(to_settle * 1.25) + 100)
+
+    def _by_indexes(
+        self,
+        examined: _Examined,
+        params: dict[str, object],
+        scope: list[str],
+        chosen: list[str],
+        holds: str,
+    ) -> None:
+        """Feed `examined` the candidates past the walk (all, if none), from the indexes:
+        the trigram indexes for the terms, the readers' index, the owner's; never a walk
+        of the newest files (this is what the walk could not settle) nor a read of the
+        whole table."""
+        where = " AND ".join([*chosen, *scope, *_after(params)])
+        with self._transaction() as db:
+            db.execute(
+                "SELECT set_config('enable_indexscan', 'off', true),"
+                " set_config('enable_indexonlyscan', 'off', true),"
+                " set_config('enable_seqscan', 'off', true)"
+            )
+            found = db.execute(
+                f"SELECT f.file_id, {holds} FROM files f WHERE {where}"
+                " ORDER BY f.shared_at DESC, f.file_id LIMIT %(wanted)s",
+                {**params, "wanted": examined.wanted},
+                prepare=False,  # the plan depends on how common the terms are
+            ).fetchall()
+        examined.feed((row[0], bool(row[1])) for row in found)
+        if examined.partial is None:  # fewer than asked: no candidate left
+            examined.partial = False
 
     def visible_file(self, file_id: str, user_id: int) -> FileEntry | None:
         rows = self._query(

@@ -12,6 +12,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from sfs.broker import postgres_store
 from sfs.broker.postgres_store import SCHEMA_VERSION, PostgresStore, describe
 from sfs.broker.store_contract import FileEntry, Quota, QuotaExceeded
 from sfs.broker.throttle import Challenges, LoginThrottle
@@ -19,6 +20,7 @@ from sfs.common.errors import StorageError
 from sfs.common.identity import KeyBundle
 from sfs.common.protocol import Refused
 from tests.postgres import REQUIRE, Cluster, unavailable
+from tests.unit import test_store_contract as contract
 
 HASH = b"$2b$04$" + b"h" * 53
 
@@ -245,3 +247,47 @@ def test_load_builds_the_file_indexes_again_and_the_readers(
         "public.txt",
         "shared.txt",
     ]
+
+
+# (first walk, most of a further walk): indexes only; a walk of one row, then of at most
+# three at a time; a walk of two rows, then the indexes.
+_WAYS = {"index": (0, 0), "walk1": (1, 3), "walk2-index": (2, 0)}
+
+
+@pytest.mark.parametrize(
+    ("contract_test", "way"),
+    [
+        *(
+            (test, way)
+            for test in (
+                contract.test_private_files_of_others_change_nothing_in_a_search,
+                contract.test_a_search_past_its_budget_says_partial,
+                contract.test_a_user_who_sees_nothing_finds_nothing_and_nothing_partial,
+                contract.test_search_is_newest_first_whatever_the_order_of_sharing,
+            )
+            for way in _WAYS
+        ),
+        # The model's searches (slow: the largest contract test), switching part way.
+        (contract.test_search_answers_as_the_model, "walk2-index"),
+    ],
+    ids=lambda value: (
+        value if isinstance(value, str) else value.__name__.removeprefix("test_")[:24]
+    ),
+)
+def test_every_way_to_the_candidates_answers_as_the_contract(
+    monkeypatch: pytest.MonkeyPatch,
+    store: PostgresStore,
+    contract_test: Any,
+    way: str,
+) -> None:
+    # A search walks the newest files first (`_FIRST_WALK` rows, then further walks of at
+    # most `_MOST_WALK` rows while that looks cheaper), and otherwise asks the indexes for
+    # the rest: every mix of the two, switching at any row, gives the contract's answers.
+    first, most = _WAYS[way]
+    monkeypatch.setattr(postgres_store, "_FIRST_WALK", first)
+    monkeypatch.setattr(postgres_store, "_MOST_WALK", most)
+    users = {
+        name: store.add_user(name, HASH, KeyBundle(b"rsa-%d" % i, bytes([i]) * 32), now=1)
+        for i, name in enumerate(("alice", "bob", "carol"), start=1)
+    }
+    contract_test(store=store, users=users)
