@@ -287,7 +287,7 @@ def time_queries(store: Store, users: list[User], queries: list[Query]) -> Timin
 def warm_page_cache(folder: Path) -> None:
     """Read the database once, so that the first search to touch a page does not wait
     for the disk (some VMs drop the page cache, and their disks are slow)."""
-    for path in folder.iterdir():
+    for path in (p for p in folder.iterdir() if p.is_file()):
         with path.open("rb") as handle:
             while handle.read(1 << 24):
                 pass

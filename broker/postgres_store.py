@@ -14,7 +14,18 @@ decides, so the index changes speed only, never answers. `files.readers` lists w
 see a file (0 for every user; empty while the owner is disabled), with a GIN index: a
 search's candidates are the files whose readers include the caller or 0 and that hold
 every term of 3 characters or more, newest first, at most the search's budget
-(`SEARCH_BUDGET`, a subquery with LIMIT); shorter terms are checked on each of them.
+(`SEARCH_BUDGET`); shorter terms are checked on each of them.
+
+The store, not the planner, chooses how a search reaches its candidates (the planner
+cannot tell how common a term is among the files one user sees, and its guesses cost
+seconds at a million files): a walk of the newest files (`files_newest`, or
+`files_by_owner`) that checks each row, `_FIRST_WALK` rows; then more of the walk while,
+at the rate it found candidates and hits so far, that settles the answer in fewer rows
+than the indexes would hand out; else the indexes for the files past the walk, with
+bitmap scans only (trigrams, readers, owner). The trigram indexes hold only the
+characters the database's ctype calls letters: with the C locale no non-ASCII ones, so
+create the database with a UTF-8 ctype (`LC_CTYPE 'C.UTF-8'`) for non-ASCII terms to be
+found through the index (docs/PERFORMANCE.md).
 
 Presence is an UNLOGGED table: heartbeats write it all the time, and a database crash
 may empty it, which heartbeats repair within one presence lifetime. Everything else is
