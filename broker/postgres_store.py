@@ -41,6 +41,7 @@ import json
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -87,6 +88,9 @@ _PUBLIC = 0  # in `readers`: every user
 # they look cheaper than the indexes.
 _FIRST_WALK = 2_000
 _MOST_WALK = 40_000
+# What a file handed out by a bitmap scan of the indexes costs, in files walked (a
+# trigram recheck and a sort besides the read).
+_INDEX_ROW_COST = 2
 
 _MIGRATIONS: dict[int, str] = {
     1: """
@@ -321,6 +325,16 @@ class _Examined:
                 self.hits.append(file_id)
                 if len(self.hits) == self.limit:
                     self.partial = False
+
+
+@dataclass(frozen=True)
+class _Way:
+    """The conditions of one search: `scope` on every file walked (the owner), `long`
+    on a candidate (the terms of 3 characters or more), `holds` on a hit (the others)."""
+
+    scope: list[str]
+    long: list[str]
+    holds: str
 
 
 def _after(params: dict[str, object]) -> list[str]:
@@ -694,10 +708,10 @@ class PostgresStore:
         # candidates often enough to be cheaper, else the indexes (trigrams, readers,
         # owner) for the files past the walk. Both hand out candidates in hit order.
         params: dict[str, object] = {"readers": [_PUBLIC, user_id]}
-        chosen, short = ["f.readers && %(readers)s::bigint[]"], list[str]()
+        long, short = list[str](), list[str]()
         for i, term in enumerate(_fold(term) for term in terms):
             params[f"t{i}"] = _like_pattern(term)
-            (chosen if len(term) >= 3 else short).append(
+            (long if len(term) >= 3 else short).append(
                 f"(f.folded_name LIKE %(t{i})s OR f.folded_keywords LIKE %(t{i})s)"
             )
         scope: list[str] = []
@@ -707,20 +721,20 @@ class PostgresStore:
                 return Found()
             params["owner"] = found[0][0]
             scope.append("f.owner_id = %(owner)s")
-        holds = " AND ".join(short) or "true"
+        way = _Way(scope, long, " AND ".join(short) or "true")
         examined = _Examined(limit, budget)
-        walked, rows = 0, _FIRST_WALK
-        while rows > 0 and examined.partial is None:
-            read = self._walk(examined, params, scope, chosen, holds, rows)
-            walked += read
-            if examined.partial is not None:
-                break
-            if read < rows:  # every file (of the owner) walked, no candidate past them
-                examined.partial = False
-            else:
-                rows = self._next_walk(examined, walked, params)
-        if examined.partial is None:
-            self._by_indexes(examined, params, scope, chosen, holds)
+        with self._transaction() as db:
+            walked, rows = 0, _FIRST_WALK
+            while rows > 0 and examined.partial is None:
+                read = self._walk(db, examined, params, way, rows)
+                walked += read
+                if examined.partial is None:
+                    if read < rows:  # every file (of the owner) walked, no candidate left
+                        examined.partial = False
+                    else:
+                        rows = self._next_walk(db, examined, walked, params)
+            if examined.partial is None:
+                self._by_indexes(db, examined, params, way)
         rows_found = self._query(
             f"SELECT {_FILE_COLUMNS}, EXISTS (SELECT 1 FROM presence p"
             " WHERE p.user_id = f.owner_id AND p.online_until > %(now)s)"
@@ -734,87 +748,97 @@ class PostgresStore:
             [Hit(_file_entry(row), bool(row[9])) for row in rows_found], bool(examined.partial)
         )
 
+    @staticmethod
     def _walk(
-        self,
-        examined: _Examined,
-        params: dict[str, object],
-        scope: list[str],
-        chosen: list[str],
-        holds: str,
-        rows: int,
+        db: Connection, examined: _Examined, params: dict[str, object], way: _Way, rows: int
     ) -> int:
-        """Read the next `rows` files (of the owner) newest first, past those walked
-        before; feed their candidates to `examined`. How many files it read."""
-        after = _after(params)
-        where = " AND ".join([*scope, *after]) or "true"
-        found = self._query(
-            "WITH w AS MATERIALIZED (SELECT f.file_id, f.shared_at, f.readers, f.folded_name,"
-            f" f.folded_keywords FROM files f WHERE {where}"
-            " ORDER BY f.shared_at DESC, f.file_id LIMIT %(rows)s),"
-            " l AS (SELECT file_id, shared_at FROM w ORDER BY shared_at, file_id DESC LIMIT 1)"
-            " SELECT (SELECT count(*) FROM w), l.shared_at, l.file_id, c.file_id, c.holds"
-            f" FROM l LEFT JOIN LATERAL (SELECT f.file_id, f.shared_at, {holds} AS holds"
-            f" FROM w f WHERE {' AND '.join(chosen)}"
-            " ORDER BY f.shared_at DESC, f.file_id LIMIT %(wanted)s) c ON true"
-            " ORDER BY c.shared_at DESC, c.file_id",
-            {**params, "rows": rows, "wanted": examined.wanted},
-            prepare=False,  # a generic plan may sort the whole table for a LIMIT it cannot see
+        """Walk the next `rows` files (of the owner) newest first, past those walked
+        before, feeding their candidates to `examined` until it is settled. A cursor
+        hands them out a few at a time, so that a search settled early reads no
+        further. The position of the last file it read (`rows` if it read them all)."""
+        where = " AND ".join([*way.scope, *_after(params)]) or "true"
+        candidate = " AND ".join(["f.readers && %(readers)s::bigint[]", *way.long])
+        cursor = db.cursor(name="sfs_walk")
+        cursor.execute(
+            f"SELECT f.n, f.file_id, f.shared_at, {way.holds}, {candidate} FROM"
+            " (SELECT f.file_id, f.shared_at, f.readers, f.folded_name, f.folded_keywords,"
+            " row_number() OVER (ORDER BY f.shared_at DESC, f.file_id) AS n"
+            f" FROM files f WHERE {where} ORDER BY f.shared_at DESC, f.file_id"
+            f" LIMIT %(rows)s) f WHERE ({candidate}) OR f.n = %(rows)s",
+            {**params, "rows": rows},
         )
-        if not found:  # no file (of the owner) left
-            return 0
-        params["after_at"], params["after_id"] = found[0][1], found[0][2]
-        examined.feed((row[3], bool(row[4])) for row in found if row[3] is not None)
-        return int(found[0][0])
+        read, size = 0, max(1, examined.limit - len(examined.hits))  # all may be hits
+        try:
+            while examined.partial is None:
+                asked = min(size, examined.wanted + 1)  # and the last file, if not one
+                found = cursor.fetchmany(asked)
+                for n, file_id, shared_at, holds, is_candidate in found:
+                    read = n
+                    if n == rows:
+                        params["after_at"], params["after_id"] = shared_at, file_id
+                    if is_candidate:
+                        examined.feed([(file_id, bool(holds))])
+                        if examined.partial is not None:
+                            break
+                if len(found) < asked:
+                    break
+                size *= 2
+        finally:
+            cursor.close()
+        return int(read)
 
-    def _next_walk(self, examined: _Examined, walked: int, params: dict[str, object]) -> int:
+    @staticmethod
+    def _next_walk(
+        db: Connection, examined: _Examined, walked: int, params: dict[str, object]
+    ) -> int:
         """How many more files to walk (at most `_MOST_WALK`), or 0 to ask the indexes:
         the walk goes on while, at the rate it found candidates and hits so far, it
         would settle the answer in fewer rows than the indexes would hand out for the
-        files left (about as many as the candidates among them)."""
+        files left (about as many as the candidates among them, each costing
+        `_INDEX_ROW_COST` rows of a walk)."""
         if examined.count == 0 or _MOST_WALK <= 0:
             return 0
         rate = examined.count / walked
         to_settle = examined.wanted / rate
         if examined.hits:
-            to_settle = min(
-                to_settle, (examined.limit - len(examined.hits)) * walked / len(examined.hits)
-            )
+            hits_left = examined.limit - len(examined.hits)
+            to_settle = min(to_settle, hits_left * walked / len(examined.hits))
         if "owner" in params:
-            total = self._query("SELECT files FROM usage WHERE user_id = %(owner)s", params)
+            total = db.execute("SELECT files FROM usage WHERE user_id = %(owner)s", params)
         else:
-            total = self._query(
+            total = db.execute(
                 "SELECT reltuples::bigint FROM pg_class WHERE oid = 'files'::regclass"
             )
-        left = int(total[0][0]) - walked if total and int(total[0][0]) >= 0 else 10**12
-        if to_settle > rate * left:
+        known = total.fetchone()
+        left = int(known[0]) - walked if known and int(known[0]) >= 0 else 10**12
+        if to_settle > rate * left * _INDEX_ROW_COST:
             return 0
         return min(_MOST_WALK, int(to_settle * 1.25) + 100)
 
+    @staticmethod
     def _by_indexes(
-        self,
-        examined: _Examined,
-        params: dict[str, object],
-        scope: list[str],
-        chosen: list[str],
-        holds: str,
+        db: Connection, examined: _Examined, params: dict[str, object], way: _Way
     ) -> None:
         """Feed `examined` the candidates past the walk (all, if none), from the indexes:
-        the trigram indexes for the terms, the readers' index, the owner's; never a walk
-        of the newest files (this is what the walk could not settle) nor a read of the
-        whole table."""
-        where = " AND ".join([*chosen, *scope, *_after(params)])
-        with self._transaction() as db:
-            db.execute(
-                "SELECT set_config('enable_indexscan', 'off', true),"
-                " set_config('enable_indexonlyscan', 'off', true),"
-                " set_config('enable_seqscan', 'off', true)"
-            )
-            found = db.execute(
-                f"SELECT f.file_id, {holds} FROM files f WHERE {where}"
-                " ORDER BY f.shared_at DESC, f.file_id LIMIT %(wanted)s",
-                {**params, "wanted": examined.wanted},
-                prepare=False,  # the plan depends on how common the terms are
-            ).fetchall()
+        the trigram indexes for the terms, else the owner's, else the readers' (whose
+        lists for "every user" are most files: only when nothing else narrows); never a
+        walk of the newest files (that is what the walk could not settle) nor a read of
+        the whole table. Bitmap scans only."""
+        readers = "f.readers && %(readers)s::bigint[]"
+        if way.long or way.scope:  # a filter only, not the index
+            readers = "(f.readers || '{}'::bigint[]) && %(readers)s::bigint[]"
+        where = " AND ".join([readers, *way.long, *way.scope, *_after(params)])
+        db.execute(
+            "SELECT set_config('enable_indexscan', 'off', true),"
+            " set_config('enable_indexonlyscan', 'off', true),"
+            " set_config('enable_seqscan', 'off', true)"
+        )
+        found = db.execute(
+            f"SELECT f.file_id, {way.holds} FROM files f WHERE {where}"
+            " ORDER BY f.shared_at DESC, f.file_id LIMIT %(wanted)s",
+            {**params, "wanted": examined.wanted},
+            prepare=False,  # the plan depends on how common the terms are
+        ).fetchall()
         examined.feed((row[0], bool(row[1])) for row in found)
         if examined.partial is None:  # fewer than asked: no candidate left
             examined.partial = False
