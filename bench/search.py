@@ -79,6 +79,9 @@ EXTENSIONS = ["pdf"] * 6 + ["docx"] * 4 + ["jpg"] * 5 + ["txt", "png", "xlsx", "
 EXTENSIONS += ["tar.gz", "mp4", "csv", "py", "md", "odt", "mkv", "flac"]
 SYLLABLES = [c + v for c in "bdklmnprstv" for v in "aeiou"]
 RARE_PAIRS = ["qz", "zq", "xj", "jx", "qk", "wq"]  # never made by the generator
+# A kept cluster's shared buffers: the files table and its indexes of a million files
+# (2.2 GB) in memory, as a server sized for them would hold them (the default is 128 MB).
+KEPT_SHARED_BUFFERS = "3GB"
 BLIND_FILES = 50_000  # all private, none visible to the caller
 BLIND_REPEATS = 40  # searches of each kind
 ONE_LETTER_TERMS = ["a", "e", "i", "o", "n", "r", "s", "t"]  # the most a query may hold
@@ -455,6 +458,13 @@ def on_postgres(source: Path, keep: Path | None = None) -> Iterator[PostgresStor
                     progress("copying the index into PostgreSQL (kept for the next run)")
                     copy_index(source, store)
                     copied.touch()
+                with psycopg.connect(url, autocommit=True) as db:  # as warm_page_cache
+                    db.execute("CREATE EXTENSION IF NOT EXISTS pg_prewarm")
+                    db.execute(
+                        "SELECT pg_prewarm(c.oid) FROM pg_class c JOIN pg_namespace n"
+                        " ON n.oid = c.relnamespace WHERE n.nspname = 'public'"
+                        " AND c.relkind IN ('r', 'i')"
+                    )
                 yield store
             finally:
                 store.close()
@@ -478,7 +488,7 @@ def on_postgres(source: Path, keep: Path | None = None) -> Iterator[PostgresStor
 def kept_cluster(bindir: Path, folder: Path) -> Iterator[tuple[str, Path]]:
     """A cluster whose data stays in `folder` (made the first time, started each run,
     stopped after it); its database's URL, and the file that says the copy is done."""
-    from tests.postgres import Cluster
+    from tests.postgres import Cluster, _free_port
 
     cluster = Cluster(bindir)
     cluster.base.rmdir()
@@ -486,11 +496,13 @@ def kept_cluster(bindir: Path, folder: Path) -> Iterator[tuple[str, Path]]:
     if not (folder / "data").exists():
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
-        cluster.start()
-    else:
-        cluster._run(str(bindir / "pg_ctl"), "-D", str(folder / "data"), "-l",
-                     str(folder / "log"), "-w", "start")  # fmt: skip
-        cluster.port = int((folder / "data" / "postmaster.pid").read_text().splitlines()[3])
+        cluster.start()  # initdb, then started again below with the shared buffers
+        cluster._run(str(bindir / "pg_ctl"), "-D", str(folder / "data"), "-w", "stop")
+    cluster._run(str(bindir / "pg_ctl"), "-D", str(folder / "data"), "-l",
+                 str(folder / "log"), "-o", f"-p {_free_port()} -k {folder}"
+                 " -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off"
+                 f" -c shared_buffers={KEPT_SHARED_BUFFERS}", "-w", "start")  # fmt: skip
+    cluster.port = int((folder / "data" / "postmaster.pid").read_text().splitlines()[3])
     try:
         # Its ctype decides which characters pg_trgm indexes: with C, none but ASCII.
         with psycopg.connect(cluster.url(), autocommit=True) as db:

@@ -86,11 +86,11 @@ _PUBLIC = 0  # in `readers`: every user
 # How a search reaches its candidates (`PostgresStore.search`): a walk of the newest files
 # reads `_FIRST_WALK` rows, then further walks of at most `_MOST_WALK` rows each while
 # they look cheaper than the indexes.
-_FIRST_WALK = 2_000
+_FIRST_WALK = 1_000
 _MOST_WALK = 40_000
 # What a file handed out by a bitmap scan of the indexes costs, in files walked (a
 # trigram recheck and a sort besides the read).
-_INDEX_ROW_COST = 2
+_INDEX_ROW_COST = 1.5
 
 _MIGRATIONS: dict[int, str] = {
     1: """
