@@ -335,6 +335,21 @@ class _Way:
     scope: list[str]
     long: list[str]
     holds: str
+    # For the indexes: `long`, with the terms the trigram indexes cannot narrow written
+    # as filters when another term can; `narrowed`: whether one can.
+    indexed: list[str]
+    narrowed: bool
+
+
+def _has_trigram(term: str, beyond_ascii: bool) -> bool:
+    """Whether pg_trgm can narrow LIKE '%term%': a run of 3 letters or digits (ASCII
+    ones only, if the database's ctype knows no others). A guess of speed only."""
+    run = 0
+    for char in term:
+        run = run + 1 if char.isalnum() and (beyond_ascii or char.isascii()) else 0
+        if run == 3:
+            return True
+    return False
 
 
 def _after(params: dict[str, object]) -> list[str]:
@@ -363,6 +378,9 @@ class PostgresStore:
             with self._error_context("cannot set up"):
                 self._check_encoding(first)
                 self._migrate(first)
+                # Which letters pg_trgm indexes depends on the database's ctype.
+                row = first.execute("SELECT show_trgm('данные') <> '{}'::text[]").fetchone()
+                self._trigrams_beyond_ascii = bool(row and row[0])
         finally:
             first.close()
         self._pool: ConnectionPool[Connection] = ConnectionPool(
@@ -708,12 +726,19 @@ class PostgresStore:
         # candidates often enough to be cheaper, else the indexes (trigrams, readers,
         # owner) for the files past the walk. Both hand out candidates in hit order.
         params: dict[str, object] = {"readers": [_PUBLIC, user_id]}
-        long, short = list[str](), list[str]()
+        long, short, narrowing, filters = list[str](), list[str](), list[str](), list[str]()
         for i, term in enumerate(_fold(term) for term in terms):
             params[f"t{i}"] = _like_pattern(term)
-            (long if len(term) >= 3 else short).append(
-                f"(f.folded_name LIKE %(t{i})s OR f.folded_keywords LIKE %(t{i})s)"
-            )
+            holds = f"(f.folded_name LIKE %(t{i})s OR f.folded_keywords LIKE %(t{i})s)"
+            if len(term) < 3:
+                short.append(holds)
+                continue
+            long.append(holds)
+            if _has_trigram(term, self._trigrams_beyond_ascii):
+                narrowing.append(holds)
+            else:  # the same test in a form no index answers
+                filters.append(f"((f.folded_name || '') LIKE %(t{i})s OR (f.folded_keywords"
+                               f" || '') LIKE %(t{i})s)")  # fmt: skip
         scope: list[str] = []
         if owner is not None:
             found = self._query("SELECT id FROM users WHERE username = %s", (owner,))
@@ -721,7 +746,13 @@ class PostgresStore:
                 return Found()
             params["owner"] = found[0][0]
             scope.append("f.owner_id = %(owner)s")
-        way = _Way(scope, long, " AND ".join(short) or "true")
+        way = _Way(
+            scope,
+            long,
+            " AND ".join(short) or "true",
+            indexed=[*narrowing, *filters] if narrowing else long,
+            narrowed=bool(narrowing),
+        )
         examined = _Examined(limit, budget)
         with self._transaction() as db:
             walked, rows = 0, _FIRST_WALK
@@ -732,7 +763,7 @@ class PostgresStore:
                     if read < rows:  # every file (of the owner) walked, no candidate left
                         examined.partial = False
                     else:
-                        rows = self._next_walk(db, examined, walked, params)
+                        rows = self._next_walk(db, examined, walked, params, way)
             if examined.partial is None:
                 self._by_indexes(db, examined, params, way)
         rows_found = self._query(
@@ -789,13 +820,13 @@ class PostgresStore:
 
     @staticmethod
     def _next_walk(
-        db: Connection, examined: _Examined, walked: int, params: dict[str, object]
+        db: Connection, examined: _Examined, walked: int, params: dict[str, object], way: _Way
     ) -> int:
         """How many more files to walk (at most `_MOST_WALK`), or 0 to ask the indexes:
         the walk goes on while, at the rate it found candidates and hits so far, it
         would settle the answer in fewer rows than the indexes would hand out for the
-        files left (about as many as the candidates among them, each costing
-        `_INDEX_ROW_COST` rows of a walk)."""
+        files left (about as many as the candidates among them if a term narrows them,
+        else all; each costing `_INDEX_ROW_COST` rows of a walk)."""
         if examined.count == 0 or _MOST_WALK <= 0:
             return 0
         rate = examined.count / walked
@@ -811,7 +842,7 @@ class PostgresStore:
             )
         known = total.fetchone()
         left = int(known[0]) - walked if known and int(known[0]) >= 0 else 10**12
-        if to_settle > rate * left * _INDEX_ROW_COST:
+        if to_settle > (rate if way.narrowed else 1) * left * _INDEX_ROW_COST:
             return 0
         return min(_MOST_WALK, int(to_settle * 1.25) + 100)
 
@@ -827,7 +858,7 @@ class PostgresStore:
         readers = "f.readers && %(readers)s::bigint[]"
         if way.long or way.scope:  # a filter only, not the index
             readers = "(f.readers || '{}'::bigint[]) && %(readers)s::bigint[]"
-        where = " AND ".join([readers, *way.long, *way.scope, *_after(params)])
+        where = " AND ".join([readers, *way.indexed, *way.scope, *_after(params)])
         db.execute(
             "SELECT set_config('enable_indexscan', 'off', true),"
             " set_config('enable_indexonlyscan', 'off', true),"

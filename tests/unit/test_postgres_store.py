@@ -291,3 +291,27 @@ def test_every_way_to_the_candidates_answers_as_the_contract(
         for i, name in enumerate(("alice", "bob", "carol"), start=1)
     }
     contract_test(store=store, users=users)
+
+
+@pytest.mark.parametrize("way", list(_WAYS))
+def test_terms_no_trigram_narrows_answer_as_the_others(
+    monkeypatch: pytest.MonkeyPatch, store: PostgresStore, way: str
+) -> None:
+    # "t.p" and "é.b" hold no run of 3 letters: the indexes answer them by the other
+    # terms, or read through the trigram index whole; the hits are the same every way.
+    first, most = _WAYS[way]
+    monkeypatch.setattr(postgres_store, "_FIRST_WALK", first)
+    monkeypatch.setattr(postgres_store, "_MOST_WALK", most)
+    alice = store.add_user("alice", HASH, KeyBundle(b"rsa", b"\x01" * 32), now=1)
+    names = ["report.pdf", "rapport.pdf", "report.txt", "é.b report", "é.bx", "REPORT.PDF"]
+    for n, name in enumerate(names):
+        store.add_file(alice.id, FileEntry(f"{n:032x}", "alice", name, 1, [], b"m", b"s", n), None)
+    for terms, expected in [
+        (["t.p"], ["REPORT.PDF", "rapport.pdf", "report.pdf"]),
+        (["t.p", "report"], ["REPORT.PDF", "report.pdf"]),
+        (["É.B", "report"], ["é.b report"]),
+        (["é.b"], ["é.bx", "é.b report"]),
+    ]:
+        found = store.search(alice.id, terms, None, 10, 0, budget=2)
+        assert [hit.file.name for hit in found] == expected[:2], terms
+        assert found.partial is (len(expected) > 2), terms
