@@ -86,7 +86,7 @@ _PUBLIC = 0  # in `readers`: every user
 # How a search reaches its candidates (`PostgresStore.search`): a walk of the newest files
 # reads `_FIRST_WALK` rows, then further walks of at most `_MOST_WALK` rows each while
 # they look cheaper than the indexes.
-_FIRST_WALK = 1_000
+_FIRST_WALK = 300
 _MOST_WALK = 40_000
 # What a file handed out by a bitmap scan of the indexes costs, in files walked (a
 # trigram recheck and a sort besides the read).
@@ -767,6 +767,7 @@ class PostgresStore:
             if examined.partial is None:
                 self._by_indexes(db, examined, params, way)
         rows_found = self._query(
+            # The owner's presence last, after the file's columns.
             f"SELECT {_FILE_COLUMNS}, EXISTS (SELECT 1 FROM presence p"
             " WHERE p.user_id = f.owner_id AND p.online_until > %(now)s)"
             " FROM files f JOIN users u ON u.id = f.owner_id"
@@ -776,7 +777,7 @@ class PostgresStore:
         )
         rows_found.sort(key=lambda row: (-row[7], row[0]))
         return Found(
-            [Hit(_file_entry(row), bool(row[9])) for row in rows_found], bool(examined.partial)
+            [Hit(_file_entry(row), bool(row[-1])) for row in rows_found], bool(examined.partial)
         )
 
     @staticmethod
