@@ -383,16 +383,18 @@ def filled_store(
     queries are those a fresh run makes)."""
     path, done = folder / "broker.db", folder / "filled.pickle"
     if done.exists():
-        corpus, users, state, filled = pickle.loads(done.read_bytes())  # noqa: S301 (our file)
+        fields, users, state, filled = pickle.loads(done.read_bytes())  # noqa: S301 (our file)
         rng.setstate(state)
-        return SqliteStore(path), corpus, users, filled
+        return SqliteStore(path), Corpus(*fields), users, filled
     path.unlink(missing_ok=True)
     store = SqliteStore(path)
     corpus = make_corpus(rng)
     started = time.perf_counter()
     users = fill(store, files, rng, corpus)
     filled = time.perf_counter() - started
-    done.write_bytes(pickle.dumps((corpus, users, rng.getstate(), filled)))
+    # The corpus as plain fields: its class may be __main__'s in one run, not the next.
+    fields = (corpus.vocabulary, corpus.cum_weights, corpus.names)
+    done.write_bytes(pickle.dumps((fields, users, rng.getstate(), filled)))
     return store, corpus, users, filled
 
 
