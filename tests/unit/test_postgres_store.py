@@ -311,3 +311,25 @@ def test_terms_no_trigram_narrows_answer_as_the_others(
         found = store.search(alice.id, terms, None, 10, 0, budget=2)
         assert [hit.file.name for hit in found] == expected[:2], terms
         assert found.partial is (len(expected) > 2), terms
+
+
+def test_a_copied_index_lays_the_files_out_by_time(
+    store: PostgresStore, postgres_url: str, tmp_path: Path
+) -> None:
+    # A search walks the newest files first: a copy laid out by time (as a broker's own
+    # shares are) reads a few neighbouring rows per page instead of one page per row.
+    from sfs.broker.migrate import copy_index
+    from sfs.broker.store import SqliteStore
+
+    source = SqliteStore(tmp_path / "broker.db")
+    alice = source.add_user("alice", HASH, KeyBundle(b"rsa", b"\x01" * 32), now=1)
+    times = [5, 1, 9, 3, 7, 2, 8]
+    for n, shared_at in enumerate(times):  # ids in another order than the times
+        source.add_file(alice.id, entry(n, f"at-{shared_at}"), None)
+        source._connection().execute(
+            "UPDATE files SET shared_at = ? WHERE file_id = ?", (shared_at, f"{n:032x}")
+        )
+    source.close()
+    copy_index(tmp_path / "broker.db", store)
+    laid_out = sql(postgres_url, "SELECT shared_at FROM files ORDER BY ctid")
+    assert [row[0] for row in laid_out] == sorted(times)
