@@ -3,6 +3,7 @@
     .venv/bin/python -m bench.search [--files 1000000] [--queries 400] [--seed 1]
     .venv/bin/python -m bench.search --blind-only  # the second part alone (~1 min)
     .venv/bin/python -m bench.search --postgres    # also on a throwaway PostgreSQL
+    .venv/bin/python -m bench.search --keep DIR    # build the stores in DIR once, reuse them
     .venv/bin/python -m bench --only search        # the same, as a section of results.md
 
 Fills a `SqliteStore` in a temporary folder with generated files (names and keywords
@@ -29,7 +30,9 @@ import gc
 import itertools
 import math
 import os
+import pickle
 import random
+import shutil
 import sqlite3
 import sys
 import tempfile
@@ -38,6 +41,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import psycopg
 
 from bench.common import BenchError, fmt_load, progress
 from sfs.broker.migrate import copy_index
@@ -74,6 +79,9 @@ EXTENSIONS = ["pdf"] * 6 + ["docx"] * 4 + ["jpg"] * 5 + ["txt", "png", "xlsx", "
 EXTENSIONS += ["tar.gz", "mp4", "csv", "py", "md", "odt", "mkv", "flac"]
 SYLLABLES = [c + v for c in "bdklmnprstv" for v in "aeiou"]
 RARE_PAIRS = ["qz", "zq", "xj", "jx", "qk", "wq"]  # never made by the generator
+# A kept cluster's shared buffers: the files table and its indexes of a million files
+# (2.2 GB) in memory, as a server sized for them would hold them (the default is 128 MB).
+KEPT_SHARED_BUFFERS = "3GB"
 BLIND_FILES = 50_000  # all private, none visible to the caller
 BLIND_REPEATS = 40  # searches of each kind
 ONE_LETTER_TERMS = ["a", "e", "i", "o", "n", "r", "s", "t"]  # the most a query may hold
@@ -282,7 +290,7 @@ def time_queries(store: Store, users: list[User], queries: list[Query]) -> Timin
 def warm_page_cache(folder: Path) -> None:
     """Read the database once, so that the first search to touch a page does not wait
     for the disk (some VMs drop the page cache, and their disks are slow)."""
-    for path in folder.iterdir():
+    for path in (p for p in folder.iterdir() if p.is_file()):
         with path.open("rb") as handle:
             while handle.read(1 << 24):
                 pass
@@ -347,38 +355,76 @@ def run(args: argparse.Namespace) -> str:
     (with defaults, since `python -m bench` passes its own arguments)."""
     args.files = getattr(args, "files", DEFAULT_FILES)
     args.queries = getattr(args, "queries", DEFAULT_QUERIES)
+    if getattr(args, "no_blind", False):
+        return run_main(args)
     blind = run_blind(getattr(args, "seed", 1), getattr(args, "postgres", False))
     if getattr(args, "blind_only", False):
         return f"## Search\n\n{blind}"
     return run_main(args) + "\n" + blind
 
 
+@contextmanager
+def work_folder(keep: Path | None, files: int, seed: int) -> Iterator[Path]:
+    """A temporary folder, or `keep`/<files>-<seed> kept for the next run."""
+    if keep is None:
+        with tempfile.TemporaryDirectory(prefix="sfs-bench-search-") as tmp:
+            yield Path(tmp)
+        return
+    folder = keep / f"{files}-{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    yield folder
+
+
+def filled_store(
+    folder: Path, files: int, rng: random.Random
+) -> tuple[SqliteStore, Corpus, list[User], float]:
+    """The SQLite store in `folder`, filled with `files` files: made now, or as a kept
+    folder holds it (`filled.pickle`: what filling it left, the rng included, so that the
+    queries are those a fresh run makes)."""
+    path, done = folder / "broker.db", folder / "filled.pickle"
+    if done.exists():
+        fields, users, state, filled = pickle.loads(done.read_bytes())  # noqa: S301 (our file)
+        rng.setstate(state)
+        return SqliteStore(path), Corpus(*fields), users, filled
+    path.unlink(missing_ok=True)
+    store = SqliteStore(path)
+    corpus = make_corpus(rng)
+    started = time.perf_counter()
+    users = fill(store, files, rng, corpus)
+    filled = time.perf_counter() - started
+    # The corpus as plain fields: its class may be __main__'s in one run, not the next.
+    fields = (corpus.vocabulary, corpus.cum_weights, corpus.names)
+    done.write_bytes(pickle.dumps((fields, users, rng.getstate(), filled)))
+    return store, corpus, users, filled
+
+
 def run_main(args: argparse.Namespace) -> str:
-    rng = random.Random(getattr(args, "seed", 1))  # noqa: S311 (made-up data, not secrets)
-    with tempfile.TemporaryDirectory(prefix="sfs-bench-search-") as tmp:
-        path = Path(tmp) / "broker.db"
-        store = SqliteStore(path)
+    seed = getattr(args, "seed", 1)
+    rng = random.Random(seed)  # noqa: S311 (made-up data, not secrets)
+    keep = getattr(args, "keep", None)
+    with work_folder(keep, args.files, seed) as tmp:
+        path = tmp / "broker.db"
+        load = os.getloadavg()
+        store, corpus, users, filled = filled_store(tmp, args.files, rng)
         try:
-            load = os.getloadavg()
-            corpus = make_corpus(rng)
-            started = time.perf_counter()
-            users = fill(store, args.files, rng, corpus)
-            filled = time.perf_counter() - started
             queries = make_queries(rng, corpus, users, args.queries)
-            warm_page_cache(Path(tmp))
+            warm_page_cache(tmp)
             # The filling's garbage out of the way: a collection of it would land in a search.
             gc.collect()
             gc.freeze()
-            time_queries(store, users, queries[:50])  # warm SQLite's caches
-            timings = time_queries(store, users, queries)
+            sqlite_too = not getattr(args, "postgres_only", False)
+            if sqlite_too:
+                time_queries(store, users, queries[:50])  # warm SQLite's caches
+                timings = time_queries(store, users, queries)
             gc.unfreeze()
-            size = sum(p.stat().st_size for p in Path(tmp).iterdir())
-            if getattr(args, "postgres", False):
-                with on_postgres(path) as postgres:
+            size = sum(p.stat().st_size for p in tmp.iterdir() if p.is_file())
+            if getattr(args, "postgres", False) or not sqlite_too:
+                with on_postgres(path, tmp / "pg" if keep else None) as postgres:
                     time_queries(postgres, users, queries[:50])
                     on_server = time_queries(postgres, users, queries)
         finally:
             store.close()
+    per_kind = len(queries) // len({query.kind for query in queries})
     setup = {
         "database": f"{size / 2**20:,.0f} MiB on disk with its WAL",
         "fill": f"{filled:.0f} s ({args.files / filled:,.0f} files/s, batches of {BATCH:,}"
@@ -386,10 +432,10 @@ def run_main(args: argparse.Namespace) -> str:
         "SQLite": sqlite3.sqlite_version,
         "load average before / after": f"{fmt_load(load)} / {fmt_load(os.getloadavg())}",
         "method": "the database file is read once first (page cache warm); p99 is the"
-        f" nearest rank: with {len(queries) // len(timings.store)} searches per kind, the slowest",
+        f" nearest rank: with {per_kind} searches per kind, the slowest",
     }
-    report = render(args, timings, setup, "SqliteStore")
-    if getattr(args, "postgres", False):
+    report = render(args, timings, setup, "SqliteStore") if sqlite_too else ""
+    if getattr(args, "postgres", False) or not sqlite_too:
         setup["database"] = "a throwaway cluster on this machine, fsync off"
         setup["fill"] = "copied from the SQLite store (sfs-broker migrate's copy_index)"
         del setup["SQLite"]
@@ -398,13 +444,33 @@ def run_main(args: argparse.Namespace) -> str:
 
 
 @contextmanager
-def on_postgres(source: Path) -> Iterator[PostgresStore]:
-    """The SQLite index at `source`, copied into a throwaway PostgreSQL cluster."""
+def on_postgres(source: Path, keep: Path | None = None) -> Iterator[PostgresStore]:
+    """The SQLite index at `source`, copied into a throwaway PostgreSQL cluster; or, with
+    `keep`, into a cluster kept in that folder (copied the first time, reused after)."""
     from tests.postgres import Cluster, find_bindir  # with pytest: only for --postgres
 
     bindir = find_bindir()
     if bindir is None:
         raise BenchError("--postgres needs initdb and pg_ctl (Debian: apt install postgresql)")
+    if keep is not None:
+        with kept_cluster(bindir, keep) as (url, copied):
+            store = PostgresStore(url)
+            try:
+                if not copied.exists():
+                    progress("copying the index into PostgreSQL (kept for the next run)")
+                    copy_index(source, store)
+                    copied.touch()
+                with psycopg.connect(url, autocommit=True) as db:  # as warm_page_cache
+                    db.execute("CREATE EXTENSION IF NOT EXISTS pg_prewarm")
+                    db.execute(
+                        "SELECT pg_prewarm(c.oid) FROM pg_class c JOIN pg_namespace n"
+                        " ON n.oid = c.relnamespace WHERE n.nspname = 'public'"
+                        " AND c.relkind IN ('r', 'i')"
+                    )
+                yield store
+            finally:
+                store.close()
+        return
     cluster = Cluster(bindir)
     try:
         cluster.start()
@@ -418,6 +484,38 @@ def on_postgres(source: Path) -> Iterator[PostgresStore]:
                 store.close()
     finally:
         cluster.stop()
+
+
+@contextmanager
+def kept_cluster(bindir: Path, folder: Path) -> Iterator[tuple[str, Path]]:
+    """A cluster whose data stays in `folder` (made the first time, started each run,
+    stopped after it); its database's URL, and the file that says the copy is done."""
+    from tests.postgres import Cluster, _free_port
+
+    cluster = Cluster(bindir)
+    cluster.base.rmdir()
+    cluster.base = folder
+    if not (folder / "data").exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        cluster.start()  # initdb, then started again below with the shared buffers
+        cluster._run(str(bindir / "pg_ctl"), "-D", str(folder / "data"), "-w", "stop")
+    cluster._run(str(bindir / "pg_ctl"), "-D", str(folder / "data"), "-l",
+                 str(folder / "log"), "-o", f"-p {_free_port()} -k {folder}"
+                 " -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off"
+                 f" -c shared_buffers={KEPT_SHARED_BUFFERS}", "-w", "start")  # fmt: skip
+    cluster.port = int((folder / "data" / "postmaster.pid").read_text().splitlines()[3])
+    try:
+        # Its ctype decides which characters pg_trgm indexes: with C, none but ASCII.
+        with psycopg.connect(cluster.url(), autocommit=True) as db:
+            if not db.execute("SELECT 1 FROM pg_database WHERE datname = 'bench'").fetchone():
+                db.execute(
+                    "CREATE DATABASE bench TEMPLATE template0 ENCODING 'UTF8'"
+                    " LC_COLLATE 'C' LC_CTYPE 'C.UTF-8'"
+                )
+        yield cluster.url("bench"), folder / "copied"
+    finally:
+        cluster._run(str(bindir / "pg_ctl"), "-D", str(folder / "data"), "-m", "fast", "-w", "stop")
 
 
 # --- a caller who can see nothing ------------------------------------------------------------
@@ -494,6 +592,16 @@ def main() -> None:
     )
     parser.add_argument(
         "--postgres", action="store_true", help="also on a throwaway PostgreSQL cluster"
+    )
+    parser.add_argument(
+        "--postgres-only", action="store_true", help="time PostgreSQL alone (not SQLite)"
+    )
+    parser.add_argument("--no-blind", action="store_true", help="leave out the blind caller")
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        metavar="DIR",
+        help="build the stores (and the PostgreSQL cluster) in DIR once and reuse them",
     )
     print(run(parser.parse_args()), end="")
 

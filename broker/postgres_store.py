@@ -14,7 +14,18 @@ decides, so the index changes speed only, never answers. `files.readers` lists w
 see a file (0 for every user; empty while the owner is disabled), with a GIN index: a
 search's candidates are the files whose readers include the caller or 0 and that hold
 every term of 3 characters or more, newest first, at most the search's budget
-(`SEARCH_BUDGET`, a subquery with LIMIT); shorter terms are checked on each of them.
+(`SEARCH_BUDGET`); shorter terms are checked on each of them.
+
+The store, not the planner, chooses how a search reaches its candidates (the planner
+cannot tell how common a term is among the files one user sees, and its guesses cost
+seconds at a million files): a walk of the newest files (`files_newest`, or
+`files_by_owner`) that checks each row, `_FIRST_WALK` rows; then more of the walk while,
+at the rate it found candidates and hits so far, that settles the answer in fewer rows
+than the indexes would hand out; else the indexes for the files past the walk, with
+bitmap scans only (trigrams, readers, owner). The trigram indexes hold only the
+characters the database's ctype calls letters: with the C locale no non-ASCII ones, so
+create the database with a UTF-8 ctype (`LC_CTYPE 'C.UTF-8'`) for non-ASCII terms to be
+found through the index (docs/PERFORMANCE.md).
 
 Presence is an UNLOGGED table: heartbeats write it all the time, and a database crash
 may empty it, which heartbeats repair within one presence lifetime. Everything else is
@@ -30,6 +41,7 @@ import json
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -72,6 +84,16 @@ _READERS = """CASE WHEN u.disabled THEN '{}'::bigint[] ELSE
     || ARRAY(SELECT a.user_id FROM access a WHERE a.file_id = f.file_id ORDER BY a.user_id)
     END"""
 _PUBLIC = 0  # in `readers`: every user
+# How a search reaches its candidates (`PostgresStore.search`): a walk of the newest files
+# reads `_FIRST_WALK` rows, then further walks of at most `_MOST_WALK` rows each while
+# they look cheaper than the indexes.
+_FIRST_WALK = 300
+_MOST_WALK = 40_000
+# What a file handed out by a bitmap scan of the indexes costs, in files walked (a
+# trigram recheck and a sort besides the read; and files laid out by time, as shares
+# arrive and `migrate` copies them, put ~6 rows a walk reads on each page: 20,000 rows
+# walked read 3,383 pages, 9,513 rows from a bitmap 11,428).
+_INDEX_ROW_COST = 4
 
 _MIGRATIONS: dict[int, str] = {
     1: """
@@ -321,6 +343,72 @@ def _user(row: Row, disabled: bool = False) -> User:
     return User(row[0], row[1], bytes(row[2]), KeyBundle(bytes(row[3]), bytes(row[4])), disabled)
 
 
+class _Examined:
+    """The candidates of a search examined so far, in hit order: at most `budget`, until
+    `limit` hits (store_contract). `partial` is None until the answer is settled."""
+
+    def __init__(self, limit: int, budget: int) -> None:
+        self.limit, self.budget = limit, budget
+        self.count = 0
+        self.hits: list[str] = []
+        self.partial: bool | None = None
+
+    @property
+    def wanted(self) -> int:
+        """Candidates that may still decide the answer: the rest of the budget and one
+        past it (which makes the answer partial)."""
+        return self.budget + 1 - self.count
+
+    def feed(self, candidates: Iterable[tuple[str, bool]]) -> None:
+        """The next candidates (file id, whether it holds the short terms)."""
+        for file_id, holds in candidates:
+            if self.partial is not None:
+                return
+            if self.count == self.budget:  # a candidate past the budget
+                self.partial = True
+                return
+            self.count += 1
+            if holds:
+                self.hits.append(file_id)
+                if len(self.hits) == self.limit:
+                    self.partial = False
+
+
+@dataclass(frozen=True)
+class _Way:
+    """The conditions of one search: `scope` on every file walked (the owner), `long`
+    on a candidate (the terms of 3 characters or more), `holds` on a hit (the others)."""
+
+    scope: list[str]
+    long: list[str]
+    holds: str
+    # For the indexes: `long`, with the terms the trigram indexes cannot narrow written
+    # as filters when another term can; `narrowed`: whether one can.
+    indexed: list[str]
+    narrowed: bool
+
+
+def _has_trigram(term: str, beyond_ascii: bool) -> bool:
+    """Whether pg_trgm can narrow LIKE '%term%': a run of 3 letters or digits (ASCII
+    ones only, if the database's ctype knows no others). A guess of speed only."""
+    run = 0
+    for char in term:
+        run = run + 1 if char.isalnum() and (beyond_ascii or char.isascii()) else 0
+        if run == 3:
+            return True
+    return False
+
+
+def _after(params: dict[str, object]) -> list[str]:
+    """The condition for the files past those walked (hit order), if any were."""
+    if "after_at" not in params:
+        return []
+    return [
+        "f.shared_at <= %(after_at)s",
+        "(f.shared_at < %(after_at)s OR f.file_id > %(after_id)s)",
+    ]
+
+
 class PostgresStore:
     """A pool of connections to one database; safe to share between threads."""
 
@@ -337,6 +425,9 @@ class PostgresStore:
             with self._error_context("cannot set up"):
                 self._check_encoding(first)
                 self._migrate(first)
+                # Which letters pg_trgm indexes depends on the database's ctype.
+                row = first.execute("SELECT show_trgm('данные') <> '{}'::text[]").fetchone()
+                self._trigrams_beyond_ascii = bool(row and row[0])
         finally:
             first.close()
         self._pool: ConnectionPool[Connection] = ConnectionPool(
@@ -475,7 +566,12 @@ class PostgresStore:
                 " SELECT owner_id, count(*), sum(octet_length(manifest)) FROM files"
                 " GROUP BY owner_id"
             )
-            self._set_readers(db, "true", ())
+            # Without a join, the update walks the table in order and writes each row's
+            # new version in that order: the copy stays laid out by time.
+            owner_disabled = "(SELECT u.disabled FROM users u WHERE u.id = f.owner_id)"
+            db.execute(
+                f"UPDATE files f SET readers = {_READERS.replace('u.disabled', owner_disabled)}"
+            )
             for name, definition in _FILE_INDEXES.items():
                 db.execute(f"CREATE INDEX {name} ON files {definition}")
         with self._error_context("error in"), self._pool.connection() as db:
@@ -678,45 +774,162 @@ class PostgresStore:
         now: int,
         budget: int = SEARCH_BUDGET,
     ) -> Found:
-        params: dict[str, object] = {"me": user_id, "now": now, "limit": limit, "budget": budget}
-        params["readers"] = [_PUBLIC, user_id]
-        # The candidates: files the user sees (of the owner) that hold every term of 3
-        # characters or more (which the trigram index can look up), newest first, at most
-        # `budget`. Shorter terms are checked on each candidate; the rule of visibility
-        # itself on the hits, to be sure (`readers` decides).
-        chosen, where = ["f.readers && %(readers)s::bigint[]"], [_VISIBLE]
+        # The candidates are the files the user sees (of the owner) that hold every term
+        # of 3 characters or more; shorter terms are checked on each (`holds`). The store
+        # picks the way to them itself, as a planner cannot see how common a term is
+        # among the files the user sees: first a walk of the newest files, checking each
+        # row; if that does not settle the answer, more of the walk while it finds
+        # candidates often enough to be cheaper, else the indexes (trigrams, readers,
+        # owner) for the files past the walk. Both hand out candidates in hit order.
+        params: dict[str, object] = {"readers": [_PUBLIC, user_id]}
+        long, short, narrowing, filters = list[str](), list[str](), list[str](), list[str]()
         for i, term in enumerate(_fold(term) for term in terms):
             params[f"t{i}"] = _like_pattern(term)
-            (chosen if len(term) >= 3 else where).append(
-                f"(f.folded_name LIKE %(t{i})s OR f.folded_keywords LIKE %(t{i})s)"
-            )
+            holds = f"(f.folded_name LIKE %(t{i})s OR f.folded_keywords LIKE %(t{i})s)"
+            if len(term) < 3:
+                short.append(holds)
+                continue
+            long.append(holds)
+            if _has_trigram(term, self._trigrams_beyond_ascii):
+                narrowing.append(holds)
+            else:  # the same test in a form no index answers
+                filters.append(f"((f.folded_name || '') LIKE %(t{i})s OR (f.folded_keywords"
+                               f" || '') LIKE %(t{i})s)")  # fmt: skip
+        scope: list[str] = []
         if owner is not None:
             found = self._query("SELECT id FROM users WHERE username = %s", (owner,))
             if not found:
                 return Found()
             params["owner"] = found[0][0]
-            chosen.append("f.owner_id = %(owner)s")
-        candidates = (
-            f"SELECT f.file_id, f.shared_at FROM files f WHERE {' AND '.join(chosen)}"
-            " ORDER BY f.shared_at DESC, f.file_id"
+            scope.append("f.owner_id = %(owner)s")
+        way = _Way(
+            scope,
+            long,
+            " AND ".join(short) or "true",
+            indexed=[*narrowing, *filters] if narrowing else long,
+            narrowed=bool(narrowing),
         )
-        rows = self._query(
+        examined = _Examined(limit, budget)
+        with self._transaction() as db:
+            walked, rows = 0, _FIRST_WALK
+            while rows > 0 and examined.partial is None:
+                read = self._walk(db, examined, params, way, rows)
+                walked += read
+                if examined.partial is None:
+                    if read < rows:  # every file (of the owner) walked, no candidate left
+                        examined.partial = False
+                    else:
+                        rows = self._next_walk(db, examined, walked, params, way)
+            if examined.partial is None:
+                self._by_indexes(db, examined, params, way)
+        rows_found = self._query(
+            # The owner's presence last, after the file's columns.
             f"SELECT {_FILE_COLUMNS}, EXISTS (SELECT 1 FROM presence p"
             " WHERE p.user_id = f.owner_id AND p.online_until > %(now)s)"
-            f" FROM ({candidates} LIMIT %(budget)s) c JOIN files f ON f.file_id = c.file_id"
-            f" JOIN users u ON u.id = f.owner_id WHERE {' AND '.join(where)}"
-            " ORDER BY c.shared_at DESC, c.file_id LIMIT %(limit)s",
-            params,
-            # A prepared (generic) plan cannot see how common the terms are: whether
-            # to read the newest files first or the trigram index.
-            prepare=False,
+            " FROM files f JOIN users u ON u.id = f.owner_id"
+            # `readers` decided; the rule of visibility itself on the hits, to be sure.
+            f" WHERE f.file_id = ANY(%(ids)s) AND {_VISIBLE}",
+            {"ids": examined.hits, "me": user_id, "now": now},
         )
-        hits = [Hit(_file_entry(row), bool(row[11])) for row in rows]
-        # Fewer hits than asked: were there candidates past the budget?
-        partial = len(hits) < limit and bool(
-            self._query(f"{candidates} LIMIT 1 OFFSET %(budget)s", params, prepare=False)
+        rows_found.sort(key=lambda row: (-row[7], row[0]))
+        return Found(
+            [Hit(_file_entry(row), bool(row[-1])) for row in rows_found], bool(examined.partial)
         )
-        return Found(hits, partial)
+
+    @staticmethod
+    def _walk(
+        db: Connection, examined: _Examined, params: dict[str, object], way: _Way, rows: int
+    ) -> int:
+        """Walk the next `rows` files (of the owner) newest first, past those walked
+        before, feeding their candidates to `examined` until it is settled. A cursor
+        hands them out a few at a time, so that a search settled early reads no
+        further. The position of the last file it read (`rows` if it read them all)."""
+        where = " AND ".join([*way.scope, *_after(params)]) or "true"
+        candidate = " AND ".join(["f.readers && %(readers)s::bigint[]", *way.long])
+        cursor = db.cursor(name="sfs_walk")
+        cursor.execute(
+            f"SELECT f.n, f.file_id, f.shared_at, {way.holds}, {candidate} FROM"
+            " (SELECT f.file_id, f.shared_at, f.readers, f.folded_name, f.folded_keywords,"
+            " row_number() OVER (ORDER BY f.shared_at DESC, f.file_id) AS n"
+            f" FROM files f WHERE {where} ORDER BY f.shared_at DESC, f.file_id"
+            f" LIMIT %(rows)s) f WHERE ({candidate}) OR f.n = %(rows)s",
+            {**params, "rows": rows},
+        )
+        read, size = 0, max(1, examined.limit - len(examined.hits))  # all may be hits
+        try:
+            while examined.partial is None:
+                asked = min(size, examined.wanted + 1)  # and the last file, if not one
+                found = cursor.fetchmany(asked)
+                for n, file_id, shared_at, holds, is_candidate in found:
+                    read = n
+                    if n == rows:
+                        params["after_at"], params["after_id"] = shared_at, file_id
+                    if is_candidate:
+                        examined.feed([(file_id, bool(holds))])
+                        if examined.partial is not None:
+                            break
+                if len(found) < asked:
+                    break
+                size *= 2
+        finally:
+            cursor.close()
+        return int(read)
+
+    @staticmethod
+    def _next_walk(
+        db: Connection, examined: _Examined, walked: int, params: dict[str, object], way: _Way
+    ) -> int:
+        """How many more files to walk (at most `_MOST_WALK`), or 0 to ask the indexes:
+        the walk goes on while, at the rate it found candidates and hits so far, it
+        would settle the answer in fewer rows than the indexes would hand out for the
+        files left (about as many as the candidates among them if a term narrows them,
+        else all; each costing `_INDEX_ROW_COST` rows of a walk)."""
+        if examined.count == 0 or _MOST_WALK <= 0:
+            return 0
+        rate = examined.count / walked
+        to_settle = examined.wanted / rate
+        if examined.hits:
+            hits_left = examined.limit - len(examined.hits)
+            to_settle = min(to_settle, hits_left * walked / len(examined.hits))
+        if "owner" in params:
+            total = db.execute("SELECT files FROM usage WHERE user_id = %(owner)s", params)
+        else:
+            total = db.execute(
+                "SELECT reltuples::bigint FROM pg_class WHERE oid = 'files'::regclass"
+            )
+        known = total.fetchone()
+        left = int(known[0]) - walked if known and int(known[0]) >= 0 else 10**12
+        if to_settle > (rate if way.narrowed else 1) * left * _INDEX_ROW_COST:
+            return 0
+        return min(_MOST_WALK, int(to_settle * 1.25) + 100)
+
+    @staticmethod
+    def _by_indexes(
+        db: Connection, examined: _Examined, params: dict[str, object], way: _Way
+    ) -> None:
+        """Feed `examined` the candidates past the walk (all, if none), from the indexes:
+        the trigram indexes for the terms, else the owner's, else the readers' (whose
+        lists for "every user" are most files: only when nothing else narrows); never a
+        walk of the newest files (that is what the walk could not settle) nor a read of
+        the whole table. Bitmap scans only."""
+        readers = "f.readers && %(readers)s::bigint[]"
+        if way.long or way.scope:  # a filter only, not the index
+            readers = "(f.readers || '{}'::bigint[]) && %(readers)s::bigint[]"
+        where = " AND ".join([readers, *way.indexed, *way.scope, *_after(params)])
+        db.execute(
+            "SELECT set_config('enable_indexscan', 'off', true),"
+            " set_config('enable_indexonlyscan', 'off', true),"
+            " set_config('enable_seqscan', 'off', true)"
+        )
+        found = db.execute(
+            f"SELECT f.file_id, {way.holds} FROM files f WHERE {where}"
+            " ORDER BY f.shared_at DESC, f.file_id LIMIT %(wanted)s",
+            {**params, "wanted": examined.wanted},
+            prepare=False,  # the plan depends on how common the terms are
+        ).fetchall()
+        examined.feed((row[0], bool(row[1])) for row in found)
+        if examined.partial is None:  # fewer than asked: no candidate left
+            examined.partial = False
 
     def visible_file(self, file_id: str, user_id: int) -> FileEntry | None:
         rows = self._query(

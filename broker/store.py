@@ -14,8 +14,9 @@ the index answers "visible to me" exactly: the budget counts no other files, and
 who sees few of many files costs little. The phrase for "me or every user" is a list of
 most files, though, and slow to intersect (3 ms at 200,000 files): so a search first
 reads the rows the index hands out for its terms and checks each row's readers, and asks
-the index for the readers only if that read `_SCAN_CAP` rows first. Both ways give the
-same answer. Triggers on `files`, `access` and `users` keep the codes in step.
+the index for the readers only if that read `_SCAN_CAP` rows the caller may not see
+first. Both ways give the same answer. Triggers on `files`, `access` and `users` keep
+the codes in step.
 
 The index's rowid is the file's `sort_key`: `shared_at` in the high bits, a counter for
 the files of the same second in the low ones. FTS5 hands out matches in rowid order, so a
@@ -356,8 +357,9 @@ _VISIBLE = """(u.disabled = 0 AND (f.public = 1 OR f.owner_id = :me
     OR EXISTS (SELECT 1 FROM access a WHERE a.file_id = f.file_id AND a.user_id = :me)))"""
 
 
-# Rows a search reads from the index by its terms alone, checking the readers of each,
-# before it asks the index for the caller's readers instead (see `SqliteStore.search`).
+# Rows the caller may not see that a search reads from the index by its terms alone,
+# checking the readers of each, before it asks the index for the caller's readers
+# instead (see `SqliteStore.search`).
 _SCAN_CAP = 2_000
 
 
@@ -721,7 +723,8 @@ class SqliteStore:
         # Two ways to the same rows: the index's readers phrase, exact but slow when the
         # caller sees most files (its list is most of the index); or the rows the index
         # hands out for the terms, with the readers checked on each, which is fast unless
-        # the caller sees few of them. The second first, for at most `_SCAN_CAP` rows.
+        # the caller sees few of them. The second first, until it read `_SCAN_CAP` rows
+        # the caller cannot see.
         hold_short = " AND ".join(short) or "1"
         readers = _fts_match("readers", [_PUBLIC[1:-1], mine[1:-1]], "OR")
         ways = [
@@ -758,21 +761,23 @@ class SqliteStore:
         """Read the candidates (`sql`: sort key, whether the file holds the short terms,
         whether the caller sees it; newest first) one second at a time, until `limit`
         hits or `budget` candidates; the sort keys of the hits, and whether the budget
-        stopped it (`partial`). None if it read more than `cap` rows first. Within a
+        stopped it (`partial`). None if it read more than `cap` rows the caller may not
+        see first (so at most `budget` + `cap` rows in all). Within a
         second the index hands out files as they were shared, while the budget takes
         them by file id: so it reads whole seconds, and cuts the last one by file id."""
         hits: list[int] = []
         examined = 0
-        read = 0
+        hidden = 0  # rows the caller may not see: what the cap bounds
 
         def visible(rows: Iterable[sqlite3.Row]) -> Iterator[sqlite3.Row]:
-            nonlocal read
+            nonlocal hidden
             for row in rows:
-                read += 1
-                if cap is not None and read > cap:
-                    raise _TooManyRows
                 if row[2]:
                     yield row
+                    continue
+                hidden += 1
+                if cap is not None and hidden > cap:
+                    raise _TooManyRows
 
         try:
             cursor = self._connection().execute(sql, params)

@@ -378,6 +378,29 @@ def test_both_ways_to_the_visible_files_answer_as_the_contract(
     contract_test(store=store, users=users)
 
 
+@pytest.mark.parametrize("terms", [["zq"], ["zq", "data"], []], ids=["short", "short+word", "none"])
+def test_files_the_caller_sees_do_not_count_towards_the_switch(
+    monkeypatch: pytest.MonkeyPatch, store: SqliteStore, users: dict[str, User], terms: list[str]
+) -> None:
+    # The switch to the readers' phrase bounds what a caller who sees few files reads;
+    # a caller who sees every file reads its budget of rows by its terms alone, and does
+    # not read them again by the phrase (which cost most of "short + word" at 1M files).
+    monkeypatch.setattr(store_module, "_SCAN_CAP", 3)
+    for n in range(1, 9):
+        store.add_file(users["alice"].id, entry(fid(n), name=f"data-{n}", shared_at=n), None)
+    ways: list[int | None] = []
+    examine = store._examine
+
+    def recorded(*args: Any) -> Any:
+        ways.append(args[-1])  # the cap: None for the phrase
+        return examine(*args)
+
+    monkeypatch.setattr(store, "_examine", recorded)
+    found = store.search(users["bob"].id, terms, None, 10, 0, budget=5)
+    assert (len(found), found.partial) == (0 if terms else 5, True)
+    assert ways == [3]
+
+
 # --- migration from schema 1 -------------------------------------------------------------------
 
 

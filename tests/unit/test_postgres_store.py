@@ -23,6 +23,7 @@ from sfs.common.errors import StorageError
 from sfs.common.identity import KeyBundle
 from sfs.common.protocol import Refused
 from tests.postgres import REQUIRE, Cluster, unavailable
+from tests.unit import test_store_contract as contract
 from tests.unit.tree_records import file_manifest, folder_manifest
 
 HASH = b"$2b$04$" + b"h" * 53
@@ -303,3 +304,89 @@ def test_migrate_copies_each_share_s_kind_and_files(
         ("folder", 600),
         ("file", 1),
     ]
+
+
+# (first walk, most of a further walk): indexes only; a walk of one row, then of at most
+# three at a time; a walk of two rows, then the indexes.
+_WAYS = {"index": (0, 0), "walk1": (1, 3), "walk2-index": (2, 0)}
+
+
+@pytest.mark.parametrize(
+    ("contract_test", "way"),
+    [
+        (test, way)
+        for test in (
+            contract.test_private_files_of_others_change_nothing_in_a_search,
+            contract.test_a_search_past_its_budget_says_partial,
+            contract.test_a_user_who_sees_nothing_finds_nothing_and_nothing_partial,
+            contract.test_search_is_newest_first_whatever_the_order_of_sharing,
+        )
+        for way in _WAYS
+    ],
+    ids=lambda value: (
+        value if isinstance(value, str) else value.__name__.removeprefix("test_")[:24]
+    ),
+)
+def test_every_way_to_the_candidates_answers_as_the_contract(
+    monkeypatch: pytest.MonkeyPatch,
+    store: PostgresStore,
+    contract_test: Any,
+    way: str,
+) -> None:
+    # A search walks the newest files first (`_FIRST_WALK` rows, then further walks of at
+    # most `_MOST_WALK` rows while that looks cheaper), and otherwise asks the indexes for
+    # the rest: every mix of the two, switching at any row, gives the contract's answers.
+    first, most = _WAYS[way]
+    monkeypatch.setattr(postgres_store, "_FIRST_WALK", first)
+    monkeypatch.setattr(postgres_store, "_MOST_WALK", most)
+    users = {
+        name: store.add_user(name, HASH, KeyBundle(b"rsa-%d" % i, bytes([i]) * 32), now=1)
+        for i, name in enumerate(("alice", "bob", "carol"), start=1)
+    }
+    contract_test(store=store, users=users)
+
+
+@pytest.mark.parametrize("way", list(_WAYS))
+def test_terms_no_trigram_narrows_answer_as_the_others(
+    monkeypatch: pytest.MonkeyPatch, store: PostgresStore, way: str
+) -> None:
+    # "t.p" and "é.b" hold no run of 3 letters: the indexes answer them by the other
+    # terms, or read through the trigram index whole; the hits are the same every way.
+    first, most = _WAYS[way]
+    monkeypatch.setattr(postgres_store, "_FIRST_WALK", first)
+    monkeypatch.setattr(postgres_store, "_MOST_WALK", most)
+    alice = store.add_user("alice", HASH, KeyBundle(b"rsa", b"\x01" * 32), now=1)
+    names = ["report.pdf", "rapport.pdf", "report.txt", "é.b report", "é.bx", "REPORT.PDF"]
+    for n, name in enumerate(names):
+        store.add_file(alice.id, FileEntry(f"{n:032x}", "alice", name, 1, [], b"m", b"s", n), None)
+    for terms, expected in [
+        (["t.p"], ["REPORT.PDF", "rapport.pdf", "report.pdf"]),
+        (["t.p", "report"], ["REPORT.PDF", "report.pdf"]),
+        (["É.B", "report"], ["é.b report"]),
+        (["é.b"], ["é.bx", "é.b report"]),
+    ]:
+        found = store.search(alice.id, terms, None, 10, 0, budget=2)
+        assert [hit.file.name for hit in found] == expected[:2], terms
+        assert found.partial is (len(expected) > 2), terms
+
+
+def test_a_copied_index_lays_the_files_out_by_time(
+    store: PostgresStore, postgres_url: str, tmp_path: Path
+) -> None:
+    # A search walks the newest files first: a copy laid out by time (as a broker's own
+    # shares are) reads a few neighbouring rows per page instead of one page per row.
+    from sfs.broker.migrate import copy_index
+    from sfs.broker.store import SqliteStore
+
+    source = SqliteStore(tmp_path / "broker.db")
+    alice = source.add_user("alice", HASH, KeyBundle(b"rsa", b"\x01" * 32), now=1)
+    times = [5, 1, 9, 3, 7, 2, 8]
+    for n, shared_at in enumerate(times):  # ids in another order than the times
+        source.add_file(alice.id, entry(n, f"at-{shared_at}"), None)
+        source._connection().execute(
+            "UPDATE files SET shared_at = ? WHERE file_id = ?", (shared_at, f"{n:032x}")
+        )
+    source.close()
+    copy_index(tmp_path / "broker.db", store)
+    laid_out = sql(postgres_url, "SELECT shared_at FROM files ORDER BY ctid")
+    assert [row[0] for row in laid_out] == sorted(times)
