@@ -235,13 +235,16 @@ def run_rounds(
     not_run: dict[str, str] | None = None,
     optional: Sequence[Method] = (),
 ) -> dict[str, list[Round]]:
-    """Alternating, so that a slow patch of a busy machine spreads over every method. An
-    `optional` method that fails is dropped, its reason in `not_run`; sfs failures raise."""
+    """Alternating, so that a slow patch of a busy machine spreads over every method, and
+    in the other order every other round, so that no method always runs right after the
+    same one (sfs with peer encryption off, always run after the default, looked 1.6x
+    faster; alternated, it was not: PERFORMANCE.md, "Engine v2, part 4"). An `optional`
+    method that fails is dropped, its reason in `not_run`; sfs failures raise."""
     rounds: dict[str, list[Round]] = {method.label: [] for method in methods}
     width = max(len(label) for label in rounds)
     failed: set[str] = set()
     for number in range(1, count + 1):
-        for method in methods:
+        for method in methods if number % 2 else list(reversed(methods)):
             if method.label in failed:
                 continue
             try:
