@@ -229,6 +229,13 @@ def make_payload(root: Path, size: int) -> Payload:
     return Payload(path, size, write_random_file(path, size))
 
 
+# Seconds of rest before each transfer, so every method starts from the same state: this
+# VM reports freed memory to its host (virtio-balloon free page reporting), and a
+# transfer started sooner reuses the previous one's pages, still backed, at less than
+# half the CPU time. 5 s was not enough, 10 s was (PERFORMANCE.md, "Engine v2, part 4").
+SETTLE = 12.0
+
+
 def run_rounds(
     methods: Sequence[Method],
     payload: Payload,
@@ -252,6 +259,7 @@ def run_rounds(
         order = list(methods)
         shuffle.shuffle(order)
         for method in order:
+            time.sleep(SETTLE)
             if method.label in failed:
                 continue
             try:
