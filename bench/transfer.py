@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import re
 import statistics
 import subprocess
@@ -228,20 +229,37 @@ def make_payload(root: Path, size: int) -> Payload:
     return Payload(path, size, write_random_file(path, size))
 
 
+# Seconds of rest before each transfer, so every method starts from the same state: this
+# VM reports freed memory to its host (virtio-balloon free page reporting), and a
+# transfer started sooner reuses the previous one's pages, still backed, at less than
+# half the CPU time. 5 s was not enough, 10 s was (PERFORMANCE.md, "Engine v2, part 4").
+SETTLE = 12.0
+
+
 def run_rounds(
     methods: Sequence[Method],
     payload: Payload,
     count: int,
     not_run: dict[str, str] | None = None,
     optional: Sequence[Method] = (),
+    shuffle: random.Random | None = None,
 ) -> dict[str, list[Round]]:
-    """Alternating, so that a slow patch of a busy machine spreads over every method. An
-    `optional` method that fails is dropped, its reason in `not_run`; sfs failures raise."""
+    """Alternating, so that a slow patch of a busy machine spreads over every method, in
+    an order shuffled each round (`shuffle`, by default seeded afresh; the progress lines
+    show the order), so that no method always runs right after the same one (the one
+    right after magic-wormhole relayed was the slow one in these runs; sfs with peer
+    encryption off, always run after the default, looked 1.6x faster: PERFORMANCE.md,
+    "Engine v2, part 4"). An `optional` method that fails is dropped, its reason in
+    `not_run`; sfs failures raise."""
+    shuffle = shuffle or random.Random()  # noqa: S311 (an order of runs, not secrets)
     rounds: dict[str, list[Round]] = {method.label: [] for method in methods}
     width = max(len(label) for label in rounds)
     failed: set[str] = set()
     for number in range(1, count + 1):
-        for method in methods:
+        order = list(methods)
+        shuffle.shuffle(order)
+        for method in order:
+            time.sleep(SETTLE)
             if method.label in failed:
                 continue
             try:

@@ -266,7 +266,7 @@ class ChunkCipher:
     def seal(self, index: int, plaintext: bytes, associated_data: bytes) -> bytes:
         return self._aead.encrypt(self._nonce(index), plaintext, associated_data)
 
-    def open(self, index: int, ciphertext: bytes, associated_data: bytes) -> bytes:
+    def open(self, index: int, ciphertext: bytes | memoryview, associated_data: bytes) -> bytes:
         try:
             return self._aead.decrypt(self._nonce(index), ciphertext, associated_data)
         except InvalidTag as exc:

@@ -30,6 +30,9 @@ Interrupt = Callable[[], None]
 
 _MAX_PEER_FRAME = MAX_CHUNK_SIZE + 64 * 1024
 _SLICE = 0.1  # seconds: how soon a wait for a connection notices an interrupt
+# A received frame: a chunk's comes as a view of ZeroMQ's buffer (`ZmqChannel.receive`).
+Frame = bytes | memoryview
+_ZERO_COPY_FROM = 64 * 1024  # bytes: frames this large are not copied out of ZeroMQ
 _CLOSE_LINGER_MS = 100  # long enough for a last `finish` to leave
 
 
@@ -45,7 +48,7 @@ class Channel(Protocol):
         """Queue one message; raises `TransportError` when the channel cannot take it."""
         ...
 
-    def receive(self, timeout: float) -> list[bytes] | None:
+    def receive(self, timeout: float) -> list[Frame] | None:
         """The next message, waiting at most `timeout` seconds; None when none came.
         Raises `TransportError` when the channel is known to be gone."""
         ...
@@ -96,11 +99,13 @@ class ZmqChannel:
         except zmq.ZMQError as exc:
             raise TransportError(f"cannot send to {self._address}: {exc}") from exc
 
-    def receive(self, timeout: float) -> list[bytes] | None:
+    def receive(self, timeout: float) -> list[Frame] | None:
         try:
             if not self._sock.poll(max(0, round(timeout * 1000))):
                 return None
-            return self._sock.recv_multipart()
+            frames = self._sock.recv_multipart(copy=False)
+            # A chunk is read where ZeroMQ received it, through a memoryview: no copy.
+            return [f.buffer if len(f) >= _ZERO_COPY_FROM else f.bytes for f in frames]
         except zmq.ZMQError as exc:
             raise TransportError(f"cannot receive from {self._address}: {exc}") from exc
 
@@ -143,7 +148,7 @@ class RelayChannel(ZmqChannel):
                 if time.monotonic() >= deadline:
                     raise TransportError(f"relay {endpoint} did not answer within {timeout:g} s")
             try:
-                envelope = protocol.decode_envelope(reply[0]) if len(reply) == 1 else None
+                envelope = protocol.decode_envelope(bytes(reply[0])) if len(reply) == 1 else None
                 if envelope is None:
                     raise ProtocolError("not an answer to open")
                 protocol.raise_for_error(envelope, f"relay {endpoint}")
@@ -211,7 +216,7 @@ class MemoryChannel:
             raise TransportError(f"{self.address} is closed")
         self._outbox.put(list(frames))
 
-    def receive(self, timeout: float) -> list[bytes] | None:
+    def receive(self, timeout: float) -> list[Frame] | None:
         if self._closed or self._peer_closed:
             raise TransportError(f"{self.address} is closed")
         try:
@@ -221,7 +226,7 @@ class MemoryChannel:
         if frames is _CLOSED:
             self._peer_closed = True
             raise TransportError(f"{self.address} closed the connection")
-        return frames
+        return list(frames)
 
     def close(self) -> None:
         if not self._closed:

@@ -120,6 +120,7 @@ def serve(config: ConfigOption, debug: DebugOption = False) -> None:
     """Serve this user's shares and stay online at the broker, until Ctrl-C or SIGTERM."""
     if not debug:
         logging.getLogger("sfs").setLevel(logging.INFO)
+    _keep_freed_buffers()
     stop = threading.Event()
     install_signal_handlers(stop.set)
 
@@ -331,12 +332,21 @@ def get(
     from sfs.peer import output, trust_output
     from sfs.peer.progress import download_progress
 
+    _keep_freed_buffers()
+
     with cli_options.open_peer(config) as peer, download_progress(not json) as bar:
         known = {pin.username for pin in peer.peers()}
         result = peer.get(file_id, out, bar, force=force, include=include or [])
         first_contact = [pin for pin in peer.peers() if pin.username not in known]
     trust_output.first_contact(first_contact)
     output.print_download(result, json)
+
+
+def _keep_freed_buffers() -> None:
+    """For the commands that move chunks (`sfs.peer.allocator`)."""
+    from sfs.peer.allocator import keep_freed_buffers
+
+    keep_freed_buffers()
 
 
 # --- trust ----------------------------------------------------------------------------------

@@ -83,6 +83,9 @@ _WRITE_SLICE = 0.002  # seconds: the wait for a reply while only writes are pend
 # How long the holder has to answer a data connection's attach; a data port kept full
 # by others must not cost more than this before the chunks are asked on the control one.
 ATTACH_ANSWER_WAIT = 2.0
+# Chunks arrived and not yet stored, beyond the window: one per worker, and the one the
+# receiving thread stores itself when no worker is free.
+_STORING = CHUNK_WORKERS + 1
 
 log = logging.getLogger("sfs.peer")
 
@@ -548,7 +551,12 @@ class Downloader:
                 holder.bundle,
             )
             session = ReceiverSession(
-                link, self._window, self._timeout, self._hello_timeout, self._clock()
+                link,
+                self._window,
+                self._timeout,
+                self._hello_timeout,
+                self._clock(),
+                storing=_STORING,
             )
             self._pull(holder, session, download)
         except _Stopped:
@@ -593,7 +601,9 @@ class Downloader:
             else:
                 opened = self._open_data(session, interrupt)
             if opened is None:
+                log.debug("chunks from %s on the control connection", holder.username)
                 return channel
+            log.debug("chunks from %s on the data connection %s", holder.username, opened.address)
             data.append(opened)
             return opened
 
@@ -650,7 +660,7 @@ class Downloader:
                 raise TransportError("no answer to the attach")
         if len(reply) != 1:
             raise ProtocolError("not an answer to an attach")
-        envelope = protocol.decode_envelope(reply[0])
+        envelope = protocol.decode_envelope(bytes(reply[0]))
         protocol.raise_for_error(envelope, "the holder's data port")
         if envelope.op != "attached":
             raise ProtocolError(f"{envelope.op[:40]!r} instead of an answer to the attach")
@@ -681,7 +691,7 @@ class Downloader:
                     raise TransportError(f"relay {endpoint} did not answer the data ticket")
             if len(reply) != 1:
                 raise ProtocolError("not an answer to a data ticket")
-            protocol.raise_for_error(protocol.decode_envelope(reply[0]), f"relay {endpoint}")
+            protocol.raise_for_error(protocol.decode_envelope(bytes(reply[0])), f"relay {endpoint}")
             opened.send(session.attach(answer=False))
         except (TransportError, ProtocolError, RemoteError) as exc:
             log.info("%s: no data leg (%s); chunks come on the circuit", endpoint, exc)
@@ -761,10 +771,19 @@ class Downloader:
                     # Opened here: AES-GCM is about 1% of the work, and so a forged
                     # chunk is named before any chunk after it arrives.
                     plaintext = event.open()
-                    writing += 1
-                    download.workers.submit(
-                        self._store, download, name, event.index, plaintext, written
-                    )
+                    collect(block=False)
+                    if writing < CHUNK_WORKERS:
+                        writing += 1
+                        download.workers.submit(
+                            self._store, download, name, event.index, plaintext, written
+                        )
+                    else:  # no worker free: store it here, once the next ones are asked
+                        with download.lock:
+                            wanted = plan.claim(session.room)
+                        for frames in session.ask(wanted, self._clock()):
+                            channel.send(frames)
+                        download.store(name, event.index, plaintext)
+                        session.stored(event.index)
                 elif isinstance(event, Offered):
                     channel = open_data()
                     receiving = True

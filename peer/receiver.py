@@ -18,7 +18,8 @@ none. Its stages:
   the window (`room`) and sends what `ask` returns; each chunk must come within
   `timeout` of the last, must have been asked of this holder, and must open under the
   transfer key. Checking it against the manifest is the caller's (the plan is shared by
-  every holder); `stored` then frees its place.
+  every holder); `stored` then frees its place. With a `storing` allowance, a chunk's
+  arrival frees its place on the way, so the next is asked while it is written.
 
 Every failure raises an `SfsError` naming the holder; `finish` is the goodbye.
 """
@@ -28,13 +29,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from sfs.common import crypto, protocol
 from sfs.common.codec import from_wire
 from sfs.common.errors import IntegrityError, ProtocolError, RemoteError, TransportError
 from sfs.common.protocol import ErrorCode
+from sfs.peer.channel import Frame
 from sfs.peer.transfer import ReceiverLink
 
 _FIRST_PAUSE = 0.05  # seconds before the first hello again, after `busy`
@@ -73,7 +75,7 @@ class Sealed:
 
     index: int
     header: protocol.ChunkHeader
-    ciphertext: bytes
+    ciphertext: Frame
     link: ReceiverLink
 
     def open(self) -> bytes:
@@ -89,27 +91,27 @@ def malformed_from(holder_name: str) -> Iterator[None]:
         raise ProtocolError(f"{holder_name} sent a malformed message ({exc})") from exc
 
 
-def read_reply(frames: list[bytes], holder_name: str) -> tuple[protocol.Envelope, bytes | None]:
+def read_reply(frames: Sequence[Frame], holder_name: str) -> tuple[protocol.Envelope, Frame | None]:
     """A holder's reply: an envelope, and for a chunk the ciphertext after it. Raises
     `RemoteError` for an error reply and `ProtocolError` for anything malformed."""
     if not frames or len(frames) > 2:
         raise ProtocolError(f"{holder_name} sent a frame of unexpected shape")
     with malformed_from(holder_name):
-        envelope = protocol.decode_envelope(frames[0])
+        envelope = protocol.decode_envelope(bytes(frames[0]))  # small: bytes already
         protocol.raise_for_error(envelope, holder_name)
     return envelope, frames[1] if len(frames) == 2 else None
 
 
 def read_chunk(
-    envelope: protocol.Envelope, payload: bytes | None, holder_name: str
-) -> tuple[protocol.ChunkHeader, bytes]:
+    envelope: protocol.Envelope, payload: Frame | None, holder_name: str
+) -> tuple[protocol.ChunkHeader, Frame]:
     if envelope.op != "chunk" or payload is None:
         raise ProtocolError(f"{holder_name} sent a malformed chunk")
     with malformed_from(holder_name):
         return from_wire(protocol.ChunkHeader, envelope.body, "chunk"), payload
 
 
-def _open_chunk(link: ReceiverLink, header: protocol.ChunkHeader, ciphertext: bytes) -> bytes:
+def _open_chunk(link: ReceiverLink, header: protocol.ChunkHeader, ciphertext: Frame) -> bytes:
     """`link.open_chunk`, naming the holder when the GCM tag fails."""
     try:
         return link.open_chunk(header, ciphertext)
@@ -129,10 +131,15 @@ class ReceiverSession:
         timeout: float,
         hello_timeout: float,
         now: float,
+        storing: int = 0,
     ) -> None:
-        """`now`: when the session began, which the set-aside rule counts from."""
+        """`now`: when the session began, which the set-aside rule counts from.
+        `storing`: how many arrived chunks may be in the caller's hands (being stored)
+        beyond the window before the next is asked: so the next requests go out while
+        the last chunks are written, and memory stays bounded by `window + storing`."""
         self._link = link
         self._window = window
+        self._storing = storing
         self._timeout = timeout
         self._hello_timeout = hello_timeout
         self._began = now
@@ -157,8 +164,13 @@ class ReceiverSession:
 
     @property
     def room(self) -> int:
-        """How many more chunks may be asked now."""
-        return self._window - len(self._mine) if self.stage is Stage.RECEIVING else 0
+        """How many more chunks may be asked now: at most `window` on the way, and
+        `window + storing` not yet stored."""
+        if self.stage is not Stage.RECEIVING:
+            return 0
+        on_the_way = len(self._mine) - len(self._arrived)
+        unstored = len(self._mine)
+        return max(0, min(self._window - on_the_way, self._window + self._storing - unstored))
 
     def connected(self, address: str, now: float) -> list[bytes]:
         """The channel is open; returns the hello to send."""
@@ -195,14 +207,14 @@ class ReceiverSession:
         self._mine.update(indexes)
         return [[protocol.encode("get", self._link.request(index))] for index in indexes]
 
-    def receive(self, frames: list[bytes], now: float) -> Offered | Chunk | None:
+    def receive(self, frames: Sequence[Frame], now: float) -> Offered | Chunk | None:
         """Take one reply. Returns `Offered`, a `Chunk`, or None (busy: wait for `due`)."""
         event = self.take(frames, now)
         if isinstance(event, Sealed):
             return Chunk(event.index, event.open())
         return event
 
-    def take(self, frames: list[bytes], now: float) -> Offered | Sealed | None:
+    def take(self, frames: Sequence[Frame], now: float) -> Offered | Sealed | None:
         """`receive`, leaving a chunk sealed, for the caller to open elsewhere."""
         name = self._link.holder_name
         if self.stage is Stage.RECEIVING:

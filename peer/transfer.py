@@ -110,7 +110,7 @@ class ReceiverLink:
     def request(self, index: int) -> protocol.ChunkRequest:
         return protocol.ChunkRequest(self.transfer_id, index)
 
-    def open_chunk(self, header: protocol.ChunkHeader, ciphertext: bytes) -> bytes:
+    def open_chunk(self, header: protocol.ChunkHeader, ciphertext: bytes | memoryview) -> bytes:
         """Decrypt a chunk; the AEAD binds it to this transfer, file, index and count."""
         if self._cipher is None:
             raise ProtocolError(f"{self.holder_name} sent a chunk before any offer")
@@ -124,7 +124,7 @@ class ReceiverLink:
     def page_request(self, kind: str, index: int) -> protocol.PageRequest:
         return protocol.PageRequest(self.transfer_id, kind, index)
 
-    def open_page(self, header: protocol.PageHeader, ciphertext: bytes) -> bytes:
+    def open_page(self, header: protocol.PageHeader, ciphertext: bytes | memoryview) -> bytes:
         """Decrypt an index page; checking it against the signed header is the caller's."""
         if self._cipher is None:
             raise ProtocolError(f"{self.holder_name} sent a page before any offer")

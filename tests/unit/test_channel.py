@@ -362,3 +362,27 @@ def test_waiting_for_a_silent_port_can_be_interrupted(
 def test_an_endpoint_zmq_cannot_parse(context: zmq.Context[zmq.Socket[bytes]]) -> None:
     with pytest.raises(TransportError, match=r"^cannot connect to tcp://no port: "):
         ZmqChannel.open(context, "tcp://no port", 1, never, None)
+
+
+def test_a_chunk_sized_frame_is_not_copied_out_of_zmq(
+    context: zmq.Context[zmq.Socket[bytes]],
+) -> None:
+    """A chunk comes as a view of ZeroMQ's own buffer; small frames stay bytes."""
+    router = context.socket(zmq.ROUTER)
+    router.linger = 0
+    endpoint = f"tcp://127.0.0.1:{router.bind_to_random_port('tcp://127.0.0.1')}"
+    channel = ZmqChannel.open(context, endpoint, 20, never, None)
+    try:
+        channel.send([b"get"])
+        assert router.poll(20_000)
+        routing, _ = router.recv_multipart()
+        chunk = bytes(range(256)) * 4096  # 1 MiB
+        router.send_multipart([routing, b"chunk", chunk])
+        reply = channel.receive(20)
+        assert reply is not None
+        header, payload = reply
+        assert isinstance(header, bytes) and header == b"chunk"
+        assert isinstance(payload, memoryview) and payload == chunk
+    finally:
+        channel.close()
+        router.close()

@@ -298,7 +298,8 @@ def test_a_bad_chunk_convicts_only_its_holder(
     result = fetch(bob, tmp_path, share, alice, dialer, [from_carol, from_alice], window=1)
     assert result.path.read_bytes() == DATA
     assert sorted(result.holders) == ["alice", "carol"]  # carol's first chunk was good
-    assert (from_carol.chunks_sent, from_alice.chunks_sent) == (2, CHUNKS - 1)
+    # carol may be asked for more while her forgery is being checked; alice sends the rest.
+    assert from_carol.chunks_sent >= 2 and from_alice.chunks_sent == CHUNKS - 1
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == [
         "chunk 1 from carol does not match the owner's signed manifest: carol's copy may "

@@ -261,3 +261,26 @@ def test_no_timeout_while_every_chunk_asked_is_being_stored(
     session.take(holder.answer(request), 100.0)
     session.expire(100.0 + 10 * TIMEOUT, others_delivering=False)  # a slow disk: no failure
     assert session.mine == {0}
+
+
+def test_chunks_being_stored_free_their_place_up_to_the_storing_allowance(
+    alice: Identity, bob: Identity, share: Share
+) -> None:
+    holder = Holder(alice, share)
+    link = ReceiverLink(
+        bob, share.file_id, decode_header(share.manifest), share.manifest, "alice", alice.bundle
+    )
+    session = ReceiverSession(link, 2, TIMEOUT, HELLO_TIMEOUT, now=100.0, storing=1)
+    offered(session, holder)
+    first, second = (holder.answer(f) for f in session.ask([0, 1], 100.0))
+    assert session.room == 0
+    assert isinstance(session.take(first, 100.0), Sealed)
+    assert session.room == 1  # chunk 0 is being stored: the next is asked meanwhile
+    (third,) = (holder.answer(f) for f in session.ask([2], 100.0))
+    assert isinstance(session.take(second, 100.0), Sealed)
+    assert session.room == 0  # two being stored, one more than the allowance
+    session.stored(0)
+    assert session.room == 1
+    assert session.mine == {1, 2}
+    assert isinstance(session.take(third, 100.0), Sealed)
+    assert session.room == 1  # window 2 - 0 on the way; allowance 2 + 1 - 2 stored
