@@ -6,9 +6,10 @@
 One cluster: a broker with a `relay:` section, `sfs-broker relay` in its own process,
 alice serving where bob can reach her (fetched direct), and dora advertising an endpoint
 where nothing listens (so the relay's probe finds her unreachable and bob fetches through
-the relay). Both share the same random file; the rounds alternate between the two, and
-with magic-wormhole through its own transit relay (bench/wormhole.py, `--no-listen` on
-both sides) in the same run. Each received copy is checked against the source and
+the relay). Both share the same random file; each round runs the two and magic-wormhole
+through its own transit relay (bench/wormhole.py, `--no-listen` on both sides) in a
+shuffled order, each after the rest `make bench`'s transfers take (`SETTLE`), so that
+none starts warm from the one before. Each received copy is checked against the source and
 deleted. The relay's CPU (user + system, from /proc) is read around the relayed rounds,
 per GiB carried. The issue's targets: relayed >= 60% of direct, and >= 2x
 magic-wormhole relayed.
@@ -20,15 +21,17 @@ import argparse
 import contextlib
 import json
 import os
+import random
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from bench.common import BenchError, check_and_remove, format_size, parse_size, progress
 from bench.procs import run_timed
-from bench.transfer import Payload, make_payload
+from bench.transfer import SETTLE, Payload, make_payload
 from bench.wormhole import NotRun, WormholeNet
 from tests.harness import Cluster, Peer, command_for, free_port, tcp_endpoint
 
@@ -83,25 +86,41 @@ def run(args: argparse.Namespace) -> str:
             if net is not None:
                 stack.callback(net.stop)
             relay_cpu = 0.0
+
+            def wormhole() -> None:
+                assert net is not None
+                target = root / "wormhole-received"
+                seconds[WORMHOLE].append(net.transfer(payload.path, target, relayed=True).seconds)
+                check_and_remove(target, payload.size, payload.sha256)
+
+            def sfs(name: str) -> None:
+                nonlocal relay_cpu
+                before = cpu_seconds(relay.popen.pid)
+                took, path = fetch(bob, ids[name], payload, root)
+                if name == "relayed":
+                    relay_cpu += cpu_seconds(relay.popen.pid) - before
+                    if not path.startswith("relay "):
+                        raise BenchError(f"the relayed round went {path}")
+                elif path.startswith("relay "):
+                    raise BenchError("the direct round went through the relay")
+                seconds[name].append(took)
+
+            methods: dict[str, Callable[[], None]] = {
+                "direct": lambda: sfs("direct"),
+                "relayed": lambda: sfs("relayed"),
+            }
+            if net is not None:
+                methods[WORMHOLE] = wormhole
+            # As `make bench`'s transfers: a shuffled order each round and a rest before
+            # each, so that none starts warm from the one before (bench.transfer.SETTLE).
+            shuffle = random.Random()  # noqa: S311 (an order of runs, not secrets)
             for number in range(args.rounds):
-                if net is not None:
-                    progress(f"relay bench: round {number + 1}, {WORMHOLE}")
-                    target = root / "wormhole-received"
-                    seconds[WORMHOLE].append(
-                        net.transfer(payload.path, target, relayed=True).seconds
-                    )
-                    check_and_remove(target, payload.size, payload.sha256)
-                for name in ("direct", "relayed"):
+                order = list(methods)
+                shuffle.shuffle(order)
+                for name in order:
+                    time.sleep(SETTLE)
                     progress(f"relay bench: round {number + 1}, {name}")
-                    before = cpu_seconds(relay.popen.pid)
-                    took, path = fetch(bob, ids[name], payload, root)
-                    if name == "relayed":
-                        relay_cpu += cpu_seconds(relay.popen.pid) - before
-                        if not path.startswith("relay "):
-                            raise BenchError(f"the relayed round went {path}")
-                    elif path.startswith("relay "):
-                        raise BenchError("the direct round went through the relay")
-                    seconds[name].append(took)
+                    methods[name]()
     return render(args, payload, seconds, relay_cpu)
 
 
