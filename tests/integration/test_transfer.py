@@ -9,6 +9,7 @@ import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -23,6 +24,7 @@ from sfs.common.errors import (
     TrustError,
     UsageError,
 )
+from sfs.common.identity import KeyBundle
 from sfs.common.manifest import DEFAULT_CHUNK_SIZE, file_id_of, verify_manifest
 from sfs.peer.download import DownloadInterrupted, DownloadResult, OwnerOffline
 from sfs.peer.node import AlreadyDownloaded, Peer
@@ -290,8 +292,15 @@ def test_a_share_from_before_the_tree_manifest_is_refused_with_one_line(
     write(tmp_path / "old.bin", 1000)
     old = build_manifest(tmp_path / "old.bin", alice.identity, []).encode()
     grant = alice.identity.sign(protocol.grant_payload(file_id_of(old), None))
-    with monkeypatch.context() as before_the_upgrade:  # the broker as version 1 had it
-        before_the_upgrade.setattr(service, "verify_header", verify_manifest)
+
+    def as_version_1(data: bytes, signature: bytes, bundle: KeyBundle) -> SimpleNamespace:
+        """The broker as version 1 had it, with the kind and count a share row has now."""
+        manifest = verify_manifest(data, signature, bundle)
+        fields = ("owner", "name", "size", "keywords")
+        return SimpleNamespace(**{f: getattr(manifest, f) for f in fields}, kind="file", files=1)
+
+    with monkeypatch.context() as before_the_upgrade:
+        before_the_upgrade.setattr(service, "verify_header", as_version_1)
         file_id = alice.broker.publish(alice._token(), old, alice.identity.sign(old), None, grant)
     frames = count_holder_frames(monkeypatch)
     with pytest.raises(ProtocolError) as refused:
