@@ -695,6 +695,9 @@ class PostgresStore:
             if quota is not None:
                 self._check_quota(db, owner_id, entry, quota)
             # The old access list and holders go with the old row (ON DELETE CASCADE).
+            # Its trigger takes the `generation` row, which `set_disabled` (and any other
+            # writer of users, files or access) holds until it commits: the readers
+            # computed below see an owner disabled meanwhile.
             db.execute("DELETE FROM files WHERE file_id = %s", (entry.file_id,))
             db.execute(
                 "INSERT INTO files (file_id, owner_id, name, size, keywords, manifest,"

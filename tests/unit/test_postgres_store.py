@@ -390,3 +390,29 @@ def test_a_copied_index_lays_the_files_out_by_time(
     copy_index(tmp_path / "broker.db", store)
     laid_out = sql(postgres_url, "SELECT shared_at FROM files ORDER BY ctid")
     assert [row[0] for row in laid_out] == sorted(times)
+
+
+def test_a_share_made_while_its_owner_is_being_disabled_is_nobody_s_to_read(
+    store: PostgresStore, postgres_url: str
+) -> None:
+    """`set_disabled` empties the readers of the owner's files in its transaction; a file
+    added meanwhile by another broker must not keep the readers of an enabled owner.
+    Here the disabling transaction is held open, as a slower broker's would be. What
+    orders them: both bump the one `generation` row in their transaction (its triggers),
+    so the share waits for the disabling to commit, then computes its readers (without
+    those triggers this test fails: `[0, 1]`)."""
+    alice = store.add_user("alice", HASH, KeyBundle(b"rsa", b"\x01" * 32), now=1)
+    with psycopg.connect(postgres_url) as disabling:
+        disabling.execute("UPDATE users SET disabled = true WHERE id = %s", (alice.id,))
+        disabling.execute(
+            f"UPDATE files f SET readers = {postgres_store._READERS} FROM users u"
+            " WHERE u.id = f.owner_id AND f.owner_id = %s",
+            (alice.id,),
+        )
+        adding = threading.Thread(target=store.add_file, args=(alice.id, entry(1), None))
+        adding.start()
+        adding.join(2)  # without the owner's row locked, the share is in by now
+        disabling.commit()
+    adding.join(10)
+    assert not adding.is_alive()
+    assert sql(postgres_url, "SELECT readers FROM files") == [([],)]
