@@ -13,12 +13,8 @@ work before a connection proves it belongs to a transfer is bounded here:
 - a connection whose first message is not a valid attach is closed, and so is one whose
   transfer has ended.
 
-ZeroMQ does not let a ROUTER close one peer's connection, so the port watches its
-socket's monitor (accepted / disconnected, with the file descriptor), learns each
-message's descriptor (`ZMQ_SRCFD`), and shuts a connection down through its descriptor;
-ZeroMQ then sees it closed and forgets it. Only descriptors the monitor announced are
-shut, and only for the routing id first seen on them: a message read after its connection
-closed (its descriptor number since reused) cannot cut another connection.
+The connections are watched by file descriptor, as the relay's data port's are
+(`sfs.common.watched_connections`, which says how one is closed safely).
 """
 
 from __future__ import annotations
@@ -27,12 +23,10 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
-from sfs.common.socket_fds import peer_address, shut_down
+from sfs.common.watched_connections import WatchedConnections, peer_address
 
 log = logging.getLogger("sfs.peer")
 
@@ -67,14 +61,6 @@ def advertised(advertise: str, bound: str) -> str:
     return advertise.rsplit(":", 1)[0] + ":" + bound.rsplit(":", 1)[1]
 
 
-@dataclass
-class _Connection:
-    accepted: float
-    source: str  # the peer's address, without the port
-    key: bytes | None = None  # the connection's key, from its first message
-    transfer_id: bytes | None = None  # once attached
-
-
 class DataPort:
     """The data ROUTER and its connections' bookkeeping; for one thread (the loop)."""
 
@@ -86,8 +72,14 @@ class DataPort:
         receive_queue: int,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._clock = clock
-        self._connections: dict[int, _Connection] = {}  # by file descriptor
+        self._connections = WatchedConnections(
+            deadline=ATTACH_DEADLINE,
+            max_waiting=MAX_UNATTACHED,
+            max_per_source=MAX_UNATTACHED_PER_SOURCE,
+            waiting_for="to attach",
+            log=log,
+            clock=clock,
+        )
         self.sock = context.socket(zmq.ROUTER)
         self.monitor: zmq.Socket[bytes] | None = None
         try:
@@ -109,35 +101,18 @@ class DataPort:
 
     @property
     def unattached(self) -> int:
-        return sum(1 for c in self._connections.values() if c.transfer_id is None)
+        return self._connections.waiting
 
     def watch(self) -> None:
         """Take the monitor's news: connections accepted and gone. A connection beyond
         `MAX_UNATTACHED` waiting (or `MAX_UNATTACHED_PER_SOURCE` from its address)
         evicts the oldest one waiting."""
         assert self.monitor is not None
-        while self.monitor.poll(0):
-            event = recv_monitor_message(self.monitor)
-            fd = int(event["value"])
-            if event["event"] == zmq.EVENT_ACCEPTED:
-                self.accepted(fd, peer_address(fd))
-            else:
-                self._connections.pop(fd, None)
+        self._connections.watch(self.monitor, peer_address)
 
     def accepted(self, fd: int, source: str) -> None:
         """A new connection on `fd` from `source`: make room for it among those waiting."""
-        self._connections.pop(fd, None)  # its old connection's news was missed
-        waiting = sorted(
-            (c.accepted, other) for other, c in self._connections.items() if c.transfer_id is None
-        )
-        same = [item for item in waiting if self._connections[item[1]].source == source]
-        if len(same) >= MAX_UNATTACHED_PER_SOURCE:
-            log.info("closed a data connection: too many waiting to attach from one address")
-            self._close(same[0][1])
-        elif len(waiting) >= MAX_UNATTACHED:
-            log.info("closed a data connection: too many waiting to attach")
-            self._close(waiting[0][1])
-        self._connections[fd] = _Connection(self._clock(), source)
+        self._connections.accepted(fd, source)
 
     def receive(self) -> tuple[bytes, bytes, int] | None:
         """One message: (connection key, payload, descriptor); None for a malformed
@@ -146,45 +121,30 @@ class DataPort:
         frames = self.sock.recv_multipart(copy=False)
         key, fd = data_key(frames[0].bytes), int(frames[-1].get(zmq.SRCFD))
         self.watch()  # the monitor announced the connection before its first message
-        connection = self._connections.get(fd)
-        if connection is None:
+        if self._connections.identify(fd, key) is None:
             return None
-        if connection.key is None:
-            connection.key = key
         if len(frames) != 2:
             self.close_connection(fd, key)
             return None
         return key, frames[1].bytes, fd
 
     def attached(self, fd: int, transfer_id: bytes) -> None:
-        connection = self._connections.get(fd)
-        if connection is not None:
-            connection.transfer_id = transfer_id
+        self._connections.proved(fd, transfer_id)
 
     def close_connection(self, fd: int, key: bytes) -> None:
         """Close the connection a message with `key` came from on `fd`; nothing if `fd`
         is not in the table or belongs to another connection now."""
         connection = self._connections.get(fd)
-        if connection is None or connection.key not in (None, key):
+        if connection is None or connection.identity not in (None, key):
             log.info("did not close a data connection: its descriptor is not its own")
             return
-        self._close(fd)
-
-    def _close(self, fd: int) -> None:
-        del self._connections[fd]
-        shut_down(fd)
+        self._connections.close(fd)
 
     def sweep(self, alive: Callable[[bytes], bool]) -> None:
         """Close connections that did not attach in time, and those whose transfer
         ended (finished, expired, evicted or unshared)."""
         self.watch()  # first: a descriptor may have been closed and reused meanwhile
-        too_old = self._clock() - ATTACH_DEADLINE
-        for fd, connection in list(self._connections.items()):
-            if connection.transfer_id is None:
-                if connection.accepted < too_old:
-                    self._close(fd)
-            elif not alive(connection.transfer_id):
-                self._close(fd)
+        self._connections.sweep(alive)
 
     def send(self, key: bytes, replies: list[bytes]) -> None:
         routing_id = routing_id_of(key)

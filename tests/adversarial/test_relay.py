@@ -290,11 +290,16 @@ def attach_with_leg(relay: Relay) -> tuple[Client, zmq.Socket[bytes]]:
     return alice, data_leg(relay, alice.reply())
 
 
+def open_with_leg(relay: Relay, holder: Client) -> tuple[Client, zmq.Socket[bytes]]:
+    """bob, with a circuit to `holder` and its data leg open."""
+    bob = client(relay)
+    bob.send("open", circuit_ticket(bob, holder))
+    return bob, data_leg(relay, bob.reply())
+
+
 def test_data_legs_carry_frames_both_ways_untouched(relay: Relay) -> None:
     alice, alice_leg = attach_with_leg(relay)
-    bob = client(relay)
-    bob.send("open", circuit_ticket(bob, alice))
-    bob_leg = data_leg(relay, bob.reply())
+    bob, bob_leg = open_with_leg(relay, alice)
     bob_leg.send(b"attach, opaque to the relay")
     assert alice_leg.poll(5000)
     circuit, frame = alice_leg.recv_multipart()
@@ -339,9 +344,7 @@ def test_a_data_leg_to_a_holder_without_one_is_refused(relay: Relay) -> None:
 def test_a_closed_circuit_closes_its_data_leg() -> None:
     for relay in serve_relay(RelayLimits(idle=5)):
         alice, alice_leg = attach_with_leg(relay)
-        bob = client(relay)
-        bob.send("open", circuit_ticket(bob, alice))
-        bob_leg = data_leg(relay, bob.reply())
+        _bob, bob_leg = open_with_leg(relay, alice)
         time.sleep(5.5)
         bob_leg.send(b"late")
         assert not alice_leg.poll(500)
@@ -350,9 +353,7 @@ def test_a_closed_circuit_closes_its_data_leg() -> None:
 def test_data_legs_share_the_circuit_s_rate_limit() -> None:
     for relay in serve_relay(RelayLimits(user_rate=1_000_000)):
         alice, alice_leg = attach_with_leg(relay)
-        bob = client(relay)
-        bob.send("open", circuit_ticket(bob, alice))
-        bob_leg = data_leg(relay, bob.reply())
+        _bob, bob_leg = open_with_leg(relay, alice)
         bob_leg.send(b"first")
         assert alice_leg.poll(5000)
         circuit, _ = alice_leg.recv_multipart()
@@ -387,9 +388,7 @@ def test_a_requester_frame_bigger_than_a_request_closes_the_circuit(relay: Relay
 
 def test_a_data_leg_frame_bigger_than_a_chunk_request_closes_the_circuit(relay: Relay) -> None:
     alice, alice_leg = attach_with_leg(relay)
-    bob = client(relay)
-    bob.send("open", circuit_ticket(bob, alice))
-    bob_leg = data_leg(relay, bob.reply())
+    bob, bob_leg = open_with_leg(relay, alice)
     bob_leg.send(b"x" * (1024 * 1024))
     refused = bob.refusal()
     assert "too large" in refused.message
@@ -594,9 +593,7 @@ def event_on(monitor: zmq.Socket[bytes], timeout_ms: int) -> int | None:
 def test_a_data_connection_that_sends_no_ticket_is_closed_at_its_deadline() -> None:
     for relay in serve_relay(RelayLimits(), data_deadline=1):
         alice, alice_leg = attach_with_leg(relay)  # legs that give their ticket stay
-        bob = client(relay)
-        bob.send("open", circuit_ticket(bob, alice))
-        bob_leg = data_leg(relay, bob.reply())
+        _bob, bob_leg = open_with_leg(relay, alice)
         started = time.monotonic()
         raw = socket.create_connection(("127.0.0.1", int(relay.data_endpoint.rsplit(":", 1)[1])))
         _sock, monitor = watched(relay)
@@ -619,9 +616,7 @@ def test_data_connections_waiting_for_a_ticket_are_counted_per_address(relay: Re
     assert event_on(first_monitor, 5000) == zmq.EVENT_DISCONNECTED
     _other, other_monitor = watched(relay, "127.0.0.2")  # another address is not affected
     alice, alice_leg = attach_with_leg(relay)  # and a leg with a ticket opens
-    bob = client(relay)
-    bob.send("open", circuit_ticket(bob, alice))
-    bob_leg = data_leg(relay, bob.reply())
+    _bob, bob_leg = open_with_leg(relay, alice)
     bob_leg.send(b"through")
     assert alice_leg.poll(5000)
     assert event_on(other_monitor, 100) is None

@@ -21,7 +21,6 @@ from sfs.broker.store import (
     User,
 )
 from sfs.common.errors import StorageError
-from sfs.common.tree import FOLDER_MARK
 from tests.unit import test_store_contract as contract
 from tests.unit.test_store_contract import (
     HASH,
@@ -29,7 +28,7 @@ from tests.unit.test_store_contract import (
     entry,
     fid,
 )
-from tests.unit.tree_records import file_manifest, folder_manifest
+from tests.unit.tree_records import assert_filled_in, rows_to_fill_in
 
 
 def rows(path: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
@@ -492,11 +491,7 @@ def test_schema_9_reads_each_share_s_kind_and_files_from_its_stored_header(
     old.close()
     db = sqlite3.connect(db_path, isolation_level=None)
     store_module.add_sql_functions(db)
-    # A file whose keywords hold the bytes of a folder's kind, to fool a filter on bytes.
-    looks_like_a_folder = file_manifest(keywords=["kind", "folder"])
-    assert FOLDER_MARK in looks_like_a_folder
-    manifests = [folder_manifest(600), b"a manifest from before tree headers", looks_like_a_folder]
-    for n, manifest in enumerate(manifests, start=1):
+    for n, manifest in enumerate(rows_to_fill_in(), start=1):
         db.execute(
             "INSERT INTO files (file_id, owner_id, name, size, keywords, manifest, signature,"
             " public, shared_at) VALUES (?, ?, ?, 0, '', ?, x'', 1, ?)",
@@ -506,17 +501,7 @@ def test_schema_9_reads_each_share_s_kind_and_files_from_its_stored_header(
     monkeypatch.undo()
     store = SqliteStore(db_path)
     try:
-        found = [store.visible_file(fid(n), alice.id) for n in (1, 2, 3)]
-        assert [(f.kind, f.files) for f in found if f] == [
-            ("folder", 600),
-            ("file", 1),
-            ("file", 1),
-        ]
-        assert [(h.file.kind, h.file.files) for h in store.search(alice.id, [], None, 5, 9)] == [
-            ("file", 1),
-            ("file", 1),
-            ("folder", 600),
-        ]
+        assert_filled_in(store, alice.id, [fid(n) for n in (1, 2, 3)])
     finally:
         store.close()
     assert rows(db_path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]

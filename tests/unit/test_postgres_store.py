@@ -24,7 +24,7 @@ from sfs.common.identity import KeyBundle
 from sfs.common.protocol import Refused
 from tests.postgres import REQUIRE, Cluster, unavailable
 from tests.unit import test_store_contract as contract
-from tests.unit.tree_records import file_manifest, folder_manifest
+from tests.unit.tree_records import assert_filled_in, rows_to_fill_in
 
 HASH = b"$2b$04$" + b"h" * 53
 
@@ -260,9 +260,7 @@ def test_schema_6_reads_each_share_s_kind_and_files_from_its_stored_header(
     old = PostgresStore(postgres_url)
     alice = old.add_user("alice", HASH, KeyBundle(b"r", b"a" * 32), now=1)
     old.close()
-    looks_like_a_folder = file_manifest(keywords=["kind", "folder"])  # to fool a byte filter
-    manifests = [folder_manifest(600), b"a manifest from before tree headers", looks_like_a_folder]
-    for n, manifest in enumerate(manifests, start=1):
+    for n, manifest in enumerate(rows_to_fill_in(), start=1):
         sql(
             postgres_url,
             "INSERT INTO files (file_id, owner_id, name, size, keywords, manifest, signature,"
@@ -273,17 +271,7 @@ def test_schema_6_reads_each_share_s_kind_and_files_from_its_stored_header(
     monkeypatch.undo()
     store = PostgresStore(postgres_url)
     try:
-        found = [store.visible_file(f"{n:032x}", alice.id) for n in (1, 2, 3)]
-        assert [(f.kind, f.files) for f in found if f] == [
-            ("folder", 600),
-            ("file", 1),
-            ("file", 1),
-        ]
-        assert [(h.file.kind, h.file.files) for h in store.search(alice.id, [], None, 5, 9)] == [
-            ("file", 1),
-            ("file", 1),
-            ("folder", 600),
-        ]
+        assert_filled_in(store, alice.id, [f"{n:032x}" for n in (1, 2, 3)])
     finally:
         store.close()
     assert sql(postgres_url, "SELECT version FROM sfs_schema") == [(SCHEMA_VERSION,)]

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from sfs.broker.store_contract import Store
 from sfs.common.chunkmap import chunk_count_of
 from sfs.common.tree import (
     ENTRY_PAGES,
+    FOLDER_MARK,
     HASH_PAGES,
     TREE_VERSION,
     Entry,
@@ -75,3 +77,24 @@ def file_manifest(name: str = "notes.txt", keywords: list[str] | None = None) ->
         [Entry(name, "file", 0, 0o644, 0)], b"", kind="file", name=name, keywords=keywords or []
     )
     return header.encode()
+
+
+def rows_to_fill_in() -> list[bytes]:
+    """Manifests of rows stored before stores kept a share's kind and file count: a
+    folder of 600 files, a manifest from before tree headers, and a file whose keywords
+    hold the bytes of a folder's kind (to fool a filter on bytes)."""
+    looks_like_a_folder = file_manifest(keywords=["kind", "folder"])
+    assert FOLDER_MARK in looks_like_a_folder
+    return [folder_manifest(600), b"a manifest from before tree headers", looks_like_a_folder]
+
+
+def assert_filled_in(store: Store, user_id: int, file_ids: list[str]) -> None:
+    """The rows of `rows_to_fill_in`, under `file_ids` (shared in that order), after the
+    migration: the folder is one, the others are files of one."""
+    found = [store.visible_file(file_id, user_id) for file_id in file_ids]
+    assert [(f.kind, f.files) for f in found if f] == [("folder", 600), ("file", 1), ("file", 1)]
+    assert [(h.file.kind, h.file.files) for h in store.search(user_id, [], None, 5, 9)] == [
+        ("file", 1),
+        ("file", 1),
+        ("folder", 600),
+    ]
