@@ -2,7 +2,10 @@
 
 `read_chunk` reads one chunk from a share's path, and only from a regular file: the open
 never waits (a FIFO put in a file's place would otherwise block until someone writes to
-it), and anything else is refused with `NotRegularFile`.
+it), and anything else is refused with `NotRegularFile`. `read_pieces` reads a folder
+share's chunk from the files it spans, each reached from the share's folder one
+component at a time without following a link, so a folder swapped for a link after the
+share was made cannot send the reads outside the tree.
 
 `ReadLanes` runs those reads off the serving loop, one lane (a thread) per shared file
 with reads waiting: a file whose storage stops answering (a dead network mount) stalls
@@ -20,10 +23,14 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from sfs.common.errors import SfsError
 from sfs.peer.registry import Share
 from sfs.peer.stamps import stamp_of
-from sfs.peer.transfer import ChangedSinceShared, ChunkJob, ChunkOutcome, NotRegularFile, Unchanged
+
+if TYPE_CHECKING:
+    from sfs.peer.transfer import ChunkJob, ChunkOutcome
 
 # Reads waiting on one file at most; beyond, requests are refused `busy`. A download
 # keeps at most a window (32) in flight, so this is many downloads of a slow file.
@@ -39,19 +46,51 @@ _KINDS = {
 }
 
 
+_FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: opening a FIFO returns at once instead of waiting for a writer (it changes
+# nothing for a regular file's reads).
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+@dataclass(frozen=True)
+class Unchanged:
+    """Bytes read from a file whose stamp (see `stamps`) is still the one recorded when
+    it was shared: they are the bytes the manifest hashes, so hashing them again is
+    skipped. A reader that cannot tell returns plain bytes, which are hashed."""
+
+    data: bytes
+
+
+class NotRegularFile(SfsError):
+    """What stands at a share's path now is not a regular file (a FIFO, a directory...).
+    Raised by a chunk reader; `kind` says what it is, for the holder's log."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(f"not a regular file ({kind})")
+        self.kind = kind
+
+
+class ChangedSinceShared(SfsError):
+    """The file's stamp is not the one recorded when it was shared (written, touched,
+    replaced): raised by a chunk reader, and the file is not served."""
+
+
+def _check_regular(fd: int) -> os.stat_result:
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        raise NotRegularFile(_KINDS.get(stat.S_IFMT(info.st_mode), "not a file"))
+    return info
+
+
 def read_chunk(share: Share, offset: int, length: int) -> bytes | Unchanged:
     """`length` bytes at `offset` of the share's file: `Unchanged` if the file's stamp,
     taken with `fstat` before and after the read, is the one recorded when it was shared,
     plain bytes (to be hashed) if none was recorded. Raises `ChangedSinceShared` when the
     stamp differs, `OSError`, or `NotRegularFile` when something else stands at its path."""
     # The path was resolved when the file was shared: a symlink there now is a swap.
-    # O_NONBLOCK: opening a FIFO returns at once instead of waiting for a writer (it
-    # changes nothing for a regular file's reads).
-    fd = os.open(share.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    fd = os.open(share.path, _FILE_FLAGS)
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise NotRegularFile(_KINDS.get(stat.S_IFMT(info.st_mode), "not a file"))
+        info = _check_regular(fd)
         if share.stamp is None:
             return os.pread(fd, length, offset)
         if stamp_of(info) != share.stamp:
@@ -63,6 +102,39 @@ def read_chunk(share: Share, offset: int, length: int) -> bytes | Unchanged:
         return Unchanged(data)
     finally:
         os.close(fd)
+
+
+def read_pieces(share: Share, pieces: tuple[tuple[str, int, int], ...]) -> bytes:
+    """The bytes of a folder share's chunk: for each (path in the tree, offset, length),
+    that part of the file. Every folder on the way, the share's own included, is opened
+    without following a link (the folder's path was resolved when it was shared), then the
+    file, which must be a regular file. Raises `OSError` or `NotRegularFile`; the caller
+    checks the bytes against the chunk's hash."""
+    root = os.open(share.path, _FOLDER_FLAGS)
+    folders: dict[str, int] = {"": root}  # the folders this chunk's files are in, open
+    try:
+        parts = []
+        for path, offset, length in pieces:
+            parent, _, name = path.rpartition("/")
+            fd = os.open(name, _FILE_FLAGS, dir_fd=_folder(folders, parent))
+            try:
+                _check_regular(fd)
+                parts.append(os.pread(fd, length, offset))
+            finally:
+                os.close(fd)
+        return b"".join(parts)
+    finally:
+        for fd in folders.values():
+            os.close(fd)
+
+
+def _folder(folders: dict[str, int], path: str) -> int:
+    """The open folder at `path` in the tree, opened from its parent if need be."""
+    fd = folders.get(path)
+    if fd is None:
+        parent, _, name = path.rpartition("/")
+        fd = folders[path] = os.open(name, _FOLDER_FLAGS, dir_fd=_folder(folders, parent))
+    return fd
 
 
 @dataclass

@@ -27,7 +27,9 @@ from sfs.common.protocol import ErrorCode, Refused
 from sfs.common.tree import FOLDER, TreeHeader
 from sfs.common.tree_hash import blake3_256
 from sfs.common.tree_index import Pages, TreeIndex, index_of, unpack_pages
+from sfs.peer import reads
 from sfs.peer.keys import Identity
+from sfs.peer.reads import ChangedSinceShared, NotRegularFile, Unchanged
 from sfs.peer.registry import Share
 
 log = logging.getLogger("sfs.peer")
@@ -235,34 +237,13 @@ DATA_TICKET_SIZE = 32
 _INDEXES_KEPT = 16  # checked indexes of shares served lately
 
 
-@dataclass(frozen=True)
-class Unchanged:
-    """Bytes read from a file whose stamp (see `stamps`) is still the one recorded when
-    it was shared: they are the bytes the manifest hashes, so hashing them again is
-    skipped. A reader that cannot tell returns plain bytes, which are hashed."""
-
-    data: bytes
-
-
 # (share, offset, length) -> the bytes there
 ChunkReader = Callable[[Share, int, int], bytes | Unchanged]
+# (folder share, (path in the tree, offset, length) of each piece) -> the chunk's bytes
+PiecesReader = Callable[[Share, tuple[tuple[str, int, int], ...]], bytes]
 RequesterCheck = Callable[[str, KeyBundle], None]  # raises SfsError to refuse
 # Told of a share that could not be served from its path; True: its content changed.
 FailedRead = Callable[[Share, bool], None]
-
-
-class NotRegularFile(SfsError):
-    """What stands at a share's path now is not a regular file (a FIFO, a directory...).
-    Raised by a `ChunkReader`; `kind` says what it is, for the holder's log."""
-
-    def __init__(self, kind: str) -> None:
-        super().__init__(f"not a regular file ({kind})")
-        self.kind = kind
-
-
-class ChangedSinceShared(SfsError):
-    """The file's stamp is not the one recorded when it was shared (written, touched,
-    replaced): raised by a `ChunkReader`, and the file is not served."""
 
 
 @dataclass
@@ -343,11 +324,13 @@ class HolderService:
         read_chunk: ChunkReader,
         clock: Callable[[], float] = time.monotonic,
         on_failed_read: FailedRead | None = None,
+        read_pieces: PiecesReader = reads.read_pieces,
     ) -> None:
         self._identity = identity
         self._lookup_share = lookup_share
         self._check_requester = check_requester
         self._read_chunk = read_chunk
+        self._read_pieces = read_pieces
         self._clock = clock
         self._on_failed_read = on_failed_read
         self._transfers: dict[bytes, _Outgoing] = {}
@@ -640,7 +623,7 @@ class HolderService:
         )
         try:
             read = (
-                self._read_pieces(job)
+                self._read_pieces(job.share, job.pieces)
                 if job.pieces
                 else self._read_chunk(job.share, job.offset, job.length)
             )
@@ -664,16 +647,6 @@ class HolderService:
         if len(data) != job.length or not crypto.same_bytes(blake3_256(data), job.chunk_hash):
             return changed
         return job.cipher.seal(job.index, data, job.associated)
-
-    def _read_pieces(self, job: ChunkJob) -> bytes:
-        """A folder share's chunk: the pieces of each file it spans, from the files under
-        the share's folder (each opened without following a link; the hash decides)."""
-        parts = []
-        for path, offset, length in job.pieces:
-            one = dataclasses.replace(job.share, path=job.share.path / path, stamp=None)
-            read = self._read_chunk(one, offset, length)
-            parts.append(read.data if isinstance(read, Unchanged) else read)
-        return b"".join(parts)
 
     def complete(self, job: ChunkJob, outcome: ChunkOutcome) -> list[bytes]:
         """The reply to a chunk request once `read` is done. Nothing is sent for a

@@ -206,6 +206,32 @@ def test_a_fifo_in_place_of_a_shared_file_is_refused_and_others_still_served(
     still_serves(frank)
 
 
+def test_a_shared_folder_swapped_for_a_link_is_not_followed_by_the_holder(
+    world: World,
+) -> None:
+    """Someone swaps a folder inside a shared tree for a link to a copy elsewhere: the
+    holder must not read outside the tree, even bytes that would pass the chunk's hash.
+    Stopped by: `reads.read_pieces` walks from the share's folder, one component at a
+    time, with O_NOFOLLOW."""
+    grace = world.cluster.add_peer("grace", serve=True)
+    tree = world.cluster.root / "swapped-tree"
+    (tree / "docs").mkdir(parents=True)
+    notes = os.urandom(50_000)
+    (tree / "docs" / "notes.bin").write_bytes(notes)
+    tree_id = grace.share(tree)
+    elsewhere = world.cluster.root / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "notes.bin").write_bytes(notes)
+    (tree / "docs").rename(world.cluster.root / "docs-moved")
+    (tree / "docs").symlink_to(elsewhere)
+
+    refused = world.bob.run("get", tree_id)
+    assert one_line_error(refused) == "error: grace: the holder cannot read swapped-tree any more"
+    assert grace.server is not None
+    assert "cannot read" in grace.server.output()
+    still_serves(grace)
+
+
 @dataclass
 class HangingHolder:
     """alice's `PeerServer` in this process, serving `stuck.bin`, whose reads wait for

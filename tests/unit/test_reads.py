@@ -15,9 +15,9 @@ import pytest
 
 from sfs.common import crypto
 from sfs.peer import reads
-from sfs.peer.reads import ReadLanes, read_chunk
+from sfs.peer.reads import NotRegularFile, ReadLanes, read_chunk, read_pieces
 from sfs.peer.registry import Share
-from sfs.peer.transfer import ChunkJob, ChunkOutcome, NotRegularFile
+from sfs.peer.transfer import ChunkJob, ChunkOutcome
 
 WAIT = 10.0  # generous: only a failure waits this long
 
@@ -100,6 +100,67 @@ def test_a_symlink_in_place_of_the_file_is_refused(tmp_path: Path) -> None:
 def test_a_missing_file_is_an_os_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         read_chunk(share_at(tmp_path / "gone.bin"), 0, 10)
+
+
+# --- read_pieces (a folder share's chunk) ------------------------------------------------
+
+
+def folder_share(tmp_path: Path) -> Share:
+    folder = tmp_path / "shared"
+    (folder / "docs" / "deep").mkdir(parents=True)
+    (folder / "top.txt").write_bytes(b"top")
+    (folder / "docs" / "deep" / "notes.txt").write_bytes(b"0123456789")
+    return share_at(folder)
+
+
+def test_a_folder_chunk_is_read_from_the_files_it_spans(tmp_path: Path) -> None:
+    share = folder_share(tmp_path)
+    pieces = (("top.txt", 1, 2), ("docs/deep/notes.txt", 0, 4), ("docs/deep/notes.txt", 8, 2))
+    assert read_pieces(share, pieces) == b"op" + b"0123" + b"89"
+
+
+@pytest.mark.parametrize("swapped", ["docs", "docs/deep"])
+def test_a_folder_swapped_for_a_link_is_not_followed(tmp_path: Path, swapped: str) -> None:
+    # The same bytes outside the tree: only the walk refuses them (the hash would pass).
+    share = folder_share(tmp_path)
+    outside = tmp_path / "outside"
+    (outside / "deep").mkdir(parents=True)
+    (outside / "deep" / "notes.txt").write_bytes(b"0123456789")
+    (outside / "notes.txt").write_bytes(b"0123456789")
+    inside = share.path / swapped
+    inside.rename(tmp_path / "moved")
+    inside.symlink_to(outside if swapped == "docs" else outside / "deep")
+    with pytest.raises(OSError):
+        read_pieces(share, (("docs/deep/notes.txt", 0, 10),))
+
+
+def test_a_share_folder_swapped_for_a_link_is_not_followed(tmp_path: Path) -> None:
+    share = folder_share(tmp_path)
+    share.path.rename(tmp_path / "moved")
+    share.path.symlink_to(tmp_path / "moved")
+    with pytest.raises(OSError):
+        read_pieces(share, (("top.txt", 0, 3),))
+
+
+def test_a_fifo_in_a_folder_share_is_refused_without_waiting(tmp_path: Path) -> None:
+    share = folder_share(tmp_path)
+    os.mkfifo(share.path / "fifo")
+    try:
+        outcome = in_time(read_pieces, share, (("fifo", 0, 3),))
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(os.open(share.path / "fifo", os.O_WRONLY | os.O_NONBLOCK))
+    assert isinstance(outcome, NotRegularFile)
+
+
+def test_a_folder_chunk_closes_every_descriptor_it_opened(tmp_path: Path) -> None:
+    share = folder_share(tmp_path)
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(50):
+        read_pieces(share, (("top.txt", 0, 3), ("docs/deep/notes.txt", 0, 10)))
+    with pytest.raises(OSError):
+        read_pieces(share, (("top.txt", 0, 3), ("docs/missing/x", 0, 1)))
+    assert len(os.listdir("/proc/self/fd")) == before
 
 
 # --- ReadLanes -----------------------------------------------------------------------------
