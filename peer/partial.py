@@ -34,6 +34,7 @@ from sfs.common import crypto
 from sfs.common.errors import IntegrityError, StorageError
 from sfs.common.tree_hash import blake3_256
 from sfs.common.tree_index import TreeIndex
+from sfs.peer.direct_writes import ChunkWriter
 from sfs.peer.stamps import FileStamp, stamp_of
 
 MAX_NAME_BYTES = 255
@@ -158,17 +159,6 @@ def _storage_error(exc: OSError, folder: Path) -> StorageError:
     return StorageError(f"cannot write in {folder}: {reason}")
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    """Write all of `data` at `offset`. A write may take only part of it (near a size
-    limit or a full disk, say); the next one then says why, or takes the rest."""
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        if written <= 0:
-            raise OSError(errno.EIO, "the file system accepted no data")
-        view, offset = view[written:], offset + written
-
-
 def partial_path(folder: Path, file_id: str) -> Path:
     return folder / f".sfs-{file_id}.part"
 
@@ -224,6 +214,7 @@ class PartialFile:
         self.path = partial_path(folder, file_id)
         self._manifest = manifest
         self._fd = -1
+        self._writer: ChunkWriter | None = None
         self.found = False
         self.stamp: FileStamp | None = None  # the finished file's, for seeding it
         self._verified: set[int] = set()  # chunk indexes on disk, each checked once
@@ -238,6 +229,7 @@ class PartialFile:
             raise _storage_error(exc, folder) from exc
         try:
             self._fd = _open_locked(self.path)
+            self._writer = ChunkWriter(self._fd, manifest.chunk_size)
             self.found = os.fstat(self._fd).st_size > 0  # left by an earlier attempt
         except OSError as exc:
             raise _storage_error(exc, folder) from exc
@@ -290,12 +282,12 @@ class PartialFile:
         if not self._matches(index, data):
             raise IntegrityError(f"chunk {index} does not match the owner's signed manifest")
         with self._lock:
-            if self._fd < 0:
+            if self._fd < 0 or self._writer is None:
                 raise StorageError(f"the download into {self.folder} was stopped")
             if index in self._verified:
                 raise IntegrityError(f"chunk {index} was delivered twice")
             try:
-                _pwrite_all(self._fd, data, index * self._manifest.chunk_size)
+                self._writer.write(data, index * self._manifest.chunk_size)
             except OSError as exc:
                 raise _storage_error(exc, self.folder) from exc
             self._verified.add(index)
@@ -359,6 +351,9 @@ class PartialFile:
 
     def _close(self) -> None:
         with self._lock:  # never while a write is under way
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
             if self._fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(self._fd)

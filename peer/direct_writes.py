@@ -1,0 +1,90 @@
+"""Chunk writes that go straight to the disk (`O_DIRECT`), past the page cache.
+
+Why: a download is fsynced before it is named, so its bytes must reach the disk anyway,
+and copying them into the page cache first is most of a `get`'s kernel time. Measured
+on the 2-core VM (`dd`, 1 GiB, page cache pages fresh, as for a command started cold):
+through the page cache and fsync 2.1 s, of which 1.6 s kernel time; `O_DIRECT` 0.7 s,
+0.1 s kernel time. A chunk goes out of a page-aligned buffer that each writing thread
+keeps for the whole download; only the whole 4 KiB blocks of a chunk go direct, and a
+last chunk's tail is written through the ordinary descriptor.
+
+Where the file system refuses `O_DIRECT` (tmpfs, some network file systems), or a write
+says it cannot be done direct (`EINVAL`), every write goes through the page cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import mmap
+import os
+import threading
+
+ALIGN = 4096  # offsets, lengths and buffers of direct writes are multiples of this
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """Write all of `data` at `offset`. A write may take only part of it (near a size
+    limit or a full disk, say); the next one then says why, or takes the rest."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        if written <= 0:
+            raise OSError(errno.EIO, "the file system accepted no data")
+        view, offset = view[written:], offset + written
+
+
+class ChunkWriter:
+    """Writes chunks of `chunk_size` bytes at their offsets into the open file `fd`,
+    direct where it can. One call at a time (`PartialFile` holds its lock); each thread
+    that calls it gets its own buffer. `close` closes only what it opened."""
+
+    def __init__(self, fd: int, chunk_size: int) -> None:
+        self._fd = fd
+        self._chunk_size = chunk_size
+        self._direct = -1
+        self._buffers = threading.local()
+        if chunk_size % ALIGN == 0 and hasattr(os, "O_DIRECT"):
+            # The same file (the open descriptor's inode), opened again with O_DIRECT. No
+            # /proc, or a file system without O_DIRECT: the page cache only.
+            with contextlib.suppress(OSError):
+                self._direct = os.open(
+                    f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC
+                )
+
+    @property
+    def direct(self) -> bool:
+        return self._direct >= 0
+
+    def write(self, data: bytes, offset: int) -> None:
+        """Write `data` at `offset`; raises `OSError` (a full disk, say)."""
+        rest = memoryview(data)
+        whole = len(rest) - len(rest) % ALIGN
+        if self._direct >= 0 and whole and offset % ALIGN == 0:
+            buffer = self._buffer()
+            buffer[:whole] = rest[:whole]
+            try:
+                done = os.pwrite(self._direct, buffer[:whole], offset)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                self._stop_direct()  # this file system takes no direct writes after all
+                done = 0
+            rest, offset = rest[done:], offset + done
+        _pwrite_all(self._fd, rest, offset)
+
+    def _buffer(self) -> memoryview:
+        buffer: memoryview | None = getattr(self._buffers, "view", None)
+        if buffer is None:  # page-aligned, reused for every chunk this thread writes
+            self._buffers.map = mmap.mmap(-1, self._chunk_size)
+            buffer = self._buffers.view = memoryview(self._buffers.map)
+        return buffer
+
+    def _stop_direct(self) -> None:
+        direct, self._direct = self._direct, -1
+        if direct >= 0:
+            os.close(direct)
+
+    def close(self) -> None:
+        """Close the direct descriptor (the caller closes `fd`). Not while writing."""
+        self._stop_direct()
