@@ -36,13 +36,15 @@ def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
 
 class ChunkWriter:
     """Writes chunks of `chunk_size` bytes at their offsets into the open file `fd`,
-    direct where it can. One call at a time (`PartialFile` holds its lock); each thread
-    that calls it gets its own buffer. `close` closes only what it opened."""
+    direct where it can. `write` is safe from several threads, each with its own
+    buffer; `close` (which closes only what it opened) is not, while a write is under
+    way."""
 
     def __init__(self, fd: int, chunk_size: int) -> None:
         self._fd = fd
         self._chunk_size = chunk_size
         self._direct = -1
+        self._refused = False  # a direct write was refused: the page cache from then on
         self._buffers = threading.local()
         if chunk_size % ALIGN == 0 and hasattr(os, "O_DIRECT"):
             # The same file (the open descriptor's inode), opened again with O_DIRECT. No
@@ -54,13 +56,13 @@ class ChunkWriter:
 
     @property
     def direct(self) -> bool:
-        return self._direct >= 0
+        return self._direct >= 0 and not self._refused
 
     def write(self, data: bytes, offset: int) -> None:
         """Write `data` at `offset`; raises `OSError` (a full disk, say)."""
         rest = memoryview(data)
         whole = len(rest) - len(rest) % ALIGN
-        if self._direct >= 0 and whole and offset % ALIGN == 0:
+        if self.direct and whole and offset % ALIGN == 0:
             buffer = self._buffer()
             buffer[:whole] = rest[:whole]
             try:
@@ -68,7 +70,7 @@ class ChunkWriter:
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
-                self._stop_direct()  # this file system takes no direct writes after all
+                self._refused = True  # this file system takes no direct writes after all
                 done = 0
             rest, offset = rest[done:], offset + done
         _pwrite_all(self._fd, rest, offset)
@@ -80,11 +82,8 @@ class ChunkWriter:
             buffer = self._buffers.view = memoryview(self._buffers.map)
         return buffer
 
-    def _stop_direct(self) -> None:
+    def close(self) -> None:
+        """Close the direct descriptor (the caller closes `fd`)."""
         direct, self._direct = self._direct, -1
         if direct >= 0:
             os.close(direct)
-
-    def close(self) -> None:
-        """Close the direct descriptor (the caller closes `fd`). Not while writing."""
-        self._stop_direct()

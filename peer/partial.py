@@ -218,9 +218,12 @@ class PartialFile:
         self.found = False
         self.stamp: FileStamp | None = None  # the finished file's, for seeding it
         self._verified: set[int] = set()  # chunk indexes on disk, each checked once
-        # Guards `_fd` and `_verified`: holders' threads write while the download may
-        # stop (a closed descriptor's number could be reused by another file).
+        self._writing: set[int] = set()  # chunk indexes being written now
+        # Guards `_fd`, `_verified` and `_writing`: holders' threads write while the
+        # download may stop (a closed descriptor's number could be reused by another
+        # file), so the descriptor is closed only once no write is under way.
         self._lock = threading.Lock()
+        self._no_writes = threading.Condition(self._lock)
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except FileExistsError as exc:  # a file, or a symlink to one, is in the way
@@ -278,19 +281,29 @@ class PartialFile:
     def write(self, index: int, data: bytes) -> None:
         """Check chunk `index` against the owner's signed manifest, then write it at its
         offset. `IntegrityError` if it does not match, or was written already. Safe from
-        several threads: the hash runs outside the lock (hashlib releases the GIL)."""
+        several threads, which hash and write side by side (the hash and the writes
+        release the GIL; direct writes wait for the disk)."""
         if not self._matches(index, data):
             raise IntegrityError(f"chunk {index} does not match the owner's signed manifest")
         with self._lock:
-            if self._fd < 0 or self._writer is None:
+            writer = self._writer
+            if self._fd < 0 or writer is None:
                 raise StorageError(f"the download into {self.folder} was stopped")
-            if index in self._verified:
+            if index in self._verified or index in self._writing:
                 raise IntegrityError(f"chunk {index} was delivered twice")
-            try:
-                self._writer.write(data, index * self._manifest.chunk_size)
-            except OSError as exc:
-                raise _storage_error(exc, self.folder) from exc
-            self._verified.add(index)
+            self._writing.add(index)
+        written = False
+        try:
+            writer.write(data, index * self._manifest.chunk_size)
+            written = True
+        except OSError as exc:
+            raise _storage_error(exc, self.folder) from exc
+        finally:
+            with self._lock:
+                self._writing.discard(index)
+                if written:
+                    self._verified.add(index)
+                self._no_writes.notify_all()
 
     @property
     def complete(self) -> bool:
@@ -350,7 +363,9 @@ class PartialFile:
         self._close()
 
     def _close(self) -> None:
-        with self._lock:  # never while a write is under way
+        with self._lock:
+            while self._writing:  # never while a write is under way
+                self._no_writes.wait()
             if self._writer is not None:
                 self._writer.close()
                 self._writer = None

@@ -10,6 +10,7 @@ import resource
 import signal
 import stat
 import tempfile
+import threading
 import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from hypothesis import strategies as st
 
 from sfs.common.errors import IntegrityError, StorageError
 from sfs.common.tree_index import TreeIndex
+from sfs.peer.direct_writes import ChunkWriter
 from sfs.peer.partial import MAX_NAME_BYTES, PartialFile, partial_path, safe_filename
 from sfs.peer.stamps import stamp_of
 from tests.trees import file_tree
@@ -178,6 +180,64 @@ def test_a_chunk_delivered_twice_is_refused(tmp_path: Path) -> None:
         partial.write(1, chunks()[1])
     write_all(partial, skip=frozenset({1}))
     assert partial.finish("out.bin").read_bytes() == DATA
+
+
+@pytest.fixture
+def held_write(
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[tuple[threading.Event, threading.Event]]:
+    """The next chunk write starts (`started` is set), then waits for `release`."""
+    started, release = threading.Event(), threading.Event()
+    real = ChunkWriter.write
+
+    def write(self: ChunkWriter, data: bytes, offset: int) -> None:
+        started.set()
+        assert release.wait(10), "never released"
+        real(self, data, offset)
+
+    monkeypatch.setattr(ChunkWriter, "write", write)
+    yield started, release
+    release.set()
+
+
+def test_a_chunk_delivered_again_while_its_first_copy_is_written_is_refused(
+    tmp_path: Path, held_write: tuple[threading.Event, threading.Event]
+) -> None:
+    started, release = held_write
+    partial = new_partial(tmp_path)
+    first = threading.Thread(target=partial.write, args=(1, chunks()[1]))
+    first.start()
+    assert started.wait(10)
+    with pytest.raises(IntegrityError, match="twice"):
+        partial.write(1, chunks()[1])
+    release.set()
+    first.join(10)
+    assert not first.is_alive()
+    write_all(partial, skip=frozenset({1}))
+    assert partial.finish("out.bin").read_bytes() == DATA
+
+
+def test_stopping_waits_for_a_write_under_way(
+    tmp_path: Path, held_write: tuple[threading.Event, threading.Event]
+) -> None:
+    """Writes run side by side, outside the lock: the descriptor is closed only once
+    none is under way (its number could otherwise be reused under a write)."""
+    started, release = held_write
+    partial = new_partial(tmp_path)
+    writing = threading.Thread(target=partial.write, args=(2, chunks()[2]))
+    writing.start()
+    assert started.wait(10)
+    stopping = threading.Thread(target=partial.keep)
+    stopping.start()
+    stopping.join(0.2)
+    assert stopping.is_alive(), "closed under a write"
+    release.set()
+    writing.join(10)
+    stopping.join(10)
+    assert not stopping.is_alive()
+    resumed_partial, found = resumed(tmp_path)
+    assert found == [2]
+    resumed_partial.discard()
 
 
 def test_a_chunk_found_by_resume_cannot_be_written_again(tmp_path: Path) -> None:
