@@ -131,9 +131,16 @@ class Sfs:
     """`with Sfs(folder, payload, encrypted=...)`: a broker, alice serving the payload,
     and bob, who downloads it with the real `sfs-peer get` in each round."""
 
-    def __init__(self, folder: Path, payload: Payload, *, encrypted: bool) -> None:
+    def __init__(
+        self, folder: Path, payload: Payload, *, encrypted: bool, seeded: bool = False
+    ) -> None:
+        """`seeded`: a second holder, carol, who downloaded the file and seeds it, serves
+        beside alice (the issue: two holders on one machine must not be slower than one)."""
         self.label = "sfs" if encrypted else "sfs, peer encryption off"
+        if seeded:
+            self.label = TWO_HOLDERS
         self.folder, self.payload, self.encrypted = folder, payload, encrypted
+        self.holders = ["alice", "carol"] if seeded else ["alice"]
         self.share_seconds = 0.0
         self.file_id = ""
 
@@ -145,6 +152,9 @@ class Sfs:
             self.alice = self.cluster.add_peer("alice", serve=True)
             self.bob = self.cluster.add_peer("bob")
             self.share()
+            if "carol" in self.holders:
+                carol = self.cluster.add_peer("carol", serve=True)
+                carol.run("get", self.file_id, timeout=SHARE_TIMEOUT).check()
         except BaseException:
             self.cluster.close()
             raise
@@ -166,8 +176,13 @@ class Sfs:
             raise BenchError(f"sfs-peer get failed: {timed.last_error_line()}")
         result = json.loads(timed.stdout)
         check_and_remove(Path(result["path"]), payload.size, payload.sha256)
+        if sorted(result["holders"]) != self.holders:
+            raise BenchError(f"{self.label}: chunks came from {result['holders']}")
         untimed = timed.seconds - result["seconds"]
         return Round(timed.seconds, serve_peak_kib(self.alice), timed.peak_kib, untimed)
+
+
+TWO_HOLDERS = "sfs, two holders"
 
 
 def serve_peak_kib(peer: Peer) -> int:
@@ -191,9 +206,10 @@ def run(args: argparse.Namespace) -> str:
         anchors, not_run = start_anchors(stack, root, getattr(args, "scp_cipher", None))
         sfs = stack.enter_context(Sfs(root / "sfs", payload, encrypted=True))
         plain = stack.enter_context(Sfs(root / "sfs-plain", payload, encrypted=False))
-        methods: list[Method] = [*anchors, sfs, plain]
+        two = stack.enter_context(Sfs(root / "sfs-two", payload, encrypted=True, seeded=True))
+        methods: list[Method] = [*anchors, sfs, plain, two]
         rounds = run_rounds(methods, payload, args.rounds, not_run, anchors)
-        return render(payload, rounds, not_run, anchors, [sfs, plain])
+        return render(payload, rounds, not_run, anchors, [sfs, plain, two])
 
 
 def start_anchors(
@@ -367,6 +383,9 @@ def notes(
         targets.append(
             f"sfs / {wormhole} = {medians[sfs_label] / medians[wormhole]:.2f}x (target: >= 2.5x)"
         )
+    if sfs_label in medians and TWO_HOLDERS in medians:
+        two = medians[TWO_HOLDERS] / medians[sfs_label]
+        targets.append(f"{TWO_HOLDERS} / sfs = {two:.2f}x (target: not slower, >= 1x)")
     lines = [f"- Targets, medians of this run: {'; '.join(targets) or 'n/a'}."] if targets else []
     lines += [
         f"- MB/s per round, in order: {per_round}.",
