@@ -72,7 +72,7 @@ from sfs.common.errors import StorageError
 from sfs.common.identity import KeyBundle
 from sfs.common.tree import FOLDER_MARK, kind_and_files
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 CONNECT_TIMEOUT = 10  # seconds to reach the server, and to wait for a pooled connection
 _EXPIRY_STEP = 300  # seconds; as in the SQLite store
 _MIGRATION_LOCK = 0x5F5_0001  # pg_advisory_xact_lock key: one broker migrates at a time
@@ -94,6 +94,21 @@ _MOST_WALK = 40_000
 # arrive and `migrate` copies them, put ~6 rows a walk reads on each page: 20,000 rows
 # walked read 3,383 pages, 9,513 rows from a bitmap 11,428).
 _INDEX_ROW_COST = 4
+
+# The trigram table (schema 7): filled in one statement for the files already there (by
+# the migration and by `load`), in the order of its index, so that a list's rows lie
+# together; its one index is what a search walks.
+_FILL_TRIGRAMS = """
+    INSERT INTO file_trigrams (trigram, shared_at, file_id)
+        SELECT t, f.shared_at, f.file_id
+        FROM files f, sfs_file_trigrams(f.folded_name, f.folded_keywords) t
+        ORDER BY 1, 2 DESC, 3;
+"""
+_TRIGRAM_INDEX = "file_trigrams_newest"
+_TRIGRAM_INDEX_DEFINITION = "(trigram, shared_at DESC, file_id)"
+# The most common trigrams whose frequencies ANALYZE keeps (the most it allows): with
+# them the store picks the rarest trigram of a term without reading any list.
+_TRIGRAM_STATISTICS = 10_000
 
 _MIGRATIONS: dict[int, str] = {
     1: """
@@ -247,6 +262,52 @@ _MIGRATIONS: dict[int, str] = {
     ALTER TABLE files ADD COLUMN kind TEXT NOT NULL DEFAULT 'file';
     ALTER TABLE files ADD COLUMN file_count BIGINT NOT NULL DEFAULT 1;
     """,
+    7: f"""
+    -- Each 3-character run of a file's folded name and of its folded keywords (every
+    -- character counts, as in SQLite's FTS5 trigrams), as a number (`trigram_code`), with
+    -- the file's time and id: the b-tree hands out the files holding one trigram newest
+    -- first, which a search walks (`PostgresStore.search`). Kept by a trigger on files.
+    CREATE FUNCTION sfs_trigrams(text) RETURNS SETOF bigint
+        LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
+        SELECT (ascii(c[i])::bigint << 42) | (ascii(c[i + 1])::bigint << 21)
+            | ascii(c[i + 2])
+        FROM (SELECT string_to_array($1, NULL) AS c) s,
+            generate_series(1, cardinality(c) - 2) i
+    $$;
+    CREATE FUNCTION sfs_file_trigrams(name text, keywords text) RETURNS SETOF bigint
+        LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
+        SELECT sfs_trigrams(name) UNION SELECT sfs_trigrams(keywords)
+    $$;
+    CREATE TABLE file_trigrams (
+        trigram BIGINT NOT NULL,
+        shared_at BIGINT NOT NULL,
+        file_id TEXT COLLATE "C" NOT NULL
+    );
+    CREATE FUNCTION sfs_index_trigrams() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF TG_OP <> 'INSERT' THEN  -- through the b-tree, one probe per trigram
+            DELETE FROM file_trigrams WHERE trigram IN
+                (SELECT sfs_file_trigrams(OLD.folded_name, OLD.folded_keywords))
+                AND shared_at = OLD.shared_at AND file_id = OLD.file_id;
+        END IF;
+        IF TG_OP <> 'DELETE' THEN
+            INSERT INTO file_trigrams (trigram, shared_at, file_id)
+                SELECT t, NEW.shared_at, NEW.file_id
+                FROM sfs_file_trigrams(NEW.folded_name, NEW.folded_keywords) t;
+        END IF;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER files_trigrams
+        AFTER INSERT OR DELETE OR UPDATE OF folded_name, folded_keywords, shared_at, file_id
+        ON files FOR EACH ROW EXECUTE FUNCTION sfs_index_trigrams();
+    SET LOCAL maintenance_work_mem = '256MB';
+    SET LOCAL work_mem = '256MB';
+    {_FILL_TRIGRAMS}
+    CREATE INDEX {_TRIGRAM_INDEX} ON file_trigrams {_TRIGRAM_INDEX_DEFINITION};
+    -- The search chooses the rarest trigram of its terms from these statistics.
+    ALTER TABLE file_trigrams ALTER COLUMN trigram SET STATISTICS {_TRIGRAM_STATISTICS};
+    ANALYZE file_trigrams;
+    """,
 }
 
 # The secondary indexes of `files` as the migrations made them: `load` drops them while
@@ -290,6 +351,16 @@ def describe(url: str) -> str:
 
 def _fold(text: str) -> str:
     return text.lower()
+
+
+def trigram_code(run: str) -> int:
+    """A run of 3 characters as `file_trigrams` holds it (`sfs_trigrams` in SQL): their
+    code points side by side, 21 bits each."""
+    return ord(run[0]) << 42 | ord(run[1]) << 21 | ord(run[2])
+
+
+def _trigram_codes(text: str) -> set[int]:
+    return {trigram_code(text[i : i + 3]) for i in range(len(text) - 2)}
 
 
 def _like_pattern(term: str) -> str:
@@ -545,6 +616,9 @@ class PostgresStore:
             # versions of one row in one transaction, each found by walking the others.
             # One count at the end instead.
             db.execute("ALTER TABLE files DISABLE TRIGGER files_usage")
+            # The trigram table likewise: filled in one statement at the end.
+            db.execute("ALTER TABLE files DISABLE TRIGGER files_trigrams")
+            db.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(_TRIGRAM_INDEX)))
             for table, columns, rows in tables:
                 names = list(columns)
                 if table == "files":
@@ -574,6 +648,12 @@ class PostgresStore:
             )
             for name, definition in _FILE_INDEXES.items():
                 db.execute(f"CREATE INDEX {name} ON files {definition}")
+            db.execute("ALTER TABLE files ENABLE TRIGGER files_trigrams")
+            db.execute("SET LOCAL work_mem = '256MB'")
+            db.execute(_FILL_TRIGRAMS)
+            db.execute(
+                f"CREATE INDEX {_TRIGRAM_INDEX} ON file_trigrams {_TRIGRAM_INDEX_DEFINITION}"
+            )
         with self._error_context("error in"), self._pool.connection() as db:
             db.execute("ANALYZE")  # statistics for the planner, which knows no rows yet
 
