@@ -94,6 +94,11 @@ _MOST_WALK = 40_000
 # arrive and `migrate` copies them, put ~6 rows a walk reads on each page: 20,000 rows
 # walked read 3,383 pages, 9,513 rows from a bitmap 11,428).
 _INDEX_ROW_COST = 4
+# A walk goes on to the end of a trigram's list when at most this many files are left in
+# it, whatever it found so far: cheaper than the bitmaps of common trigrams.
+_WHOLE_LIST = 10_000
+_UNKNOWN_ROWS = 10**12  # a table's size before it was ever analyzed
+_STATISTICS_AGE = 60.0  # seconds the trigrams' statistics are kept (`_trigram_statistics`)
 
 # The trigram table (schema 7): filled in one statement for the files already there (by
 # the migration and by `load`), in the order of its index, so that a list's rows lie
@@ -470,14 +475,70 @@ def _has_trigram(term: str, beyond_ascii: bool) -> bool:
     return False
 
 
-def _after(params: dict[str, object]) -> list[str]:
-    """The condition for the files past those walked (hit order), if any were."""
+def _after(params: dict[str, object], table: str = "f") -> list[str]:
+    """The condition for the files past those walked (hit order), if any were; `table`
+    has their `shared_at` and `file_id`."""
     if "after_at" not in params:
         return []
     return [
-        "f.shared_at <= %(after_at)s",
-        "(f.shared_at < %(after_at)s OR f.file_id > %(after_id)s)",
+        f"{table}.shared_at <= %(after_at)s",
+        f"({table}.shared_at < %(after_at)s OR {table}.file_id > %(after_id)s)",
     ]
+
+
+def _next_walk(
+    examined: _Examined, walked: int, left: int, narrowed: bool, whole_list: int
+) -> int:
+    """How many more files to walk (at most `_MOST_WALK`), or 0 to ask the indexes: the
+    walk goes on while, at the rate it found candidates and hits so far, it would settle
+    the answer (or reach the end of its list, `left` files on) in fewer rows than the
+    indexes would hand out for the files left (about as many as the candidates among
+    them if a term narrows them, else all; each costing `_INDEX_ROW_COST` rows of a walk).
+    A list of at most `whole_list` files left is walked to its end whatever the rate."""
+    if _MOST_WALK <= 0:
+        return 0
+    if left < 0:  # longer than the estimate said: guess as long again
+        left = walked
+    if left <= whole_list:
+        return min(_MOST_WALK, left + 1)  # and one past: the end of the list is seen
+    if examined.count == 0:
+        return 0
+    rate = examined.count / walked
+    to_settle = examined.wanted / rate
+    if examined.hits:
+        hits_left = examined.limit - len(examined.hits)
+        to_settle = min(to_settle, hits_left * walked / len(examined.hits))
+    if min(to_settle, left) > (rate if narrowed else 1) * left * _INDEX_ROW_COST:
+        return 0
+    return min(_MOST_WALK, int(to_settle * 1.25) + 100)
+
+
+@dataclass(frozen=True)
+class _TrigramStatistics:
+    """How many rows of `file_trigrams` hold each common trigram, as ANALYZE last
+    counted them (its most common values); every other trigram is at most `rest`."""
+
+    common: dict[int, float]
+    rest: float
+    read_at: float
+
+    @classmethod
+    def of(cls, row: Row | None, read_at: float) -> _TrigramStatistics:
+        rows = float(row[0]) if row and row[0] is not None and row[0] >= 0 else -1.0
+        if row is None or rows < 0 or row[1] is None:  # never analyzed: nothing known
+            return cls({}, float(_UNKNOWN_ROWS), read_at)
+        values, freqs, distinct = row[1], row[2], float(row[3] or 0)
+        common = {int(v): f * rows for v, f in zip(values, freqs, strict=True)}
+        if distinct < 0:  # a fraction of the rows
+            distinct = -distinct * rows
+        others = max(1.0, distinct - len(common))
+        rest = (1.0 - sum(freqs)) * rows / others
+        return cls(common, min([rest, *common.values()]), read_at)
+
+    def rarest(self, trigrams: Iterable[int]) -> tuple[int, int]:
+        """The trigram held by the fewest files, and about how many hold it."""
+        best = min(trigrams, key=lambda t: (self.common.get(t, self.rest), t))
+        return best, int(self.common.get(best, self.rest))
 
 
 class PostgresStore:
@@ -520,6 +581,7 @@ class PostgresStore:
             self._pool.close()  # and its threads
             raise
         self._limits = PostgresLimits(self._pool, self._where)
+        self._trigram_stats: _TrigramStatistics | None = None
 
     # --- connection handling -----------------------------------------------------------
 
@@ -860,12 +922,15 @@ class PostgresStore:
         # The candidates are the files the user sees (of the owner) that hold every term
         # of 3 characters or more; shorter terms are checked on each (`holds`). The store
         # picks the way to them itself, as a planner cannot see how common a term is
-        # among the files the user sees: first a walk of the newest files, checking each
-        # row; if that does not settle the answer, more of the walk while it finds
-        # candidates often enough to be cheaper, else the indexes (trigrams, readers,
-        # owner) for the files past the walk. Both hand out candidates in hit order.
+        # among the files one user sees: a walk, newest first, of the files that hold the
+        # rarest trigram of the terms (`file_trigrams`), or of the owner's files if they
+        # are fewer, or of every file if no term is 3 characters long; each row checked.
+        # If that does not settle the answer, more of the walk while it finds candidates
+        # often enough to be cheaper, else the indexes (trigrams, readers, owner) for the
+        # files past the walk. Both hand out candidates in hit order.
         params: dict[str, object] = {"readers": [_PUBLIC, user_id]}
         long, short, narrowing, filters = list[str](), list[str](), list[str](), list[str]()
+        trigrams: set[int] = set()
         for i, term in enumerate(_fold(term) for term in terms):
             params[f"t{i}"] = _like_pattern(term)
             holds = f"(f.folded_name LIKE %(t{i})s OR f.folded_keywords LIKE %(t{i})s)"
@@ -873,6 +938,7 @@ class PostgresStore:
                 short.append(holds)
                 continue
             long.append(holds)
+            trigrams |= _trigram_codes(term)
             if _has_trigram(term, self._trigrams_beyond_ascii):
                 narrowing.append(holds)
             else:  # the same test in a form no index answers
@@ -894,15 +960,21 @@ class PostgresStore:
         )
         examined = _Examined(limit, budget)
         with self._transaction() as db:
+            listed = self._files_walked(db, params)
+            if trigrams:
+                trigram, holding = self._trigram_statistics(db).rarest(trigrams)
+                if holding <= listed:
+                    params["trigram"], listed = trigram, holding
             walked, rows = 0, _FIRST_WALK
             while rows > 0 and examined.partial is None:
                 read = self._walk(db, examined, params, way, rows)
                 walked += read
                 if examined.partial is None:
-                    if read < rows:  # every file (of the owner) walked, no candidate left
+                    if read < rows:  # every file of the walk read, no candidate left
                         examined.partial = False
                     else:
-                        rows = self._next_walk(db, examined, walked, params, way)
+                        whole = _WHOLE_LIST if "trigram" in params else 0
+                        rows = _next_walk(examined, walked, listed - walked, way.narrowed, whole)
             if examined.partial is None:
                 self._by_indexes(db, examined, params, way)
         rows_found = self._query(
@@ -920,21 +992,58 @@ class PostgresStore:
         )
 
     @staticmethod
+    def _files_walked(db: Connection, params: dict[str, object]) -> int:
+        """How many files a walk without a trigram would read at most: the owner's, or
+        all (estimates)."""
+        if "owner" in params:
+            total = db.execute("SELECT files FROM usage WHERE user_id = %(owner)s", params)
+        else:
+            total = db.execute(
+                "SELECT reltuples::bigint FROM pg_class WHERE oid = 'files'::regclass"
+            )
+        known = total.fetchone()
+        return int(known[0]) if known and int(known[0]) >= 0 else _UNKNOWN_ROWS
+
+    def _trigram_statistics(self, db: Connection) -> _TrigramStatistics:
+        """How common each trigram is, from ANALYZE's statistics of `file_trigrams`, read
+        again when older than `_STATISTICS_AGE` seconds (they change only with ANALYZE)."""
+        cached = self._trigram_stats
+        if cached is not None and time.monotonic() - cached.read_at < _STATISTICS_AGE:
+            return cached
+        row = db.execute(
+            "SELECT c.reltuples::bigint, s.most_common_vals::text::bigint[],"
+            " s.most_common_freqs, s.n_distinct FROM pg_class c LEFT JOIN pg_stats s"
+            " ON s.schemaname = current_schema() AND s.tablename = 'file_trigrams'"
+            " AND s.attname = 'trigram' WHERE c.oid = 'file_trigrams'::regclass"
+        ).fetchone()
+        stats = _TrigramStatistics.of(row, time.monotonic())
+        self._trigram_stats = stats
+        return stats
+
+    @staticmethod
     def _walk(
         db: Connection, examined: _Examined, params: dict[str, object], way: _Way, rows: int
     ) -> int:
-        """Walk the next `rows` files (of the owner) newest first, past those walked
-        before, feeding their candidates to `examined` until it is settled. A cursor
-        hands them out a few at a time, so that a search settled early reads no
-        further. The position of the last file it read (`rows` if it read them all)."""
-        where = " AND ".join([*way.scope, *_after(params)]) or "true"
+        """Walk the next `rows` files (of the owner; holding `params["trigram"]`, if
+        given) newest first, past those walked before, feeding their candidates to
+        `examined` until it is settled. A cursor hands them out a few at a time, so that
+        a search settled early reads no further. The position of the last file it read
+        (`rows` if it read them all)."""
+        if "trigram" in params:
+            # The trigram's list in its b-tree's order; each row's file by its key.
+            listed = "file_trigrams x JOIN files f ON f.file_id = x.file_id"
+            where = ["x.trigram = %(trigram)s", *way.scope, *_after(params, "x")]
+            order = "x.shared_at DESC, x.file_id"
+        else:
+            listed, where = "files f", [*way.scope, *_after(params)]
+            order = "f.shared_at DESC, f.file_id"
         candidate = " AND ".join(["f.readers && %(readers)s::bigint[]", *way.long])
         cursor = db.cursor(name="sfs_walk")
         cursor.execute(
             f"SELECT f.n, f.file_id, f.shared_at, {way.holds}, {candidate} FROM"
             " (SELECT f.file_id, f.shared_at, f.readers, f.folded_name, f.folded_keywords,"
-            " row_number() OVER (ORDER BY f.shared_at DESC, f.file_id) AS n"
-            f" FROM files f WHERE {where} ORDER BY f.shared_at DESC, f.file_id"
+            f" row_number() OVER (ORDER BY {order}) AS n"
+            f" FROM {listed} WHERE {' AND '.join(where) or 'true'} ORDER BY {order}"
             f" LIMIT %(rows)s) f WHERE ({candidate}) OR f.n = %(rows)s",
             {**params, "rows": rows},
         )
@@ -957,34 +1066,6 @@ class PostgresStore:
         finally:
             cursor.close()
         return int(read)
-
-    @staticmethod
-    def _next_walk(
-        db: Connection, examined: _Examined, walked: int, params: dict[str, object], way: _Way
-    ) -> int:
-        """How many more files to walk (at most `_MOST_WALK`), or 0 to ask the indexes:
-        the walk goes on while, at the rate it found candidates and hits so far, it
-        would settle the answer in fewer rows than the indexes would hand out for the
-        files left (about as many as the candidates among them if a term narrows them,
-        else all; each costing `_INDEX_ROW_COST` rows of a walk)."""
-        if examined.count == 0 or _MOST_WALK <= 0:
-            return 0
-        rate = examined.count / walked
-        to_settle = examined.wanted / rate
-        if examined.hits:
-            hits_left = examined.limit - len(examined.hits)
-            to_settle = min(to_settle, hits_left * walked / len(examined.hits))
-        if "owner" in params:
-            total = db.execute("SELECT files FROM usage WHERE user_id = %(owner)s", params)
-        else:
-            total = db.execute(
-                "SELECT reltuples::bigint FROM pg_class WHERE oid = 'files'::regclass"
-            )
-        known = total.fetchone()
-        left = int(known[0]) - walked if known and int(known[0]) >= 0 else 10**12
-        if to_settle > (rate if way.narrowed else 1) * left * _INDEX_ROW_COST:
-            return 0
-        return min(_MOST_WALK, int(to_settle * 1.25) + 100)
 
     @staticmethod
     def _by_indexes(

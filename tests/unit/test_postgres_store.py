@@ -299,6 +299,17 @@ def test_migrate_copies_each_share_s_kind_and_files(
 _WAYS = {"index": (0, 0), "walk1": (1, 3), "walk2-index": (2, 0)}
 
 
+def _walk_ways(monkeypatch: pytest.MonkeyPatch, way: str, trigram_list: bool) -> None:
+    """`way` of `_WAYS`; with `trigram_list`, a walk goes through the list of the rarest
+    trigram of the terms even with an owner (whose files are fewer here), else through
+    the newest files (of the owner) whatever the terms."""
+    first, most = _WAYS[way]
+    monkeypatch.setattr(postgres_store, "_FIRST_WALK", first)
+    monkeypatch.setattr(postgres_store, "_MOST_WALK", most)
+    walked = postgres_store._UNKNOWN_ROWS * 2 if trigram_list else -1
+    monkeypatch.setattr(PostgresStore, "_files_walked", staticmethod(lambda db, params: walked))
+
+
 @pytest.mark.parametrize(
     ("contract_test", "way"),
     [
@@ -308,6 +319,7 @@ _WAYS = {"index": (0, 0), "walk1": (1, 3), "walk2-index": (2, 0)}
             contract.test_a_search_past_its_budget_says_partial,
             contract.test_a_user_who_sees_nothing_finds_nothing_and_nothing_partial,
             contract.test_search_is_newest_first_whatever_the_order_of_sharing,
+            contract.test_a_term_without_a_run_of_letters_and_two_common_words_say_partial,
         )
         for way in _WAYS
     ],
@@ -315,18 +327,19 @@ _WAYS = {"index": (0, 0), "walk1": (1, 3), "walk2-index": (2, 0)}
         value if isinstance(value, str) else value.__name__.removeprefix("test_")[:24]
     ),
 )
+@pytest.mark.parametrize("trigram_list", [True, False], ids=["trigram-list", "newest"])
 def test_every_way_to_the_candidates_answers_as_the_contract(
     monkeypatch: pytest.MonkeyPatch,
     store: PostgresStore,
     contract_test: Any,
     way: str,
+    trigram_list: bool,
 ) -> None:
-    # A search walks the newest files first (`_FIRST_WALK` rows, then further walks of at
-    # most `_MOST_WALK` rows while that looks cheaper), and otherwise asks the indexes for
-    # the rest: every mix of the two, switching at any row, gives the contract's answers.
-    first, most = _WAYS[way]
-    monkeypatch.setattr(postgres_store, "_FIRST_WALK", first)
-    monkeypatch.setattr(postgres_store, "_MOST_WALK", most)
+    # A search walks a list newest first (the files holding the rarest trigram of its
+    # terms, or the newest files: `_FIRST_WALK` rows, then further walks of at most
+    # `_MOST_WALK` rows while that looks cheaper), and otherwise asks the indexes for the
+    # rest: every mix of them, switching at any row, gives the contract's answers.
+    _walk_ways(monkeypatch, way, trigram_list)
     users = {
         name: store.add_user(name, HASH, KeyBundle(b"rsa-%d" % i, bytes([i]) * 32), now=1)
         for i, name in enumerate(("alice", "bob", "carol"), start=1)
@@ -335,14 +348,14 @@ def test_every_way_to_the_candidates_answers_as_the_contract(
 
 
 @pytest.mark.parametrize("way", list(_WAYS))
+@pytest.mark.parametrize("trigram_list", [True, False], ids=["trigram-list", "newest"])
 def test_terms_no_trigram_narrows_answer_as_the_others(
-    monkeypatch: pytest.MonkeyPatch, store: PostgresStore, way: str
+    monkeypatch: pytest.MonkeyPatch, store: PostgresStore, way: str, trigram_list: bool
 ) -> None:
-    # "t.p" and "é.b" hold no run of 3 letters: the indexes answer them by the other
-    # terms, or read through the trigram index whole; the hits are the same every way.
-    first, most = _WAYS[way]
-    monkeypatch.setattr(postgres_store, "_FIRST_WALK", first)
-    monkeypatch.setattr(postgres_store, "_MOST_WALK", most)
+    # "t.p" and "é.b" hold no run of 3 letters: pg_trgm's indexes answer them by the
+    # other terms, or read through the trigram index whole; `file_trigrams` has them.
+    # The hits are the same every way.
+    _walk_ways(monkeypatch, way, trigram_list)
     alice = store.add_user("alice", HASH, KeyBundle(b"rsa", b"\x01" * 32), now=1)
     names = ["report.pdf", "rapport.pdf", "report.txt", "é.b report", "é.bx", "REPORT.PDF"]
     for n, name in enumerate(names):
