@@ -97,6 +97,8 @@ _INDEX_ROW_COST = 4
 # A walk goes on to the end of a trigram's list when at most this many files are left in
 # it, whatever it found so far: cheaper than the bitmaps of common trigrams.
 _WHOLE_LIST = 10_000
+# Trigram lists a walk merges: the rarest one's files, less those missing from the others.
+_MERGED = 3
 _UNKNOWN_ROWS = 10**12  # a table's size before it was ever analyzed
 _STATISTICS_AGE = 60.0  # seconds the trigrams' statistics are kept (`_trigram_statistics`)
 
@@ -497,12 +499,12 @@ def _next_walk(
     A list of at most `whole_list` files left is walked to its end whatever the rate."""
     if _MOST_WALK <= 0:
         return 0
+    if examined.count == 0:  # the caller may see none: the readers' index
+        return 0
     if left < 0:  # longer than the estimate said: guess as long again
         left = walked
     if left <= whole_list:
         return min(_MOST_WALK, left + 1)  # and one past: the end of the list is seen
-    if examined.count == 0:
-        return 0
     rate = examined.count / walked
     to_settle = examined.wanted / rate
     if examined.hits:
@@ -535,10 +537,27 @@ class _TrigramStatistics:
         rest = (1.0 - sum(freqs)) * rows / others
         return cls(common, min([rest, *common.values()]), read_at)
 
-    def rarest(self, trigrams: Iterable[int]) -> tuple[int, int]:
-        """The trigram held by the fewest files, and about how many hold it."""
-        best = min(trigrams, key=lambda t: (self.common.get(t, self.rest), t))
-        return best, int(self.common.get(best, self.rest))
+    def held(self, trigram: int) -> float:
+        return self.common.get(trigram, self.rest)
+
+    def lists(self, terms: Sequence[set[int]]) -> tuple[list[int], int]:
+        """Which trigrams' lists a search walks: the rarest of all the terms' trigrams,
+        then the rarest of each other term and the next rarest of any, `_MERGED` in all;
+        and about how many files hold the first."""
+        rarest = [sorted(term, key=lambda t: (self.held(t), t)) for term in terms]
+        first = min((term[0] for term in rarest), key=lambda t: (self.held(t), t))
+        chosen = [first]
+        others = [term[0] for term in rarest if first not in term]
+        spare = sorted(
+            {t for term in rarest for t in term} - {first, *others},
+            key=lambda t: (self.held(t), t),
+        )
+        for trigram in sorted(set(others), key=lambda t: (self.held(t), t)) + spare:
+            if len(chosen) == _MERGED:
+                break
+            if trigram not in chosen:
+                chosen.append(trigram)
+        return chosen, int(self.held(first))
 
 
 class PostgresStore:
@@ -930,7 +949,7 @@ class PostgresStore:
         # files past the walk. Both hand out candidates in hit order.
         params: dict[str, object] = {"readers": [_PUBLIC, user_id]}
         long, short, narrowing, filters = list[str](), list[str](), list[str](), list[str]()
-        trigrams: set[int] = set()
+        trigrams: list[set[int]] = []  # of each long term
         for i, term in enumerate(_fold(term) for term in terms):
             params[f"t{i}"] = _like_pattern(term)
             holds = f"(f.folded_name LIKE %(t{i})s OR f.folded_keywords LIKE %(t{i})s)"
@@ -938,7 +957,7 @@ class PostgresStore:
                 short.append(holds)
                 continue
             long.append(holds)
-            trigrams |= _trigram_codes(term)
+            trigrams.append(_trigram_codes(term))
             if _has_trigram(term, self._trigrams_beyond_ascii):
                 narrowing.append(holds)
             else:  # the same test in a form no index answers
@@ -962,9 +981,10 @@ class PostgresStore:
         with self._transaction() as db:
             listed = self._files_walked(db, params)
             if trigrams:
-                trigram, holding = self._trigram_statistics(db).rarest(trigrams)
+                walk, holding = self._trigram_statistics(db).lists(trigrams)
                 if holding <= listed:
-                    params["trigram"], listed = trigram, holding
+                    params["trigram"], listed = walk[0], holding
+                    params.update({f"also{i}": also for i, also in enumerate(walk[1:])})
             walked, rows = 0, _FIRST_WALK
             while rows > 0 and examined.partial is None:
                 read = self._walk(db, examined, params, way, rows)
@@ -1030,9 +1050,22 @@ class PostgresStore:
         a search settled early reads no further. The position of the last file it read
         (`rows` if it read them all)."""
         if "trigram" in params:
-            # The trigram's list in its b-tree's order; each row's file by its key.
+            # The trigram's list in its b-tree's order, less the files without the other
+            # trigrams chosen or of another owner (lists in the same order, which the
+            # planner merges), before each row's file is read by its key.
             listed = "file_trigrams x JOIN files f ON f.file_id = x.file_id"
-            where = ["x.trigram = %(trigram)s", *way.scope, *_after(params, "x")]
+            where = ["x.trigram = %(trigram)s", *_after(params, "x")]
+            where += [
+                f"EXISTS (SELECT 1 FROM file_trigrams y WHERE y.trigram = %({also})s"
+                " AND y.shared_at = x.shared_at AND y.file_id = x.file_id)"
+                for also in params
+                if also.startswith("also")
+            ]
+            if "owner" in params:
+                where.append(
+                    "EXISTS (SELECT 1 FROM files o WHERE o.owner_id = %(owner)s"
+                    " AND o.shared_at = x.shared_at AND o.file_id = x.file_id)"
+                )
             order = "x.shared_at DESC, x.file_id"
         else:
             listed, where = "files f", [*way.scope, *_after(params)]
