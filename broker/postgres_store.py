@@ -98,7 +98,7 @@ _INDEX_ROW_COST = 4
 # it, whatever it found so far: cheaper than the bitmaps of common trigrams.
 _WHOLE_LIST = 10_000
 # Trigram lists a walk merges: the rarest one's files, less those missing from the others.
-_MERGED = 3
+_MERGED = 2
 _UNKNOWN_ROWS = 10**12  # a table's size before it was ever analyzed
 _STATISTICS_AGE = 60.0  # seconds the trigrams' statistics are kept (`_trigram_statistics`)
 
@@ -366,10 +366,6 @@ def trigram_code(run: str) -> int:
     return ord(run[0]) << 42 | ord(run[1]) << 21 | ord(run[2])
 
 
-def _trigram_codes(text: str) -> set[int]:
-    return {trigram_code(text[i : i + 3]) for i in range(len(text) - 2)}
-
-
 def _like_pattern(term: str) -> str:
     return "%" + term.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
@@ -499,12 +495,12 @@ def _next_walk(
     A list of at most `whole_list` files left is walked to its end whatever the rate."""
     if _MOST_WALK <= 0:
         return 0
-    if examined.count == 0:  # the caller may see none: the readers' index
-        return 0
     if left < 0:  # longer than the estimate said: guess as long again
         left = walked
     if left <= whole_list:
         return min(_MOST_WALK, left + 1)  # and one past: the end of the list is seen
+    if examined.count == 0:  # the caller may see none: the readers' index
+        return 0
     rate = examined.count / walked
     to_settle = examined.wanted / rate
     if examined.hits:
@@ -540,19 +536,24 @@ class _TrigramStatistics:
     def held(self, trigram: int) -> float:
         return self.common.get(trigram, self.rest)
 
-    def lists(self, terms: Sequence[set[int]]) -> tuple[list[int], int]:
-        """Which trigrams' lists a search walks: the rarest of all the terms' trigrams,
-        then the rarest of each other term and the next rarest of any, `_MERGED` in all;
-        and about how many files hold the first."""
-        rarest = [sorted(term, key=lambda t: (self.held(t), t)) for term in terms]
-        first = min((term[0] for term in rarest), key=lambda t: (self.held(t), t))
+    def lists(self, terms: Sequence[str]) -> tuple[list[int], int]:
+        """Which trigrams' lists a search walks (terms of 3 characters or more): the
+        rarest of all the terms' trigrams; then the rarest of each other term, then of
+        the trigrams that share no character with the first (the least likely to be
+        held by the same files), then of any, `_MERGED` in all; and about how many files
+        hold the first."""
+
+        def rarity(trigram: int) -> tuple[float, int]:
+            return self.held(trigram), trigram
+
+        runs = [[trigram_code(term[i : i + 3]) for i in range(len(term) - 2)] for term in terms]
+        first = min((t for run in runs for t in run), key=rarity)
+        own = next(run for run in runs if first in run)
+        at = own.index(first)
+        others = sorted((min(run, key=rarity) for run in runs if first not in run), key=rarity)
+        apart = sorted((t for i, t in enumerate(own) if abs(i - at) >= 3), key=rarity)
         chosen = [first]
-        others = [term[0] for term in rarest if first not in term]
-        spare = sorted(
-            {t for term in rarest for t in term} - {first, *others},
-            key=lambda t: (self.held(t), t),
-        )
-        for trigram in sorted(set(others), key=lambda t: (self.held(t), t)) + spare:
+        for trigram in [*others, *apart, *sorted(own, key=rarity)]:
             if len(chosen) == _MERGED:
                 break
             if trigram not in chosen:
@@ -949,7 +950,7 @@ class PostgresStore:
         # files past the walk. Both hand out candidates in hit order.
         params: dict[str, object] = {"readers": [_PUBLIC, user_id]}
         long, short, narrowing, filters = list[str](), list[str](), list[str](), list[str]()
-        trigrams: list[set[int]] = []  # of each long term
+        trigrams: list[str] = []  # the long terms, for `file_trigrams`
         for i, term in enumerate(_fold(term) for term in terms):
             params[f"t{i}"] = _like_pattern(term)
             holds = f"(f.folded_name LIKE %(t{i})s OR f.folded_keywords LIKE %(t{i})s)"
@@ -957,7 +958,7 @@ class PostgresStore:
                 short.append(holds)
                 continue
             long.append(holds)
-            trigrams.append(_trigram_codes(term))
+            trigrams.append(term)
             if _has_trigram(term, self._trigrams_beyond_ascii):
                 narrowing.append(holds)
             else:  # the same test in a form no index answers
