@@ -97,7 +97,10 @@ _INDEX_ROW_COST = 4
 # A walk goes on to the end of a trigram's list when at most this many files are left in
 # it, whatever it found so far: cheaper than the bitmaps of common trigrams.
 _WHOLE_LIST = 10_000
-# Trigram lists a walk merges: the rarest one's files, less those missing from the others.
+# Lists a walk merges: the rarest trigram's files, less those missing from the other
+# (another trigram's, or the owner's files). With a third, the planner's estimate of the
+# first two's files (as if independent) falls below one, and it probes the third row by
+# row: 6,336 probes, 15 of the 20 ms of a search for two words.
 _MERGED = 2
 _UNKNOWN_ROWS = 10**12  # a table's size before it was ever analyzed
 _STATISTICS_AGE = 60.0  # seconds the trigrams' statistics are kept (`_trigram_statistics`)
@@ -484,9 +487,7 @@ def _after(params: dict[str, object], table: str = "f") -> list[str]:
     ]
 
 
-def _next_walk(
-    examined: _Examined, walked: int, left: int, narrowed: bool, whole_list: int
-) -> int:
+def _next_walk(examined: _Examined, walked: int, left: int, narrowed: bool, whole_list: int) -> int:
     """How many more files to walk (at most `_MOST_WALK`), or 0 to ask the indexes: the
     walk goes on while, at the rate it found candidates and hits so far, it would settle
     the answer (or reach the end of its list, `left` files on) in fewer rows than the
@@ -985,7 +986,9 @@ class PostgresStore:
                 walk, holding = self._trigram_statistics(db).lists(trigrams)
                 if holding <= listed:
                     params["trigram"], listed = walk[0], holding
-                    params.update({f"also{i}": also for i, also in enumerate(walk[1:])})
+                    # The owner's files are a list merged as well (`_walk`).
+                    merged = walk[1 : _MERGED - 1 if "owner" in params else _MERGED]
+                    params.update({f"also{i}": also for i, also in enumerate(merged)})
             walked, rows = 0, _FIRST_WALK
             while rows > 0 and examined.partial is None:
                 read = self._walk(db, examined, params, way, rows)

@@ -443,12 +443,16 @@ def test_the_trigram_table_follows_every_write(store: PostgresStore, postgres_ur
     # the trigrams of the files as they are, whatever wrote them.
     alice = store.add_user("alice", HASH, KeyBundle(b"rsa", b"\x01" * 32), now=1)
     bob = store.add_user("bob", HASH, KeyBundle(b"rsa", b"\x02" * 32), now=1)
-    store.add_file(alice.id, FileEntry(f"{1:032x}", "alice", "Résumé а.JPG", 1,
+    store.add_file(alice.id, FileEntry(f"{1:032x}", "alice", f"Résumé {contract.CYRILLIC_A}.JPG", 1,
                                        ["Kw one", "two"], b"m", b"s", 5), None)  # fmt: skip
     store.add_file(bob.id, entry(2, "bob's.txt"), ["alice"])
     store.add_file(bob.id, entry(3, "gone.txt"), None)
     assert _trigram_rows(postgres_url) == _trigrams_of_files(postgres_url)
-    assert (postgres_store.trigram_code("а.j"), 5, f"{1:032x}") in _trigram_rows(postgres_url)
+    assert (
+        postgres_store.trigram_code(f"{contract.CYRILLIC_A}.j"),
+        5,
+        f"{1:032x}",
+    ) in _trigram_rows(postgres_url)
     # Shared again with another name, keywords and time; removed; its owner deleted.
     store.add_file(alice.id, FileEntry(f"{1:032x}", "alice", "renamed", 1, ["new"], b"m",
                                        b"s", 9), None)  # fmt: skip
