@@ -18,14 +18,18 @@ every term of 3 characters or more, newest first, at most the search's budget
 
 The store, not the planner, chooses how a search reaches its candidates (the planner
 cannot tell how common a term is among the files one user sees, and its guesses cost
-seconds at a million files): a walk of the newest files (`files_newest`, or
-`files_by_owner`) that checks each row, `_FIRST_WALK` rows; then more of the walk while,
-at the rate it found candidates and hits so far, that settles the answer in fewer rows
-than the indexes would hand out; else the indexes for the files past the walk, with
-bitmap scans only (trigrams, readers, owner). The trigram indexes hold only the
+seconds at a million files): a walk, newest first, that checks each row, `_FIRST_WALK`
+rows; then more of the walk while, at the rate it found candidates and hits so far, that
+settles the answer in fewer rows than the indexes would hand out; else the indexes for
+the files past the walk, with bitmap scans only (trigrams, readers, owner). With a term
+of 3 characters or more, the walk is of `file_trigrams` (schema 7): every 3-character
+run of each file's folded name and keywords, with the file's time and id, in a b-tree
+that hands out one trigram's files newest first, as FTS5's lists are in SQLite. A
+search walks the list of its rarest trigram (ANALYZE's statistics say which), merged
+with one more list in the same order (another trigram's, or the owner's files), and
+reads only the files on both. The pg_trgm indexes, used past the walk, hold only the
 characters the database's ctype calls letters: with the C locale no non-ASCII ones, so
-create the database with a UTF-8 ctype (`LC_CTYPE 'C.UTF-8'`) for non-ASCII terms to be
-found through the index (docs/PERFORMANCE.md).
+create the database with a UTF-8 ctype (`LC_CTYPE 'C.UTF-8'`) (docs/PERFORMANCE.md).
 
 Presence is an UNLOGGED table: heartbeats write it all the time, and a database crash
 may empty it, which heartbeats repair within one presence lifetime. Everything else is
