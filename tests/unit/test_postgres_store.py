@@ -306,7 +306,7 @@ def _walk_ways(monkeypatch: pytest.MonkeyPatch, way: str, trigram_list: bool) ->
     first, most = _WAYS[way]
     monkeypatch.setattr(postgres_store, "_FIRST_WALK", first)
     monkeypatch.setattr(postgres_store, "_MOST_WALK", most)
-    walked = postgres_store._UNKNOWN_ROWS * 2 if trigram_list else -1
+    walked = postgres_store._UNKNOWN_ROWS if trigram_list else -1
     monkeypatch.setattr(PostgresStore, "_files_walked", staticmethod(lambda db, params: walked))
 
 
