@@ -18,14 +18,18 @@ every term of 3 characters or more, newest first, at most the search's budget
 
 The store, not the planner, chooses how a search reaches its candidates (the planner
 cannot tell how common a term is among the files one user sees, and its guesses cost
-seconds at a million files): a walk of the newest files (`files_newest`, or
-`files_by_owner`) that checks each row, `_FIRST_WALK` rows; then more of the walk while,
-at the rate it found candidates and hits so far, that settles the answer in fewer rows
-than the indexes would hand out; else the indexes for the files past the walk, with
-bitmap scans only (trigrams, readers, owner). The trigram indexes hold only the
+seconds at a million files): a walk, newest first, that checks each row, `_FIRST_WALK`
+rows; then more of the walk while, at the rate it found candidates and hits so far, that
+settles the answer in fewer rows than the indexes would hand out; else the indexes for
+the files past the walk, with bitmap scans only (trigrams, readers, owner). With a term
+of 3 characters or more, the walk is of `file_trigrams` (schema 7): every 3-character
+run of each file's folded name and keywords, with the file's time and id, in a b-tree
+that hands out one trigram's files newest first, as FTS5's lists are in SQLite. A
+search walks the list of its rarest trigram (ANALYZE's statistics say which), merged
+with one more list in the same order (another trigram's, or the owner's files), and
+reads only the files on both. The pg_trgm indexes, used past the walk, hold only the
 characters the database's ctype calls letters: with the C locale no non-ASCII ones, so
-create the database with a UTF-8 ctype (`LC_CTYPE 'C.UTF-8'`) for non-ASCII terms to be
-found through the index (docs/PERFORMANCE.md).
+create the database with a UTF-8 ctype (`LC_CTYPE 'C.UTF-8'`) (docs/PERFORMANCE.md).
 
 Presence is an UNLOGGED table: heartbeats write it all the time, and a database crash
 may empty it, which heartbeats repair within one presence lifetime. Everything else is
@@ -72,7 +76,7 @@ from sfs.common.errors import StorageError
 from sfs.common.identity import KeyBundle
 from sfs.common.tree import FOLDER_MARK, kind_and_files
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 CONNECT_TIMEOUT = 10  # seconds to reach the server, and to wait for a pooled connection
 _EXPIRY_STEP = 300  # seconds; as in the SQLite store
 _MIGRATION_LOCK = 0x5F5_0001  # pg_advisory_xact_lock key: one broker migrates at a time
@@ -94,6 +98,35 @@ _MOST_WALK = 40_000
 # arrive and `migrate` copies them, put ~6 rows a walk reads on each page: 20,000 rows
 # walked read 3,383 pages, 9,513 rows from a bitmap 11,428).
 _INDEX_ROW_COST = 4
+# A walk goes on to the end of a trigram's list when at most this many files are left in
+# it, whatever it found so far: cheaper than the bitmaps of common trigrams.
+_WHOLE_LIST = 10_000
+# Lists a walk merges: the rarest trigram's files, less those missing from the other
+# (another trigram's, or the owner's files). With a third, the planner's estimate of the
+# first two's files (as if independent) falls below one, and it probes the third row by
+# row: 6,336 probes, 15 of the 20 ms of a search for two words.
+_MERGED = 2
+# A row of a merged list (index only) against a file walked by the owner's index (read
+# and checked): ~0.1 against ~10 µs at 1M files. The trigram's list is walked, merged
+# with the owner's, unless it holds this many times more rows than the owner has files.
+_MERGED_ROW_RATIO = 50
+_UNKNOWN_ROWS = 10**12  # a table's size before it was ever analyzed
+_STATISTICS_AGE = 60.0  # seconds the trigrams' statistics are kept (`_trigram_statistics`)
+
+# The trigram table (schema 7): filled in one statement for the files already there (by
+# the migration and by `load`), in the order of its index, so that a list's rows lie
+# together; its one index is what a search walks.
+_FILL_TRIGRAMS = """
+    INSERT INTO file_trigrams (trigram, shared_at, file_id)
+        SELECT t, f.shared_at, f.file_id
+        FROM files f, sfs_file_trigrams(f.folded_name, f.folded_keywords) t
+        ORDER BY 1, 2 DESC, 3;
+"""
+_TRIGRAM_INDEX = "file_trigrams_newest"
+_TRIGRAM_INDEX_DEFINITION = "(trigram, shared_at DESC, file_id)"
+# The most common trigrams whose frequencies ANALYZE keeps (the most it allows): with
+# them the store picks the rarest trigram of a term without reading any list.
+_TRIGRAM_STATISTICS = 10_000
 
 _MIGRATIONS: dict[int, str] = {
     1: """
@@ -247,6 +280,52 @@ _MIGRATIONS: dict[int, str] = {
     ALTER TABLE files ADD COLUMN kind TEXT NOT NULL DEFAULT 'file';
     ALTER TABLE files ADD COLUMN file_count BIGINT NOT NULL DEFAULT 1;
     """,
+    7: f"""
+    -- Each 3-character run of a file's folded name and of its folded keywords (every
+    -- character counts, as in SQLite's FTS5 trigrams), as a number (`trigram_code`), with
+    -- the file's time and id: the b-tree hands out the files holding one trigram newest
+    -- first, which a search walks (`PostgresStore.search`). Kept by a trigger on files.
+    CREATE FUNCTION sfs_trigrams(text) RETURNS SETOF bigint
+        LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
+        SELECT (ascii(c[i])::bigint << 42) | (ascii(c[i + 1])::bigint << 21)
+            | ascii(c[i + 2])
+        FROM (SELECT string_to_array($1, NULL) AS c) s,
+            generate_series(1, cardinality(c) - 2) i
+    $$;
+    CREATE FUNCTION sfs_file_trigrams(name text, keywords text) RETURNS SETOF bigint
+        LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
+        SELECT sfs_trigrams(name) UNION SELECT sfs_trigrams(keywords)
+    $$;
+    CREATE TABLE file_trigrams (
+        trigram BIGINT NOT NULL,
+        shared_at BIGINT NOT NULL,
+        file_id TEXT COLLATE "C" NOT NULL
+    );
+    CREATE FUNCTION sfs_index_trigrams() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF TG_OP <> 'INSERT' THEN  -- through the b-tree, one probe per trigram
+            DELETE FROM file_trigrams WHERE trigram IN
+                (SELECT sfs_file_trigrams(OLD.folded_name, OLD.folded_keywords))
+                AND shared_at = OLD.shared_at AND file_id = OLD.file_id;
+        END IF;
+        IF TG_OP <> 'DELETE' THEN
+            INSERT INTO file_trigrams (trigram, shared_at, file_id)
+                SELECT t, NEW.shared_at, NEW.file_id
+                FROM sfs_file_trigrams(NEW.folded_name, NEW.folded_keywords) t;
+        END IF;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER files_trigrams
+        AFTER INSERT OR DELETE OR UPDATE OF folded_name, folded_keywords, shared_at, file_id
+        ON files FOR EACH ROW EXECUTE FUNCTION sfs_index_trigrams();
+    SET LOCAL maintenance_work_mem = '256MB';
+    SET LOCAL work_mem = '256MB';
+    {_FILL_TRIGRAMS}
+    CREATE INDEX {_TRIGRAM_INDEX} ON file_trigrams {_TRIGRAM_INDEX_DEFINITION};
+    -- The search chooses the rarest trigram of its terms from these statistics.
+    ALTER TABLE file_trigrams ALTER COLUMN trigram SET STATISTICS {_TRIGRAM_STATISTICS};
+    ANALYZE file_trigrams;
+    """,
 }
 
 # The secondary indexes of `files` as the migrations made them: `load` drops them while
@@ -290,6 +369,12 @@ def describe(url: str) -> str:
 
 def _fold(text: str) -> str:
     return text.lower()
+
+
+def trigram_code(run: str) -> int:
+    """A run of 3 characters as `file_trigrams` holds it (`sfs_trigrams` in SQL): their
+    code points side by side, 21 bits each."""
+    return ord(run[0]) << 42 | ord(run[1]) << 21 | ord(run[2])
 
 
 def _like_pattern(term: str) -> str:
@@ -399,14 +484,90 @@ def _has_trigram(term: str, beyond_ascii: bool) -> bool:
     return False
 
 
-def _after(params: dict[str, object]) -> list[str]:
-    """The condition for the files past those walked (hit order), if any were."""
+def _after(params: dict[str, object], table: str = "f") -> list[str]:
+    """The condition for the files past those walked (hit order), if any were; `table`
+    has their `shared_at` and `file_id`."""
     if "after_at" not in params:
         return []
     return [
-        "f.shared_at <= %(after_at)s",
-        "(f.shared_at < %(after_at)s OR f.file_id > %(after_id)s)",
+        f"{table}.shared_at <= %(after_at)s",
+        f"({table}.shared_at < %(after_at)s OR {table}.file_id > %(after_id)s)",
     ]
+
+
+def _next_walk(examined: _Examined, walked: int, left: int, narrowed: bool, whole_list: int) -> int:
+    """How many more files to walk (at most `_MOST_WALK`), or 0 to ask the indexes: the
+    walk goes on while, at the rate it found candidates and hits so far, it would settle
+    the answer (or reach the end of its list, `left` files on) in fewer rows than the
+    indexes would hand out for the files left (about as many as the candidates among
+    them if a term narrows them, else all; each costing `_INDEX_ROW_COST` rows of a walk).
+    A list of at most `whole_list` files left is walked to its end whatever the rate."""
+    if _MOST_WALK <= 0:
+        return 0
+    if left < 0:  # longer than the estimate said: guess as long again
+        left = walked
+    if left <= whole_list:
+        return min(_MOST_WALK, left + 1)  # and one past: the end of the list is seen
+    if examined.count == 0:  # the caller may see none: the readers' index
+        return 0
+    rate = examined.count / walked
+    to_settle = examined.wanted / rate
+    if examined.hits:
+        hits_left = examined.limit - len(examined.hits)
+        to_settle = min(to_settle, hits_left * walked / len(examined.hits))
+    if min(to_settle, left) > (rate if narrowed else 1) * left * _INDEX_ROW_COST:
+        return 0
+    return min(_MOST_WALK, int(to_settle * 1.25) + 100)
+
+
+@dataclass(frozen=True)
+class _TrigramStatistics:
+    """How many rows of `file_trigrams` hold each common trigram, as ANALYZE last
+    counted them (its most common values); every other trigram is at most `rest`."""
+
+    common: dict[int, float]
+    rest: float
+    read_at: float
+
+    @classmethod
+    def of(cls, row: Row | None, read_at: float) -> _TrigramStatistics:
+        rows = float(row[0]) if row and row[0] is not None and row[0] >= 0 else -1.0
+        if row is None or rows < 0 or row[1] is None:  # never analyzed: nothing known
+            return cls({}, float(_UNKNOWN_ROWS), read_at)
+        values, freqs, distinct = row[1], row[2], float(row[3] or 0)
+        common = {int(v): f * rows for v, f in zip(values, freqs, strict=True)}
+        if distinct < 0:  # a fraction of the rows
+            distinct = -distinct * rows
+        others = max(1.0, distinct - len(common))
+        rest = (1.0 - sum(freqs)) * rows / others
+        return cls(common, min([rest, *common.values()]), read_at)
+
+    def held(self, trigram: int) -> float:
+        return self.common.get(trigram, self.rest)
+
+    def lists(self, terms: Sequence[str]) -> tuple[list[int], int]:
+        """Which trigrams' lists a search walks (terms of 3 characters or more): the
+        rarest of all the terms' trigrams; then the rarest of each other term, then of
+        the trigrams that share no character with the first (the least likely to be
+        held by the same files), then of any, `_MERGED` in all; and about how many files
+        hold the first."""
+
+        def rarity(trigram: int) -> tuple[float, int]:
+            return self.held(trigram), trigram
+
+        runs = [[trigram_code(term[i : i + 3]) for i in range(len(term) - 2)] for term in terms]
+        first = min((t for run in runs for t in run), key=rarity)
+        own = next(run for run in runs if first in run)
+        at = own.index(first)
+        others = sorted((min(run, key=rarity) for run in runs if first not in run), key=rarity)
+        apart = sorted((t for i, t in enumerate(own) if abs(i - at) >= 3), key=rarity)
+        chosen = [first]
+        for trigram in [*others, *apart, *sorted(own, key=rarity)]:
+            if len(chosen) == _MERGED:
+                break
+            if trigram not in chosen:
+                chosen.append(trigram)
+        return chosen, int(self.held(first))
 
 
 class PostgresStore:
@@ -449,6 +610,7 @@ class PostgresStore:
             self._pool.close()  # and its threads
             raise
         self._limits = PostgresLimits(self._pool, self._where)
+        self._trigram_stats: _TrigramStatistics | None = None
 
     # --- connection handling -----------------------------------------------------------
 
@@ -545,6 +707,9 @@ class PostgresStore:
             # versions of one row in one transaction, each found by walking the others.
             # One count at the end instead.
             db.execute("ALTER TABLE files DISABLE TRIGGER files_usage")
+            # The trigram table likewise: filled in one statement at the end.
+            db.execute("ALTER TABLE files DISABLE TRIGGER files_trigrams")
+            db.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(_TRIGRAM_INDEX)))
             for table, columns, rows in tables:
                 names = list(columns)
                 if table == "files":
@@ -574,6 +739,12 @@ class PostgresStore:
             )
             for name, definition in _FILE_INDEXES.items():
                 db.execute(f"CREATE INDEX {name} ON files {definition}")
+            db.execute("ALTER TABLE files ENABLE TRIGGER files_trigrams")
+            db.execute("SET LOCAL work_mem = '256MB'")
+            db.execute(_FILL_TRIGRAMS)
+            db.execute(
+                f"CREATE INDEX {_TRIGRAM_INDEX} ON file_trigrams {_TRIGRAM_INDEX_DEFINITION}"
+            )
         with self._error_context("error in"), self._pool.connection() as db:
             db.execute("ANALYZE")  # statistics for the planner, which knows no rows yet
 
@@ -780,12 +951,15 @@ class PostgresStore:
         # The candidates are the files the user sees (of the owner) that hold every term
         # of 3 characters or more; shorter terms are checked on each (`holds`). The store
         # picks the way to them itself, as a planner cannot see how common a term is
-        # among the files the user sees: first a walk of the newest files, checking each
-        # row; if that does not settle the answer, more of the walk while it finds
-        # candidates often enough to be cheaper, else the indexes (trigrams, readers,
-        # owner) for the files past the walk. Both hand out candidates in hit order.
+        # among the files one user sees: a walk, newest first, of the files that hold the
+        # rarest trigram of the terms (`file_trigrams`), or of the owner's files if they
+        # are far fewer, or of every file if no term is 3 characters long; each checked.
+        # If that does not settle the answer, more of the walk while it finds candidates
+        # often enough to be cheaper, else the indexes (trigrams, readers, owner) for the
+        # files past the walk. Both hand out candidates in hit order.
         params: dict[str, object] = {"readers": [_PUBLIC, user_id]}
         long, short, narrowing, filters = list[str](), list[str](), list[str](), list[str]()
+        trigrams: list[str] = []  # the long terms, for `file_trigrams`
         for i, term in enumerate(_fold(term) for term in terms):
             params[f"t{i}"] = _like_pattern(term)
             holds = f"(f.folded_name LIKE %(t{i})s OR f.folded_keywords LIKE %(t{i})s)"
@@ -793,6 +967,7 @@ class PostgresStore:
                 short.append(holds)
                 continue
             long.append(holds)
+            trigrams.append(term)
             if _has_trigram(term, self._trigrams_beyond_ascii):
                 narrowing.append(holds)
             else:  # the same test in a form no index answers
@@ -814,15 +989,24 @@ class PostgresStore:
         )
         examined = _Examined(limit, budget)
         with self._transaction() as db:
+            listed = self._files_walked(db, params)
+            if trigrams:
+                walk, holding = self._trigram_statistics(db).lists(trigrams)
+                if holding <= listed * _MERGED_ROW_RATIO:
+                    params["trigram"], listed = walk[0], holding
+                    # The owner's files are a list merged as well (`_walk`).
+                    merged = walk[1 : _MERGED - 1 if "owner" in params else _MERGED]
+                    params.update({f"also{i}": also for i, also in enumerate(merged)})
             walked, rows = 0, _FIRST_WALK
             while rows > 0 and examined.partial is None:
                 read = self._walk(db, examined, params, way, rows)
                 walked += read
                 if examined.partial is None:
-                    if read < rows:  # every file (of the owner) walked, no candidate left
+                    if read < rows:  # every file of the walk read, no candidate left
                         examined.partial = False
                     else:
-                        rows = self._next_walk(db, examined, walked, params, way)
+                        whole = _WHOLE_LIST if "trigram" in params else 0
+                        rows = _next_walk(examined, walked, listed - walked, way.narrowed, whole)
             if examined.partial is None:
                 self._by_indexes(db, examined, params, way)
         rows_found = self._query(
@@ -840,21 +1024,71 @@ class PostgresStore:
         )
 
     @staticmethod
+    def _files_walked(db: Connection, params: dict[str, object]) -> int:
+        """How many files a walk without a trigram would read at most: the owner's, or
+        all (estimates)."""
+        if "owner" in params:
+            total = db.execute("SELECT files FROM usage WHERE user_id = %(owner)s", params)
+        else:
+            total = db.execute(
+                "SELECT reltuples::bigint FROM pg_class WHERE oid = 'files'::regclass"
+            )
+        known = total.fetchone()
+        return int(known[0]) if known and int(known[0]) >= 0 else _UNKNOWN_ROWS
+
+    def _trigram_statistics(self, db: Connection) -> _TrigramStatistics:
+        """How common each trigram is, from ANALYZE's statistics of `file_trigrams`, read
+        again when older than `_STATISTICS_AGE` seconds (they change only with ANALYZE)."""
+        cached = self._trigram_stats
+        if cached is not None and time.monotonic() - cached.read_at < _STATISTICS_AGE:
+            return cached
+        row = db.execute(
+            "SELECT c.reltuples::bigint, s.most_common_vals::text::bigint[],"
+            " s.most_common_freqs, s.n_distinct FROM pg_class c LEFT JOIN pg_stats s"
+            " ON s.schemaname = current_schema() AND s.tablename = 'file_trigrams'"
+            " AND s.attname = 'trigram' WHERE c.oid = 'file_trigrams'::regclass"
+        ).fetchone()
+        stats = _TrigramStatistics.of(row, time.monotonic())
+        self._trigram_stats = stats
+        return stats
+
+    @staticmethod
     def _walk(
         db: Connection, examined: _Examined, params: dict[str, object], way: _Way, rows: int
     ) -> int:
-        """Walk the next `rows` files (of the owner) newest first, past those walked
-        before, feeding their candidates to `examined` until it is settled. A cursor
-        hands them out a few at a time, so that a search settled early reads no
-        further. The position of the last file it read (`rows` if it read them all)."""
-        where = " AND ".join([*way.scope, *_after(params)]) or "true"
+        """Walk the next `rows` files (of the owner; holding `params["trigram"]`, if
+        given) newest first, past those walked before, feeding their candidates to
+        `examined` until it is settled. A cursor hands them out a few at a time, so that
+        a search settled early reads no further. The position of the last file it read
+        (`rows` if it read them all)."""
+        if "trigram" in params:
+            # The trigram's list in its b-tree's order, less the files without the other
+            # trigrams chosen or of another owner (lists in the same order, which the
+            # planner merges), before each row's file is read by its key.
+            listed = "file_trigrams x JOIN files f ON f.file_id = x.file_id"
+            where = ["x.trigram = %(trigram)s", *_after(params, "x")]
+            where += [
+                f"EXISTS (SELECT 1 FROM file_trigrams y WHERE y.trigram = %({also})s"
+                " AND y.shared_at = x.shared_at AND y.file_id = x.file_id)"
+                for also in params
+                if also.startswith("also")
+            ]
+            if "owner" in params:
+                where.append(
+                    "EXISTS (SELECT 1 FROM files o WHERE o.owner_id = %(owner)s"
+                    " AND o.shared_at = x.shared_at AND o.file_id = x.file_id)"
+                )
+            order = "x.shared_at DESC, x.file_id"
+        else:
+            listed, where = "files f", [*way.scope, *_after(params)]
+            order = "f.shared_at DESC, f.file_id"
         candidate = " AND ".join(["f.readers && %(readers)s::bigint[]", *way.long])
         cursor = db.cursor(name="sfs_walk")
         cursor.execute(
             f"SELECT f.n, f.file_id, f.shared_at, {way.holds}, {candidate} FROM"
             " (SELECT f.file_id, f.shared_at, f.readers, f.folded_name, f.folded_keywords,"
-            " row_number() OVER (ORDER BY f.shared_at DESC, f.file_id) AS n"
-            f" FROM files f WHERE {where} ORDER BY f.shared_at DESC, f.file_id"
+            f" row_number() OVER (ORDER BY {order}) AS n"
+            f" FROM {listed} WHERE {' AND '.join(where) or 'true'} ORDER BY {order}"
             f" LIMIT %(rows)s) f WHERE ({candidate}) OR f.n = %(rows)s",
             {**params, "rows": rows},
         )
@@ -877,34 +1111,6 @@ class PostgresStore:
         finally:
             cursor.close()
         return int(read)
-
-    @staticmethod
-    def _next_walk(
-        db: Connection, examined: _Examined, walked: int, params: dict[str, object], way: _Way
-    ) -> int:
-        """How many more files to walk (at most `_MOST_WALK`), or 0 to ask the indexes:
-        the walk goes on while, at the rate it found candidates and hits so far, it
-        would settle the answer in fewer rows than the indexes would hand out for the
-        files left (about as many as the candidates among them if a term narrows them,
-        else all; each costing `_INDEX_ROW_COST` rows of a walk)."""
-        if examined.count == 0 or _MOST_WALK <= 0:
-            return 0
-        rate = examined.count / walked
-        to_settle = examined.wanted / rate
-        if examined.hits:
-            hits_left = examined.limit - len(examined.hits)
-            to_settle = min(to_settle, hits_left * walked / len(examined.hits))
-        if "owner" in params:
-            total = db.execute("SELECT files FROM usage WHERE user_id = %(owner)s", params)
-        else:
-            total = db.execute(
-                "SELECT reltuples::bigint FROM pg_class WHERE oid = 'files'::regclass"
-            )
-        known = total.fetchone()
-        left = int(known[0]) - walked if known and int(known[0]) >= 0 else 10**12
-        if to_settle > (rate if way.narrowed else 1) * left * _INDEX_ROW_COST:
-            return 0
-        return min(_MOST_WALK, int(to_settle * 1.25) + 100)
 
     @staticmethod
     def _by_indexes(

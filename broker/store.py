@@ -45,6 +45,7 @@ import json
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -361,6 +362,15 @@ _VISIBLE = """(u.disabled = 0 AND (f.public = 1 OR f.owner_id = :me
 # checking the readers of each, before it asks the index for the caller's readers
 # instead (see `SqliteStore.search`).
 _SCAN_CAP = 2_000
+# How long a count of the files that hold a trigram is kept (`_rows_holding`), and how
+# many are kept at most (a broker's searches use some thousands of trigrams).
+_HOLDING_AGE = 600.0
+# Counted up to this many: fts5vocab's exact count reads the whole list, 8-15 ms for the
+# most common trigrams at 1M files, where their first 10,000 rows take ~1 ms.
+_HOLDING_COUNTED = 10_000
+# Trigrams a search counts at most (a query may hold ~200): the others count as common.
+_COUNTS_PER_SEARCH = 12
+_HOLDING_KEPT = 100_000
 
 
 class _TooManyRows(Exception):
@@ -457,6 +467,8 @@ class SqliteStore:
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        # trigram -> (files holding it, when counted): which trigrams a search asks for.
+        self._holding: dict[str, tuple[int, float]] = {}
         try:  # password hashes live here: owner-only, like the key files
             os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
         except OSError as exc:
@@ -698,7 +710,7 @@ class SqliteStore:
         # the index hands out, before it counts as a candidate; `short`: checks of each
         # candidate (terms of 1 or 2 characters, which no index narrows).
         match: list[str] = []
-        exact, short = [], []
+        exact, short, indexed = [], [], []
         for i, term in enumerate(term.lower() for term in terms):
             params[f"t{i}"] = term
             name, keywords = "s.name", "s.keywords"
@@ -709,11 +721,13 @@ class SqliteStore:
                 short.append(holds)
                 continue
             if _PAD not in term:
-                # Files that hold the term hold these trigrams; instr drops those that
-                # hold them elsewhere than side by side.
-                match.append(_fts_match("{name keywords}", _cover(term), "AND"))
+                indexed.append(term)
             if len(term) > 3 or _PAD in term:
                 exact.append(holds)
+        if indexed:
+            # Files that hold the terms hold these trigrams; instr drops those that hold
+            # them elsewhere than side by side.
+            match.append(_fts_match("{name keywords}", self._narrowing(indexed), "AND"))
         if owner is not None:
             found = self._query("SELECT id FROM users WHERE username = ?", (owner,))
             if not found:
@@ -754,6 +768,43 @@ class SqliteStore:
         )
         rows.sort(key=lambda row: (-row[7], row[0]))
         return Found([Hit(_file_entry(row), bool(row[11])) for row in rows[:limit]], partial)
+
+    def _narrowing(self, terms: list[str]) -> list[str]:
+        """The trigrams a search asks the index for (terms of 3 characters or more): for
+        one term, every third one and the last (`_cover`); for several, the rarest of
+        each one's cover. FTS5 intersects the lists of all it is given before it hands out a row, so
+        fewer and rarer lists are faster: two common words took 4-14 ms with the covers
+        of both, 1-2 ms so. Counting costs ~1 ms a trigram the first time, too much for
+        one term, whose cover is as good."""
+        if len(terms) == 1:
+            return _cover(terms[0])
+        counts = _COUNTS_PER_SEARCH  # bounds the work a long query can ask for
+
+        def rarity(trigram: str) -> tuple[int, str]:
+            nonlocal counts
+            known = self._holding.get(trigram)
+            if known is not None and time.monotonic() - known[1] < _HOLDING_AGE:
+                return known[0], trigram
+            if counts == 0:
+                return _HOLDING_COUNTED, trigram  # as if common
+            counts -= 1
+            return self._rows_holding(trigram), trigram
+
+        return list(dict.fromkeys(min(_cover(term), key=rarity) for term in terms))
+
+    def _rows_holding(self, trigram: str) -> int:
+        """How many files hold `trigram`, up to `_HOLDING_COUNTED`, kept for
+        `_HOLDING_AGE` seconds (a guess of speed only: the answers never depend on it).
+        Counting reads that much of the trigram's list, ~1 ms at 1M files."""
+        row = self._query(
+            "SELECT count(*) FROM (SELECT 1 FROM file_search WHERE file_search MATCH ? LIMIT ?)",
+            (_fts_match("{name keywords}", [trigram], "AND"), _HOLDING_COUNTED),
+        )
+        count = int(row[0][0])
+        if len(self._holding) >= _HOLDING_KEPT:
+            self._holding.clear()
+        self._holding[trigram] = (count, time.monotonic())
+        return count
 
     def _examine(
         self, sql: str, params: dict[str, object], limit: int, budget: int, cap: int | None

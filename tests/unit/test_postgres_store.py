@@ -299,6 +299,17 @@ def test_migrate_copies_each_share_s_kind_and_files(
 _WAYS = {"index": (0, 0), "walk1": (1, 3), "walk2-index": (2, 0)}
 
 
+def _walk_ways(monkeypatch: pytest.MonkeyPatch, way: str, trigram_list: bool) -> None:
+    """`way` of `_WAYS`; with `trigram_list`, a walk goes through the list of the rarest
+    trigram of the terms even with an owner (whose files are fewer here), else through
+    the newest files (of the owner) whatever the terms."""
+    first, most = _WAYS[way]
+    monkeypatch.setattr(postgres_store, "_FIRST_WALK", first)
+    monkeypatch.setattr(postgres_store, "_MOST_WALK", most)
+    walked = postgres_store._UNKNOWN_ROWS if trigram_list else -1
+    monkeypatch.setattr(PostgresStore, "_files_walked", staticmethod(lambda db, params: walked))
+
+
 @pytest.mark.parametrize(
     ("contract_test", "way"),
     [
@@ -308,6 +319,7 @@ _WAYS = {"index": (0, 0), "walk1": (1, 3), "walk2-index": (2, 0)}
             contract.test_a_search_past_its_budget_says_partial,
             contract.test_a_user_who_sees_nothing_finds_nothing_and_nothing_partial,
             contract.test_search_is_newest_first_whatever_the_order_of_sharing,
+            contract.test_a_term_without_a_run_of_letters_and_two_common_words_say_partial,
         )
         for way in _WAYS
     ],
@@ -315,18 +327,19 @@ _WAYS = {"index": (0, 0), "walk1": (1, 3), "walk2-index": (2, 0)}
         value if isinstance(value, str) else value.__name__.removeprefix("test_")[:24]
     ),
 )
+@pytest.mark.parametrize("trigram_list", [True, False], ids=["trigram-list", "newest"])
 def test_every_way_to_the_candidates_answers_as_the_contract(
     monkeypatch: pytest.MonkeyPatch,
     store: PostgresStore,
     contract_test: Any,
     way: str,
+    trigram_list: bool,
 ) -> None:
-    # A search walks the newest files first (`_FIRST_WALK` rows, then further walks of at
-    # most `_MOST_WALK` rows while that looks cheaper), and otherwise asks the indexes for
-    # the rest: every mix of the two, switching at any row, gives the contract's answers.
-    first, most = _WAYS[way]
-    monkeypatch.setattr(postgres_store, "_FIRST_WALK", first)
-    monkeypatch.setattr(postgres_store, "_MOST_WALK", most)
+    # A search walks a list newest first (the files holding the rarest trigram of its
+    # terms, or the newest files: `_FIRST_WALK` rows, then further walks of at most
+    # `_MOST_WALK` rows while that looks cheaper), and otherwise asks the indexes for the
+    # rest: every mix of them, switching at any row, gives the contract's answers.
+    _walk_ways(monkeypatch, way, trigram_list)
     users = {
         name: store.add_user(name, HASH, KeyBundle(b"rsa-%d" % i, bytes([i]) * 32), now=1)
         for i, name in enumerate(("alice", "bob", "carol"), start=1)
@@ -335,14 +348,14 @@ def test_every_way_to_the_candidates_answers_as_the_contract(
 
 
 @pytest.mark.parametrize("way", list(_WAYS))
+@pytest.mark.parametrize("trigram_list", [True, False], ids=["trigram-list", "newest"])
 def test_terms_no_trigram_narrows_answer_as_the_others(
-    monkeypatch: pytest.MonkeyPatch, store: PostgresStore, way: str
+    monkeypatch: pytest.MonkeyPatch, store: PostgresStore, way: str, trigram_list: bool
 ) -> None:
-    # "t.p" and "é.b" hold no run of 3 letters: the indexes answer them by the other
-    # terms, or read through the trigram index whole; the hits are the same every way.
-    first, most = _WAYS[way]
-    monkeypatch.setattr(postgres_store, "_FIRST_WALK", first)
-    monkeypatch.setattr(postgres_store, "_MOST_WALK", most)
+    # "t.p" and "é.b" hold no run of 3 letters: pg_trgm's indexes answer them by the
+    # other terms, or read through the trigram index whole; `file_trigrams` has them.
+    # The hits are the same every way.
+    _walk_ways(monkeypatch, way, trigram_list)
     alice = store.add_user("alice", HASH, KeyBundle(b"rsa", b"\x01" * 32), now=1)
     names = ["report.pdf", "rapport.pdf", "report.txt", "é.b report", "é.bx", "REPORT.PDF"]
     for n, name in enumerate(names):
@@ -404,3 +417,85 @@ def test_a_share_made_while_its_owner_is_being_disabled_is_nobody_s_to_read(
     adding.join(10)
     assert not adding.is_alive()
     assert sql(postgres_url, "SELECT readers FROM files") == [([],)]
+
+
+def _trigrams_of_files(url: str) -> set[tuple[int, int, str]]:
+    """What `file_trigrams` should hold: every 3-character run of each file's folded name
+    and of its folded keywords (computed here in Python), with its time and id."""
+    wanted = set()
+    for file_id, shared_at, name, keywords in sql(
+        url, "SELECT file_id, shared_at, folded_name, folded_keywords FROM files"
+    ):
+        for text in (name, keywords):
+            for run in zip(text, text[1:], text[2:], strict=False):
+                wanted.add((postgres_store.trigram_code("".join(run)), shared_at, file_id))
+    return wanted
+
+
+def _trigram_rows(url: str) -> set[tuple[int, int, str]]:
+    rows = sql(url, "SELECT trigram, shared_at, file_id FROM file_trigrams")
+    assert len(rows) == len(set(rows))  # each trigram of a file once
+    return set(rows)
+
+
+def test_the_trigram_table_follows_every_write(store: PostgresStore, postgres_url: str) -> None:
+    # A search walks the list of one trigram newest first: the table must hold exactly
+    # the trigrams of the files as they are, whatever wrote them.
+    alice = store.add_user("alice", HASH, KeyBundle(b"rsa", b"\x01" * 32), now=1)
+    bob = store.add_user("bob", HASH, KeyBundle(b"rsa", b"\x02" * 32), now=1)
+    store.add_file(alice.id, FileEntry(f"{1:032x}", "alice", f"Résumé {contract.CYRILLIC_A}.JPG", 1,
+                                       ["Kw one", "two"], b"m", b"s", 5), None)  # fmt: skip
+    store.add_file(bob.id, entry(2, "bob's.txt"), ["alice"])
+    store.add_file(bob.id, entry(3, "gone.txt"), None)
+    assert _trigram_rows(postgres_url) == _trigrams_of_files(postgres_url)
+    assert (
+        postgres_store.trigram_code(f"{contract.CYRILLIC_A}.j"),
+        5,
+        f"{1:032x}",
+    ) in _trigram_rows(postgres_url)
+    # Shared again with another name, keywords and time; removed; its owner deleted.
+    store.add_file(alice.id, FileEntry(f"{1:032x}", "alice", "renamed", 1, ["new"], b"m",
+                                       b"s", 9), None)  # fmt: skip
+    assert store.remove_file(f"{3:032x}", bob.id)
+    assert _trigram_rows(postgres_url) == _trigrams_of_files(postgres_url)
+    assert store.delete_user("bob")
+    assert _trigram_rows(postgres_url) == _trigrams_of_files(postgres_url)
+    assert {row[2] for row in _trigram_rows(postgres_url)} == {f"{1:032x}"}
+
+
+def test_schema_7_fills_the_trigram_table_for_the_files_there(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(postgres_store, "SCHEMA_VERSION", 6)
+    old = PostgresStore(postgres_url)
+    alice = old.add_user("alice", HASH, KeyBundle(b"r", b"a" * 32), now=1)
+    for n in range(1, 4):
+        old.add_file(alice.id, entry(n, f"Old share {n}.pdf"), None)
+    old.close()
+    monkeypatch.undo()
+    store = PostgresStore(postgres_url)
+    try:
+        assert len(_trigram_rows(postgres_url)) > 3 * 10
+        assert _trigram_rows(postgres_url) == _trigrams_of_files(postgres_url)
+        assert [h.file.name for h in store.search(alice.id, ["SHARE 2"], None, 5, 0)] == [
+            "Old share 2.pdf"
+        ]
+    finally:
+        store.close()
+    assert sql(postgres_url, "SELECT version FROM sfs_schema") == [(SCHEMA_VERSION,)]
+
+
+def test_load_fills_the_trigram_table(store: PostgresStore, postgres_url: str) -> None:
+    store.load(
+        [
+            ("users", ("id", "username", "password_hash", "rsa_public", "curve_public",
+                       "created_at", "disabled"),
+             [(7, "alice", HASH, b"r", b"a" * 32, 1, False)]),
+            ("files", ("file_id", "owner_id", "name", "size", "keywords", "manifest",
+                       "signature", "public", "shared_at", "grant_signature", "signed_access"),
+             [(f"{1:032x}", 7, "Copied.TXT", 1, "a\nbc", b"m", b"s", 1, 5, b"", None),
+              (f"{2:032x}", 7, "другой", 1, "", b"m", b"s", 1, 6, b"", None)]),
+        ]
+    )  # fmt: skip
+    assert _trigram_rows(postgres_url) == _trigrams_of_files(postgres_url)
+    assert len(_trigram_rows(postgres_url)) == len("copied.txt") - 2 + 2 + 4

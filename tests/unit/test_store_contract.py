@@ -61,6 +61,9 @@ def entry(
     )
 
 
+CYRILLIC_A = "\u0430"  # looks like the Latin a
+
+
 def fid(n: int) -> str:
     return f"{n:032x}"
 
@@ -452,6 +455,40 @@ def test_a_search_past_its_budget_says_partial(store: Store, users: dict[str, Us
         # `limit` hits within the budget: complete, whatever lies past it.
         found = store.search(bob, terms, None, 2, 0, budget=2)
         assert ([h.file.file_id for h in found], found.partial) == ([fid(6), fid(4)], False)
+
+
+def test_a_term_without_a_run_of_letters_and_two_common_words_say_partial(
+    store: Store, users: dict[str, User]
+) -> None:
+    # The kinds that read the most on a large index: a term with no run of 3 letters or
+    # digits (`a.jp` with a Cyrillic a, U+0430), and two words that many files hold, fewer
+    # together.
+    alice, bob = users["alice"].id, users["bob"].id
+    a = CYRILLIC_A
+    names = [f"{a}.jpg", "report minutes", "a.jpg", "report", "minutes",
+             f"{a}.jp-minutes report", f"{a}.JPEG", "Minutes of the report", f"{a}.jpg",
+             f"report-minutes.{a}.jpg"]  # fmt: skip
+    for n, name in enumerate(names, start=1):  # 7 and 9 are private to alice
+        store.add_file(alice, entry(fid(n), name=name, shared_at=n), [] if n in (7, 9) else None)
+    for terms, limit, budget, hits, partial in [
+        ([f"{a.upper()}.JP"], 10, 1, [10], True),
+        ([f"{a}.jp"], 10, 2, [10, 6], True),
+        ([f"{a}.jp"], 10, 3, [10, 6, 1], False),
+        (["report", "minutes"], 10, 1, [10], True),
+        (["report", "minutes"], 10, 3, [10, 8, 6], True),
+        (["minutes", "report"], 10, 4, [10, 8, 6, 2], False),
+        (["minutes", "report"], 2, 2, [10, 8], False),
+        ([f"{a}.jp", "minutes"], 10, 1, [10], True),
+        ([f"{a}.jp", "minutes", "o"], 10, 2, [10, 6], False),
+    ]:
+        found = store.search(bob, terms, None, limit, 0, budget=budget)
+        assert ([h.file.file_id for h in found], found.partial) == (
+            [fid(n) for n in hits],
+            partial,
+        ), terms
+    assert [h.file.file_id for h in store.search(alice, [f"{a}.jp"], None, 10, 0)] == [
+        fid(n) for n in (10, 9, 7, 6, 1)
+    ]
 
 
 def test_a_user_who_sees_nothing_finds_nothing_and_nothing_partial(
