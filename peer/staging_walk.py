@@ -17,6 +17,7 @@ import contextlib
 import os
 import shutil
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 from sfs.common.tree import FILE, FOLDER, LINK
@@ -41,47 +42,78 @@ def check_kept(
     root_fd: int, root: Path, tree: TreeIndex, chosen: set[int] | None, present: bytearray
 ) -> None:
     """Check the staging tree open as `root_fd` (see the module docstring), marking in
-    `present` (by file number) the files that are there."""
-    numbers = {entry.path: number for number, entry in enumerate(tree.entries)}
-    file_numbers: dict[int, int] = {}
-    for entry_number, entry in enumerate(tree.entries):
-        if entry.kind == FILE:
-            file_numbers[entry_number] = len(file_numbers)
-    uid = os.getuid()
-    folders: list[tuple[str, int]] = [("", os.dup(root_fd))]
+    `present` (by file number) the files that are there. Depth first, with only the
+    folders on the current path open (a folder of 10,000 subfolders is no 10,000
+    descriptors)."""
+    checker = _Checker(root, tree, chosen, present)
+    fd = os.dup(root_fd)
+    stack: list[tuple[str, int, Iterator[str]]] = []
     try:
-        while folders:
-            base, fd = folders.pop()
-            try:
-                for name in os.listdir(fd):  # noqa: PTH208 (a descriptor, not a path)
-                    path = f"{base}/{name}" if base else name
-                    info = os.stat(name, dir_fd=fd, follow_symlinks=False)
-                    number = numbers.get(path)
-                    if number is None or info.st_uid != uid:
-                        raise in_the_way(root / path)
-                    kind = tree.entries[number].kind
-                    wanted = chosen is None or number in chosen
-                    if stat.S_ISLNK(info.st_mode) and kind == LINK:
-                        os.unlink(name, dir_fd=fd)
-                    elif stat.S_ISDIR(info.st_mode) and kind == FOLDER:
-                        if info.st_mode & 0o777 != 0o700:
-                            _chmod_entry(name, fd, info, 0o700)
-                        if wanted:
-                            folders.append((path, os.open(name, DIR_FLAGS, dir_fd=fd)))
-                        else:
-                            shutil.rmtree(name, dir_fd=fd)
-                    elif stat.S_ISREG(info.st_mode) and kind == FILE and info.st_nlink == 1:
-                        if not wanted:
-                            os.unlink(name, dir_fd=fd)
-                            continue
-                        if info.st_mode & 0o600 != 0o600:
-                            _chmod_entry(name, fd, info, 0o600)
-                        present[file_numbers[number]] = 1
-                    else:
-                        raise in_the_way(root / path)
-            finally:
+        stack.append(("", fd, iter(checker.folder(fd, ""))))
+        while stack:
+            base, fd, rest = stack[-1]
+            name = next(rest, None)
+            if name is None:
+                stack.pop()
                 os.close(fd)
+                continue
+            path = f"{base}/{name}" if base else name
+            inner = os.open(name, DIR_FLAGS, dir_fd=fd)
+            try:
+                subfolders = checker.folder(inner, path)
+            except BaseException:
+                os.close(inner)
+                raise
+            stack.append((path, inner, iter(subfolders)))
     finally:
-        for _, fd in folders:
+        for _, fd, _ in stack:
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+class _Checker:
+    def __init__(
+        self, root: Path, tree: TreeIndex, chosen: set[int] | None, present: bytearray
+    ) -> None:
+        self.root = root
+        self.tree = tree
+        self.chosen = chosen
+        self.present = present
+        self.numbers = {entry.path: number for number, entry in enumerate(tree.entries)}
+        self.file_numbers: dict[int, int] = {}
+        for number, entry in enumerate(tree.entries):
+            if entry.kind == FILE:
+                self.file_numbers[number] = len(self.file_numbers)
+        self.uid = os.getuid()
+
+    def folder(self, fd: int, base: str) -> list[str]:
+        """Check the entries of the folder open as `fd` (at `base`); the subfolders to
+        check next."""
+        subfolders = []
+        for name in os.listdir(fd):
+            path = f"{base}/{name}" if base else name
+            info = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            number = self.numbers.get(path)
+            if number is None or info.st_uid != self.uid:
+                raise in_the_way(self.root / path)
+            kind = self.tree.entries[number].kind
+            wanted = self.chosen is None or number in self.chosen
+            if stat.S_ISLNK(info.st_mode) and kind == LINK:
+                os.unlink(name, dir_fd=fd)  # remade at the finish
+            elif stat.S_ISDIR(info.st_mode) and kind == FOLDER:
+                if info.st_mode & 0o777 != 0o700:
+                    _chmod_entry(name, fd, info, 0o700)
+                if wanted:
+                    subfolders.append(name)
+                else:
+                    shutil.rmtree(name, dir_fd=fd)
+            elif stat.S_ISREG(info.st_mode) and kind == FILE and info.st_nlink == 1:
+                if not wanted:
+                    os.unlink(name, dir_fd=fd)
+                    continue
+                if info.st_mode & 0o600 != 0o600:
+                    _chmod_entry(name, fd, info, 0o600)
+                self.present[self.file_numbers[number]] = 1
+            else:
+                raise in_the_way(self.root / path)
+        return subfolders

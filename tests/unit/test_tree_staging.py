@@ -322,3 +322,22 @@ def test_a_chunk_that_does_not_match_is_refused_and_never_written(tmp_path: Path
         staging.write(1, chunk(tree, DATA, 1))
     assert (staging_path(tmp_path, ID) / "a-b").read_bytes() == b"t"
     assert (staging_path(tmp_path, ID) / "a" / "two.txt").stat().st_size == 4
+
+
+def test_a_kept_tree_of_more_folders_than_open_files_allowed_is_resumed(tmp_path: Path) -> None:
+    entries = [Entry("top", FOLDER, 0, 0o755, MTIME_NS)]
+    entries += [Entry(f"top/d{n:03}", FOLDER, 0, 0o755, MTIME_NS) for n in range(200)]
+    entries.append(Entry("top/d199/f", FILE, 4, 0o644, MTIME_NS))
+    tree = tree_of(entries, b"data")
+    StagingTree(tmp_path, ID, tree).keep()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    in_use = len(os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (in_use + 50, hard))
+    try:
+        again = StagingTree(tmp_path, ID, tree)
+        assert again.found and again.resume() == []
+        again.write(0, b"data")
+        root = again.finish()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert len(list((root / "top").iterdir())) == 200
