@@ -15,8 +15,9 @@ When a holder fails (silence, a refusal, a chunk that does not verify), it is dr
 the others take over its chunks; a holder that has not answered its hello within
 `hello_timeout` while others deliver is set aside the same way. When no holder is left,
 the verified chunks stay, and the next `get` of the same file into the same folder
-fetches only the rest; so do they on Ctrl-C. A local storage error removes the temporary
-file.
+fetches only the rest; so do they on Ctrl-C. A local storage error removes a file's
+temporary file, and keeps a folder's staging tree (`tree_staging`: its files are the
+download).
 """
 
 from __future__ import annotations

@@ -88,7 +88,8 @@ class OpenFiles:
             if isinstance(exc, (FileExistsError, IsADirectoryError)) or exc.errno == errno.ELOOP:
                 raise in_the_way(self.root / path) from exc
             raise
-        check_own_file(fd, self.root / path)
+        if not create:  # O_CREAT | O_EXCL made a new regular file of ours: nothing to check
+            check_own_file(fd, self.root / path)
         if keep:
             self._files[number] = fd
             if len(self._files) > MAX_OPEN_FILES:
