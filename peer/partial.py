@@ -99,10 +99,10 @@ def _rename_checked(fd: int, source: Path, folder: Path, name: str) -> None:
         "the temporary file was replaced by someone else as the download finished "
         "(others can rename files in this folder); nothing was kept"
     )
-    if not same_file(source, fd):
+    if not _same_file(source, fd):
         raise replaced
     source.rename(target)
-    if not same_file(target, fd):
+    if not _same_file(target, fd):
         try:
             target.rename(source)  # the swapped-in entry goes back where it was
         except OSError:  # something is in the way there now: never leave it named
@@ -134,7 +134,7 @@ def _name_unused(fd: int, source: Path, folder: Path, name: str) -> Path:
             except _NoHardLinks:
                 hard_links = False
                 continue
-            if same_file(source, fd):  # the temporary name is ours: remove it
+            if _same_file(source, fd):  # the temporary name is ours: remove it
                 with contextlib.suppress(OSError):
                     source.unlink()
             return folder / candidate
@@ -149,7 +149,7 @@ _REASONS = {  # strerror is terse, or misleading, for these
 }
 
 
-def storage_error(exc: OSError, folder: Path) -> StorageError:
+def _storage_error(exc: OSError, folder: Path) -> StorageError:
     if exc.errno == errno.ENOSPC:
         return StorageError(f"no space left in {folder}")
     if exc.errno == errno.EDQUOT:
@@ -158,7 +158,7 @@ def storage_error(exc: OSError, folder: Path) -> StorageError:
     return StorageError(f"cannot write in {folder}: {reason}")
 
 
-def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
     """Write all of `data` at `offset`. A write may take only part of it (near a size
     limit or a full disk, say); the next one then says why, or takes the rest."""
     view = memoryview(data)
@@ -167,16 +167,6 @@ def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
         if written <= 0:
             raise OSError(errno.EIO, "the file system accepted no data")
         view, offset = view[written:], offset + written
-
-
-def make_folder(folder: Path) -> None:
-    """The download folder, made if missing."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except FileExistsError as exc:  # a file, or a symlink to one, is in the way
-        raise StorageError(f"cannot write in {folder}: {_NOT_A_FOLDER}") from exc
-    except OSError as exc:
-        raise storage_error(exc, folder) from exc
 
 
 def partial_path(folder: Path, file_id: str) -> Path:
@@ -210,7 +200,7 @@ def _open_locked(path: Path) -> int:
                 ) from None
             except OSError:
                 pass  # a file system without locks: go on unlocked
-            if same_file(path, fd):  # not unlinked by a download finishing meanwhile
+            if _same_file(path, fd):  # not unlinked by a download finishing meanwhile
                 return fd
         except BaseException:
             os.close(fd)
@@ -219,7 +209,7 @@ def _open_locked(path: Path) -> int:
     raise OSError(errno.EAGAIN, "the temporary file keeps disappearing")
 
 
-def same_file(path: Path, fd: int) -> bool:
+def _same_file(path: Path, fd: int) -> bool:
     """Whether `path` (not followed) is still the file open as `fd`."""
     try:
         named, opened = path.lstat(), os.fstat(fd)
@@ -240,12 +230,17 @@ class PartialFile:
         # Guards `_fd` and `_verified`: holders' threads write while the download may
         # stop (a closed descriptor's number could be reused by another file).
         self._lock = threading.Lock()
-        make_folder(folder)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except FileExistsError as exc:  # a file, or a symlink to one, is in the way
+            raise StorageError(f"cannot write in {folder}: {_NOT_A_FOLDER}") from exc
+        except OSError as exc:
+            raise _storage_error(exc, folder) from exc
         try:
             self._fd = _open_locked(self.path)
             self.found = os.fstat(self._fd).st_size > 0  # left by an earlier attempt
         except OSError as exc:
-            raise storage_error(exc, folder) from exc
+            raise _storage_error(exc, folder) from exc
 
     def resume(self, check: Callable[[], None] | None = None) -> list[int]:
         """The chunks already here from an earlier attempt, each verified against the
@@ -270,7 +265,7 @@ class PartialFile:
                     check()
             return found
         except OSError as exc:
-            raise storage_error(exc, self.folder) from exc
+            raise _storage_error(exc, self.folder) from exc
 
     def _is_hole(self, offset: int) -> bool:
         """Whether no data was ever written at `offset` (a hole of a sparse file)."""
@@ -300,9 +295,9 @@ class PartialFile:
             if index in self._verified:
                 raise IntegrityError(f"chunk {index} was delivered twice")
             try:
-                pwrite_all(self._fd, data, index * self._manifest.chunk_size)
+                _pwrite_all(self._fd, data, index * self._manifest.chunk_size)
             except OSError as exc:
-                raise storage_error(exc, self.folder) from exc
+                raise _storage_error(exc, self.folder) from exc
             self._verified.add(index)
 
     @property
@@ -320,14 +315,14 @@ class PartialFile:
         if not self.complete:
             raise IntegrityError("the download finished with chunks missing")
         try:
-            os.fchmod(self._fd, 0o666 & ~umask())  # private while partial, normal once done
+            os.fchmod(self._fd, 0o666 & ~_umask())  # private while partial, normal once done
             os.ftruncate(self._fd, self._manifest.size)
             os.fsync(self._fd)
             # Named while still open, hence locked: no other download uses it meanwhile.
             target = _name_unused(self._fd, self.path, self.folder, name)
             self.stamp = stamp_of(os.fstat(self._fd))  # after the link and unlink (ctime)
         except OSError as exc:
-            raise storage_error(exc, self.folder) from exc
+            raise _storage_error(exc, self.folder) from exc
         self._close()
         with contextlib.suppress(OSError):  # the file is complete; this only hurries the disk
             _fsync_dir(self.folder)
@@ -342,7 +337,7 @@ class PartialFile:
         if self._fd < 0:
             return  # finished, kept or discarded already
         with contextlib.suppress(OSError):  # before closing, which releases the lock
-            if same_file(self.path, self._fd):
+            if _same_file(self.path, self._fd):
                 self.path.unlink()
         self._close()
 
@@ -354,7 +349,7 @@ class PartialFile:
             self._fd = -1
 
 
-def umask() -> int:
+def _umask() -> int:
     mask = os.umask(0o077)
     os.umask(mask)
     return mask
@@ -366,3 +361,19 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# Shared with a folder download's staging tree (`tree_staging`).
+storage_error = _storage_error
+same_file = _same_file
+umask = _umask
+
+
+def make_folder(folder: Path) -> None:
+    """The download folder, made if missing."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as exc:  # a file, or a symlink to one, is in the way
+        raise StorageError(f"cannot write in {folder}: {_NOT_A_FOLDER}") from exc
+    except OSError as exc:
+        raise _storage_error(exc, folder) from exc
