@@ -8,6 +8,10 @@ so nothing there is ever followed or overwritten; then one `syncfs` (or an fsync
 every file and folder), a rename that never replaces an existing name, an fsync of the
 parent, and a check that the name holds the staging folder (same inode). The index has
 passed the path rules (`tree_rules`) before any of this runs.
+
+Costs: each byte is written once, into its own file, and the download needs the tree's
+size once; `syncfs` flushes only the tree (docs/PERFORMANCE.md, "Folders written
+straight from the verified stream").
 """
 
 from __future__ import annotations
