@@ -252,7 +252,7 @@ def clean(
     json: JsonOption = False,
     debug: DebugOption = False,
 ) -> None:
-    """Remove abandoned unfinished downloads (`.sfs-*.part` files)."""
+    """Remove abandoned unfinished downloads (`.sfs-*.part` files, `.sfs-*.tree` folders)."""
     from sfs.peer import output
 
     with cli_options.open_peer(config) as peer:
@@ -319,8 +319,9 @@ def get(
     Every chunk is checked against the owner's signed manifest. Chunks come from
     every online holder at once: the owner, and the seeders (peers that downloaded
     the file before). Stopped part way (Ctrl-C, holders gone), the verified chunks
-    stay in a hidden .part file in the folder, and running the same command again
-    resumes. A file already in the folder with the same content is not fetched again.
+    stay in a hidden .part file in the folder (a folder share: in its hidden staging
+    folder), and running the same command again resumes. A file already in the folder
+    with the same content is not fetched again.
     FILE_ID may be the first 8 or more characters of the id, if no other file you
     can see starts with them.
 

@@ -15,8 +15,9 @@ When a holder fails (silence, a refusal, a chunk that does not verify), it is dr
 the others take over its chunks; a holder that has not answered its hello within
 `hello_timeout` while others deliver is set aside the same way. When no holder is left,
 the verified chunks stay, and the next `get` of the same file into the same folder
-fetches only the rest; so do they on Ctrl-C. A local storage error removes the temporary
-file.
+fetches only the rest; so do they on Ctrl-C. A local storage error removes a file's
+temporary file, and keeps a folder's staging tree (`tree_staging`: its files are the
+download).
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ from sfs.peer.receiver import read_chunk as read_chunk  # re-exported: replies a
 from sfs.peer.receiver import read_reply as read_reply
 from sfs.peer.stamps import FileStamp
 from sfs.peer.transfer import ChunkPlan, ReceiverLink
-from sfs.peer.tree_write import build_tree_from
+from sfs.peer.tree_staging import StagingTree
 
 # (bytes done, total, the names of the holders sending chunks now)
 # (bytes done, bytes wanted, holders sending now, (files whole, files wanted))
@@ -158,13 +159,27 @@ def _mib(size: int) -> str:
     return f"{size / (1 << 20):.1f} MiB"
 
 
-def _keep_verified(partial: PartialFile, plan: ChunkPlan) -> bool:
+Storage = PartialFile | StagingTree  # a file share's, a folder share's
+
+
+def _keep_verified(partial: Storage, plan: ChunkPlan) -> bool:
     """Stop, keeping the temporary file if it holds verified chunks; whether it does."""
     if plan.bytes_done or partial.found:
         partial.keep()
         return True
     partial.discard()
     return False
+
+
+def _stopped_on_storage(partial: Storage, exc: StorageError) -> StorageError:
+    """A full disk, say. A file's temporary file is removed; a folder's staging tree is
+    kept (its files are the download: a folder may be large, and freeing some space is
+    the usual way out)."""
+    if isinstance(partial, PartialFile):
+        partial.discard()
+        return exc
+    partial.keep()
+    return StorageError(f"{exc}; the verified chunks are kept: run the same get again to resume")
 
 
 # Which error explains a failed download best, when several holders failed differently:
@@ -203,7 +218,7 @@ class _Download:
     lookup: protocol.LookupResult
     manifest: TreeIndex
     plan: ChunkPlan
-    partial: PartialFile
+    partial: Storage
     progress: DownloadProgress | None
     lock: threading.Lock = field(default_factory=threading.Lock)
     stop: threading.Event = field(default_factory=threading.Event)
@@ -404,7 +419,11 @@ class Downloader:
             tree = self.fetch_index(file_id, lookup)
         manifest = tree
         holders = self._usable_holders(lookup, manifest.header)
-        partial = PartialFile(folder, file_id, manifest)
+        partial: Storage = (
+            StagingTree(folder, file_id, manifest, chosen)
+            if manifest.kind == FOLDER
+            else PartialFile(folder, file_id, manifest)
+        )
         wanted = None if chosen is None else manifest.chunks_of_entries(chosen)
         excluded = frozenset(() if wanted is None else set(range(manifest.chunk_count)) - wanted)
         plan = ChunkPlan(manifest, self._window, excluded=excluded)
@@ -438,20 +457,22 @@ class Downloader:
         except KeyboardInterrupt:  # perhaps while resume() reads what an earlier try kept
             _keep_verified(partial, plan)
             raise
-        except BaseException:  # a full disk, or a bug: start afresh next time
+        except StorageError as exc:
+            raise _stopped_on_storage(partial, exc) from exc
+        except BaseException:  # a bug: start afresh next time
             partial.discard()
             raise
         try:
-            if manifest.kind == FOLDER:
-                path = partial.finish_tree(
-                    lambda fd: build_tree_from(fd, manifest, folder, file_id, chosen), wanted
-                )
+            if isinstance(partial, StagingTree):
+                path = partial.finish()
             else:
                 path = partial.finish(safe_filename(manifest.name, fallback=file_id))
         except KeyboardInterrupt:  # every chunk is verified
             partial.keep()
             raise
-        except BaseException:  # chunks missing (a bug), or the disk: start afresh next time
+        except StorageError as exc:
+            raise _stopped_on_storage(partial, exc) from exc
+        except BaseException:  # chunks missing (a bug): start afresh next time
             partial.discard()
             raise
         for error in download.errors:

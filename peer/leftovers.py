@@ -1,11 +1,14 @@
-"""Unfinished downloads: the `.sfs-<file id>.part` files a stopped `get` leaves in a
-download folder (see `partial.py`), listed and, when abandoned, removed.
+"""Unfinished downloads: the `.sfs-<file id>.part` files (a file share) and
+`.sfs-<file id>.tree` staging folders (a folder share) a stopped `get` leaves in a
+download folder (see `partial.py`, `tree_staging.py`), listed and, when abandoned, removed.
 
-Only what a download of this user would have made is ever touched: a regular file, owned
-by this user, with one link, named exactly like a partial download. A symlink (never
-followed), a folder, a FIFO or another user's file under such a name is left alone, and
-so is a file a running `get` holds locked. Everything is opened relative to the folder
-that was listed, so a folder swapped for a symlink meanwhile is not followed either.
+Only what a download of this user would have made is ever touched: a regular file with
+one link, or a folder, owned by this user and named exactly like a partial download. A
+symlink (never followed), a FIFO or another user's entry under such a name is left alone,
+and so is one a running `get` holds locked. Everything is opened relative to the folder
+that was listed, so a folder swapped for a symlink meanwhile is not followed either; a
+staging folder is measured and removed through its own descriptor, never following the
+links inside it.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import contextlib
 import fcntl
 import os
 import re
+import shutil
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,14 +25,14 @@ from pathlib import Path
 
 from sfs.common.errors import StorageError
 
-_NAME = re.compile(r"\.sfs-([0-9a-f]{32})\.part")
+_NAME = re.compile(r"\.sfs-([0-9a-f]{32})\.(part|tree)")
 
 
 @dataclass(frozen=True)
 class Leftover:
     file_id: str
     path: Path
-    size: int  # bytes on disk so far (verified chunk by chunk when the download resumes)
+    size: int  # bytes so far (verified chunk by chunk when the download resumes)
     modified: float  # when a chunk was last written
     in_use: bool  # a running `get` holds it
 
@@ -73,7 +77,10 @@ def clean(folder: Path, older_than: float, now: float) -> Cleaned:
                     # Unlinked while locked: a `get` that opened it meanwhile is refused
                     # ("another get is downloading"), never left writing a removed file.
                     try:
-                        os.unlink(name, dir_fd=folder_fd)
+                        if stat.S_ISDIR(info.st_mode):
+                            shutil.rmtree(name, dir_fd=folder_fd)
+                        else:
+                            os.unlink(name, dir_fd=folder_fd)
                     except OSError as exc:
                         raise StorageError(f"cannot remove {item.path}: {exc.strerror}") from exc
                     removed.append(item)
@@ -105,14 +112,17 @@ def _own_partial(
     if match is None:
         yield None
         return
+    tree = match.group(2) == "tree"
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | (os.O_DIRECTORY if tree else 0)
     try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=folder_fd)
+        fd = os.open(name, flags, dir_fd=folder_fd)
     except OSError:  # ELOOP: a symlink; EACCES: not ours; ENOENT: gone meanwhile
         yield None
         return
     try:
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_nlink != 1:
+        kind_ok = stat.S_ISDIR(info.st_mode) if tree else stat.S_ISREG(info.st_mode)
+        if not kind_ok or info.st_uid != os.getuid() or (not tree and info.st_nlink != 1):
             yield None
             return
         try:
@@ -120,9 +130,26 @@ def _own_partial(
             in_use = False
         except OSError:  # held by a `get`; or no locks here, so no way to know: keep it
             in_use = True
-        yield Leftover(match.group(1), folder / name, info.st_size, info.st_mtime, in_use), info
+        size, modified = _measured(fd) if tree else (info.st_size, info.st_mtime)
+        yield Leftover(match.group(1), folder / name, size, modified, in_use), info
     finally:
         os.close(fd)
+
+
+def _measured(fd: int) -> tuple[int, float]:
+    """The bytes in the files of the staging folder open as `fd`, and when the newest
+    of them (or the folder) was changed; links are not followed. The change time, as a
+    finished file gets its shared mtime."""
+    size, modified = 0, os.fstat(fd).st_ctime
+    with contextlib.suppress(OSError):  # unreadable inside: what was seen so far
+        for _, _, names, inner_fd in os.fwalk(".", dir_fd=fd):
+            for name in names:
+                with contextlib.suppress(OSError):
+                    info = os.stat(name, dir_fd=inner_fd, follow_symlinks=False)
+                    if stat.S_ISREG(info.st_mode):
+                        size += info.st_size
+                        modified = max(modified, info.st_ctime)
+    return size, modified
 
 
 def _names(folder_fd: int) -> list[str]:

@@ -47,7 +47,7 @@ from sfs.peer.share import (
     normalise_keywords,
     shareable,
 )
-from sfs.peer.tree_write import tree_on_disk
+from sfs.peer.tree_write import staging_path, tree_on_disk
 
 if TYPE_CHECKING:
     from sfs.peer.download import Downloader, DownloadProgress, DownloadResult
@@ -393,7 +393,7 @@ class Peer:
         try:
             return self._download(downloader, file_id, lookup, tree, folder, progress, chosen)
         except KeyboardInterrupt:
-            part = partial_path(folder, file_id)
+            part = (staging_path if tree.kind == FOLDER else partial_path)(folder, file_id)
             if not part.exists():
                 raise Interrupted("interrupted; nothing was kept") from None
             raise Interrupted(

@@ -333,22 +333,6 @@ class PartialFile:
             _fsync_dir(self.folder)
         return target
 
-    def finish_tree(self, build: Callable[[int], Path], required: set[int] | None = None) -> Path:
-        """For a folder share: check that the stream is complete (or holds every chunk
-        in `required`), hand its descriptor to `build` (which makes and names the
-        tree), then remove the stream."""
-        with self._lock:
-            missing = (required or set(range(self._manifest.chunk_count))) - self._verified
-        if missing:
-            raise IntegrityError("the download finished with chunks missing")
-        try:
-            os.ftruncate(self._fd, self._manifest.size)
-            target = build(self._fd)
-        except OSError as exc:
-            raise _storage_error(exc, self.folder) from exc
-        self.discard()
-        return target
-
     def keep(self) -> None:
         """Stop, keeping the verified chunks for the next attempt."""
         self._close()
@@ -387,3 +371,19 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# Shared with a folder download's staging tree (`tree_staging`).
+storage_error = _storage_error
+same_file = _same_file
+umask = _umask
+
+
+def make_folder(folder: Path) -> None:
+    """The download folder, made if missing."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as exc:  # a file, or a symlink to one, is in the way
+        raise StorageError(f"cannot write in {folder}: {_NOT_A_FOLDER}") from exc
+    except OSError as exc:
+        raise _storage_error(exc, folder) from exc

@@ -8,6 +8,7 @@ size and every chunk's BLAKE3 hash match that tree's index.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import stat
@@ -18,6 +19,7 @@ from sfs.common.errors import StorageError
 from sfs.common.tree_hash import blake3_256
 from sfs.common.tree_index import TreeIndex
 from sfs.peer.partial import partial_path, safe_filename
+from sfs.peer.tree_write import staging_path
 
 
 def already_downloaded(folder: Path, file_id: str, manifest: TreeIndex) -> Path | None:
@@ -50,13 +52,14 @@ def already_downloaded(folder: Path, file_id: str, manifest: TreeIndex) -> Path 
 def check_free_space(folder: Path, file_id: str, manifest: TreeIndex) -> None:
     """Refuse to start a download that cannot fit: the file's size, less what an earlier
     try already wrote into its temporary file, must be free in `folder`."""
-    try:
-        kept = partial_path(folder, file_id).lstat().st_blocks * 512
-    except OSError:
-        kept = 0
-    # A folder is written twice: its stream (`.part`), then its files (`tree_write`).
-    copies = 2 if manifest.kind == "folder" else 1
-    needed = max(0, copies * manifest.size - kept)
+    if manifest.kind == "folder":
+        kept = _tree_blocks(staging_path(folder, file_id))
+    else:
+        try:
+            kept = partial_path(folder, file_id).lstat().st_blocks * 512
+        except OSError:
+            kept = 0
+    needed = max(0, manifest.size - kept)
     existing = folder
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent  # the download creates the folder
@@ -74,6 +77,18 @@ def check_free_space(folder: Path, file_id: str, manifest: TreeIndex) -> None:
             f"not enough free space in {folder}: {manifest.name!r} needs {human_size(needed)}"
             f" more, {human_size(free)} free; free some space or use --out DIR"
         )
+
+
+def _tree_blocks(root: Path) -> int:
+    """Bytes on disk under `root` (an earlier attempt's staging tree); links not followed."""
+    total = 0
+    with contextlib.suppress(OSError):  # none there (or unreadable): nothing kept
+        for _, _, names, folder_fd in os.fwalk(root):
+            for name in names:
+                with contextlib.suppress(OSError):
+                    info = os.stat(name, dir_fd=folder_fd, follow_symlinks=False)
+                    total += info.st_blocks * 512
+    return total
 
 
 def human_size(size: int) -> str:

@@ -1,20 +1,17 @@
-"""Where a folder share lands: built in a hidden staging folder, renamed into place.
+"""Where a folder share lands: the end of a download into its staging folder.
 
-The chunks of a folder share arrive, are verified and resumed exactly as a file's do:
-into one `.part` file holding the tree's stream (`partial.PartialFile`). Once every
-chunk is verified, `build_tree_from` cuts the stream into the tree's files inside
-`.sfs-<file id>.tree/` (mode 0700), made with the entries' modes (masked to 0o777),
-mtimes, empty folders and relative links, all through folder descriptors and
-`O_NOFOLLOW`/`O_EXCL`, so nothing there is ever followed or overwritten; modes and
-mtimes are set through each file's and folder's own descriptor, and only the folders on
-the current path are open. The index has passed the path rules (`tree_rules`) before
-any of this runs. Then one `syncfs` (or an fsync of every file and folder), a rename
-that never replaces an existing name, an fsync of the parent, and a check that the name
-holds the staging folder (same inode).
+The staging folder `.sfs-<file id>.tree/` (mode 0700) holds the tree's files while they
+are written straight from the verified stream (`tree_staging`). Once every chosen chunk
+is verified, `finish_tree` makes the links, the empty files and the entries' modes
+(masked to 0o777) and mtimes, all through folder descriptors and `O_NOFOLLOW`/`O_EXCL`,
+so nothing there is ever followed or overwritten; then one `syncfs` (or an fsync of
+every file and folder), a rename that never replaces an existing name, an fsync of the
+parent, and a check that the name holds the staging folder (same inode). The index has
+passed the path rules (`tree_rules`) before any of this runs.
 
-Costs, as measured in the report: the stream is written twice (`.part`, then the files;
-`copy_file_range` keeps the copy in the kernel) and needs the tree's size twice while
-the tree is built.
+Costs: each byte is written once, into its own file, and the download needs the tree's
+size once; `syncfs` flushes only the tree (docs/PERFORMANCE.md, "Folders written
+straight from the verified stream").
 """
 
 from __future__ import annotations
@@ -23,22 +20,19 @@ import contextlib
 import ctypes
 import errno
 import os
-import shutil
 import stat
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from sfs.common import crypto
-from sfs.common.errors import IntegrityError, StorageError
+from sfs.common.errors import IntegrityError
 from sfs.common.tree import FILE, FOLDER, LINK, Entry
 from sfs.common.tree_hash import blake3_256
 from sfs.common.tree_index import TreeIndex
-from sfs.peer.partial import MAX_NAME_BYTES, safe_filename
+from sfs.peer.open_files import DIR_FLAGS, check_own_file
+from sfs.peer.partial import MAX_NAME_BYTES, safe_filename, umask
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _RENAME_NOREPLACE = 1
-_COPY_STEP = 16 << 20
 
 
 def staging_path(folder: Path, file_id: str) -> Path:
@@ -52,7 +46,7 @@ def _libc() -> ctypes.CDLL | None:
         return None
 
 
-def _has_syncfs() -> bool:
+def has_syncfs() -> bool:
     libc = _libc()
     return libc is not None and hasattr(libc, "syncfs")
 
@@ -90,17 +84,6 @@ def _numbered(name: str, number: int) -> str:
     return name + tail
 
 
-def _remove_staging(folder: Path, path: Path) -> None:
-    """Remove what an earlier attempt left at our staging name: only a folder of ours."""
-    try:
-        info = path.lstat()
-    except FileNotFoundError:
-        return
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
-        raise StorageError(f"{path} is in the way and is not a download of this user")
-    shutil.rmtree(path)
-
-
 @dataclass
 class _OpenFolder:
     path: str
@@ -108,26 +91,29 @@ class _OpenFolder:
     entry: Entry | None  # None: the staging folder itself
 
 
-class _Builder:
-    """Writes the entries, in index order, under the staging folder's descriptor, in
-    three passes: every folder (`make_folder`), the files and links (`add`), then each
-    folder's mode and mtime (`finish_folder`), which making its children would change.
-    On ext4, creating 20,000 files in 100 folders took a quarter of the time when the
-    folders were all made first (0.7-1.1 s against 4.1-4.3 s, docs/PERFORMANCE.md).
-    Until the last pass every folder is 0700, so a build that fails can be removed.
+def set_metadata(fd: int, mode: int, mtime_ns: int, fsync: bool) -> None:
+    os.fchmod(fd, mode & 0o777)
+    os.utime(fd, ns=(mtime_ns, mtime_ns))
+    if fsync:
+        os.fsync(fd)
 
-    Each file gets its mode and mtime through its own descriptor as it is written. Index
-    order lists a folder's contents directly after it, so only the folders on the
-    current path are open: never more descriptors than the tree is deep. Without
-    `syncfs`, each file and folder is fsynced as it is done.
-    """
 
-    def __init__(self, root_fd: int, part_fd: int, tree: TreeIndex, fsync_each: bool) -> None:
-        self.part_fd = part_fd
+class _Finisher:
+    """The last pass over the chosen entries, in index order: the links and the empty
+    files made, the stricter modes set (a file gets its mode at least 0600 when its last
+    chunk is written, so that a resumed download can read it back), and each folder's
+    mode and mtime once the index has left it (making its children would change them).
+    Index order lists a folder's contents directly after it, so only the folders on the
+    current path are open: never more descriptors than the tree is deep."""
+
+    def __init__(
+        self, root_fd: int, root: Path, tree: TreeIndex, present: bytearray, fsync_each: bool
+    ) -> None:
+        self.root = root
         self.tree = tree
+        self.present = present
         self.fsync_each = fsync_each
         self.open: list[_OpenFolder] = [_OpenFolder("", root_fd, None)]
-        self.file_number = 0
 
     def folder_fd(self, parent: str) -> int:
         """The parent's descriptor, finishing the folders the index has left."""
@@ -135,58 +121,29 @@ class _Builder:
             self._finish(self.open.pop())
         return self.open[-1].fd
 
-    def make_folder(self, entry: Entry) -> None:
+    def add(self, entry: Entry, file_number: int) -> None:
         parent, _, name = entry.path.rpartition("/")
         where = self.folder_fd(parent)
-        os.mkdir(name, 0o700, dir_fd=where)
-        self.open.append(_OpenFolder(entry.path, os.open(name, _DIR_FLAGS, dir_fd=where), None))
-
-    def finish_folder(self, entry: Entry) -> None:
-        """Open a folder made by `make_folder`: its mode and mtime are set when the index
-        leaves it."""
-        self._open_folder(entry, entry)
-
-    def _open_folder(self, entry: Entry, to_finish: Entry | None) -> None:
-        parent, _, name = entry.path.rpartition("/")
-        fd = os.open(name, _DIR_FLAGS, dir_fd=self.folder_fd(parent))
-        self.open.append(_OpenFolder(entry.path, fd, to_finish))
-
-    def add(self, entry: Entry) -> None:
-        """A file or link (a folder made by `make_folder`: opened, for its contents)."""
         if entry.kind == FOLDER:
-            self._open_folder(entry, None)
-            return
-        parent, _, name = entry.path.rpartition("/")
-        where = self.folder_fd(parent)
-        if entry.kind == LINK:
+            self.open.append(_OpenFolder(entry.path, os.open(name, DIR_FLAGS, dir_fd=where), entry))
+        elif entry.kind == LINK:
             os.symlink(entry.target or "", name, dir_fd=where)
             with contextlib.suppress(NotImplementedError, OSError):  # links: not everywhere
                 os.utime(name, ns=(entry.mtime_ns,) * 2, dir_fd=where, follow_symlinks=False)
-        else:
-            fd = os.open(
-                name,
-                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                0o600,
-                dir_fd=where,
-            )
+        elif entry.size == 0 or entry.mode & 0o600 != 0o600:
+            made = 0 if self.present[file_number] else os.O_CREAT | os.O_EXCL
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | made
+            fd = os.open(name, flags, 0o600, dir_fd=where)
+            check_own_file(fd, self.root / entry.path)
             try:
-                start, end = self.tree.chunks.file_range(self.file_number)
-                _copy(self.part_fd, fd, start, end - start)
-                self._set_metadata(fd, entry)
+                set_metadata(fd, entry.mode, entry.mtime_ns, self.fsync_each)
             finally:
                 os.close(fd)
-            self.file_number += 1
-
-    def _set_metadata(self, fd: int, entry: Entry) -> None:
-        os.fchmod(fd, entry.mode & 0o777)
-        os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
-        if self.fsync_each:
-            os.fsync(fd)
 
     def _finish(self, folder: _OpenFolder) -> None:
         try:
             if folder.entry is not None:
-                self._set_metadata(folder.fd, folder.entry)
+                set_metadata(folder.fd, folder.entry.mode, folder.entry.mtime_ns, self.fsync_each)
         finally:
             os.close(folder.fd)
 
@@ -202,88 +159,47 @@ class _Builder:
         del self.open[1:]
 
 
-def _copy(source: int, target: int, offset: int, length: int) -> None:
-    written = 0
-    while written < length:
-        step = min(_COPY_STEP, length - written)
-        try:
-            done = os.copy_file_range(source, target, step, offset + written, written)
-        except OSError as exc:
-            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-                raise
-            data = os.pread(source, step, offset + written)
-            done = os.pwrite(target, data, written)
-        if done <= 0:
-            raise OSError(errno.EIO, "the stream ended early")
-        written += done
-
-
-def _umask() -> int:
-    mask = os.umask(0o077)
-    os.umask(mask)
-    return mask
-
-
-def build_tree_from(
-    part_fd: int, tree: TreeIndex, folder: Path, file_id: str, chosen: set[int] | None = None
+def finish_tree(
+    root_fd: int,
+    folder: Path,
+    tree: TreeIndex,
+    file_id: str,
+    chosen: set[int] | None,
+    present: bytearray,
 ) -> Path:
-    """Cut the verified stream open as `part_fd` into the tree's files (only the
-    entries `chosen`, if given), make them durable and give them their name in
-    `folder` (never an existing one: `name (1)`...)."""
+    """Finish the staging folder open as `root_fd`, whose files hold every chosen chunk,
+    verified (the entries `chosen`, or all; `present`: the files there, by file number),
+    make it durable and give it its name in `folder` (never an existing one: `name (1)`...)."""
     staging = staging_path(folder, file_id)
-    _remove_staging(folder, staging)
-    staging.mkdir(0o700)
-    root_fd = os.open(staging, _DIR_FLAGS)
-    has_syncfs = _has_syncfs()
-    builder = _Builder(root_fd, part_fd, tree, fsync_each=not has_syncfs)
+    fsync_each = not has_syncfs()
+    finisher = _Finisher(root_fd, staging, tree, present, fsync_each)
     try:
-        _build(builder, tree, chosen)
-        os.fchmod(root_fd, 0o777 & ~_umask())
-        if has_syncfs and not _syncfs(root_fd):
-            os.sync()  # syncfs failed: make everything durable rather than nothing
-        elif not has_syncfs:
-            os.fsync(root_fd)
-        built = os.fstat(root_fd)
-        target = _name_unused(folder, staging, safe_filename(tree.name, fallback=file_id))
-        named = os.lstat(target)
-        if (named.st_dev, named.st_ino) != (built.st_dev, built.st_ino):
-            raise IntegrityError(
-                f"{target} does not hold the folder just built (others can rename entries "
-                "in this folder); nothing else was changed"
-            )
-        return target
-    except BaseException:
-        with contextlib.suppress(OSError):
-            if staging.exists():
-                shutil.rmtree(staging)
-        raise
-    finally:
-        builder.close()
-        os.close(root_fd)
-
-
-def _build(builder: _Builder, tree: TreeIndex, chosen: set[int] | None) -> None:
-    def folders() -> Iterator[Entry]:
+        file_number = 0
         for number, entry in enumerate(tree.entries):
-            if entry.kind == FOLDER and (chosen is None or number in chosen):
-                yield entry
-
-    for entry in folders():
-        builder.make_folder(entry)
-    builder.finish()
-    for number, entry in enumerate(tree.entries):
-        if chosen is None or number in chosen:
-            builder.add(entry)
-        elif entry.kind == FILE:
-            builder.file_number += 1
-    builder.finish()
-    for entry in folders():
-        builder.finish_folder(entry)
-    builder.finish()
+            if chosen is None or number in chosen:
+                finisher.add(entry, file_number)
+            file_number += entry.kind == FILE
+        finisher.finish()
+    finally:
+        finisher.close()
+    os.fchmod(root_fd, 0o777 & ~umask())
+    if not fsync_each and not _syncfs(root_fd):
+        os.sync()  # syncfs failed: make everything durable rather than nothing
+    elif fsync_each:
+        os.fsync(root_fd)
+    built = os.fstat(root_fd)
+    target = _name_unused(folder, staging, safe_filename(tree.name, fallback=file_id))
+    named = os.lstat(target)
+    if (named.st_dev, named.st_ino) != (built.st_dev, built.st_ino):
+        raise IntegrityError(
+            f"{target} does not hold the folder just built (others can rename entries "
+            "in this folder); nothing else was changed"
+        )
+    return target
 
 
 def _name_unused(folder: Path, staging: Path, name: str) -> Path:
-    folder_fd = os.open(folder, _DIR_FLAGS & ~os.O_NOFOLLOW)
+    folder_fd = os.open(folder, DIR_FLAGS & ~os.O_NOFOLLOW)
     try:
         number = 0
         while True:

@@ -103,15 +103,27 @@ def snapshot(folder: Path) -> dict[str, str]:
 
 
 def wait_for_partial(folder: Path, at_least: int) -> None:
-    """Until a download's `.part` file in `folder` holds `at_least` bytes (or 60 s)."""
+    """Until a download's `.part` file (a file share) or staging tree (a folder share) in
+    `folder` holds `at_least` bytes (or 60 s)."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         for path in folder.glob(".sfs-*.part"):
             with contextlib.suppress(FileNotFoundError):  # finished meanwhile
                 if path.stat().st_size >= at_least:
                     return
+        for path in folder.glob(".sfs-*.tree"):
+            if _bytes_under(path) >= at_least:
+                return
         time.sleep(0.01)
     raise AssertionError(f"no download in progress in {folder}")
+
+
+def _bytes_under(root: Path) -> int:
+    total = 0
+    for path in root.rglob("*"):
+        with contextlib.suppress(FileNotFoundError):  # finished meanwhile
+            total += path.lstat().st_size
+    return total
 
 
 @dataclass

@@ -111,10 +111,12 @@ def test_ctrl_c_in_the_middle_of_a_folder_keeps_verified_chunks_and_resumes(
     assert getting.returncode != 0
     assert "Traceback" not in err
     assert not (bob.download_dir / "dataset").exists()  # nothing named before it is whole
-    [part] = [name for name in snapshot(bob.download_dir) if name.endswith(".part")]
+    # The staging tree is the partial download: no `.part` stream beside it.
+    assert not [name for name in snapshot(bob.download_dir) if ".part" in name]
+    [staging] = [p.name for p in bob.download_dir.iterdir() if p.name.endswith(".tree")]
 
     got = bob.run("get", file_id, "--json", timeout=120).check().json()
     assert got["chunks_resumed"] > 0 and got["files_resumed"] > 0
     assert 0 < got["bytes"] < size  # only the rest came over the network
     assert listing(Path(got["path"])) == listing(tree)
-    assert part not in snapshot(bob.download_dir)
+    assert not (bob.download_dir / staging).exists()

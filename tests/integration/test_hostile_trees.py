@@ -1,7 +1,7 @@
 """A hostile owner signs a tree that would write outside the download folder, collide on
 a case-insensitive disk, or lie about its counts: `get` refuses it with one line naming
 the first bad entry, before a byte is written anywhere (the index is checked whole, by
-`tree_index.IndexReader`, before the download opens its `.part` file)."""
+`tree_index.IndexReader`, before the download opens its staging folder)."""
 
 from __future__ import annotations
 

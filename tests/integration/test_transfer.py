@@ -614,30 +614,134 @@ def test_a_folder_round_trip_byte_for_byte(network: Network, tmp_path: Path) -> 
     assert snapshot_tree(third.path) == snapshot_tree(source)
 
 
+def six_files(tmp_path: Path) -> Path:
+    """6 files of 0.6 MiB: 4 chunks, most spanning two files."""
+    source = tmp_path / "data"
+    source.mkdir()
+    for number in range(6):
+        (source / f"part-{number}.bin").write_bytes(os.urandom(600_000))
+    return source
+
+
+def interrupted_after_two_chunks(
+    monkeypatch: pytest.MonkeyPatch, bob: Peer, file_id: str
+) -> Callable[[], None]:
+    """bob's `get` of the folder stops after chunks 0 and 1 (the holder refuses the rest;
+    bob asks one chunk at a time, so 0 and 1 are in before 2 is asked); returns what lets
+    the holder serve everything again."""
+    original = HolderService._chunk
+
+    def refuse_after_chunk_one(self: HolderService, request, connection):  # type: ignore[no-untyped-def]
+        if request.index >= 2:
+            raise protocol.Refused(protocol.ErrorCode.BUSY, "not now")
+        return original(self, request, connection)
+
+    monkeypatch.setattr(HolderService, "_chunk", refuse_after_chunk_one)
+    with pytest.raises(DownloadInterrupted):
+        bob.get(file_id)
+    return lambda: monkeypatch.setattr(HolderService, "_chunk", original)
+
+
+def disk_use(root: Path) -> int:
+    return sum(path.lstat().st_blocks * 512 for path in root.rglob("*"))
+
+
 def test_an_interrupted_folder_get_keeps_verified_chunks_across_files(
     network: Network, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     alice = network.add("alice", serve=True)
-    bob = network.add("bob")
-    source = tmp_path / "data"
-    source.mkdir()
-    for number in range(6):  # 6 files of 0.6 MiB: 4 chunks, most spanning two files
-        (source / f"part-{number}.bin").write_bytes(os.urandom(600_000))
+    bob = network.add("bob", window=1)
+    source = six_files(tmp_path)
     share = alice.share(source)
-    original = HolderService._chunk
+    serve_all = interrupted_after_two_chunks(monkeypatch, bob, share.file_id)
+    # The files themselves are the partial storage: no `.part` stream beside them, and
+    # no more on disk than the chunks verified (one copy).
+    staging = bob.config.download_dir / f".sfs-{share.file_id}.tree"
+    assert leftovers(bob.config.download_dir) == [staging.name]
+    assert staging.stat().st_mode & 0o777 == 0o700
+    assert {p.name for p in staging.iterdir()} <= {p.name for p in source.iterdir()}
+    assert disk_use(staging) <= 2 * MiB + 64 * 1024
 
-    def vanish_after_chunk_one(self: HolderService, request, connection):  # type: ignore[no-untyped-def]
-        return original(self, request, connection) if request.index < 2 else []
-
-    monkeypatch.setattr(HolderService, "_chunk", vanish_after_chunk_one)
-    with pytest.raises(DownloadInterrupted):
-        bob.get(share.file_id)
-    assert leftovers(bob.config.download_dir) == [f".sfs-{share.file_id}.part"]
-
-    monkeypatch.setattr(HolderService, "_chunk", original)
+    serve_all()
     result = bob.get(share.file_id)
     assert isinstance(result, DownloadResult)
     assert (result.chunks_resumed, result.bytes_fetched) == (2, 3_600_000 - 2 * MiB)
+    assert snapshot_tree(result.path) == snapshot_tree(source)
+    assert leftovers(bob.config.download_dir) == ["data"]
+
+
+def test_a_byte_changed_in_the_staging_tree_is_fetched_again(
+    network: Network, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alice = network.add("alice", serve=True)
+    bob = network.add("bob", window=1)
+    source = six_files(tmp_path)
+    share = alice.share(source)
+    serve_all = interrupted_after_two_chunks(monkeypatch, bob, share.file_id)
+    kept = bob.config.download_dir / f".sfs-{share.file_id}.tree" / "part-0.bin"
+    with kept.open("r+b") as opened:  # chunk 0: the first MiB, in part-0.bin and part-1.bin
+        opened.seek(1000)
+        byte = opened.read(1)
+        opened.seek(1000)
+        opened.write(bytes([byte[0] ^ 1]))
+
+    serve_all()
+    result = bob.get(share.file_id)
+    assert isinstance(result, DownloadResult)
+    assert (result.chunks_resumed, result.bytes_fetched) == (1, 3_600_000 - MiB)
+    assert snapshot_tree(result.path) == snapshot_tree(source)
+
+
+def test_a_symlink_planted_in_the_staging_tree_is_refused_not_followed(
+    network: Network, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alice = network.add("alice", serve=True)
+    bob = network.add("bob", window=1)
+    source = six_files(tmp_path)
+    share = alice.share(source)
+    serve_all = interrupted_after_two_chunks(monkeypatch, bob, share.file_id)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    planted = bob.config.download_dir / f".sfs-{share.file_id}.tree" / "part-3.bin"
+    planted.unlink(missing_ok=True)
+    planted.symlink_to(victim)
+
+    serve_all()
+    with pytest.raises(StorageError) as refused:
+        bob.get(share.file_id)
+    assert "part-3.bin" in str(refused.value) and "\n" not in str(refused.value)
+    assert victim.read_bytes() == b"precious"
+    assert not (bob.config.download_dir / "data").exists()
+    assert planted.is_symlink()  # left for the user to look at, never written through
+
+
+def test_a_full_disk_keeps_the_folder_for_resume(
+    network: Network, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alice = network.add("alice", serve=True)
+    bob = network.add("bob", window=1)
+    source = six_files(tmp_path)
+    share = alice.share(source)
+    pwrite = os.pwrite
+    budget = [2]
+
+    def full_after_two(fd: int, data: bytes, offset: int) -> int:
+        if budget[0] <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        budget[0] -= 1
+        return pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", full_after_two)
+    with pytest.raises(StorageError) as full:
+        bob.get(share.file_id)
+    assert str(full.value).startswith("no space left in")
+    assert "run the same get" in str(full.value) and "\n" not in str(full.value)
+    staging = bob.config.download_dir / f".sfs-{share.file_id}.tree"
+    assert leftovers(bob.config.download_dir) == [staging.name]
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    result = bob.get(share.file_id)
+    assert isinstance(result, DownloadResult)
     assert snapshot_tree(result.path) == snapshot_tree(source)
     assert leftovers(bob.config.download_dir) == ["data"]
 

@@ -119,3 +119,45 @@ def test_a_download_in_progress_is_shown_and_kept(tmp_path: Path) -> None:
     finally:
         os.close(fd)
     assert [u.file_id for u in clean(tmp_path, 0, NOW).removed] == [ID_A]
+
+
+def _staging(folder: Path, file_id: str) -> Path:
+    """A folder download's staging tree as an interrupted `get` leaves it."""
+    root = folder / f".sfs-{file_id}.tree"
+    (root / "sub").mkdir(parents=True, mode=0o700)
+    (root / "sub" / "a.bin").write_bytes(b"a" * 300)
+    (root / "b.bin").write_bytes(b"b" * 200)
+    os.utime(root / "b.bin", (0, 0))  # a finished file gets its shared mtime
+    return root
+
+
+def test_a_folders_staging_tree_is_listed_and_removed(tmp_path: Path) -> None:
+    root = _staging(tmp_path, ID_A)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep").write_bytes(b"keep")
+    (root / "sub" / "link").symlink_to(victim)
+    [found] = unfinished(tmp_path)
+    assert (found.file_id, found.path, found.size, found.in_use) == (ID_A, root, 500, False)
+    assert found.modified > 1_000_000  # when it was written, not the files' shared mtimes
+    assert clean(tmp_path, DAY, found.modified + 1).kept_recent == [found]
+    assert [u.file_id for u in clean(tmp_path, 0, found.modified + 1).removed] == [ID_A]
+    assert not root.exists()
+    assert (victim / "keep").read_bytes() == b"keep"  # the link inside was not followed
+
+
+def test_a_staging_tree_in_use_a_link_or_a_file_is_left_alone(tmp_path: Path) -> None:
+    root = _staging(tmp_path, ID_A)
+    elsewhere = _staging(tmp_path / "elsewhere", ID_B)
+    (tmp_path / f".sfs-{ID_B}.tree").symlink_to(elsewhere)
+    (tmp_path / f".sfs-{'c' * 32}.tree").write_bytes(b"a file")
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)  # as `get` holds it (tree_staging.py)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert [(u.file_id, u.in_use) for u in unfinished(tmp_path)] == [(ID_A, True)]
+        done = clean(tmp_path, 0, NOW)
+        assert done.removed == [] and [u.file_id for u in done.kept_in_use] == [ID_A]
+    finally:
+        os.close(fd)
+    assert root.exists() and elsewhere.exists()
+    assert (tmp_path / f".sfs-{'c' * 32}.tree").read_bytes() == b"a file"

@@ -13,11 +13,13 @@ from pathlib import Path
 import pytest
 
 from sfs.common.errors import InUse, StorageError
+from sfs.common.tree import FILE, FOLDER, Entry
 from sfs.common.tree_index import TreeIndex
 from sfs.peer.partial import partial_path
 from sfs.peer.preflight import already_downloaded, check_free_space, human_size
 from sfs.peer.serve_lock import serve_lock
-from tests.trees import file_tree
+from sfs.peer.tree_write import staging_path
+from tests.trees import MTIME_NS, crafted_tree, file_tree
 
 FILE_ID = "ab" * 16
 CONTENT = b"the signed content\n" * 1000  # 5 chunks of 4 KiB
@@ -108,6 +110,29 @@ def test_what_an_earlier_try_wrote_counts_as_room(
     manifest = make_manifest(content)
     partial_path(tmp_path, FILE_ID).write_bytes(content[: 1 << 19])
     written = partial_path(tmp_path, FILE_ID).stat().st_blocks * 512
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10**9, 0, len(content) - written))
+    check_free_space(tmp_path, FILE_ID, manifest)  # the rest fits
+    monkeypatch.setattr(
+        shutil, "disk_usage", lambda path: Usage(10**9, 0, len(content) - written - 1)
+    )
+    with pytest.raises(StorageError, match="not enough free space"):
+        check_free_space(tmp_path, FILE_ID, manifest)
+
+
+def test_a_folder_needs_its_size_once_less_what_its_staging_tree_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A folder's files are its partial storage: no second copy is made."""
+    entries = [Entry("a", FOLDER, 0, 0o755, MTIME_NS), Entry("a/b", FILE, 1 << 20, 0o644, 0)]
+    content = os.urandom(1 << 20)
+    manifest = crafted_tree(entries, content).index
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10**9, 0, len(content)))
+    check_free_space(tmp_path, FILE_ID, manifest)  # once fits
+    kept = staging_path(tmp_path, FILE_ID) / "a"
+    kept.mkdir(parents=True)
+    (kept / "b").write_bytes(content[: 1 << 19])
+    (kept / "elsewhere").symlink_to("/")  # not followed
+    written = (kept / "b").stat().st_blocks * 512
     monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10**9, 0, len(content) - written))
     check_free_space(tmp_path, FILE_ID, manifest)  # the rest fits
     monkeypatch.setattr(
