@@ -23,7 +23,7 @@ import threading
 ALIGN = 4096  # offsets, lengths and buffers of direct writes are multiples of this
 
 
-def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
     """Write all of `data` at `offset`. A write may take only part of it (near a size
     limit or a full disk, say); the next one then says why, or takes the rest."""
     view = memoryview(data)
@@ -73,7 +73,7 @@ class ChunkWriter:
                 self._refused = True  # this file system takes no direct writes after all
                 done = 0
             rest, offset = rest[done:], offset + done
-        _pwrite_all(self._fd, rest, offset)
+        pwrite_all(self._fd, rest, offset)
 
     def _buffer(self) -> memoryview:
         buffer: memoryview | None = getattr(self._buffers, "view", None)

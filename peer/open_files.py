@@ -27,17 +27,6 @@ _FILE_FLAGS = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _CREATE = os.O_CREAT | os.O_EXCL
 
 
-def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
-    """Write all of `data` at `offset`. A write may take only part of it (near a size
-    limit or a full disk, say); the next one then says why, or takes the rest."""
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        if written <= 0:
-            raise OSError(errno.EIO, "the file system accepted no data")
-        view, offset = view[written:], offset + written
-
-
 def in_the_way(path: Path) -> StorageError:
     return StorageError(
         f"{path} is in the way and is not part of this download (a link, another kind of "

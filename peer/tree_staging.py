@@ -39,7 +39,8 @@ from sfs.common.errors import IntegrityError, StorageError
 from sfs.common.tree import FILE, FOLDER
 from sfs.common.tree_hash import blake3_256
 from sfs.common.tree_index import TreeIndex
-from sfs.peer.open_files import DIR_FLAGS, OpenFiles, in_the_way, pwrite_all
+from sfs.peer.direct_writes import pwrite_all
+from sfs.peer.open_files import DIR_FLAGS, OpenFiles, in_the_way
 from sfs.peer.partial import make_folder, same_file, storage_error
 from sfs.peer.staging_walk import check_kept
 from sfs.peer.stamps import FileStamp
