@@ -154,7 +154,12 @@ class Sfs:
             self.share()
             if "carol" in self.holders:
                 carol = self.cluster.add_peer("carol", serve=True)
-                carol.run("get", self.file_id, timeout=SHARE_TIMEOUT).check()
+                got = carol.run("get", self.file_id, "--json", timeout=SHARE_TIMEOUT).check()
+                # Her copy went to the disk past the page cache (O_DIRECT); read it once
+                # so that both holders serve from memory, as alice's fresh payload does.
+                with Path(got.json()["path"]).open("rb") as copy:
+                    while copy.read(16 << 20):
+                        pass
         except BaseException:
             self.cluster.close()
             raise
