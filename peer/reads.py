@@ -23,14 +23,10 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from sfs.common.errors import SfsError
 from sfs.peer.registry import Share
 from sfs.peer.stamps import stamp_of
-
-if TYPE_CHECKING:
-    from sfs.peer.transfer import ChunkJob, ChunkOutcome
+from sfs.peer.transfer import ChangedSinceShared, ChunkJob, ChunkOutcome, NotRegularFile, Unchanged
 
 # Reads waiting on one file at most; beyond, requests are refused `busy`. A download
 # keeps at most a window (32) in flight, so this is many downloads of a slow file.
@@ -50,29 +46,6 @@ _FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: opening a FIFO returns at once instead of waiting for a writer (it changes
 # nothing for a regular file's reads).
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-
-
-@dataclass(frozen=True)
-class Unchanged:
-    """Bytes read from a file whose stamp (see `stamps`) is still the one recorded when
-    it was shared: they are the bytes the manifest hashes, so hashing them again is
-    skipped. A reader that cannot tell returns plain bytes, which are hashed."""
-
-    data: bytes
-
-
-class NotRegularFile(SfsError):
-    """What stands at a share's path now is not a regular file (a FIFO, a directory...).
-    Raised by a chunk reader; `kind` says what it is, for the holder's log."""
-
-    def __init__(self, kind: str) -> None:
-        super().__init__(f"not a regular file ({kind})")
-        self.kind = kind
-
-
-class ChangedSinceShared(SfsError):
-    """The file's stamp is not the one recorded when it was shared (written, touched,
-    replaced): raised by a chunk reader, and the file is not served."""
 
 
 def _check_regular(fd: int) -> os.stat_result:

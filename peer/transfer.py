@@ -27,9 +27,7 @@ from sfs.common.protocol import ErrorCode, Refused
 from sfs.common.tree import FOLDER, TreeHeader
 from sfs.common.tree_hash import blake3_256
 from sfs.common.tree_index import Pages, TreeIndex, index_of, unpack_pages
-from sfs.peer import reads
 from sfs.peer.keys import Identity
-from sfs.peer.reads import ChangedSinceShared, NotRegularFile, Unchanged
 from sfs.peer.registry import Share
 
 log = logging.getLogger("sfs.peer")
@@ -237,6 +235,29 @@ DATA_TICKET_SIZE = 32
 _INDEXES_KEPT = 16  # checked indexes of shares served lately
 
 
+@dataclass(frozen=True)
+class Unchanged:
+    """Bytes read from a file whose stamp (see `stamps`) is still the one recorded when
+    it was shared: they are the bytes the manifest hashes, so hashing them again is
+    skipped. A reader that cannot tell returns plain bytes, which are hashed."""
+
+    data: bytes
+
+
+class NotRegularFile(SfsError):
+    """What stands at a share's path now is not a regular file (a FIFO, a directory...).
+    Raised by a `ChunkReader`; `kind` says what it is, for the holder's log."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(f"not a regular file ({kind})")
+        self.kind = kind
+
+
+class ChangedSinceShared(SfsError):
+    """The file's stamp is not the one recorded when it was shared (written, touched,
+    replaced): raised by a `ChunkReader`, and the file is not served."""
+
+
 # (share, offset, length) -> the bytes there
 ChunkReader = Callable[[Share, int, int], bytes | Unchanged]
 # (folder share, (path in the tree, offset, length) of each piece) -> the chunk's bytes
@@ -324,13 +345,17 @@ class HolderService:
         read_chunk: ChunkReader,
         clock: Callable[[], float] = time.monotonic,
         on_failed_read: FailedRead | None = None,
-        read_pieces: PiecesReader = reads.read_pieces,
+        read_pieces: PiecesReader | None = None,
     ) -> None:
         self._identity = identity
         self._lookup_share = lookup_share
         self._check_requester = check_requester
         self._read_chunk = read_chunk
-        self._read_pieces = read_pieces
+        if read_pieces is None:  # the holder side only: not imported on a get's path
+            from sfs.peer.reads import read_pieces as read_from_tree
+
+            read_pieces = read_from_tree
+        self._read_pieces: PiecesReader = read_pieces
         self._clock = clock
         self._on_failed_read = on_failed_read
         self._transfers: dict[bytes, _Outgoing] = {}

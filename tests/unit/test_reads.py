@@ -15,9 +15,9 @@ import pytest
 
 from sfs.common import crypto
 from sfs.peer import reads
-from sfs.peer.reads import NotRegularFile, ReadLanes, read_chunk, read_pieces
+from sfs.peer.reads import ReadLanes, read_chunk, read_pieces
 from sfs.peer.registry import Share
-from sfs.peer.transfer import ChunkJob, ChunkOutcome
+from sfs.peer.transfer import ChunkJob, ChunkOutcome, NotRegularFile
 
 WAIT = 10.0  # generous: only a failure waits this long
 

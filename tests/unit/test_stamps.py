@@ -14,10 +14,10 @@ import pytest
 
 from sfs.common import crypto
 from sfs.common.tree_hash import blake3_256
-from sfs.peer.reads import ChangedSinceShared, Unchanged, read_chunk
+from sfs.peer.reads import read_chunk
 from sfs.peer.registry import Share, ShareRegistry
 from sfs.peer.stamps import FileStamp, decode_stamp, stamp_of
-from sfs.peer.transfer import ChunkJob, HolderService, ReadFailure
+from sfs.peer.transfer import ChangedSinceShared, ChunkJob, HolderService, ReadFailure, Unchanged
 
 CONTENT = bytes(range(256)) * 64  # 16 KiB
 
