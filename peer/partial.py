@@ -182,14 +182,7 @@ def _open_locked(path: Path) -> int:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1 or info.st_uid != os.getuid():
                 raise in_the_way
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise StorageError(
-                    f"another `sfs-peer get` is downloading this file into {path.parent}"
-                ) from None
-            except OSError:
-                pass  # a file system without locks: go on unlocked
+            lock_for_this_get(fd, f"this file into {path.parent}")
             if _same_file(path, fd):  # not unlinked by a download finishing meanwhile
                 return fd
         except BaseException:
@@ -197,6 +190,18 @@ def _open_locked(path: Path) -> int:
             raise
         os.close(fd)
     raise OSError(errno.EAGAIN, "the temporary file keeps disappearing")
+
+
+def lock_for_this_get(fd: int, what: str) -> None:
+    """An exclusive `flock` on `fd`, for as long as it is open: two downloads never share
+    their storage. `StorageError` if another `get` holds it; on a file system without
+    locks, nothing."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise StorageError(f"another `sfs-peer get` is downloading {what}") from None
+    except OSError:
+        pass  # a file system without locks: go on unlocked
 
 
 def _same_file(path: Path, fd: int) -> bool:
@@ -224,12 +229,7 @@ class PartialFile:
         # file), so the descriptor is closed only once no write is under way.
         self._lock = threading.Lock()
         self._no_writes = threading.Condition(self._lock)
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except FileExistsError as exc:  # a file, or a symlink to one, is in the way
-            raise StorageError(f"cannot write in {folder}: {_NOT_A_FOLDER}") from exc
-        except OSError as exc:
-            raise _storage_error(exc, folder) from exc
+        make_folder(folder)
         try:
             self._fd = _open_locked(self.path)
             self._writer = ChunkWriter(self._fd, manifest.chunk_size)

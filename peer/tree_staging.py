@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import os
 import shutil
 import stat
@@ -41,7 +40,7 @@ from sfs.common.tree_hash import blake3_256
 from sfs.common.tree_index import TreeIndex
 from sfs.peer.direct_writes import pwrite_all
 from sfs.peer.open_files import DIR_FLAGS, OpenFiles, in_the_way
-from sfs.peer.partial import make_folder, same_file, storage_error
+from sfs.peer.partial import lock_for_this_get, make_folder, same_file, storage_error
 from sfs.peer.staging_walk import check_kept
 from sfs.peer.stamps import FileStamp
 from sfs.peer.tree_write import finish_tree, has_syncfs, set_metadata, staging_path
@@ -71,14 +70,7 @@ def _open_locked(path: Path) -> tuple[int, bool]:
             info = os.fstat(fd)
             if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
                 raise in_the_way(path)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise StorageError(
-                    f"another `sfs-peer get` is downloading this folder into {path.parent}"
-                ) from None
-            except OSError:
-                pass  # a file system without locks: go on unlocked
+            lock_for_this_get(fd, f"this folder into {path.parent}")
             if same_file(path, fd):  # not renamed by a download finishing meanwhile
                 if info.st_mode & 0o777 != 0o700:
                     os.fchmod(fd, 0o700)  # a finish was interrupted after setting it
