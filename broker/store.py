@@ -809,10 +809,12 @@ class SqliteStore:
                     f" WHERE d.pair = {pairs[0]}"
                 )
                 order, held = "d.sort_key", held[1:]
+            checks = " AND ".join(exact) or "1"
+            if held:  # first (CASE: SQLite would test them last): reads no text
+                checks = f"CASE WHEN {' AND '.join(held)} THEN {checks} ELSE 0 END"
             candidates = (
                 f"SELECT s.rowid AS k, s.name, s.keywords, s.readers FROM {source}"
-                + "".join(f" AND {check}" for check in [*exact, *held])
-                + f" ORDER BY {order} DESC"
+                f" AND {checks} ORDER BY {order} DESC"
             )
             sql = f"SELECT s.k, {hold_short}, {visible} FROM ({candidates}) s"
             if (examined := self._examine(sql, params, limit, budget, cap)) is not None:
