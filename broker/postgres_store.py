@@ -13,8 +13,8 @@ files without the term's trigrams (terms of 3 characters or more); LIKE itself t
 decides, so the index changes speed only, never answers. `files.readers` lists who may
 see a file (0 for every user; empty while the owner is disabled), with a GIN index: a
 search's candidates are the files whose readers include the caller or 0 and that hold
-every term of 3 characters or more, newest first, at most the search's budget
-(`SEARCH_BUDGET`); shorter terms are checked on each of them.
+every term of 2 characters or more, newest first, at most the search's budget
+(`SEARCH_BUDGET`); 1-character terms are checked on each of them.
 
 The store, not the planner, chooses how a search reaches its candidates (the planner
 cannot tell how common a term is among the files one user sees, and its guesses cost
@@ -22,9 +22,10 @@ seconds at a million files): a walk, newest first, that checks each row, `_FIRST
 rows; then more of the walk while, at the rate it found candidates and hits so far, that
 settles the answer in fewer rows than the indexes would hand out; else the indexes for
 the files past the walk, with bitmap scans only (trigrams, readers, owner). With a term
-of 3 characters or more, the walk is of `file_trigrams` (schema 7): every 3-character
-run of each file's folded name and keywords, with the file's time and id, in a b-tree
-that hands out one trigram's files newest first, as FTS5's lists are in SQLite. A
+of 2 characters or more, the walk is of `file_trigrams` (schema 7): every 3-character
+run of each file's folded name and keywords (and every 2-character run, schema 8), with
+the file's time and id, in a b-tree that hands out one trigram's (or pair's) files
+newest first, as FTS5's lists are in SQLite. A
 search walks the list of its rarest trigram (ANALYZE's statistics say which), merged
 with one more list in the same order (another trigram's, or the owner's files), and
 reads only the files on both. The pg_trgm indexes, used past the walk, hold only the
@@ -76,7 +77,7 @@ from sfs.common.errors import StorageError
 from sfs.common.identity import KeyBundle
 from sfs.common.tree import FOLDER_MARK, kind_and_files
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 CONNECT_TIMEOUT = 10  # seconds to reach the server, and to wait for a pooled connection
 _EXPIRY_STEP = 300  # seconds; as in the SQLite store
 _MIGRATION_LOCK = 0x5F5_0001  # pg_advisory_xact_lock key: one broker migrates at a time
@@ -326,6 +327,33 @@ _MIGRATIONS: dict[int, str] = {
     ALTER TABLE file_trigrams ALTER COLUMN trigram SET STATISTICS {_TRIGRAM_STATISTICS};
     ANALYZE file_trigrams;
     """,
+    8: f"""
+    -- Each 2-character run too (`gram_code`: below every trigram's number), in the same
+    -- table and b-tree: a 2-character term has a list of its own, merged with a word's
+    -- as a trigram's is. The trigger reads `sfs_file_trigrams`, which now gives both.
+    CREATE FUNCTION sfs_bigrams(text) RETURNS SETOF bigint
+        LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
+        SELECT (ascii(c[i])::bigint << 21) | ascii(c[i + 1])
+        FROM (SELECT string_to_array($1, NULL) AS c) s,
+            generate_series(1, cardinality(c) - 1) i
+    $$;
+    CREATE OR REPLACE FUNCTION sfs_file_trigrams(name text, keywords text)
+        RETURNS SETOF bigint LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
+        SELECT sfs_trigrams(name) UNION SELECT sfs_trigrams(keywords)
+        UNION SELECT sfs_bigrams(name) UNION SELECT sfs_bigrams(keywords)
+    $$;
+    SET LOCAL maintenance_work_mem = '256MB';
+    SET LOCAL work_mem = '256MB';
+    DROP INDEX {_TRIGRAM_INDEX};  -- built again once, after the rows (faster than row by row)
+    INSERT INTO file_trigrams (trigram, shared_at, file_id)
+        SELECT b, f.shared_at, f.file_id
+        FROM files f,
+            LATERAL (SELECT sfs_bigrams(f.folded_name) UNION
+                SELECT sfs_bigrams(f.folded_keywords)) g(b)
+        ORDER BY 1, 2 DESC, 3;
+    CREATE INDEX {_TRIGRAM_INDEX} ON file_trigrams {_TRIGRAM_INDEX_DEFINITION};
+    ANALYZE file_trigrams;
+    """,
 }
 
 # The secondary indexes of `files` as the migrations made them: `load` drops them while
@@ -375,6 +403,21 @@ def trigram_code(run: str) -> int:
     """A run of 3 characters as `file_trigrams` holds it (`sfs_trigrams` in SQL): their
     code points side by side, 21 bits each."""
     return ord(run[0]) << 42 | ord(run[1]) << 21 | ord(run[2])
+
+
+def gram_code(run: str) -> int:
+    """A run of 2 or 3 characters as `file_trigrams` holds it (2: `sfs_bigrams`, schema
+    8): no code point is 0, so a pair's number is below every trigram's."""
+    if len(run) == 2:
+        return ord(run[0]) << 21 | ord(run[1])
+    return trigram_code(run)
+
+
+def _grams(term: str) -> list[int]:
+    """The lists of `file_trigrams` that hold every file holding `term` (2 characters or
+    more): the term's own, if 2 characters, else its trigrams."""
+    width = min(len(term), 3)
+    return [gram_code(term[i : i + width]) for i in range(len(term) - width + 1)]
 
 
 def _like_pattern(term: str) -> str:
@@ -462,7 +505,7 @@ class _Examined:
 @dataclass(frozen=True)
 class _Way:
     """The conditions of one search: `scope` on every file walked (the owner), `long`
-    on a candidate (the terms of 3 characters or more), `holds` on a hit (the others)."""
+    on a candidate (the terms of 2 characters or more), `holds` on a hit (the others)."""
 
     scope: list[str]
     long: list[str]
@@ -471,6 +514,7 @@ class _Way:
     # as filters when another term can; `narrowed`: whether one can.
     indexed: list[str]
     narrowed: bool
+    by_terms: bool
 
 
 def _has_trigram(term: str, beyond_ascii: bool) -> bool:
@@ -546,16 +590,16 @@ class _TrigramStatistics:
         return self.common.get(trigram, self.rest)
 
     def lists(self, terms: Sequence[str]) -> tuple[list[int], int]:
-        """Which trigrams' lists a search walks (terms of 3 characters or more): the
-        rarest of all the terms' trigrams; then the rarest of each other term, then of
-        the trigrams that share no character with the first (the least likely to be
-        held by the same files), then of any, `_MERGED` in all; and about how many files
-        hold the first."""
+        """Which trigrams' lists a search walks (terms of 2 characters or more; a pair is
+        one list of its own, `gram_code`): the rarest of all the terms' trigrams; then
+        the rarest of each other term, then of the trigrams that share no character with
+        the first (the least likely to be held by the same files), then of any, `_MERGED`
+        in all; and about how many files hold the first."""
 
         def rarity(trigram: int) -> tuple[float, int]:
             return self.held(trigram), trigram
 
-        runs = [[trigram_code(term[i : i + 3]) for i in range(len(term) - 2)] for term in terms]
+        runs = [_grams(term) for term in terms]
         first = min((t for run in runs for t in run), key=rarity)
         own = next(run for run in runs if first in run)
         at = own.index(first)
@@ -949,30 +993,36 @@ class PostgresStore:
         budget: int = SEARCH_BUDGET,
     ) -> Found:
         # The candidates are the files the user sees (of the owner) that hold every term
-        # of 3 characters or more; shorter terms are checked on each (`holds`). The store
+        # of 2 characters or more; 1-character terms are checked on each (`holds`). The store
         # picks the way to them itself, as a planner cannot see how common a term is
         # among the files one user sees: a walk, newest first, of the files that hold the
         # rarest trigram of the terms (`file_trigrams`), or of the owner's files if they
-        # are far fewer, or of every file if no term is 3 characters long; each checked.
+        # are far fewer, or of every file if no term is 2 characters long; each checked.
         # If that does not settle the answer, more of the walk while it finds candidates
         # often enough to be cheaper, else the indexes (trigrams, readers, owner) for the
         # files past the walk. Both hand out candidates in hit order.
         params: dict[str, object] = {"readers": [_PUBLIC, user_id]}
         long, short, narrowing, filters = list[str](), list[str](), list[str](), list[str]()
-        trigrams: list[str] = []  # the long terms, for `file_trigrams`
+        trigrams: list[str] = []  # the terms of 2 characters or more, for `file_trigrams`
         for i, term in enumerate(_fold(term) for term in terms):
             params[f"t{i}"] = _like_pattern(term)
             holds = f"(f.folded_name LIKE %(t{i})s OR f.folded_keywords LIKE %(t{i})s)"
-            if len(term) < 3:
+            # The same test in a form no index answers.
+            filter_ = (f"((f.folded_name || '') LIKE %(t{i})s OR (f.folded_keywords"
+                       f" || '') LIKE %(t{i})s)")  # fmt: skip
+            if len(term) < 2:
                 short.append(holds)
                 continue
-            long.append(holds)
             trigrams.append(term)
+            if len(term) == 2:  # no pg_trgm index narrows it: `file_trigrams` does
+                long.append(filter_)
+                filters.append(filter_)
+                continue
+            long.append(holds)
             if _has_trigram(term, self._trigrams_beyond_ascii):
                 narrowing.append(holds)
-            else:  # the same test in a form no index answers
-                filters.append(f"((f.folded_name || '') LIKE %(t{i})s OR (f.folded_keywords"
-                               f" || '') LIKE %(t{i})s)")  # fmt: skip
+            else:
+                filters.append(filter_)
         scope: list[str] = []
         if owner is not None:
             found = self._query("SELECT id FROM users WHERE username = %s", (owner,))
@@ -986,6 +1036,8 @@ class PostgresStore:
             " AND ".join(short) or "true",
             indexed=[*narrowing, *filters] if narrowing else long,
             narrowed=bool(narrowing),
+            # Whether `indexed` may use the pg_trgm indexes (else the readers' index).
+            by_terms=any(len(term) > 2 for term in trigrams),
         )
         examined = _Examined(limit, budget)
         with self._transaction() as db:
@@ -1122,7 +1174,7 @@ class PostgresStore:
         walk of the newest files (that is what the walk could not settle) nor a read of
         the whole table. Bitmap scans only."""
         readers = "f.readers && %(readers)s::bigint[]"
-        if way.long or way.scope:  # a filter only, not the index
+        if way.by_terms or way.scope:  # a filter only, not the index
             readers = "(f.readers || '{}'::bigint[]) && %(readers)s::bigint[]"
         where = " AND ".join([readers, *way.indexed, *way.scope, *_after(params)])
         db.execute(

@@ -28,8 +28,12 @@ The index records which column holds a trigram, not where (`detail = column`): t
 makes it smaller and its intersections about three times faster than with positions,
 but it cannot match phrases. A term of 3 or more characters asks the index for the files
 that hold every third of its trigrams and its last one, and `instr` on the lowercased
-text then keeps those that hold the term itself, before they count as candidates. Terms
-of 1 or 2 characters are checked with `instr` on each candidate. (Schemas 2 to 5 also
+text then keeps those that hold the term itself, before they count as candidates. A
+term of 2 characters (which no trigram holds) is looked up in `file_pairs` (schema 10):
+each 2-character run of each file, with its sort key, in a b-tree; a row the index hands
+out for the other terms is a candidate only if that table lists it too, and with no
+other term the search walks the pair's list newest first. Terms of 1 character are
+checked with `instr` on each candidate. (Schemas 2 to 5 also
 looked short terms up in a table of every trigram; schema 6 drops it: which trigrams
 exist depends on files a caller may not see.)
 
@@ -89,7 +93,7 @@ __all__ = [
 ]
 
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 _EXPIRY_STEP = 300  # seconds
 _MIN_SQLITE = (3, 34, 0)  # the FTS5 trigram tokenizer
 
@@ -346,6 +350,31 @@ _MIGRATIONS: dict[int, str] = {
     UPDATE files SET kind = 'folder', file_count = sfs_header_files(manifest)
         WHERE instr(manifest, X'{FOLDER_MARK.hex()}') AND sfs_header_kind(manifest) = 'folder';
     """,
+    10: """
+    -- Each 2-character run of a file's folded name and of its folded keywords, as a
+    -- number (`_pair_code`), with the file's sort key: a 2-character term's files, newest
+    -- first (FTS5's trigrams cannot hold them). Kept by triggers: the insert trigger of
+    -- schema 7 gives a new row its sort key by an UPDATE, which this one follows.
+    CREATE TABLE file_pairs (
+        pair INTEGER NOT NULL,
+        sort_key INTEGER NOT NULL,
+        PRIMARY KEY (pair, sort_key)
+    ) WITHOUT ROWID;
+    INSERT INTO file_pairs (pair, sort_key)
+        SELECT p.value, f.sort_key FROM files f, json_each(sfs_pairs(f.name, f.keywords)) p
+        ORDER BY 1, 2;
+    CREATE TRIGGER file_pairs_keyed AFTER UPDATE OF sort_key ON files BEGIN
+        DELETE FROM file_pairs WHERE sort_key = old.sort_key
+            AND pair IN (SELECT value FROM json_each(sfs_pairs(old.name, old.keywords)));
+        INSERT INTO file_pairs (pair, sort_key)
+            SELECT value, new.sort_key FROM json_each(sfs_pairs(new.name, new.keywords))
+            WHERE new.sort_key IS NOT NULL;
+    END;
+    CREATE TRIGGER file_pairs_delete AFTER DELETE ON files BEGIN
+        DELETE FROM file_pairs WHERE sort_key = old.sort_key
+            AND pair IN (SELECT value FROM json_each(sfs_pairs(old.name, old.keywords)));
+    END;
+    """,
 }
 
 _FILE_COLUMNS = (
@@ -414,6 +443,19 @@ def _trigrams(*texts: str | None) -> str:
     return json.dumps(sorted(found))
 
 
+def _pair_code(pair: str) -> int:
+    """Two characters as `file_pairs` holds them: their code points side by side."""
+    return ord(pair[0]) << 21 | ord(pair[1])
+
+
+def _pairs(*texts: str | None) -> str:
+    """The distinct 2-character runs of the texts, lowercased, as a JSON list of codes."""
+    found = {
+        _pair_code(t[i : i + 2]) for t in map(_sql_lower, texts) if t for i in range(len(t) - 1)
+    }
+    return json.dumps(sorted(found))
+
+
 def _reader(user_id: int) -> str:
     """A user's code in the index's `readers` and `owner` columns (see `_PUBLIC`)."""
     if not 0 <= user_id < _CODE_BASE**3:
@@ -449,6 +491,7 @@ def add_sql_functions(db: sqlite3.Connection) -> None:
     db.create_function("sfs_search_text", 1, _search_text, deterministic=True)
     db.create_function("sfs_trigrams", 2, _trigrams, deterministic=True)  # schema 2 to 5
     db.create_function("sfs_reader", 1, _reader, deterministic=True)
+    db.create_function("sfs_pairs", 2, _pairs, deterministic=True)  # schema 10
     db.create_function("sfs_header_kind", 1, _header_kind, deterministic=True)  # schema 9
     db.create_function("sfs_header_files", 1, _header_files, deterministic=True)
 
@@ -708,16 +751,21 @@ class SqliteStore:
         params["public"], params["mine"] = _PUBLIC, mine
         # `match`: FTS5 query parts, all of which must match; `exact`: checks of each row
         # the index hands out, before it counts as a candidate; `short`: checks of each
-        # candidate (terms of 1 or 2 characters, which no index narrows).
+        # candidate (terms of 1 character, which no index narrows); `pairs`: the codes of
+        # the 2-character terms, whose files `file_pairs` lists.
         match: list[str] = []
-        exact, short, indexed = [], [], []
+        exact, short, indexed, pairs = [], [], [], []
         for i, term in enumerate(term.lower() for term in terms):
             params[f"t{i}"] = term
+            if len(term) == 2:
+                params[f"p{i}"] = _pair_code(term)
+                pairs.append(f":p{i}")
+                continue
             name, keywords = "s.name", "s.keywords"
             if _PAD in term:  # never in a term from the service, which splits on whitespace
                 name, keywords = (f"substr({c}, 1, length({c}) - 2)" for c in (name, keywords))
             holds = f"(instr({name}, :t{i}) OR instr({keywords}, :t{i}))"
-            if len(term) < 3:
+            if len(term) < 2:
                 short.append(holds)
                 continue
             if _PAD not in term:
@@ -747,11 +795,26 @@ class SqliteStore:
         ]
         for parts, visible, cap in ways:
             params["match"] = " AND ".join(parts)
+            held = [
+                f"EXISTS (SELECT 1 FROM file_pairs p WHERE p.pair = {pair}"
+                " AND p.sort_key = s.rowid)"
+                for pair in pairs
+            ]
+            if parts or not pairs:
+                source, order = "file_search s", "s.rowid"
+                source += " WHERE file_search MATCH :match" if parts else " WHERE 1"
+            else:  # the first pair's files, newest first, each looked up in the index
+                source = (
+                    "file_pairs d CROSS JOIN file_search s ON s.rowid = d.sort_key"
+                    f" WHERE d.pair = {pairs[0]}"
+                )
+                order, held = "d.sort_key", held[1:]
+            checks = " AND ".join(exact) or "1"
+            if held:  # first (CASE: SQLite would test them last): reads no text
+                checks = f"CASE WHEN {' AND '.join(held)} THEN {checks} ELSE 0 END"
             candidates = (
-                "SELECT rowid AS k, name, keywords, readers FROM file_search s"
-                + (" WHERE file_search MATCH :match" if parts else " WHERE 1")
-                + "".join(f" AND {check}" for check in exact)
-                + " ORDER BY rowid DESC"
+                f"SELECT s.rowid AS k, s.name, s.keywords, s.readers FROM {source}"
+                f" AND {checks} ORDER BY {order} DESC"
             )
             sql = f"SELECT s.k, {hold_short}, {visible} FROM ({candidates}) s"
             if (examined := self._examine(sql, params, limit, budget, cap)) is not None:

@@ -34,10 +34,11 @@ Search (`Store.search`) means exactly this, whatever the backend's index:
 The work of a search is bounded in rows, not in time (so that the answer is the same on
 a loaded machine), and only what the user may see decides the answer. The candidates of
 a search are the files visible to the user (of `owner`, if given) that hold every term
-of 3 characters or more, in the order of hits (newest first, ties by file id); terms of
-1 or 2 characters are checked on each candidate. A search examines at most `budget`
-candidates (`SEARCH_BUDGET` unless a caller asks for fewer); if that leaves it with fewer
-than `limit` hits while more candidates remain, the answer is `partial`: its hits are
+of 2 characters or more, in the order of hits (newest first, ties by file id); terms of
+1 character are checked on each candidate (a term's length is counted after folding).
+A search examines at most `budget` candidates (`SEARCH_BUDGET` unless a caller asks for
+fewer); if that leaves it with fewer than `limit` hits while more candidates remain, the
+answer is `partial`: its hits are
 exactly those among the examined candidates, but older files may match too ("add a
 word"). Files the user cannot see are never candidates: whether they exist, and what
 they hold, changes neither the hits nor `partial` (backends reach the visible files

@@ -360,8 +360,9 @@ def test_owner_filter_is_exact_whatever_the_user_ids(store: SqliteStore, db_path
         contract.test_a_search_past_its_budget_says_partial,
         contract.test_a_user_who_sees_nothing_finds_nothing_and_nothing_partial,
         contract.test_search_answers_as_the_model,
+        contract.test_a_two_character_term_narrows_the_candidates_a_single_one_does_not,
     ],
-    ids=["private", "partial", "sees-nothing", "model"],
+    ids=["private", "partial", "sees-nothing", "model", "short+word"],
 )
 def test_both_ways_to_the_visible_files_answer_as_the_contract(
     monkeypatch: pytest.MonkeyPatch,
@@ -377,7 +378,7 @@ def test_both_ways_to_the_visible_files_answer_as_the_contract(
     contract_test(store=store, users=users)
 
 
-@pytest.mark.parametrize("terms", [["zq"], ["zq", "data"], []], ids=["short", "short+word", "none"])
+@pytest.mark.parametrize("terms", [["z"], ["z", "data"], []], ids=["short", "short+word", "none"])
 def test_files_the_caller_sees_do_not_count_towards_the_switch(
     monkeypatch: pytest.MonkeyPatch, store: SqliteStore, users: dict[str, User], terms: list[str]
 ) -> None:
@@ -545,6 +546,61 @@ def test_schema_9_reads_each_share_s_kind_and_files_from_its_stored_header(
     store = SqliteStore(db_path)
     try:
         assert_filled_in(store, alice.id, [fid(n) for n in (1, 2, 3)])
+    finally:
+        store.close()
+    assert rows(db_path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+
+
+def pair_rows(db_path: Path) -> set[tuple[int, int]]:
+    found = rows(db_path, "SELECT pair, sort_key FROM file_pairs")
+    assert len(found) == len(set(found))
+    return set(found)
+
+
+def pairs_of_files(db_path: Path) -> set[tuple[int, int]]:
+    """What `file_pairs` should hold: every 2-character run of each file's lowercased name
+    and of its lowercased keywords (computed here in Python), with its sort key."""
+    wanted = set()
+    for name, keywords, sort_key in rows(db_path, "SELECT name, keywords, sort_key FROM files"):
+        for text in (name.lower(), keywords.lower()):
+            for i in range(len(text) - 1):
+                wanted.add((ord(text[i]) << 21 | ord(text[i + 1]), sort_key))
+    return wanted
+
+
+def test_the_pairs_table_follows_every_write(
+    store: SqliteStore, users: dict[str, User], db_path: Path
+) -> None:
+    # A 2-character term's files come from `file_pairs`: it must hold exactly the pairs of
+    # the files as they are, whatever wrote them.
+    alice, bob = users["alice"], users["bob"]
+    store.add_file(alice.id, entry(fid(1), name="Résumé İ.JPG", keywords=["Kw", "two"]), None)
+    store.add_file(bob.id, entry(fid(2), "bob", "bob's.txt", shared_at=100), ["alice"])
+    store.add_file(bob.id, entry(fid(3), "bob", "gone.txt", shared_at=100), None)
+    assert pair_rows(db_path) == pairs_of_files(db_path)
+    assert len(pair_rows(db_path)) > 20
+    store.add_file(alice.id, entry(fid(1), name="renamed", keywords=["new"], shared_at=9), None)
+    assert store.remove_file(fid(3), bob.id)
+    assert pair_rows(db_path) == pairs_of_files(db_path)
+    assert store.delete_user("bob")
+    assert pair_rows(db_path) == pairs_of_files(db_path)
+    assert names(store, alice, ["ne", "ed"]) == ["renamed"]
+
+
+def test_schema_10_fills_the_pairs_table_for_the_files_there(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "SCHEMA_VERSION", 9)
+    old = SqliteStore(db_path)
+    alice = old.add_user("alice", HASH, bundle_for(1), now=1)
+    for n in range(1, 4):
+        old.add_file(alice.id, entry(fid(n), name=f"Old share {n}.pdf", shared_at=n), None)
+    old.close()
+    monkeypatch.undo()
+    store = SqliteStore(db_path)
+    try:
+        assert pair_rows(db_path) == pairs_of_files(db_path)
+        assert names(store, alice, ["2.", "share"]) == ["Old share 2.pdf"]
     finally:
         store.close()
     assert rows(db_path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]

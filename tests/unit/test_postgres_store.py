@@ -320,6 +320,7 @@ def _walk_ways(monkeypatch: pytest.MonkeyPatch, way: str, trigram_list: bool) ->
             contract.test_a_user_who_sees_nothing_finds_nothing_and_nothing_partial,
             contract.test_search_is_newest_first_whatever_the_order_of_sharing,
             contract.test_a_term_without_a_run_of_letters_and_two_common_words_say_partial,
+            contract.test_a_two_character_term_narrows_the_candidates_a_single_one_does_not,
         )
         for way in _WAYS
     ],
@@ -420,15 +421,18 @@ def test_a_share_made_while_its_owner_is_being_disabled_is_nobody_s_to_read(
 
 
 def _trigrams_of_files(url: str) -> set[tuple[int, int, str]]:
-    """What `file_trigrams` should hold: every 3-character run of each file's folded name
-    and of its folded keywords (computed here in Python), with its time and id."""
+    """What `file_trigrams` should hold: every 3-character and 2-character run of each
+    file's folded name and of its folded keywords (computed here in Python), with its time
+    and id."""
     wanted = set()
     for file_id, shared_at, name, keywords in sql(
         url, "SELECT file_id, shared_at, folded_name, folded_keywords FROM files"
     ):
         for text in (name, keywords):
-            for run in zip(text, text[1:], text[2:], strict=False):
-                wanted.add((postgres_store.trigram_code("".join(run)), shared_at, file_id))
+            for width in (2, 3):
+                for i in range(len(text) - width + 1):
+                    run = text[i : i + width]
+                    wanted.add((postgres_store.gram_code(run), shared_at, file_id))
     return wanted
 
 
@@ -485,6 +489,28 @@ def test_schema_7_fills_the_trigram_table_for_the_files_there(
     assert sql(postgres_url, "SELECT version FROM sfs_schema") == [(SCHEMA_VERSION,)]
 
 
+def test_schema_8_adds_the_pairs_of_the_files_there(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(postgres_store, "SCHEMA_VERSION", 7)
+    old = PostgresStore(postgres_url)
+    alice = old.add_user("alice", HASH, KeyBundle(b"r", b"a" * 32), now=1)
+    for n in range(1, 4):
+        old.add_file(alice.id, entry(n, f"Old share {n}.pdf"), None)
+    old.close()
+    assert postgres_store.gram_code("e ") not in {row[0] for row in _trigram_rows(postgres_url)}
+    monkeypatch.undo()
+    store = PostgresStore(postgres_url)
+    try:
+        assert _trigram_rows(postgres_url) == _trigrams_of_files(postgres_url)
+        assert [h.file.name for h in store.search(alice.id, ["2.", "share"], None, 5, 0)] == [
+            "Old share 2.pdf"
+        ]
+    finally:
+        store.close()
+    assert sql(postgres_url, "SELECT version FROM sfs_schema") == [(SCHEMA_VERSION,)]
+
+
 def test_load_fills_the_trigram_table(store: PostgresStore, postgres_url: str) -> None:
     store.load(
         [
@@ -498,4 +524,5 @@ def test_load_fills_the_trigram_table(store: PostgresStore, postgres_url: str) -
         ]
     )  # fmt: skip
     assert _trigram_rows(postgres_url) == _trigrams_of_files(postgres_url)
-    assert len(_trigram_rows(postgres_url)) == len("copied.txt") - 2 + 2 + 4
+    pairs = len("copied.txt") - 1 + len("a\nbc") - 1 + len("другой") - 1
+    assert len(_trigram_rows(postgres_url)) == len("copied.txt") - 2 + 2 + 4 + pairs

@@ -457,6 +457,34 @@ def test_a_search_past_its_budget_says_partial(store: Store, users: dict[str, Us
         assert ([h.file.file_id for h in found], found.partial) == ([fid(6), fid(4)], False)
 
 
+def test_a_two_character_term_narrows_the_candidates_a_single_one_does_not(
+    store: Store, users: dict[str, User]
+) -> None:
+    # Short + word: a 2-character term is a term of the candidates, as a word is (files
+    # without it are not counted by the budget); a 1-character one is checked on them.
+    files = [
+        Shared(fid(n), "alice", f"report x7 {n}.txt" if n < 2 else f"report {n}.txt", [], 100 + n,
+               None)
+        for n in range(6)  # newest first: 5, 4, ... 0; only 0 and 1 hold "x7"
+    ] + [Shared(fid(9), "alice", "x7 only.txt", [], 200, ["alice"])]  # fmt: skip
+    for f in files:
+        item = dataclasses.replace(entry(f.file_id, name=f.name), shared_at=f.shared_at)
+        store.add_file(users["alice"].id, item, f.access)
+    for terms, limit, budget, hits, partial in [
+        (["x7", "report"], 10, 2, [1, 0], False),  # 2 candidates, within the budget
+        (["X7", "report"], 1, 1, [1], False),
+        (["x7", "report"], 10, 1, [1], True),  # file 0 is past the budget
+        (["x7"], 10, 2, [1, 0], False),  # file 9 is alice's alone
+        (["7", "report"], 10, 2, [], True),  # checked on the 2 newest reports
+        (["7", "report"], 10, 6, [1, 0], False),
+        (["x7", "rep", "7"], 10, 2, [1, 0], False),
+    ]:
+        found = store.search(users["bob"].id, terms, None, limit, 0, budget=budget)
+        model = model_search_within(files, "bob", terms, None, limit, budget)
+        assert model == ([fid(n) for n in hits], partial), terms
+        assert ([h.file.file_id for h in found], found.partial) == model, terms
+
+
 def test_a_term_without_a_run_of_letters_and_two_common_words_say_partial(
     store: Store, users: dict[str, User]
 ) -> None:
@@ -684,7 +712,7 @@ def model_search_within(
     files: list[Shared], user: str, terms: list[str], owner: str | None, limit: int, budget: int
 ) -> tuple[list[str], bool]:
     """The hits and `partial`: the candidates are the files the user sees (of `owner`)
-    that hold every term of 3 characters or more, newest first, at most `budget`."""
+    that hold every term of 2 characters or more, newest first, at most `budget`."""
 
     def visible(f: Shared) -> bool:
         return f.access is None or f.owner == user or user in f.access
@@ -692,7 +720,7 @@ def model_search_within(
     def holds(f: Shared, term: str) -> bool:
         return term.lower() in f.name.lower() or term.lower() in "\n".join(f.keywords).lower()
 
-    long_terms = [t for t in terms if len(t.lower()) >= 3]
+    long_terms = [t for t in terms if len(t.lower()) >= 2]
     candidates = [
         f
         for f in files
