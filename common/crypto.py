@@ -272,6 +272,21 @@ class ChunkCipher:
         except InvalidTag as exc:
             raise IntegrityError(f"chunk {index} failed authentication (tampered?)") from exc
 
+    def open_into(
+        self, index: int, ciphertext: bytes | memoryview, associated_data: bytes, into: memoryview
+    ) -> bytes | memoryview:
+        """As `open`, decrypted into `into` (at least as long as the plaintext) and the
+        filled part returned, with no allocation; a ciphertext too long for it is
+        decrypted into new bytes."""
+        length = len(ciphertext) - GCM_TAG_SIZE
+        if not 0 <= length <= len(into):
+            return self.open(index, ciphertext, associated_data)
+        try:
+            self._aead.decrypt_into(self._nonce(index), ciphertext, associated_data, into[:length])
+        except InvalidTag as exc:
+            raise IntegrityError(f"chunk {index} failed authentication (tampered?)") from exc
+        return into[:length]
+
 
 # --- passwords and session tokens --------------------------------------------------------
 

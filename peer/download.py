@@ -56,6 +56,7 @@ from sfs.peer.connect import (
     on_holder_host,
     zmq_connector,
 )
+from sfs.peer.direct_writes import ChunkBuffers
 from sfs.peer.files_done import FilesDone
 from sfs.peer.hints import hints_of
 from sfs.peer.keys import Identity
@@ -230,6 +231,9 @@ class _Download:
     paths: dict[str, str] = field(default_factory=dict)  # holder -> its channel's address
     total: int = -1  # bytes of the chunks wanted; -1: all of them
     files: FilesDone | None = None
+    # Where chunks are decrypted, to be written from without a copy (`direct_writes`):
+    # in the hands of the workers and the receiving threads at once, at most.
+    buffers: ChunkBuffers = field(default_factory=lambda: ChunkBuffers(0, 0))
 
     def report(self) -> None:
         if self.progress is not None:
@@ -249,7 +253,25 @@ class _Download:
         else:
             self.plan.done(index)
 
-    def store(self, holder_name: str, index: int, plaintext: bytes) -> None:
+    def open(self, sealed: Sealed) -> bytes | memoryview:
+        """Decrypt a chunk into one of `buffers` (new bytes if none is free); the caller
+        gives it back once the chunk is stored or refused."""
+        buffer = self.buffers.take()
+        try:
+            plaintext = sealed.open(buffer)
+        except BaseException:
+            if buffer is not None:
+                self.buffers.give(buffer)
+            raise
+        if (
+            buffer is not None
+            and plaintext is not buffer
+            and not (isinstance(plaintext, memoryview) and plaintext.obj is buffer.obj)
+        ):
+            self.buffers.give(buffer)  # too long for it: decrypted into new bytes
+        return plaintext
+
+    def store(self, holder_name: str, index: int, plaintext: bytes | memoryview) -> None:
         """Check a chunk against the owner's signed manifest and write it. The hash and
         the write run outside `lock` (the partial file has its own), so holders' threads
         verify chunks side by side: hashlib and pwrite release the GIL."""
@@ -428,6 +450,7 @@ class Downloader:
         excluded = frozenset(() if wanted is None else set(range(manifest.chunk_count)) - wanted)
         plan = ChunkPlan(manifest, self._window, excluded=excluded)
         download = _Download(file_id, lookup, manifest, plan, partial, progress)
+        download.buffers = ChunkBuffers(manifest.chunk_size, 2 * (CHUNK_WORKERS + 2))
         if wanted is not None:
             download.total = sum(manifest.chunk_length(index) for index in wanted)
         chosen_files: list[Entry] = []
@@ -791,7 +814,7 @@ class Downloader:
                     assert download.workers is not None
                     # Opened here: AES-GCM is about 1% of the work, and so a forged
                     # chunk is named before any chunk after it arrives.
-                    plaintext = event.open()
+                    plaintext = download.open(event)
                     collect(block=False)
                     if writing < CHUNK_WORKERS:
                         writing += 1
@@ -803,7 +826,10 @@ class Downloader:
                             wanted = plan.claim(session.room)
                         for frames in session.ask(wanted, self._clock()):
                             channel.send(frames)
-                        download.store(name, event.index, plaintext)
+                        try:
+                            download.store(name, event.index, plaintext)
+                        finally:
+                            download.buffers.give(plaintext)
                         session.stored(event.index)
                 elif isinstance(event, Offered):
                     channel = open_data()
@@ -830,7 +856,7 @@ class Downloader:
         download: _Download,
         name: str,
         index: int,
-        plaintext: bytes,
+        plaintext: bytes | memoryview,
         written: queue.SimpleQueue[tuple[int, BaseException | None]],
     ) -> None:
         """In a worker: check a chunk against the manifest and write it (hashlib and
@@ -841,6 +867,8 @@ class Downloader:
             written.put((index, exc))
         else:
             written.put((index, None))
+        finally:
+            download.buffers.give(plaintext)
 
     @staticmethod
     def _sleep(stop: threading.Event, seconds: float) -> None:

@@ -269,7 +269,7 @@ class PartialFile:
         except OSError:  # ENXIO: no data after offset; EINVAL: SEEK_DATA unsupported
             return os.fstat(self._fd).st_size <= offset
 
-    def _matches(self, index: int, data: bytes) -> bool:
+    def _matches(self, index: int, data: bytes | memoryview) -> bool:
         """Whether `data` is chunk `index` as the owner's signed manifest has it."""
         manifest = self._manifest
         return (
@@ -278,7 +278,7 @@ class PartialFile:
             and crypto.same_bytes(blake3_256(data), manifest.chunk_hash(index))
         )
 
-    def write(self, index: int, data: bytes) -> None:
+    def write(self, index: int, data: bytes | memoryview) -> None:
         """Check chunk `index` against the owner's signed manifest, then write it at its
         offset. `IntegrityError` if it does not match, or was written already. Safe from
         several threads, which hash and write side by side (the hash and the writes

@@ -65,7 +65,7 @@ class Chunk:
     """A chunk that opened under the transfer key; not yet checked against the manifest."""
 
     index: int
-    plaintext: bytes
+    plaintext: bytes | memoryview
 
 
 @dataclass(frozen=True)
@@ -78,8 +78,9 @@ class Sealed:
     ciphertext: Frame
     link: ReceiverLink
 
-    def open(self) -> bytes:
-        return _open_chunk(self.link, self.header, self.ciphertext)
+    def open(self, into: memoryview | None = None) -> bytes | memoryview:
+        """The plaintext (decrypted into `into`, if given and long enough)."""
+        return _open_chunk(self.link, self.header, self.ciphertext, into)
 
 
 @contextlib.contextmanager
@@ -111,10 +112,15 @@ def read_chunk(
         return from_wire(protocol.ChunkHeader, envelope.body, "chunk"), payload
 
 
-def _open_chunk(link: ReceiverLink, header: protocol.ChunkHeader, ciphertext: Frame) -> bytes:
+def _open_chunk(
+    link: ReceiverLink,
+    header: protocol.ChunkHeader,
+    ciphertext: Frame,
+    into: memoryview | None = None,
+) -> bytes | memoryview:
     """`link.open_chunk`, naming the holder when the GCM tag fails."""
     try:
-        return link.open_chunk(header, ciphertext)
+        return link.open_chunk(header, ciphertext, into)
     except IntegrityError as exc:
         if not crypto.same_bytes(header.transfer_id, link.transfer_id):
             raise  # another transfer's chunk: the message names the holder already

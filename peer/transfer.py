@@ -110,8 +110,14 @@ class ReceiverLink:
     def request(self, index: int) -> protocol.ChunkRequest:
         return protocol.ChunkRequest(self.transfer_id, index)
 
-    def open_chunk(self, header: protocol.ChunkHeader, ciphertext: bytes | memoryview) -> bytes:
-        """Decrypt a chunk; the AEAD binds it to this transfer, file, index and count."""
+    def open_chunk(
+        self,
+        header: protocol.ChunkHeader,
+        ciphertext: bytes | memoryview,
+        into: memoryview | None = None,
+    ) -> bytes | memoryview:
+        """Decrypt a chunk (into `into`, if it is long enough); the AEAD binds it to this
+        transfer, file, index and count."""
         if self._cipher is None:
             raise ProtocolError(f"{self.holder_name} sent a chunk before any offer")
         if not crypto.same_bytes(header.transfer_id, self.transfer_id):
@@ -119,7 +125,9 @@ class ReceiverLink:
         associated = protocol.chunk_associated_data(
             self.transfer_id, self._file_id, header.index, self._header.chunk_count
         )
-        return self._cipher.open(header.index, ciphertext, associated)
+        if into is None:
+            return self._cipher.open(header.index, ciphertext, associated)
+        return self._cipher.open_into(header.index, ciphertext, associated, into)
 
     def page_request(self, kind: str, index: int) -> protocol.PageRequest:
         return protocol.PageRequest(self.transfer_id, kind, index)

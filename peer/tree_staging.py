@@ -177,7 +177,7 @@ class StagingTree:
             data += os.pread(fd, piece.length, piece.offset)
         return bytes(data)
 
-    def _matches(self, index: int, data: bytes) -> bool:
+    def _matches(self, index: int, data: bytes | memoryview) -> bool:
         tree = self._tree
         return (
             0 <= index < tree.chunk_count
@@ -185,7 +185,7 @@ class StagingTree:
             and crypto.same_bytes(blake3_256(data), tree.chunk_hash(index))
         )
 
-    def write(self, index: int, data: bytes) -> None:
+    def write(self, index: int, data: bytes | memoryview) -> None:
         """Check chunk `index` against the owner's signed index, then write its pieces
         into their files. `IntegrityError` if it does not match, or was written already.
         Safe from several threads: the hash runs outside the lock."""

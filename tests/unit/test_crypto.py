@@ -181,6 +181,26 @@ def test_chunk_seal_open_round_trip(plaintext: bytes) -> None:
     assert cipher.open(3, sealed, b"ad") == plaintext
 
 
+def test_a_chunk_opens_into_a_buffer_and_is_checked_as_it_is_without() -> None:
+    cipher = ChunkCipher(TransferSecret.generate())
+    buffer = memoryview(bytearray(64))
+    sealed = cipher.seal(3, b"plaintext", b"ad")
+    opened = cipher.open_into(3, sealed, b"ad", buffer)
+    assert bytes(opened) == b"plaintext" and isinstance(opened, memoryview)
+    assert opened.obj is buffer.obj  # no new bytes
+    tampered = bytes([sealed[0] ^ 1]) + sealed[1:]
+    for wrong in [
+        (3, tampered, b"ad"),
+        (4, sealed, b"ad"),
+        (3, sealed, b"other"),
+        (3, b"x", b"ad"),
+    ]:
+        with pytest.raises(IntegrityError, match="failed authentication"):
+            cipher.open_into(*wrong, buffer)
+    longer = cipher.seal(5, b"y" * 100, b"ad")  # longer than the buffer: new bytes
+    assert cipher.open_into(5, longer, b"ad", buffer) == b"y" * 100
+
+
 def test_a_second_cipher_from_the_same_secret_opens_the_chunks() -> None:
     secret = TransferSecret.generate()
     sealed = ChunkCipher(secret).seal(7, b"chunk", b"ad")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from sfs.peer import direct_writes
-from sfs.peer.direct_writes import ALIGN, ChunkWriter
+from sfs.peer.direct_writes import ALIGN, ChunkBuffers, ChunkWriter, is_aligned_buffer
 
 CHUNK = 64 * 1024
 
@@ -110,3 +110,41 @@ def _takes_direct(folder: Path) -> bool:
     except OSError:
         return False
     return True
+
+
+# --- chunks decrypted into aligned buffers ------------------------------------------------
+
+
+def test_a_buffer_is_reused_once_given_back_and_none_past_the_limit() -> None:
+    buffers = ChunkBuffers(CHUNK, limit=2)
+    first, second = buffers.take(), buffers.take()
+    assert first is not None and second is not None
+    assert buffers.take() is None  # the caller allocates
+    buffers.give(first[:100])  # a view from its start gives the whole buffer back
+    again = buffers.take()
+    assert again is not None and again.obj is first.obj and len(again) == CHUNK
+
+
+def test_only_the_start_of_a_pool_buffer_is_written_without_a_copy() -> None:
+    buffers = ChunkBuffers(CHUNK, limit=1)
+    view = buffers.take()
+    assert view is not None
+    assert is_aligned_buffer(view) and is_aligned_buffer(view[:ALIGN])
+    assert not is_aligned_buffer(view[1:])  # not where the page starts
+    assert not is_aligned_buffer(memoryview(bytearray(CHUNK)))
+    assert not is_aligned_buffer(b"x" * CHUNK)
+    buffers.give(view[1:])  # not a buffer's start: ignored
+    assert buffers.take() is None
+
+
+def test_a_chunk_in_a_pool_buffer_lands_at_its_offset(tmp_path: Path) -> None:
+    buffers = ChunkBuffers(CHUNK, limit=2)
+    chunks = [os.urandom(CHUNK), os.urandom(ALIGN + 5)]
+    pieces = []
+    for offset, data in ((0, chunks[0]), (CHUNK, chunks[1])):
+        view = buffers.take()
+        assert view is not None
+        view[: len(data)] = data
+        pieces.append((offset, view[: len(data)]))
+    content, _ = written(tmp_path, pieces)  # type: ignore[arg-type]
+    assert content == b"".join(chunks)
