@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -241,6 +242,8 @@ MAX_TRANSFERS = 64
 MAX_TRANSFERS_PER_REQUESTER = 4  # per user, whatever number of connections they open
 DATA_TICKET_SIZE = 32
 _INDEXES_KEPT = 16  # checked indexes of shares served lately
+# Transfers ended by a failed read whose late requests get the same reason.
+FAILED_TRANSFERS_KEPT = MAX_TRANSFERS
 
 
 @dataclass(frozen=True)
@@ -369,6 +372,8 @@ class HolderService:
         self._transfers: dict[bytes, _Outgoing] = {}
         self._data_hints: list[str] = []
         self._indexes: dict[str, tuple[TreeIndex, Pages]] = {}  # file id -> checked index
+        # Transfers a failed read ended: their connections and what the requester was told.
+        self._failed: OrderedDict[bytes, tuple[tuple[bytes, bytes | None], str]] = OrderedDict()
 
     def offer_data(self, hints: list[str]) -> None:
         """Name the data endpoint(s) in offers from now on (the server calls it once it
@@ -596,6 +601,9 @@ class HolderService:
         # A transfer belongs to the connection that said hello, and to the data
         # connection attached to it.
         if outgoing is None or connection not in (outgoing.connection, outgoing.data_connection):
+            why = self._why_failed(transfer_id, connection)
+            if why is not None:
+                raise Refused(ErrorCode.INTERNAL, why)
             raise Refused(ErrorCode.NOT_FOUND, "unknown or expired transfer")
         outgoing.last_active = self._clock()
         return outgoing
@@ -689,16 +697,32 @@ class HolderService:
             outgoing.connection,
             outgoing.data_connection,
         ):
+            why = self._why_failed(job.transfer_id, job.connection)
+            if why is not None:
+                return [protocol.encode_error(ErrorCode.INTERNAL, why)]
             return [protocol.encode_error(ErrorCode.NOT_FOUND, "unknown or expired transfer")]
         if isinstance(outcome, ReadFailure):
             log.warning("%s", outcome.to_log)
             del self._transfers[job.transfer_id]
+            # Requests already sent for this transfer (on either connection, so their
+            # replies may arrive first) get the same reason, not "unknown transfer".
+            self._failed[job.transfer_id] = (
+                (outgoing.connection, outgoing.data_connection),
+                outcome.to_requester,
+            )
+            while len(self._failed) > FAILED_TRANSFERS_KEPT:
+                self._failed.popitem(last=False)
             if self._on_failed_read is not None:
                 self._on_failed_read(job.share, outcome.changed)
             return [protocol.encode_error(ErrorCode.INTERNAL, outcome.to_requester)]
         outgoing.last_active = self._clock()
         header = protocol.ChunkHeader(job.transfer_id, job.index)
         return [protocol.encode("chunk", header), outcome]
+
+    def _why_failed(self, transfer_id: bytes, connection: bytes) -> str | None:
+        """Why the transfer ended, if a failed read ended it and `connection` was its."""
+        failed = self._failed.get(transfer_id)
+        return failed[1] if failed is not None and connection in failed[0] else None
 
     def drop_connection(self, connection: bytes) -> None:
         """Forget the transfers of a requester that stopped reading or went away."""
