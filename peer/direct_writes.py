@@ -38,7 +38,7 @@ def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
 
 class ChunkBuffers:
     """Page-aligned buffers of a chunk's size, for chunks decrypted straight into them
-    (`crypto.ChunkCipher.open(into=...)`) and written from there without a copy. `take`
+    (`crypto.ChunkCipher.open_into`) and written from there without a copy. `take`
     never waits: with `limit` buffers out it returns None (the caller allocates).
     Thread-safe."""
 

@@ -263,10 +263,8 @@ class _Download:
             if buffer is not None:
                 self.buffers.give(buffer)
             raise
-        if (
-            buffer is not None
-            and plaintext is not buffer
-            and not (isinstance(plaintext, memoryview) and plaintext.obj is buffer.obj)
+        if buffer is not None and not (
+            isinstance(plaintext, memoryview) and plaintext.obj is buffer.obj
         ):
             self.buffers.give(buffer)  # too long for it: decrypted into new bytes
         return plaintext

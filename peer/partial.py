@@ -100,10 +100,10 @@ def _rename_checked(fd: int, source: Path, folder: Path, name: str) -> None:
         "the temporary file was replaced by someone else as the download finished "
         "(others can rename files in this folder); nothing was kept"
     )
-    if not _same_file(source, fd):
+    if not same_file(source, fd):
         raise replaced
     source.rename(target)
-    if not _same_file(target, fd):
+    if not same_file(target, fd):
         try:
             target.rename(source)  # the swapped-in entry goes back where it was
         except OSError:  # something is in the way there now: never leave it named
@@ -135,7 +135,7 @@ def _name_unused(fd: int, source: Path, folder: Path, name: str) -> Path:
             except _NoHardLinks:
                 hard_links = False
                 continue
-            if _same_file(source, fd):  # the temporary name is ours: remove it
+            if same_file(source, fd):  # the temporary name is ours: remove it
                 with contextlib.suppress(OSError):
                     source.unlink()
             return folder / candidate
@@ -150,7 +150,7 @@ _REASONS = {  # strerror is terse, or misleading, for these
 }
 
 
-def _storage_error(exc: OSError, folder: Path) -> StorageError:
+def storage_error(exc: OSError, folder: Path) -> StorageError:
     if exc.errno == errno.ENOSPC:
         return StorageError(f"no space left in {folder}")
     if exc.errno == errno.EDQUOT:
@@ -183,7 +183,7 @@ def _open_locked(path: Path) -> int:
             if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1 or info.st_uid != os.getuid():
                 raise in_the_way
             lock_for_this_get(fd, f"this file into {path.parent}")
-            if _same_file(path, fd):  # not unlinked by a download finishing meanwhile
+            if same_file(path, fd):  # not unlinked by a download finishing meanwhile
                 return fd
         except BaseException:
             os.close(fd)
@@ -204,7 +204,7 @@ def lock_for_this_get(fd: int, what: str) -> None:
         pass  # a file system without locks: go on unlocked
 
 
-def _same_file(path: Path, fd: int) -> bool:
+def same_file(path: Path, fd: int) -> bool:
     """Whether `path` (not followed) is still the file open as `fd`."""
     try:
         named, opened = path.lstat(), os.fstat(fd)
@@ -235,7 +235,7 @@ class PartialFile:
             self._writer = ChunkWriter(self._fd, manifest.chunk_size)
             self.found = os.fstat(self._fd).st_size > 0  # left by an earlier attempt
         except OSError as exc:
-            raise _storage_error(exc, folder) from exc
+            raise storage_error(exc, folder) from exc
 
     def resume(self, check: Callable[[], None] | None = None) -> list[int]:
         """The chunks already here from an earlier attempt, each verified against the
@@ -260,7 +260,7 @@ class PartialFile:
                     check()
             return found
         except OSError as exc:
-            raise _storage_error(exc, self.folder) from exc
+            raise storage_error(exc, self.folder) from exc
 
     def _is_hole(self, offset: int) -> bool:
         """Whether no data was ever written at `offset` (a hole of a sparse file)."""
@@ -297,7 +297,7 @@ class PartialFile:
             writer.write(data, index * self._manifest.chunk_size)
             written = True
         except OSError as exc:
-            raise _storage_error(exc, self.folder) from exc
+            raise storage_error(exc, self.folder) from exc
         finally:
             with self._lock:
                 self._writing.discard(index)
@@ -320,14 +320,14 @@ class PartialFile:
         if not self.complete:
             raise IntegrityError("the download finished with chunks missing")
         try:
-            os.fchmod(self._fd, 0o666 & ~_umask())  # private while partial, normal once done
+            os.fchmod(self._fd, 0o666 & ~umask())  # private while partial, normal once done
             os.ftruncate(self._fd, self._manifest.size)
             os.fsync(self._fd)
             # Named while still open, hence locked: no other download uses it meanwhile.
             target = _name_unused(self._fd, self.path, self.folder, name)
             self.stamp = stamp_of(os.fstat(self._fd))  # after the link and unlink (ctime)
         except OSError as exc:
-            raise _storage_error(exc, self.folder) from exc
+            raise storage_error(exc, self.folder) from exc
         self._close()
         with contextlib.suppress(OSError):  # the file is complete; this only hurries the disk
             _fsync_dir(self.folder)
@@ -342,7 +342,7 @@ class PartialFile:
         if self._fd < 0:
             return  # finished, kept or discarded already
         with contextlib.suppress(OSError):  # before closing, which releases the lock
-            if _same_file(self.path, self._fd):
+            if same_file(self.path, self._fd):
                 self.path.unlink()
         self._close()
 
@@ -359,7 +359,7 @@ class PartialFile:
             self._fd = -1
 
 
-def _umask() -> int:
+def umask() -> int:
     mask = os.umask(0o077)
     os.umask(mask)
     return mask
@@ -373,12 +373,6 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-# Shared with a folder download's staging tree (`tree_staging`).
-storage_error = _storage_error
-same_file = _same_file
-umask = _umask
-
-
 def make_folder(folder: Path) -> None:
     """The download folder, made if missing."""
     try:
@@ -386,4 +380,4 @@ def make_folder(folder: Path) -> None:
     except FileExistsError as exc:  # a file, or a symlink to one, is in the way
         raise StorageError(f"cannot write in {folder}: {_NOT_A_FOLDER}") from exc
     except OSError as exc:
-        raise _storage_error(exc, folder) from exc
+        raise storage_error(exc, folder) from exc
